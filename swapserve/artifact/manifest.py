@@ -1,0 +1,165 @@
+"""The manifest of a model artifact: what a function ships, in plain JSON.
+
+An artifact is a directory::
+
+    manifest.json        this file's dataclasses
+    program.json         the torch.export program, serialized without weights (exported kind)
+    weights.safetensors  every weight, buffer and tensor constant, once each
+    examples.safetensors example inputs (batch 1), used by demos, checks and benchmarks
+
+``weights`` lists each distinct tensor in the order the forward pass first uses it; the host
+store lays weights out in that order so that a pipelined swap-in can start computing after the
+first chunk arrives.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from swapserve.errors import ArtifactError
+
+FORMAT = "swapserve-artifact"
+VERSION = 1
+
+MANIFEST_FILE = "manifest.json"
+PROGRAM_FILE = "program.json"
+WEIGHTS_FILE = "weights.safetensors"
+EXAMPLES_FILE = "examples.safetensors"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ArtifactError(f"unsupported dtype {name!r} (supported: {', '.join(_DTYPES)})") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ArtifactError(f"unsupported dtype {dtype}")
+    return name
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output. ``-1`` in ``shape`` is the batch dimension when it is dynamic."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def nbytes(self, batch: int = 1) -> int:
+        n = 1
+        for d in self.shape:
+            n *= batch if d == -1 else d
+        return n * torch.empty((), dtype=dtype_from_name(self.dtype)).element_size()
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One distinct tensor of the model's state."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=dtype_from_name(self.dtype)).element_size()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    kind: Literal["exported", "architecture"]
+    """``exported``: program.json holds a torch.export program. ``architecture``: the fallback, a
+    known architecture named in ``architecture`` plus weights."""
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    weights: tuple[WeightSpec, ...]
+    """Distinct tensors in first-use order."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    """State names that share another weight's tensor (tied weights): alias → name in ``weights``."""
+    max_batch: int = 1
+    """Largest batch the program accepts; the batch dimension is dynamic when > 1."""
+    architecture: dict[str, Any] | None = None
+    """For kind ``architecture``: ``{"name": ..., "config": {...}}``."""
+    torch_version: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.weights)
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return any(-1 in s.shape for s in self.inputs)
+
+    def to_json(self) -> str:
+        body = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        return json.dumps(body, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"manifest.json is not valid JSON: {e}") from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise ArtifactError(f"manifest.json is not a {FORMAT} manifest")
+        if body.get("version") != VERSION:
+            raise ArtifactError(f"manifest version {body.get('version')!r} is not supported (expected {VERSION})")
+        try:
+            m = cls(
+                name=str(body["name"]),
+                kind=body["kind"],
+                inputs=tuple(TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in body["inputs"]),
+                outputs=tuple(TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in body["outputs"]),
+                weights=tuple(WeightSpec(w["name"], w["dtype"], tuple(w["shape"])) for w in body["weights"]),
+                aliases=dict(body.get("aliases") or {}),
+                max_batch=int(body.get("max_batch", 1)),
+                architecture=body.get("architecture"),
+                torch_version=str(body.get("torch_version", "")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"manifest.json is malformed: {type(e).__name__}: {e}") from None
+        m.validate()
+        return m
+
+    def validate(self) -> None:
+        if self.kind not in ("exported", "architecture"):
+            raise ArtifactError(f"unknown artifact kind {self.kind!r}")
+        if self.kind == "architecture" and not (self.architecture and "name" in self.architecture):
+            raise ArtifactError("an 'architecture' artifact must name its architecture")
+        if not self.inputs or not self.outputs:
+            raise ArtifactError("a model needs at least one input and one output")
+        if self.max_batch < 1:
+            raise ArtifactError("max_batch must be at least 1")
+        names = [w.name for w in self.weights]
+        if len(set(names)) != len(names):
+            raise ArtifactError("weights are listed twice in the manifest")
+        for spec in (*self.inputs, *self.outputs, *self.weights):
+            dtype_from_name(spec.dtype)
+        for alias, target in self.aliases.items():
+            if target not in names:
+                raise ArtifactError(f"alias {alias!r} points at unknown weight {target!r}")

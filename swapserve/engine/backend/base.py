@@ -1,0 +1,102 @@
+"""What the swap engine needs from a device: physical pages, fixed virtual ranges that pages are
+mapped into, pinned host memory, and chunked asynchronous host→device copies that compute can wait
+on chunk by chunk.
+
+Two implementations share every code path above them: CUDA (virtual memory management through the
+driver API, a copy stream, one event per chunk) and CPU (a memfd standing in for device memory,
+mapped with mmap, a copy thread, one threading.Event per chunk), so CI exercises the logic without a
+GPU.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from swapserve.engine.layout import Chunk
+
+
+class Waiter(ABC):
+    """Handed to a running program: it calls :meth:`wait` before the first use of a chunk's bytes."""
+
+    @abstractmethod
+    def wait(self, chunk: int) -> None:
+        """Make the computation that follows wait until ``chunk`` (and every chunk before it) landed."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """Block the host until every copy of this swap completed; raise if one failed."""
+
+
+def effective_chunks(copied: Sequence[bool]) -> list[int]:
+    """For each chunk, the last copied chunk at or before it (-1: none): waiting for that one is
+    enough, since chunks complete in order and skipped chunks were already valid."""
+    out, last = [], -1
+    for i, c in enumerate(copied):
+        if c:
+            last = i
+        out.append(last)
+    return out
+
+
+class Backend(ABC):
+    """One device's memory and copy engine."""
+
+    device: torch.device
+    page_bytes: int
+
+    @abstractmethod
+    def create_pages(self, count: int) -> None:
+        """Reserve ``count`` physical pages of ``page_bytes`` (once, at start)."""
+
+    @abstractmethod
+    def reserve(self, nbytes: int) -> int:
+        """Reserve a virtual range of whole pages; returns its base address."""
+
+    @abstractmethod
+    def release(self, va: int, nbytes: int) -> None:
+        """Give a virtual range back (its slots must be unmapped)."""
+
+    @abstractmethod
+    def map(self, va: int, page: int) -> None:
+        """Map physical page ``page`` at ``va`` (one page long), readable and writable."""
+
+    @abstractmethod
+    def unmap(self, va: int) -> None:
+        """Unmap the page at ``va``; the physical page stays in the pool."""
+
+    @abstractmethod
+    def view(self, va: int, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor on the device over ``[va, va + nbytes)`` (not owning it)."""
+
+    @abstractmethod
+    def pin(self, host: torch.Tensor) -> None:
+        """Page-lock a host buffer for fast DMA (no-op where that means nothing)."""
+
+    @abstractmethod
+    def unpin(self, host: torch.Tensor) -> None:
+        """Undo :meth:`pin` before the buffer is unmapped."""
+
+    @abstractmethod
+    def start_copies(self, dst_va: int, host: torch.Tensor, chunks: Sequence[Chunk], copy: Sequence[bool],
+                     events: object | None = None) -> Waiter:
+        """Start copying ``host[c.start:c.end]`` to ``dst_va + c.start`` for each chunk with ``copy[i]``,
+        in order, without blocking. ``events`` is a reusable per-model event set from :meth:`new_events`."""
+
+    @abstractmethod
+    def new_events(self, count: int) -> object | None:
+        """Reusable per-chunk completion events for one model (None where the backend needs none)."""
+
+    @abstractmethod
+    def compute(self) -> object:
+        """A context manager under which compute runs (the compute stream on CUDA)."""
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Block until all work issued to the device has finished."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free every page (all ranges must be released first)."""

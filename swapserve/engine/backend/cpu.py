@@ -1,0 +1,153 @@
+"""The CPU backend: real paging and real asynchronous copies, with host memory as the "device".
+
+Physical pages are slices of one memfd; a model's virtual range is a PROT_NONE reservation into
+which pages are mapped with ``mmap(MAP_FIXED | MAP_SHARED)``, exactly as CUDA maps pool pages into a
+reserved virtual range. A copy thread stands in for the copy engine; each chunk completion is a
+``threading.Event``. Linux only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from swapserve.engine.backend.base import Backend, Waiter, effective_chunks
+from swapserve.engine.layout import Chunk
+from swapserve.errors import BackendError
+
+_PROT_NONE = 0
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    res = _libc.mmap(addr, length, prot, flags, fd, offset)
+    if res in (None, _MAP_FAILED):
+        err = ctypes.get_errno()
+        raise BackendError(f"mmap failed: {os.strerror(err)}")
+    return int(res)
+
+
+@dataclass
+class _Job:
+    dst: torch.Tensor
+    host: torch.Tensor
+    chunks: list[tuple[int, Chunk]]
+    events: list[threading.Event]
+    error: list[BaseException] = field(default_factory=list)
+
+
+class CpuWaiter(Waiter):
+    def __init__(self, job: _Job, copied: Sequence[bool]):
+        self._job = job
+        self._eff = effective_chunks(copied)
+
+    def wait(self, chunk: int) -> None:
+        j = self._eff[chunk]
+        if j >= 0:
+            self._job.events[j].wait()
+            if self._job.error:
+                raise BackendError(f"host→device copy failed: {self._job.error[0]!r}")
+
+    def finish(self) -> None:
+        for e in self._job.events:
+            e.wait()
+        if self._job.error:
+            raise BackendError(f"host→device copy failed: {self._job.error[0]!r}")
+
+
+class CpuBackend(Backend):
+    def __init__(self, page_bytes: int):
+        self.device = torch.device("cpu")
+        self.page_bytes = page_bytes
+        self._fd = -1
+        self._num_pages = 0
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._copy_loop, name="swapserve-copy", daemon=True)
+        self._thread.start()
+
+    def create_pages(self, count: int) -> None:
+        self._fd = os.memfd_create("swapserve-pool", 0)
+        os.ftruncate(self._fd, count * self.page_bytes)
+        self._num_pages = count
+
+    def reserve(self, nbytes: int) -> int:
+        size = -(-nbytes // self.page_bytes) * self.page_bytes
+        return _mmap(None, size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+
+    def release(self, va: int, nbytes: int) -> None:
+        size = -(-nbytes // self.page_bytes) * self.page_bytes
+        if _libc.munmap(va, size) != 0:
+            raise BackendError(f"munmap failed: {os.strerror(ctypes.get_errno())}")
+
+    def map(self, va: int, page: int) -> None:
+        if not 0 <= page < self._num_pages:
+            raise BackendError(f"no page {page} in the pool")
+        _mmap(va, self.page_bytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, self._fd,
+              page * self.page_bytes)
+
+    def unmap(self, va: int) -> None:
+        # Keep the range reserved: replace the page with an inaccessible anonymous mapping.
+        _mmap(va, self.page_bytes, _PROT_NONE,
+              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE, -1, 0)
+
+    def view(self, va: int, nbytes: int) -> torch.Tensor:
+        return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(va), dtype=torch.uint8)
+
+    def pin(self, host: torch.Tensor) -> None:
+        pass
+
+    def unpin(self, host: torch.Tensor) -> None:
+        pass
+
+    def new_events(self, count: int) -> None:
+        return None
+
+    def start_copies(self, dst_va: int, host: torch.Tensor, chunks: Sequence[Chunk], copy: Sequence[bool],
+                     events: object | None = None) -> Waiter:
+        todo = [(i, c) for i, c in enumerate(chunks) if copy[i]]
+        job = _Job(self.view(dst_va, chunks[-1].end), host, todo, [threading.Event() for _ in chunks])
+        for i, c in enumerate(copy):
+            if not c:
+                job.events[i].set()
+        self._jobs.put(job)
+        return CpuWaiter(job, copy)
+
+    def _copy_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                for i, c in job.chunks:
+                    job.dst[c.start:c.end].copy_(job.host[c.start:c.end])
+                    job.events[i].set()
+            except BaseException as e:  # noqa: BLE001 - reported to the waiting compute
+                job.error.append(e)
+            finally:
+                for e in job.events:
+                    e.set()
+
+    def compute(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

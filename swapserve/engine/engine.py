@@ -1,0 +1,335 @@
+"""The swap engine of one device: models in pinned host memory, swapped in while they run.
+
+``infer(name, inputs)`` binds the request to this device at once: it claims pages for the model's
+missing slots (evicting the least valuable unpinned models, tail first), remaps only slots whose
+page changed, starts the chunked host→device copies and runs the forward pass, which waits for each
+chunk only at its first use. A resident model runs with no copy and no wait. In graph mode both
+paths are single CUDA graph replays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from swapserve.artifact.load import Artifact
+from swapserve.artifact.manifest import dtype_from_name
+from swapserve.config import EngineConfig
+from swapserve.engine.backend import Backend, make_backend
+from swapserve.engine.layout import Chunk, Layout, last_chunk_of
+from swapserve.engine.pages import PagePool, Placement, PlacementPlan, Residency, Value
+from swapserve.engine.program import Program, load_program
+from swapserve.engine.store import HostEntry, HostStore
+from swapserve.errors import ArtifactError, InvalidInputError, NotFoundError, WorkspaceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (base units)."""
+
+    runs: int = 0
+    resident_runs: int = 0
+    swaps: int = 0
+    """Runs that copied at least one chunk."""
+    bytes_copied: int = 0
+    remaps: int = 0
+    """Page slots remapped (each costs a driver unmap/map/set-access)."""
+    pages_taken: int = 0
+    """Pages taken from other models (partial evictions)."""
+    evictions: int = 0
+    graph_captures: int = 0
+    swap_seconds: list[float] = field(default_factory=list)
+    """Wall time of recent swapped runs (bounded)."""
+
+
+@dataclass
+class _Model:
+    name: str
+    artifact: Artifact
+    layout: Layout
+    chunks: tuple[Chunk, ...]
+    va: int
+    program: Program
+    events: object | None
+    pinned_ptr: int = 0
+    graphs: dict[int, object] = field(default_factory=dict)
+    activation: dict[int, int | None] = field(default_factory=dict)
+
+
+class SwapEngine:
+    """One device's engine. Thread-safe; runs one request at a time on the device."""
+
+    def __init__(self, config: EngineConfig, store: HostStore, clock: Callable[[], float] = time.monotonic,
+                 value: Value | None = None):
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.mode = config.resolved_mode
+        self.backend: Backend = make_backend(config.device, config.page_bytes)
+        self.backend.create_pages(config.num_pages)
+        self.pool = PagePool(config.num_pages, config.page_bytes, **({"value": value} if value else {}))
+        self.stats = EngineStats()
+        self._models: dict[str, _Model] = {}
+        self._lock = threading.RLock()
+        self._workspace = self._reserve_workspace() if self.mode == "graph" else None
+        store.subscribe(self._on_spill)
+
+    # --- models -------------------------------------------------------------------------------
+
+    def add(self, name: str, artifact: Artifact) -> None:
+        """Make a model runnable here (its host copy is added to the store if not there yet).
+
+        On failure nothing is left behind: not in the pool, not in the store (if added here)."""
+        with self._lock:
+            if name in self._models:
+                raise ArtifactError(f"model {name!r} is already on {self.config.device}")
+            layout = Layout.of(artifact.manifest, self.config.align)
+            self.pool.register(name, layout.nbytes)
+            added_to_store = va = None
+            try:
+                chunks = layout.chunks(self.config.page_bytes, self.config.min_chunk_bytes, self.config.max_chunk_bytes)
+                last = last_chunk_of(layout.slots, chunks)
+                program = load_program(artifact, self.backend.device, {s.name: c for s, c in zip(layout.slots, last)})
+                if not self.store.has(name):
+                    self.store.add(name, artifact)
+                    added_to_store = name
+                va = self.backend.reserve(layout.nbytes)
+                program.bind({s.name: self.backend.view(va + s.offset, s.nbytes).view(dtype_from_name(s.dtype))
+                              .view(s.shape) for s in layout.slots})
+            except BaseException:
+                self.pool.unregister(name)
+                if va is not None:
+                    self.backend.release(va, layout.nbytes)
+                if added_to_store:
+                    self.store.remove(added_to_store)
+                raise
+            self._models[name] = _Model(name, artifact, layout, chunks, va, program,
+                                        self.backend.new_events(len(chunks)))
+
+    def remove(self, name: str) -> None:
+        """Forget a model on this device (its host copy stays in the store)."""
+        with self._lock:
+            m = self._get(name)
+            for slot, _page in self.pool.unregister(name):
+                self.backend.unmap(m.va + slot * self.config.page_bytes)
+            m.graphs.clear()
+            self.backend.release(m.va, m.layout.nbytes)
+            if m.pinned_ptr:
+                entry = self.store.get(name)
+                if entry.buffer is not None:
+                    self.backend.unpin(entry.buffer)
+            del self._models[name]
+
+    def models(self) -> list[str]:
+        return list(self._models)
+
+    def residency(self, name: str) -> Residency:
+        self._get(name)
+        return self.pool.state(name)
+
+    def placement(self, name: str) -> Placement:
+        self._get(name)
+        return self.pool.placements[name]
+
+    def evict(self, name: str) -> None:
+        """Drop the model's device copy (the host copy stays)."""
+        with self._lock:
+            self._get(name)
+            if self.pool.evict(name):
+                self.stats.evictions += 1
+
+    # --- running ------------------------------------------------------------------------------
+
+    def infer(self, name: str, inputs: Sequence[torch.Tensor], value: Value | None = None) -> list[torch.Tensor]:
+        """Run ``name`` on ``inputs``, swapping it in if needed. Returns outputs on the device."""
+        with self._lock:
+            m = self._get(name)
+            inputs, batch = self._check_inputs(m, inputs)
+            self._check_workspace(m, batch)
+            host = self.store.acquire(name)
+            try:
+                self._pin_host(m, host)
+                plan = self.pool.acquire(name, self.clock(), value)
+                try:
+                    self._remap(m, plan)
+                    return self._run(m, host, plan, inputs, batch)
+                finally:
+                    self.pool.release(name)
+            finally:
+                self.store.release(name)
+
+    def _run(self, m: _Model, host: HostEntry, plan: PlacementPlan, inputs: list[torch.Tensor],
+             batch: int) -> list[torch.Tensor]:
+        assert host.buffer is not None
+        copy = self._copy_mask(m, plan.load)
+        started = time.perf_counter()
+        if self.mode == "graph" and batch not in m.graphs:
+            outs = self._first_run_graph(m, host, plan, copy, inputs, batch)
+        elif self.mode == "graph":
+            graphs = m.graphs[batch]
+            if plan.load and graphs.swap_host_ptr != host.buffer.data_ptr():
+                graphs.capture_swap(m.va, host.buffer, m.chunks, m.events)  # host buffer moved: re-capture
+                self.stats.graph_captures += 1
+            outs = graphs.replay(inputs, copy if plan.load else None)
+            self.backend.synchronize()
+            self.pool.loaded(m.name, plan.load)
+        else:
+            outs = self._run_eager(m, host, plan, copy, inputs)
+        self._count(plan, copy, m, started)
+        return outs
+
+    def _run_eager(self, m: _Model, host: HostEntry, plan: PlacementPlan, copy: list[bool],
+                   inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        assert host.buffer is not None
+        with self.backend.compute(), torch.no_grad():
+            if not plan.load:
+                outs = m.program.run(inputs)
+                self.backend.synchronize()
+                return outs
+            waiter = self.backend.start_copies(m.va, host.buffer, m.chunks, copy, m.events)
+            try:
+                outs = m.program.run(inputs, waiter)
+            finally:
+                waiter.finish()  # the copies land whatever the compute did
+                self.pool.loaded(m.name, plan.load)
+            self.backend.synchronize()
+            return outs
+
+    def _first_run_graph(self, m: _Model, host: HostEntry, plan: PlacementPlan, copy: list[bool],
+                         inputs: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+        """First run at this batch size: swap in eagerly (also the warm-up), capture, answer from the graph."""
+        from swapserve.engine.graphs import ModelGraphs
+
+        self._run_eager(m, host, plan, copy, inputs)
+        assert host.buffer is not None and isinstance(m.events, list)
+        graphs = ModelGraphs(self.backend, m.program, self._workspace.id, inputs)  # type: ignore[arg-type,union-attr]
+        before = self._workspace_bytes()
+        with torch.no_grad():
+            graphs.capture_plain()
+            graphs.capture_swap(m.va, host.buffer, m.chunks, m.events)
+        self.stats.graph_captures += 2
+        used = self._workspace_bytes()
+        if used > self.config.workspace_bytes:
+            raise WorkspaceError(
+                f"{m.name} at batch {batch} needs more activation memory than the workspace holds "
+                f"({used / 2**20:.0f} MiB in use after capture, {self.config.workspace_bytes / 2**20:.0f} MiB "
+                "configured); raise workspace_bytes or lower the batch")
+        if used > before:
+            log.info("workspace grew by %d bytes while capturing %s (batch %d)", used - before, m.name, batch)
+        m.graphs[batch] = graphs
+        outs = graphs.replay(inputs, None)
+        self.backend.synchronize()
+        return outs
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _get(self, name: str) -> _Model:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise NotFoundError(f"no model {name!r} on {self.config.device}") from None
+
+    def _check_inputs(self, m: _Model, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        specs = m.artifact.manifest.inputs
+        if len(inputs) != len(specs):
+            raise InvalidInputError(f"{m.name} takes {len(specs)} inputs ({', '.join(s.name for s in specs)}), "
+                                    f"got {len(inputs)}")
+        batch = None
+        out = []
+        for spec, x in zip(specs, inputs):
+            if not isinstance(x, torch.Tensor):
+                raise InvalidInputError(f"input {spec.name!r} of {m.name} must be a tensor")
+            want = dtype_from_name(spec.dtype)
+            if x.dtype != want:
+                raise InvalidInputError(f"input {spec.name!r} of {m.name} must be {spec.dtype}, got "
+                                        f"{str(x.dtype).removeprefix('torch.')}")
+            shape = tuple(x.shape)
+            ok = len(shape) == len(spec.shape) and all(d == -1 or d == s for d, s in zip(spec.shape, shape))
+            if ok and spec.shape and spec.shape[0] == -1:
+                ok = 1 <= shape[0] <= m.artifact.manifest.max_batch
+                batch = shape[0] if batch is None else batch
+                ok = ok and shape[0] == batch
+            if not ok:
+                raise InvalidInputError(f"input {spec.name!r} of {m.name} must have shape "
+                                        f"{_shape_text(spec.shape)} (batch ≤ {m.artifact.manifest.max_batch}), "
+                                        f"got {list(shape)}")
+            out.append(x.to(self.backend.device, non_blocking=True))
+        return out, batch or (int(inputs[0].shape[0]) if inputs[0].dim() else 1)
+
+    def _check_workspace(self, m: _Model, batch: int) -> None:
+        if batch not in m.activation:
+            m.activation[batch] = m.program.activation_bytes(batch)
+        need = m.activation[batch]
+        if need is not None and need > self.config.workspace_bytes:
+            raise WorkspaceError(f"{m.name} at batch {batch} needs about {need / 2**20:.0f} MiB of activations, more "
+                                 f"than the device workspace ({self.config.workspace_bytes / 2**20:.0f} MiB); raise "
+                                 "workspace_bytes or lower the batch")
+
+    def _pin_host(self, m: _Model, host: HostEntry) -> None:
+        assert host.buffer is not None
+        if m.pinned_ptr != host.buffer.data_ptr():
+            self.backend.pin(host.buffer)
+            m.pinned_ptr = host.buffer.data_ptr()
+
+    def _on_spill(self, entry: HostEntry) -> None:
+        m = self._models.get(entry.key)
+        if m is not None and m.pinned_ptr and entry.buffer is not None:
+            self.backend.unpin(entry.buffer)
+            m.pinned_ptr = 0
+
+    def _remap(self, m: _Model, plan: PlacementPlan) -> None:
+        page = self.config.page_bytes
+        for r in plan.remaps:
+            va = m.va + r.slot * page
+            if r.old_page is not None:
+                self.backend.unmap(va)
+            self.backend.map(va, r.new_page)
+        self.stats.remaps += len(plan.remaps)
+        self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
+
+    def _copy_mask(self, m: _Model, load: Sequence[int]) -> list[bool]:
+        page = self.config.page_bytes
+        want = set(load)
+        return [c.start // page in want for c in m.chunks]
+
+    def _count(self, plan: PlacementPlan, copy: list[bool], m: _Model, started: float) -> None:
+        s = self.stats
+        s.runs += 1
+        if plan.load:
+            s.swaps += 1
+            s.bytes_copied += sum(c.nbytes for c, k in zip(m.chunks, copy) if k)
+            s.swap_seconds.append(time.perf_counter() - started)
+            del s.swap_seconds[:-1000]
+        else:
+            s.resident_runs += 1
+
+    def _reserve_workspace(self) -> object:
+        """Take the activation workspace once, at start, as a private pool every graph shares."""
+        pool = torch.cuda.MemPool()
+        small = min(64 << 20, self.config.workspace_bytes // 8)
+        with torch.cuda.use_mem_pool(pool):
+            big = torch.empty(self.config.workspace_bytes - small, dtype=torch.uint8, device=self.backend.device)
+            smalls = [torch.empty(1 << 20, dtype=torch.uint8, device=self.backend.device) for _ in range(small >> 20)]
+        del big, smalls
+        return pool
+
+    def _workspace_bytes(self) -> int:
+        assert self._workspace is not None
+        return sum(seg["total_size"] for seg in self._workspace.snapshot())  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        with self._lock:
+            for name in list(self._models):
+                self.remove(name)
+            self.backend.close()
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join("batch" if d == -1 else str(d) for d in shape) + "]"

@@ -1,0 +1,248 @@
+"""The device page pool and the residency of every model on one device, kept in one place.
+
+Pure bookkeeping, no device calls: which physical page holds which model's bytes, which pages each
+model's fixed virtual range maps, and each model's residency state.
+
+Every model owns a fixed virtual address range (so CUDA graphs captured against it stay valid) cut
+into page-sized slots. A physical page may stay mapped into the ranges of several models at once;
+exactly one of them *owns* it (its bytes are that model's). Swapping a model in claims a page for
+each of its slots that does not hold valid bytes, preferring the page the slot already maps (no
+remap), then free pages, then pages taken from the least valuable unpinned models, tail first, so
+a partly evicted model keeps its early layers and can start computing as soon as it is launched.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from swapserve.errors import CapacityError, PoolBusyError
+
+
+class Residency(enum.Enum):
+    ABSENT = "absent"
+    """No valid byte on this device."""
+    LOADING = "loading"
+    """A swap-in is copying the model's missing pages."""
+    PARTIAL = "partial"
+    """Some pages valid: a partial eviction or an interrupted load."""
+    RESIDENT = "resident"
+    """Every page valid: runs with no copy and no wait."""
+
+
+@dataclass
+class Placement:
+    """One model on one device."""
+
+    model: str
+    slots: list[int | None]
+    """Physical page mapped at each slot of the model's virtual range (None: unmapped)."""
+    valid: list[bool]
+    """Slot i's page holds this model's bytes."""
+    state: Residency = Residency.ABSENT
+    pins: int = 0
+    """In-flight uses. A pinned model's pages are never taken."""
+    last_used: float = 0.0
+    uses: int = 0
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+    @property
+    def valid_count(self) -> int:
+        return sum(self.valid)
+
+
+@dataclass(frozen=True)
+class Remap:
+    slot: int
+    old_page: int | None
+    new_page: int
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """What a swap-in must do on the device, decided atomically by :meth:`PagePool.acquire`."""
+
+    model: str
+    remaps: tuple[Remap, ...]
+    """Slots whose virtual range must be remapped before copying (unmap old page, map new)."""
+    load: tuple[int, ...]
+    """Slots whose bytes must be copied from host memory."""
+    taken: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Pages taken from other models: (model, its slots that lost their bytes)."""
+
+
+Value = Callable[[Placement], float]
+"""Worth of keeping a model's pages; the lowest is evicted first."""
+
+
+def lru_value(p: Placement) -> float:
+    return p.last_used
+
+
+@dataclass
+class PagePool:
+    num_pages: int
+    page_bytes: int
+    value: Value = lru_value
+    placements: dict[str, Placement] = field(default_factory=dict)
+    owner: list[tuple[str, int] | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.owner = [None] * self.num_pages
+
+    # --- models -------------------------------------------------------------------------------
+
+    def register(self, model: str, nbytes: int) -> Placement:
+        n = -(-nbytes // self.page_bytes)
+        if n > self.num_pages:
+            raise CapacityError(
+                f"model {model!r} needs {n} pages ({nbytes / 2**20:.1f} MiB) but the device pool has only "
+                f"{self.num_pages} pages ({self.num_pages * self.page_bytes / 2**20:.0f} MiB); raise pool_bytes"
+            )
+        if model in self.placements:
+            raise ValueError(f"model {model!r} is already registered")
+        p = Placement(model, [None] * n, [False] * n)
+        self.placements[model] = p
+        return p
+
+    def unregister(self, model: str) -> list[tuple[int, int]]:
+        """Forget a model; returns its mapped (slot, page) pairs for the caller to unmap."""
+        p = self.placements[model]
+        if p.pins:
+            raise PoolBusyError(f"model {model!r} is in use")
+        self._drop_pages(p)
+        del self.placements[model]
+        return [(i, pg) for i, pg in enumerate(p.slots) if pg is not None]
+
+    def state(self, model: str) -> Residency:
+        return self.placements[model].state
+
+    # --- swap-in ------------------------------------------------------------------------------
+
+    def acquire(self, model: str, now: float, value: Value | None = None) -> PlacementPlan:
+        """Pin ``model`` and claim a page for every slot without valid bytes.
+
+        Raises :class:`PoolBusyError` when only pinned models hold the pages it would need (and
+        leaves everything as it was).
+        """
+        p = self.placements[model]
+        value = value or self.value
+        need = [i for i in range(p.n_slots) if not p.valid[i]]
+        free = {pg for pg, o in enumerate(self.owner) if o is None}
+        assign: dict[int, int] = {}
+        for i in need:
+            pg = p.slots[i]
+            if pg is not None and (pg in free or self.owner[pg] == (model, i)):
+                assign[i] = pg
+                free.discard(pg)
+        rest = [i for i in need if i not in assign]
+        taken: list[tuple[str, tuple[int, ...]]] = []
+        deficit = len(rest) - len(free)
+        if deficit > 0:
+            wanted = {p.slots[i] for i in rest} - {None}
+            victims = sorted((q for q in self.placements.values() if q.model != model and not q.pins and q.valid_count),
+                             key=value)
+            plan_take: list[tuple[Placement, list[int]]] = []
+            for q in victims:
+                owned = [j for j in range(q.n_slots) if q.valid[j]]
+                owned.sort(key=lambda j: (q.slots[j] not in wanted, -j))
+                grab = owned[:deficit]
+                plan_take.append((q, grab))
+                deficit -= len(grab)
+                if deficit <= 0:
+                    break
+            if deficit > 0:
+                busy = sum(q.valid_count for q in self.placements.values() if q.pins and q.model != model)
+                raise PoolBusyError(
+                    f"cannot place {model!r} now: it needs {len(rest) - len(free)} more pages and {busy} pages are "
+                    "held by models in use; retry when they finish"
+                )
+            for q, grab in plan_take:
+                for j in grab:
+                    pg = q.slots[j]
+                    assert pg is not None
+                    q.valid[j] = False
+                    self.owner[pg] = None
+                    free.add(pg)
+                q.state = Residency.PARTIAL if q.valid_count else Residency.ABSENT
+                taken.append((q.model, tuple(grab)))
+            for i in list(rest):
+                pg = p.slots[i]
+                if pg is not None and pg in free:
+                    assign[i] = pg
+                    free.discard(pg)
+                    rest.remove(i)
+        remaps = []
+        spare = sorted(free)
+        for i, pg in zip(rest, spare):
+            remaps.append(Remap(i, p.slots[i], pg))
+            assign[i] = pg
+        for i, pg in assign.items():
+            self.owner[pg] = (model, i)
+            p.slots[i] = pg
+        p.pins += 1
+        p.uses += 1
+        p.last_used = now
+        if need:
+            p.state = Residency.LOADING
+        return PlacementPlan(model, tuple(remaps), tuple(need), tuple(taken))
+
+    def loaded(self, model: str, slots: list[int] | tuple[int, ...]) -> None:
+        """The bytes of ``slots`` have landed (call once the copies are complete)."""
+        p = self.placements[model]
+        for i in slots:
+            pg = p.slots[i]
+            assert pg is not None and self.owner[pg] == (model, i), "page lost while loading"
+            p.valid[i] = True
+        p.state = Residency.RESIDENT if p.valid_count == p.n_slots else (
+            Residency.PARTIAL if p.valid_count else Residency.ABSENT)
+
+    def release(self, model: str) -> None:
+        """End of an in-flight use (after :meth:`acquire`, once the device is done with it)."""
+        p = self.placements[model]
+        assert p.pins > 0
+        p.pins -= 1
+        if p.state == Residency.LOADING:  # a load that did not report its slots: they stay invalid
+            p.state = Residency.RESIDENT if p.valid_count == p.n_slots else (
+                Residency.PARTIAL if p.valid_count else Residency.ABSENT)
+
+    # --- eviction -----------------------------------------------------------------------------
+
+    def evict(self, model: str) -> int:
+        """Drop the model's device copy (its mappings stay, for a cheap return). Returns pages freed."""
+        p = self.placements[model]
+        if p.pins:
+            raise PoolBusyError(f"model {model!r} is in use and cannot be evicted now")
+        return self._drop_pages(p)
+
+    def _drop_pages(self, p: Placement) -> int:
+        n = 0
+        for i, pg in enumerate(p.slots):
+            if pg is not None and self.owner[pg] == (p.model, i):
+                self.owner[pg] = None
+                n += p.valid[i]
+            p.valid[i] = False
+        p.state = Residency.ABSENT
+        return n
+
+    # --- accounting ---------------------------------------------------------------------------
+
+    @property
+    def free_pages(self) -> int:
+        return sum(o is None for o in self.owner)
+
+    def check(self) -> None:
+        """Assert the invariants (used by tests): valid slots own their page, owners agree."""
+        for model, p in self.placements.items():
+            for i, ok in enumerate(p.valid):
+                if ok:
+                    pg = p.slots[i]
+                    assert pg is not None and self.owner[pg] == (model, i), (model, i)
+        for pg, o in enumerate(self.owner):
+            if o is not None:
+                m, i = o
+                assert self.placements[m].slots[i] == pg, (pg, o)

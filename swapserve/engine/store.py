@@ -1,0 +1,223 @@
+"""The host store: every model's weights in one contiguous buffer in shared memory.
+
+Each buffer holds a model's weights in first-use order (see :mod:`swapserve.engine.layout`), in a
+file under a shared-memory directory (``/dev/shm``) so every worker process of the node can map it;
+each worker page-locks its mapping for fast DMA. The store has a capacity: beyond it, the least
+valuable unpinned models drop back to disk — their artifact's safetensors file, read through a
+memory map — and come back on demand.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import mmap
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from swapserve.artifact.load import Artifact
+from swapserve.engine.layout import Layout
+from swapserve.errors import ArtifactError, CapacityError, NotFoundError, PoolBusyError
+
+log = logging.getLogger(__name__)
+
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class HostState(enum.Enum):
+    MEMORY = "memory"
+    """In shared memory, ready to copy to a device."""
+    DISK = "disk"
+    """Only in the artifact's safetensors file; loaded back on demand."""
+
+
+@dataclass
+class HostEntry:
+    key: str
+    artifact: Artifact
+    layout: Layout
+    state: HostState = HostState.DISK
+    buffer: torch.Tensor | None = None
+    """uint8 view of the shared-memory buffer while in memory."""
+    pins: int = 0
+    last_used: float = 0.0
+    loads: int = 0
+    _map: mmap.mmap | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+
+SpillListener = Callable[[HostEntry], None]
+
+
+class HostStore:
+    """Owner of the node's shared-memory model buffers.
+
+    ``on_spill`` listeners run before a buffer is unmapped (a device backend unpins it there).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], capacity_bytes: int, align: int = 512,
+                 value: Callable[[HostEntry], float] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.root = Path(root)
+        self.capacity = capacity_bytes
+        self.align = align
+        self.value = value or (lambda e: e.last_used)
+        self.clock = clock
+        self._entries: dict[str, HostEntry] = {}
+        self._listeners: list[SpillListener] = []
+        self._lock = threading.RLock()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.spills = 0
+
+    # --- registry of models -------------------------------------------------------------------
+
+    def add(self, key: str, artifact: Artifact, load: bool = True) -> HostEntry:
+        if not _KEY.match(key):
+            raise ArtifactError(f"invalid model key {key!r}: use letters, digits, '_', '.', '-' (max 128)")
+        with self._lock:
+            if key in self._entries:
+                raise ArtifactError(f"model {key!r} is already in the host store")
+            entry = HostEntry(key, artifact, Layout.of(artifact.manifest, self.align))
+            if entry.nbytes > self.capacity:
+                raise CapacityError(f"model {key!r} ({entry.nbytes / 2**20:.1f} MiB) is larger than the host store "
+                                    f"({self.capacity / 2**20:.0f} MiB)")
+            self._entries[key] = entry
+            if load:
+                try:
+                    self._load(entry)
+                except BaseException:
+                    del self._entries[key]
+                    raise
+            return entry
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            entry = self.get(key)
+            if entry.pins:
+                raise PoolBusyError(f"model {key!r} is in use")
+            self._spill(entry)
+            del self._entries[key]
+
+    def has(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> HostEntry:
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise NotFoundError(f"no model {key!r} in the host store") from None
+
+    def entries(self) -> list[HostEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def subscribe(self, listener: SpillListener) -> None:
+        self._listeners.append(listener)
+
+    # --- use ----------------------------------------------------------------------------------
+
+    def acquire(self, key: str) -> HostEntry:
+        """Pin a model's buffer in memory (loading it back from disk if it was spilled)."""
+        with self._lock:
+            entry = self.get(key)
+            if entry.state is HostState.DISK:
+                self._load(entry)
+            entry.pins += 1
+            entry.last_used = self.clock()
+            return entry
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            entry = self.get(key)
+            assert entry.pins > 0
+            entry.pins -= 1
+
+    def spill(self, key: str) -> None:
+        """Drop a model's shared-memory copy; it comes back from its safetensors file on demand."""
+        with self._lock:
+            entry = self.get(key)
+            if entry.pins:
+                raise PoolBusyError(f"model {key!r} is in use")
+            self._spill(entry)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values() if e.state is HostState.MEMORY)
+
+    def close(self) -> None:
+        with self._lock:
+            for e in list(self._entries.values()):
+                self._spill(e)
+            self._entries.clear()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.bin"
+
+    def _make_room(self, nbytes: int, for_key: str) -> None:
+        while self.used_bytes + nbytes > self.capacity:
+            victims = sorted((e for e in self._entries.values() if e.state is HostState.MEMORY and not e.pins),
+                             key=self.value)
+            if not victims:
+                raise PoolBusyError(f"host store full: cannot load {for_key!r} ({nbytes / 2**20:.1f} MiB) while every "
+                                    "model in memory is in use")
+            log.info("host store: spilling %s to disk to make room for %s", victims[0].key, for_key)
+            self._spill(victims[0])
+            self.spills += 1
+        free = shutil.disk_usage(self.root).free
+        if free < nbytes:
+            raise CapacityError(f"{self.root} has {free / 2**20:.0f} MiB free, {for_key!r} needs "
+                                f"{nbytes / 2**20:.1f} MiB; enlarge it or lower the host store capacity")
+
+    def _load(self, entry: HostEntry) -> None:
+        self._make_room(entry.nbytes, entry.key)
+        path = self._path(entry.key)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, entry.nbytes)
+            mm = mmap.mmap(fd, entry.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        try:
+            dst = np.frombuffer(mm, dtype=np.uint8)
+            with entry.artifact.open_weights() as st:
+                for slot in entry.layout.slots:
+                    dst[slot.offset:slot.offset + slot.nbytes] = st.bytes_of(slot.name)
+            del dst
+            os.rename(tmp, path)
+        except BaseException:
+            mm.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        entry._map = mm
+        entry.buffer = torch.frombuffer(mm, dtype=torch.uint8)
+        entry.state = HostState.MEMORY
+        entry.loads += 1
+
+    def _spill(self, entry: HostEntry) -> None:
+        if entry.state is not HostState.MEMORY:
+            return
+        for listener in self._listeners:
+            listener(entry)
+        entry.buffer = None
+        entry.state = HostState.DISK
+        mm, entry._map = entry._map, None
+        self._path(entry.key).unlink(missing_ok=True)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive somewhere; the map goes with it
+                log.debug("host store: %s still has live views; unmapped when they go", entry.key)

@@ -1,0 +1,58 @@
+"""Errors swapserve raises on purpose, each with the HTTP status the gateway answers with.
+
+Every error names its cause in words a user can act on; none leaves the store, the pool or
+the registry half-changed.
+"""
+
+from __future__ import annotations
+
+
+class SwapserveError(Exception):
+    """Base class: a failure with a clear cause."""
+
+    http_status: int = 500
+
+
+class ArtifactError(SwapserveError):
+    """A model artifact is missing, malformed, or not what its manifest says."""
+
+    http_status = 400
+
+
+class ExportError(ArtifactError):
+    """A model could not be turned into an artifact (torch.export failed or is unsupported)."""
+
+
+class InvalidInputError(SwapserveError):
+    """A request's tensors do not match the model's inputs (names, dtypes, shapes)."""
+
+    http_status = 400
+
+
+class NotFoundError(SwapserveError):
+    """An unknown model or function."""
+
+    http_status = 404
+
+
+class CapacityError(SwapserveError):
+    """Something cannot fit: a model larger than the pool, activations larger than the workspace,
+    host store full of pinned models."""
+
+    http_status = 507
+
+
+class WorkspaceError(CapacityError):
+    """A request's activations do not fit the device's activation workspace."""
+
+
+class PoolBusyError(CapacityError):
+    """Every page that could be freed is in use by in-flight work right now; retry later."""
+
+    http_status = 503
+
+
+class BackendError(SwapserveError):
+    """The device backend failed (driver error, missing CUDA support)."""
+
+    http_status = 500
