@@ -9,10 +9,11 @@ paths are single CUDA graph replays.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +139,13 @@ class SwapEngine:
         self._get(name)
         return self.pool.placements[name]
 
+    def activation_bytes(self, name: str, batch: int) -> int | None:
+        """Estimated peak activation bytes of a model at a batch size (None: unknown before running)."""
+        m = self._get(name)
+        if batch not in m.activation:
+            m.activation[batch] = m.program.activation_bytes(batch)
+        return m.activation[batch]
+
     def evict(self, name: str) -> None:
         """Drop the model's device copy (the host copy stays)."""
         with self._lock:
@@ -153,17 +161,40 @@ class SwapEngine:
             m = self._get(name)
             inputs, batch = self._check_inputs(m, inputs)
             self._check_workspace(m, batch)
-            host = self.store.acquire(name)
+            with self._placed(m, value) as (host, plan):
+                return self._run(m, host, plan, inputs, batch)
+
+    def prefetch(self, name: str, max_bytes: int | None = None, value: Value | None = None) -> int:
+        """Copy the model's missing pages without running it — all of them, or only those among the
+        first ``max_bytes`` (whole pages, in first-use order). Returns the bytes copied."""
+        with self._lock:
+            m = self._get(name)
+            limit = None if max_bytes is None else max_bytes // self.config.page_bytes
+            with self._placed(m, value, limit) as (host, plan):
+                if not plan.load:
+                    return 0
+                assert host.buffer is not None
+                copy = self._copy_mask(m, plan.load)
+                self.backend.start_copies(m.va, host.buffer, m.chunks, copy, m.events).finish()
+                self.pool.loaded(name, plan.load)
+                copied = sum(c.nbytes for c, k in zip(m.chunks, copy) if k)
+                self.stats.bytes_copied += copied
+                return copied
+
+    @contextlib.contextmanager
+    def _placed(self, m: _Model, value: Value | None, limit: int | None = None) -> Iterator[tuple[HostEntry, PlacementPlan]]:
+        """Pin the host buffer and the model's pages, remapped where the plan says; unpin after."""
+        host = self.store.acquire(m.name)
+        try:
+            self._pin_host(m, host)
+            plan = self.pool.acquire(m.name, self.clock(), value, limit)
             try:
-                self._pin_host(m, host)
-                plan = self.pool.acquire(name, self.clock(), value)
-                try:
-                    self._remap(m, plan)
-                    return self._run(m, host, plan, inputs, batch)
-                finally:
-                    self.pool.release(name)
+                self._remap(m, plan)
+                yield host, plan
             finally:
-                self.store.release(name)
+                self.pool.release(m.name)
+        finally:
+            self.store.release(m.name)
 
     def _run(self, m: _Model, host: HostEntry, plan: PlacementPlan, inputs: list[torch.Tensor],
              batch: int) -> list[torch.Tensor]:
@@ -260,13 +291,11 @@ class SwapEngine:
                 raise InvalidInputError(f"input {spec.name!r} of {m.name} must have shape "
                                         f"{_shape_text(spec.shape)} (batch ≤ {m.artifact.manifest.max_batch}), "
                                         f"got {list(shape)}")
-            out.append(x.to(self.backend.device, non_blocking=True))
+            out.append(x.to(self.backend.device))
         return out, batch or (int(inputs[0].shape[0]) if inputs[0].dim() else 1)
 
     def _check_workspace(self, m: _Model, batch: int) -> None:
-        if batch not in m.activation:
-            m.activation[batch] = m.program.activation_bytes(batch)
-        need = m.activation[batch]
+        need = self.activation_bytes(m.name, batch)
         if need is not None and need > self.config.workspace_bytes:
             raise WorkspaceError(f"{m.name} at batch {batch} needs about {need / 2**20:.0f} MiB of activations, more "
                                  f"than the device workspace ({self.config.workspace_bytes / 2**20:.0f} MiB); raise "

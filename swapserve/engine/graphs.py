@@ -77,7 +77,8 @@ class ModelGraphs:
             waiter = b.start_copies(va, host, chunks, [True] * len(chunks), events)
             out = self.program.run(self.inputs, waiter)
             cur.wait_stream(b.copy_stream)
-        g.instantiate()
+        if hasattr(g, "instantiate"):
+            g.instantiate()
         self._nodes = _memcpy_nodes(g, va, chunks)
         if self._nodes is None:
             log.warning("copy nodes not found in the swap graph: partly resident models will copy every chunk")
@@ -86,7 +87,7 @@ class ModelGraphs:
 
     def replay(self, inputs: Sequence[torch.Tensor], copy: Sequence[bool] | None) -> list[torch.Tensor]:
         """Run on the compute stream; ``copy`` None means resident (plain graph). Returns fresh outputs."""
-        with torch.cuda.stream(self.backend.compute_stream):
+        with self.backend.compute():
             for dst, x in zip(self.inputs, inputs):
                 dst.copy_(x, non_blocking=True)
             if copy is None:

@@ -123,15 +123,16 @@ class PagePool:
 
     # --- swap-in ------------------------------------------------------------------------------
 
-    def acquire(self, model: str, now: float, value: Value | None = None) -> PlacementPlan:
-        """Pin ``model`` and claim a page for every slot without valid bytes.
+    def acquire(self, model: str, now: float, value: Value | None = None, limit: int | None = None) -> PlacementPlan:
+        """Pin ``model`` and claim a page for every slot without valid bytes (only the first ``limit``
+        of them, in first-use order, when given).
 
         Raises :class:`PoolBusyError` when only pinned models hold the pages it would need (and
         leaves everything as it was).
         """
         p = self.placements[model]
         value = value or self.value
-        need = [i for i in range(p.n_slots) if not p.valid[i]]
+        need = [i for i in range(p.n_slots) if not p.valid[i]][:limit]
         free = {pg for pg, o in enumerate(self.owner) if o is None}
         assign: dict[int, int] = {}
         for i in need:

@@ -9,8 +9,9 @@ pages are large and mappings are kept after eviction.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +39,11 @@ def check(result: Any) -> Any:
     if not rest:
         return None
     return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+_pin_lock = threading.Lock()
+_pin_counts: dict[int, int] = {}
+"""Host registration is per process, so several backends (devices) share one count per buffer."""
 
 
 class _ArrayInterface:
@@ -93,7 +99,6 @@ class CudaBackend(Backend):
         acc.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access = [acc]
         self._pages: list[Any] = []
-        self._pinned: set[int] = set()
 
     def _ensure_ctx(self) -> None:
         # Driver calls use the calling thread's current context; torch only sets it on threads that
@@ -140,16 +145,21 @@ class CudaBackend(Backend):
     def pin(self, host: torch.Tensor) -> None:
         self._ensure_ctx()
         ptr = host.data_ptr()
-        if ptr not in self._pinned:
-            check(self._cu.cuMemHostRegister(ptr, host.numel() * host.element_size(), 0))
-            self._pinned.add(ptr)
+        with _pin_lock:
+            if not _pin_counts.get(ptr):
+                check(self._cu.cuMemHostRegister(ptr, host.numel() * host.element_size(), 0))
+            _pin_counts[ptr] = _pin_counts.get(ptr, 0) + 1
 
     def unpin(self, host: torch.Tensor) -> None:
         self._ensure_ctx()
         ptr = host.data_ptr()
-        if ptr in self._pinned:
-            check(self._cu.cuMemHostUnregister(ptr))
-            self._pinned.discard(ptr)
+        with _pin_lock:
+            n = _pin_counts.get(ptr, 0)
+            if n == 1:
+                check(self._cu.cuMemHostUnregister(ptr))
+                del _pin_counts[ptr]
+            elif n > 1:
+                _pin_counts[ptr] = n - 1
 
     def new_events(self, count: int) -> list[torch.cuda.Event]:
         return [torch.cuda.Event() for _ in range(count)]
@@ -170,8 +180,12 @@ class CudaBackend(Backend):
                 events[i].record(stream)
         return CudaWaiter(events, copy)
 
-    def compute(self) -> Any:
-        return torch.cuda.stream(self.compute_stream)
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        # Work the caller queued on its own stream (its inputs) comes first.
+        self.compute_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.compute_stream):
+            yield
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

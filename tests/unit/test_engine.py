@@ -1,0 +1,165 @@
+"""The swap engine end to end on real artifacts: CPU always, CUDA (eager and graph) where present."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from swapserve.engine import Residency
+from swapserve.errors import CapacityError, InvalidInputError, NotFoundError, WorkspaceError
+
+HAS_CUDA = torch.cuda.is_available()
+
+MODES = [("cpu", "eager")] + ([("cuda:0", "eager"), ("cuda:0", "graph")] if HAS_CUDA else [])
+MODE_IDS = [f"{d}-{m}" for d, m in MODES]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("kind", ["mlp", "tied"])
+def test_swapped_run_is_bit_identical_to_resident(make_artifact, make_engine, device, mode, kind):
+    art, module, x = make_artifact(kind)
+    eng = make_engine(device, mode)
+    eng.add("m", art)
+    assert eng.residency("m") is Residency.ABSENT
+    cold = eng.infer("m", x)
+    assert eng.residency("m") is Residency.RESIDENT
+    warm = eng.infer("m", x)
+    eng.evict("m")
+    assert eng.residency("m") is Residency.ABSENT
+    cold_again = eng.infer("m", x)
+    assert same(cold, warm) and same(cold_again, warm)
+    with torch.no_grad():
+        ref = module(*x)
+    torch.testing.assert_close(warm[0].cpu(), ref, rtol=1e-4, atol=1e-4)
+    assert eng.stats.swaps == 2 and eng.stats.resident_runs == 1
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_partial_eviction_copies_only_missing_pages(make_artifact, make_engine, device, mode):
+    a, _, xa = make_artifact("mlp", seed=1, name="a")
+    b, _, xb = make_artifact("mlp", seed=2, name="b")
+    eng = make_engine(device, mode, pool_mib=12, page_mib=2)  # 6 pages; each model needs 4
+    eng.add("a", a)
+    eng.add("b", b)
+    ref_a = eng.infer("a", xa)
+    assert eng.placement("a").valid_count == 4
+    eng.infer("b", xb)
+    assert eng.residency("a") is Residency.PARTIAL
+    assert eng.placement("a").valid == [True, True, False, False]  # the tail went first
+    eng.pool.check()
+    copied = eng.stats.bytes_copied
+    again = eng.infer("a", xa)
+    assert same(again, ref_a)
+    page = eng.config.page_bytes
+    assert eng.stats.bytes_copied - copied == eng._models["a"].layout.nbytes - 2 * page
+    assert eng.residency("a") is Residency.RESIDENT
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_prefetched_head_then_run(make_artifact, make_engine, device, mode):
+    art, _, x = make_artifact("mlp")
+    eng = make_engine(device, mode)
+    eng.add("m", art)
+    ref = eng.infer("m", x)
+    eng.evict("m")
+    eng.prefetch("m", max_bytes=2 << 20)  # the first page only: a load cut short
+    assert eng.residency("m") is Residency.PARTIAL
+    assert eng.placement("m").valid == [True, False, False, False]
+    assert same(eng.infer("m", x), ref)
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_concurrent_swaps_do_not_corrupt_each_other(make_artifact, make_engine, device, mode):
+    a, _, xa = make_artifact("mlp", seed=1, name="a")
+    b, _, xb = make_artifact("tied", seed=2, name="b")
+    eng = make_engine(device, mode, pool_mib=8, page_mib=2)  # not both at once: every run swaps
+    eng.add("a", a)
+    eng.add("b", b)
+    ref = {"a": eng.infer("a", xa), "b": eng.infer("b", xb)}
+    errors: list[str] = []
+
+    def worker(name: str, x: tuple[torch.Tensor, ...]) -> None:
+        for _ in range(15):
+            if not same(eng.infer(name, x), ref[name]):
+                errors.append(name)
+
+    threads = [threading.Thread(target=worker, args=(n, x)) for n, x in (("a", xa), ("b", xb)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    eng.pool.check()
+    assert eng.stats.pages_taken > 0 and eng.stats.remaps > 0
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_dynamic_batch(make_artifact, make_engine, device, mode):
+    art, module, x = make_artifact("mlp", max_batch=4)
+    eng = make_engine(device, mode)
+    eng.add("m", art)
+    xb = torch.randn(3, 512)
+    out = eng.infer("m", (xb,))
+    with torch.no_grad():
+        torch.testing.assert_close(out[0].cpu(), module(xb), rtol=1e-4, atol=1e-4)
+    with pytest.raises(InvalidInputError, match="batch ≤ 4"):
+        eng.infer("m", (torch.randn(5, 512),))
+
+
+def test_bad_inputs_get_clear_errors(make_artifact, make_engine):
+    art, _, x = make_artifact("mlp")
+    eng = make_engine()
+    eng.add("m", art)
+    with pytest.raises(InvalidInputError, match="takes 1 inputs"):
+        eng.infer("m", [])
+    with pytest.raises(InvalidInputError, match="must be float32, got float64"):
+        eng.infer("m", (torch.randn(1, 512, dtype=torch.float64),))
+    with pytest.raises(InvalidInputError, match=r"must have shape \[batch, 512\]"):
+        eng.infer("m", (torch.randn(1, 500),))
+    with pytest.raises(NotFoundError):
+        eng.infer("nope", x)
+    assert eng.residency("m") is Residency.ABSENT  # nothing moved
+    eng.infer("m", x)
+
+
+def test_model_larger_than_pool_leaves_nothing_behind(make_artifact, make_engine):
+    art, _, _ = make_artifact("mlp")
+    eng = make_engine(pool_mib=4, page_mib=2)
+    with pytest.raises(CapacityError, match="needs 4 pages"):
+        eng.add("m", art)
+    assert eng.models() == [] and not eng.pool.placements and not eng.store.has("m")
+
+
+def test_workspace_smaller_than_activations(make_artifact, make_engine):
+    art, _, x = make_artifact("mlp", max_batch=4)
+    probe = make_engine()
+    probe.add("m", art)
+    need1, need4 = probe.activation_bytes("m", 1), probe.activation_bytes("m", 4)
+    assert 0 < need1 < need4
+    eng = make_engine(workspace_bytes=(need1 + need4) // 2)
+    eng.add("m", art)
+    eng.infer("m", x)
+    with pytest.raises(WorkspaceError, match="raise workspace_bytes"):
+        eng.infer("m", (torch.randn(4, 512),))
+    eng.infer("m", x)  # still serving
+
+
+def test_host_store_spills_and_reloads(make_artifact, make_engine):
+    a, _, xa = make_artifact("mlp", seed=1, name="a")
+    b, _, xb = make_artifact("mlp", seed=2, name="b")
+    eng = make_engine(store_mib=8)  # one model at a time in host memory
+    eng.add("a", a)
+    ref = eng.infer("a", xa)
+    eng.add("b", b)  # spills a
+    from swapserve.engine import HostState
+
+    assert eng.store.get("a").state is HostState.DISK
+    eng.evict("a")
+    assert same(eng.infer("a", xa), ref)  # back from its safetensors file
+    assert eng.store.get("a").loads == 2
