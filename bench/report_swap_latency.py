@@ -70,6 +70,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     dtypes = sorted({r["dtype"] for r in result["models"] if "error" not in r})
+    if not dtypes:
+        return
     fig, axes = plt.subplots(len(dtypes), 1, figsize=(14, 5 * len(dtypes)), squeeze=False)
     for ax, dtype in zip(axes[:, 0], dtypes):
         rows = [r for r in result["models"] if r["dtype"] == dtype and "error" not in r]

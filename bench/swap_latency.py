@@ -44,23 +44,22 @@ from swapserve.engine import HostStore, SwapEngine  # noqa: E402
 
 
 def timed(fn: Callable[[], object], runs: int, warmup: int, before: Callable[[], object] | None = None,
-          after: Callable[[], object] | None = None) -> tuple[float, float]:
-    """Median wall time (ms) and median calling-thread CPU time (ms) of ``fn``, synchronized."""
-    walls, cpus = [], []
+          after: Callable[[], object] | None = None) -> tuple[float, list[float]]:
+    """Median wall time (ms) of ``fn``, synchronized, and every timed run's wall time."""
+    walls = []
     for i in range(warmup + runs):
         if before:
             before()
         torch.cuda.synchronize()
-        c0, t0 = time.thread_time(), time.perf_counter()
+        t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        t1, c1 = time.perf_counter(), time.thread_time()
+        t1 = time.perf_counter()
         if after:
             after()
         if i >= warmup:
             walls.append((t1 - t0) * 1e3)
-            cpus.append((c1 - c0) * 1e3)
-    return statistics.median(walls), statistics.median(cpus)
+    return statistics.median(walls), walls
 
 
 def h2d_bandwidth(nbytes: int = 1 << 30, runs: int = 10) -> float:
@@ -137,7 +136,7 @@ def bench_one(name: str, dtype: torch.dtype, engines: dict[str, SwapEngine], sto
     # On demand: .to("cuda") from pageable memory, then run.
     cpu_mod = z.build(dtype)
     with torch.no_grad():
-        row["ondemand_ms"], _ = timed(lambda: cpu_mod.to("cuda")(*x), max(5, runs // 4), 1,
+        row["ondemand_ms"], _ = timed(lambda: cpu_mod.to("cuda")(*x), runs, 1,
                                       after=lambda: cpu_mod.to("cpu"))
     del cpu_mod
 
@@ -159,12 +158,12 @@ def bench_one(name: str, dtype: torch.dtype, engines: dict[str, SwapEngine], sto
             outs[tag] = e.infer(key, x)
         return run
 
-    row["swapserve_ms"], row["swap_cpu_ms"] = timed(cold(eg, "graph-swap"), runs, warmup,
-                                                    before=lambda: eg.evict(key))
+    row["swapserve_ms"], _ = timed(cold(eg, "graph-swap"), runs, warmup, before=lambda: eg.evict(key))
+    row["swap_cpu_ms"] = statistics.median(eg.stats.swap_cpu_seconds[-runs:]) * 1e3
     row["swapserve_resident_ms"], _ = timed(cold(eg, "graph-resident"), runs, warmup)
     ee.add(key, art)
-    row["swapserve_eager_ms"], row["swap_eager_cpu_ms"] = timed(cold(ee, "eager-swap"), runs, warmup,
-                                                                before=lambda: ee.evict(key))
+    row["swapserve_eager_ms"], _ = timed(cold(ee, "eager-swap"), runs, warmup, before=lambda: ee.evict(key))
+    row["swap_eager_cpu_ms"] = statistics.median(ee.stats.swap_cpu_seconds[-runs:]) * 1e3
     row["swapserve_eager_resident_ms"], _ = timed(cold(ee, "eager-resident"), runs, warmup)
     row["bit_identical_graph"] = all(torch.equal(a, b) for a, b in zip(outs["graph-swap"], outs["graph-resident"]))
     row["bit_identical_eager"] = all(torch.equal(a, b) for a, b in zip(outs["eager-swap"], outs["eager-resident"]))
@@ -212,6 +211,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--pool-gib", type=float, default=3.0)
     ap.add_argument("--workspace-gib", type=float, default=2.0)
+    ap.add_argument("--min-chunk-mib", type=float, default=EngineConfig.min_chunk_bytes / MiB)
+    ap.add_argument("--max-chunk-mib", type=float, default=EngineConfig.max_chunk_bytes / MiB)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("swap_latency needs a CUDA GPU")
@@ -224,6 +225,7 @@ def main() -> None:
         "torch": torch.__version__,
         "batch": 1,
         "runs": args.runs,
+        "chunk_mib": [args.min_chunk_mib, args.max_chunk_mib],
         "models": [],
     }
     print(f"{result['gpu']}: pinned host→device {bw:.1f} GB/s", flush=True)
@@ -232,7 +234,8 @@ def main() -> None:
     pool = int(args.pool_gib * GiB) // (32 * MiB) * (32 * MiB)
     engines = {
         mode: SwapEngine(EngineConfig(device="cuda:0", pool_bytes=pool, workspace_bytes=int(args.workspace_gib * GiB),
-                                      mode=mode), store)
+                                      min_chunk_bytes=int(args.min_chunk_mib * MiB),
+                                      max_chunk_bytes=int(args.max_chunk_mib * MiB), mode=mode), store)
         for mode in ("graph", "eager")
     }
     for dname in args.dtypes.split(","):

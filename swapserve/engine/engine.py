@@ -47,7 +47,9 @@ class EngineStats:
     evictions: int = 0
     graph_captures: int = 0
     swap_seconds: list[float] = field(default_factory=list)
-    """Wall time of recent swapped runs (bounded)."""
+    """Wall time of recent swapped runs (the last 1000)."""
+    swap_cpu_seconds: list[float] = field(default_factory=list)
+    """Host CPU time the calling thread spent on each of those runs, before waiting for the device."""
 
 
 @dataclass
@@ -198,9 +200,10 @@ class SwapEngine:
 
     def _run(self, m: _Model, host: HostEntry, plan: PlacementPlan, inputs: list[torch.Tensor],
              batch: int) -> list[torch.Tensor]:
+        """Launch, then wait once for the device; pages count as loaded only once their copies landed."""
         assert host.buffer is not None
         copy = self._copy_mask(m, plan.load)
-        started = time.perf_counter()
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
         if self.mode == "graph" and batch not in m.graphs:
             outs = self._first_run_graph(m, host, plan, copy, inputs, batch)
         elif self.mode == "graph":
@@ -209,36 +212,36 @@ class SwapEngine:
                 graphs.capture_swap(m.va, host.buffer, m.chunks, m.events)  # host buffer moved: re-capture
                 self.stats.graph_captures += 1
             outs = graphs.replay(inputs, copy if plan.load else None)
-            self.backend.synchronize()
-            self.pool.loaded(m.name, plan.load)
+        elif not plan.load:
+            with self.backend.compute(), torch.no_grad():
+                outs = m.program.run(inputs)
         else:
-            outs = self._run_eager(m, host, plan, copy, inputs)
-        self._count(plan, copy, m, started)
+            outs = self._swap_eager(m, host, copy, inputs)
+        cpu = time.thread_time() - cpu0
+        self.backend.synchronize()
+        self.pool.loaded(m.name, plan.load)
+        self._count(plan, copy, m, time.perf_counter() - wall0, cpu)
         return outs
 
-    def _run_eager(self, m: _Model, host: HostEntry, plan: PlacementPlan, copy: list[bool],
-                   inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _swap_eager(self, m: _Model, host: HostEntry, copy: list[bool], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         assert host.buffer is not None
         with self.backend.compute(), torch.no_grad():
-            if not plan.load:
-                outs = m.program.run(inputs)
-                self.backend.synchronize()
-                return outs
             waiter = self.backend.start_copies(m.va, host.buffer, m.chunks, copy, m.events)
             try:
-                outs = m.program.run(inputs, waiter)
+                return m.program.run(inputs, waiter)
             finally:
-                waiter.finish()  # the copies land whatever the compute did
-                self.pool.loaded(m.name, plan.load)
-            self.backend.synchronize()
-            return outs
+                waiter.finish()  # the copies land (or fail, raising) whatever the compute did
 
     def _first_run_graph(self, m: _Model, host: HostEntry, plan: PlacementPlan, copy: list[bool],
                          inputs: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
         """First run at this batch size: swap in eagerly (also the warm-up), capture, answer from the graph."""
         from swapserve.engine.graphs import ModelGraphs
 
-        self._run_eager(m, host, plan, copy, inputs)
+        if plan.load:
+            self._swap_eager(m, host, copy, inputs)
+        else:
+            with self.backend.compute(), torch.no_grad():
+                m.program.run(inputs)
         assert host.buffer is not None and isinstance(m.events, list)
         graphs = ModelGraphs(self.backend, m.program, self._workspace.id, inputs)  # type: ignore[arg-type,union-attr]
         before = self._workspace_bytes()
@@ -255,9 +258,7 @@ class SwapEngine:
         if used > before:
             log.info("workspace grew by %d bytes while capturing %s (batch %d)", used - before, m.name, batch)
         m.graphs[batch] = graphs
-        outs = graphs.replay(inputs, None)
-        self.backend.synchronize()
-        return outs
+        return graphs.replay(inputs, None)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -328,14 +329,15 @@ class SwapEngine:
         want = set(load)
         return [c.start // page in want for c in m.chunks]
 
-    def _count(self, plan: PlacementPlan, copy: list[bool], m: _Model, started: float) -> None:
+    def _count(self, plan: PlacementPlan, copy: list[bool], m: _Model, wall: float, cpu: float) -> None:
         s = self.stats
         s.runs += 1
         if plan.load:
             s.swaps += 1
             s.bytes_copied += sum(c.nbytes for c, k in zip(m.chunks, copy) if k)
-            s.swap_seconds.append(time.perf_counter() - started)
-            del s.swap_seconds[:-1000]
+            s.swap_seconds.append(wall)
+            s.swap_cpu_seconds.append(cpu)
+            del s.swap_seconds[:-1000], s.swap_cpu_seconds[:-1000]
         else:
             s.resident_runs += 1
 
@@ -343,7 +345,10 @@ class SwapEngine:
         """Take the activation workspace once, at start, as a private pool every graph shares."""
         pool = torch.cuda.MemPool()
         small = min(64 << 20, self.config.workspace_bytes // 8)
-        with torch.cuda.use_mem_pool(pool):
+        # The caching allocator reuses a free block only on the stream that allocated it: reserve on
+        # the compute stream, where graphs are captured. Blocks of <= 1 MiB come from 2 MiB segments
+        # of their own, so some of those are reserved too.
+        with torch.cuda.use_mem_pool(pool), torch.cuda.stream(self.backend.compute_stream):  # type: ignore[attr-defined]
             big = torch.empty(self.config.workspace_bytes - small, dtype=torch.uint8, device=self.backend.device)
             smalls = [torch.empty(1 << 20, dtype=torch.uint8, device=self.backend.device) for _ in range(small >> 20)]
         del big, smalls

@@ -90,9 +90,11 @@ class PagePool:
     value: Value = lru_value
     placements: dict[str, Placement] = field(default_factory=dict)
     owner: list[tuple[str, int] | None] = field(init=False)
+    _free: set[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.num_pages
+        self._free = set(range(self.num_pages))
 
     # --- models -------------------------------------------------------------------------------
 
@@ -131,66 +133,63 @@ class PagePool:
         leaves everything as it was).
         """
         p = self.placements[model]
-        value = value or self.value
         need = [i for i in range(p.n_slots) if not p.valid[i]][:limit]
-        free = {pg for pg, o in enumerate(self.owner) if o is None}
-        assign: dict[int, int] = {}
-        for i in need:
-            pg = p.slots[i]
-            if pg is not None and (pg in free or self.owner[pg] == (model, i)):
-                assign[i] = pg
-                free.discard(pg)
-        rest = [i for i in need if i not in assign]
-        taken: list[tuple[str, tuple[int, ...]]] = []
-        deficit = len(rest) - len(free)
-        if deficit > 0:
-            wanted = {p.slots[i] for i in rest} - {None}
-            victims = sorted((q for q in self.placements.values() if q.model != model and not q.pins and q.valid_count),
-                             key=value)
-            plan_take: list[tuple[Placement, list[int]]] = []
-            for q in victims:
-                owned = [j for j in range(q.n_slots) if q.valid[j]]
-                owned.sort(key=lambda j: (q.slots[j] not in wanted, -j))
-                grab = owned[:deficit]
-                plan_take.append((q, grab))
-                deficit -= len(grab)
-                if deficit <= 0:
-                    break
-            if deficit > 0:
-                busy = sum(q.valid_count for q in self.placements.values() if q.pins and q.model != model)
-                raise PoolBusyError(
-                    f"cannot place {model!r} now: it needs {len(rest) - len(free)} more pages and {busy} pages are "
-                    "held by models in use; retry when they finish"
-                )
-            for q, grab in plan_take:
-                for j in grab:
-                    pg = q.slots[j]
-                    assert pg is not None
-                    q.valid[j] = False
-                    self.owner[pg] = None
-                    free.add(pg)
-                q.state = Residency.PARTIAL if q.valid_count else Residency.ABSENT
-                taken.append((q.model, tuple(grab)))
-            for i in list(rest):
-                pg = p.slots[i]
-                if pg is not None and pg in free:
-                    assign[i] = pg
-                    free.discard(pg)
-                    rest.remove(i)
+        kept = [i for i in need if (pg := p.slots[i]) is not None and (pg in self._free or self.owner[pg] == (model, i))]
+        rest = [i for i in need if i not in set(kept)]
+        deficit = len(rest) - (len(self._free) - sum(p.slots[i] in self._free for i in kept))
+        plan_take = self._choose_victims(model, rest, deficit, value or self.value) if deficit > 0 else []
+        # Feasible: from here on, change state.
+        for i in kept:
+            self._free.discard(p.slots[i])  # type: ignore[arg-type]
+            self.owner[p.slots[i]] = (model, i)  # type: ignore[index]
+        taken = []
+        for q, grab in plan_take:
+            for j in grab:
+                pg = q.slots[j]
+                assert pg is not None
+                q.valid[j] = False
+                self.owner[pg] = None
+                self._free.add(pg)
+            q.state = Residency.PARTIAL if q.valid_count else Residency.ABSENT
+            taken.append((q.model, tuple(grab)))
         remaps = []
-        spare = sorted(free)
-        for i, pg in zip(rest, spare):
-            remaps.append(Remap(i, p.slots[i], pg))
-            assign[i] = pg
-        for i, pg in assign.items():
-            self.owner[pg] = (model, i)
-            p.slots[i] = pg
+        for i in rest:
+            old = p.slots[i]
+            if old is not None and old in self._free:
+                new = old  # a victim's page this slot already maps: no remap
+            else:
+                new = next(iter(self._free))
+                remaps.append(Remap(i, old, new))
+            self._free.discard(new)
+            self.owner[new] = (model, i)
+            p.slots[i] = new
         p.pins += 1
         p.uses += 1
         p.last_used = now
         if need:
             p.state = Residency.LOADING
         return PlacementPlan(model, tuple(remaps), tuple(need), tuple(taken))
+
+    def _choose_victims(self, model: str, rest: list[int], deficit: int, value: Value) -> list[tuple[Placement, list[int]]]:
+        """Pages to take, least valuable unpinned models first, each one's tail first (preferring pages
+        the model's own slots already map: those need no remap)."""
+        p = self.placements[model]
+        wanted = {p.slots[i] for i in rest} - {None}
+        victims = sorted((q for q in self.placements.values() if q.model != model and not q.pins and q.valid_count),
+                         key=value)
+        plan: list[tuple[Placement, list[int]]] = []
+        short = deficit
+        for q in victims:
+            owned = [j for j in range(q.n_slots) if q.valid[j]]
+            owned.sort(key=lambda j: (q.slots[j] not in wanted, -j))
+            grab = owned[:short]
+            plan.append((q, grab))
+            short -= len(grab)
+            if short <= 0:
+                return plan
+        busy = sum(q.valid_count for q in self.placements.values() if q.pins and q.model != model)
+        raise PoolBusyError(f"cannot place {model!r} now: it needs {deficit} more pages and {busy} pages are held by "
+                            "models in use; retry when they finish")
 
     def loaded(self, model: str, slots: list[int] | tuple[int, ...]) -> None:
         """The bytes of ``slots`` have landed (call once the copies are complete)."""
@@ -225,6 +224,7 @@ class PagePool:
         for i, pg in enumerate(p.slots):
             if pg is not None and self.owner[pg] == (p.model, i):
                 self.owner[pg] = None
+                self._free.add(pg)
                 n += p.valid[i]
             p.valid[i] = False
         p.state = Residency.ABSENT
@@ -234,7 +234,7 @@ class PagePool:
 
     @property
     def free_pages(self) -> int:
-        return sum(o is None for o in self.owner)
+        return len(self._free)
 
     def check(self) -> None:
         """Assert the invariants (used by tests): valid slots own their page, owners agree."""
@@ -243,6 +243,7 @@ class PagePool:
                 if ok:
                     pg = p.slots[i]
                     assert pg is not None and self.owner[pg] == (model, i), (model, i)
+        assert self._free == {pg for pg, o in enumerate(self.owner) if o is None}
         for pg, o in enumerate(self.owner):
             if o is not None:
                 m, i = o
