@@ -62,6 +62,13 @@ def timed(fn: Callable[[], object], runs: int, warmup: int, before: Callable[[],
     return statistics.median(walls), walls
 
 
+def bits_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Bit for bit (NaN payloads included), not by value."""
+    return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and
+                                    torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+                                    for x, y in zip(a, b))
+
+
 def h2d_bandwidth(nbytes: int = 1 << 30, runs: int = 10) -> float:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     host.fill_(1)
@@ -165,9 +172,10 @@ def bench_one(name: str, dtype: torch.dtype, engines: dict[str, SwapEngine], sto
     row["swapserve_eager_ms"], _ = timed(cold(ee, "eager-swap"), runs, warmup, before=lambda: ee.evict(key))
     row["swap_eager_cpu_ms"] = statistics.median(ee.stats.swap_cpu_seconds[-runs:]) * 1e3
     row["swapserve_eager_resident_ms"], _ = timed(cold(ee, "eager-resident"), runs, warmup)
-    row["bit_identical_graph"] = all(torch.equal(a, b) for a, b in zip(outs["graph-swap"], outs["graph-resident"]))
-    row["bit_identical_eager"] = all(torch.equal(a, b) for a, b in zip(outs["eager-swap"], outs["eager-resident"]))
-    row["bit_identical_first"] = all(torch.equal(a, b) for a, b in zip(first, outs["graph-resident"]))
+    row["bit_identical_graph"] = bits_equal(outs["graph-swap"], outs["graph-resident"])
+    row["bit_identical_eager"] = bits_equal(outs["eager-swap"], outs["eager-resident"])
+    row["bit_identical_first"] = bits_equal(first, outs["graph-resident"])
+    row["finite_outputs"] = all(bool(torch.isfinite(o).all()) for o in outs["graph-swap"])
     r = ref if isinstance(ref, torch.Tensor) else ref[0]
     row["max_abs_diff_vs_module"] = float((outs["graph-swap"][0].float() - r.float()).abs().max())
 

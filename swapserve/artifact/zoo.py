@@ -50,7 +50,8 @@ ZOO: dict[str, ZooModel] = {
     m.name: m
     for m in [
         _tv("resnet50"),
-        _tv("resnet152"),
+        # Zero-initialised residual branches keep 152 layers of random fp16 weights from overflowing.
+        _tv("resnet152", zero_init_residual=True),
         _tv("densenet201"),
         _tv("inception_v3", 299, init_weights=False, aux_logits=True),
         _tv("efficientnet_b0"),
