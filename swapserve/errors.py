@@ -56,3 +56,37 @@ class BackendError(SwapserveError):
     """The device backend failed (driver error, missing CUDA support)."""
 
     http_status = 500
+
+
+class OverloadedError(SwapserveError):
+    """Refused at once rather than queued: a full queue (429) or a deadline that cannot be met (503).
+    The gateway answers with ``Retry-After: retry_after`` (seconds, rounded up)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0, http_status: int = 503):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.http_status = http_status
+
+
+class ConflictError(SwapserveError):
+    """The operation clashes with one in flight (e.g. a second deploy of the same name)."""
+
+    http_status = 409
+
+
+class AuthError(SwapserveError):
+    """Missing (401) or wrong (403) management token."""
+
+    def __init__(self, message: str, http_status: int = 401):
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class PayloadTooLargeError(SwapserveError):
+    http_status = 413
+
+
+class UnavailableError(SwapserveError):
+    """The node or the function is not ready (starting, stopping, unloaded)."""
+
+    http_status = 503

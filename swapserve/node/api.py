@@ -1,0 +1,117 @@
+"""What the gateway asks of the node: the boundary between HTTP and the controller.
+
+The gateway decodes HTTP into these calls and encodes their results; every error is a
+:class:`swapserve.errors.SwapserveError` carrying its HTTP status (and ``retry_after`` for overload).
+Tensors cross this boundary as CPU ``torch.Tensor``s keyed by name.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from swapserve.functions.spec import FunctionSpec
+
+
+class FunctionState(enum.Enum):
+    """One explicit lifecycle state per function (after Triton's model_lifecycle)."""
+
+    LOADING = "LOADING"
+    """Deploy accepted; artifact being checked and loaded into the host store."""
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+    """Registered but not serving (unloaded, or failed to load: see ``reason``)."""
+
+
+@dataclass(frozen=True)
+class FunctionInfo:
+    spec: FunctionSpec
+    version: int
+    """Increments with each successful deploy of the same name."""
+    state: FunctionState
+    reason: str = ""
+    """Why the function is not READY, if it is not."""
+    nbytes: int = 0
+    """Model weight bytes."""
+    created_at: float = 0.0
+    """Unix time of this version's deploy."""
+
+
+@dataclass(frozen=True)
+class InferResult:
+    outputs: dict[str, torch.Tensor]
+    """CPU tensors, in the function's declared output order."""
+    device: str = ""
+    """Where it ran (``cuda:0``, ``cpu``)."""
+    queue_ms: float = 0.0
+    swapped: bool = False
+    """Whether the model was (partly) copied in for this request."""
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    device: str
+    name: str
+    pool_bytes: int
+    pool_used_bytes: int
+    resident: tuple[str, ...]
+    partial: tuple[str, ...] = ()
+    busy: bool = False
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    ready: bool
+    devices: tuple[DeviceStatus, ...]
+    functions: int
+    host_store_bytes: int
+    host_store_capacity: int
+    queued: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class NodeAPI(Protocol):
+    def is_live(self) -> bool: ...
+
+    def is_ready(self) -> bool:
+        """True once every worker is up (and until shutdown begins)."""
+        ...
+
+    def list_functions(self) -> list[FunctionInfo]: ...
+
+    def get_function(self, name: str) -> FunctionInfo:
+        """Raises NotFoundError."""
+        ...
+
+    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None) -> InferResult:
+        """Run one request (any batch size up to the function's max_batch). Raises InvalidInputError (400),
+        NotFoundError (404), UnavailableError (503), OverloadedError (429/503 + retry_after)."""
+        ...
+
+    async def deploy(self, bundle: Path) -> FunctionInfo:
+        """Register the function in ``bundle`` (a directory holding function.yaml and artifact/), atomically:
+        the previous version keeps serving until the new one is READY. ConflictError if a deploy of the same
+        name is in flight; SpecError / ArtifactError for a bad bundle."""
+        ...
+
+    async def delete(self, name: str) -> None: ...
+
+    async def load(self, name: str) -> FunctionInfo:
+        """OIP repository load: make an unloaded function READY again."""
+        ...
+
+    async def unload(self, name: str) -> FunctionInfo:
+        """OIP repository unload: stop serving (UNAVAILABLE), keep the registration."""
+        ...
+
+    def status(self) -> NodeStatus: ...
+
+
+BUNDLE_ARTIFACT_DIR = "artifact"
+"""Inside a deploy bundle: the model artifact's directory, beside function.yaml."""

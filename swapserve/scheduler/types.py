@@ -1,0 +1,151 @@
+"""The scheduler's view of the node, and its decisions. Plain data: no processes, no clocks, no GPU.
+
+The controller owns a :class:`NodeState`, keeps it current (arrivals, completions, residency reported by
+workers) and asks the pure scheduler core for decisions; the discrete-event simulator drives the same
+core with profiled timings. Times are in seconds (``now``, deadlines) except where a name says ``_ms``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Source = Literal["resident", "partial", "peer", "host"]
+"""Where a dispatched model's missing bytes come from: none (resident), some from host (partial), a peer
+GPU over NVLink, or host memory over PCIe."""
+
+Policy = Literal["swapserve", "fifo_lru"]
+"""``swapserve``: deadline order, batching, placement by expected finish with contention, early refusal,
+eviction by expected reuse. ``fifo_lru``: arrival order, no batching, first idle device, LRU eviction, never
+refuses a request for lateness (the baseline that shows the scheduler's worth)."""
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """Measured on the machine at start (``swapserve.node.profiling``), not assumed."""
+
+    h2d_GBps: tuple[float, ...]
+    """Pinned host→device bandwidth per device when k devices copy at once: index k-1."""
+    d2d_GBps: float | None = None
+    """Device→device bandwidth between peers (NVLink), None where peers cannot copy directly."""
+    exec_slowdown_copying: float = 1.0
+    """Execution time multiplier while the same device copies (measured; ≥ 1)."""
+
+    def h2d(self, concurrent: int) -> float:
+        """Per-device bandwidth with ``concurrent`` devices copying (this one included)."""
+        k = max(1, concurrent)
+        return self.h2d_GBps[min(k, len(self.h2d_GBps)) - 1]
+
+
+@dataclass
+class ModelProfile:
+    """Per function: what a run costs. Seeded at deploy by a profiling run, refined from completions."""
+
+    nbytes: int
+    exec_ms: dict[int, float] = field(default_factory=dict)
+    """Resident execution time by batch size (observed); use :meth:`exec_at` to read."""
+    swap_overhead_ms: float = 0.3
+    """Fixed cost of a swapped run beyond max(copy, exec) (launch, first chunk, tail compute)."""
+
+    def exec_at(self, batch: int) -> float:
+        """Execution time at ``batch``, interpolated linearly from the nearest observed sizes."""
+        if not self.exec_ms:
+            return 1.0
+        if batch in self.exec_ms:
+            return self.exec_ms[batch]
+        sizes = sorted(self.exec_ms)
+        lo = max((b for b in sizes if b < batch), default=sizes[0])
+        hi = min((b for b in sizes if b > batch), default=sizes[-1])
+        if lo == hi:
+            return self.exec_ms[lo] * (batch / lo if batch > lo else 1.0)
+        t = (batch - lo) / (hi - lo)
+        return self.exec_ms[lo] + t * (self.exec_ms[hi] - self.exec_ms[lo])
+
+
+@dataclass
+class Request:
+    id: str
+    function: str
+    arrival: float
+    deadline: float
+    items: int = 1
+    """Batch size the request itself carries."""
+
+
+@dataclass
+class FunctionQueue:
+    function: str
+    slo_ms: float
+    max_batch: int
+    max_queue: int
+    late_policy: Literal["refuse", "serve"] = "refuse"
+    requests: list[Request] = field(default_factory=list)
+    """Waiting requests, in deadline order (deadline = arrival + SLO, so also arrival order)."""
+    rate: float = 0.0
+    """Arrival rate estimate (requests/s), exponentially weighted."""
+    last_arrival: float | None = None
+
+
+@dataclass
+class DeviceState:
+    index: int
+    pool_bytes: int
+    resident: set[str] = field(default_factory=set)
+    """Functions whose model is fully on this device (as the worker last reported)."""
+    partial: dict[str, float] = field(default_factory=dict)
+    """Functions partly on this device: fraction of their bytes present."""
+    busy_until: float | None = None
+    """Expected end of the work dispatched to it; None when idle."""
+    running: str | None = None
+    copying_until: float | None = None
+    """Expected end of its in-flight host→device copy, if any."""
+    last_used: dict[str, float] = field(default_factory=dict)
+    """When each function last ran here (for LRU)."""
+
+    @property
+    def idle(self) -> bool:
+        return self.busy_until is None
+
+
+@dataclass
+class NodeState:
+    devices: list[DeviceState]
+    queues: dict[str, FunctionQueue]
+    profiles: dict[str, ModelProfile]
+    link: LinkProfile
+    max_queued: int = 4096
+    """Node-wide bound on queued requests; beyond it arrivals get 503."""
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q.requests) for q in self.queues.values())
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    device: int
+    function: str
+    request_ids: tuple[str, ...]
+    source: Source
+    expected_ms: float
+    """Expected time from dispatch to completion."""
+    peer: int | None = None
+    """The device to copy from when ``source == "peer"``."""
+    values: dict[str, float] = field(default_factory=dict)
+    """Eviction values for the worker's page pool (functions on that device; lowest evicted first)."""
+
+
+@dataclass(frozen=True)
+class Reject:
+    request_id: str
+    status: Literal[429, 503]
+    retry_after: float
+    """Seconds."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    dispatches: tuple[Dispatch, ...] = ()
+    rejects: tuple[Reject, ...] = ()
+    """Queued requests dropped because they can no longer meet their deadline (policy ``refuse``)."""
