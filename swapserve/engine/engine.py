@@ -162,9 +162,25 @@ class SwapEngine:
         with self._lock:
             m = self._get(name)
             inputs, batch = self._check_inputs(m, inputs)
-            self._check_workspace(m, batch)
+            run_batch = self._bucket(m, batch)
+            if run_batch != batch:  # graphs exist per bucket (1, 2, 4, ...): pad up to it
+                inputs = [torch.cat([x, x.new_zeros((run_batch - batch, *x.shape[1:]))]) for x in inputs]
+            self._check_workspace(m, run_batch)
             with self._placed(m, value) as (host, plan):
-                return self._run(m, host, plan, inputs, batch)
+                outs = self._run(m, host, plan, inputs, run_batch)
+            if run_batch != batch:
+                outs = [o[:batch] if spec.shape[:1] == (-1,) else o for o, spec in zip(outs, m.artifact.manifest.outputs)]
+            return outs
+
+    def _bucket(self, m: _Model, batch: int) -> int:
+        """The batch size a request runs at: a power of two (at most max_batch) in graph mode, so that a
+        model has a handful of graphs rather than one per batch size."""
+        if self.mode != "graph" or not m.artifact.manifest.dynamic_batch:
+            return batch
+        b = 1
+        while b < batch:
+            b *= 2
+        return min(b, m.artifact.manifest.max_batch)
 
     def prefetch(self, name: str, max_bytes: int | None = None, value: Value | None = None) -> int:
         """Copy the model's missing pages without running it — all of them, or only those among the
@@ -243,11 +259,10 @@ class SwapEngine:
             with self.backend.compute(), torch.no_grad():
                 m.program.run(inputs)
         assert host.buffer is not None and isinstance(m.events, list)
-        graphs = ModelGraphs(self.backend, m.program, self._workspace.id, inputs)  # type: ignore[arg-type,union-attr]
+        graphs = ModelGraphs(self.backend, m.program, self._workspace)  # type: ignore[arg-type]
         before = self._workspace_bytes()
         with torch.no_grad():
-            graphs.capture_plain()
-            graphs.capture_swap(m.va, host.buffer, m.chunks, m.events)
+            graphs.capture(inputs, m.va, host.buffer, m.chunks, m.events)
         self.stats.graph_captures += 2
         used = self._workspace_bytes()
         if used > self.config.workspace_bytes:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from swapserve.engine.backend.cuda import CudaBackend, check
+from swapserve.engine.backend.cuda import CudaBackend, check, wrap_device_memory
 from swapserve.engine.layout import Chunk
 from swapserve.engine.program import Program
 
@@ -48,12 +48,24 @@ def _memcpy_nodes(graph: torch.cuda.CUDAGraph, va: int, chunks: Sequence[Chunk])
     return found if all(n is not None for n in found) else None
 
 
+def _borrow(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t``'s memory that does not keep it allocated.
+
+    Its block goes back to the workspace pool, where later captures may use it as scratch. That is safe
+    because graphs of one device never run concurrently and a replay's outputs are copied out before
+    the next replay: between replays every graph's static memory is garbage. So the workspace holds the
+    largest model's activations, not the sum over all captured graphs."""
+    if not t.is_contiguous() or t.numel() == 0:
+        return t
+    return wrap_device_memory(t.data_ptr(), t.numel() * t.element_size(), t.device).view(t.dtype).view(t.shape)
+
+
 class ModelGraphs:
-    def __init__(self, backend: CudaBackend, program: Program, pool: Any, example: Sequence[torch.Tensor]):
+    def __init__(self, backend: CudaBackend, program: Program, pool: torch.cuda.MemPool):
         self.backend = backend
         self.program = program
         self.pool = pool
-        self.inputs = [torch.empty_like(x, device=backend.device) for x in example]
+        self.inputs: list[torch.Tensor] = []
         self.plain: torch.cuda.CUDAGraph | None = None
         self.plain_out: list[torch.Tensor] = []
         self.swap: torch.cuda.CUDAGraph | None = None
@@ -62,16 +74,25 @@ class ModelGraphs:
         self._nodes: list[Any] | None = None
         self._enabled: list[bool] = []
 
-    def capture_plain(self) -> None:
+    def capture(self, example: Sequence[torch.Tensor], va: int, host: torch.Tensor, chunks: Sequence[Chunk],
+                events: list[torch.cuda.Event]) -> None:
+        """Capture both graphs, their static inputs and outputs in the shared workspace (then borrowed)."""
+        with torch.cuda.use_mem_pool(self.pool), torch.cuda.stream(self.backend.compute_stream):
+            inputs = [torch.empty_like(x, device=self.backend.device) for x in example]
+        self.inputs = inputs
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool, stream=self.backend.compute_stream):
+        with torch.cuda.graph(g, pool=self.pool.id, stream=self.backend.compute_stream):
             out = self.program.run(self.inputs)
         self.plain, self.plain_out = g, out
+        self.capture_swap(va, host, chunks, events)
+        self.inputs = [_borrow(t) for t in inputs]
+        self.plain_out = [_borrow(t) for t in self.plain_out]
+        del inputs, out
 
     def capture_swap(self, va: int, host: torch.Tensor, chunks: Sequence[Chunk], events: list[torch.cuda.Event]) -> None:
         b = self.backend
         g = torch.cuda.CUDAGraph(keep_graph=True)
-        with torch.cuda.graph(g, pool=self.pool, stream=b.compute_stream):
+        with torch.cuda.graph(g, pool=self.pool.id, stream=b.compute_stream):
             cur = torch.cuda.current_stream()
             b.copy_stream.wait_stream(cur)
             waiter = b.start_copies(va, host, chunks, [True] * len(chunks), events)
@@ -83,7 +104,7 @@ class ModelGraphs:
         if self._nodes is None:
             log.warning("copy nodes not found in the swap graph: partly resident models will copy every chunk")
         self._enabled = [True] * len(chunks)
-        self.swap, self.swap_out, self.swap_host_ptr = g, out, host.data_ptr()
+        self.swap, self.swap_out, self.swap_host_ptr = g, [_borrow(t) for t in out], host.data_ptr()
 
     def replay(self, inputs: Sequence[torch.Tensor], copy: Sequence[bool] | None) -> list[torch.Tensor]:
         """Run on the compute stream; ``copy`` None means resident (plain graph). Returns fresh outputs."""

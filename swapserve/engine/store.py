@@ -62,13 +62,18 @@ SpillListener = Callable[[HostEntry], None]
 
 
 class HostStore:
-    """Owner of the node's shared-memory model buffers.
+    """The node's shared-memory model buffers.
 
-    ``on_spill`` listeners run before a buffer is unmapped (a device backend unpins it there).
+    One process owns the store (fills buffers, enforces the capacity, spills); worker processes open it
+    with ``attach=True``: they map the owner's buffers on first use and unmap them when told, never
+    writing or deleting anything. Spill listeners run before a buffer is unmapped (a device backend
+    unpins it there).
     """
 
     def __init__(self, root: str | os.PathLike[str], capacity_bytes: int, align: int = 512,
-                 value: Callable[[HostEntry], float] | None = None, clock: Callable[[], float] = time.monotonic):
+                 value: Callable[[HostEntry], float] | None = None, clock: Callable[[], float] = time.monotonic,
+                 attach: bool = False):
+        self.attach = attach
         self.root = Path(root)
         self.capacity = capacity_bytes
         self.align = align
@@ -89,6 +94,9 @@ class HostStore:
             if key in self._entries:
                 raise ArtifactError(f"model {key!r} is already in the host store")
             entry = HostEntry(key, artifact, Layout.of(artifact.manifest, self.align))
+            if self.attach:
+                self._entries[key] = entry
+                return entry
             if entry.nbytes > self.capacity:
                 raise CapacityError(f"model {key!r} ({entry.nbytes / 2**20:.1f} MiB) is larger than the host store "
                                     f"({self.capacity / 2**20:.0f} MiB)")
@@ -155,11 +163,20 @@ class HostStore:
     def used_bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values() if e.state is HostState.MEMORY)
 
+    def path(self, key: str) -> Path:
+        """The shared-memory file of a model's buffer (what an attached store maps)."""
+        return self._path(key)
+
     def close(self) -> None:
         with self._lock:
             for e in list(self._entries.values()):
                 self._spill(e)
             self._entries.clear()
+        if not self.attach:
+            try:
+                self.root.rmdir()
+            except OSError:
+                pass
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -182,6 +199,9 @@ class HostStore:
                                 f"{nbytes / 2**20:.1f} MiB; enlarge it or lower the host store capacity")
 
     def _load(self, entry: HostEntry) -> None:
+        if self.attach:
+            self._map_existing(entry)
+            return
         self._make_room(entry.nbytes, entry.key)
         path = self._path(entry.key)
         tmp = path.with_suffix(".tmp")
@@ -207,6 +227,25 @@ class HostStore:
         entry.state = HostState.MEMORY
         entry.loads += 1
 
+    def _map_existing(self, entry: HostEntry) -> None:
+        path = self._path(entry.key)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise NotFoundError(f"the host copy of {entry.key!r} is not in {self.root}: the node loads it before "
+                                "dispatching work for it") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != entry.nbytes:
+                raise ArtifactError(f"host copy of {entry.key!r} is {size} bytes, its layout needs {entry.nbytes}")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        entry._map = mm
+        entry.buffer = torch.frombuffer(mm, dtype=torch.uint8)
+        entry.state = HostState.MEMORY
+        entry.loads += 1
+
     def _spill(self, entry: HostEntry) -> None:
         if entry.state is not HostState.MEMORY:
             return
@@ -215,7 +254,8 @@ class HostStore:
         entry.buffer = None
         entry.state = HostState.DISK
         mm, entry._map = entry._map, None
-        self._path(entry.key).unlink(missing_ok=True)
+        if not self.attach:
+            self._path(entry.key).unlink(missing_ok=True)
         if mm is not None:
             try:
                 mm.close()

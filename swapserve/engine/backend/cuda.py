@@ -53,6 +53,11 @@ class _ArrayInterface:
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
 
 
+def wrap_device_memory(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor over ``[ptr, ptr + nbytes)`` of device memory, not owning it."""
+    return torch.as_tensor(_ArrayInterface(ptr, nbytes), device=device)
+
+
 class CudaWaiter(Waiter):
     def __init__(self, events: list[torch.cuda.Event], copied: Sequence[bool]):
         self._events = events
@@ -140,7 +145,7 @@ class CudaBackend(Backend):
         check(self._cu.cuMemUnmap(va, self.page_bytes))
 
     def view(self, va: int, nbytes: int) -> torch.Tensor:
-        return torch.as_tensor(_ArrayInterface(va, nbytes), device=self.device)
+        return wrap_device_memory(va, nbytes, self.device)
 
     def pin(self, host: torch.Tensor) -> None:
         self._ensure_ctx()
