@@ -130,6 +130,9 @@ class SwapEngine:
                     self.backend.unpin(entry.buffer)
             del self._models[name]
 
+    def artifact(self, name: str) -> Artifact:
+        return self._get(name).artifact
+
     def models(self) -> list[str]:
         return list(self._models)
 

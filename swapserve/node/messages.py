@@ -1,0 +1,140 @@
+"""Messages between the controller and its worker processes (one per device).
+
+Small typed records over a ``multiprocessing`` connection; tensor data never travels in them: it lies
+in the worker's shared-memory IO slab (:mod:`swapserve.node.slab`) and messages carry
+:class:`TensorRef` offsets. Every command carries an id; the worker answers each with exactly one
+:class:`Reply`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    offset: int
+    """Byte offset in the IO slab."""
+    dtype: str
+    """Torch dtype name (``float16``)."""
+    shape: tuple[int, ...]
+
+
+# --- controller → worker ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AddModel:
+    id: int
+    key: str
+    """Host-store key of one version of a function's model."""
+    artifact_path: str
+
+
+@dataclass(frozen=True)
+class RemoveModel:
+    id: int
+    key: str
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Swap the model in once and capture its graphs for ``batches`` (deploy time, off the request path)."""
+
+    id: int
+    key: str
+    batches: tuple[int, ...] = (1,)
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    key: str
+    inputs: tuple[TensorRef, ...]
+    out_offset: int
+    """Where in the slab the worker may write outputs."""
+    values: dict[str, float] = field(default_factory=dict)
+    """Eviction values for the models on this device (the scheduler's expected reuse)."""
+
+
+@dataclass(frozen=True)
+class DropHost:
+    """The owner spilled this model's host buffer: unmap it (once no run uses it)."""
+
+    id: int
+    key: str
+
+
+@dataclass(frozen=True)
+class Evict:
+    id: int
+    key: str
+
+
+@dataclass(frozen=True)
+class MeasureCopy:
+    """Time ``nbytes`` of pinned host→device copies starting at wall-clock ``start_at`` (so that several
+    workers copy at once), and execution of a fixed kernel with and without a concurrent copy."""
+
+    id: int
+    nbytes: int
+    start_at: float
+    exec_probe: bool = False
+
+
+@dataclass(frozen=True)
+class Stop:
+    id: int
+
+
+Command = AddModel | RemoveModel | Prepare | Run | DropHost | Evict | MeasureCopy | Stop
+
+
+# --- worker → controller ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Residency:
+    """The device's pool after a command: fraction of each model's pages present (1.0 = resident)."""
+
+    present: dict[str, float]
+    pool_bytes: int
+    used_bytes: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outputs: tuple[TensorRef, ...]
+    wall_ms: float
+    """Swap (if any) plus execution, as the worker timed it."""
+    swapped: bool
+    bytes_copied: int
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    h2d_GBps: float
+    exec_ms: float = 0.0
+    exec_copying_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: int
+    ok: bool
+    result: RunResult | CopyResult | None = None
+    residency: Residency | None = None
+    error: str = ""
+    error_type: str = ""
+    http_status: int = 500
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First message of a started worker."""
+
+    device: str
+    name: str
+    pool_bytes: int
+    h2d_GBps: float
+    pid: int

@@ -1,0 +1,99 @@
+"""A worker's IO slab: one shared-memory file through which request tensors go in and come out.
+
+The controller creates it and writes a batch's inputs; the worker (which page-locks its mapping for
+fast copies) reads them and writes outputs after them. A device runs one dispatch at a time, so the
+slab needs no allocator: inputs from offset 0, outputs from where the controller says.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from swapserve.artifact.manifest import dtype_from_name
+from swapserve.errors import PayloadTooLargeError
+from swapserve.node.messages import TensorRef
+
+ALIGN = 256
+
+
+def _round(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Slab:
+    def __init__(self, path: Path, nbytes: int, create: bool):
+        self.path = path
+        self.nbytes = nbytes
+        flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, nbytes)
+            self._map = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def tensor(self, ref: TensorRef) -> torch.Tensor:
+        dtype = dtype_from_name(ref.dtype)
+        n = 1
+        for d in ref.shape:
+            n *= d
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        return self.buffer[ref.offset:ref.offset + nbytes].view(dtype).view(ref.shape)
+
+    def write_batch(self, parts: Sequence[Sequence[torch.Tensor]], offset: int = 0) -> tuple[tuple[TensorRef, ...], int]:
+        """Write each input of a batch — the rows of every request, concatenated on dim 0 — from ``offset``.
+        ``parts[i]`` holds input i of each request. Returns the refs and the end offset."""
+        refs = []
+        for pieces in parts:
+            first = pieces[0]
+            shape = (sum(p.shape[0] for p in pieces), *first.shape[1:]) if first.dim() else ()
+            ref = TensorRef(offset, str(first.dtype).removeprefix("torch."), tuple(shape))
+            end = offset + _nbytes(first.dtype, shape)
+            if end > self.nbytes:
+                raise PayloadTooLargeError(f"a batch's inputs need {end} bytes, more than the IO slab "
+                                           f"({self.nbytes}); raise the slab size or lower max_batch")
+            dst = self.tensor(ref)
+            row = 0
+            for p in pieces:
+                if dst.dim():
+                    dst[row:row + p.shape[0]].copy_(p)
+                    row += p.shape[0]
+                else:
+                    dst.copy_(p)
+            refs.append(ref)
+            offset = _round(end)
+        return tuple(refs), offset
+
+    def write(self, tensors: Sequence[torch.Tensor], offset: int) -> tuple[TensorRef, ...]:
+        """Write whole tensors (a worker's outputs) from ``offset``."""
+        refs = []
+        for t in tensors:
+            ref = TensorRef(offset, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+            end = offset + t.numel() * t.element_size()
+            if end > self.nbytes:
+                raise PayloadTooLargeError(f"outputs need {end} bytes, more than the IO slab ({self.nbytes})")
+            self.tensor(ref).copy_(t)
+            refs.append(ref)
+            offset = _round(end)
+        return tuple(refs)
+
+    def close(self) -> None:
+        self.buffer = None  # type: ignore[assignment]
+        try:
+            self._map.close()
+        except BufferError:
+            pass
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()

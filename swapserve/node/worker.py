@@ -1,0 +1,193 @@
+"""A worker process: the only owner of one device (its CUDA context, page pool and workspace).
+
+It runs the commands of :mod:`swapserve.node.messages` one at a time, in order, and answers each.
+Model weights come from the node's host store (mapped, never written); request tensors through its IO
+slab. It exits when told to, or when the controller's end of the connection closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from swapserve.config import EngineConfig
+
+log = logging.getLogger("swapserve.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    index: int
+    device: str
+    """``cpu`` or ``cuda:N`` (the physical GPU; the worker sees it as cuda:0)."""
+    engine: EngineConfig
+    store_root: str
+    slab_path: str
+    slab_bytes: int
+    log_level: int = logging.WARNING
+
+
+def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
+    """Process entry point (spawned)."""
+    engine_cfg = cfg.engine
+    if cfg.device.startswith("cuda"):
+        # Before any CUDA call: this process sees only its own GPU, so its context is the only one there.
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.split(":", 1)[1]
+        engine_cfg = replace(engine_cfg, device="cuda:0")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller stops us; Ctrl-C goes to it
+    logging.basicConfig(level=cfg.log_level, format=f"%(levelname)s worker{cfg.index}: %(message)s")
+    try:
+        Worker(cfg, engine_cfg, conn).serve()
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):
+        pass
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, engine_cfg: EngineConfig, conn: Connection):
+        import torch
+
+        from swapserve.engine import HostStore, SwapEngine
+        from swapserve.node.messages import Hello
+        from swapserve.node.slab import Slab
+
+        self.cfg = cfg
+        self.conn = conn
+        self.store = HostStore(cfg.store_root, 0, align=engine_cfg.align, attach=True)
+        self.engine = SwapEngine(engine_cfg, self.store)
+        self.slab = Slab(Path(cfg.slab_path), cfg.slab_bytes, create=False)
+        self.engine.backend.pin(self.slab.buffer)
+        self.torch = torch
+        name = torch.cuda.get_device_name(0) if engine_cfg.device.startswith("cuda") else "cpu"
+        bw = self._h2d(256 << 20)
+        conn.send(Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid()))
+
+    def serve(self) -> None:
+        from swapserve.node.messages import Reply, Stop
+        from swapserve.errors import SwapserveError
+
+        while True:
+            msg = self.conn.recv()
+            try:
+                result = self.handle(msg)
+                reply = Reply(msg.id, True, result, self._residency())
+            except SwapserveError as e:
+                reply = Reply(msg.id, False, None, self._residency(), str(e), type(e).__name__, e.http_status)
+            except Exception as e:  # noqa: BLE001 - report, keep serving the other models
+                log.exception("command %s failed", type(msg).__name__)
+                reply = Reply(msg.id, False, None, self._residency(), f"{type(e).__name__}: {e}", type(e).__name__, 500)
+            self.conn.send(reply)
+            if isinstance(msg, Stop):
+                self.close()
+                return
+
+    def handle(self, msg: Any) -> Any:
+        from swapserve.artifact import load_artifact
+        from swapserve.node import messages as m
+
+        if isinstance(msg, m.Run):
+            return self._run(msg)
+        if isinstance(msg, m.AddModel):
+            art = load_artifact(msg.artifact_path)
+            if not self.store.has(msg.key):
+                self.store.add(msg.key, art, load=False)
+            self.engine.add(msg.key, art)
+        elif isinstance(msg, m.RemoveModel):
+            if msg.key in self.engine.models():
+                self.engine.remove(msg.key)
+            if self.store.has(msg.key):
+                self.store.remove(msg.key)
+        elif isinstance(msg, m.Prepare):
+            art = self.engine.artifact(msg.key)
+            for b in msg.batches:
+                self.engine.infer(msg.key, art.examples(b))
+        elif isinstance(msg, m.DropHost):
+            if self.store.has(msg.key):
+                self.store.spill(msg.key)
+        elif isinstance(msg, m.Evict):
+            self.engine.evict(msg.key)
+        elif isinstance(msg, m.MeasureCopy):
+            return self._measure(msg)
+        return None
+
+    def _run(self, msg: Any) -> Any:
+        from swapserve.node.messages import RunResult
+
+        inputs = [self.slab.tensor(r) for r in msg.inputs]
+        values = msg.values
+        stats = self.engine.stats
+        swaps, copied = stats.swaps, stats.bytes_copied
+        t0 = time.perf_counter()
+        outs = self.engine.infer(msg.key, inputs, value=lambda p: (values.get(p.model, 0.0), p.last_used))
+        refs = self.slab.write(outs, msg.out_offset)
+        wall = (time.perf_counter() - t0) * 1e3
+        return RunResult(refs, wall, stats.swaps > swaps, stats.bytes_copied - copied)
+
+    def _residency(self) -> Any:
+        from swapserve.node.messages import Residency
+
+        pool = self.engine.pool
+        present = {p.model: p.valid_count / p.n_slots for p in pool.placements.values() if p.valid_count}
+        return Residency(present, pool.num_pages * pool.page_bytes, (pool.num_pages - pool.free_pages) * pool.page_bytes)
+
+    def _h2d(self, nbytes: int, runs: int = 3) -> float:
+        """Pinned host→device bandwidth of this device alone (GB/s)."""
+        torch = self.torch
+        dev = self.engine.backend.device
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+        host.fill_(1)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        best = 0.0
+        for _ in range(runs):
+            self.engine.backend.synchronize()
+            t = time.perf_counter()
+            dst.copy_(host, non_blocking=True)
+            self.engine.backend.synchronize()
+            best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
+        return best
+
+    def _measure(self, msg: Any) -> Any:
+        """Copy bandwidth when started together with the other workers; execution slowdown under a copy."""
+        from swapserve.node.messages import CopyResult
+
+        torch = self.torch
+        delay = msg.start_at - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        bw = self._h2d(msg.nbytes, runs=2)
+        if not msg.exec_probe or self.engine.backend.device.type != "cuda":
+            return CopyResult(bw)
+        dev = self.engine.backend.device
+        a = torch.randn(4096, 4096, device=dev, dtype=torch.float16)
+
+        def kernels() -> float:
+            torch.cuda.synchronize(dev)
+            t = time.perf_counter()
+            for _ in range(20):
+                a @ a
+            torch.cuda.synchronize(dev)
+            return (time.perf_counter() - t) * 1e3
+
+        kernels()
+        alone = min(kernels() for _ in range(3))
+        host = torch.empty(msg.nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(msg.nbytes, dtype=torch.uint8, device=dev)
+        side = torch.cuda.Stream(dev)
+        copying = []
+        for _ in range(3):
+            with torch.cuda.stream(side):
+                dst.copy_(host, non_blocking=True)
+            copying.append(kernels())
+        torch.cuda.synchronize(dev)
+        return CopyResult(bw, alone, min(copying))
+
+    def close(self) -> None:
+        self.engine.backend.unpin(self.slab.buffer)
+        self.engine.close()
+        self.store.close()
+        self.slab.close()
