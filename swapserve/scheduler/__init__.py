@@ -1,0 +1,18 @@
+"""The scheduler: a pure, synchronous decision core (:class:`Scheduler`) over plain-data node state.
+
+The controller (and the simulator) own the :class:`NodeState` and drive the core with the clock passed
+in; see :mod:`swapserve.scheduler.core` for the policies and :mod:`swapserve.scheduler.estimate` for the
+cost model.
+"""
+
+from swapserve.scheduler.core import Scheduler
+from swapserve.scheduler.estimate import Estimate, View, rate_at, update_rate
+from swapserve.scheduler.types import (
+    Decision, DeviceState, Dispatch, FunctionQueue, LinkProfile, ModelProfile, NodeState, Policy, Reject,
+    Request, Source,
+)
+
+__all__ = [
+    "Decision", "DeviceState", "Dispatch", "Estimate", "FunctionQueue", "LinkProfile", "ModelProfile",
+    "NodeState", "Policy", "Reject", "Request", "Scheduler", "Source", "View", "rate_at", "update_rate",
+]

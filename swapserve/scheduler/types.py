@@ -30,6 +30,10 @@ class LinkProfile:
     """Device→device bandwidth between peers (NVLink), None where peers cannot copy directly."""
     exec_slowdown_copying: float = 1.0
     """Execution time multiplier while the same device copies (measured; ≥ 1)."""
+    h2d_link: tuple[int, ...] | None = None
+    """Per device, the id of the host link it copies over (root port / PCIe switch): only devices with the
+    same id contend, so k in :meth:`h2d` counts those. None: all devices share one link (the safe default
+    where the topology was not probed)."""
 
     def h2d(self, concurrent: int) -> float:
         """Per-device bandwidth with ``concurrent`` devices copying (this one included)."""
@@ -131,6 +135,9 @@ class Dispatch:
     """Expected time from dispatch to completion."""
     peer: int | None = None
     """The device to copy from when ``source == "peer"``."""
+    copy_ms: float = 0.0
+    """Expected copy part of ``expected_ms`` (0 when resident): the controller sets the device's
+    ``copying_until`` from it for host and partial sources (peer copies do not load the host link)."""
     values: dict[str, float] = field(default_factory=dict)
     """Eviction values for the worker's page pool (functions on that device; lowest evicted first)."""
 

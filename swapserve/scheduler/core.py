@@ -1,0 +1,444 @@
+"""The scheduler's decision core: pure and synchronous, with the clock passed in.
+
+The controller's async loop calls :meth:`Scheduler.admit` for each arrival, :meth:`Scheduler.decide`
+whenever something changed (an arrival, a completion, a timer), applies the decision (or lets
+:meth:`Scheduler.apply` do it) and reports completions through :meth:`Scheduler.observe_completion`.
+The discrete-event simulator drives the same calls with a simulated clock. Nothing here reads a clock,
+draws a random number or does I/O; every tie is broken by a fixed rule (stated where it happens), so the
+same state and time always give the same decision.
+
+Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model):
+
+* Admission refuses at once what the bounded queues cannot hold (429 function queue full, 503 node full)
+  and, for ``late_policy: refuse``, what even the best plan cannot finish by its deadline (503 with an
+  honest Retry-After), rather than letting it delay the requests that can still make theirs.
+* Decisions bind work to idle devices only (late binding): functions in order of their head request's
+  deadline (EDF), each a batch of its queue in deadline order up to ``max_batch`` items, on the device with
+  the earliest expected finish (resident ≻ peer copy ≻ host copy on the least contended link) — including
+  waiting for a busy device that holds the model when that finishes earlier than a swap now. A function
+  already running gets a second copy on another device only when its queue holds more than one batch
+  (hot functions spread; one batch's worth waits for, or runs where, the model already is).
+* Eviction values rank by expected reuse (see :meth:`Scheduler.values`).
+
+Cold-start grace: a request is refused (or dropped) for lateness caused by *waiting*, not for the time its
+model needs to come in when it is on no GPU at all. Otherwise a function whose SLO is shorter than its own
+cold start would be refused forever, its model never loaded, and never warm.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import insort_right
+
+from swapserve.scheduler.estimate import View, rate_at, update_rate
+from swapserve.scheduler.types import (
+    Decision, Dispatch, FunctionQueue, ModelProfile, NodeState, Policy, Reject, Request,
+)
+
+EXEC_WEIGHT = 0.2
+"""Weight of a new observation in the exponentially weighted profile (about the last 5 runs count)."""
+OUTLIER_FACTOR = 4.0
+"""A single observation moves a profile at most by this factor (a GC pause or preemption is not a new
+normal); a real change still gets there in a few runs."""
+RECENCY_FLOOR_S = 1.0
+"""Added to a model's age in the recency term so that a model used this instant is worth a finite rate."""
+NOFIT_RETRY_S = 60.0
+"""Retry-After for a model larger than every device's pool (retrying will not help until one is added)."""
+
+
+def _retry_s(seconds: float) -> float:
+    """Retry-After in whole seconds (HTTP sends integers), never less than 1."""
+    return float(max(1, math.ceil(seconds))) if math.isfinite(seconds) else NOFIT_RETRY_S
+
+
+def _batch(requests: list[Request], max_batch: int) -> tuple[list[Request], list[Request]]:
+    """The head requests (deadline order) whose items fit ``max_batch``; stops at the first that does not
+    fit rather than skipping it, so no request overtakes an earlier deadline. The head is always taken."""
+    total = 0
+    for i, r in enumerate(requests):
+        if i > 0 and total + r.items > max_batch:
+            return requests[:i], requests[i:]
+        total += r.items
+    return requests, []
+
+
+class Scheduler:
+    """Decisions for one node. Holds only its policy and constants; all state lives in ``NodeState``."""
+
+    def __init__(self, policy: Policy = "swapserve", rate_halflife_s: float = 60.0):
+        if policy not in ("swapserve", "fifo_lru"):
+            raise ValueError(f"unknown policy {policy!r} (swapserve or fifo_lru)")
+        if not rate_halflife_s > 0:
+            raise ValueError("rate_halflife_s must be positive")
+        self.policy: Policy = policy
+        self.rate_halflife_s = rate_halflife_s
+
+    # --- admission ---------------------------------------------------------------------------------
+
+    def admit(self, state: NodeState, request: Request, now: float) -> Reject | None:
+        """Accept ``request`` into its function's queue (inserted in deadline order, after equal deadlines,
+        and counted in the function's arrival rate) or refuse it; a refusal leaves ``state`` unchanged.
+
+        Refusals: 429 when the function's queue is full; 503 when the node's is; 503 when the model fits
+        no device; under ``swapserve`` with ``late_policy: refuse``, 503 when the best plan cannot finish
+        it by its deadline (plus cold-start grace). Retry-After is when it could be served: for lateness
+        L (planned finish minus deadline), the same request sent L later meets its own deadline if the work
+        now ahead of it is what delays it. Raises KeyError for a function without a queue.
+        """
+        fq = state.queues.get(request.function)
+        if fq is None:
+            raise KeyError(f"no queue for function {request.function!r}")
+        prof = self._profile(state, request.function)
+        if len(fq.requests) >= fq.max_queue:
+            return Reject(request.id, 429, _retry_s(self._drain_s(state, now)),
+                          f"function {request.function!r} has {len(fq.requests)} queued requests (max_queue)")
+        if state.queued >= state.max_queued:
+            return Reject(request.id, 503, _retry_s(self._drain_s(state, now)),
+                          f"node has {state.queued} queued requests (max_queued)")
+        if not any(prof.nbytes <= d.pool_bytes for d in state.devices):
+            return Reject(request.id, 503, NOFIT_RETRY_S,
+                          f"model of {request.function!r} ({prof.nbytes} bytes) fits no device's pool")
+        if self.policy == "swapserve" and fq.late_policy == "refuse":
+            finish, grace_s = self._planned_finish(state, request, now)
+            late = finish - (request.deadline + grace_s)
+            if late > 0:
+                return Reject(request.id, 503, _retry_s(late),
+                              f"cannot meet the deadline: expected {1000 * (finish - request.deadline):.1f} ms late")
+        fq.rate = update_rate(fq.rate, fq.last_arrival, now, self.rate_halflife_s)
+        fq.last_arrival = now
+        insort_right(fq.requests, request, key=lambda r: r.deadline)
+        return None
+
+    def _planned_finish(self, state: NodeState, request: Request, now: float) -> tuple[float, float]:
+        """When ``request`` would finish, and its cold-start grace (s), by a list-scheduling simulation of
+        everything queued with a deadline no later than its own: batches of each function (deadline order,
+        up to max_batch items) taken in EDF order, each on the device where it finishes first, from when
+        each device becomes free, what it holds and what the batch must copy. Queued requests of refusing
+        functions whose deadline has passed are left out (they are about to be dropped).
+
+        Two shortcuts keep admission cheap when queues are long. Accept without simulating when the bound
+        ``mean device free time + Σ worst-case service ahead / n + own worst case`` (Graham's list
+        scheduling argument: every planned batch raises the devices' summed free time by its service, and
+        the request's batch finishes no later than on the least loaded device) already meets the deadline.
+        Stop simulating once no device frees before the deadline (it is late whatever follows) and
+        extrapolate the finish, for Retry-After, from the best-case work still ahead spread over the devices.
+        """
+        view = View(state, now)
+        prof_own = self._profile(state, request.function)
+        grace_s = self._grace_s(view, request.function, prof_own, request.items)
+        limit = request.deadline + grace_s
+        batches = self._batches_ahead(state, request, now)
+        worst: dict[tuple[str, int], float] = {}  # memo: queues hold many batches of few shapes
+        best: dict[tuple[str, int], float] = {}
+        for _, name, _, items, _ in batches:
+            if (name, items) not in worst:
+                prof = self._profile(state, name)
+                worst[name, items] = view.worst_case_ms(prof, items)
+                best[name, items] = prof.exec_at(items)
+        if all(view.fits(prof_own, d) for d in range(view.n)):
+            ahead_ms = sum(worst[b[1], b[3]] for b in batches if not b[4])
+            own_ms = next(worst[b[1], b[3]] for b in batches if b[4])
+            bound = (sum(view.free_at) + ahead_ms / 1000.0) / view.n + own_ms / 1000.0
+            if bound <= limit:
+                return bound, grace_s
+        for i, (_, name, _, items, mine) in enumerate(batches):
+            prof = self._profile(state, name)
+            if min(view.free_at) > limit:
+                rest_ms = sum(best[b[1], b[3]] for b in batches[i:])
+                mean = sum(view.free_at) / view.n
+                return max(min(view.free_at) + prof_own.exec_at(request.items) / 1000.0,
+                           mean + rest_ms / 1000.0 / view.n), grace_s
+            ests = [e for d in view.candidates(name, prof) if (e := view.estimate(name, prof, items, d, view.free_at[d]))]
+            if not ests:
+                if mine:
+                    return math.inf, grace_s
+                continue
+            pick = min(ests, key=lambda e: e.key(True))
+            if mine:
+                return pick.finish, grace_s
+            view.commit(pick, name)
+            view.prune()
+        raise AssertionError("unreachable: the request's own batch is always planned")
+
+    def _batches_ahead(self, state: NodeState, request: Request,
+                       now: float) -> list[tuple[float, str, int, int, bool]]:
+        """(head deadline, function, seq, items, is the request's own) of every batch due no later than
+        ``request``, the request's own batch last of its function, in EDF order (ties: function, seq)."""
+        batches: list[tuple[float, str, int, int, bool]] = []
+        for name in sorted(state.queues):
+            fq = state.queues[name]
+            ahead = [r for r in fq.requests if r.deadline <= request.deadline
+                     and not (fq.late_policy == "refuse" and r.deadline < now)]
+            if name == request.function:
+                ahead.append(request)
+            seq = 0
+            while ahead:
+                batch, ahead = _batch(ahead, fq.max_batch)
+                mine = name == request.function and not ahead
+                batches.append((batch[0].deadline, name, seq, sum(r.items for r in batch), mine))
+                seq += 1
+        batches.sort(key=lambda b: b[:3])
+        return batches
+
+    # --- decisions ---------------------------------------------------------------------------------
+
+    def decide(self, state: NodeState, now: float) -> Decision:
+        """What to start now on idle devices, and which queued requests to drop. Does not modify ``state``:
+        the controller removes dispatched and rejected requests from the queues and marks devices busy
+        (:meth:`apply` does exactly that)."""
+        if self.policy == "fifo_lru":
+            return self._decide_fifo(state, now)
+        view = View(state, now)
+        rejects: list[Reject] = []
+        pending: dict[str, list[Request]] = {}
+        for name in sorted(state.queues):
+            fq = state.queues[name]
+            if fq.requests:
+                keep, dropped = self._triage(view, fq, self._profile(state, name), now)
+                rejects += dropped
+                if keep:
+                    pending[name] = keep
+        queued_items = {name: sum(r.items for r in reqs) for name, reqs in pending.items()}
+        active = {d.running for d in state.devices if not d.idle and d.running is not None}
+        free = {d.index for d in state.devices if d.idle}
+        values: dict[int, dict[str, float]] = {}
+        dispatches: list[Dispatch] = []
+        # EDF over functions; the name breaks deadline ties.
+        heap = [(reqs[0].deadline, name) for name, reqs in pending.items()]
+        heapq.heapify(heap)
+        while heap and free:
+            _, name = heapq.heappop(heap)
+            fq, prof = state.queues[name], self._profile(state, name)
+            # A function already running somewhere spreads to another copy only when its queue is more
+            # than one batch (hot); otherwise it may use only devices that already hold its model.
+            no_new_copy = name in active and queued_items[name] <= fq.max_batch
+            batch, rest = _batch(pending[name], fq.max_batch)
+            items = sum(r.items for r in batch)
+            cands: list[tuple[tuple[float, int, int, int], int]] = []
+            ests = {}
+            for d in range(view.n):
+                if d in free and not (no_new_copy and not view.holds(name, d, now)):
+                    e = view.estimate(name, prof, items, d, now)
+                elif view.holds(name, d, view.free_at[d]):
+                    # Affinity: waiting for a busy device only pays where the model already is (or is
+                    # arriving); a copy is about as dear later as now, and the device may be claimed.
+                    e = view.estimate(name, prof, items, d, view.free_at[d])
+                else:
+                    continue
+                if e is not None:
+                    ests[d] = e
+                    cands.append((e.key(d in free), d))
+            if not cands:
+                continue
+            best = ests[min(cands)[1]]
+            if best.device not in free:
+                continue  # it finishes sooner on a device that frees soon: leave it queued for that one
+            if best.device not in values:
+                values[best.device] = self.values(state, best.device, now)
+            dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), best.source,
+                                       best.total_ms, peer=best.peer, copy_ms=best.copy_ms,
+                                       values=values[best.device]))
+            view.commit(best, name)
+            free.discard(best.device)
+            active.add(name)
+            pending[name] = rest
+            if rest:
+                heapq.heappush(heap, (rest[0].deadline, name))
+        return Decision(tuple(dispatches), tuple(rejects))
+
+    def _triage(self, view: View, fq: FunctionQueue, prof: ModelProfile,
+                now: float) -> tuple[list[Request], list[Reject]]:
+        """Split a queue into requests still worth serving and those to drop: all of them if the model fits
+        no device; under ``refuse``, those that would miss their deadline (plus cold-start grace) even if
+        they were next on the device where they would finish first."""
+        if not any(view.fits(prof, d) for d in range(view.n)):
+            reason = f"model of {fq.function!r} fits no device's pool"
+            return [], [Reject(r.id, 503, NOFIT_RETRY_S, reason) for r in fq.requests]
+        if fq.late_policy != "refuse":
+            return list(fq.requests), []
+        keep: list[Request] = []
+        rejects: list[Reject] = []
+        bound: dict[int, tuple[float, float]] = {}  # items → (earliest finish, grace), both in seconds
+        for r in fq.requests:
+            if r.items not in bound:
+                ests = [e for d in range(view.n)
+                        if (e := view.estimate(fq.function, prof, r.items, d, view.free_at[d]))]
+                bound[r.items] = (min(e.finish for e in ests), self._grace_s(view, fq.function, prof, r.items))
+            finish, grace_s = bound[r.items]
+            late = finish - (r.deadline + grace_s)
+            if late > 0:
+                rejects.append(Reject(r.id, 503, _retry_s(late),
+                                      f"deadline can no longer be met: expected {1000 * (finish - r.deadline):.1f} ms late"))
+            else:
+                keep.append(r)
+        return keep, rejects
+
+    def _decide_fifo(self, state: NodeState, now: float) -> Decision:
+        """The baseline: requests in arrival order across functions (ties: function name, then queue
+        order), one per dispatch, each on the lowest-index idle device that can hold it, bytes from host
+        unless resident; never dropped for lateness."""
+        view = View(state, now)
+        free = sorted(d.index for d in state.devices if d.idle)
+        order = sorted(((r.arrival, name, i), r) for name, fq in state.queues.items()
+                       for i, r in enumerate(fq.requests))
+        dispatches: list[Dispatch] = []
+        rejects: list[Reject] = []
+        for (_, name, _), r in order:
+            prof = self._profile(state, name)
+            if not any(view.fits(prof, d) for d in range(view.n)):
+                rejects.append(Reject(r.id, 503, NOFIT_RETRY_S, f"model of {name!r} fits no device's pool"))
+                continue
+            if not free:
+                continue
+            d = next((d for d in free if view.fits(prof, d)), None)
+            if d is None:
+                continue  # only smaller devices are idle: it waits for a big one; later arrivals may go
+            e = view.estimate(name, prof, r.items, d, now, allow_peer=False)
+            assert e is not None
+            dispatches.append(Dispatch(d, name, (r.id,), e.source, e.total_ms, copy_ms=e.copy_ms,
+                                       values=self.values(state, d, now)))
+            view.commit(e, name)
+            free.remove(d)
+        return Decision(tuple(dispatches), tuple(rejects))
+
+    # --- eviction ----------------------------------------------------------------------------------
+
+    def values(self, state: NodeState, device: int, now: float) -> dict[str, float]:
+        """Worth of keeping each function's bytes on ``device`` (resident, partial or running there); the
+        pool evicts the lowest first.
+
+        ``fifo_lru``: ``last_used`` on the device (-inf if never).
+
+        ``swapserve``: +inf for a function with queued requests or a run in flight on any device (an
+        in-flight request needs it; a running peer copy may be reading it). Otherwise expected latency
+        saved per second per GB kept::
+
+            value = (λ(now) + 1 / (age + 1 s)) × penalty_ms / GB held here
+
+        λ(now) is the arrival-rate estimate decayed to now (popularity); 1/(age + 1 s) is the rate implied
+        by one use ``age`` seconds ago, ``age`` since the last use here or arrival (recency, which also
+        ranks models the rate has forgotten). ``penalty_ms`` is the extra service time a request pays if
+        these bytes are gone: a swapped run minus what it costs with them present. Because copy and
+        compute are pipelined, a model that computes longer than it copies costs little to drop, and one
+        another device holds (a fast NVLink copy) costs less than one only host memory has. Dividing by
+        the bytes makes it the right greedy order for freeing space.
+        """
+        dev = state.devices[device]
+        names = set(dev.resident) | set(dev.partial) | ({dev.running} if dev.running else set())
+        if self.policy == "fifo_lru":
+            return {f: dev.last_used.get(f, -math.inf) for f in sorted(names)}
+        running = {d.running for d in state.devices if d.running is not None}
+        out: dict[str, float] = {}
+        for f in sorted(names):
+            fq = state.queues.get(f)
+            if f in running or (fq is not None and fq.requests):
+                out[f] = math.inf
+                continue
+            prof = self._profile(state, f)
+            frac = 1.0 if f in dev.resident else min(max(dev.partial.get(f, 0.0), 0.0), 1.0)
+            held_gb = max(prof.nbytes * frac, 1.0) / 1e9
+            rate = rate_at(fq.rate, fq.last_arrival, now, self.rate_halflife_s) if fq is not None else 0.0
+            last = max(dev.last_used.get(f, -math.inf),
+                       fq.last_arrival if fq is not None and fq.last_arrival is not None else -math.inf)
+            recency = 1.0 / (max(0.0, now - last) + RECENCY_FLOOR_S) if math.isfinite(last) else 0.0
+            out[f] = (rate + recency) * self._penalty_ms(state, f, prof, device, frac) / held_gb
+        return out
+
+    def _penalty_ms(self, state: NodeState, f: str, prof: ModelProfile, device: int, frac: float) -> float:
+        """Extra ms of a batch-1 run on ``device`` if its ``frac`` of the model were evicted."""
+        link = state.link
+        peer_held = link.d2d_GBps is not None and any(
+            f in d.resident for d in state.devices if d.index != device)
+        gbps = max(link.d2d_GBps or 0.0, link.h2d(1)) if peer_held else link.h2d(1)
+        exec_ms = prof.exec_at(1)
+        slowed = exec_ms * link.exec_slowdown_copying
+
+        def run_ms(missing: float) -> float:
+            c = missing / (gbps * 1e6)
+            return max(c, slowed) + prof.swap_overhead_ms if c > 0 else exec_ms
+
+        penalty = run_ms(prof.nbytes) - run_ms(prof.nbytes * (1.0 - frac))
+        return max(penalty, 1e-6)  # keep the reuse order among models that are free to reload
+
+    # --- bookkeeping helpers for the controller ----------------------------------------------------
+
+    def apply(self, state: NodeState, decision: Decision, now: float) -> None:
+        """Apply ``decision`` to ``state`` as the controller must: remove dispatched and rejected requests
+        from their queues; mark each dispatch's device busy until its expected end, running the function,
+        copying from host until the copy's expected end (host and partial sources only: peer copies do not
+        load the host link), and last used now."""
+        gone = {r.request_id for r in decision.rejects}
+        for dsp in decision.dispatches:
+            gone.update(dsp.request_ids)
+        for fq in state.queues.values():
+            if any(r.id in gone for r in fq.requests):
+                fq.requests = [r for r in fq.requests if r.id not in gone]
+        for dsp in decision.dispatches:
+            dev = state.devices[dsp.device]
+            dev.busy_until = now + dsp.expected_ms / 1000.0
+            dev.running = dsp.function
+            copying = dsp.source in ("host", "partial") and dsp.copy_ms > 0
+            dev.copying_until = now + dsp.copy_ms / 1000.0 if copying else None
+            dev.last_used[dsp.function] = now
+
+    def observe_completion(self, state: NodeState, function: str, device: int, batch: int, exec_ms: float,
+                           swapped: bool, total_ms: float, now: float, copy_ms: float | None = None) -> None:
+        """Refine ``function``'s profile from a finished run and note its use on ``device``.
+
+        Resident runs update ``exec_ms[batch]`` (exponentially weighted, weight 0.2; the first run at a new
+        batch size replaces the interpolation). Swapped runs update ``swap_overhead_ms`` toward
+        ``total_ms - max(copy, exec × slowdown)``, with ``copy_ms`` as the dispatch expected it (pass
+        ``Dispatch.copy_ms``; default: the whole model over an uncontended host link). Each observation is
+        clamped to within ``OUTLIER_FACTOR`` of the current value (exec) or to [0, total] (overhead).
+        """
+        prof = state.profiles.get(function)
+        if 0 <= device < len(state.devices):
+            dev = state.devices[device]
+            dev.last_used[function] = max(now, dev.last_used.get(function, now))
+        if prof is None or batch < 1:
+            return
+        if not swapped:
+            if not (exec_ms > 0 and math.isfinite(exec_ms)):
+                return
+            old = prof.exec_ms.get(batch)
+            if old is None:
+                prior = prof.exec_at(batch) if prof.exec_ms else exec_ms
+                prof.exec_ms[batch] = min(max(exec_ms, prior / OUTLIER_FACTOR), prior * OUTLIER_FACTOR)
+            else:
+                obs = min(max(exec_ms, old / OUTLIER_FACTOR), old * OUTLIER_FACTOR)
+                prof.exec_ms[batch] = old + EXEC_WEIGHT * (obs - old)
+            return
+        if not (total_ms >= 0 and math.isfinite(total_ms)):
+            return
+        c = copy_ms if copy_ms is not None else prof.nbytes / (state.link.h2d(1) * 1e6)
+        sample = total_ms - max(c, prof.exec_at(batch) * state.link.exec_slowdown_copying)
+        sample = min(max(sample, 0.0), total_ms)
+        prof.swap_overhead_ms += EXEC_WEIGHT * (sample - prof.swap_overhead_ms)
+
+    # --- small helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _profile(state: NodeState, function: str) -> ModelProfile:
+        """The function's profile; one not profiled yet counts as weightless and 1 ms (ModelProfile's
+        default) rather than crashing the controller's loop."""
+        return state.profiles.get(function) or ModelProfile(nbytes=0)
+
+    @staticmethod
+    def _grace_s(view: View, function: str, prof: ModelProfile, items: int) -> float:
+        """Lateness forgiven because the model is on no GPU: its best cold run minus a resident run."""
+        best = view.best_case_ms(function, prof, items)
+        return 0.0 if best is None else max(0.0, best - prof.exec_at(items)) / 1000.0
+
+    def _drain_s(self, state: NodeState, now: float) -> float:
+        """Rough time for the node to work off its queue: the earliest device's wait plus every queued
+        batch at its resident speed spread over the devices. Only feeds Retry-After of overload refusals."""
+        work_ms = 0.0
+        for name, fq in state.queues.items():
+            items = sum(r.items for r in fq.requests)
+            if items:
+                per = max(1, fq.max_batch)
+                work_ms += math.ceil(items / per) * self._profile(state, name).exec_at(min(items, per))
+        waits = [max(0.0, d.busy_until - now) for d in state.devices if d.busy_until is not None]
+        wait = 0.0 if len(waits) < len(state.devices) else min(waits, default=0.0)
+        return wait + work_ms / 1000.0 / max(1, len(state.devices))

@@ -1,0 +1,238 @@
+"""What a dispatch would cost: service-time estimates over a planning view of the node.
+
+The scheduler core asks "if function f ran a batch of n items on device d starting at time t, where would
+its bytes come from and when would it finish?" many times per decision. :class:`View` answers from a
+private copy of the devices' timing and residency, so the core can plan several dispatches (each one
+changing what the next sees: a device taken, a host link shared, a model on its way) without touching
+the caller's :class:`~swapserve.scheduler.types.NodeState`.
+
+The model of a run (times in ms, all inputs measured by profiling, none assumed):
+
+* resident:  ``exec_at(n)``
+* swapped:   ``max(copy, exec_at(n) × exec_slowdown_copying) + swap_overhead_ms`` — copy and compute are
+  pipelined, so the slower of the two dominates; only the missing bytes are copied.
+* copy from host: the missing bytes at ``h2d(k)``, where k counts the devices on the same host link
+  copying at each moment of the copy (this one included): the copy is integrated piecewise over the other
+  copies' lifetimes, so a copy that overlaps another only for its first millisecond is not charged the
+  contended bandwidth throughout.
+* copy from a peer (NVLink): the missing bytes at ``d2d_GBps``, from a device that holds the model whole.
+
+Planning is optimistic about memory: a model placed by a planned dispatch is assumed to stay, and nothing
+is assumed evicted (eviction spares whatever has queued requests, which is what planning relies on).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from swapserve.scheduler.types import LinkProfile, ModelProfile, NodeState, Source
+
+LN2 = math.log(2.0)
+
+SOURCE_RANK: dict[Source, int] = {"resident": 0, "partial": 1, "peer": 2, "host": 3}
+"""Tie-break between equal finish times: the fewer bytes moved, the better (and the less link used)."""
+
+
+def copy_ms(nbytes: float, GBps: float) -> float:
+    """Milliseconds to move ``nbytes`` at ``GBps`` (10⁹ bytes per second)."""
+    return nbytes / (GBps * 1e6) if nbytes > 0 else 0.0
+
+
+def swapped_ms(copy: float, exec_ms: float, link: LinkProfile, prof: ModelProfile) -> float:
+    """A pipelined swapped run: the slower of copy and (slowed) compute, plus the fixed overhead."""
+    if copy <= 0.0:
+        return exec_ms
+    return max(copy, exec_ms * link.exec_slowdown_copying) + prof.swap_overhead_ms
+
+
+# --- arrival rate ----------------------------------------------------------------------------------
+
+def update_rate(rate: float, last: float | None, now: float, halflife_s: float) -> float:
+    """The rate estimate just after an arrival at ``now``.
+
+    An exponentially decaying count of arrivals, ``c(t) = Σ exp(-κ (t - tᵢ))`` with ``κ = ln 2 / halflife``,
+    scaled to a rate ``κ·c``: for a Poisson stream of rate λ its expectation is λ, each arrival adds κ and
+    the whole decays by half every ``halflife_s``. Unlike averaging 1/gap it needs no special case for
+    simultaneous arrivals (a burst) and it decays on its own between arrivals (:func:`rate_at`).
+    """
+    decayed = rate_at(rate, last, now, halflife_s)
+    return decayed + LN2 / halflife_s
+
+
+def rate_at(rate: float, last: float | None, now: float, halflife_s: float) -> float:
+    """The estimate stored at ``last`` (the last arrival), decayed to ``now``."""
+    if last is None:
+        return 0.0
+    return rate * 2.0 ** (-max(0.0, now - last) / halflife_s)
+
+
+# --- planning --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Estimate:
+    """One candidate placement of one batch."""
+
+    device: int
+    source: Source
+    peer: int | None
+    start: float
+    """Seconds (clock time) at which the dispatch would start."""
+    copy_ms: float
+    """Expected copy time (0 for resident)."""
+    total_ms: float
+    """Expected time from start to completion."""
+
+    @property
+    def finish(self) -> float:
+        return self.start + self.total_ms / 1000.0
+
+    def key(self, idle: bool) -> tuple[float, int, int, int]:
+        """Order of preference: earliest finish, then a device free now over one to wait for, then fewer
+        bytes moved, then the lowest device index (so every tie resolves the same way)."""
+        return (self.finish, 0 if idle else 1, SOURCE_RANK[self.source], self.device)
+
+
+@dataclass
+class _Copy:
+    device: int
+    start: float
+    end: float
+
+
+class View:
+    """A planning copy of the node's devices: when each is free, what each holds or is receiving, and
+    which host copies are in flight (for contention)."""
+
+    def __init__(self, state: NodeState, now: float):
+        self.link = state.link
+        self.now = now
+        self.pool = [d.pool_bytes for d in state.devices]
+        self.idle = [d.idle for d in state.devices]
+        self.free_at = [now if d.busy_until is None else max(now, d.busy_until) for d in state.devices]
+        self.resident = [set(d.resident) for d in state.devices]
+        self.partial = [dict(d.partial) for d in state.devices]
+        # The model a busy device is running is on it once the run ends (the worker keeps what it loaded).
+        self.incoming: list[str | None] = [None if d.idle else d.running for d in state.devices]
+        # ``copying_until`` is the end of a host→device copy (peer copies do not use the host link).
+        self.copies = [_Copy(d.index, now, d.copying_until) for d in state.devices
+                       if d.copying_until is not None and d.copying_until > now]
+
+    @property
+    def n(self) -> int:
+        return len(self.pool)
+
+    def _group(self, device: int) -> int:
+        groups = self.link.h2d_link
+        return groups[device] if groups is not None and device < len(groups) else 0
+
+    def holds(self, function: str, device: int, at: float) -> bool:
+        """Whether the whole model is on ``device`` at time ``at`` (or will be, once its current run ends)."""
+        if function in self.resident[device]:
+            return True
+        return self.incoming[device] == function and at >= self.free_at[device]
+
+    def fits(self, prof: ModelProfile, device: int) -> bool:
+        return prof.nbytes <= self.pool[device]
+
+    def host_copy_ms(self, device: int, nbytes: float, start: float) -> float:
+        """Copy ``nbytes`` from host to ``device`` starting at ``start``, sharing the host link with the
+        other copies in flight on the same link for as long as each lasts."""
+        if nbytes <= 0:
+            return 0.0
+        g = self._group(device)
+        others = [c for c in self.copies if c.device != device and c.end > start and self._group(c.device) == g]
+        events = sorted({x for c in others for x in (c.start, c.end) if x > start})
+        t, left = start, float(nbytes)
+        for nxt in events + [math.inf]:
+            k = 1 + sum(1 for c in others if c.start <= t < c.end)
+            bps = self.link.h2d(k) * 1e9
+            if left <= bps * (nxt - t):
+                return (t - start + left / bps) * 1000.0
+            left -= bps * (nxt - t)
+            t = nxt
+        raise AssertionError("unreachable: the last segment is unbounded")
+
+    def peer_for(self, function: str, device: int, at: float) -> int | None:
+        """A device that holds the whole model at ``at`` to copy from: idle ones first (a busy peer's run
+        competes for its memory bandwidth), then the lowest index."""
+        if self.link.d2d_GBps is None:
+            return None
+        peers = [p for p in range(self.n) if p != device and self.holds(function, p, at)]
+        return min(peers, key=lambda p: (not self.idle[p], p), default=None)
+
+    def estimate(self, function: str, prof: ModelProfile, items: int, device: int, start: float,
+                 allow_peer: bool = True) -> Estimate | None:
+        """The cost of running ``items`` of ``function`` on ``device`` from ``start``; None if the model
+        cannot fit the device's pool at all."""
+        if not self.fits(prof, device):
+            return None
+        exec_ms = prof.exec_at(items)
+        if self.holds(function, device, start):
+            return Estimate(device, "resident", None, start, 0.0, exec_ms)
+        frac = min(max(self.partial[device].get(function, 0.0), 0.0), 1.0)
+        missing = prof.nbytes * (1.0 - frac)
+        source: Source = "partial" if frac > 0.0 else "host"
+        peer = None
+        copy = self.host_copy_ms(device, missing, start)
+        p = self.peer_for(function, device, start) if allow_peer else None
+        if p is not None:
+            assert self.link.d2d_GBps is not None
+            via_peer = copy_ms(missing, self.link.d2d_GBps)
+            if via_peer <= copy:
+                source, peer, copy = "peer", p, via_peer
+        return Estimate(device, source, peer, start, copy, swapped_ms(copy, exec_ms, self.link, prof))
+
+    def candidates(self, function: str, prof: ModelProfile) -> list[int]:
+        """The devices worth evaluating for a batch started when each frees: those holding the model whole
+        or in part, and on each host link the earliest-free device that fits it. Every other device would
+        copy the same bytes over the same link (or the same peer) later, so it cannot finish first."""
+        picked: set[int] = set()
+        first: dict[int, int] = {}
+        for d in range(self.n):
+            if not self.fits(prof, d):
+                continue
+            if function in self.resident[d] or self.incoming[d] == function or function in self.partial[d]:
+                picked.add(d)
+                continue
+            g = self._group(d)
+            if g not in first or self.free_at[d] < self.free_at[first[g]]:
+                first[g] = d
+        return sorted(picked | set(first.values()))
+
+    def worst_case_ms(self, prof: ModelProfile, items: int) -> float:
+        """An upper bound on any estimate of this batch: the whole model over the slowest host bandwidth
+        ever measured (every device copying at once)."""
+        return swapped_ms(copy_ms(prof.nbytes, min(self.link.h2d_GBps)), prof.exec_at(items), self.link, prof)
+
+    def best_case_ms(self, function: str, prof: ModelProfile, items: int) -> float | None:
+        """The fastest this batch could run from the models' current placement with every device free and
+        no other copy in flight (None if it fits no device). Used for the cold-start grace."""
+        if any(function in r or function == inc for r, inc in zip(self.resident, self.incoming)):
+            return prof.exec_at(items)
+        best = None
+        for d in range(self.n):
+            if not self.fits(prof, d):
+                continue
+            frac = min(max(self.partial[d].get(function, 0.0), 0.0), 1.0)
+            c = copy_ms(prof.nbytes * (1.0 - frac), self.link.h2d(1))
+            t = swapped_ms(c, prof.exec_at(items), self.link, prof)
+            best = t if best is None else min(best, t)
+        return best
+
+    def commit(self, est: Estimate, function: str) -> None:
+        """Plan ``est``: its device is busy until it finishes, then holds the model; a host copy joins the
+        copies that later plans share the link with."""
+        d = est.device
+        if self.incoming[d] is not None:  # the run before this one has ended by the time this starts
+            self.resident[d].add(self.incoming[d])  # type: ignore[arg-type]
+        self.incoming[d] = function if est.source != "resident" else None
+        self.free_at[d] = est.finish
+        self.idle[d] = False
+        if est.source in ("host", "partial") and est.copy_ms > 0.0:
+            self.copies.append(_Copy(d, est.start, est.start + est.copy_ms / 1000.0))
+
+    def prune(self) -> None:
+        """Forget copies that end before any device could start anything (bounds long simulations)."""
+        horizon = min(self.free_at, default=self.now)
+        self.copies = [c for c in self.copies if c.end > horizon]

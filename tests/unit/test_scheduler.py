@@ -1,0 +1,511 @@
+"""The scheduler core with a fake clock: states built by hand, times passed in as floats."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from swapserve.scheduler import (
+    DeviceState, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, rate_at, update_rate,
+)
+
+GB = 10**9
+MB = 10**6
+T0 = 1000.0  # the fake clock's "now"; any value works, a non-zero one catches code that assumes 0
+
+
+def node(n: int = 2, link: LinkProfile | None = None, pool: int = 80 * GB, max_queued: int = 4096) -> NodeState:
+    return NodeState(devices=[DeviceState(i, pool) for i in range(n)], queues={}, profiles={},
+                     link=link or LinkProfile(h2d_GBps=(50.0,)), max_queued=max_queued)
+
+
+def fn(state: NodeState, name: str, nbytes: int = 1 * GB, exec_ms: dict[int, float] | None = None,
+       slo_ms: float = 100.0, max_batch: int = 4, max_queue: int = 64, late: str = "refuse",
+       overhead_ms: float = 0.3) -> FunctionQueue:
+    state.profiles[name] = ModelProfile(nbytes, dict(exec_ms or {1: 1.0}), overhead_ms)
+    fq = FunctionQueue(name, slo_ms, max_batch, max_queue, late)  # type: ignore[arg-type]
+    state.queues[name] = fq
+    return fq
+
+
+def req(state: NodeState, name: str, rid: str, at: float = T0, items: int = 1) -> Request:
+    return Request(rid, name, at, at + state.queues[name].slo_ms / 1000.0, items)
+
+
+def enqueue(state: NodeState, name: str, rid: str, at: float = T0, items: int = 1) -> Request:
+    """Put a request in the queue by hand (no admission), keeping deadline order."""
+    r = req(state, name, rid, at, items)
+    state.queues[name].requests.append(r)
+    state.queues[name].requests.sort(key=lambda x: x.deadline)
+    return r
+
+
+def busy(state: NodeState, device: int, until: float, running: str = "other", copying_until: float | None = None) -> None:
+    d = state.devices[device]
+    d.busy_until, d.running, d.copying_until = until, running, copying_until
+
+
+def only(decision):
+    assert len(decision.dispatches) == 1, decision
+    return decision.dispatches[0]
+
+
+# --- placement ---------------------------------------------------------------------------------------
+
+def test_resident_idle_device_preferred():
+    s = node(3)
+    fn(s, "f", exec_ms={1: 2.0})
+    s.devices[1].resident.add("f")
+    enqueue(s, "f", "r1")
+    d = only(Scheduler().decide(s, T0))
+    assert (d.device, d.source, d.request_ids, d.copy_ms) == (1, "resident", ("r1",), 0.0)
+    assert d.expected_ms == pytest.approx(2.0)
+
+
+def test_partial_residency_copies_only_missing_bytes():
+    s = node(2)
+    fn(s, "f", nbytes=1 * GB)
+    s.devices[1].partial["f"] = 0.75
+    enqueue(s, "f", "r1")
+    d = only(Scheduler().decide(s, T0))
+    assert (d.device, d.source) == (1, "partial")
+    assert d.copy_ms == pytest.approx(250 * MB / (50 * 1e6))  # 5 ms, not 20
+
+
+@pytest.mark.parametrize("d2d", [300.0, None])
+def test_peer_copy_preferred_over_host_when_nvlink(d2d):
+    s = node(2, LinkProfile(h2d_GBps=(50.0,), d2d_GBps=d2d))
+    fn(s, "f", nbytes=1 * GB, exec_ms={1: 1.0})
+    s.devices[0].resident.add("f")
+    busy(s, 0, T0 + 10.0)
+    enqueue(s, "f", "r1")
+    d = only(Scheduler().decide(s, T0))
+    assert d.device == 1
+    if d2d:
+        assert (d.source, d.peer) == ("peer", 0)
+        assert d.expected_ms == pytest.approx(1e9 / 300e6 + 0.3)
+    else:
+        assert (d.source, d.peer) == ("host", None)
+        assert d.expected_ms == pytest.approx(20.0 + 0.3)
+
+
+def test_host_copy_goes_to_least_contended_link():
+    link = LinkProfile(h2d_GBps=(50.0, 25.0), h2d_link=(0, 0, 1, 1))
+    s = node(4, link)
+    fn(s, "f", nbytes=500 * MB)
+    busy(s, 0, T0 + 1.0, copying_until=T0 + 1.0)  # device 0 copies over link 0 for the next second
+    enqueue(s, "f", "r1")
+    d = only(Scheduler().decide(s, T0))
+    assert (d.device, d.source) == (2, "host")  # device 1 would share link 0 with device 0
+    assert d.copy_ms == pytest.approx(10.0)
+
+
+def test_host_contention_counted_only_while_the_other_copy_lasts():
+    s = node(2, LinkProfile(h2d_GBps=(50.0, 25.0)))  # one shared link
+    fn(s, "f", nbytes=500 * MB)
+    enqueue(s, "f", "r1")
+    busy(s, 0, T0 + 1.0, copying_until=T0 + 1.0)
+    assert only(Scheduler().decide(s, T0)).copy_ms == pytest.approx(20.0)  # contended throughout
+    busy(s, 0, T0 + 1.0, copying_until=T0 + 0.002)
+    # 2 ms at 25 GB/s (50 MB), then the other 450 MB alone at 50 GB/s (9 ms).
+    assert only(Scheduler().decide(s, T0)).copy_ms == pytest.approx(11.0)
+
+
+def test_second_host_copy_in_one_decision_sees_the_first():
+    s = node(2, LinkProfile(h2d_GBps=(50.0, 25.0)))
+    fn(s, "f", nbytes=500 * MB)
+    fn(s, "g", nbytes=500 * MB)
+    enqueue(s, "f", "rf")
+    enqueue(s, "g", "rg", at=T0 + 0.001)
+    a, b = Scheduler().decide(s, T0).dispatches
+    assert (a.function, a.device, a.copy_ms) == ("f", 0, pytest.approx(10.0))
+    # g shares the link while f's copy lasts (10 ms: 250 MB at 25 GB/s), then has it alone (250 MB: 5 ms).
+    assert (b.function, b.device, b.copy_ms) == ("g", 1, pytest.approx(15.0))
+
+
+def test_affinity_waits_for_a_soon_free_resident_device():
+    s = node(2)
+    fn(s, "f", nbytes=1 * GB, exec_ms={1: 1.0}, slo_ms=50)  # host swap 20 ms
+    fn(s, "g", nbytes=1 * GB, exec_ms={1: 1.0}, slo_ms=100)
+    s.devices[1].resident.add("f")
+    s.devices[0].resident.add("g")
+    busy(s, 1, T0 + 0.002)
+    enqueue(s, "f", "rf")  # earlier deadline: considered first
+    enqueue(s, "g", "rg")
+    d = only(Scheduler().decide(s, T0))
+    assert (d.function, d.device) == ("g", 0)  # f waits for device 1 (3 ms) rather than a 20 ms swap
+    assert s.queues["f"].requests  # decide does not touch state
+
+    busy(s, 1, T0 + 0.5)  # device 1 frees too late: now the swap is worth it
+    s.queues["g"].requests.clear()
+    d = only(Scheduler().decide(s, T0))
+    assert (d.function, d.device, d.source) == ("f", 0, "host")
+
+
+def test_link_contention_can_make_waiting_better_than_swapping():
+    # f: 500 MB (10 ms alone, 20 ms shared), resident on device 1 which frees in 15 ms.
+    def state(other_copy: bool) -> NodeState:
+        s = node(3, LinkProfile(h2d_GBps=(50.0, 25.0)))
+        fn(s, "f", nbytes=500 * MB, exec_ms={1: 1.0})
+        s.devices[1].resident.add("f")
+        busy(s, 1, T0 + 0.015)
+        busy(s, 2, T0 + 1.0, copying_until=T0 + 1.0 if other_copy else None)
+        enqueue(s, "f", "r1")
+        return s
+
+    assert only(Scheduler().decide(state(False), T0)).device == 0  # 10.3 ms < 16 ms
+    assert Scheduler().decide(state(True), T0).dispatches == ()  # 20.3 ms > 16 ms: wait for device 1
+
+
+def test_model_too_big_for_a_device_goes_elsewhere():
+    s = node(2)
+    s.devices[0].pool_bytes = 1 * GB
+    fn(s, "f", nbytes=2 * GB)
+    enqueue(s, "f", "r1")
+    assert only(Scheduler().decide(s, T0)).device == 1
+
+
+# --- ordering and batching ---------------------------------------------------------------------------
+
+def test_edf_across_functions():
+    s = node(1)
+    fn(s, "f", slo_ms=200)
+    fn(s, "g", slo_ms=50)
+    s.devices[0].resident |= {"f", "g"}
+    sch = Scheduler()
+    assert sch.admit(s, req(s, "f", "rf", T0), T0) is None
+    assert sch.admit(s, req(s, "g", "rg", T0 + 0.001), T0 + 0.001) is None  # later, but due sooner
+    assert only(sch.decide(s, T0 + 0.001)).request_ids == ("rg",)
+
+
+def test_batches_up_to_max_batch_in_deadline_order_respecting_items():
+    s = node(1)
+    fn(s, "f", max_batch=4, exec_ms={1: 1.0, 4: 2.5})
+    s.devices[0].resident.add("f")
+    for i, items in enumerate([1, 2, 2, 1]):
+        enqueue(s, "f", f"r{i}", at=T0 + i * 0.001, items=items)
+    d = only(Scheduler().decide(s, T0 + 0.01))
+    assert d.request_ids == ("r0", "r1")  # 1+2 items; r2's 2 would make 5 > 4 and r3 may not overtake it
+    assert d.expected_ms == pytest.approx(1.0 + (3 - 1) / 3 * 1.5)  # exec_at(3), interpolated
+
+    s.queues["f"].requests.clear()
+    for i in range(6):
+        enqueue(s, "f", f"q{i}", at=T0 + (5 - i) * 0.001)  # inserted out of order
+    d = only(Scheduler().decide(s, T0 + 0.01))
+    assert d.request_ids == ("q5", "q4", "q3", "q2")
+    assert d.expected_ms == pytest.approx(2.5)
+
+
+def test_hot_function_spreads_only_beyond_one_batch():
+    s = node(2)
+    fn(s, "f", max_batch=4)
+    s.devices[0].resident.add("f")
+    s.devices[1].resident.add("f")
+    for i in range(6):
+        enqueue(s, "f", f"r{i}", at=T0 + i * 0.001)
+    a, b = Scheduler().decide(s, T0 + 0.01).dispatches
+    assert (a.device, a.request_ids) == (0, ("r0", "r1", "r2", "r3"))
+    assert (b.device, b.request_ids) == (1, ("r4", "r5"))
+
+    del s.queues["f"].requests[4:]  # one batch: one device
+    assert only(Scheduler().decide(s, T0 + 0.01)).request_ids == ("r0", "r1", "r2", "r3")
+
+
+def test_function_running_elsewhere_gets_no_second_copy_for_one_batch():
+    s = node(2)
+    fn(s, "f", nbytes=100 * MB, max_batch=4)  # a 2 ms swap onto device 0 would finish first
+    s.devices[1].resident.add("f")
+    busy(s, 1, T0 + 0.010, running="f")
+    enqueue(s, "f", "r1")
+    assert Scheduler().decide(s, T0).dispatches == ()  # waits for device 1
+    for i in range(2, 6):
+        enqueue(s, "f", f"r{i}")
+    d = only(Scheduler().decide(s, T0))  # more than a batch queued: spread
+    assert (d.device, d.source, len(d.request_ids)) == (0, "host", 4)
+    s.devices[0].resident.add("f")  # one batch again, but device 0 already holds it: no copy needed
+    del s.queues["f"].requests[1:]
+    assert only(Scheduler().decide(s, T0)).device == 0
+
+
+def test_decide_is_pure_and_deterministic():
+    s = node(3, LinkProfile(h2d_GBps=(50.0, 25.0), d2d_GBps=300.0))
+    for k, name in enumerate("abcde"):
+        fn(s, name, nbytes=(k + 1) * 200 * MB, max_batch=2)
+        for i in range(3):
+            enqueue(s, name, f"{name}{i}", at=T0 + 0.001 * i)
+    s.devices[1].resident.add("c")
+    before = copy.deepcopy(s)
+    first = Scheduler().decide(s, T0 + 0.005)
+    assert s == before
+    assert Scheduler().decide(s, T0 + 0.005) == first
+    assert len(first.dispatches) == 3
+    assert {d.device for d in first.dispatches} == {0, 1, 2}
+
+
+# --- admission ---------------------------------------------------------------------------------------
+
+def test_429_when_function_queue_full_and_state_unchanged():
+    s = node(1)
+    fn(s, "f", max_queue=2, late="serve")
+    sch = Scheduler()
+    assert sch.admit(s, req(s, "f", "a"), T0) is None
+    assert sch.admit(s, req(s, "f", "b"), T0) is None
+    before = copy.deepcopy(s)
+    r = sch.admit(s, req(s, "f", "c"), T0)
+    assert r is not None and (r.request_id, r.status) == ("c", 429) and r.retry_after >= 1
+    assert s == before
+
+
+def test_503_when_node_full_and_state_unchanged():
+    s = node(1, max_queued=3)
+    fn(s, "f", late="serve")
+    fn(s, "g", late="serve")
+    sch = Scheduler()
+    for rid in "abc":
+        assert sch.admit(s, req(s, "f", rid), T0) is None
+    before = copy.deepcopy(s)
+    r = sch.admit(s, req(s, "g", "d"), T0)
+    assert r is not None and r.status == 503 and r.retry_after >= 1
+    assert s == before
+
+
+@pytest.mark.parametrize("late", ["refuse", "serve"])
+def test_early_503_when_deadline_cannot_be_met(late):
+    s = node(1)
+    fn(s, "f", slo_ms=100, late=late)
+    s.devices[0].resident.add("f")
+    busy(s, 0, T0 + 5.0)  # the only device is busy for 5 s
+    before = copy.deepcopy(s)
+    r = Scheduler().admit(s, req(s, "f", "r1"), T0)
+    if late == "refuse":
+        assert r is not None and r.status == 503
+        assert r.retry_after == 5.0  # finishes at +5.001 s, due at +0.1 s: 4.9 s late, rounded up
+        assert s == before
+    else:
+        assert r is None
+        assert [x.id for x in s.queues["f"].requests] == ["r1"]
+
+
+def test_admission_counts_the_work_queued_ahead():
+    def state(backlog: bool) -> NodeState:
+        s = node(1)
+        fn(s, "f", slo_ms=100)
+        fn(s, "g", slo_ms=100, max_batch=1, exec_ms={1: 20.0})
+        s.devices[0].resident |= {"f", "g"}
+        if backlog:  # 200 ms of g due before the new request
+            for i in range(10):
+                enqueue(s, "g", f"g{i}", at=T0 - 0.05)
+        return s
+
+    assert Scheduler().admit(state(False), req(state(False), "f", "r"), T0) is None
+    s = state(True)
+    r = Scheduler().admit(s, req(s, "f", "r"), T0)
+    assert r is not None and r.status == 503 and r.retry_after >= 1
+
+    s = state(False)  # the same backlog in the function's own queue
+    for i in range(10):
+        enqueue(s, "g", f"g{i}", at=T0 - 0.05)
+    assert Scheduler().admit(s, req(s, "g", "r"), T0).status == 503
+    s.queues["g"].requests.clear()
+    assert Scheduler().admit(s, req(s, "g", "r"), T0) is None
+
+
+def test_cold_model_with_tight_slo_is_served_not_refused_forever():
+    s = node(1)
+    fn(s, "f", nbytes=1 * GB, slo_ms=10)  # a cold swap takes 20 ms > SLO; a resident run 1 ms
+    assert Scheduler().admit(s, req(s, "f", "r1"), T0) is None
+    d = only(Scheduler().decide(s, T0))  # not dropped as hopeless: its lateness is only its cold start
+    assert d.source == "host"
+    # But waiting is not forgiven: with the device busy for a second it is refused.
+    s = node(1)
+    fn(s, "f", nbytes=1 * GB, slo_ms=10)
+    busy(s, 0, T0 + 1.0)
+    assert Scheduler().admit(s, req(s, "f", "r1"), T0).status == 503
+
+
+def test_admit_inserts_in_deadline_order_and_updates_rate():
+    s = node(1)
+    fn(s, "f", slo_ms=100, late="serve")
+    sch = Scheduler(rate_halflife_s=10.0)
+    late_ = Request("late", "f", T0, T0 + 0.3)
+    early = Request("early", "f", T0 + 0.01, T0 + 0.11)
+    assert sch.admit(s, late_, T0) is None
+    assert sch.admit(s, early, T0 + 0.01) is None
+    fq = s.queues["f"]
+    assert [r.id for r in fq.requests] == ["early", "late"]
+    assert fq.last_arrival == T0 + 0.01
+    assert fq.rate == pytest.approx(math.log(2) / 10 * (1 + 2 ** (-0.001)))
+
+
+def test_rate_estimator_converges_and_decays():
+    rate, last = 0.0, None
+    for i in range(6000):  # 10 requests/s for 600 s, half-life 60 s
+        t = T0 + i * 0.1
+        rate, last = update_rate(rate, last, t, 60.0), t
+    assert rate == pytest.approx(10.0, rel=0.01)
+    assert rate_at(rate, last, last + 60.0, 60.0) == pytest.approx(rate / 2)
+    assert rate_at(rate, None, last, 60.0) == 0.0
+
+
+# --- dropping ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("late", ["refuse", "serve"])
+def test_decide_drops_hopeless_requests_only_for_refuse(late):
+    s = node(1)
+    fn(s, "f", slo_ms=50, late=late)
+    s.devices[0].resident.add("f")
+    busy(s, 0, T0 + 1.0)
+    enqueue(s, "f", "hopeless", at=T0)  # due at +0.05 s; the device frees at +1 s
+    enqueue(s, "f", "fine", at=T0 + 2.0)  # due at +2.05 s
+    dec = Scheduler().decide(s, T0)
+    assert dec.dispatches == ()
+    if late == "refuse":
+        (r,) = dec.rejects
+        assert (r.request_id, r.status) == ("hopeless", 503) and r.retry_after == 1.0
+    else:
+        assert dec.rejects == ()
+
+
+def test_apply_removes_dispatched_and_rejected_and_marks_devices_busy():
+    s = node(2, LinkProfile(h2d_GBps=(50.0,)))
+    fn(s, "f", nbytes=500 * MB, slo_ms=100)
+    fn(s, "g", slo_ms=20)
+    s.devices[1].resident.add("g")
+    enqueue(s, "f", "rf")
+    enqueue(s, "g", "old", at=T0 - 1.0)  # long past its deadline
+    sch = Scheduler()
+    dec = sch.decide(s, T0)
+    assert [r.request_id for r in dec.rejects] == ["old"]
+    d = only(dec)
+    sch.apply(s, dec, T0)
+    assert s.queued == 0
+    dev = s.devices[d.device]
+    assert dev.running == "f" and dev.busy_until == pytest.approx(T0 + d.expected_ms / 1000)
+    assert dev.copying_until == pytest.approx(T0 + 0.010)
+    assert dev.last_used["f"] == T0
+
+
+# --- eviction values ---------------------------------------------------------------------------------
+
+def _values_state() -> NodeState:
+    s = node(2)
+    for name in ("busy", "pop", "rare", "recent", "stale", "heavy", "light"):
+        fq = fn(s, name, nbytes=1 * GB, exec_ms={1: 1.0})
+        fq.rate, fq.last_arrival = 0.0, None
+        s.devices[0].resident.add(name)
+    s.queues["pop"].rate, s.queues["pop"].last_arrival = 5.0, T0 - 10
+    s.queues["rare"].rate, s.queues["rare"].last_arrival = 0.5, T0 - 10
+    s.devices[0].last_used.update(recent=T0 - 5, stale=T0 - 500, heavy=T0 - 50, light=T0 - 50)
+    s.profiles["light"].exec_ms[1] = 50.0  # computes longer than its 20 ms copy: cheap to reload
+    enqueue(s, "busy", "r1")
+    return s
+
+
+def test_values_expected_reuse():
+    s = _values_state()
+    v = Scheduler().values(s, 0, T0)
+    assert v["busy"] == math.inf
+    assert v["pop"] > v["rare"]  # popularity
+    assert v["recent"] > v["stale"]  # recency
+    assert v["heavy"] > v["light"]  # cost to bring back
+    assert all(math.isfinite(x) and x > 0 for k, x in v.items() if k != "busy")
+    busy(s, 1, T0 + 1, running="stale")  # in flight somewhere: never evicted
+    assert Scheduler().values(s, 0, T0)["stale"] == math.inf
+
+
+def test_values_per_byte_and_cheaper_when_a_peer_holds_it():
+    s = node(2, LinkProfile(h2d_GBps=(50.0,), d2d_GBps=300.0))
+    # Same reuse and the same reload penalty (19.3 ms: 40.3 - 21 and 20.3 - 1), twice the bytes: half the value.
+    for name, nbytes, exec_ms in (("big", 2 * GB, 21.0), ("small", 1 * GB, 1.0)):
+        fq = fn(s, name, nbytes=nbytes, exec_ms={1: exec_ms})
+        fq.rate, fq.last_arrival = 1.0, T0
+        s.devices[0].resident.add(name)
+    v = Scheduler().values(s, 0, T0)
+    assert v["big"] == pytest.approx(v["small"] / 2)
+    s.devices[1].resident.add("small")
+    assert Scheduler().values(s, 0, T0)["small"] < v["small"]  # a copy on device 1 is an NVLink hop away
+
+
+def test_dispatch_carries_values_for_its_device():
+    s = _values_state()
+    s.queues["busy"].requests.clear()
+    enqueue(s, "pop", "r1")
+    d = only(Scheduler().decide(s, T0))
+    assert d.device == 0 and d.function == "pop"
+    assert d.values["pop"] == math.inf  # the dispatched function is not a victim for its own run
+    assert set(d.values) == s.devices[0].resident
+
+
+# --- the fifo_lru baseline ---------------------------------------------------------------------------
+
+def test_fifo_lru_arrival_order_no_batching_first_idle_device_no_drops():
+    s = node(2)
+    fn(s, "f", slo_ms=1000, max_batch=8)
+    fn(s, "g", slo_ms=10)
+    s.devices[1].resident.add("f")
+    enqueue(s, "f", "f1", at=T0)
+    enqueue(s, "f", "f2", at=T0 + 0.001)
+    enqueue(s, "g", "g1", at=T0 + 0.002)  # due first, arrived last
+    sch = Scheduler("fifo_lru")
+    dec = sch.decide(s, T0 + 0.003)
+    assert [(d.device, d.request_ids, d.source) for d in dec.dispatches] == [
+        (0, ("f1",), "host"), (1, ("f2",), "resident")]
+    assert dec.rejects == ()
+
+    busy(s, 0, T0 + 10.0)
+    busy(s, 1, T0 + 10.0)
+    s.queues["f"].requests.clear()
+    assert sch.decide(s, T0 + 0.003) == sch.decide(s, T0 + 5.0)  # g1 is hopeless, and kept
+    assert sch.admit(s, req(s, "g", "g2", T0 + 5.0), T0 + 5.0) is None  # no early refusal either
+
+
+def test_fifo_lru_values_are_recency():
+    s = _values_state()
+    v = Scheduler("fifo_lru").values(s, 0, T0)
+    assert v["recent"] == T0 - 5 and v["stale"] == T0 - 500 and v["pop"] == -math.inf
+
+
+# --- profile refinement ------------------------------------------------------------------------------
+
+def test_observe_completion_refines_exec_from_resident_runs_only():
+    s = node(1)
+    fn(s, "f", exec_ms={1: 10.0})
+    sch = Scheduler()
+    sch.observe_completion(s, "f", 0, 1, 5.0, False, 5.0, T0)
+    e = s.profiles["f"].exec_ms[1]
+    assert 5.0 < e < 10.0
+    for _ in range(40):
+        sch.observe_completion(s, "f", 0, 1, 5.0, False, 5.0, T0)
+    assert s.profiles["f"].exec_ms[1] == pytest.approx(5.0, rel=1e-3)
+    assert s.devices[0].last_used["f"] == T0
+
+    sch.observe_completion(s, "f", 0, 1, 500.0, False, 500.0, T0)  # an outlier moves it boundedly
+    assert 5.0 < s.profiles["f"].exec_ms[1] < 8.01  # the sample counts as 4x (20 ms), weighted 0.2
+
+    before = dict(s.profiles["f"].exec_ms)
+    sch.observe_completion(s, "f", 0, 1, 99.0, True, 99.0, T0)  # swapped: exec untouched
+    assert s.profiles["f"].exec_ms == before
+
+    sch.observe_completion(s, "f", 0, 4, 12.0, False, 12.0, T0)  # a new batch size is learnt
+    assert s.profiles["f"].exec_ms[4] == pytest.approx(12.0)
+
+
+def test_observe_completion_refines_swap_overhead():
+    s = node(1)
+    fn(s, "f", nbytes=1 * GB, exec_ms={1: 1.0}, overhead_ms=0.3)  # a copy of 20 ms
+    sch = Scheduler()
+    for _ in range(60):
+        sch.observe_completion(s, "f", 0, 1, 21.0, True, 22.0, T0, copy_ms=20.0)
+    assert s.profiles["f"].swap_overhead_ms == pytest.approx(2.0, rel=1e-3)
+    sch.observe_completion(s, "f", 0, 1, 1.0, True, 5.0, T0, copy_ms=20.0)  # faster than the copy: 0
+    assert 0.0 <= s.profiles["f"].swap_overhead_ms < 2.0
+
+
+def test_rejects_bad_configuration():
+    with pytest.raises(ValueError):
+        Scheduler("lifo")  # type: ignore[arg-type]
+    s = node(1)
+    with pytest.raises(KeyError):
+        Scheduler().admit(s, Request("r", "nope", T0, T0 + 1), T0)
