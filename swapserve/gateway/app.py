@@ -1,0 +1,260 @@
+"""The HTTP gateway: Open Inference Protocol v2 routes, the management API, metrics and docs, on aiohttp.
+
+It talks to the node only through :class:`swapserve.node.api.NodeAPI`. One middleware turns every failure into
+JSON ``{"error": ...}`` with the status the error carries (never an HTML page, and the server stays up), adds
+``Retry-After`` to overload answers, echoes ``X-Request-ID``, bounds each request's time, and counts and times
+every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from swapserve import __version__
+from swapserve.errors import AuthError, InvalidInputError, NotFoundError, OverloadedError, PoolBusyError, SwapserveError
+from swapserve.gateway import management, oip
+from swapserve.gateway.common import (CONFIG, FUNCTION_KEY, METRICS, NODE, REQUEST_ID_HEADER, REQUEST_ID_KEY,
+                                      error_response, json_response, read_body, read_json_object, repository_entry,
+                                      safe_request_id)
+from swapserve.gateway.config import GatewayConfig
+from swapserve.gateway.openapi import OPENAPI, render_docs
+from swapserve.metrics import Metrics
+from swapserve.node.api import FunctionInfo, FunctionState, NodeAPI
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "pytorch_export"
+EXTENSIONS = ("binary_tensor_data", "model_repository")
+THREAD_BYTES = 1 << 20
+"""Bodies and outputs above this are decoded/encoded on a thread, so a 64 MiB JSON body does not stall health
+probes and other requests for the second it takes."""
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def make_app(node: NodeAPI, config: GatewayConfig, metrics: Metrics | None = None) -> web.Application:
+    """The gateway as an aiohttp application. ``metrics`` is shared with the node (which records queue, swap
+    and compute times into it); a fresh one is made when none is given."""
+    # client_max_size only matters to aiohttp's own body readers, which no route uses (bodies are read with
+    # explicit limits); it is set so that one added later inherits a sane bound.
+    app = web.Application(middlewares=[_middleware], client_max_size=max(config.max_body_bytes, config.upload_limit))
+    app[NODE] = node
+    app[CONFIG] = config
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    r = app.router
+    r.add_get("/v2/health/live", live)
+    r.add_get("/v2/health/ready", ready)
+    r.add_get("/v2", server_metadata)
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        r.add_get(prefix, model_metadata)
+        r.add_get(prefix + "/ready", model_ready)
+        r.add_post(prefix + "/infer", infer)
+    r.add_post("/v2/repository/index", repository_index)
+    r.add_post("/v2/repository/models/{name}/load", repository_load)
+    r.add_post("/v2/repository/models/{name}/unload", repository_unload)
+    management.add_routes(app)
+    r.add_get("/metrics", metrics_handler)
+    r.add_get("/openapi.json", openapi_handler)
+    r.add_get("/docs", docs_handler)
+    return app
+
+
+# -- middleware ---------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    config = request.app[CONFIG]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    deploying = request.match_info.route.name == management.DEPLOY_ROUTE
+    limit = config.deploy_timeout_s if deploying else config.request_timeout_s
+    timeout = asyncio.timeout(limit)
+    try:
+        async with timeout:
+            response = await handler(request)
+    except TimeoutError:
+        if not timeout.expired():  # raised by the node, not our deadline: a bug
+            response = _internal_error(request)
+        else:
+            what = "the deploy goes on in the background; check GET /api/v1/functions" if deploying else "cancelled"
+            response = error_response(504, f"request timed out after {limit:g} s ({what})")
+    except web.HTTPException as e:  # the router's 404/405 (405 keeps its Allow header)
+        headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
+        message = (f"method {request.method} not allowed on {request.path} (allowed: {headers['Allow']})"
+                   if e.status == 405 and "Allow" in headers else
+                   f"no route {request.method} {request.path}" if e.status == 404 else e.reason)
+        response = error_response(e.status, message, headers)
+    except SwapserveError as e:
+        response = _error(e)
+    except Exception:
+        response = _internal_error(request)
+    if (rid := request.get(REQUEST_ID_KEY) or safe_request_id(request.headers.get(REQUEST_ID_HEADER))) is not None:
+        response.headers[REQUEST_ID_HEADER] = rid
+    elapsed = time.perf_counter() - started
+    metrics = request.app[METRICS]
+    method = request.method if request.method in _METHODS else "other"  # any token parses as a method
+    metrics.observe_http(route, method, response.status, elapsed)
+    if (function := request.get(FUNCTION_KEY)) is not None:
+        metrics.observe_request(function, response.status, elapsed)
+    return response
+
+
+def _error(e: SwapserveError) -> web.Response:
+    headers: dict[str, str] = {}
+    if isinstance(e, OverloadedError | PoolBusyError):
+        # Whole seconds, rounded up, and at least 1 so that clients back off rather than spin.
+        headers["Retry-After"] = str(max(1, math.ceil(getattr(e, "retry_after", 1.0))))
+    if isinstance(e, AuthError) and e.http_status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="swapserve management"'
+    if e.http_status >= 500 and e.http_status != 503:  # 503s are overload and readiness: routine, not news
+        log.warning("%s: %s", type(e).__name__, e)
+    return error_response(e.http_status, str(e) or type(e).__name__, headers)
+
+
+def _internal_error(request: web.Request) -> web.Response:
+    incident = uuid.uuid4().hex[:12]
+    log.exception("unexpected error in %s %s (incident %s)", request.method, request.path, incident)
+    return error_response(500, f"internal server error (incident {incident}; see the server log)")
+
+
+# -- OIP: health and metadata -------------------------------------------------------------------------------
+
+
+async def live(request: web.Request) -> web.Response:
+    if request.app[NODE].is_live():
+        return json_response({"live": True})
+    return json_response({"live": False, "error": "node is not live"}, 503)
+
+
+async def ready(request: web.Request) -> web.Response:
+    if request.app[NODE].is_ready():
+        return json_response({"ready": True})
+    return json_response({"ready": False, "error": "node is not ready"}, 503)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response({"name": "swapserve", "version": __version__, "extensions": list(EXTENSIONS)})
+
+
+def _function(request: web.Request) -> FunctionInfo:
+    """The function the path names, at the version it names (only the serving version exists)."""
+    info = request.app[NODE].get_function(request.match_info["name"])
+    version = request.match_info.get("version")
+    if version is not None and version != str(info.version):
+        raise NotFoundError(f"function {info.spec.name!r} has no version {version!r} (it serves version "
+                            f"{info.version})")
+    return info
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    info = _function(request)
+    spec = info.spec
+    return json_response({"name": spec.name, "versions": [str(info.version)], "platform": PLATFORM,
+                          "inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs]})
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    info = _function(request)
+    if info.state is FunctionState.READY:
+        return json_response({"name": info.spec.name, "ready": True})
+    # KServe answers 400 for a known model that is not ready (404 stays for unknown ones).
+    reason = f": {info.reason}" if info.reason else ""
+    return json_response({"name": info.spec.name, "ready": False,
+                          "error": f"function {info.spec.name!r} is {info.state.value}{reason}"}, 400)
+
+
+# -- OIP: inference -----------------------------------------------------------------------------------------
+
+
+async def infer(request: web.Request) -> web.Response:
+    info = _function(request)
+    name, node, config = info.spec.name, request.app[NODE], request.app[CONFIG]
+    request[FUNCTION_KEY] = name
+    body = await read_body(request, config.max_body_bytes)
+    req = await _maybe_thread(len(body), oip.decode_infer_request, body, info.spec,
+                              request.headers.get(oip.HEADER_LENGTH))
+    if (body_id := safe_request_id(req.id)) is not None:
+        request[REQUEST_ID_KEY] = body_id
+    result = await node.infer(name, req.inputs, req.id or safe_request_id(request.headers.get(REQUEST_ID_HEADER)))
+    params = {"device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
+              "total_ms": result.total_ms}
+    out_bytes = sum(t.numel() * t.element_size() for t in result.outputs.values())
+    encoded = await _maybe_thread(out_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,
+                                  req.outputs, req.id, params)
+    headers = {oip.HEADER_LENGTH: str(encoded.header_length)} if encoded.header_length is not None else None
+    return web.Response(body=encoded.body, content_type=encoded.content_type, headers=headers)
+
+
+async def _maybe_thread(nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+    if nbytes > THREAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+# -- OIP: model repository ----------------------------------------------------------------------------------
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    doc = await read_json_object(request)
+    only_ready = doc.get("ready", False)
+    if not isinstance(only_ready, bool):
+        raise InvalidInputError("ready: must be true or false")
+    infos = request.app[NODE].list_functions()
+    return json_response([repository_entry(i) for i in infos if not only_ready or i.state is FunctionState.READY])
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    return await _load_or_unload(request, load=True)
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    return await _load_or_unload(request, load=False)
+
+
+async def _load_or_unload(request: web.Request, load: bool) -> web.Response:
+    # Guarded by the management token: Triton leaves these open, but they change what the node serves.
+    management.require_token(request)
+    doc = await read_json_object(request)
+    if doc.get("parameters"):
+        raise InvalidInputError("repository load/unload parameters are not supported (swapserve (un)loads the "
+                                "deployed version; deploy a new bundle to change it)")
+    node = request.app[NODE]
+    name = request.match_info["name"]
+    info = await (node.load(name) if load else node.unload(name))
+    return json_response(repository_entry(info))
+
+
+# -- observability ------------------------------------------------------------------------------------------
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    try:
+        metrics.observe_status(request.app[NODE].status())
+    except Exception:  # a failing status must not hide every other metric
+        log.exception("node status failed while serving /metrics")
+    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return json_response(OPENAPI)
+
+
+async def docs_handler(request: web.Request) -> web.Response:
+    return web.Response(text=render_docs(OPENAPI), content_type="text/html")
+
+
+__all__ = ["EXTENSIONS", "GatewayConfig", "PLATFORM", "make_app"]

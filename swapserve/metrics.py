@@ -1,0 +1,182 @@
+"""The node's Prometheus instruments, in one place, in base units (seconds, bytes).
+
+Each :class:`Metrics` owns its own ``CollectorRegistry`` rather than the process-global one, so that several
+nodes (and several test cases) can live in one process without "duplicated timeseries" errors. One instance is
+shared by the gateway (which records the HTTP side) and the node (which records queueing, swaps, compute,
+evictions and SLO misses); ``GET /metrics`` renders it.
+
+Who records what, so nothing is counted twice:
+
+- gateway: :meth:`observe_http` for every HTTP request, :meth:`observe_request` for every infer request that
+  named an existing function (whatever its outcome), and :meth:`observe_status` just before each scrape;
+- node: :meth:`observe_node_request`, :meth:`observe_queue`, :meth:`observe_compute`, :meth:`observe_swap`,
+  :meth:`count_eviction`, :meth:`count_slo_miss`, optionally the gauge setters, and :meth:`forget_function` when
+  a function is deleted. :meth:`observe` takes the same calls keyed by an event name, for callers that forward
+  events generically.
+
+Every method is thread-safe (prometheus_client locks per child), so GPU worker threads may call them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from swapserve.node.api import NodeStatus
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)
+"""Seconds, 1-2.5-5 per decade from 0.1 ms (a resident hit's queue wait) to 10 s (a long cold start); +Inf
+catches the rest. 16 buckets keep per-function histograms affordable with hundreds of functions."""
+
+NAMESPACE = "swapserve"
+
+
+class Metrics:
+    """Collectors of one node. Labels: ``function`` (a function name), ``device`` (``cuda:0``, ``cpu``),
+    ``code`` (an HTTP status), ``route`` (a route *pattern*, never a raw path, to bound cardinality)."""
+
+    content_type: str = CONTENT_TYPE_LATEST
+    """The ``Content-Type`` of :meth:`render`'s output (Prometheus text exposition format 0.0.4)."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, ns = self.registry, NAMESPACE
+        # Counters are named without ``_total``: prometheus_client appends it on exposition.
+        self.requests = Counter("requests", "Infer requests by function and HTTP status code.",
+                                ["function", "code"], namespace=ns, registry=r)
+        self.request_seconds = Histogram("request_duration_seconds",
+                                         "Infer request latency at the gateway (body read to response), by function.",
+                                         ["function"], namespace=ns, registry=r, buckets=buckets)
+        self.http_requests = Counter("http_requests", "HTTP requests by route pattern, method and status code.",
+                                     ["route", "method", "code"], namespace=ns, registry=r)
+        self.http_seconds = Histogram("http_request_duration_seconds", "HTTP request latency by route pattern.",
+                                      ["route"], namespace=ns, registry=r, buckets=buckets)
+        self.node_request_seconds = Histogram("node_request_duration_seconds",
+                                              "Admission to result inside the node, by function (the gateway's "
+                                              "request_duration_seconds adds HTTP, decoding and encoding).",
+                                              ["function"], namespace=ns, registry=r, buckets=buckets)
+        self.queue_seconds = Histogram("queue_seconds", "Time a request waited before a device started it.",
+                                       ["function"], namespace=ns, registry=r, buckets=buckets)
+        self.compute_seconds = Histogram("compute_seconds", "Execution time of one (batched) run on a device.",
+                                         ["device"], namespace=ns, registry=r, buckets=buckets)
+        self.swap_seconds = Histogram("swap_seconds", "Duration of one swap-in (copies overlapped with compute).",
+                                      ["device"], namespace=ns, registry=r, buckets=buckets)
+        self.swap_bytes = Counter("swap_bytes", "Weight bytes copied onto a device by swap-ins.",
+                                  ["device"], namespace=ns, registry=r)
+        self.evictions = Counter("evictions", "Models (wholly or partly) evicted from a device.",
+                                 ["device"], namespace=ns, registry=r)
+        self.slo_misses = Counter("slo_misses", "Requests that finished after, or were refused for, their SLO.",
+                                  ["function"], namespace=ns, registry=r)
+        self.pool_used = Gauge("pool_used_bytes", "Device weight-pool bytes in use.", ["device"],
+                               namespace=ns, registry=r)
+        self.pool_size = Gauge("pool_size_bytes", "Device weight-pool bytes reserved.", ["device"],
+                               namespace=ns, registry=r)
+        self.host_store_used = Gauge("host_store_used_bytes", "Pinned host-store bytes holding models.",
+                                     namespace=ns, registry=r)
+        self.host_store_capacity = Gauge("host_store_capacity_bytes", "Pinned host-store capacity.",
+                                         namespace=ns, registry=r)
+        self.queued = Gauge("queued_requests", "Requests waiting for a device right now.", namespace=ns, registry=r)
+
+    # -- gateway ----------------------------------------------------------------------------------------------
+
+    def observe_http(self, route: str, method: str, code: int, seconds: float) -> None:
+        self.http_requests.labels(route, method, str(code)).inc()
+        self.http_seconds.labels(route).observe(seconds)
+
+    def observe_request(self, function: str, code: int, seconds: float) -> None:
+        """One infer request of an existing function, whatever its outcome (errors included)."""
+        self.requests.labels(function, str(code)).inc()
+        self.request_seconds.labels(function).observe(seconds)
+
+    def observe_status(self, status: NodeStatus) -> None:
+        """Set every gauge from a node snapshot (the gateway calls this before each scrape, so gauges are
+        current without the node pushing them)."""
+        for d in status.devices:
+            self.set_pool(d.device, d.pool_used_bytes, d.pool_bytes)
+        self.set_host_store(status.host_store_bytes, status.host_store_capacity)
+        self.set_queued(status.queued)
+
+    # -- node -------------------------------------------------------------------------------------------------
+
+    def observe_node_request(self, function: str, seconds: float) -> None:
+        """One request completed by the node, from admission to result."""
+        self.node_request_seconds.labels(function).observe(seconds)
+
+    def observe_queue(self, function: str, seconds: float) -> None:
+        self.queue_seconds.labels(function).observe(seconds)
+
+    def observe_compute(self, device: str, seconds: float) -> None:
+        self.compute_seconds.labels(device).observe(seconds)
+
+    def observe_swap(self, device: str, seconds: float, nbytes: int) -> None:
+        """One swap-in that copied ``nbytes`` of weights (only the missing pages of a partly resident model)."""
+        self.swap_seconds.labels(device).observe(seconds)
+        self.swap_bytes.labels(device).inc(nbytes)
+
+    def count_eviction(self, device: str, n: int = 1) -> None:
+        self.evictions.labels(device).inc(n)
+
+    def count_slo_miss(self, function: str, n: int = 1) -> None:
+        self.slo_misses.labels(function).inc(n)
+
+    def set_pool(self, device: str, used_bytes: int, total_bytes: int) -> None:
+        self.pool_used.labels(device).set(used_bytes)
+        self.pool_size.labels(device).set(total_bytes)
+
+    def set_host_store(self, used_bytes: int, capacity_bytes: int) -> None:
+        self.host_store_used.set(used_bytes)
+        self.host_store_capacity.set(capacity_bytes)
+
+    def set_queued(self, n: int) -> None:
+        self.queued.set(n)
+
+    def forget_function(self, function: str) -> None:
+        """Drop a deleted function's series, so thousands of short-lived functions don't accumulate."""
+        # ``remove`` ignores label sets never observed. (``remove_by_labels`` would do this in one call, but only
+        # recent prometheus_client releases have it; pyproject allows >= 0.17.)
+        for metric in (self.request_seconds, self.node_request_seconds, self.queue_seconds, self.slo_misses):
+            metric.remove(function)
+        for code in _label_values(self.requests, "function", function, "code"):
+            self.requests.remove(function, code)
+
+    EVENTS: dict[str, str] = {
+        "http": "observe_http", "request": "observe_node_request", "queue": "observe_queue",
+        "compute": "observe_compute", "swap": "observe_swap", "eviction": "count_eviction",
+        "slo_miss": "count_slo_miss", "pool": "set_pool", "host_store": "set_host_store", "queued": "set_queued",
+    }
+    """Event name → the method :meth:`observe` calls with the event's arguments."""
+
+    def observe(self, event: str, *args: Any) -> None:
+        """``observe("swap", device, seconds, nbytes)`` is ``observe_swap(device, seconds, nbytes)``, and so on
+        through :attr:`EVENTS`. An unknown event raises ValueError, so a typo fails in tests, not silently."""
+        method = self.EVENTS.get(event)
+        if method is None:
+            raise ValueError(f"unknown metrics event {event!r} (known: {', '.join(self.EVENTS)})")
+        getattr(self, method)(*args)
+
+    # -- exposition -------------------------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """Prometheus text format of every collector; serve with :attr:`content_type`."""
+        return generate_latest(self.registry)
+
+
+def _label_values(metric: Counter, key: str, value: str, wanted: str) -> list[str]:
+    """Values of label ``wanted`` among the series of ``metric`` whose label ``key`` is ``value``."""
+    found = set()
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.labels.get(key) == value and wanted in sample.labels:
+                found.add(sample.labels[wanted])
+    return sorted(found)
+
+
+__all__ = ["LATENCY_BUCKETS", "Metrics"]

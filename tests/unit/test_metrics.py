@@ -1,0 +1,139 @@
+"""Metrics: private registries, every collector the node calls, and the text exposition."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from swapserve.metrics import LATENCY_BUCKETS, Metrics
+from swapserve.node.api import DeviceStatus, NodeStatus
+
+
+def test_each_instance_has_its_own_registry() -> None:
+    a, b = Metrics(), Metrics()  # a second node in the same process: no duplicate-timeseries error
+    a.observe_request("f", 200, 0.01)
+    assert a.registry.get_sample_value("swapserve_requests_total", {"function": "f", "code": "200"}) == 1
+    assert b.registry.get_sample_value("swapserve_requests_total", {"function": "f", "code": "200"}) is None
+
+
+def test_buckets_cover_a_tenth_of_a_millisecond_to_ten_seconds() -> None:
+    assert LATENCY_BUCKETS[0] == 0.0001 and LATENCY_BUCKETS[-1] == 10.0
+    assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))
+    m = Metrics()
+    m.observe_queue("f", 0.00005)
+    m.observe_queue("f", 0.003)
+    m.observe_queue("f", 30.0)
+    get = m.registry.get_sample_value
+    assert get("swapserve_queue_seconds_bucket", {"function": "f", "le": "0.0001"}) == 1
+    assert get("swapserve_queue_seconds_bucket", {"function": "f", "le": "0.005"}) == 2
+    assert get("swapserve_queue_seconds_bucket", {"function": "f", "le": "10.0"}) == 2
+    assert get("swapserve_queue_seconds_bucket", {"function": "f", "le": "+Inf"}) == 3
+    assert get("swapserve_queue_seconds_count", {"function": "f"}) == 3
+
+
+def test_node_and_gateway_methods_record_in_base_units() -> None:
+    m = Metrics()
+    get = m.registry.get_sample_value
+    m.observe_request("f", 200, 0.002)
+    m.observe_request("f", 200, 0.004)
+    m.observe_request("f", 429, 0.0001)
+    m.observe_http("/v2/models/{name}/infer", "POST", 200, 0.002)
+    m.observe_compute("cuda:0", 0.0037)
+    m.observe_swap("cuda:0", 0.0019, 102_000_000)
+    m.observe_swap("cuda:0", 0.0021, 50_000_000)
+    m.count_eviction("cuda:0")
+    m.count_eviction("cuda:0", 2)
+    m.count_slo_miss("f")
+    m.set_pool("cuda:0", 3 << 30, 8 << 30)
+    m.set_host_store(10 << 30, 16 << 30)
+    m.set_queued(5)
+    assert get("swapserve_requests_total", {"function": "f", "code": "200"}) == 2
+    assert get("swapserve_requests_total", {"function": "f", "code": "429"}) == 1
+    assert abs(get("swapserve_request_duration_seconds_sum", {"function": "f"}) - 0.0061) < 1e-12
+    assert get("swapserve_http_requests_total", {"route": "/v2/models/{name}/infer", "method": "POST",
+                                                 "code": "200"}) == 1
+    assert get("swapserve_http_request_duration_seconds_count", {"route": "/v2/models/{name}/infer"}) == 1
+    assert get("swapserve_compute_seconds_count", {"device": "cuda:0"}) == 1
+    assert get("swapserve_swap_seconds_count", {"device": "cuda:0"}) == 2
+    assert get("swapserve_swap_bytes_total", {"device": "cuda:0"}) == 152_000_000
+    assert get("swapserve_evictions_total", {"device": "cuda:0"}) == 3
+    assert get("swapserve_slo_misses_total", {"function": "f"}) == 1
+    assert get("swapserve_pool_used_bytes", {"device": "cuda:0"}) == 3 << 30
+    assert get("swapserve_pool_size_bytes", {"device": "cuda:0"}) == 8 << 30
+    assert get("swapserve_host_store_used_bytes") == 10 << 30
+    assert get("swapserve_host_store_capacity_bytes") == 16 << 30
+    assert get("swapserve_queued_requests") == 5
+
+
+def test_observe_dispatches_events_by_name() -> None:
+    m = Metrics()
+    m.observe("request", "f", 0.004)
+    m.observe("queue", "f", 0.001)
+    m.observe("swap", "cuda:1", 0.002, 4096)
+    m.observe("eviction", "cuda:1", 2)
+    m.observe("slo_miss", "f")
+    m.observe("pool", "cuda:1", 10, 20)
+    m.observe("host_store", 30, 40)
+    m.observe("queued", 3)
+    m.observe("compute", "cuda:1", 0.003)
+    get = m.registry.get_sample_value
+    assert get("swapserve_node_request_duration_seconds_count", {"function": "f"}) == 1
+    assert get("swapserve_request_duration_seconds_count", {"function": "f"}) is None  # the gateway's, apart
+    assert get("swapserve_queue_seconds_count", {"function": "f"}) == 1
+    assert get("swapserve_swap_bytes_total", {"device": "cuda:1"}) == 4096
+    assert get("swapserve_evictions_total", {"device": "cuda:1"}) == 2
+    assert get("swapserve_slo_misses_total", {"function": "f"}) == 1
+    assert get("swapserve_pool_size_bytes", {"device": "cuda:1"}) == 20
+    assert get("swapserve_host_store_capacity_bytes") == 40 and get("swapserve_queued_requests") == 3
+    assert get("swapserve_compute_seconds_count", {"device": "cuda:1"}) == 1
+    with pytest.raises(ValueError, match="unknown metrics event 'swapp'"):
+        m.observe("swapp", "cuda:1", 0.1, 1)
+
+
+def test_observe_status_sets_every_gauge() -> None:
+    m = Metrics()
+    status = NodeStatus(ready=True, functions=3, host_store_bytes=100, host_store_capacity=1000, queued=7,
+                        devices=(DeviceStatus("cuda:0", "H200", 800, 200, ("a",)),
+                                 DeviceStatus("cuda:1", "H200", 800, 0, ())))
+    m.observe_status(status)
+    get = m.registry.get_sample_value
+    assert get("swapserve_pool_used_bytes", {"device": "cuda:0"}) == 200
+    assert get("swapserve_pool_size_bytes", {"device": "cuda:1"}) == 800
+    assert get("swapserve_host_store_used_bytes") == 100 and get("swapserve_queued_requests") == 7
+
+
+def test_forget_function_drops_its_series_only() -> None:
+    m = Metrics()
+    for fn in ("gone", "kept"):
+        m.observe_request(fn, 200, 0.01)
+        m.observe_request(fn, 503, 0.01)
+        m.observe_queue(fn, 0.001)
+        m.observe_node_request(fn, 0.002)
+        m.count_slo_miss(fn)
+    m.forget_function("gone")
+    m.forget_function("never-seen")  # harmless
+    assert 'function="gone"' not in m.render().decode()
+    get = m.registry.get_sample_value
+    assert get("swapserve_requests_total", {"function": "kept", "code": "503"}) == 1
+    assert get("swapserve_queue_seconds_count", {"function": "kept"}) == 1
+    assert get("swapserve_node_request_duration_seconds_count", {"function": "kept"}) == 1
+    assert get("swapserve_slo_misses_total", {"function": "kept"}) == 1
+
+
+def test_render_is_parseable_prometheus_text() -> None:
+    m = Metrics()
+    m.observe_request("f", 200, 0.01)
+    m.observe_swap("cpu", 0.5, 1 << 20)
+    text = m.render()
+    assert isinstance(text, bytes)
+    assert m.content_type.startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+    assert families["swapserve_request_duration_seconds"].type == "histogram"
+    assert families["swapserve_requests"].type == "counter"
+    assert families["swapserve_pool_used_bytes"].type == "gauge"
+    names = {"swapserve_queue_seconds", "swapserve_swap_seconds", "swapserve_swap_bytes", "swapserve_evictions",
+             "swapserve_slo_misses", "swapserve_host_store_used_bytes", "swapserve_host_store_capacity_bytes",
+             "swapserve_queued_requests", "swapserve_compute_seconds", "swapserve_pool_size_bytes",
+             "swapserve_http_requests", "swapserve_http_request_duration_seconds",
+             "swapserve_node_request_duration_seconds"}
+    assert names <= set(families)
