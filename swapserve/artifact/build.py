@@ -176,6 +176,17 @@ def _check_signature(ep: ExportedProgram, name: str) -> None:
             raise ExportError(f"{name}: the model mutates its state during forward ({spec.kind.name} {spec.target}); "
                               "served models must be pure functions of their inputs (call .eval(), avoid in-place "
                               "updates of buffers)")
+    for node in ep.graph.nodes:  # recent torch.export keeps in-place updates as in-place ops
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        for arg_schema, arg in zip(schema.arguments, (*node.args, *(node.kwargs.get(a.name) for a in
+                                                                    schema.arguments[len(node.args):]))):
+            info = arg_schema.alias_info
+            if info is not None and info.is_write and getattr(arg, "op", None) == "placeholder":
+                raise ExportError(f"{name}: the model mutates its state: it updates {arg.name!r} in place during forward ({node.target}); "
+                                  "served models must be pure functions of their inputs (call .eval(), avoid in-place "
+                                  "updates of buffers and inputs)")
     for spec in sig.input_specs:
         if spec.kind == InputKind.CUSTOM_OBJ:
             raise ExportError(f"{name}: custom objects ({spec.target}) are not supported")

@@ -71,7 +71,7 @@ def last_chunk_of(slots: tuple[Slot, ...], chunks: tuple[Chunk, ...]) -> list[in
     out = []
     ci = 0
     for s in slots:
-        last = s.offset + max(s.nbytes, 1) - 1
+        last = min(s.offset + max(s.nbytes, 1) - 1, chunks[-1].end - 1)  # an empty last weight sits at the end
         while chunks[ci].end <= last:
             ci += 1
         out.append(ci)

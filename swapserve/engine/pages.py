@@ -134,7 +134,13 @@ class PagePool:
         """
         p = self.placements[model]
         need = [i for i in range(p.n_slots) if not p.valid[i]][:limit]
-        kept = [i for i in need if (pg := p.slots[i]) is not None and (pg in self._free or self.owner[pg] == (model, i))]
+        kept: list[int] = []
+        claimed: set[int] = set()  # after a remap, a stale slot may still map a page another slot now uses
+        for i in need:
+            pg = p.slots[i]
+            if pg is not None and pg not in claimed and (pg in self._free or self.owner[pg] == (model, i)):
+                kept.append(i)
+                claimed.add(pg)
         rest = [i for i in need if i not in set(kept)]
         deficit = len(rest) - (len(self._free) - sum(p.slots[i] in self._free for i in kept))
         plan_take = self._choose_victims(model, rest, deficit, value or self.value) if deficit > 0 else []
@@ -153,13 +159,17 @@ class PagePool:
             q.state = Residency.PARTIAL if q.valid_count else Residency.ABSENT
             taken.append((q.model, tuple(grab)))
         remaps = []
-        for i in rest:
+        unmapped = []
+        for i in rest:  # first, slots whose mapped page a victim just freed: no remap
             old = p.slots[i]
             if old is not None and old in self._free:
-                new = old  # a victim's page this slot already maps: no remap
+                self._free.discard(old)
+                self.owner[old] = (model, i)
             else:
-                new = next(iter(self._free))
-                remaps.append(Remap(i, old, new))
+                unmapped.append(i)
+        for i in unmapped:
+            new = next(iter(self._free))
+            remaps.append(Remap(i, p.slots[i], new))
             self._free.discard(new)
             self.owner[new] = (model, i)
             p.slots[i] = new
@@ -206,6 +216,11 @@ class PagePool:
         p = self.placements[model]
         assert p.pins > 0
         p.pins -= 1
+        if not p.pins:  # pages claimed for a load that never landed (failed, or cut short) go back
+            for i, pg in enumerate(p.slots):
+                if pg is not None and not p.valid[i] and self.owner[pg] == (model, i):
+                    self.owner[pg] = None
+                    self._free.add(pg)
         if p.state == Residency.LOADING:  # a load that did not report its slots: they stay invalid
             p.state = Residency.RESIDENT if p.valid_count == p.n_slots else (
                 Residency.PARTIAL if p.valid_count else Residency.ABSENT)

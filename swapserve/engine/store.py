@@ -88,7 +88,7 @@ class HostStore:
     # --- registry of models -------------------------------------------------------------------
 
     def add(self, key: str, artifact: Artifact, load: bool = True) -> HostEntry:
-        if not _KEY.match(key):
+        if not _KEY.fullmatch(key):
             raise ArtifactError(f"invalid model key {key!r}: use letters, digits, '_', '.', '-' (max 128)")
         with self._lock:
             if key in self._entries:
@@ -184,6 +184,10 @@ class HostStore:
         return self.root / f"{key}.bin"
 
     def _make_room(self, nbytes: int, for_key: str) -> None:
+        spillable = sum(e.nbytes for e in self._entries.values() if e.state is HostState.MEMORY and not e.pins)
+        if self.used_bytes - spillable + nbytes > self.capacity:  # refuse before spilling anything
+            raise PoolBusyError(f"host store full: cannot load {for_key!r} ({nbytes / 2**20:.1f} MiB) while the models "
+                                "in use hold the rest; retry when they finish")
         while self.used_bytes + nbytes > self.capacity:
             victims = sorted((e for e in self._entries.values() if e.state is HostState.MEMORY and not e.pins),
                              key=self.value)
@@ -219,6 +223,7 @@ class HostStore:
             del dst
             os.rename(tmp, path)
         except BaseException:
+            dst = None  # drop the view first, or closing the map fails and hides the real error
             mm.close()
             tmp.unlink(missing_ok=True)
             raise

@@ -166,10 +166,6 @@ def test_failed_export_names_the_cause_and_leaves_nothing(tmp_path, max_batch):
     assert listing(out) == []  # no artifact, no hidden .dd.tmp-* directory
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: torch.export now returns non-functional IR, so an in-place update "
-                   "of a buffer stays an aten.add_ on the weight placeholder and never shows up as a BUFFER_MUTATION "
-                   "output; _check_signature (build.py) lets stateful models through, and on the engine their "
-                   "outputs drift from run to run and reset on every swap-in")
 def test_a_model_that_mutates_its_state_is_refused(tmp_path):
     with pytest.raises(ExportError, match="mutates its state"):
         build_artifact(MutatesBuffer(), (torch.randn(1, 8),), tmp_path / "m", name="m")

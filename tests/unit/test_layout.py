@@ -164,9 +164,6 @@ def test_zero_size_weight_inside_the_buffer():
     assert got == [brute_last_chunk(s, chunks) for s in layout.slots]
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="BUG: last_chunk_of runs past the last chunk for a "
-                   "zero-size weight at the end of the buffer (layout.py last_chunk_of); such a model (e.g. an "
-                   "unused empty buffer, which goes last) cannot be added to an engine")
 def test_zero_size_weight_at_the_end():
     m = manifest_of(("a", "float32", (128,)), ("empty", "float32", (0,)))
     layout = Layout.of(m, 512)

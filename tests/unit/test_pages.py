@@ -299,8 +299,6 @@ def test_victim_pages_mapped_by_the_returning_model_are_taken_first_and_not_rema
     assert b.slots[lost] == a_slots[1] and not b.valid[lost]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: acquire hands a slot's own freed page to an earlier slot, so "
-                   "two slots are remapped where one would do (pages.py, the `for i in rest` loop)")
 def test_slots_whose_old_page_a_victim_freed_keep_it():
     pool = pool_of(4, a=2, b=3, c=1)
     swap_in(pool, "a", 1.0)  # a: slots -> pages 0, 1
@@ -370,8 +368,6 @@ def test_evict_of_a_pinned_model_raises():
     pool.check()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pages of a load that never reported (release while LOADING) "
-                   "stay owned by the ABSENT model and can never be taken (pages.py release/_choose_victims)")
 def test_pages_of_an_interrupted_load_can_be_reclaimed():
     # In the engine this is any run that raises before pool.loaded(), e.g. an out-of-vocabulary
     # token id: afterwards every other model gets PoolBusyError until someone calls evict().
@@ -481,15 +477,11 @@ def test_random_sequences_keep_the_invariants(seed):
     _random_run(seed, with_limit=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after an acquire with `limit`, two slots of one model can map the "
-                   "same page, and a later acquire keeps it for both (pages.py acquire, `kept`)")
 def test_random_sequences_with_limit_keep_the_invariants():
     for seed in range(10):
         _random_run(seed, with_limit=True)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after an acquire with `limit`, two slots of one model can map the "
-                   "same page, and a later acquire keeps it for both (pages.py acquire, `kept`)")
 def test_limited_acquire_never_lets_two_slots_load_into_one_page():
     # engine.prefetch(max_bytes=...) is an acquire with a limit; the next infer after churn hits this
     pool = pool_of(2, a=2, c=1, f=1)

@@ -197,9 +197,6 @@ def test_pinned_entries_are_never_spilled(arts, store):
     assert slot_bytes(s.get("a")) == expected_bytes(arts["one-a"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: HostStore._make_room spills unpinned models one by one before "
-                   "finding that the pinned ones leave too little room; the refused load still evicted them "
-                   "(store.py _make_room)")
 def test_a_refused_load_spills_nothing(arts, store):
     s = store(size(arts["one-a"]) + size(arts["two"]) - 1)
     s.add("a", arts["one-a"])
@@ -270,9 +267,6 @@ def test_remove_deletes_the_shared_memory_file(arts, store):
     assert files(s.root) == [] and s.entries() == []
 
 
-@pytest.mark.xfail(strict=True, raises=BufferError, reason="BUG: when filling the buffer fails, HostStore._load "
-                   "closes the mmap while its numpy view `dst` is alive: BufferError replaces the ArtifactError and "
-                   "the '<key>.tmp' shared-memory file is left behind (store.py _load, except branch)")
 def test_a_failed_load_leaves_nothing(arts, store, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(arts["one-a"].path, bad)
@@ -309,9 +303,6 @@ def test_valid_keys_are_accepted(arts, store, key):
     assert files(s.root) == [f"{key}.bin"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the key pattern ends in '$', which also matches before a trailing "
-                   "newline, so 'a\\n' is accepted and becomes a file name with a newline (store.py _KEY; use "
-                   "_KEY.fullmatch or '\\Z')")
 def test_a_key_with_a_trailing_newline_is_rejected(arts, store):
     s = store(8 << 20)
     with pytest.raises(ArtifactError, match="invalid model key"):
