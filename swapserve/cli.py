@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from swapserve.config import MiB, env, parse_bytes
 from swapserve.errors import SwapserveError
+
+if TYPE_CHECKING:
+    from swapserve.client import Client
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -67,17 +73,247 @@ def _demo(args: argparse.Namespace) -> int:
         store.close()
 
 
+# --- client commands --------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from swapserve.client import Client
+
+    return Client(url=getattr(args, "url", None), token=getattr(args, "token", None))
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    """Build the bundle here (the tenant's model code runs on the client), pack it, upload it."""
+    from swapserve.functions.build import build_bundle
+    from swapserve.functions.bundle import pack
+
+    client = _client(args)
+    with tempfile.TemporaryDirectory(prefix="swapserve-deploy-") as tmp:
+        bundle = Path(tmp) / "bundle"
+        spec = build_bundle(Path(args.dir), bundle, progress=lambda line: print(line, flush=True))
+        archive = pack(bundle)
+        print(f"{spec.name}: uploading {archive.stat().st_size / 1e6:.1f} MB to {client.url} ...", flush=True)
+        info = client.deploy(archive)
+    print(f"{_field(info, 'name') or spec.name}: version {info.get('version', '?')}, {info.get('state', '?')}"
+          + (f" ({info['reason']})" if info.get("reason") else ""))
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    functions = _client(args).list_functions()
+    rows = [("NAME", "VERSION", "STATE", "SLO_MS", "MAX_BATCH", "WEIGHTS")]
+    for f in functions:
+        spec = f.get("spec") or {}
+        rows.append((str(_field(f, "name")), str(f.get("version", "")), str(f.get("state", "")),
+                     f"{spec.get('slo_ms', '')}", str(spec.get("max_batch", "")), _size(f.get("nbytes"))))
+    if len(rows) == 1:
+        print("no functions deployed")
+        return 0
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    _client(args).delete(args.name)
+    print(f"deleted {args.name}")
+    return 0
+
+
+def _invoke(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    client = _client(args)
+    meta = client.model_metadata(args.name)
+    declared = {t["name"]: t for t in meta.get("inputs", [])}
+    inputs: dict[str, np.ndarray] = {}
+    if args.random:
+        rng = np.random.default_rng(args.seed)
+        for name, t in declared.items():
+            inputs[name] = _random_tensor(rng, t["datatype"], [1 if d == -1 else int(d) for d in t["shape"]])
+    for item in args.input or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--input {item!r}: expected NAME=FILE.npy or NAME=JSONLIST")
+        if name not in declared:
+            raise UsageError(f"--input {name}: {args.name} has no input {name!r} (inputs: {', '.join(declared)})")
+        inputs[name] = _read_input(name, value, declared[name])
+    missing = [n for n in declared if n not in inputs]
+    if missing:
+        raise UsageError(f"missing inputs {missing}: give --input NAME=... for each, or --random")
+    import swapserve.gateway.oip  # noqa: F401 - the codec's first import is not part of the latency
+
+    t0 = time.perf_counter()
+    outputs = client.infer(args.name, inputs, binary=not args.json)
+    ms = (time.perf_counter() - t0) * 1e3
+    for name, t in outputs.items():
+        flat = t.reshape(-1)[:6].tolist()
+        print(f"{name}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)} "
+              f"{[round(v, 5) if isinstance(v, float) else v for v in flat]}{' ...' if t.numel() > 6 else ''}")
+    print(f"latency: {ms:.2f} ms (round trip, {'binary' if not args.json else 'JSON'} tensors)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    s = _client(args).status()
+    print(f"node: {'ready' if s.get('ready') else 'not ready'}, {s.get('functions', 0)} functions, "
+          f"{s.get('queued', 0)} requests queued")
+    print(f"host store: {_size(s.get('host_store_bytes'))} of {_size(s.get('host_store_capacity'))}")
+    for d in s.get("devices", []):
+        print(f"{d.get('device')} ({d.get('name', '')}): pool {_size(d.get('pool_used_bytes'))} of "
+              f"{_size(d.get('pool_bytes'))}{', busy' if d.get('busy') else ''}")
+        print(f"  resident: {', '.join(d.get('resident') or []) or '-'}"
+              + (f"; partial: {', '.join(d['partial'])}" if d.get("partial") else ""))
+    for k, v in (s.get("extra") or {}).items():
+        print(f"{k}: {v:g}" if isinstance(v, (int, float)) else f"{k}: {v}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Parse the flags into a ServeConfig and run the node (swapserve.node.serve)."""
+    from swapserve.node.config import ServeConfig, parse_devices
+
+    given = {k: v for k, v in {
+        "home": Path(args.home).expanduser() if args.home else None,
+        "host": args.host, "port": args.port,
+        "devices": parse_devices(args.devices) if args.devices is not None else None,
+        "pool_bytes": args.pool, "workspace_bytes": args.workspace, "host_store_bytes": args.host_store,
+        "token": getattr(args, "token", None), "demo": args.demo or None,
+    }.items() if v is not None}
+    try:
+        config = ServeConfig(**given)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        from swapserve.node.serve import run
+    except ModuleNotFoundError as e:
+        if e.name != "swapserve.node.serve":
+            raise
+        raise UsageError("this installation has no node server (swapserve.node.serve)") from None
+    return int(run(config) or 0)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+class UsageError(SwapserveError):
+    """A command line that cannot be acted on."""
+
+    http_status = 400
+
+
+def _field(info: dict[str, Any], key: str) -> Any:
+    """A function's field, at the top level or inside its spec."""
+    return info.get(key, (info.get("spec") or {}).get(key))
+
+
+def _size(n: object) -> str:
+    if not isinstance(n, (int, float)):
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _random_tensor(rng: Any, datatype: str, shape: list[int]) -> Any:
+    """Random data of a declared input. Integers are 0 or 1: valid token ids and attention masks for
+    any model, where larger values could index past a vocabulary."""
+    from swapserve.tensors import numpy_dtype
+
+    dtype = numpy_dtype("FP32" if datatype == "BF16" else datatype)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    return rng.integers(0, 2, shape).astype(dtype)
+
+
+def _read_input(name: str, value: str, declared: dict[str, Any]) -> Any:
+    """``FILE.npy`` (loaded without pickle) or a JSON list; cast to the declared datatype, and given a
+    batch dimension of 1 when it has one dimension fewer than declared."""
+    import numpy as np
+
+    from swapserve.tensors import numpy_dtype
+
+    if value.endswith(".npy"):
+        try:
+            arr = np.load(value, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--input {name}: cannot read {value}: {e}") from None
+    else:
+        try:
+            arr = np.asarray(json.loads(value))
+        except (json.JSONDecodeError, ValueError) as e:
+            raise UsageError(f"--input {name}: not a .npy file nor a JSON list: {e}") from None
+    datatype = declared["datatype"]
+    if datatype != "BF16":
+        arr = arr.astype(numpy_dtype(datatype))
+    if arr.ndim == len(declared["shape"]) - 1:
+        arr = arr[None]
+    return arr
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swapserve", description="GPU-efficient serverless inference.")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    # Client flags are accepted before or after the subcommand; SUPPRESS keeps a subcommand's unset flag
+    # from overwriting one given before it.
+    p.add_argument("--url", help="the node's URL (default: $SWAPSERVE_URL or http://127.0.0.1:8000)")
+    p.add_argument("--token", help="management token (default: $SWAPSERVE_TOKEN)")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--url", default=argparse.SUPPRESS, help="the node's URL (default: $SWAPSERVE_URL)")
+    remote.add_argument("--token", default=argparse.SUPPRESS, help="management token (default: $SWAPSERVE_TOKEN)")
     sub = p.add_subparsers(dest="command", required=True)
+
     d = sub.add_parser("demo", help="swap a zoo model in and run it (works without a GPU)")
     d.add_argument("--model", default="resnet18", help="zoo model (default resnet18)")
     d.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
     d.add_argument("--pool", default="256MiB", help="device weight pool (default 256MiB)")
     d.add_argument("--runs", type=int, default=5)
     d.set_defaults(func=_demo)
+
+    s = sub.add_parser("deploy", parents=[remote], help="build a function directory's bundle and deploy it")
+    s.add_argument("dir", help="a directory with function.yaml (see examples/)")
+    s.set_defaults(func=_deploy)
+    s = sub.add_parser("ls", parents=[remote], help="list deployed functions")
+    s.set_defaults(func=_ls)
+    s = sub.add_parser("rm", parents=[remote], help="delete a function")
+    s.add_argument("name")
+    s.set_defaults(func=_rm)
+    s = sub.add_parser("invoke", parents=[remote], help="run one request and print the outputs and latency")
+    s.add_argument("name")
+    s.add_argument("--input", action="append", metavar="NAME=FILE.npy|NAME=JSONLIST",
+                   help="an input tensor (repeat for each input)")
+    s.add_argument("--random", action="store_true",
+                   help="random inputs of the declared shapes, batch 1 (from GET /v2/models/NAME)")
+    s.add_argument("--seed", type=int, default=0, help="seed for --random")
+    s.add_argument("--json", action="store_true", help="send and receive tensors as JSON, not binary")
+    s.set_defaults(func=_invoke)
+    s = sub.add_parser("status", parents=[remote], help="devices, pool use, resident models, host store, queue")
+    s.set_defaults(func=_status)
+
+    s = sub.add_parser("serve", help="run a node: gateway, controller and one worker per device")
+    s.add_argument("--home", help="state directory (default: $SWAPSERVE_HOME or ~/.swapserve)")
+    s.add_argument("--host", help="listen address (default 127.0.0.1; 0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, help="listen port (default 8000)")
+    s.add_argument("--devices", help='"cpu", "cuda:0,cuda:1" or "0,1" (default: every GPU, else cpu)')
+    s.add_argument("--pool", type=_bytes, help="weight pool per device, e.g. 16GiB (default: sized at start)")
+    s.add_argument("--workspace", type=_bytes, help="activation workspace per device (default 512MiB)")
+    s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
+    s.add_argument("--token", default=argparse.SUPPRESS,
+                   help="token the management API requires (default: $SWAPSERVE_TOKEN)")
+    s.add_argument("--demo", action="store_true", help="deploy the example functions from examples/ at start")
+    s.set_defaults(func=_serve)
     return p
+
+
+def _bytes(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,101 @@
+"""How a node is started: ``swapserve serve``'s flags as one typed, checked dataclass.
+
+``swapserve serve`` only parses flags into a :class:`ServeConfig` and hands it to
+``swapserve.node.serve.run``; tests and embedders build one directly. Defaults that come from the
+environment (``SWAPSERVE_HOME``, ``SWAPSERVE_TOKEN``, ``SWAPSERVE_SHM_DIR``) are read through
+:func:`swapserve.config.env` when a config is created, never at import.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swapserve.config import GiB, MiB, env
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+"""The repository's example functions (present in a source checkout or an editable install)."""
+
+DEMO_FUNCTIONS = ("resnet50-classifier", "bert-base-encoder", "minilm-embedding")
+"""Example function directories deployed by ``--demo``, in this order."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """A node's settings. Sizes are in bytes; ``None`` means the node sizes it at start (see each field)."""
+
+    home: Path = field(default_factory=lambda: env().home)
+    """The node's state: registry database and deployed bundles (``SWAPSERVE_HOME``, default ~/.swapserve)."""
+    host: str = "127.0.0.1"
+    """Interface the HTTP server listens on; ``0.0.0.0`` for every interface (then set a token)."""
+    port: int = 8000
+    """HTTP port (the client's default ``SWAPSERVE_URL`` is http://127.0.0.1:8000)."""
+    devices: tuple[str, ...] = ()
+    """Devices to run GPU workers on (``cuda:N``, or ``cpu`` for one CPU worker). Empty: every visible
+    GPU, or ``cpu`` where there is none (:meth:`resolved_devices`)."""
+    pool_bytes: int | None = None
+    """Weight pool reserved per device at start. None: the node takes the device's free memory less the
+    workspace and a safety margin (on ``cpu``, 1 GiB)."""
+    workspace_bytes: int = 512 * MiB
+    """Activation workspace per device, shared by the models on it (one runs at a time)."""
+    host_store_bytes: int | None = None
+    """Capacity of the pinned host store shared by all workers; beyond it models spill to their
+    safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``."""
+    shm_dir: Path = field(default_factory=lambda: env().shm_dir)
+    """Where the host store's shared-memory buffers live (``SWAPSERVE_SHM_DIR``, default /dev/shm)."""
+    token: str | None = field(default_factory=lambda: env().token)
+    """Bearer token the management API requires (``SWAPSERVE_TOKEN``). None: no token (local use only)."""
+    max_upload_bytes: int = 8 * GiB
+    """Largest deploy upload (the compressed bundle). Weights hardly compress: about the model's size."""
+    max_bundle_bytes: int = 16 * GiB
+    """Largest unpacked deploy bundle (``swapserve.functions.bundle.unpack``'s ``max_bytes``)."""
+    demo: bool = False
+    """Deploy the example functions (``DEMO_FUNCTIONS`` under ``examples_dir``) at start, building their
+    artifacts in the node's process (trusted code; minutes on a CPU for resnet50 and bert-base)."""
+    examples_dir: Path = EXAMPLES_DIR
+    """Where ``demo`` finds the example function directories."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not in 0..65535")
+        for d in self.devices:
+            if d != "cpu" and not re.fullmatch(r"cuda:\d+", d):
+                problems.append(f"device {d!r} is not 'cpu' or 'cuda:N'")
+        if len(set(self.devices)) != len(self.devices):
+            problems.append(f"devices {list(self.devices)} name a device twice")
+        if "cpu" in self.devices and len(self.devices) > 1:
+            problems.append("'cpu' cannot be mixed with GPUs")
+        for name in ("pool_bytes", "workspace_bytes", "host_store_bytes", "max_upload_bytes", "max_bundle_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name} must be positive, not {value}")
+        if self.token is not None and not self.token.strip():
+            problems.append("token must not be empty")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def resolved_devices(self) -> tuple[str, ...]:
+        """``devices``, or every visible GPU, or ``("cpu",)`` where there is none."""
+        if self.devices:
+            return self.devices
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return tuple(f"cuda:{i}" for i in range(n)) or ("cpu",)
+
+    def demo_dirs(self) -> tuple[Path, ...]:
+        """The example function directories ``demo`` deploys."""
+        return tuple(self.examples_dir / name for name in DEMO_FUNCTIONS)
+
+
+def parse_devices(text: str) -> tuple[str, ...]:
+    """``"cpu"``, ``"cuda:0,cuda:1"``, ``"0,1"`` (shorthand for cuda:N) or ``"all"``/``""`` (auto) → devices."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if items in ([], ["all"], ["auto"]):
+        return ()
+    return tuple(f"cuda:{s}" if s.isdigit() else s for s in items)
+
+
+__all__ = ["DEMO_FUNCTIONS", "EXAMPLES_DIR", "ServeConfig", "parse_devices"]
