@@ -215,15 +215,16 @@ class HostStore:
             mm = mmap.mmap(fd, entry.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        # No view of the map may outlive the fill: closing it on failure would raise and hide the real error.
+        views = [np.frombuffer(mm, dtype=np.uint8)]
         try:
-            dst = np.frombuffer(mm, dtype=np.uint8)
             with entry.artifact.open_weights() as st:
                 for slot in entry.layout.slots:
-                    dst[slot.offset:slot.offset + slot.nbytes] = st.bytes_of(slot.name)
-            del dst
+                    views[0][slot.offset:slot.offset + slot.nbytes] = st.bytes_of(slot.name)
+            views.clear()
             os.rename(tmp, path)
         except BaseException:
-            dst = None  # drop the view first, or closing the map fails and hides the real error
+            views.clear()
             mm.close()
             tmp.unlink(missing_ok=True)
             raise

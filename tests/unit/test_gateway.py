@@ -516,7 +516,7 @@ def test_unsafe_bundles_are_refused_and_nothing_is_written_outside(tmp_path: Pat
         data = tar_gz(UNSAFE[case], entry("function.yaml", SPEC_YAML.format(name="evil").encode()),
                       entry("artifact/weights.bin", WEIGHTS))
         message = await error(await c.post("/api/v1/functions", data=data, headers=AUTH | GZIP), 400)
-        assert any(w in message for w in ("climbs out", "absolute path", "link", "device file", "fifo")), message
+        assert any(w in message for w in ("'..' in a path", "absolute", "link", "device", "fifo")), message
         assert node.deployed == [] and "evil" not in node.functions
         await good_infer(c, node)
 
@@ -535,10 +535,10 @@ def test_bundle_limits_and_malformed_bundles(tmp_path: Path) -> None:
         big = bundle("tiny", "", entry("artifact/padding", bytes(range(256)) * 64 * 20))  # ~330 KB, compressible
         assert "deploy bundle exceeds" in await error(await post(url, data=torch.randn(40_000).numpy().tobytes(),
                                                                  headers=AUTH | GZIP), 413)
-        assert "uncompressed" in await error(await post(url, data=big, headers=AUTH | GZIP), 413)
+        assert "unpacks to more than" in await error(await post(url, data=big, headers=AUTH | GZIP), 413)
         many = tar_gz(*(entry(f"f{i}", b"") for i in range(60)))
         assert "more than 50 entries" in await error(await post(url, data=many, headers=AUTH | GZIP), 413)
-        assert "not a valid gzip'd tar" in await error(await post(url, data=b"plain text", headers=AUTH | GZIP), 400)
+        assert "not a valid .tar.gz archive" in await error(await post(url, data=b"plain text", headers=AUTH | GZIP), 400)
         truncated = bundle()[:-40]
         await error(await post(url, data=truncated, headers=AUTH | GZIP), 400)
         assert "empty body" in await error(await post(url, data=b"", headers=AUTH | GZIP), 400)
