@@ -19,7 +19,7 @@ Every method is thread-safe (prometheus_client locks per child), so GPU worker t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -146,21 +146,6 @@ class Metrics:
             metric.remove(function)
         for code in _label_values(self.requests, "function", function, "code"):
             self.requests.remove(function, code)
-
-    EVENTS: dict[str, str] = {
-        "http": "observe_http", "request": "observe_node_request", "queue": "observe_queue",
-        "compute": "observe_compute", "swap": "observe_swap", "eviction": "count_eviction",
-        "slo_miss": "count_slo_miss", "pool": "set_pool", "host_store": "set_host_store", "queued": "set_queued",
-    }
-    """Event name → the method :meth:`observe` calls with the event's arguments."""
-
-    def observe(self, event: str, *args: Any) -> None:
-        """``observe("swap", device, seconds, nbytes)`` is ``observe_swap(device, seconds, nbytes)``, and so on
-        through :attr:`EVENTS`. An unknown event raises ValueError, so a typo fails in tests, not silently."""
-        method = self.EVENTS.get(event)
-        if method is None:
-            raise ValueError(f"unknown metrics event {event!r} (known: {', '.join(self.EVENTS)})")
-        getattr(self, method)(*args)
 
     # -- exposition -------------------------------------------------------------------------------------------
 

@@ -109,6 +109,8 @@ class RunResult:
     """Swap (if any) plus execution, as the worker timed it."""
     swapped: bool
     bytes_copied: int
+    pages_taken: int = 0
+    """Pages this run took from other models (evictions, partial or whole)."""
 
 
 @dataclass(frozen=True)

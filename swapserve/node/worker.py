@@ -31,6 +31,12 @@ class WorkerConfig:
     slab_path: str
     slab_bytes: int
     log_level: int = logging.WARNING
+    auto_pool: bool = False
+    """Size the weight pool at start: the device's free memory less the workspace and a margin for the
+    CUDA context, library workspaces and eager warm-up runs (1 GiB on the CPU)."""
+
+
+AUTO_POOL_MARGIN = 3 << 30
 
 
 def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
@@ -40,12 +46,30 @@ def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
         # Before any CUDA call: this process sees only its own GPU, so its context is the only one there.
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.split(":", 1)[1]
         engine_cfg = replace(engine_cfg, device="cuda:0")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller stops us; Ctrl-C goes to it
+    if cfg.auto_pool:
+        engine_cfg = replace(engine_cfg, pool_bytes=_auto_pool(engine_cfg))
+    # The controller stops us (after in-flight work); a signal to the whole process group (Ctrl-C, a service
+    # manager) must not kill us first. If the controller dies, our end of the pipe closes and we exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=cfg.log_level, format=f"%(levelname)s worker{cfg.index}: %(message)s")
     try:
         Worker(cfg, engine_cfg, conn).serve()
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         pass
+
+
+def _auto_pool(cfg: EngineConfig) -> int:
+    if cfg.device == "cpu":
+        return 1 << 30
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(0)
+    pool = (free - cfg.workspace_bytes - AUTO_POOL_MARGIN) // cfg.page_bytes * cfg.page_bytes
+    if pool < cfg.page_bytes:
+        raise SystemExit(f"{cfg.device}: only {free >> 20} MiB free, not enough for a weight pool beside a "
+                         f"{cfg.workspace_bytes >> 20} MiB workspace")
+    return pool
 
 
 class Worker:
@@ -126,12 +150,12 @@ class Worker:
         inputs = [self.slab.tensor(r) for r in msg.inputs]
         values = msg.values
         stats = self.engine.stats
-        swaps, copied = stats.swaps, stats.bytes_copied
+        swaps, copied, taken = stats.swaps, stats.bytes_copied, stats.pages_taken
         t0 = time.perf_counter()
         outs = self.engine.infer(msg.key, inputs, value=lambda p: (values.get(p.model, 0.0), p.last_used))
         refs = self.slab.write(outs, msg.out_offset)
         wall = (time.perf_counter() - t0) * 1e3
-        return RunResult(refs, wall, stats.swaps > swaps, stats.bytes_copied - copied)
+        return RunResult(refs, wall, stats.swaps > swaps, stats.bytes_copied - copied, stats.pages_taken - taken)
 
     def _residency(self) -> Any:
         from swapserve.node.messages import Residency

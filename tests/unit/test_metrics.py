@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from swapserve.metrics import LATENCY_BUCKETS, Metrics
@@ -63,31 +62,6 @@ def test_node_and_gateway_methods_record_in_base_units() -> None:
     assert get("swapserve_host_store_used_bytes") == 10 << 30
     assert get("swapserve_host_store_capacity_bytes") == 16 << 30
     assert get("swapserve_queued_requests") == 5
-
-
-def test_observe_dispatches_events_by_name() -> None:
-    m = Metrics()
-    m.observe("request", "f", 0.004)
-    m.observe("queue", "f", 0.001)
-    m.observe("swap", "cuda:1", 0.002, 4096)
-    m.observe("eviction", "cuda:1", 2)
-    m.observe("slo_miss", "f")
-    m.observe("pool", "cuda:1", 10, 20)
-    m.observe("host_store", 30, 40)
-    m.observe("queued", 3)
-    m.observe("compute", "cuda:1", 0.003)
-    get = m.registry.get_sample_value
-    assert get("swapserve_node_request_duration_seconds_count", {"function": "f"}) == 1
-    assert get("swapserve_request_duration_seconds_count", {"function": "f"}) is None  # the gateway's, apart
-    assert get("swapserve_queue_seconds_count", {"function": "f"}) == 1
-    assert get("swapserve_swap_bytes_total", {"device": "cuda:1"}) == 4096
-    assert get("swapserve_evictions_total", {"device": "cuda:1"}) == 2
-    assert get("swapserve_slo_misses_total", {"function": "f"}) == 1
-    assert get("swapserve_pool_size_bytes", {"device": "cuda:1"}) == 20
-    assert get("swapserve_host_store_capacity_bytes") == 40 and get("swapserve_queued_requests") == 3
-    assert get("swapserve_compute_seconds_count", {"device": "cuda:1"}) == 1
-    with pytest.raises(ValueError, match="unknown metrics event 'swapp'"):
-        m.observe("swapp", "cuda:1", 0.1, 1)
 
 
 def test_observe_status_sets_every_gauge() -> None:

@@ -1,0 +1,565 @@
+"""The controller: one process per node that owns the registry, the host store and the scheduler, and
+drives one worker process per device.
+
+Requests wait in per-function queues until a device is free (late binding); the pure scheduler decides
+what runs where; the batch's inputs go to the chosen worker through its IO slab; the worker swaps the
+model in while it runs. Everything here runs on one asyncio loop; blocking work (artifact loading,
+filling the host store) goes to threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swapserve.artifact import Artifact, load_artifact
+from swapserve.artifact.manifest import dtype_from_name
+from swapserve.config import EngineConfig, MiB, env
+from swapserve.engine import HostStore
+from swapserve.errors import (
+    BackendError,
+    InvalidInputError,
+    NotFoundError,
+    OverloadedError,
+    SwapserveError,
+    UnavailableError,
+)
+from swapserve.functions.spec import FunctionSpec, load_spec
+from swapserve.metrics import Metrics
+from swapserve.node import workers as wk
+from swapserve.node.api import BUNDLE_ARTIFACT_DIR, DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus
+from swapserve.node.messages import AddModel, MeasureCopy, Prepare, RemoveModel, Run, RunResult
+from swapserve.node.worker import WorkerConfig
+from swapserve.scheduler.core import Scheduler
+from swapserve.scheduler.types import (
+    DeviceState,
+    Dispatch,
+    FunctionQueue,
+    LinkProfile,
+    ModelProfile,
+    NodeState,
+    Policy,
+    Request,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    home: Path
+    devices: tuple[str, ...]
+    """``("cpu",)`` or ``("cuda:0", "cuda:1", ...)``: one worker process each."""
+    pool_bytes: int | None
+    """Per device, for weights; None: sized by each worker from its device's free memory."""
+    workspace_bytes: int = 2 << 30
+    host_store_bytes: int = 64 << 30
+    page_bytes: int = 32 * MiB
+    slab_bytes: int = 256 * MiB
+    mode: str = "auto"
+    policy: Policy = "swapserve"
+    max_queued: int = 4096
+    prepare_on_deploy: bool = True
+    """Swap each new model in once on every device at deploy, capturing its graphs off the request path."""
+    start_timeout_s: float = 300.0
+    log_level: int = logging.WARNING
+
+
+@dataclass
+class _Function:
+    spec: FunctionSpec
+    version: int
+    key: str
+    """Host-store / worker key of the model version that serves."""
+    artifact: Artifact
+    state: FunctionState
+    reason: str = ""
+    created_at: float = 0.0
+
+    def info(self) -> FunctionInfo:
+        return FunctionInfo(self.spec, self.version, self.state, self.reason, self.artifact.manifest.nbytes,
+                            self.created_at)
+
+
+@dataclass
+class _Pending:
+    request: Request
+    inputs: list[torch.Tensor]
+    future: asyncio.Future[InferResult]
+    started: float
+
+
+@dataclass
+class _InFlight:
+    dispatch: Dispatch
+    key: str
+    pending: list[_Pending]
+    started: float
+    batch: int
+
+
+class Node:
+    """Implements :class:`swapserve.node.api.NodeAPI`."""
+
+    def __init__(self, cfg: NodeConfig, metrics: Metrics | None = None, clock: Any = time.monotonic):
+        from swapserve.registry import Registry
+
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        cfg.home.mkdir(parents=True, exist_ok=True)
+        self.registry = Registry(cfg.home)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.shm_root = env().shm_dir / f"swapserve-{self.run_id}"
+        self.store = HostStore(self.shm_root / "store", cfg.host_store_bytes)
+        self.scheduler = Scheduler(cfg.policy)
+        self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
+        self._workers: list[wk.WorkerHandle] = []
+        self._functions: dict[str, _Function] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._inflight: dict[int, _InFlight] = {}
+        self._key_users: dict[str, int] = {}
+        self._retired: set[str] = set()
+        self._ready = False
+        self._live = True
+        self._timer: asyncio.TimerHandle | None = None
+        self.busy_s = [0.0] * len(cfg.devices)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        (self.shm_root / "store").mkdir(parents=True, exist_ok=True)
+        engine = EngineConfig(device="cpu", pool_bytes=self.cfg.pool_bytes or self.cfg.page_bytes,
+                              workspace_bytes=self.cfg.workspace_bytes, page_bytes=self.cfg.page_bytes)
+        for i, dev in enumerate(self.cfg.devices):
+            wcfg = WorkerConfig(i, dev, _engine_for(engine, dev, self.cfg.mode), str(self.store.root),
+                                str(self.shm_root / f"io-{i}.bin"), self.cfg.slab_bytes, self.cfg.log_level,
+                                auto_pool=self.cfg.pool_bytes is None)
+            self._workers.append(wk.spawn(wcfg))
+        hellos = await asyncio.gather(*(wk.wait_hello(w, self.cfg.start_timeout_s) for w in self._workers))
+        for w in self._workers:
+            wk.watch(w, self._on_worker_dead)
+        self.state.devices = [DeviceState(i, h.pool_bytes) for i, h in enumerate(hellos)]
+        self.state.link = await self._profile_link([h.h2d_GBps for h in hellos])
+        log.info("workers up: %s; link %s", [f"{h.device} ({h.name})" for h in hellos], self.state.link)
+        for rec in self.registry.list():
+            if not rec.serving:
+                continue
+            try:
+                await self._bring_up(rec.spec, rec.path, rec.version, rec.created_at)
+            except SwapserveError as e:
+                log.error("function %s v%d failed to load: %s", rec.name, rec.version, e)
+        self._ready = True
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop admitting, let in-flight work finish (up to ``grace_s``), fail what is queued, stop workers."""
+        self._ready = False
+        deadline = self.clock() + grace_s
+        while self._inflight and self.clock() < deadline:
+            await asyncio.sleep(0.01)
+        for p in list(self._pending.values()):
+            self._fail(p, UnavailableError("the node is shutting down"))
+        await asyncio.gather(*(wk.stop(w, max(1.0, deadline - self.clock())) for w in self._workers))
+        self.store.close()
+        self.registry.close()
+        import shutil
+
+        shutil.rmtree(self.shm_root, ignore_errors=True)
+        self._live = False
+
+    def _on_worker_dead(self, w: wk.WorkerHandle) -> None:
+        log.error("worker %d (%s) died (exit code %s); its device is out of service", w.index, w.device,
+                  w.process.exitcode)
+        self._ready = all(not x.dead for x in self._workers) and self._ready
+
+    async def _profile_link(self, alone: list[float]) -> LinkProfile:
+        """Host→device bandwidth alone and with every device copying at once, and how much a copy slows
+        execution on the same device — measured here, on this machine."""
+        n = len(self._workers)
+        h2d = [min(alone)]
+        if n > 1:
+            start = time.time() + 0.2
+            replies = await asyncio.gather(*(wk.call(w, MeasureCopy(wk.next_id(), 512 << 20, start))
+                                             for w in self._workers))
+            together = min(r.result.h2d_GBps for r in replies if r.ok and r.result)  # type: ignore[union-attr]
+            h2d += [together] * (n - 1)
+        probe = await wk.call(self._workers[0], MeasureCopy(wk.next_id(), 1 << 30, 0.0, exec_probe=True))
+        slowdown = 1.0
+        res = probe.result
+        if probe.ok and res is not None and getattr(res, "exec_ms", 0):
+            slowdown = max(1.0, res.exec_copying_ms / res.exec_ms)  # type: ignore[union-attr]
+        return LinkProfile(tuple(h2d), None, slowdown)
+
+    def is_live(self) -> bool:
+        return self._live
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    # --- functions ----------------------------------------------------------------------------
+
+    def list_functions(self) -> list[FunctionInfo]:
+        return [f.info() for f in self._functions.values()]
+
+    def get_function(self, name: str) -> FunctionInfo:
+        return self._get(name).info()
+
+    def _get(self, name: str) -> _Function:
+        fn = self._functions.get(name)
+        if fn is None:
+            raise NotFoundError(f"no function {name!r}")
+        return fn
+
+    async def deploy(self, bundle: Path) -> FunctionInfo:
+        spec, art = await asyncio.to_thread(_check_bundle, bundle)
+        with self.registry.begin_deploy(spec.name):
+            key = await self._load_everywhere(spec.name, art)
+            try:
+                rec = await asyncio.to_thread(self.registry.commit, spec.name, bundle, spec, art.manifest.nbytes)
+            except BaseException:
+                await self._unload_everywhere(key)
+                raise
+            moved = await asyncio.to_thread(load_artifact, Path(rec.path) / BUNDLE_ARTIFACT_DIR)
+            self.store.get(key).artifact = moved  # the bundle moved into the registry: reload from there
+            self._switch(spec, key, moved, rec.version, rec.created_at)
+        return self._functions[spec.name].info()
+
+    async def _bring_up(self, spec: FunctionSpec, path: Path, version: int, created_at: float) -> None:
+        art = await asyncio.to_thread(load_artifact, Path(path) / BUNDLE_ARTIFACT_DIR)
+        spec.check_against(art.manifest)
+        key = await self._load_everywhere(spec.name, art)
+        self._switch(spec, key, art, version, created_at)
+
+    async def _load_everywhere(self, name: str, art: Artifact) -> str:
+        """Fill the host store and add the model to every worker (capturing its graphs there)."""
+        key = f"{name}.{uuid.uuid4().hex[:8]}"
+        await asyncio.to_thread(self.store.add, key, art)
+        try:
+            replies = await asyncio.gather(*(wk.call(w, AddModel(wk.next_id(), key, str(art.path)))
+                                             for w in self._live_workers()))
+            _raise_first(replies)
+            if self.cfg.prepare_on_deploy:
+                entry = self.store.acquire(key)
+                try:
+                    replies = await asyncio.gather(*(wk.call(w, Prepare(wk.next_id(), key)) for w in self._live_workers()))
+                finally:
+                    self.store.release(key)
+                _raise_first(replies)
+                self._seed_profile(name, replies, entry.nbytes)
+        except BaseException:
+            await self._unload_everywhere(key)
+            raise
+        return key
+
+    def _seed_profile(self, name: str, replies: list[Any], nbytes: int) -> None:
+        times = [r.result.wall_ms for r in replies if r.ok and isinstance(r.result, RunResult)]
+        prof = self.state.profiles.setdefault(name, ModelProfile(nbytes))
+        prof.nbytes = nbytes
+        if times:
+            prof.exec_ms[1] = min(times)
+
+    async def _unload_everywhere(self, key: str) -> None:
+        await asyncio.gather(*(wk.call(w, RemoveModel(wk.next_id(), key)) for w in self._live_workers()),
+                             return_exceptions=True)
+        if self.store.has(key):
+            self.store.remove(key)
+
+    def _switch(self, spec: FunctionSpec, key: str, art: Artifact, version: int, created_at: float) -> None:
+        """Make ``key`` the serving version of ``spec.name``; retire the previous one once idle."""
+        old = self._functions.get(spec.name)
+        self._functions[spec.name] = _Function(spec, version, key, art, FunctionState.READY, "", created_at)
+        q = self.state.queues.get(spec.name)
+        if q is None:
+            self.state.queues[spec.name] = FunctionQueue(spec.name, spec.slo_ms, spec.max_batch, spec.max_queue,
+                                                         spec.late_policy)
+        else:
+            q.slo_ms, q.max_batch, q.max_queue, q.late_policy = spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy
+        self.state.profiles.setdefault(spec.name, ModelProfile(art.manifest.nbytes)).nbytes = art.manifest.nbytes
+        for d in self.state.devices:
+            d.resident.discard(spec.name)
+            d.partial.pop(spec.name, None)
+        self._refresh_residency()
+        if old is not None and old.key != key:
+            self._retire(old.key)
+        self._pump()
+
+    def _retire(self, key: str) -> None:
+        if self._key_users.get(key):
+            self._retired.add(key)  # removed when its last run completes
+            return
+        self._retired.discard(key)
+        asyncio.ensure_future(self._unload_everywhere(key))
+
+    async def delete(self, name: str) -> None:
+        fn = self._get(name)
+        fn.state = FunctionState.UNLOADING
+        self._fail_queued(name, UnavailableError(f"function {name!r} was deleted"))
+        del self._functions[name]
+        self.state.queues.pop(name, None)
+        self.state.profiles.pop(name, None)
+        self._retire(fn.key)
+        await asyncio.to_thread(self.registry.delete, name)
+
+    async def unload(self, name: str) -> FunctionInfo:
+        fn = self._get(name)
+        if fn.state is FunctionState.READY:
+            fn.state = FunctionState.UNAVAILABLE
+            fn.reason = "unloaded"
+            self._fail_queued(name, UnavailableError(f"function {name!r} was unloaded"))
+            self._retire(fn.key)
+            await asyncio.to_thread(self.registry.set_serving, name, False)
+        return fn.info()
+
+    async def load(self, name: str) -> FunctionInfo:
+        fn = self._get(name)
+        if fn.state is not FunctionState.READY:
+            rec = self.registry.get(name)
+            fn.state = FunctionState.LOADING
+            try:
+                await self._bring_up(rec.spec, rec.path, rec.version, rec.created_at)
+            except SwapserveError as e:
+                fn.state, fn.reason = FunctionState.UNAVAILABLE, str(e)
+                raise
+            await asyncio.to_thread(self.registry.set_serving, name, True)
+        return self._functions[name].info()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None) -> InferResult:
+        fn = self._get(name)
+        if not self._ready:
+            raise UnavailableError("the node is not ready")
+        if fn.state is not FunctionState.READY:
+            raise UnavailableError(f"function {name!r} is {fn.state.value}{': ' + fn.reason if fn.reason else ''}")
+        tensors, items = _check_inputs(fn, inputs)
+        now = self.clock()
+        req = Request(request_id or uuid.uuid4().hex, name, now, now + fn.spec.slo_ms / 1e3, items)
+        if req.id in self._pending:
+            req.id = f"{req.id}-{uuid.uuid4().hex[:6]}"
+        reject = self.scheduler.admit(self.state, req, now)
+        if reject is not None:
+            self.metrics.count_slo_miss(name)
+            raise OverloadedError(reject.reason, reject.retry_after, reject.status)
+        fut: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
+        self._pending[req.id] = _Pending(req, tensors, fut, now)
+        self._pump()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._pending.pop(req.id, None)
+            q = self.state.queues.get(name)
+            if q is not None:
+                q.requests = [r for r in q.requests if r.id != req.id]
+            raise
+
+    def _pump(self) -> None:
+        """Ask the scheduler what to do now and do it."""
+        if not self._live:
+            return
+        now = self.clock()
+        decision = self.scheduler.decide(self.state, now)
+        self.scheduler.apply(self.state, decision, now)  # dequeue, mark devices busy
+        for rej in decision.rejects:
+            p = self._pending.pop(rej.request_id, None)
+            if p is not None:
+                self.metrics.count_slo_miss(p.request.function)
+                self._fail(p, OverloadedError(rej.reason, rej.retry_after, rej.status))
+        for d in decision.dispatches:
+            self._dispatch(d, now)
+        self._arm_timer(now)
+
+    def _dispatch(self, d: Dispatch, now: float) -> None:
+        batch = [p for rid in d.request_ids if (p := self._pending.pop(rid, None)) is not None and not p.future.done()]
+        fn = self._functions.get(d.function)
+        w = self._workers[d.device]
+        dev = self.state.devices[d.device]
+        try:
+            if not batch or fn is None:
+                raise UnavailableError(f"function {d.function!r} is gone")
+            self.store.acquire(fn.key)  # pinned in host memory until the run ends
+            try:
+                refs, end = w.slab.write_batch([[p.inputs[i] for p in batch] for i in range(len(fn.spec.inputs))])
+            except BaseException:
+                self.store.release(fn.key)
+                raise
+        except SwapserveError as e:
+            dev.busy_until = dev.running = dev.copying_until = None
+            for p in batch:
+                self._fail(p, e)
+            return
+        values = {self._functions[f].key: v for f, v in d.values.items() if f in self._functions}
+        msg = Run(wk.next_id(), fn.key, refs, end, values)
+        self._key_users[fn.key] = self._key_users.get(fn.key, 0) + 1
+        items = sum(p.request.items for p in batch)
+        self._inflight[d.device] = _InFlight(d, fn.key, batch, now, items)
+        for p in batch:
+            self.metrics.observe_queue(d.function, now - p.started)
+        asyncio.ensure_future(self._run(w, msg))
+
+    async def _run(self, w: wk.WorkerHandle, msg: Run) -> None:
+        try:
+            reply = await wk.call(w, msg)
+        except BackendError as e:
+            reply = None
+            error: SwapserveError | None = e
+        else:
+            error = None
+        fl = self._inflight.pop(w.index)
+        fn_name = fl.dispatch.function
+        now = self.clock()
+        dev = self.state.devices[w.index]
+        dev.busy_until = dev.running = dev.copying_until = None
+        dev.last_used[fn_name] = now
+        self.busy_s[w.index] += now - fl.started
+        self.store.release(fl.key)
+        self._key_users[fl.key] -= 1
+        if reply is not None and reply.ok and isinstance(reply.result, RunResult):
+            res = reply.result
+            outs = [w.slab.tensor(r) for r in res.outputs]
+            row = 0
+            fn = self._functions.get(fn_name)
+            names = [o.name for o in fn.spec.outputs] if fn else [f"output_{i}" for i in range(len(outs))]
+            for p in fl.pending:
+                n = p.request.items
+                result = {nm: (o[row:row + n] if o.dim() else o).clone() for nm, o in zip(names, outs)}
+                row += n
+                total = (now - p.started) * 1e3
+                late = now > p.request.deadline
+                if late:
+                    self.metrics.count_slo_miss(fn_name)
+                self.metrics.observe_node_request(fn_name, total / 1e3)
+                if not p.future.done():
+                    p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped, total))
+            self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
+            if res.swapped:
+                self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)
+            if res.pages_taken:
+                self.metrics.count_eviction(w.device, res.pages_taken)
+            self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
+                                              (now - fl.started) * 1e3, now, copy_ms=fl.dispatch.copy_ms)
+        else:
+            err = error or _reply_error(reply)
+            for p in fl.pending:
+                self._fail(p, err)
+        self._refresh_residency()
+        if fl.key in self._retired and not self._key_users.get(fl.key):
+            self._retire(fl.key)
+        self._pump()
+
+    def _refresh_residency(self) -> None:
+        by_key = {f.key: name for name, f in self._functions.items()}
+        for w, dev in zip(self._workers, self.state.devices):
+            if w.residency is None:
+                continue
+            dev.resident = {by_key[k] for k, frac in w.residency.present.items() if frac >= 1.0 and k in by_key}
+            dev.partial = {by_key[k]: frac for k, frac in w.residency.present.items() if frac < 1.0 and k in by_key}
+            self.metrics.set_pool(w.device, w.residency.used_bytes, w.residency.pool_bytes)
+        self.metrics.set_host_store(self.store.used_bytes, self.store.capacity)
+        self.metrics.set_queued(self.state.queued)
+
+    def _arm_timer(self, now: float) -> None:
+        """Wake up when the earliest queued request would expire, so hopeless work is refused promptly."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadlines = [q.requests[0].deadline for q in self.state.queues.values() if q.requests]
+        if deadlines:
+            delay = max(0.001, min(deadlines) - now)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._pump)
+
+    def _fail_queued(self, name: str, error: SwapserveError) -> None:
+        q = self.state.queues.get(name)
+        if q is None:
+            return
+        for r in list(q.requests):
+            p = self._pending.pop(r.id, None)
+            if p is not None:
+                self._fail(p, error)
+        q.requests.clear()
+
+    @staticmethod
+    def _fail(p: _Pending, error: BaseException) -> None:
+        if not p.future.done():
+            p.future.set_exception(error)
+
+    def _live_workers(self) -> list[wk.WorkerHandle]:
+        return [w for w in self._workers if not w.dead]
+
+    # --- status -------------------------------------------------------------------------------
+
+    def status(self) -> NodeStatus:
+        by_key = {f.key: name for name, f in self._functions.items()}
+        devices = []
+        for w in self._workers:
+            r = w.residency
+            present = r.present if r else {}
+            devices.append(DeviceStatus(
+                w.device, w.hello.name if w.hello else "?", r.pool_bytes if r else 0, r.used_bytes if r else 0,
+                tuple(sorted(by_key[k] for k, f in present.items() if f >= 1.0 and k in by_key)),
+                tuple(sorted(by_key[k] for k, f in present.items() if f < 1.0 and k in by_key)),
+                w.index in self._inflight))
+        return NodeStatus(self._ready, tuple(devices), len(self._functions), self.store.used_bytes,
+                          self.store.capacity, self.state.queued,
+                          {"h2d_GBps": self.state.link.h2d_GBps[0],
+                           "exec_slowdown_copying": self.state.link.exec_slowdown_copying})
+
+
+def _engine_for(base: EngineConfig, device: str, mode: str) -> EngineConfig:
+    from dataclasses import replace
+
+    if device == "cpu":
+        return replace(base, device="cpu", mode="eager" if mode == "auto" else mode)  # type: ignore[arg-type]
+    return replace(base, device=device, mode=mode)  # type: ignore[arg-type]
+
+
+def _check_bundle(bundle: Path) -> tuple[FunctionSpec, Artifact]:
+    spec = load_spec(bundle)
+    art = load_artifact(Path(bundle) / BUNDLE_ARTIFACT_DIR)
+    spec.check_against(art.manifest)
+    return spec, art
+
+
+def _check_inputs(fn: _Function, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    """Inputs in declared order, with their common batch size; checked against the manifest."""
+    decl = fn.spec.inputs
+    names = [d.name for d in decl]
+    if set(inputs) != set(names):
+        missing, extra = sorted(set(names) - set(inputs)), sorted(set(inputs) - set(names))
+        raise InvalidInputError(f"{fn.spec.name} takes inputs {names}" + (f"; missing {missing}" if missing else "")
+                                + (f"; unknown {extra}" if extra else ""))
+    out, batch = [], None
+    for spec, d in zip(fn.artifact.manifest.inputs, decl):
+        x = inputs[d.name]
+        if x.dtype != dtype_from_name(spec.dtype):
+            raise InvalidInputError(f"input {d.name!r} must be {d.datatype}")
+        shape = tuple(x.shape)
+        ok = len(shape) == len(spec.shape) and all(s == -1 or s == v for s, v in zip(spec.shape, shape))
+        if ok and spec.shape[:1] == (-1,):
+            batch = shape[0] if batch is None else batch
+            ok = shape[0] == batch and 1 <= batch <= fn.spec.max_batch
+        if not ok:
+            raise InvalidInputError(f"input {d.name!r} must have shape {list(d.shape)} (-1: batch of 1 to "
+                                    f"{fn.spec.max_batch}, the same for every input), got {list(shape)}")
+        out.append(x.contiguous())
+    return out, batch or 1
+
+
+def _raise_first(replies: list[Any]) -> None:
+    for r in replies:
+        if not r.ok:
+            raise _reply_error(r)
+
+
+def _reply_error(reply: Any) -> SwapserveError:
+    if reply is None:
+        return BackendError("no reply from the worker")
+    err = SwapserveError(reply.error)
+    err.http_status = reply.http_status
+    return err

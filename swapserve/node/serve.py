@@ -1,0 +1,147 @@
+"""``swapserve serve``: the gateway, the controller and one worker process per device, in one command.
+
+Start order: the HTTP server comes up first (liveness answers at once; readiness says 503 until every
+worker is up and the registered functions are loaded), then the workers, then the functions. SIGTERM or
+SIGINT stops admitting, lets in-flight requests finish within a grace period, fails what is queued, stops
+the workers and removes the node's shared memory: no orphan processes, nothing left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+from swapserve.config import MiB
+from swapserve.node.config import ServeConfig
+
+log = logging.getLogger("swapserve.serve")
+
+GRACE_S = 10.0
+"""How long in-flight requests get to finish on shutdown."""
+
+
+def run(config: ServeConfig) -> int:
+    """Run a node until SIGTERM/SIGINT. Returns the process exit code."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_main(config))
+
+
+def _token(config: ServeConfig) -> str:
+    """The management token: given, or generated once and kept in the home (mode 0600)."""
+    if config.token:
+        return config.token
+    path = config.home / "token"
+    if path.is_file():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(24)
+    config.home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    print(f"generated a management token (saved in {path}); use it with:\n  export SWAPSERVE_TOKEN={token}",
+          flush=True)
+    return token
+
+
+def _host_store_bytes(config: ServeConfig) -> int:
+    if config.host_store_bytes is not None:
+        return config.host_store_bytes
+    config.shm_dir.mkdir(parents=True, exist_ok=True)
+    return max(256 * MiB, shutil.disk_usage(config.shm_dir).free // 2)
+
+
+async def _main(config: ServeConfig) -> int:
+    from swapserve.gateway import GatewayConfig, make_app
+    from swapserve.metrics import Metrics
+    from swapserve.node.controller import Node, NodeConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    devices = config.resolved_devices()
+    token = _token(config)
+    metrics = Metrics()
+    node = Node(NodeConfig(home=config.home, devices=devices, pool_bytes=config.pool_bytes,
+                           workspace_bytes=config.workspace_bytes, host_store_bytes=_host_store_bytes(config)),
+                metrics)
+    gateway = GatewayConfig(token=token, uploads_dir=node.registry.staging_root,
+                            max_upload_bytes=config.max_upload_bytes, max_bundle_bytes=config.max_bundle_bytes)
+    runner = web.AppRunner(make_app(node, gateway, metrics), handle_signals=False, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+    except OSError as e:
+        print(f"swapserve: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)
+        await runner.cleanup()
+        node.registry.close()
+        return 2
+    print(f"swapserve listening on http://{config.host}:{config.port} — starting {len(devices)} worker(s) on "
+          f"{', '.join(devices)}", flush=True)
+    starting = asyncio.ensure_future(_start(node, config))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if starting.done() and starting.exception() is not None:
+        print(f"swapserve: the node failed to start: {starting.exception()}", file=sys.stderr)
+        code = 1
+    elif starting.done():
+        await stop.wait()
+    print("swapserve: stopping (finishing in-flight requests)", flush=True)
+    starting.cancel()
+    stopping.cancel()
+    await node.stop(GRACE_S)
+    await runner.cleanup()
+    print("swapserve: stopped", flush=True)
+    return code
+
+
+async def _start(node: object, config: ServeConfig) -> None:
+    from swapserve.node.controller import Node
+
+    assert isinstance(node, Node)
+    await node.start()
+    ready = ", ".join(f.spec.name for f in node.list_functions()) or "none yet"
+    print(f"swapserve ready: functions {ready}", flush=True)
+    if config.demo:
+        await _deploy_demo(node, config)
+
+
+async def _deploy_demo(node: object, config: ServeConfig) -> None:
+    """Build and deploy the example functions that are not deployed yet (trusted code, in this process)."""
+    from swapserve.functions.build import build_bundle
+    from swapserve.node.controller import Node
+
+    assert isinstance(node, Node)
+    have = {f.spec.name for f in node.list_functions()}
+    for src in config.demo_dirs():
+        if not src.is_dir():
+            print(f"swapserve: demo function {src} not found (a source checkout has examples/)", file=sys.stderr)
+            continue
+        staging = Path(tempfile.mkdtemp(dir=node.registry.staging_root))
+        try:
+            spec = await asyncio.to_thread(build_bundle, src, staging / "bundle")
+            if spec.name in have:
+                continue
+            print(f"swapserve: deploying demo function {spec.name} ...", flush=True)
+            info = await node.deploy(staging / "bundle")
+            print(f"swapserve: {info.spec.name} v{info.version} ready", flush=True)
+        except Exception as e:  # noqa: BLE001 - one demo failing must not stop the node
+            print(f"swapserve: demo function {src.name} failed: {e}", file=sys.stderr)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""The controller's handle on its worker processes: spawn, call, watch, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from swapserve.errors import BackendError
+from swapserve.node.messages import Hello, Reply, Residency, Stop
+from swapserve.node.slab import Slab
+from swapserve.node.worker import WorkerConfig, worker_main
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+
+def next_id() -> int:
+    return next(_ids)
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    config: WorkerConfig
+    process: mp.process.BaseProcess
+    conn: Connection
+    slab: Slab
+    hello: Hello | None = None
+    residency: Residency | None = None
+    pending: dict[int, asyncio.Future[Reply]] = field(default_factory=dict)
+    dead: bool = False
+    stopping: bool = False
+
+    @property
+    def device(self) -> str:
+        return self.config.device
+
+
+def spawn(cfg: WorkerConfig) -> WorkerHandle:
+    """Start a worker process (spawned: a fresh interpreter, so CUDA is initialised only there)."""
+    ctx = mp.get_context("spawn")
+    slab = Slab(Path(cfg.slab_path), cfg.slab_bytes, create=True)
+    parent, child = ctx.Pipe(duplex=True)
+    proc = ctx.Process(target=worker_main, args=(cfg, child), name=f"swapserve-worker{cfg.index}", daemon=True)
+    proc.start()
+    child.close()
+    return WorkerHandle(cfg.index, cfg, proc, parent, slab)
+
+
+async def wait_hello(w: WorkerHandle, timeout: float) -> Hello:
+    loop = asyncio.get_running_loop()
+
+    def recv() -> Any:
+        if not w.conn.poll(timeout):
+            raise BackendError(f"worker {w.index} ({w.device}) did not start within {timeout:.0f} s")
+        return w.conn.recv()
+
+    try:
+        msg = await loop.run_in_executor(None, recv)
+    except EOFError:
+        raise BackendError(f"worker {w.index} ({w.device}) exited while starting (exit code "
+                           f"{w.process.exitcode}); see its log above") from None
+    if not isinstance(msg, Hello):
+        raise BackendError(f"worker {w.index} sent {type(msg).__name__} before its hello")
+    w.hello = msg
+    return msg
+
+
+def watch(w: WorkerHandle, on_dead: Any) -> None:
+    """Read the worker's replies as they arrive, from the event loop."""
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            while w.conn.poll():
+                reply = w.conn.recv()
+                fut = w.pending.pop(reply.id, None)
+                if reply.residency is not None:
+                    w.residency = reply.residency
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+        except (EOFError, OSError):
+            loop.remove_reader(w.conn.fileno())
+            w.dead = True
+            for fut in w.pending.values():
+                if not fut.done():
+                    fut.set_exception(BackendError(f"worker {w.index} ({w.device}) died"))
+            w.pending.clear()
+            if not w.stopping:
+                on_dead(w)
+
+    loop.add_reader(w.conn.fileno(), readable)
+
+
+async def call(w: WorkerHandle, msg: Any) -> Reply:
+    if w.dead:
+        raise BackendError(f"worker {w.index} ({w.device}) is not running")
+    fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+    w.pending[msg.id] = fut
+    w.conn.send(msg)
+    return await fut
+
+
+async def stop(w: WorkerHandle, timeout: float) -> None:
+    w.stopping = True
+    if not w.dead:
+        try:
+            await asyncio.wait_for(call(w, Stop(next_id())), timeout)
+        except (asyncio.TimeoutError, BackendError, OSError):
+            log.warning("worker %d did not stop in time; terminating it", w.index)
+    try:
+        asyncio.get_running_loop().remove_reader(w.conn.fileno())
+    except (ValueError, OSError):
+        pass
+    w.process.join(timeout=max(0.1, timeout))
+    if w.process.is_alive():
+        w.process.terminate()
+        w.process.join(timeout=5)
+    if w.process.is_alive():
+        w.process.kill()
+    w.conn.close()
+    w.slab.close()
+    Path(w.config.slab_path).unlink(missing_ok=True)
