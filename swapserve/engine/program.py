@@ -12,9 +12,13 @@ unpickled). Architecture artifacts (the fallback) are rebuilt from swapserve's o
 
 from __future__ import annotations
 
+import hashlib
 import operator
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,23 +61,54 @@ def _wait(waiter: Waiter, chunk: int) -> None:
 # --- exported programs ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Compiled:
+    """What every model with the same program shares: the graph modules (pure code, weights are arguments)."""
+
+    targets: tuple[str, ...]
+    """State name of each leading placeholder."""
+    plain: fx.GraphModule
+    pipelined: fx.GraphModule
+
+
+_COMPILED: OrderedDict[tuple[Any, ...], _Compiled] = OrderedDict()
+_COMPILED_MAX = 64
+_compiled_lock = threading.Lock()
+
+
+def _compiled(artifact: Artifact, device: torch.device, weight_chunk: dict[str, int]) -> _Compiled:
+    """Deserializing a program costs ~0.1-1 s; hundreds of functions built from a few architectures
+    (distinct weights, same program) share one copy per (program, device, chunking)."""
+    program = artifact.program_path.read_bytes()
+    key = (hashlib.sha256(program).hexdigest(), str(device), tuple(sorted(weight_chunk.items())),
+           tuple(sorted(artifact.manifest.aliases.items())))
+    with _compiled_lock:
+        if key in _COMPILED:
+            _COMPILED.move_to_end(key)
+            return _COMPILED[key]
+    ep = _deserialize(artifact, program)
+    targets = tuple(spec.target for spec in ep.graph_signature.input_specs if spec.kind.name != "USER_INPUT")
+    gm = ep.graph_module
+    _retarget_device(gm, device)
+    aliases = artifact.manifest.aliases
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    chunk_of = {ph.name: weight_chunk[aliases.get(t, t)] for ph, t in zip(placeholders, targets)}
+    compiled = _Compiled(targets, gm, _with_waits(gm, chunk_of))
+    with _compiled_lock:
+        _COMPILED[key] = compiled
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
+    return compiled
+
+
 class ExportedProgram(Program):
     def __init__(self, artifact: Artifact, device: torch.device, weight_chunk: dict[str, int]):
         super().__init__(artifact.manifest)
-        ep = _deserialize(artifact)
-        self._targets: list[str] = []  # state name of each leading placeholder
-        for spec in ep.graph_signature.input_specs:
-            if spec.kind.name != "USER_INPUT":
-                self._targets.append(spec.target)
-        self._n_user_inputs = len(ep.graph_signature.user_inputs)
-        gm = ep.graph_module
-        _retarget_device(gm, device)
-        self._plain = gm
-        aliases = self.manifest.aliases
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        chunk_of = {ph.name: weight_chunk[aliases.get(t, t)] for ph, t in zip(placeholders, self._targets)}
-        self._pipelined = _with_waits(gm, chunk_of)
-        self._graph = gm.graph
+        c = _compiled(artifact, device, weight_chunk)
+        self._targets = c.targets
+        self._plain = c.plain
+        self._pipelined = c.pipelined
+        self._graph = c.plain.graph
         self._args: list[torch.Tensor] = []
 
     def bind(self, weights: dict[str, torch.Tensor]) -> None:
@@ -91,7 +126,7 @@ class ExportedProgram(Program):
         return _peak_live_bytes(self._graph, batch)
 
 
-def _deserialize(artifact: Artifact) -> torch.export.ExportedProgram:
+def _deserialize(artifact: Artifact, program: bytes) -> torch.export.ExportedProgram:
     """Rebuild the ExportedProgram from program.json, with meta tensors standing in for weights."""
     from torch._export.serde import schema
     from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
@@ -102,7 +137,7 @@ def _deserialize(artifact: Artifact) -> torch.export.ExportedProgram:
     for alias, target in m.aliases.items():
         meta[alias] = meta[target]
     try:
-        sep = _bytes_to_dataclass(schema.ExportedProgram, artifact.program_path.read_bytes())
+        sep = _bytes_to_dataclass(schema.ExportedProgram, program)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad artifact
         raise ArtifactError(f"{artifact.program_path.name} is not a valid serialized program: {e}") from None
     state: dict[str, torch.Tensor] = {}
