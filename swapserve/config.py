@@ -54,9 +54,11 @@ class EngineConfig:
     max_chunk_bytes: int = 8 * MiB
     """Largest copy chunk. Pinned copies reach 96% of link speed at 4 MiB and 98% at 8 MiB on an H200;
     cold swaps of resnet50, bert-base and efficientnet_b0 (fp16) were 1-4% faster with 8 than with 4."""
-    mode: Literal["auto", "graph", "eager"] = "auto"
+    mode: Literal["auto", "graph", "eager", "ondemand"] = "auto"
     """``graph`` replays one CUDA graph holding the chunked copies and the forward pass; ``eager``
-    launches kernels from Python. ``auto`` is graph on CUDA, eager on CPU."""
+    launches kernels from Python. ``auto`` is graph on CUDA, eager on CPU. ``ondemand`` is the baseline
+    of frameworks without swapping: on a miss, every weight is copied from pageable (unpinned) host
+    memory one tensor at a time, as ``model.to("cuda")`` does, and only then does the model run, eagerly."""
     align: int = 512
     """Alignment of each weight inside a model's buffer, in bytes."""
 
@@ -75,7 +77,7 @@ class EngineConfig:
             raise ValueError("graph mode needs a CUDA device")
 
     @property
-    def resolved_mode(self) -> Literal["graph", "eager"]:
+    def resolved_mode(self) -> Literal["graph", "eager", "ondemand"]:
         if self.mode == "auto":
             return "eager" if self.device == "cpu" else "graph"
         return self.mode

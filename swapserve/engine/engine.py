@@ -234,6 +234,8 @@ class SwapEngine:
         elif not plan.load:
             with self.backend.compute(), torch.no_grad():
                 outs = m.program.run(inputs)
+        elif self.mode == "ondemand":
+            outs = self._load_then_run(m, host, plan, inputs)
         else:
             outs = self._swap_eager(m, host, copy, inputs)
         cpu = time.thread_time() - cpu0
@@ -241,6 +243,19 @@ class SwapEngine:
         self.pool.loaded(m.name, plan.load)
         self._count(plan, copy, m, time.perf_counter() - wall0, cpu)
         return outs
+
+    def _load_then_run(self, m: _Model, host: HostEntry, plan: PlacementPlan,
+                       inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The on-demand baseline: tensor by tensor from pageable memory, synchronously, then run."""
+        assert host.buffer is not None
+        page = self.config.page_bytes
+        load = set(plan.load)
+        with self.backend.compute(), torch.no_grad():
+            dev = self.backend.view(m.va, m.layout.nbytes)
+            for s in m.layout.slots:
+                if s.nbytes and (s.offset // page in load or (s.offset + s.nbytes - 1) // page in load):
+                    dev[s.offset:s.offset + s.nbytes].copy_(host.buffer[s.offset:s.offset + s.nbytes])
+            return m.program.run(inputs)
 
     def _swap_eager(self, m: _Model, host: HostEntry, copy: list[bool], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         assert host.buffer is not None
@@ -322,6 +337,8 @@ class SwapEngine:
 
     def _pin_host(self, m: _Model, host: HostEntry) -> None:
         assert host.buffer is not None
+        if self.mode == "ondemand":
+            return  # the baseline copies from pageable memory
         if m.pinned_ptr != host.buffer.data_ptr():
             self.backend.pin(host.buffer)
             m.pinned_ptr = host.buffer.data_ptr()

@@ -282,6 +282,8 @@ class Node:
         else:
             q.slo_ms, q.max_batch, q.max_queue, q.late_policy = spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy
         self.state.profiles.setdefault(spec.name, ModelProfile(art.manifest.nbytes)).nbytes = art.manifest.nbytes
+        if self.cfg.policy == "dedicated" and spec.name not in self.state.dedicated:
+            self._dedicate(spec.name, art.manifest.nbytes)
         for d in self.state.devices:
             d.resident.discard(spec.name)
             d.partial.pop(spec.name, None)
@@ -289,6 +291,16 @@ class Node:
         if old is not None and old.key != key:
             self._retire(old.key)
         self._pump()
+
+    def _dedicate(self, name: str, nbytes: int) -> None:
+        """Dedicated baseline: pin the function to the first device whose pool still has room for it."""
+        need = -(-nbytes // self.cfg.page_bytes) * self.cfg.page_bytes
+        for dev in self.state.devices:
+            used = sum(-(-self.state.profiles[f].nbytes // self.cfg.page_bytes) * self.cfg.page_bytes
+                       for f, d in self.state.dedicated.items() if d == dev.index and f in self.state.profiles)
+            if used + need <= dev.pool_bytes:
+                self.state.dedicated[name] = dev.index
+                return
 
     def _retire(self, key: str) -> None:
         if self._key_users.get(key):
@@ -303,6 +315,7 @@ class Node:
         self._fail_queued(name, UnavailableError(f"function {name!r} was deleted"))
         del self._functions[name]
         self.state.queues.pop(name, None)
+        self.state.dedicated.pop(name, None)
         self.state.profiles.pop(name, None)
         self._retire(fn.key)
         await asyncio.to_thread(self.registry.delete, name)

@@ -67,8 +67,8 @@ class Scheduler:
     """Decisions for one node. Holds only its policy and constants; all state lives in ``NodeState``."""
 
     def __init__(self, policy: Policy = "swapserve", rate_halflife_s: float = 60.0):
-        if policy not in ("swapserve", "fifo_lru"):
-            raise ValueError(f"unknown policy {policy!r} (swapserve or fifo_lru)")
+        if policy not in ("swapserve", "fifo_lru", "dedicated"):
+            raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
             raise ValueError("rate_halflife_s must be positive")
         self.policy: Policy = policy
@@ -96,6 +96,9 @@ class Scheduler:
         if state.queued >= state.max_queued:
             return Reject(request.id, 503, _retry_s(self._drain_s(state, now)),
                           f"node has {state.queued} queued requests (max_queued)")
+        if self.policy == "dedicated" and request.function not in state.dedicated:
+            return Reject(request.id, 503, NOFIT_RETRY_S,
+                          f"function {request.function!r} has no dedicated device (the pools are full)")
         if not any(prof.nbytes <= d.pool_bytes for d in state.devices):
             return Reject(request.id, 503, NOFIT_RETRY_S,
                           f"model of {request.function!r} ({prof.nbytes} bytes) fits no device's pool")
@@ -189,6 +192,8 @@ class Scheduler:
         (:meth:`apply` does exactly that)."""
         if self.policy == "fifo_lru":
             return self._decide_fifo(state, now)
+        if self.policy == "dedicated":
+            return self._decide_dedicated(state, now)
         view = View(state, now)
         rejects: list[Reject] = []
         pending: dict[str, list[Request]] = {}
@@ -302,6 +307,29 @@ class Scheduler:
             free.remove(d)
         return Decision(tuple(dispatches), tuple(rejects))
 
+    def _decide_dedicated(self, state: NodeState, now: float) -> Decision:
+        """The dedicated baseline: each idle device serves the function pinned to it whose head request is
+        due first, a batch of its queue up to max_batch; nothing moves between devices."""
+        view = View(state, now)
+        dispatches: list[Dispatch] = []
+        for dev in state.devices:
+            if not dev.idle:
+                continue
+            mine = [(fq.requests[0].deadline, name) for name, fq in state.queues.items()
+                    if fq.requests and state.dedicated.get(name) == dev.index]
+            if not mine:
+                continue
+            _, name = min(mine)
+            fq, prof = state.queues[name], self._profile(state, name)
+            batch, _ = _batch(fq.requests, fq.max_batch)
+            e = view.estimate(name, prof, sum(r.items for r in batch), dev.index, now, allow_peer=False)
+            if e is None:
+                continue
+            dispatches.append(Dispatch(dev.index, name, tuple(r.id for r in batch), e.source, e.total_ms,
+                                       copy_ms=e.copy_ms, values=self.values(state, dev.index, now)))
+            view.commit(e, name)
+        return Decision(tuple(dispatches))
+
     # --- eviction ----------------------------------------------------------------------------------
 
     def values(self, state: NodeState, device: int, now: float) -> dict[str, float]:
@@ -328,6 +356,8 @@ class Scheduler:
         names = set(dev.resident) | set(dev.partial) | ({dev.running} if dev.running else set())
         if self.policy == "fifo_lru":
             return {f: dev.last_used.get(f, -math.inf) for f in sorted(names)}
+        if self.policy == "dedicated":
+            return {f: math.inf if state.dedicated.get(f) == device else -math.inf for f in sorted(names)}
         running = {d.running for d in state.devices if d.running is not None}
         out: dict[str, float] = {}
         for f in sorted(names):

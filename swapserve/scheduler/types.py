@@ -14,10 +14,12 @@ Source = Literal["resident", "partial", "peer", "host"]
 """Where a dispatched model's missing bytes come from: none (resident), some from host (partial), a peer
 GPU over NVLink, or host memory over PCIe."""
 
-Policy = Literal["swapserve", "fifo_lru"]
+Policy = Literal["swapserve", "fifo_lru", "dedicated"]
 """``swapserve``: deadline order, batching, placement by expected finish with contention, early refusal,
 eviction by expected reuse. ``fifo_lru``: arrival order, no batching, first idle device, LRU eviction, never
-refuses a request for lateness (the baseline that shows the scheduler's worth)."""
+refuses a request for lateness (the baseline that shows the scheduler's worth). ``dedicated``: only the
+functions given a device in :attr:`NodeState.dedicated` are served, each only there (its model stays
+resident); the others are refused (the baseline of one GPU slice per model)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class NodeState:
     link: LinkProfile
     max_queued: int = 4096
     """Node-wide bound on queued requests; beyond it arrivals get 503."""
+    dedicated: dict[str, int] = field(default_factory=dict)
+    """Under policy ``dedicated``: the device each served function is pinned to."""
 
     @property
     def queued(self) -> int:

@@ -12,7 +12,7 @@ from swapserve.errors import CapacityError, InvalidInputError, NotFoundError, Wo
 
 HAS_CUDA = torch.cuda.is_available()
 
-MODES = [("cpu", "eager")] + ([("cuda:0", "eager"), ("cuda:0", "graph")] if HAS_CUDA else [])
+MODES = [("cpu", "eager"), ("cpu", "ondemand")] + ([("cuda:0", "eager"), ("cuda:0", "graph"), ("cuda:0", "ondemand")] if HAS_CUDA else [])
 MODE_IDS = [f"{d}-{m}" for d, m in MODES]
 
 

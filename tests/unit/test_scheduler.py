@@ -509,3 +509,40 @@ def test_rejects_bad_configuration():
     s = node(1)
     with pytest.raises(KeyError):
         Scheduler().admit(s, Request("r", "nope", T0, T0 + 1), T0)
+
+
+# --- the dedicated baseline -------------------------------------------------------------------------
+
+
+def test_dedicated_serves_only_pinned_functions_on_their_device():
+    state = NodeState([DeviceState(0, 1 << 30), DeviceState(1, 1 << 30)], {}, {}, LinkProfile((50.0,)))
+    for name, dev in (("a", 1), ("b", 0)):
+        state.queues[name] = FunctionQueue(name, 100.0, 4, 16)
+        state.profiles[name] = ModelProfile(100 << 20, {1: 2.0})
+        state.dedicated[name] = dev
+        state.devices[dev].resident.add(name)
+    state.queues["c"] = FunctionQueue("c", 100.0, 4, 16)
+    state.profiles["c"] = ModelProfile(100 << 20, {1: 2.0})
+    s = Scheduler("dedicated")
+    rej = s.admit(state, Request("c1", "c", 0.0, 0.1), 0.0)
+    assert rej is not None and rej.status == 503 and "no dedicated device" in rej.reason
+    for i in range(3):
+        assert s.admit(state, Request(f"a{i}", "a", 0.0, 0.1), 0.0) is None
+    assert s.admit(state, Request("b0", "b", 0.0, 0.1), 0.0) is None
+    d = s.decide(state, 0.0)
+    by_dev = {x.device: x for x in d.dispatches}
+    assert by_dev[1].function == "a" and by_dev[1].request_ids == ("a0", "a1", "a2")  # batched, on its own device
+    assert by_dev[0].function == "b" and by_dev[0].source == "resident"
+    assert by_dev[1].values["a"] == math.inf
+
+
+def test_dedicated_never_moves_a_function_to_another_idle_device():
+    state = NodeState([DeviceState(0, 1 << 30), DeviceState(1, 1 << 30)], {}, {}, LinkProfile((50.0,)))
+    state.queues["a"] = FunctionQueue("a", 100.0, 1, 16)
+    state.profiles["a"] = ModelProfile(100 << 20, {1: 2.0})
+    state.dedicated["a"] = 0
+    state.devices[0].resident.add("a")
+    state.devices[0].busy_until = 0.05
+    s = Scheduler("dedicated")
+    assert s.admit(state, Request("a0", "a", 0.0, 0.1), 0.0) is None
+    assert s.decide(state, 0.0).dispatches == ()  # device 1 idle, but not a's
