@@ -14,6 +14,7 @@ first chunk arrives.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -51,6 +52,17 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise ArtifactError(f"unsupported dtype {name!r} (supported: {', '.join(_DTYPES)})") from None
 
 
+_ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dt).element_size() for name, dt in _DTYPES.items()}
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of a dtype named as in manifests."""
+    try:
+        return _ITEMSIZE[name]
+    except KeyError:
+        raise ArtifactError(f"unsupported dtype {name!r} (supported: {', '.join(_DTYPES)})") from None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
@@ -70,7 +82,7 @@ class TensorSpec:
         n = 1
         for d in self.shape:
             n *= batch if d == -1 else d
-        return n * torch.empty((), dtype=dtype_from_name(self.dtype)).element_size()
+        return n * itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ class WeightSpec:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=dtype_from_name(self.dtype)).element_size()
+        return n * itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,7 @@ class Manifest:
     """For kind ``architecture``: ``{"name": ..., "config": {...}}``."""
     torch_version: str = ""
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.weights)
 

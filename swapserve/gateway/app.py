@@ -190,7 +190,7 @@ async def infer(request: web.Request) -> web.Response:
         request[REQUEST_ID_KEY] = body_id
     result = await node.infer(name, req.inputs, req.id or safe_request_id(request.headers.get(REQUEST_ID_HEADER)))
     params = {"device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
-              "total_ms": result.total_ms}
+              "compute_ms": result.compute_ms, "total_ms": result.total_ms}
     out_bytes = sum(t.numel() * t.element_size() for t in result.outputs.values())
     encoded = await _maybe_thread(out_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,
                                   req.outputs, req.id, params)

@@ -49,9 +49,13 @@ class InferResult:
     device: str = ""
     """Where it ran (``cuda:0``, ``cpu``)."""
     queue_ms: float = 0.0
+    """From admission to dispatch."""
     swapped: bool = False
     """Whether the model was (partly) copied in for this request."""
+    compute_ms: float = 0.0
+    """The run on the device as its worker timed it (swap-in included), for its whole batch."""
     total_ms: float = 0.0
+    """From admission to the result, at the controller."""
 
 
 @dataclass(frozen=True)

@@ -449,7 +449,8 @@ class Node:
                     self.metrics.count_slo_miss(fn_name)
                 self.metrics.observe_node_request(fn_name, total / 1e3)
                 if not p.future.done():
-                    p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped, total))
+                    p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
+                                                    res.wall_ms, total))
             self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
             if res.swapped:
                 self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)
@@ -521,7 +522,8 @@ class Node:
         return NodeStatus(self._ready, tuple(devices), len(self._functions), self.store.used_bytes,
                           self.store.capacity, self.state.queued,
                           {"h2d_GBps": self.state.link.h2d_GBps[0],
-                           "exec_slowdown_copying": self.state.link.exec_slowdown_copying})
+                           "exec_slowdown_copying": self.state.link.exec_slowdown_copying,
+                           **{f"busy_seconds_{w.index}": self.busy_s[w.index] for w in self._workers}})
 
 
 def _engine_for(base: EngineConfig, device: str, mode: str) -> EngineConfig:

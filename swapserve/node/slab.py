@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from swapserve.artifact.manifest import dtype_from_name
+from swapserve.artifact.manifest import dtype_from_name, itemsize
 from swapserve.errors import PayloadTooLargeError
 from swapserve.node.messages import TensorRef
 
@@ -40,12 +40,10 @@ class Slab:
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
-        dtype = dtype_from_name(ref.dtype)
-        n = 1
+        n = itemsize(ref.dtype)
         for d in ref.shape:
             n *= d
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
-        return self.buffer[ref.offset:ref.offset + nbytes].view(dtype).view(ref.shape)
+        return self.buffer[ref.offset:ref.offset + n].view(dtype_from_name(ref.dtype)).view(ref.shape)
 
     def write_batch(self, parts: Sequence[Sequence[torch.Tensor]], offset: int = 0) -> tuple[tuple[TensorRef, ...], int]:
         """Write each input of a batch — the rows of every request, concatenated on dim 0 — from ``offset``.
@@ -93,7 +91,7 @@ class Slab:
 
 
 def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
-    n = 1
+    n = dtype.itemsize
     for d in shape:
         n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n

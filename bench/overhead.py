@@ -1,0 +1,160 @@
+"""Gateway + scheduler overhead per request on a tiny resident model, and requests/s under load.
+
+Starts a real ``swapserve serve`` (its own processes), deploys a tiny MLP, then from client processes:
+
+  * sequential requests over one keep-alive connection: overhead = HTTP round trip − the model's run as
+    its worker timed it (``compute_ms`` in the response), p50/p99; also split into gateway+transport
+    (round trip − node time) and controller (node time − compute);
+  * concurrent clients for a fixed time: max requests/s (batching on, max_batch 8).
+
+    python bench/overhead.py --out bench/results/<gpu>_<yyyymmdd> [--devices cuda:0] [--requests 3000]
+
+Writes overhead.json ``{"gpu", "p50_overhead_ms", "p99_overhead_ms", "max_rps", ...}`` and overhead.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from node_harness import Server, tiny_function  # noqa: E402
+
+NAME = "tiny"
+BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}).encode()
+PATH = f"/v2/models/{NAME}/infer"
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+def sequential(port: int, n: int, warmup: int) -> dict[str, list[float]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    out: dict[str, list[float]] = {"rtt": [], "compute": [], "node": []}
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        conn.request("POST", PATH, BODY, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        rtt = (time.perf_counter() - t0) * 1e3
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+        if i >= warmup:
+            p = json.loads(data)["parameters"]
+            out["rtt"].append(rtt)
+            out["compute"].append(p["compute_ms"])
+            out["node"].append(p["total_ms"])
+    conn.close()
+    return out
+
+
+def _load_client(port: int, seconds: float, concurrency: int, q: mp.Queue) -> None:
+    import aiohttp
+
+    async def main() -> tuple[int, int]:
+        ok = bad = 0
+        stop = time.perf_counter() + seconds
+        conn = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=conn) as s:
+            async def loop() -> None:
+                nonlocal ok, bad
+                while time.perf_counter() < stop:
+                    async with s.post(PATH, data=BODY, headers={"Content-Type": "application/json"}) as r:
+                        await r.read()
+                        ok, bad = (ok + 1, bad) if r.status == 200 else (ok, bad + 1)
+
+            await asyncio.gather(*(loop() for _ in range(concurrency)))
+        return ok, bad
+
+    q.put(asyncio.run(main()))
+
+
+def throughput(port: int, seconds: float, processes: int, concurrency: int) -> tuple[float, int]:
+    ctx = mp.get_context("spawn")
+    q: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_load_client, args=(port, seconds, concurrency, q)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    ok = sum(r[0] for r in results)
+    return ok / seconds, sum(r[1] for r in results)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--devices", default="", help="cpu, cuda:0, ... (default: every GPU, else cpu)")
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--clients", type=int, default=4, help="client processes for the throughput run")
+    ap.add_argument("--concurrency", type=int, default=32, help="connections per client process")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from swapserve.client import Client
+    from swapserve.functions.build import build_bundle
+    from swapserve.functions.bundle import pack
+
+    work = Path(tempfile.mkdtemp(prefix="swapserve-overhead-"))
+    with Server(work / "home", args.devices or "all", pool="1GiB", workspace="512MiB", host_store="2GiB") as srv:
+        srv.wait_ready()
+        build_bundle(tiny_function(work / "fn", NAME, slo_ms=1000.0), work / "bundle")
+        client = Client(srv.url, srv.token)
+        client.deploy(pack(work / "bundle"))
+        status = client.status()
+        gpu = status["devices"][0]["name"]
+        print(f"server up on {gpu}; sequential requests ...", flush=True)
+        seq = sequential(srv.port, args.requests, args.warmup)
+        over = [r - c for r, c in zip(seq["rtt"], seq["compute"])]
+        gateway = [r - n for r, n in zip(seq["rtt"], seq["node"])]
+        controller = [n - c for n, c in zip(seq["node"], seq["compute"])]
+        print(f"overhead p50 {percentile(over, 50):.3f} ms, p99 {percentile(over, 99):.3f} ms; throughput run ...",
+              flush=True)
+        rps, errors = throughput(srv.port, args.seconds, args.clients, args.concurrency)
+        log_tail = srv.tail(5)
+    result = {
+        "gpu": gpu,
+        "p50_overhead_ms": percentile(over, 50),
+        "p99_overhead_ms": percentile(over, 99),
+        "max_rps": rps,
+        "date": date.today().isoformat(),
+        "requests": args.requests,
+        "p50_rtt_ms": percentile(seq["rtt"], 50),
+        "p50_compute_ms": percentile(seq["compute"], 50),
+        "p50_gateway_ms": percentile(gateway, 50),
+        "p50_controller_ms": percentile(controller, 50),
+        "mean_overhead_ms": statistics.fmean(over),
+        "throughput_clients": args.clients * args.concurrency,
+        "throughput_errors": errors,
+    }
+    (args.out / "overhead.json").write_text(json.dumps(result, indent=1))
+    (args.out / "overhead.md").write_text(
+        f"# Request overhead — {gpu}, {result['date']}\n\n"
+        f"Tiny resident MLP, {args.requests} sequential JSON requests over one keep-alive connection after "
+        f"{args.warmup} warm-up; overhead = HTTP round trip − the worker's run (compute_ms).\n\n"
+        "| p50 overhead | p99 overhead | p50 round trip | p50 compute | p50 gateway+HTTP | p50 controller+IPC | max req/s |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| {result['p50_overhead_ms']:.3f} ms | {result['p99_overhead_ms']:.3f} ms | {result['p50_rtt_ms']:.3f} ms "
+        f"| {result['p50_compute_ms']:.3f} ms | {result['p50_gateway_ms']:.3f} ms | {result['p50_controller_ms']:.3f} ms "
+        f"| {rps:.0f} ({args.clients}×{args.concurrency} connections, {errors} errors) |\n")
+    print(json.dumps(result, indent=1))
+    print(log_tail)
+
+
+if __name__ == "__main__":
+    main()
