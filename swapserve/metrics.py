@@ -19,7 +19,7 @@ Every method is thread-safe (prometheus_client locks per child), so GPU worker t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -48,6 +48,7 @@ class Metrics:
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r, ns = self.registry, NAMESPACE
         # Counters are named without ``_total``: prometheus_client appends it on exposition.
         self.requests = Counter("requests", "Infer requests by function and HTTP status code.",
@@ -88,13 +89,22 @@ class Metrics:
     # -- gateway ----------------------------------------------------------------------------------------------
 
     def observe_http(self, route: str, method: str, code: int, seconds: float) -> None:
-        self.http_requests.labels(route, method, str(code)).inc()
-        self.http_seconds.labels(route).observe(seconds)
+        self._child(self.http_requests, route, method, str(code)).inc()
+        self._child(self.http_seconds, route).observe(seconds)
 
     def observe_request(self, function: str, code: int, seconds: float) -> None:
         """One infer request of an existing function, whatever its outcome (errors included)."""
-        self.requests.labels(function, str(code)).inc()
-        self.request_seconds.labels(function).observe(seconds)
+        self._child(self.requests, function, str(code)).inc()
+        self._child(self.request_seconds, function).observe(seconds)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, memoised: prometheus_client validates and locks on every call, and
+        the request path records about ten series per request."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_status(self, status: NodeStatus) -> None:
         """Set every gauge from a node snapshot (the gateway calls this before each scrape, so gauges are
@@ -108,28 +118,28 @@ class Metrics:
 
     def observe_node_request(self, function: str, seconds: float) -> None:
         """One request completed by the node, from admission to result."""
-        self.node_request_seconds.labels(function).observe(seconds)
+        self._child(self.node_request_seconds, function).observe(seconds)
 
     def observe_queue(self, function: str, seconds: float) -> None:
-        self.queue_seconds.labels(function).observe(seconds)
+        self._child(self.queue_seconds, function).observe(seconds)
 
     def observe_compute(self, device: str, seconds: float) -> None:
-        self.compute_seconds.labels(device).observe(seconds)
+        self._child(self.compute_seconds, device).observe(seconds)
 
     def observe_swap(self, device: str, seconds: float, nbytes: int) -> None:
         """One swap-in that copied ``nbytes`` of weights (only the missing pages of a partly resident model)."""
-        self.swap_seconds.labels(device).observe(seconds)
-        self.swap_bytes.labels(device).inc(nbytes)
+        self._child(self.swap_seconds, device).observe(seconds)
+        self._child(self.swap_bytes, device).inc(nbytes)
 
     def count_eviction(self, device: str, n: int = 1) -> None:
-        self.evictions.labels(device).inc(n)
+        self._child(self.evictions, device).inc(n)
 
     def count_slo_miss(self, function: str, n: int = 1) -> None:
-        self.slo_misses.labels(function).inc(n)
+        self._child(self.slo_misses, function).inc(n)
 
     def set_pool(self, device: str, used_bytes: int, total_bytes: int) -> None:
-        self.pool_used.labels(device).set(used_bytes)
-        self.pool_size.labels(device).set(total_bytes)
+        self._child(self.pool_used, device).set(used_bytes)
+        self._child(self.pool_size, device).set(total_bytes)
 
     def set_host_store(self, used_bytes: int, capacity_bytes: int) -> None:
         self.host_store_used.set(used_bytes)
@@ -146,6 +156,7 @@ class Metrics:
             metric.remove(function)
         for code in _label_values(self.requests, "function", function, "code"):
             self.requests.remove(function, code)
+        self._children = {k: v for k, v in self._children.items() if function not in k[1]}
 
     # -- exposition -------------------------------------------------------------------------------------------
 

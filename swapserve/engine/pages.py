@@ -91,6 +91,8 @@ class PagePool:
     placements: dict[str, Placement] = field(default_factory=dict)
     owner: list[tuple[str, int] | None] = field(init=False)
     _free: set[int] = field(init=False)
+    version: int = field(init=False, default=0)
+    """Bumped whenever some model's valid pages change (reporters send residency only then)."""
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.num_pages
@@ -158,6 +160,7 @@ class PagePool:
                 self._free.add(pg)
             q.state = Residency.PARTIAL if q.valid_count else Residency.ABSENT
             taken.append((q.model, tuple(grab)))
+            self.version += 1
         remaps = []
         unmapped = []
         for i in rest:  # first, slots whose mapped page a victim just freed: no remap
@@ -208,6 +211,8 @@ class PagePool:
             pg = p.slots[i]
             assert pg is not None and self.owner[pg] == (model, i), "page lost while loading"
             p.valid[i] = True
+        if slots:
+            self.version += 1
         p.state = Residency.RESIDENT if p.valid_count == p.n_slots else (
             Residency.PARTIAL if p.valid_count else Residency.ABSENT)
 
@@ -235,6 +240,7 @@ class PagePool:
         return self._drop_pages(p)
 
     def _drop_pages(self, p: Placement) -> int:
+        self.version += 1
         n = 0
         for i, pg in enumerate(p.slots):
             if pg is not None and self.owner[pg] == (p.model, i):

@@ -10,6 +10,7 @@ filling the host store) goes to threads.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -287,7 +288,7 @@ class Node:
         for d in self.state.devices:
             d.resident.discard(spec.name)
             d.partial.pop(spec.name, None)
-        self._refresh_residency()
+        self._refresh_residency(everything=True)
         if old is not None and old.key != key:
             self._retire(old.key)
         self._pump()
@@ -376,6 +377,11 @@ class Node:
         """Ask the scheduler what to do now and do it."""
         if not self._live:
             return
+        if not self._pending:  # nothing queued: nothing to decide (the common case after a completion)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
         now = self.clock()
         decision = self.scheduler.decide(self.state, now)
         self.scheduler.apply(self.state, decision, now)  # dequeue, mark devices busy
@@ -414,16 +420,15 @@ class Node:
         self._inflight[d.device] = _InFlight(d, fn.key, batch, now, items)
         for p in batch:
             self.metrics.observe_queue(d.function, now - p.started)
-        asyncio.ensure_future(self._run(w, msg))
-
-    async def _run(self, w: wk.WorkerHandle, msg: Run) -> None:
         try:
-            reply = await wk.call(w, msg)
-        except BackendError as e:
-            reply = None
-            error: SwapserveError | None = e
-        else:
-            error = None
+            wk.send(w, msg, functools.partial(self._complete, w))
+        except (BackendError, OSError) as e:
+            self._complete(w, e if isinstance(e, BackendError) else BackendError(str(e)))
+
+    def _complete(self, w: wk.WorkerHandle, outcome: Any) -> None:
+        """A run ended (called straight from the worker's reply): answer its requests, free the device."""
+        reply = None if isinstance(outcome, BaseException) else outcome
+        error: SwapserveError | None = outcome if isinstance(outcome, SwapserveError) else None
         fl = self._inflight.pop(w.index)
         fn_name = fl.dispatch.function
         now = self.clock()
@@ -467,16 +472,17 @@ class Node:
             self._retire(fl.key)
         self._pump()
 
-    def _refresh_residency(self) -> None:
-        by_key = {f.key: name for name, f in self._functions.items()}
+    def _refresh_residency(self, everything: bool = False) -> None:
+        """Copy what workers reported into the scheduler's view (only where it changed, unless asked)."""
+        by_key = {f.key: name for name, f in self._functions.items()} if everything or any(
+            w.residency_changed for w in self._workers) else {}
         for w, dev in zip(self._workers, self.state.devices):
-            if w.residency is None:
+            if w.residency is None or not (everything or w.residency_changed):
                 continue
+            w.residency_changed = False
             dev.resident = {by_key[k] for k, frac in w.residency.present.items() if frac >= 1.0 and k in by_key}
             dev.partial = {by_key[k]: frac for k, frac in w.residency.present.items() if frac < 1.0 and k in by_key}
-            self.metrics.set_pool(w.device, w.residency.used_bytes, w.residency.pool_bytes)
-        self.metrics.set_host_store(self.store.used_bytes, self.store.capacity)
-        self.metrics.set_queued(self.state.queued)
+        # Pool, host-store and queue gauges are set from status() when /metrics is scraped.
 
     def _arm_timer(self, now: float) -> None:
         """Wake up when the earliest queued request would expire, so hopeless work is refused promptly."""

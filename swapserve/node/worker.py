@@ -87,6 +87,7 @@ class Worker:
         self.slab = Slab(Path(cfg.slab_path), cfg.slab_bytes, create=False)
         self.engine.backend.pin(self.slab.buffer)
         self.torch = torch
+        self._sent_version = -1
         name = torch.cuda.get_device_name(0) if engine_cfg.device.startswith("cuda") else "cpu"
         bw = self._h2d(256 << 20)
         conn.send(Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid()))
@@ -99,7 +100,7 @@ class Worker:
             msg = self.conn.recv()
             try:
                 result = self.handle(msg)
-                reply = Reply(msg.id, True, result, self._residency())
+                reply = Reply(msg.id, True, result, self._residency_if_changed())
             except SwapserveError as e:
                 reply = Reply(msg.id, False, None, self._residency(), str(e), type(e).__name__, e.http_status)
             except Exception as e:  # noqa: BLE001 - report, keep serving the other models
@@ -156,6 +157,13 @@ class Worker:
         refs = self.slab.write(outs, msg.out_offset)
         wall = (time.perf_counter() - t0) * 1e3
         return RunResult(refs, wall, stats.swaps > swaps, stats.bytes_copied - copied, stats.pages_taken - taken)
+
+    def _residency_if_changed(self) -> Any:
+        """The pool's residency, only when it changed since last sent (it grows with the models here)."""
+        if self.engine.pool.version == self._sent_version:
+            return None
+        self._sent_version = self.engine.pool.version
+        return self._residency()
 
     def _residency(self) -> Any:
         from swapserve.node.messages import Residency

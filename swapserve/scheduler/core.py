@@ -93,9 +93,10 @@ class Scheduler:
         if len(fq.requests) >= fq.max_queue:
             return Reject(request.id, 429, _retry_s(self._drain_s(state, now)),
                           f"function {request.function!r} has {len(fq.requests)} queued requests (max_queue)")
-        if state.queued >= state.max_queued:
+        queued = state.queued
+        if queued >= state.max_queued:
             return Reject(request.id, 503, _retry_s(self._drain_s(state, now)),
-                          f"node has {state.queued} queued requests (max_queued)")
+                          f"node has {queued} queued requests (max_queued)")
         if self.policy == "dedicated" and request.function not in state.dedicated:
             return Reject(request.id, 503, NOFIT_RETRY_S,
                           f"function {request.function!r} has no dedicated device (the pools are full)")
@@ -169,7 +170,8 @@ class Scheduler:
         """(head deadline, function, seq, items, is the request's own) of every batch due no later than
         ``request``, the request's own batch last of its function, in EDF order (ties: function, seq)."""
         batches: list[tuple[float, str, int, int, bool]] = []
-        for name in sorted(state.queues):
+        # Only non-empty queues (and the request's own): hundreds of idle functions cost nothing here.
+        for name in sorted(n for n, q in state.queues.items() if q.requests or n == request.function):
             fq = state.queues[name]
             ahead = [r for r in fq.requests if r.deadline <= request.deadline
                      and not (fq.late_policy == "refuse" and r.deadline < now)]
@@ -197,7 +199,7 @@ class Scheduler:
         view = View(state, now)
         rejects: list[Reject] = []
         pending: dict[str, list[Request]] = {}
-        for name in sorted(state.queues):
+        for name in sorted(n for n, q in state.queues.items() if q.requests):
             fq = state.queues[name]
             if fq.requests:
                 keep, dropped = self._triage(view, fq, self._profile(state, name), now)
@@ -239,11 +241,12 @@ class Scheduler:
             best = ests[min(cands)[1]]
             if best.device not in free:
                 continue  # it finishes sooner on a device that frees soon: leave it queued for that one
-            if best.device not in values:
+            # Eviction values matter only to a run that brings bytes in (O(models on the device) to compute).
+            if best.source != "resident" and best.device not in values:
                 values[best.device] = self.values(state, best.device, now)
             dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), best.source,
                                        best.total_ms, peer=best.peer, copy_ms=best.copy_ms,
-                                       values=values[best.device]))
+                                       values=values.get(best.device, {}) if best.source != "resident" else {}))
             view.commit(best, name)
             free.discard(best.device)
             active.add(name)
@@ -302,7 +305,7 @@ class Scheduler:
             e = view.estimate(name, prof, r.items, d, now, allow_peer=False)
             assert e is not None
             dispatches.append(Dispatch(d, name, (r.id,), e.source, e.total_ms, copy_ms=e.copy_ms,
-                                       values=self.values(state, d, now)))
+                                       values=self.values(state, d, now) if e.source != "resident" else {}))
             view.commit(e, name)
             free.remove(d)
         return Decision(tuple(dispatches), tuple(rejects))
@@ -326,7 +329,8 @@ class Scheduler:
             if e is None:
                 continue
             dispatches.append(Dispatch(dev.index, name, tuple(r.id for r in batch), e.source, e.total_ms,
-                                       copy_ms=e.copy_ms, values=self.values(state, dev.index, now)))
+                                       copy_ms=e.copy_ms,
+                                       values=self.values(state, dev.index, now) if e.source != "resident" else {}))
             view.commit(e, name)
         return Decision(tuple(dispatches))
 
@@ -401,9 +405,10 @@ class Scheduler:
         gone = {r.request_id for r in decision.rejects}
         for dsp in decision.dispatches:
             gone.update(dsp.request_ids)
-        for fq in state.queues.values():
-            if any(r.id in gone for r in fq.requests):
-                fq.requests = [r for r in fq.requests if r.id not in gone]
+        if gone:
+            for fq in state.queues.values():
+                if fq.requests and any(r.id in gone for r in fq.requests):
+                    fq.requests = [r for r in fq.requests if r.id not in gone]
         for dsp in decision.dispatches:
             dev = state.devices[dsp.device]
             dev.busy_until = now + dsp.expected_ms / 1000.0

@@ -126,7 +126,7 @@ class NodeState:
 
     @property
     def queued(self) -> int:
-        return sum(len(q.requests) for q in self.queues.values())
+        return sum(len(q.requests) for q in self.queues.values() if q.requests)
 
 
 @dataclass(frozen=True)

@@ -433,9 +433,14 @@ def test_dispatch_carries_values_for_its_device():
     s.queues["busy"].requests.clear()
     enqueue(s, "pop", "r1")
     d = only(Scheduler().decide(s, T0))
-    assert d.device == 0 and d.function == "pop"
-    assert d.values["pop"] == math.inf  # the dispatched function is not a victim for its own run
-    assert set(d.values) == s.devices[0].resident
+    assert d.device == 0 and d.function == "pop" and d.source == "resident"
+    assert d.values == {}  # a resident run brings nothing in, so it evicts nothing: no values to send
+    s.devices[0].resident.discard("pop")
+    s.devices[1].busy_until, s.devices[1].running = T0 + 100, "busy"  # only device 0 can take it
+    d = only(Scheduler().decide(s, T0))
+    assert d.device == 0 and d.function == "pop" and d.source == "host"
+    assert set(d.values) == s.devices[0].resident  # every model it may evict, valued
+    assert d.values["busy"] == math.inf  # queued or running elsewhere: never a victim
 
 
 # --- the fifo_lru baseline ---------------------------------------------------------------------------
@@ -533,7 +538,7 @@ def test_dedicated_serves_only_pinned_functions_on_their_device():
     by_dev = {x.device: x for x in d.dispatches}
     assert by_dev[1].function == "a" and by_dev[1].request_ids == ("a0", "a1", "a2")  # batched, on its own device
     assert by_dev[0].function == "b" and by_dev[0].source == "resident"
-    assert by_dev[1].values["a"] == math.inf
+    assert by_dev[1].values == {}  # resident: nothing to evict
 
 
 def test_dedicated_never_moves_a_function_to_another_idle_device():
