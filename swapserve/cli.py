@@ -180,6 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
         "devices": parse_devices(args.devices) if args.devices is not None else None,
         "pool_bytes": args.pool, "workspace_bytes": args.workspace, "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
+        "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
     }.items() if v is not None}
     try:
         config = ServeConfig(**given)
@@ -305,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=argparse.SUPPRESS,
                    help="token the management API requires (default: $SWAPSERVE_TOKEN)")
     s.add_argument("--demo", action="store_true", help="deploy the example functions from examples/ at start")
+    s.add_argument("--policy", choices=["swapserve", "fifo_lru", "dedicated"],
+                   help="scheduling policy (default swapserve; the others are baselines for benchmarks)")
+    s.add_argument("--mode", choices=["auto", "graph", "eager", "ondemand"],
+                   help="engine mode (default auto: CUDA graphs on GPUs; ondemand is the .to(cuda) baseline)")
+    s.add_argument("--no-prepare", action="store_true",
+                   help="do not swap each function in and capture its graphs at deploy/start (capture on first use)")
     s.set_defaults(func=_serve)
     return p
 

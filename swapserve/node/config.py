@@ -50,6 +50,13 @@ class ServeConfig:
     """Largest deploy upload (the compressed bundle). Weights hardly compress: about the model's size."""
     max_bundle_bytes: int = 16 * GiB
     """Largest unpacked deploy bundle (``swapserve.functions.bundle.unpack``'s ``max_bytes``)."""
+    policy: str = "swapserve"
+    """Scheduling policy: ``swapserve``, or a baseline (``fifo_lru``, ``dedicated``) for benchmarks."""
+    mode: str = "auto"
+    """Engine mode: ``auto`` (CUDA graphs on GPUs), ``graph``, ``eager``, or the ``ondemand`` baseline."""
+    prepare: bool = True
+    """Swap each function in and capture its graphs on every device at deploy and start (off the request
+    path); False defers that to each function's first request."""
     demo: bool = False
     """Deploy the example functions (``DEMO_FUNCTIONS`` under ``examples_dir``) at start, building their
     artifacts in the node's process (trusted code; minutes on a CPU for resnet50 and bert-base)."""
@@ -71,6 +78,10 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{name} must be positive, not {value}")
+        if self.policy not in ("swapserve", "fifo_lru", "dedicated"):
+            problems.append(f"policy {self.policy!r} is not swapserve, fifo_lru or dedicated")
+        if self.mode not in ("auto", "graph", "eager", "ondemand"):
+            problems.append(f"mode {self.mode!r} is not auto, graph, eager or ondemand")
         if self.token is not None and not self.token.strip():
             problems.append("token must not be empty")
         if problems:

@@ -78,15 +78,15 @@ class _Function:
     spec: FunctionSpec
     version: int
     key: str
-    """Host-store / worker key of the model version that serves."""
-    artifact: Artifact
+    """Host-store / worker key of the model version that serves ("" when none is loaded)."""
+    artifact: Artifact | None
     state: FunctionState
     reason: str = ""
     created_at: float = 0.0
+    nbytes: int = 0
 
     def info(self) -> FunctionInfo:
-        return FunctionInfo(self.spec, self.version, self.state, self.reason, self.artifact.manifest.nbytes,
-                            self.created_at)
+        return FunctionInfo(self.spec, self.version, self.state, self.reason, self.nbytes, self.created_at)
 
 
 @dataclass
@@ -150,13 +150,21 @@ class Node:
         self.state.devices = [DeviceState(i, h.pool_bytes) for i, h in enumerate(hellos)]
         self.state.link = await self._profile_link([h.h2d_GBps for h in hellos])
         log.info("workers up: %s; link %s", [f"{h.device} ({h.name})" for h in hellos], self.state.link)
-        for rec in self.registry.list():
-            if not rec.serving:
-                continue
-            try:
-                await self._bring_up(rec.spec, rec.path, rec.version, rec.created_at)
-            except SwapserveError as e:
-                log.error("function %s v%d failed to load: %s", rec.name, rec.version, e)
+        records = [r for r in self.registry.list() if r.serving]
+        if records:
+            log.info("loading %d registered functions", len(records))
+        gate = asyncio.Semaphore(8)  # host-store fills overlap each other and the workers' preparation
+
+        async def bring_up(rec: Any) -> None:
+            async with gate:
+                try:
+                    await self._bring_up(rec.spec, rec.path, rec.version, rec.created_at)
+                except SwapserveError as e:
+                    log.error("function %s v%d failed to load: %s", rec.name, rec.version, e)
+                    self._functions[rec.name] = _Function(rec.spec, rec.version, "", None, FunctionState.UNAVAILABLE,
+                                                          f"failed to load at start: {e}", rec.created_at, rec.nbytes)
+
+        await asyncio.gather(*(bring_up(r) for r in records))
         self._ready = True
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -275,7 +283,8 @@ class Node:
     def _switch(self, spec: FunctionSpec, key: str, art: Artifact, version: int, created_at: float) -> None:
         """Make ``key`` the serving version of ``spec.name``; retire the previous one once idle."""
         old = self._functions.get(spec.name)
-        self._functions[spec.name] = _Function(spec, version, key, art, FunctionState.READY, "", created_at)
+        self._functions[spec.name] = _Function(spec, version, key, art, FunctionState.READY, "", created_at,
+                                               art.manifest.nbytes)
         q = self.state.queues.get(spec.name)
         if q is None:
             self.state.queues[spec.name] = FunctionQueue(spec.name, spec.slo_ms, spec.max_batch, spec.max_queue,
@@ -289,7 +298,7 @@ class Node:
             d.resident.discard(spec.name)
             d.partial.pop(spec.name, None)
         self._refresh_residency(everything=True)
-        if old is not None and old.key != key:
+        if old is not None and old.key and old.key != key:
             self._retire(old.key)
         self._pump()
 
@@ -318,7 +327,8 @@ class Node:
         self.state.queues.pop(name, None)
         self.state.dedicated.pop(name, None)
         self.state.profiles.pop(name, None)
-        self._retire(fn.key)
+        if fn.key:
+            self._retire(fn.key)
         await asyncio.to_thread(self.registry.delete, name)
 
     async def unload(self, name: str) -> FunctionInfo:
@@ -328,6 +338,7 @@ class Node:
             fn.reason = "unloaded"
             self._fail_queued(name, UnavailableError(f"function {name!r} was unloaded"))
             self._retire(fn.key)
+            fn.key = ""
             await asyncio.to_thread(self.registry.set_serving, name, False)
         return fn.info()
 
@@ -556,6 +567,7 @@ def _check_inputs(fn: _Function, inputs: dict[str, torch.Tensor]) -> tuple[list[
         raise InvalidInputError(f"{fn.spec.name} takes inputs {names}" + (f"; missing {missing}" if missing else "")
                                 + (f"; unknown {extra}" if extra else ""))
     out, batch = [], None
+    assert fn.artifact is not None  # READY functions have one
     for spec, d in zip(fn.artifact.manifest.inputs, decl):
         x = inputs[d.name]
         if x.dtype != dtype_from_name(spec.dtype):

@@ -74,7 +74,8 @@ async def _main(config: ServeConfig) -> int:
     token = _token(config)
     metrics = Metrics()
     node = Node(NodeConfig(home=config.home, devices=devices, pool_bytes=config.pool_bytes,
-                           workspace_bytes=config.workspace_bytes, host_store_bytes=_host_store_bytes(config)),
+                           workspace_bytes=config.workspace_bytes, host_store_bytes=_host_store_bytes(config),
+                           mode=config.mode, policy=config.policy, prepare_on_deploy=config.prepare),  # type: ignore[arg-type]
                 metrics)
     gateway = GatewayConfig(token=token, uploads_dir=node.registry.staging_root,
                             max_upload_bytes=config.max_upload_bytes, max_bundle_bytes=config.max_bundle_bytes)
