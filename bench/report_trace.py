@@ -1,0 +1,71 @@
+"""Table and plots for bench/trace.py results.
+
+    python bench/report_trace.py OUT_DIR trace.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def table(r: dict) -> str:
+    lines = [f"# Trace — {r.get('gpu', '?')} × {r.get('gpus', '?')}, {r.get('date', '')}", "",
+             f"{r.get('duration_s')} s of trace per point, seed {r.get('seed')}, SLO = max(10 ms, 3 × (native graph + "
+             f"floor)) of each fp16 model ({r.get('slo_source', '')}). Attainment = fraction of called functions whose "
+             "P98 ≤ SLO (refused or failed = miss).", "",
+             "| policy | N | attainment | P50 ms | P99 ms | req/s | swaps/s | busy | requests | codes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for label, p in r["policies"].items():
+        for pt in p["sweep"]:
+            fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
+            lines.append(f"| {label} | {pt['n']} | {pt['attainment']:.3f} | {fmt(pt['p50_ms'])} | {fmt(pt['p99_ms'])} "
+                         f"| {pt['throughput_rps']:.1f} | {pt['swaps_per_s']:.1f} | {pt['busy_fraction']:.2f} "
+                         f"| {pt['requests']} | {pt['status_codes']} |")
+    lines += ["", "max_functions (largest N with ≥ 98 % attainment): "
+              + ", ".join(f"{k} {v['max_functions']}" for k, v in r["policies"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plots(r: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for label, p in r["policies"].items():
+        a.plot([pt["n"] for pt in p["sweep"]], [pt["attainment"] for pt in p["sweep"]], marker="o", label=label)
+        last = p["sweep"][-1]
+        xs = np.sort(np.array(last["latencies_ms"]))
+        if len(xs):
+            b.plot(xs, np.linspace(0, 1, len(xs)), label=f"{label} (N={last['n']})")
+    a.axhline(0.98, color="grey", ls="--", lw=0.8)
+    a.set_xlabel("functions (N)")
+    a.set_ylabel("fraction of functions with P98 ≤ SLO")
+    a.set_ylim(0, 1.02)
+    a.legend()
+    a.grid(alpha=0.3)
+    b.set_xscale("log")
+    b.set_xlabel("latency of completed requests (ms)")
+    b.set_ylabel("CDF")
+    b.legend()
+    b.grid(alpha=0.3)
+    fig.suptitle(f"{r.get('gpu', '?')} × {r.get('gpus', '?')}")
+    fig.tight_layout()
+    fig.savefig(out / "trace.png", dpi=110)
+    plt.close(fig)
+
+
+def render(result: dict, out: Path) -> None:
+    (out / "trace.json").write_text(json.dumps(result, indent=1))
+    (out / "trace.md").write_text(table(result))
+    plots(result, out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    render(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[1]))

@@ -1,0 +1,368 @@
+"""Replay a synthetic serverless trace against a running node; policies side by side; sweep the number
+of functions.
+
+* N functions drawn round-robin from the zoo, fp16, one host buffer and device copy each (no sharing);
+  per-function mean rates log-normal (median 6 req/min, sigma 1) clipped to [1, 60] req/min; gamma
+  inter-arrival times with CV 2 (bursty); a fixed seed; requests over HTTP (binary tensors) from a separate
+  client process that is open-loop: each request leaves at its trace time whatever the earlier answers.
+* SLO per function = max(10 ms, 3 × (native_graph_ms + floor_ms)) of its fp16 model on this card, from a
+  swap_latency.json of the same card (``--slo-from``) or measured here first.
+* Policies: ``swapserve``; ``fifo_lru`` (the pipelined engine with FIFO + LRU instead of the scheduler);
+  ``lru_ondemand`` (``.to("cuda")`` from pageable memory on a miss, FIFO, LRU); ``dedicated`` (only the
+  functions whose models fit stay resident; the others are refused).
+* Each point: fraction of functions whose P98 ≤ SLO (a refused or failed request counts as a miss; functions
+  the trace never called are left out and counted), P50/P99 latency, throughput, swaps/s, device busy
+  fraction. ``max_functions`` = the largest N with ≥ 98 % of functions within their SLO.
+
+Functions of one architecture share their artifact files on disk (hard links: N × 230 MB of safetensors
+would not fit the lent machines' disks) but nothing else: each is its own function with its own host-store
+buffer and its own device pages, and swapserve never deduplicates content.
+
+    python bench/trace.py --out bench/results/<gpu>_<yyyymmdd> --sweep 100,200,400 --duration 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from node_harness import Server  # noqa: E402
+
+POLICIES = {  # name → (scheduler policy, engine mode)
+    "swapserve": ("swapserve", "auto"),
+    "fifo_lru": ("fifo_lru", "auto"),
+    "lru_ondemand": ("fifo_lru", "ondemand"),
+    "dedicated": ("dedicated", "auto"),
+}
+MAX_BATCH = 4
+
+
+@dataclass(frozen=True)
+class Fn:
+    name: str
+    model: str
+    slo_ms: float
+    rate: float
+    """Mean requests per second."""
+
+
+# --- the trace ----------------------------------------------------------------------------------
+
+
+def make_functions(n: int, zoo: list[str], slo_ms: dict[str, float], seed: int) -> list[Fn]:
+    rng = np.random.default_rng(seed)
+    rates = np.clip(rng.lognormal(math.log(6 / 60), 1.0, n), 1 / 60, 1.0)
+    return [Fn(f"f{i:04d}-{zoo[i % len(zoo)]}", zoo[i % len(zoo)], slo_ms[zoo[i % len(zoo)]], float(r))
+            for i, r in enumerate(rates)]
+
+
+def make_trace(fns: list[Fn], duration: float, seed: int, cv: float = 2.0) -> list[tuple[float, int]]:
+    """(time, function index) sorted by time; gamma inter-arrivals with the given CV per function."""
+    rng = np.random.default_rng(seed + 1)
+    shape = 1 / cv**2
+    events: list[tuple[float, int]] = []
+    for i, f in enumerate(fns):
+        t = rng.gamma(shape, 1 / (f.rate * shape)) * rng.random()  # a random phase into the first gap
+        while t < duration:
+            events.append((float(t), i))
+            t += rng.gamma(shape, 1 / (f.rate * shape))
+    events.sort()
+    return events
+
+
+# --- the client (its own process) ----------------------------------------------------------------
+
+
+def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: dict[str, tuple[bytes, int]],
+            models: list[str], start_at: float, q: mp.Queue) -> None:
+    import aiohttp
+
+    async def main() -> list[tuple[int, float, float, int]]:
+        results: list[tuple[int, float, float, int]] = []
+        conn = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(url, connector=conn, timeout=timeout) as s:
+            async def one(t: float, i: int) -> None:
+                body, hlen = bodies[models[i]]
+                sent = time.perf_counter()
+                try:
+                    async with s.post(f"/v2/models/{names[i]}/infer", data=body,
+                                      headers={"Inference-Header-Content-Length": str(hlen),
+                                               "Content-Type": "application/octet-stream"}) as r:
+                        await r.read()
+                        status = r.status
+                except Exception:  # noqa: BLE001 - a failed request is an SLO miss
+                    status = 0
+                results.append((i, t, (time.perf_counter() - sent) * 1e3, status))
+
+            tasks = []
+            t0 = start_at
+            for t, i in trace:
+                delay = t0 + t - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.ensure_future(one(t, i)))  # open loop: never wait for earlier answers
+            await asyncio.gather(*tasks)
+        return results
+
+    q.put(asyncio.run(main()))
+
+
+def request_bodies(models: list[str]) -> dict[str, tuple[bytes, int]]:
+    """One binary OIP request body per zoo model (batch 1, fp16 images or int64 tokens)."""
+    import torch
+
+    from swapserve.artifact import zoo
+    from swapserve.gateway import oip
+
+    out = {}
+    for m in models:
+        z = zoo.get(m)
+        (x,) = z.example(1, torch.float16)
+        name = "input_ids" if z.input_kind == "tokens" else "image"
+        enc = oip.encode_infer_request({name: x}, binary_inputs=True, binary_outputs=True)
+        out[m] = (enc.body, enc.header_length)
+    return out
+
+
+# --- deploying N functions -------------------------------------------------------------------------
+
+
+def build_functions(home: Path, cache: Path, fns: list[Fn]) -> None:
+    """Register every function in a fresh registry (the node loads them all at start)."""
+    import torch
+
+    from swapserve.artifact import build_artifact, load_artifact, zoo
+    from swapserve.functions.spec import FunctionSpec
+    from swapserve.registry import Registry
+
+    for m in sorted({f.model for f in fns}):
+        if not (cache / m / "manifest.json").exists():
+            z = zoo.get(m)
+            name = "input_ids" if z.input_kind == "tokens" else "image"
+            print(f"  exporting {m} (fp16) ...", flush=True)
+            build_artifact(z.build(torch.float16), z.example(1, torch.float16), cache / m, name=m,
+                           max_batch=MAX_BATCH, input_names=[name], output_names=["output"], overwrite=True)
+    reg = Registry(home)
+    try:
+        for f in fns:
+            art = load_artifact(cache / f.model)
+            spec = FunctionSpec.from_dict({
+                "name": f.name, "model": {"artifact": "artifact"}, "slo_ms": f.slo_ms, "max_batch": MAX_BATCH,
+                "late_policy": "refuse", "max_queue": 256,
+                "inputs": [{"name": s.name, "datatype": _oip(s.dtype), "shape": list(s.shape)} for s in art.manifest.inputs],
+                "outputs": [{"name": s.name, "datatype": _oip(s.dtype), "shape": list(s.shape)} for s in art.manifest.outputs],
+            })
+            bundle = reg.staging_dir()
+            (bundle / "artifact").mkdir(parents=True)
+            for file in (cache / f.model).iterdir():
+                os.link(file, bundle / "artifact" / file.name)
+            import yaml
+
+            (bundle / "function.yaml").write_text(yaml.safe_dump(spec.to_dict()))
+            reg.commit(f.name, bundle, spec, art.manifest.nbytes)
+    finally:
+        reg.close()
+
+
+def _oip(dtype: str) -> str:
+    from swapserve.artifact.manifest import dtype_from_name
+    from swapserve.tensors import datatype_of
+
+    return datatype_of(dtype_from_name(dtype))
+
+
+# --- SLOs ---------------------------------------------------------------------------------------
+
+
+def slo_table(zoo_names: list[str], source: Path | None) -> tuple[dict[str, float], str]:
+    """SLO per model = max(10, 3 × (native_graph_ms + floor_ms)) in fp16 on this card."""
+    if source is not None:
+        rows = {r["model"]: r for r in json.loads(source.read_text())["models"]
+                if r.get("dtype") == "float16" and "error" not in r}
+        missing = [m for m in zoo_names if m not in rows]
+        if missing:
+            raise SystemExit(f"{source} has no fp16 rows for {missing}")
+        return {m: max(10.0, 3 * (rows[m]["native_graph_ms"] + rows[m]["floor_ms"])) for m in zoo_names}, str(source)
+    import torch
+
+    from swap_latency import graph_of, h2d_bandwidth, timed
+    from swapserve.artifact import zoo
+
+    bw = h2d_bandwidth()
+    out = {}
+    for m in zoo_names:
+        z = zoo.get(m)
+        mod = z.build(torch.float16).cuda()
+        x = tuple(t.cuda() for t in z.example(1, torch.float16))
+        with torch.no_grad():
+            g_ms, _ = timed(graph_of(mod, x), 20, 3)
+        nbytes = sum(t.numel() * t.element_size() for t in mod.state_dict().values())
+        out[m] = max(10.0, 3 * (g_ms + nbytes / (bw * 1e9) * 1e3))
+        del mod
+        torch.cuda.empty_cache()
+    return out, f"measured here (pinned H2D {bw:.1f} GB/s)"
+
+
+# --- one point ----------------------------------------------------------------------------------
+
+
+def p98(xs: list[float]) -> float:
+    """The 98th percentile, nearest rank (misses are +inf, so interpolation would be meaningless)."""
+    xs = sorted(xs)
+    return xs[max(0, math.ceil(0.98 * len(xs)) - 1)]
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("swapserve_swap_seconds_count") or line.startswith("swapserve_compute_seconds_sum"):
+            key = line.split("{")[0]
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
+              bodies: dict[str, tuple[bytes, int]]) -> dict:
+    names, models = [f.name for f in fns], [f.model for f in fns]
+    ctx = mp.get_context("spawn")
+
+    def replay(trace: list[tuple[float, int]]) -> list[tuple[int, float, float, int]]:
+        q: mp.Queue = ctx.Queue()
+        start_at = time.perf_counter() + 2.0  # the client process starts meanwhile
+        p = ctx.Process(target=_client, args=(srv.url, trace, names, bodies, models, start_at, q))
+        p.start()
+        res = q.get(timeout=duration + warmup + 600)
+        p.join()
+        return res
+
+    if warmup > 0:  # unmeasured: profiles settle, graphs of other batch sizes get captured
+        replay(make_trace(fns, warmup, seed + 7))
+    before, t0 = scrape(srv.url), time.time()
+    res = replay(make_trace(fns, duration, seed))
+    after, elapsed = scrape(srv.url), time.time() - t0
+    lat: dict[int, list[float]] = {}
+    for i, _, ms, code in res:
+        lat.setdefault(i, []).append(ms if code == 200 else math.inf)
+    ok = [ms for _, _, ms, code in res if code == 200]
+    attained = sum(1 for i, xs in lat.items() if p98(xs) <= fns[i].slo_ms)
+    swaps = after.get("swapserve_swap_seconds_count", 0) - before.get("swapserve_swap_seconds_count", 0)
+    busy = after.get("swapserve_compute_seconds_sum", 0) - before.get("swapserve_compute_seconds_sum", 0)
+    codes: dict[str, int] = {}
+    for *_, code in res:
+        codes[str(code)] = codes.get(str(code), 0) + 1
+    return {
+        "n": len(fns),
+        "attainment": attained / max(1, len(lat)),
+        "functions_called": len(lat),
+        "requests": len(res),
+        "completed": len(ok),
+        "status_codes": codes,
+        "p50_ms": float(np.percentile(ok, 50)) if ok else None,
+        "p99_ms": float(np.percentile(ok, 99)) if ok else None,
+        "throughput_rps": len(ok) / duration,
+        "swaps_per_s": swaps / elapsed,
+        "busy_fraction": busy / elapsed / srv_devices(srv),
+        "latencies_ms": sorted(ok)[:: max(1, len(ok) // 2000)],  # a thinned sample for the CDF plot
+    }
+
+
+def srv_devices(srv: Server) -> int:
+    from swapserve.client import Client
+
+    return max(1, len(Client(srv.url, srv.token).status()["devices"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sweep", default="50,100,200,400", help="numbers of functions, ascending")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--duration", type=float, default=120.0, help="seconds of measured trace per point")
+    ap.add_argument("--warmup", type=float, default=20.0, help="seconds of unmeasured trace before each point")
+    ap.add_argument("--devices", default="", help="default: every GPU")
+    ap.add_argument("--pool", default="16GiB", help="weight pool per GPU (the benchmark's cap)")
+    ap.add_argument("--zoo", default="resnet50,resnet152,densenet201,inception_v3,efficientnet_b0,vit_b_16,vgg19,"
+                                     "bert-base,bert-large,gpt2-medium")
+    ap.add_argument("--slo-from", type=Path, help="swap_latency.json of this card (fp16 rows)")
+    ap.add_argument("--slo-ms", type=float, help="one SLO for every function instead (smoke runs on a CPU only)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, help="scratch directory (default: a new temp dir)")
+    ap.add_argument("--no-prepare", action="store_true", help="capture graphs on first use, not at start")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    sweep = [int(x) for x in args.sweep.split(",")]
+    zoo_names = args.zoo.split(",")
+    if args.slo_ms is not None:
+        slo, slo_source = {m: args.slo_ms for m in zoo_names}, f"fixed at {args.slo_ms} ms (--slo-ms)"
+    else:
+        slo, slo_source = slo_table(zoo_names, args.slo_from)
+    print("SLOs (ms):", {m: round(v, 1) for m, v in slo.items()}, flush=True)
+    fns = make_functions(max(sweep), zoo_names, slo, args.seed)
+    work = args.work or Path(tempfile.mkdtemp(prefix="swapserve-trace-"))
+    cache = work / "artifacts"
+    bodies = request_bodies(sorted(set(zoo_names)))
+    out_path = args.out / "trace.json"
+    result = json.loads(out_path.read_text()) if out_path.exists() else {"policies": {}}
+    result.update({"date": date.today().isoformat(), "slo_ms": slo, "slo_source": slo_source,
+                   "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": MAX_BATCH})
+    total_bytes = None
+    for label in args.policies.split(","):
+        policy, mode = POLICIES[label]
+        home = work / f"home-{label}"
+        shutil.rmtree(home, ignore_errors=True)
+        print(f"[{label}] registering {len(fns)} functions ...", flush=True)
+        build_functions(home, cache, fns)
+        if total_bytes is None:
+            total_bytes = sum((cache / f.model / "weights.safetensors").stat().st_size for f in fns)
+        extra = ("--policy", policy, "--mode", mode) + (("--no-prepare",) if args.no_prepare else ())
+        srv = Server(home, args.devices or "all", pool=args.pool, host_store=f"{int(total_bytes * 1.05) + (1 << 30)}",
+                     workspace="2GiB", extra=extra)
+        try:
+            t0 = time.time()
+            srv.wait_ready()
+            print(f"[{label}] node ready in {time.time() - t0:.0f} s", flush=True)
+            from swapserve.client import Client
+
+            st = Client(srv.url, srv.token).status()
+            result["gpu"] = st["devices"][0]["name"]
+            result["gpus"] = len(st["devices"])
+            points = []
+            for n in sweep:
+                pt = run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies)
+                points.append(pt)
+                print(f"[{label}] N={n}: attainment {pt['attainment']:.3f}, p50 {pt['p50_ms']} ms, p99 {pt['p99_ms']} "
+                      f"ms, {pt['throughput_rps']:.1f} req/s, {pt['swaps_per_s']:.1f} swaps/s, busy "
+                      f"{pt['busy_fraction']:.2f}, codes {pt['status_codes']}", flush=True)
+                ok_ns = [p["n"] for p in points if p["attainment"] >= 0.98]
+                result["policies"][label] = {"max_functions": max(ok_ns, default=0), "sweep": points,
+                                             "scheduler": policy, "engine_mode": mode}
+                out_path.write_text(json.dumps(result, indent=1))
+        finally:
+            print(f"[{label}] server exit {srv.stop()}", flush=True)
+        shutil.rmtree(home, ignore_errors=True)
+    from report_trace import render
+
+    render(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
