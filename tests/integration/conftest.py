@@ -1,0 +1,63 @@
+"""Fixtures of the integration tests: bundles built once, and real ``swapserve serve`` processes (see harness.py)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from swapserve.functions.build import build_bundle
+
+from .harness import (HEAVY_PY, HEAVY_SPEC, MLP_PY, MLP_SPEC, PAIR_PY, PAIR_SPEC, Function, Functions, Server, assert_stopped_cleanly,
+                      deploy, load_local_model, new_server, write_function_dir)
+
+
+@pytest.fixture(scope="session")
+def functions(tmp_path_factory: pytest.TempPathFactory) -> Functions:
+    """Build the bundles once (client side, in this process), as ``swapserve deploy`` would."""
+    root = tmp_path_factory.mktemp("functions")
+    made = {}
+    for spec, code in ((MLP_SPEC, MLP_PY), (PAIR_SPEC, PAIR_PY), (HEAVY_SPEC, HEAVY_PY)):
+        src = write_function_dir(root / "src" / spec["name"], spec, code)
+        bundle = root / "bundles" / spec["name"]
+        build_bundle(src, bundle, progress=lambda line: None)
+        made[spec["name"]] = Function(spec["name"], src, bundle, load_local_model(src))
+    return Functions(root, made["mlp"], made["pair"], made["heavy"])
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """Makes servers (each with its own home and shm dir); kills whatever is left of them at the end."""
+    made: list[Server] = []
+
+    def make(token: bool = True) -> Server:
+        """``token`` False: start without ``--token`` (the node generates one and keeps it in its home)."""
+        s = new_server(tmp_path_factory.mktemp("node"))
+        if not token:
+            s.token = None
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.kill()
+        shutil.rmtree(s.shm_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server(server_factory: Callable[..., Server], request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The shared node, serving ``mlp`` (deployed with the ``swapserve deploy`` CLI) and ``pair`` (deployed
+    with ``Client.deploy``)."""
+    s = server_factory().start()
+    fns: Functions = request.getfixturevalue("functions")  # built while the node starts
+    s.wait_ready()
+    done = s.deploy_cli(fns.mlp.src)
+    assert done.returncode == 0, f"swapserve deploy failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n" \
+                                 f"server log:\n{s.log()}"
+    assert "mlp: version 1, READY" in done.stdout, done.stdout
+    info = deploy(s, fns.pair.archive(tmp_path_factory.mktemp("archives")))
+    assert (info["name"], info["state"]) == ("pair", "READY"), info
+    yield s
+    assert_stopped_cleanly(s, s.stop())

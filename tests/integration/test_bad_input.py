@@ -1,0 +1,259 @@
+"""Bad requests against the real node: each gets a JSON ``{"error": ...}`` with the right status, and the node
+stays up with its other functions still answering correctly (checked after every test)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from swapserve.functions.bundle import pack
+
+from .harness import Functions, Server, assert_serves, infer_json
+
+pytestmark = pytest.mark.integration
+
+DEFAULT_MAX_BODY = 64 << 20
+"""GatewayConfig.max_body_bytes: ``swapserve serve`` has no flag to change it."""
+DEFAULT_MAX_UPLOAD = 8 << 30
+"""ServeConfig.max_upload_bytes (no flag either)."""
+
+
+@pytest.fixture(autouse=True)
+def still_serving(server: Server, functions: Functions) -> Iterator[None]:
+    yield
+    r = server.request("GET", "/v2/health/live")
+    assert (r.status, r.json()) == (200, {"live": True}), "the node went down"
+    assert server.request("GET", "/v2/health/ready").status == 200
+    assert_serves(server, functions.pair, seed=11)
+    assert_serves(server, functions.mlp, seed=12)
+
+
+def post_infer(server: Server, name: str, body: bytes, headers: dict[str, str] | None = None):
+    return server.request("POST", f"/v2/models/{name}/infer", body,
+                          {"Content-Type": "application/json", **(headers or {})})
+
+
+# -- infer bodies --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b'{"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [1,',
+                                  b"not json at all", b"", b"[1, 2, 3]", b'"a string"', b"\xff\xfe\x00garbage",
+                                  b'{"inputs": "x"}'],
+                         ids=["truncated", "text", "empty", "list", "string", "bytes", "inputs-not-a-list"])
+def test_malformed_json(server: Server, body: bytes):
+    message = post_infer(server, "mlp", body).error(400)
+    assert "json" in message.lower() or "inputs" in message
+
+
+def test_binary_header_length_larger_than_body(server: Server):
+    x = torch.randn(1, 16)
+    header = json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 64}}]}).encode()
+    body = header + x.numpy().tobytes()
+    r = post_infer(server, "mlp", body, {"Inference-Header-Content-Length": str(len(body) + 100)})
+    assert "Inference-Header-Content-Length" in r.error(400)
+    for bad in ("-5", "abc", "0"):
+        post_infer(server, "mlp", body, {"Inference-Header-Content-Length": bad}).error(400)
+
+
+def test_binary_data_shorter_than_declared(server: Server):
+    x = torch.randn(1, 16)
+    header = json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 64}}]}).encode()
+    body = header + x.numpy().tobytes()[:40]
+    message = post_infer(server, "mlp", body, {"Inference-Header-Content-Length": str(len(header))}).error(400)
+    assert "bytes" in message
+    # binary_data_size without the header that says where the JSON ends
+    post_infer(server, "mlp", header + x.numpy().tobytes()).error(400)
+
+
+def test_wrong_shape(server: Server):
+    assert "shape" in infer_json(server, "mlp", {"x": torch.randn(1, 15)}).error(400)
+    assert "shape" in infer_json(server, "mlp", {"x": torch.randn(16)}).error(400)
+    message = infer_json(server, "mlp", {"x": torch.randn(9, 16)}).error(400)
+    assert "max_batch" in message, "batch 9 > max_batch 8"
+    message = infer_json(server, "pair", {"x": torch.randn(2, 8), "ids": torch.zeros(3, 3, dtype=torch.int64)}).error(400)
+    assert "batch" in message
+    # data that does not fill the shape it claims
+    doc = {"inputs": [{"name": "x", "shape": [2, 16], "datatype": "FP32", "data": [0.0] * 16}]}
+    assert "elements" in server.post_json("/v2/models/mlp/infer", doc).error(400)
+
+
+def test_wrong_datatype(server: Server):
+    message = infer_json(server, "mlp", {"x": torch.randn(1, 16).to(torch.float16)}).error(400)
+    assert "FP16" in message and "FP32" in message
+    message = infer_json(server, "pair", {"x": torch.randn(1, 8), "ids": torch.zeros(1, 3, dtype=torch.int32)}).error(400)
+    assert "INT32" in message
+    doc = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP42", "data": [0.0] * 16}]}
+    assert "FP42" in server.post_json("/v2/models/mlp/infer", doc).error(400)
+    doc = {"inputs": [{"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [0.5, 1, 2]},
+                      {"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [0.0] * 8}]}
+    assert "integers" in server.post_json("/v2/models/pair/infer", doc).error(400)
+
+
+def test_unknown_and_missing_input_names(server: Server):
+    message = infer_json(server, "mlp", {"image": torch.randn(1, 16)}).error(400)
+    assert "'image'" in message
+    message = infer_json(server, "pair", {"x": torch.randn(1, 8)}).error(400)
+    assert "ids" in message and "missing" in message
+    doc = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}],
+           "outputs": [{"name": "nope"}]}
+    assert "nope" in server.post_json("/v2/models/mlp/infer", doc).error(400)
+
+
+def test_unknown_function_and_routes(server: Server):
+    assert "nosuch" in infer_json(server, "nosuch", {"x": torch.randn(1, 16)}).error(404)
+    server.request("GET", "/v2/models/nosuch").error(404)
+    server.request("GET", "/v2/models/nosuch/ready").error(404)
+    server.request("GET", "/v3/whatever").error(404)
+    r = server.request("GET", "/v2/models/mlp/infer")
+    r.error(405)
+    assert "POST" in r.headers.get("allow", "")
+
+
+def test_oversized_infer_body(server: Server):
+    """413 from the announced length, before the body is read (the default limit, 64 MiB, has no flag)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/v2/models/mlp/infer")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(DEFAULT_MAX_BODY + 1))
+        conn.endheaders()
+        conn.send(b'{"inputs": [')
+        r = conn.getresponse()
+        status, ctype, body = r.status, r.getheader("Content-Type", ""), r.read()
+    finally:
+        conn.close()
+    assert status == 413, body
+    assert ctype.startswith("application/json") and "limit" in json.loads(body)["error"]
+
+
+def test_oversized_chunked_infer_body(server: Server):
+    """Without a Content-Length the node counts as it reads and stops past the limit (64 MiB + 1 sent)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    chunk = b" " * (4 << 20)
+    status = None
+    try:
+        conn.putrequest("POST", "/v2/models/mlp/infer")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        try:
+            for _ in range(DEFAULT_MAX_BODY // len(chunk) + 1):
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            conn.send(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the node answered and closed while we were still sending: what we want to see next
+        r = conn.getresponse()
+        status, body = r.status, r.read()
+    finally:
+        conn.close()
+    assert status == 413, body[:300]
+    assert "limit" in json.loads(body)["error"]
+
+
+def test_oversized_deploy_upload(server: Server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/api/v1/functions")
+        conn.putheader("Authorization", f"Bearer {server.token}")
+        conn.putheader("Content-Type", "application/gzip")
+        conn.putheader("Content-Length", str(DEFAULT_MAX_UPLOAD + 1))
+        conn.endheaders()
+        conn.send(b"\x1f\x8b")
+        r = conn.getresponse()
+        status, body = r.status, r.read()
+    finally:
+        conn.close()
+    assert status == 413, body
+    assert "bundle" in json.loads(body)["error"]
+
+
+# -- deploys -------------------------------------------------------------------------------------------------
+
+
+def _upload(server: Server, archive: bytes | Path, content_type: str = "application/gzip"):
+    data = archive.read_bytes() if isinstance(archive, Path) else archive
+    return server.request("POST", "/api/v1/functions", data, {"Content-Type": content_type}, token=True)
+
+
+def _bundle_with_spec(functions: Functions, tmp_path: Path, **changes) -> Path:
+    dest = tmp_path / "bad-bundle"
+    import shutil
+
+    shutil.copytree(functions.mlp.bundle, dest)
+    raw = yaml.safe_load((dest / "function.yaml").read_text())
+    for k, v in changes.items():
+        if v is None:
+            raw.pop(k, None)
+        else:
+            raw[k] = v
+    (dest / "function.yaml").write_text(yaml.safe_dump(raw))
+    return pack(dest)
+
+
+def test_deploy_invalid_function_yaml(server: Server, functions: Functions, tmp_path: Path):
+    before = {f["name"] for f in server.client().list_functions()}
+    archive = _bundle_with_spec(functions, tmp_path, name="badspec", slo_ms=-3, late_policy="sometimes")
+    message = _upload(server, archive).error(400)
+    assert "slo_ms" in message and "late_policy" in message, message
+    assert {f["name"] for f in server.client().list_functions()} == before
+    server.request("GET", "/v2/models/badspec").error(404)
+
+
+def test_deploy_spec_that_does_not_match_the_model(server: Server, functions: Functions, tmp_path: Path):
+    archive = _bundle_with_spec(functions, tmp_path, name="mismatch",
+                                inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, 17]}])
+    assert "inputs[0].shape" in _upload(server, archive).error(400)
+    server.request("GET", "/v2/models/mismatch").error(404)
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_deploy_bundle_with_path_traversal(server: Server, functions: Functions):
+    spec = (functions.mlp.bundle / "function.yaml").read_bytes().replace(b"name: mlp", b"name: evil")
+    marker = f"swapserve-it-escaped-{server.port}.txt"
+    for bad in (f"../../{marker}", f"artifact/../../../{marker}", f"/tmp/{marker}"):
+        archive = _tar_gz({"function.yaml": spec, bad: b"pwned"})
+        message = _upload(server, archive).error(400)
+        assert marker in message
+    escaped = [p for p in (server.home, server.home.parent, Path("/tmp")) for p in p.rglob(marker)]
+    assert not escaped, escaped
+    server.request("GET", "/v2/models/evil").error(404)
+
+
+def test_deploy_bundle_with_a_symlink(server: Server, functions: Functions):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        data = (functions.mlp.bundle / "function.yaml").read_bytes()
+        info = tarfile.TarInfo("function.yaml")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("artifact")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc"
+        tf.addfile(link)
+    assert "link" in _upload(server, buf.getvalue()).error(400)
+
+
+def test_deploy_not_a_bundle(server: Server):
+    assert "tar" in _upload(server, b"this is not gzip").error(400)
+    _upload(server, b"").error(400)
+    _upload(server, _tar_gz({"README": b"no function.yaml here"})).error(400)
+    assert "gzip" in _upload(server, b"{}", content_type="application/json").error(415)

@@ -1,0 +1,111 @@
+"""The management API against the real node: the token guard, list/describe/deploy/delete, status, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .harness import Functions, Server, assert_serves, infer_json
+
+pytestmark = pytest.mark.integration
+
+GUARDED = [
+    ("GET", "/api/v1/functions"),
+    ("POST", "/api/v1/functions"),
+    ("GET", "/api/v1/functions/mlp"),
+    ("DELETE", "/api/v1/functions/mlp"),
+    ("GET", "/api/v1/status"),
+    ("POST", "/v2/repository/models/mlp/unload"),
+    ("POST", "/v2/repository/models/mlp/load"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), GUARDED)
+def test_token_required(server: Server, functions: Functions, method: str, path: str):
+    r = server.request(method, path)
+    assert "token" in r.error(401)
+    assert r.headers.get("www-authenticate", "").lower().startswith("bearer")
+    server.request(method, path, headers={"Authorization": f"Basic {server.token}"}).error(401)
+    assert "wrong" in server.request(method, path, token="not-the-token").error(403)
+    assert server.request(method, path, token=server.token + "x").status == 403
+    # Nothing was changed by the refused calls.
+    assert server.request("GET", "/v2/models/mlp/ready").status == 200
+    assert_serves(server, functions.mlp)
+
+
+def test_client_with_a_wrong_token(server: Server):
+    from swapserve.client import ClientError
+
+    with pytest.raises(ClientError) as e:
+        server.client(token="wrong").list_functions()
+    assert e.value.status == 403
+
+
+def test_list_describe_and_status(server: Server):
+    client = server.client()
+    listed = {f["name"]: f for f in client.list_functions()}
+    assert {"mlp", "pair"} <= set(listed)
+    mlp = listed["mlp"]
+    assert (mlp["version"], mlp["state"], mlp["reason"]) == (1, "READY", "")
+    assert mlp["nbytes"] == (16 * 32 + 32 + 32 * 4 + 4) * 4, "the model's fp32 weight bytes"
+    assert mlp["spec"]["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}]
+    assert mlp["created_at"] > 0
+    assert client.get_function("mlp") == mlp
+    r = server.request("GET", "/api/v1/functions/nosuch", token=True)
+    assert "nosuch" in r.error(404)
+
+    status = client.status()
+    assert status["ready"] is True
+    assert status["functions"] >= 2
+    (dev,) = status["devices"]
+    assert dev["device"] == "cpu" and dev["pool_bytes"] == 128 << 20
+    assert 0 < status["host_store_bytes"] <= status["host_store_capacity"] == 256 << 20
+
+
+def test_deploy_describe_delete_redeploy(server: Server, functions: Functions, tmp_path: Path):
+    client = server.client()
+    info = client.deploy(functions.pair.variant(tmp_path, name="scratch"))
+    assert (info["name"], info["version"], info["state"]) == ("scratch", 1, "READY")
+    assert client.get_function("scratch")["spec"]["max_batch"] == 4
+    assert_serves(server, functions.pair, name="scratch")
+
+    # Redeploying a name makes a new version that serves at once.
+    info = client.deploy(functions.pair.variant(tmp_path, name="scratch", max_batch=2))
+    assert (info["version"], info["spec"]["max_batch"]) == (2, 2)
+    assert server.request("GET", "/v2/models/scratch").json()["versions"] == ["2"]
+    assert_serves(server, functions.pair, seed=4, name="scratch")
+
+    r = server.request("DELETE", "/api/v1/functions/scratch", token=True)
+    assert (r.status, r.json()) == (200, {"deleted": "scratch"})
+    assert "scratch" not in {f["name"] for f in client.list_functions()}
+    server.request("GET", "/api/v1/functions/scratch", token=True).error(404)
+    server.request("GET", "/v2/models/scratch").error(404)
+    infer_json(server, "scratch", {"x": torch.randn(1, 8), "ids": torch.zeros(1, 3, dtype=torch.int64)}).error(404)
+    server.request("DELETE", "/api/v1/functions/scratch", token=True).error(404)
+
+    # A deleted name deployed again never reuses a version number.
+    info = client.deploy(functions.pair.variant(tmp_path, name="scratch"))
+    assert info["version"] == 3
+    assert_serves(server, functions.pair, seed=5, name="scratch")
+    client.delete("scratch")
+    assert_serves(server, functions.pair)
+
+
+def test_cli_ls_and_status(server: Server):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWAPSERVE_")}
+    env.update(SWAPSERVE_URL=server.url, SWAPSERVE_TOKEN=server.token)
+    ls = subprocess.run([sys.executable, "-m", "swapserve.cli", "ls"], env=env, capture_output=True, text=True,
+                        timeout=60)
+    assert ls.returncode == 0, ls.stderr
+    rows = {line.split()[0]: line.split() for line in ls.stdout.splitlines()[1:]}
+    assert rows["mlp"][1:3] == ["1", "READY"]
+    assert rows["pair"][1:3] == ["1", "READY"]
+    env["SWAPSERVE_TOKEN"] = "wrong"
+    st = subprocess.run([sys.executable, "-m", "swapserve.cli", "status"], env=env, capture_output=True, text=True,
+                        timeout=60)
+    assert st.returncode == 2 and "403" in st.stderr, (st.returncode, st.stderr)
