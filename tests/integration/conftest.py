@@ -9,8 +9,8 @@ import pytest
 
 from swapserve.functions.build import build_bundle
 
-from .harness import (HEAVY_PY, HEAVY_SPEC, MLP_PY, MLP_SPEC, PAIR_PY, PAIR_SPEC, Function, Functions, Server, assert_stopped_cleanly,
-                      deploy, load_local_model, new_server, write_function_dir)
+from .harness import (HEAVY_PY, HEAVY_SPEC, MLP_PY, MLP_SPEC, PAIR_PY, PAIR_SPEC, Function, Functions, Server,
+                      assert_stopped_cleanly, deploy, load_local_model, new_server, write_function_dir)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ Every server gets a free port, its own home, its own token and its own ``SWAPSER
 so runs never collide. The main server (``server``) is shared by the whole session and serves two small
 functions: ``mlp`` (deployed with the ``swapserve deploy`` CLI) and ``pair`` (two inputs, two outputs, deployed
 with ``Client.deploy``). Modules that change what a node serves deploy functions of their own names, or start
-their own server (``test_lifecycle.py``).
+their own server (``test_lifecycle.py``, ``test_startup_errors.py``).
 
 The models are tiny (milliseconds to export and run) except ``heavy``: a compute-bound model (~0.1-0.5 s per
 forward pass on a CPU, with 4 MiB of weights) used where work must stay in flight long enough to observe
@@ -22,11 +22,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import tempfile
 import time
 import uuid
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,13 +330,14 @@ class Server:
             except OSError as e:
                 last = f"{type(e).__name__}: {e}"
             time.sleep(0.1)
-        pytest.fail(f"swapserve serve not ready within {timeout:.0f} s (last answer: {last}); its output:\n{self.log()}")
+        pytest.fail(f"swapserve serve not ready within {timeout:.0f} s (last answer: {last}); its output:\n"
+                    f"{self.log()}")
 
-    def signal_stop(self) -> None:
+    def signal_stop(self, sig: int = signal.SIGTERM) -> None:
         """Send SIGTERM (remembering the descendants to check for orphans)."""
         assert self.proc is not None
         self.children.update(descendants(self.pid))
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(sig)
 
     def wait_exit(self, timeout: float = STOP_TIMEOUT_S) -> int:
         assert self.proc is not None
@@ -343,8 +346,8 @@ class Server:
         except subprocess.TimeoutExpired:
             pytest.fail(f"swapserve serve did not exit within {timeout:.0f} s of SIGTERM; its output:\n{self.log()}")
 
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        self.signal_stop()
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int:
+        self.signal_stop(sig)
         return self.wait_exit(timeout)
 
     def kill(self) -> None:
@@ -395,6 +398,27 @@ class Server:
         env.update(SWAPSERVE_URL=self.url, SWAPSERVE_TOKEN=self.token or "")
         return subprocess.run([*cmd, "deploy", str(function_dir)], env=env, capture_output=True, text=True,
                               timeout=timeout)
+
+
+def concurrently(n: int, call: Callable[[int], Any]) -> list[Any]:
+    """``call(0..n-1)`` on n threads released together; results (or the exceptions raised) in order."""
+    results: list[Any] = [None] * n
+    start = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = call(i)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    return results
 
 
 def assert_stopped_cleanly(s: Server, code: int) -> None:

@@ -80,7 +80,8 @@ def test_wrong_shape(server: Server):
     assert "shape" in infer_json(server, "mlp", {"x": torch.randn(16)}).error(400)
     message = infer_json(server, "mlp", {"x": torch.randn(9, 16)}).error(400)
     assert "max_batch" in message, "batch 9 > max_batch 8"
-    message = infer_json(server, "pair", {"x": torch.randn(2, 8), "ids": torch.zeros(3, 3, dtype=torch.int64)}).error(400)
+    ids = torch.zeros(3, 3, dtype=torch.int64)
+    message = infer_json(server, "pair", {"x": torch.randn(2, 8), "ids": ids}).error(400)
     assert "batch" in message
     # data that does not fill the shape it claims
     doc = {"inputs": [{"name": "x", "shape": [2, 16], "datatype": "FP32", "data": [0.0] * 16}]}
@@ -90,7 +91,8 @@ def test_wrong_shape(server: Server):
 def test_wrong_datatype(server: Server):
     message = infer_json(server, "mlp", {"x": torch.randn(1, 16).to(torch.float16)}).error(400)
     assert "FP16" in message and "FP32" in message
-    message = infer_json(server, "pair", {"x": torch.randn(1, 8), "ids": torch.zeros(1, 3, dtype=torch.int32)}).error(400)
+    ids = torch.zeros(1, 3, dtype=torch.int32)
+    message = infer_json(server, "pair", {"x": torch.randn(1, 8), "ids": ids}).error(400)
     assert "INT32" in message
     doc = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP42", "data": [0.0] * 16}]}
     assert "FP42" in server.post_json("/v2/models/mlp/infer", doc).error(400)

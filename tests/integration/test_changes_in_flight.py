@@ -63,9 +63,9 @@ def _check(results: list[Any], inputs: list[torch.Tensor], functions: Functions,
 
 def test_unload_with_requests_in_flight_and_queued(server: Server, functions: Functions, tmp_path: Path):
     server.client().deploy(functions.heavy.variant(tmp_path, name="unloading", max_batch=1))
-    inputs = [torch.randn(1, 1024) for _ in range(3)]
+    inputs = [torch.randn(1, 1024) for _ in range(4)]
     threads, results = _start_requests(server, "unloading", inputs)
-    _wait_in_flight(server, "unloading", queued=2)
+    _wait_in_flight(server, "unloading", queued=1)
     r = server.post_json("/v2/repository/models/unloading/unload", {}, token=True)
     assert r.status == 200, r.body
     _join(threads)
@@ -76,14 +76,14 @@ def test_unload_with_requests_in_flight_and_queued(server: Server, functions: Fu
     assert_serves(server, functions.heavy, name="unloading")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Node._complete (formerly _run) names a finished run's outputs from the function as it is "
-                   "now; when it was deleted meanwhile the outputs become output_0..., the gateway cannot find the "
-                   "declared output and answers 500 (swapserve/node/controller.py, Node._complete)")
+@pytest.mark.xfail(strict=True, reason="BUG: Node._complete (formerly _run) names a finished run's outputs from the "
+                   "function as it is now; when it was deleted meanwhile the outputs become output_0..., the gateway "
+                   "cannot find the declared output and answers 500 (swapserve/node/controller.py, Node._complete)")
 def test_delete_with_a_request_in_flight(server: Server, functions: Functions, tmp_path: Path):
     server.client().deploy(functions.heavy.variant(tmp_path, name="doomed", max_batch=1))
-    inputs = [torch.randn(1, 1024) for _ in range(3)]
+    inputs = [torch.randn(1, 1024) for _ in range(4)]
     threads, results = _start_requests(server, "doomed", inputs)
-    _wait_in_flight(server, "doomed", queued=2)
+    _wait_in_flight(server, "doomed", queued=1)
     r = server.request("DELETE", "/api/v1/functions/doomed", token=True)
     assert r.status == 200, r.body
     _join(threads)
@@ -92,3 +92,37 @@ def test_delete_with_a_request_in_flight(server: Server, functions: Functions, t
         assert codes.count(503) >= 1, f"queued requests of a deleted function were served: {codes}"
     finally:
         assert_serves(server, functions.pair)
+
+
+def test_redeploy_keeps_serving_without_a_gap(server: Server, functions: Functions, tmp_path: Path):
+    """While a new version deploys (its model loaded and prepared: ~1 s for heavy), the old one keeps answering;
+    then the new one answers. No request fails, and the version a response names never goes back."""
+    client = server.client()
+    client.deploy(functions.heavy.variant(tmp_path, name="rolling"))
+    new_version = functions.heavy.variant(tmp_path, name="rolling", max_batch=2)
+    done: list[Any] = []
+
+    def redeploy() -> None:
+        try:
+            done.append(client.deploy(new_version))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            done.append(e)
+
+    t = threading.Thread(target=redeploy)
+    t.start()
+    versions: list[str] = []
+    deadline = time.monotonic() + 60
+    while (t.is_alive() or not versions or versions[-1] == "1") and time.monotonic() < deadline:
+        x = torch.randn(1, 1024)
+        r = infer_json(server, "rolling", {"x": x})
+        assert r.status == 200, f"a request during the redeploy failed: HTTP {r.status} {r.body[:300]!r}"
+        versions.append(r.json()["model_version"])
+        torch.testing.assert_close(outputs_of(r.json())["y"], functions.heavy.expected(x)[0], rtol=1e-4, atol=1e-5)
+    t.join(60)
+    assert not t.is_alive()
+    (info,) = done
+    assert isinstance(info, dict) and info["version"] == 2, info
+    assert versions[0] == "1" and versions[-1] == "2", versions
+    assert versions == sorted(versions), f"a response named an older version after a newer one: {versions}"
+    assert server.request("GET", "/v2/models/rolling").json()["versions"] == ["2"]
+    client.delete("rolling")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from .harness import (Functions, Response, Server, assert_serves, assert_stopped_cleanly, cmdline, infer_json, outputs_of,
-                      still_running)
+from .harness import (Functions, Response, Server, assert_serves, assert_stopped_cleanly, cmdline, infer_json,
+                      outputs_of, still_running)
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def restarted(node: Node) -> Iterator[Server]:
         assert_stopped_cleanly(s, s.stop())
     s.start().wait_ready()
     yield s
-    assert_stopped_cleanly(s, s.stop())
+    assert_stopped_cleanly(s, s.stop(signal.SIGINT))  # Ctrl-C stops it the same way
 
 
 def test_generated_token(node: Node):

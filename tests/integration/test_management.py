@@ -92,7 +92,10 @@ def test_deploy_describe_delete_redeploy(server: Server, functions: Functions, t
     info = client.deploy(functions.pair.variant(tmp_path, name="scratch"))
     assert info["version"] == 3
     assert_serves(server, functions.pair, seed=5, name="scratch")
+    # An unloaded function can be deleted too.
+    assert server.post_json("/v2/repository/models/scratch/unload", {}, token=True).status == 200
     client.delete("scratch")
+    server.request("GET", "/v2/models/scratch").error(404)
     assert_serves(server, functions.pair)
 
 

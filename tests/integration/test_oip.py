@@ -4,7 +4,6 @@ index/load/unload, concurrent requests and batching, metrics and the OpenAPI doc
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from .harness import Functions, Server, assert_serves, deploy, infer_json, metric, outputs_of
+from .harness import Functions, Server, assert_serves, concurrently, deploy, infer_json, metric, outputs_of
 
 pytestmark = pytest.mark.integration
 
@@ -230,31 +229,11 @@ def test_unload_then_load(server: Server, functions: Functions, archives: Path):
 # -- concurrency ---------------------------------------------------------------------------------------------
 
 
-def _concurrently(n: int, call: Any) -> list[Any]:
-    results: list[Any] = [None] * n
-    start = threading.Barrier(n)
-
-    def run(i: int) -> None:
-        start.wait()
-        try:
-            results[i] = call(i)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), "a request hung"
-    return results
-
-
 def test_concurrent_requests_get_their_own_answers(server: Server, functions: Functions):
     n = 12
     inputs = [torch.randn(1 + i % 3, 16) for i in range(n)]  # batches of 1-3 items
     client = server.client()
-    results = _concurrently(n, lambda i: client.infer("mlp", {"x": inputs[i]}, binary=i % 2 == 0))
+    results = concurrently(n, lambda i: client.infer("mlp", {"x": inputs[i]}, binary=i % 2 == 0))
     for i, out in enumerate(results):
         assert isinstance(out, dict), f"request {i} failed: {out!r}"
         torch.testing.assert_close(out["y"], functions.mlp.expected(inputs[i])[0])
@@ -267,7 +246,7 @@ def test_concurrent_requests_are_batched(server: Server, functions: Functions, h
     n = 5
     inputs = [torch.randn(1, 1024) for _ in range(n)]
     client = server.client()
-    results = _concurrently(n, lambda i: client.infer(heavy, {"x": inputs[i]}))
+    results = concurrently(n, lambda i: client.infer(heavy, {"x": inputs[i]}))
     for i, out in enumerate(results):
         assert isinstance(out, dict), f"request {i} failed: {out!r}"
         torch.testing.assert_close(out["y"], functions.heavy.expected(inputs[i])[0], rtol=1e-4, atol=1e-5)

@@ -4,36 +4,15 @@ Retry-After, and a second deploy of a name while one is in flight (409). Uses th
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from .harness import Functions, Response, Server, assert_serves, infer_json, metric
+from .harness import Functions, Response, Server, assert_serves, concurrently, infer_json, metric
 
 pytestmark = pytest.mark.integration
-
-
-def _concurrently(n: int, call: Any) -> list[Any]:
-    results: list[Any] = [None] * n
-    start = threading.Barrier(n)
-
-    def run(i: int) -> None:
-        start.wait()
-        try:
-            results[i] = call(i)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), "a request hung"
-    return results
 
 
 def _retry_after(r: Response) -> int:
@@ -48,7 +27,7 @@ def test_full_queue_gets_429_with_retry_after(server: Server, functions: Functio
     assert info["spec"]["max_queue"] == 1
     n = 8
     inputs = [torch.randn(1, 1024) for _ in range(n)]
-    results: list[Response] = _concurrently(n, lambda i: infer_json(server, "q1", {"x": inputs[i]}))
+    results: list[Response] = concurrently(n, lambda i: infer_json(server, "q1", {"x": inputs[i]}))
     assert all(isinstance(r, Response) for r in results), results
     codes = sorted(r.status for r in results)
     assert set(codes) <= {200, 429}, codes
@@ -92,7 +71,7 @@ def test_second_deploy_of_a_name_in_flight_gets_409(server: Server, functions: F
 
     from swapserve.client import ClientError
 
-    results = _concurrently(2, upload)
+    results = concurrently(2, upload)
     ok = [r for r in results if isinstance(r, dict)]
     refused = [r for r in results if isinstance(r, ClientError)]
     assert len(ok) == 1 and len(refused) == 1, results
