@@ -90,12 +90,18 @@ def make_trace(fns: list[Fn], duration: float, seed: int, cv: float = 2.0) -> li
 # --- the client (its own process) ----------------------------------------------------------------
 
 
+def _parameters(body: bytes, header_length: str | None) -> dict:
+    """The response's ``parameters`` (queue_ms, compute_ms, swapped), for the per-request breakdown."""
+    head = body[:int(header_length)] if header_length else body
+    return json.loads(head).get("parameters") or {}
+
+
 def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: dict[str, tuple[bytes, int]],
             models: list[str], start_at: float, q: mp.Queue) -> None:
     import aiohttp
 
-    async def main() -> list[tuple[int, float, float, int]]:
-        results: list[tuple[int, float, float, int]] = []
+    async def main() -> list[tuple]:
+        results: list[tuple] = []
         conn = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(url, connector=conn, timeout=timeout) as s:
@@ -106,11 +112,14 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                     async with s.post(f"/v2/models/{names[i]}/infer", data=body,
                                       headers={"Inference-Header-Content-Length": str(hlen),
                                                "Content-Type": "application/octet-stream"}) as r:
-                        await r.read()
+                        data = await r.read()
                         status = r.status
+                    ms = (time.perf_counter() - sent) * 1e3
+                    params = _parameters(data, r.headers.get("Inference-Header-Content-Length")) if status == 200 else {}
                 except Exception:  # noqa: BLE001 - a failed request is an SLO miss
-                    status = 0
-                results.append((i, t, (time.perf_counter() - sent) * 1e3, status))
+                    status, ms, params = 0, (time.perf_counter() - sent) * 1e3, {}
+                results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
+                                bool(params.get("swapped", False))))
 
             tasks = []
             t0 = start_at
@@ -245,7 +254,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
     names, models = [f.name for f in fns], [f.model for f in fns]
     ctx = mp.get_context("spawn")
 
-    def replay(trace: list[tuple[float, int]]) -> list[tuple[int, float, float, int]]:
+    def replay(trace: list[tuple[float, int]]) -> list[tuple]:
         q: mp.Queue = ctx.Queue()
         start_at = time.perf_counter() + 2.0  # the client process starts meanwhile
         p = ctx.Process(target=_client, args=(srv.url, trace, names, bodies, models, start_at, q))
@@ -260,15 +269,17 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
     res = replay(make_trace(fns, duration, seed))
     after, elapsed = scrape(srv.url), time.time() - t0
     lat: dict[int, list[float]] = {}
-    for i, _, ms, code in res:
+    for i, _, ms, code, *_ in res:
         lat.setdefault(i, []).append(ms if code == 200 else math.inf)
-    ok = [ms for _, _, ms, code in res if code == 200]
+    ok = [ms for _, _, ms, code, *_ in res if code == 200]
+    done = [r for r in res if r[3] == 200]
+    misses = [r for r in done if r[2] > fns[r[0]].slo_ms]
     attained = sum(1 for i, xs in lat.items() if p98(xs) <= fns[i].slo_ms)
     swaps = after.get("swapserve_swap_seconds_count", 0) - before.get("swapserve_swap_seconds_count", 0)
     busy = after.get("swapserve_compute_seconds_sum", 0) - before.get("swapserve_compute_seconds_sum", 0)
     codes: dict[str, int] = {}
-    for *_, code in res:
-        codes[str(code)] = codes.get(str(code), 0) + 1
+    for r in res:
+        codes[str(r[3])] = codes.get(str(r[3]), 0) + 1
     return {
         "n": len(fns),
         "attainment": attained / max(1, len(lat)),
@@ -282,6 +293,16 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "swaps_per_s": swaps / elapsed,
         "busy_fraction": busy / elapsed / srv_devices(srv),
         "latencies_ms": sorted(ok)[:: max(1, len(ok) // 2000)],  # a thinned sample for the CDF plot
+        "swapped_fraction": sum(r[6] for r in done) / max(1, len(done)),
+        "p50_queue_ms": float(np.median([r[4] for r in done])) if done else None,
+        "p50_compute_ms": float(np.median([r[5] for r in done])) if done else None,
+        "late_completions": len(misses),
+        "late_breakdown": {  # where the time of completed-but-late requests went (medians)
+            "latency_ms": float(np.median([r[2] for r in misses])) if misses else None,
+            "queue_ms": float(np.median([r[4] for r in misses])) if misses else None,
+            "compute_ms": float(np.median([r[5] for r in misses])) if misses else None,
+            "swapped_fraction": sum(r[6] for r in misses) / len(misses) if misses else None,
+        },
     }
 
 

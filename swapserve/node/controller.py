@@ -257,7 +257,9 @@ class Node:
             if self.cfg.prepare_on_deploy:
                 entry = self.store.acquire(key)
                 try:
-                    replies = await asyncio.gather(*(wk.call(w, Prepare(wk.next_id(), key)) for w in self._live_workers()))
+                    buckets = _buckets(art.manifest.max_batch if art.manifest.dynamic_batch else 1)
+                    replies = await asyncio.gather(*(wk.call(w, Prepare(wk.next_id(), key, buckets))
+                                                     for w in self._live_workers()))
                 finally:
                     self.store.release(key)
                 _raise_first(replies)
@@ -541,6 +543,16 @@ class Node:
                           {"h2d_GBps": self.state.link.h2d_GBps[0],
                            "exec_slowdown_copying": self.state.link.exec_slowdown_copying,
                            **{f"busy_seconds_{w.index}": self.busy_s[w.index] for w in self._workers}})
+
+
+def _buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes the engine runs at (powers of two up to max_batch, then max_batch): capturing each at
+    deploy keeps graph capture (tens of ms) off every request path."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return (*out, max_batch)
 
 
 def _engine_for(base: EngineConfig, device: str, mode: str) -> EngineConfig:
