@@ -104,6 +104,8 @@ class _InFlight:
     pending: list[_Pending]
     started: float
     batch: int
+    outputs: tuple[str, ...]
+    """The serving version's output names at dispatch (a delete or redeploy may land meanwhile)."""
 
 
 class Node:
@@ -150,7 +152,13 @@ class Node:
         self.state.devices = [DeviceState(i, h.pool_bytes) for i, h in enumerate(hellos)]
         self.state.link = await self._profile_link([h.h2d_GBps for h in hellos])
         log.info("workers up: %s; link %s", [f"{h.device} ({h.name})" for h in hellos], self.state.link)
-        records = [r for r in self.registry.list() if r.serving]
+        records = []
+        for r in self.registry.list():
+            if r.serving:
+                records.append(r)
+            else:  # unloaded before the restart: listed, loadable, not loaded
+                self._functions[r.name] = _Function(r.spec, r.version, "", None, FunctionState.UNAVAILABLE, "unloaded",
+                                                    r.created_at, r.nbytes)
         if records:
             log.info("loading %d registered functions", len(records))
         gate = asyncio.Semaphore(8)  # host-store fills overlap each other and the workers' preparation
@@ -430,7 +438,7 @@ class Node:
         msg = Run(wk.next_id(), fn.key, refs, end, values)
         self._key_users[fn.key] = self._key_users.get(fn.key, 0) + 1
         items = sum(p.request.items for p in batch)
-        self._inflight[d.device] = _InFlight(d, fn.key, batch, now, items)
+        self._inflight[d.device] = _InFlight(d, fn.key, batch, now, items, tuple(o.name for o in fn.spec.outputs))
         for p in batch:
             self.metrics.observe_queue(d.function, now - p.started)
         try:
@@ -455,8 +463,7 @@ class Node:
             res = reply.result
             outs = [w.slab.tensor(r) for r in res.outputs]
             row = 0
-            fn = self._functions.get(fn_name)
-            names = [o.name for o in fn.spec.outputs] if fn else [f"output_{i}" for i in range(len(outs))]
+            names = fl.outputs
             for p in fl.pending:
                 n = p.request.items
                 result = {nm: (o[row:row + n] if o.dim() else o).clone() for nm, o in zip(names, outs)}

@@ -71,12 +71,12 @@ async def _main(config: ServeConfig) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     devices = config.resolved_devices()
-    token = _token(config)
     metrics = Metrics()
     node = Node(NodeConfig(home=config.home, devices=devices, pool_bytes=config.pool_bytes,
                            workspace_bytes=config.workspace_bytes, host_store_bytes=_host_store_bytes(config),
                            mode=config.mode, policy=config.policy, prepare_on_deploy=config.prepare),  # type: ignore[arg-type]
-                metrics)
+                metrics)  # opens the registry: a home already in use is refused before anything is written
+    token = _token(config)
     gateway = GatewayConfig(token=token, uploads_dir=node.registry.staging_root,
                             max_upload_bytes=config.max_upload_bytes, max_bundle_bytes=config.max_bundle_bytes)
     runner = web.AppRunner(make_app(node, gateway, metrics), handle_signals=False, access_log=None)
@@ -90,7 +90,7 @@ async def _main(config: ServeConfig) -> int:
     except OSError as e:
         print(f"swapserve: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)
         await runner.cleanup()
-        node.registry.close()
+        await node.stop(0)  # nothing started yet: closes the registry, removes the node's shared memory
         return 2
     print(f"swapserve listening on http://{config.host}:{config.port} — starting {len(devices)} worker(s) on "
           f"{', '.join(devices)}", flush=True)

@@ -76,9 +76,6 @@ def test_unload_with_requests_in_flight_and_queued(server: Server, functions: Fu
     assert_serves(server, functions.heavy, name="unloading")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Node._complete (formerly _run) names a finished run's outputs from the "
-                   "function as it is now; when it was deleted meanwhile the outputs become output_0..., the gateway "
-                   "cannot find the declared output and answers 500 (swapserve/node/controller.py, Node._complete)")
 def test_delete_with_a_request_in_flight(server: Server, functions: Functions, tmp_path: Path):
     server.client().deploy(functions.heavy.variant(tmp_path, name="doomed", max_batch=1))
     inputs = [torch.randn(1, 1024) for _ in range(4)]

@@ -171,9 +171,6 @@ def test_unloaded_function_does_not_serve_after_restart(restarted: Server):
     assert "parked" not in ready and "keep" in ready
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Node.start skips registry records with serving=False instead of "
-                   "registering them UNAVAILABLE, so after a restart an unloaded function vanishes from the "
-                   "API (404) and can never be loaded again (swapserve/node/controller.py, Node.start)")
 def test_unloaded_function_stays_registered_and_loadable_after_restart(restarted: Server, functions: Functions):
     s = restarted
     index = {e["name"]: e for e in s.post_json("/v2/repository/index", {}).json()}

@@ -83,9 +83,6 @@ def test_port_in_use(server: Server, functions: Functions, refused: dict[str, Re
     assert_serves(server, functions.mlp)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when swapserve serve cannot listen, serve._main returns without "
-                   "closing the node's host store or removing its shm_root, leaving swapserve-<id>/store in "
-                   "SWAPSERVE_SHM_DIR (swapserve/node/serve.py, the OSError branch around TCPSite.start)")
 def test_port_in_use_leaves_no_shared_memory(refused: dict[str, Refused]):
     r = refused["port"]
     assert r.code == 2
