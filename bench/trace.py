@@ -119,7 +119,7 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                 except Exception:  # noqa: BLE001 - a failed request is an SLO miss
                     status, ms, params = 0, (time.perf_counter() - sent) * 1e3, {}
                 results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
-                                bool(params.get("swapped", False))))
+                                bool(params.get("swapped", False)), params.get("server_ms", -1.0)))
 
             tasks = []
             t0 = start_at
@@ -297,12 +297,16 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "p50_queue_ms": float(np.median([r[4] for r in done])) if done else None,
         "p50_compute_ms": float(np.median([r[5] for r in done])) if done else None,
         "late_completions": len(misses),
+        "p50_server_ms": float(np.median([r[7] for r in done])) if done else None,
         "late_breakdown": {  # where the time of completed-but-late requests went (medians)
             "latency_ms": float(np.median([r[2] for r in misses])) if misses else None,
+            "server_ms": float(np.median([r[7] for r in misses])) if misses else None,
             "queue_ms": float(np.median([r[4] for r in misses])) if misses else None,
             "compute_ms": float(np.median([r[5] for r in misses])) if misses else None,
             "swapped_fraction": sum(r[6] for r in misses) / len(misses) if misses else None,
         },
+        "misses_by_model": {m: sum(1 for i, xs in lat.items() if fns[i].model == m and p98(xs) > fns[i].slo_ms)
+                            for m in sorted({f.model for f in fns})},
     }
 
 

@@ -180,6 +180,7 @@ async def model_ready(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
+    entered = time.perf_counter()
     info = _function(request)
     name, node, config = info.spec.name, request.app[NODE], request.app[CONFIG]
     request[FUNCTION_KEY] = name
@@ -190,7 +191,8 @@ async def infer(request: web.Request) -> web.Response:
         request[REQUEST_ID_KEY] = body_id
     result = await node.infer(name, req.inputs, req.id or safe_request_id(request.headers.get(REQUEST_ID_HEADER)))
     params = {"device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
-              "compute_ms": result.compute_ms, "total_ms": result.total_ms}
+              "compute_ms": result.compute_ms, "total_ms": result.total_ms,
+              "server_ms": (time.perf_counter() - entered) * 1e3}  # handler entry → result, before encoding
     out_bytes = sum(t.numel() * t.element_size() for t in result.outputs.values())
     encoded = await _maybe_thread(out_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,
                                   req.outputs, req.id, params)

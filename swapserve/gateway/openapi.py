@@ -153,7 +153,7 @@ OPENAPI: dict[str, Any] = {
                     "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}}}},
             "InferResponse": {"type": "object", "properties": {
                 "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
-                "parameters": {"type": "object", "description": "device, swapped, queue_ms, compute_ms, total_ms"},
+                "parameters": {"type": "object", "description": "device, swapped, queue_ms, compute_ms, total_ms, server_ms"},
                 "outputs": {"type": "array", "items": _ref("Tensor")}}},
             "ServerMetadata": {"type": "object", "properties": {
                 "name": {"type": "string"}, "version": {"type": "string"},
