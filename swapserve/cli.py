@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--home", help="state directory (default: $SWAPSERVE_HOME or ~/.swapserve)")
     s.add_argument("--host", help="listen address (default 127.0.0.1; 0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, help="listen port (default 8000)")
-    s.add_argument("--devices", help='"cpu", "cuda:0,cuda:1" or "0,1" (default: every GPU, else cpu)')
+    s.add_argument("--devices", help='"cpu", "cuda:0,cuda:1" or "0,1"; "cpu:0,cpu:1" for several CPU workers '
+                                     '(default: every GPU, else cpu)')
     s.add_argument("--pool", type=_bytes, help="weight pool per device, e.g. 16GiB (default: sized at start)")
     s.add_argument("--workspace", type=_bytes, help="activation workspace per device (default 512MiB)")
     s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")

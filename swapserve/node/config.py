@@ -32,8 +32,9 @@ class ServeConfig:
     port: int = 8000
     """HTTP port (the client's default ``SWAPSERVE_URL`` is http://127.0.0.1:8000)."""
     devices: tuple[str, ...] = ()
-    """Devices to run GPU workers on (``cuda:N``, or ``cpu`` for one CPU worker). Empty: every visible
-    GPU, or ``cpu`` where there is none (:meth:`resolved_devices`)."""
+    """Devices to run workers on: ``cuda:N``; or ``cpu`` for one CPU worker, ``cpu:0,cpu:1,...`` for several
+    (a CPU stand-in for a multi-GPU node: same processes and scheduling). Empty: every visible GPU, or
+    ``cpu`` where there is none (:meth:`resolved_devices`)."""
     pool_bytes: int | None = None
     """Weight pool reserved per device at start. None: the node takes the device's free memory less the
     workspace and a safety margin (on ``cpu``, 1 GiB)."""
@@ -68,12 +69,12 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not in 0..65535")
         for d in self.devices:
-            if d != "cpu" and not re.fullmatch(r"cuda:\d+", d):
-                problems.append(f"device {d!r} is not 'cpu' or 'cuda:N'")
+            if not re.fullmatch(r"cpu|cpu:\d+|cuda:\d+", d):
+                problems.append(f"device {d!r} is not 'cpu', 'cpu:N' or 'cuda:N'")
         if len(set(self.devices)) != len(self.devices):
             problems.append(f"devices {list(self.devices)} name a device twice")
-        if "cpu" in self.devices and len(self.devices) > 1:
-            problems.append("'cpu' cannot be mixed with GPUs")
+        if any(d.startswith("cpu") for d in self.devices) and any(d.startswith("cuda") for d in self.devices):
+            problems.append("CPU workers cannot be mixed with GPUs")
         for name in ("pool_bytes", "workspace_bytes", "host_store_bytes", "max_upload_bytes", "max_bundle_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 class NodeConfig:
     home: Path
     devices: tuple[str, ...]
-    """``("cpu",)`` or ``("cuda:0", "cuda:1", ...)``: one worker process each."""
+    """``("cpu",)``, ``("cpu:0", "cpu:1", ...)`` or ``("cuda:0", "cuda:1", ...)``: one worker process each."""
     pool_bytes: int | None
     """Per device, for weights; None: sized by each worker from its device's free memory."""
     workspace_bytes: int = 2 << 30
@@ -565,7 +565,7 @@ def _buckets(max_batch: int) -> tuple[int, ...]:
 def _engine_for(base: EngineConfig, device: str, mode: str) -> EngineConfig:
     from dataclasses import replace
 
-    if device == "cpu":
+    if device.startswith("cpu"):
         return replace(base, device="cpu", mode="eager" if mode == "auto" else mode)  # type: ignore[arg-type]
     return replace(base, device=device, mode=mode)  # type: ignore[arg-type]
 

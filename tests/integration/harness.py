@@ -272,6 +272,8 @@ class Server:
     """Descendants seen while it ran (pid → start time), for the no-orphans check after it exits."""
     not_ready: list[Response] = field(default_factory=list)
     """Answers of ``GET /v2/health/ready`` seen while waiting for readiness (before the 200)."""
+    devices: str = "cpu"
+    """``--devices``: ``cpu``, or ``cpu:0,cpu:1,...`` for several CPU workers."""
 
     @property
     def url(self) -> str:
@@ -292,7 +294,7 @@ class Server:
         """Start the process (returns at once; :meth:`wait_ready` waits)."""
         self.port = free_port()
         log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "swapserve.cli", "serve", "--devices", "cpu", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "swapserve.cli", "serve", "--devices", self.devices, "--host", "127.0.0.1",
                "--port", str(self.port), "--home", str(self.home),
                "--pool", "128MiB", "--host-store", "256MiB", "--workspace", "128MiB"]
         if self.token is not None:

@@ -1,0 +1,38 @@
+"""A node with several workers (CPU stand-ins for GPUs: ``--devices cpu:0,cpu:1,cpu:2``): one worker process
+per device, every device in the status, and work spread over them."""
+
+from __future__ import annotations
+
+import torch
+
+from .harness import assert_stopped_cleanly, concurrently, deploy
+
+
+def test_one_worker_per_device_and_work_spreads(server_factory, functions, tmp_path):
+    s = server_factory(devices="cpu:0,cpu:1,cpu:2").start()
+    s.wait_ready()
+    workers = [pid for pid in s.children if "spawn_main" in _cmdline(pid) and "resource_tracker" not in _cmdline(pid)]
+    assert len(workers) == 3, (s.children, s.log())
+    status = s.client().status()
+    assert [d["device"] for d in status["devices"]] == ["cpu:0", "cpu:1", "cpu:2"]
+    info = deploy(s, functions.heavy.archive(tmp_path))
+    assert info["state"] == "READY"
+    x = torch.randn(1, 1024)
+    want = functions.heavy.expected(x)
+
+    results = concurrently(9, lambda i: s.client().infer("heavy", {"x": x}))
+    for out in results:
+        assert not isinstance(out, BaseException), out
+        torch.testing.assert_close(out["y"], want[0])
+    busy = s.client().status()["extra"]
+    used = [k for k, v in busy.items() if k.startswith("busy_seconds_") and v > 0]
+    assert len(used) >= 2, busy  # more than one worker ran requests
+    assert_stopped_cleanly(s, s.stop())
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
