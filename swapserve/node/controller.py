@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 import uuid
@@ -70,6 +71,8 @@ class NodeConfig:
     prepare_on_deploy: bool = True
     """Swap each new model in once on every device at deploy, capturing its graphs off the request path."""
     start_timeout_s: float = 300.0
+    worker_spin_s: float = 0.002
+    """GPU workers busy-wait this long for the next command before blocking (see WorkerConfig.spin_s)."""
     log_level: int = logging.WARNING
 
 
@@ -133,6 +136,8 @@ class Node:
         self._ready = False
         self._live = True
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._ids = itertools.count()
         self.busy_s = [0.0] * len(cfg.devices)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -144,6 +149,7 @@ class Node:
         for i, dev in enumerate(self.cfg.devices):
             wcfg = WorkerConfig(i, dev, _engine_for(engine, dev, self.cfg.mode), str(self.store.root),
                                 str(self.shm_root / f"io-{i}.bin"), self.cfg.slab_bytes, self.cfg.log_level,
+                                spin_s=self.cfg.worker_spin_s if dev.startswith("cuda") else 0.0,
                                 auto_pool=self.cfg.pool_bytes is None)
             self._workers.append(wk.spawn(wcfg))
         hellos = await asyncio.gather(*(wk.wait_hello(w, self.cfg.start_timeout_s) for w in self._workers))
@@ -375,9 +381,9 @@ class Node:
             raise UnavailableError(f"function {name!r} is {fn.state.value}{': ' + fn.reason if fn.reason else ''}")
         tensors, items = _check_inputs(fn, inputs)
         now = self.clock()
-        req = Request(request_id or uuid.uuid4().hex, name, now, now + fn.spec.slo_ms / 1e3, items)
-        if req.id in self._pending:
-            req.id = f"{req.id}-{uuid.uuid4().hex[:6]}"
+        req = Request(request_id or f"r{next(self._ids)}", name, now, now + fn.spec.slo_ms / 1e3, items)
+        if req.id in self._pending:  # a client reused an id while its first request is still queued
+            req.id = f"{req.id}-{next(self._ids)}"
         reject = self.scheduler.admit(self.state, req, now)
         if reject is not None:
             self.metrics.count_slo_miss(name)
@@ -506,13 +512,23 @@ class Node:
 
     def _arm_timer(self, now: float) -> None:
         """Wake up when the earliest queued request would expire, so hopeless work is refused promptly."""
+        deadlines = [q.requests[0].deadline for q in self.state.queues.values() if q.requests]
+        if not deadlines:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        at = min(deadlines)
+        if self._timer is not None and self._timer_at == at:
+            return  # already set for that deadline
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        deadlines = [q.requests[0].deadline for q in self.state.queues.values() if q.requests]
-        if deadlines:
-            delay = max(0.001, min(deadlines) - now)
-            self._timer = asyncio.get_running_loop().call_later(delay, self._pump)
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(max(0.001, at - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None  # spent: the pump below arms a new one if anything is still queued
+        self._pump()
 
     def _fail_queued(self, name: str, error: SwapserveError) -> None:
         q = self.state.queues.get(name)

@@ -8,7 +8,10 @@ in the worker's shared-memory IO slab (:mod:`swapserve.node.slab`) and messages 
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -140,3 +143,16 @@ class Hello:
     pool_bytes: int
     h2d_GBps: float
     pid: int
+
+
+# --- the wire ----------------------------------------------------------------------------------------------
+
+
+def send(conn: Connection, msg: Any) -> None:
+    """Plain pickle at the highest protocol: both ends are swapserve's own processes, and this skips the
+    ForkingPickler machinery ``Connection.send`` goes through on every message."""
+    conn.send_bytes(pickle.dumps(msg, pickle.HIGHEST_PROTOCOL))
+
+
+def recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from swapserve.artifact.manifest import dtype_from_name, itemsize
+from swapserve.artifact.manifest import dtype_from_name
 from swapserve.errors import PayloadTooLargeError
 from swapserve.node.messages import TensorRef
 
@@ -40,10 +40,10 @@ class Slab:
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
-        n = itemsize(ref.dtype)
+        n = 1
         for d in ref.shape:
             n *= d
-        return self.buffer[ref.offset:ref.offset + n].view(dtype_from_name(ref.dtype)).view(ref.shape)
+        return torch.frombuffer(self._map, dtype=dtype_from_name(ref.dtype), count=n, offset=ref.offset).view(ref.shape)
 
     def write_batch(self, parts: Sequence[Sequence[torch.Tensor]], offset: int = 0) -> tuple[tuple[TensorRef, ...], int]:
         """Write each input of a batch — the rows of every request, concatenated on dim 0 — from ``offset``.

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from swapserve.errors import BackendError
-from swapserve.node.messages import Hello, Reply, Residency, Stop
+from swapserve.node.messages import Hello, Reply, Residency, Stop, recv
+from swapserve.node.messages import send as send_msg
 from swapserve.node.slab import Slab
 from swapserve.node.worker import WorkerConfig, worker_main
 
@@ -60,13 +61,13 @@ def spawn(cfg: WorkerConfig) -> WorkerHandle:
 async def wait_hello(w: WorkerHandle, timeout: float) -> Hello:
     loop = asyncio.get_running_loop()
 
-    def recv() -> Any:
+    def first() -> Any:
         if not w.conn.poll(timeout):
             raise BackendError(f"worker {w.index} ({w.device}) did not start within {timeout:.0f} s")
-        return w.conn.recv()
+        return recv(w.conn)
 
     try:
-        msg = await loop.run_in_executor(None, recv)
+        msg = await loop.run_in_executor(None, first)
     except EOFError:
         raise BackendError(f"worker {w.index} ({w.device}) exited while starting (exit code "
                            f"{w.process.exitcode}); see its log above") from None
@@ -83,7 +84,7 @@ def watch(w: WorkerHandle, on_dead: Any) -> None:
     def readable() -> None:
         try:
             while w.conn.poll():
-                reply = w.conn.recv()
+                reply = recv(w.conn)
                 waiter = w.pending.pop(reply.id, None)
                 if reply.residency is not None:
                     w.residency = reply.residency
@@ -114,7 +115,7 @@ def send(w: WorkerHandle, msg: Any, on_reply: Callable[[Reply | BaseException], 
     if w.dead:
         raise BackendError(f"worker {w.index} ({w.device}) is not running")
     w.pending[msg.id] = on_reply
-    w.conn.send(msg)
+    send_msg(w.conn, msg)
 
 
 async def call(w: WorkerHandle, msg: Any) -> Reply:
@@ -122,7 +123,7 @@ async def call(w: WorkerHandle, msg: Any) -> Reply:
         raise BackendError(f"worker {w.index} ({w.device}) is not running")
     fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
     w.pending[msg.id] = fut
-    w.conn.send(msg)
+    send_msg(w.conn, msg)
     return await fut
 
 
