@@ -13,6 +13,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -192,8 +193,6 @@ class Node:
         await asyncio.gather(*(wk.stop(w, max(1.0, deadline - self.clock())) for w in self._workers))
         self.store.close()
         self.registry.close()
-        import shutil
-
         shutil.rmtree(self.shm_root, ignore_errors=True)
         self._live = False
 
@@ -206,6 +205,8 @@ class Node:
         """Host→device bandwidth alone and with every device copying at once, and how much a copy slows
         execution on the same device — measured here, on this machine."""
         n = len(self._workers)
+        if not self.cfg.devices[0].startswith("cuda"):  # CPU workers: memory copies, nothing to contend for
+            return LinkProfile((min(alone),) * n)
         h2d = [min(alone)]
         if n > 1:
             start = time.time() + 0.2
