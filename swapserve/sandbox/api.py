@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -74,15 +74,19 @@ class ModelInputError(ModelCallError, ValueError):
 class ModelFuture:
     """The outcome of one model call. ``result()`` blocks; ``await future`` in an ``async def handle``."""
 
-    def __init__(self, model: str, call_id: int):
+    def __init__(self, model: str, call_id: int, wait: Callable[[Callable[[], bool], float | None], bool] | None = None):
         self.model = model
         self.call_id = call_id
         self._future: concurrent.futures.Future[dict[str, torch.Tensor]] = concurrent.futures.Future()
+        self._wait = wait
+        """The sandbox's channel: reads replies until ours is in (no reader thread to hand it over)."""
 
     def result(self, timeout: float | None = None) -> dict[str, torch.Tensor]:
         """The model's outputs by name (CPU tensors of your own). Raises :class:`ModelCallError`, or
         ``TimeoutError`` after ``timeout`` seconds (the call goes on)."""
-        return self._future.result(timeout)
+        if self._wait is not None and not self._future.done():
+            self._wait(self._future.done, timeout)
+        return self._future.result(0 if self._wait is not None else timeout)
 
     def done(self) -> bool:
         return self._future.done()

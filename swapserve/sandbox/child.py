@@ -5,9 +5,11 @@ and its output pipe (stdout and stderr). The first message on the channel is its
 Everything after :func:`_isolate` runs tenant code, so this process is trusted by no one: the pool checks
 what it sends.
 
-Threads: the main thread runs the handler (``async def handle`` on an event loop kept for the sandbox's
-life); a reader thread takes messages from the pool, queues requests for the main thread and completes
-model-call futures, so a handler blocked in ``future.result()`` is woken without the main thread.
+No reader thread: whichever thread waits for something — the main thread for its next request, a handler
+in ``future.result()``, the event loop of an ``async def handle`` — reads the channel itself (one at a
+time) and dispatches what comes, so a reply reaches the thread that waits for it without a thread
+switch, and a waiter polls briefly before it sleeps, since a model's answer is often only microseconds
+away. Each hop saved is a wake-up saved, which on an idle server is most of a round trip's cost.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import asyncio
 import fcntl
 import importlib.util
 import inspect
+import collections
 import itertools
 import os
-import queue
+import select
 import socket
 import sys
 import threading
@@ -72,20 +75,86 @@ def _settle_fds(channel_fd: int, arena_fd: int, output_fd: int) -> None:
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
 
-class _Sandbox:
-    def __init__(self) -> None:
+class _Channel:
+    """The sandbox's end of its channel, read by whichever thread waits (see the module docstring)."""
+
+    SPIN_S = 100e-6 if len(os.sched_getaffinity(0)) >= 4 else 0.0
+    """How long a thread waiting for a model's reply polls before it sleeps (not where the pool itself would
+    lose a core to the poll)."""
+
+    def __init__(self, dispatch: Any) -> None:
         self.sock = socket.socket(fileno=CHANNEL_FD)
         self.sock.setblocking(True)
+        self.dispatch = dispatch
         self.send_lock = threading.Lock()
-        self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.calls: dict[int, ModelFuture] = {}
-        self.call_ids = itertools.count(1)
-        self.current: int | None = None
-        self.loop = asyncio.new_event_loop()
+        self.read_lock = threading.Lock()
+        self.read = threading.Condition()
+        """Notified after each message read, so that threads waiting behind the reader look again."""
 
     def send(self, message: dict[str, Any]) -> None:
         with self.send_lock:
             send_blocking(self.sock, message)
+
+    def wait(self, done: Any, timeout: float | None = None, spin: bool = False) -> bool:
+        """Read and dispatch messages until ``done()`` (or ``timeout`` seconds)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            remaining = None if end is None else end - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if self.read_lock.acquire(blocking=False):
+                try:
+                    if not done() and self._readable(remaining, spin):
+                        self._read_one()
+                finally:
+                    self.read_lock.release()
+                    with self.read:
+                        self.read.notify_all()
+            else:
+                with self.read:
+                    if not done():
+                        self.read.wait(0.05 if remaining is None else min(remaining, 0.05))
+        return True
+
+    def on_readable(self) -> None:
+        """The event loop's reader callback (async handlers): read if no thread is reading already."""
+        if self.read_lock.acquire(blocking=False):
+            try:
+                if self._readable(0.0, False):
+                    self._read_one()
+            finally:
+                self.read_lock.release()
+                with self.read:
+                    self.read.notify_all()
+
+    def _readable(self, timeout: float | None, spin: bool) -> bool:
+        if spin:
+            until = time.perf_counter() + self.SPIN_S
+            while time.perf_counter() < until:
+                if select.select([self.sock], [], [], 0)[0]:
+                    return True
+        return bool(select.select([self.sock], [], [], timeout)[0])
+
+    def _read_one(self) -> None:
+        try:
+            msg = recv_blocking(self.sock, 1 << 30)
+        except (OSError, ProtocolViolation):
+            msg = None
+        if msg is None:
+            os._exit(0)  # the pool closed the channel (or is gone): nothing left to serve
+        self.dispatch(msg)
+
+
+class _Sandbox:
+    def __init__(self) -> None:
+        self.channel = _Channel(self._dispatch)
+        self.sock = self.channel.sock
+        self.send = self.channel.send
+        self.requests: collections.deque[dict[str, Any]] = collections.deque()
+        self.calls: dict[int, ModelFuture] = {}
+        self.call_ids = itertools.count(1)
+        self.current: int | None = None
+        self.loop = asyncio.new_event_loop()
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -117,7 +186,6 @@ class _Sandbox:
         self.send({"t": "hello", "pid": os.getpid(), "isolation": report, "has_setup": setup is not None,
                    "is_async": inspect.iscoroutinefunction(handle),
                    "timings": {"isolate": (t1 - t0) * 1e3, "import": (t2 - t1) * 1e3, "setup": (t3 - t2) * 1e3}})
-        threading.Thread(target=self._read, name="swapserve-sandbox-reader", daemon=True).start()
         return self._serve()
 
     def _isolate(self, cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -148,7 +216,7 @@ class _Sandbox:
         os.environ.clear()
         os.environ.update(cfg["env"])
         torch.set_num_threads(limits.threads)
-        report["rlimits"] = iso.set_limits(limits)
+        report["rlimits"] = iso.set_limits(limits, "user" in report["namespaces"])
         if mode != "off":
             abi = iso.landlock_abi()
             if abi:
@@ -211,20 +279,11 @@ class _Sandbox:
 
     # --- requests -------------------------------------------------------------------------------
 
-    def _read(self) -> None:
-        """Reader thread: requests to the main thread, model results to their futures."""
-        try:
-            while True:
-                msg = recv_blocking(self.sock, 1 << 30)
-                if msg is None:
-                    break
-                if msg.get("t") == "req":
-                    self.requests.put(msg)
-                elif msg.get("t") == "ret":
-                    self._complete_call(msg)
-        except (OSError, ProtocolViolation):
-            pass
-        os._exit(0)  # the pool closed the channel (or is gone): nothing left to serve
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if msg.get("t") == "req":
+            self.requests.append(msg)
+        elif msg.get("t") == "ret":
+            self._complete_call(msg)
 
     def _complete_call(self, msg: dict[str, Any]) -> None:
         fut = self.calls.pop(msg["id"], None)
@@ -243,7 +302,7 @@ class _Sandbox:
 
     def submit(self, model: str, inputs: dict[str, torch.Tensor]) -> ModelFuture:
         """ModelHandle's transport: inputs into the arena, the call to the pool, a future back."""
-        with self.send_lock:
+        with self.channel.send_lock:
             rid = self.current
             if rid is None:
                 raise ModelCallError("model handles can be called only while handle() runs (not in setup(), "
@@ -252,18 +311,20 @@ class _Sandbox:
                 refs = self.mine.write(inputs, f"inputs of model {model!r}")
             except PayloadTooLargeError as e:
                 raise ModelCallError(str(e), 413) from None
-            fut = ModelFuture(model, next(self.call_ids))
+            fut = ModelFuture(model, next(self.call_ids), self._wait_reply)
             self.calls[fut.call_id] = fut
             send_blocking(self.sock, {"t": "call", "req": rid, "id": fut.call_id, "model": model,
                                       "inputs": encode_tensors(refs)})
         return fut
 
+    def _wait_reply(self, done: Any, timeout: float | None) -> bool:
+        return self.channel.wait(done, timeout, spin=True)
+
     def _serve(self) -> int:
+        self.loop.add_reader(CHANNEL_FD, self.channel.on_readable)  # replies for awaiting async handlers
         while True:
-            msg = self.requests.get()
-            if msg is None:
-                return 0
-            self.send(self._respond(msg))
+            self.channel.wait(lambda: bool(self.requests))
+            self.send(self._respond(self.requests.popleft()))
 
     def _respond(self, msg: dict[str, Any]) -> dict[str, Any]:
         rid = msg["id"]
@@ -275,7 +336,7 @@ class _Sandbox:
                               time.monotonic() + float(msg["timeout_s"]))
         except BaseException as e:  # noqa: BLE001
             return _fail(rid, "memory" if _is_oom(e) else "handler", f"could not receive the request: {_describe(e)}")
-        with self.send_lock:
+        with self.channel.send_lock:
             self.current = rid
         try:
             result = self.handle(request, self.models)
@@ -289,7 +350,7 @@ class _Sandbox:
                 return _fail(rid, "memory", _describe(e), _tenant_traceback(e))
             return _fail(rid, "handler", _describe(e) + _where(e), _tenant_traceback(e))
         finally:
-            with self.send_lock:
+            with self.channel.send_lock:
                 self.current = None
                 self.calls.clear()  # unfinished calls are abandoned; the pool cancels them
 
@@ -379,12 +440,3 @@ def _tenant_traceback(e: BaseException) -> str:
              *traceback.format_exception_only(type(e), e)]
     return "".join(lines)
 
-
-def main() -> None:
-    """``python -m swapserve.sandbox.child CHANNEL ARENA OUTPUT`` (the spawn start method)."""
-    fds = [int(x) for x in sys.argv[1:4]]
-    boot(*fds)
-
-
-if __name__ == "__main__":
-    main()

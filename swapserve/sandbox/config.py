@@ -82,6 +82,9 @@ class SandboxConfig:
     mounts where a mount namespace is available, and never covered by a Landlock read rule."""
     env: tuple[tuple[str, str], ...] = ()
     """Extra environment variables of every sandbox (the environment is otherwise clean)."""
+    replace_on_error: bool = True
+    """Replace a sandbox whose handler raised (its module state may be half-updated). Errors that are a
+    model call's own (e.g. overload) and invalid return values never replace it."""
     handler_output: Literal["log", "discard"] = "log"
     """Handler stdout/stderr: forwarded line by line to the ``swapserve.sandbox.handler`` logger, or dropped."""
 

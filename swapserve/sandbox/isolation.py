@@ -73,7 +73,8 @@ SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 FUNCTION_MOUNT = "/run/function"
 """Where the function directory appears inside a sandbox that has a mount namespace."""
 SYSTEM_READ_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d",
-                     "/etc/localtime", "/usr/share/zoneinfo")
+                     "/etc/localtime", "/proc/cpuinfo", "/sys/devices/system/cpu")
+"""Beside the interpreter's own: shared libraries, and what torch's CPU detection reads."""
 DEV_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 
 
@@ -198,9 +199,10 @@ def set_hostname(name: str) -> None:
 # --- limits and privileges ----------------------------------------------------------------------
 
 
-def set_limits(limits: SandboxLimits) -> dict[str, int]:
+def set_limits(limits: SandboxLimits, own_user_namespace: bool) -> dict[str, int]:
     """Hard rlimits (the handler cannot raise them) and a lower priority. The address-space limit counts
-    from what is mapped now (Python, torch, the arena), so ``memory_bytes`` is the handler's to use."""
+    from what is mapped now (Python, torch, the arena), so ``memory_bytes`` is the handler's to use. The
+    task limit only in a user namespace of our own: elsewhere it would count every process of the user."""
     base = _vm_size()
     values = {
         "RLIMIT_AS": base + limits.memory_bytes,
@@ -208,8 +210,9 @@ def set_limits(limits: SandboxLimits) -> dict[str, int]:
         "RLIMIT_NOFILE": limits.open_files,
         "RLIMIT_FSIZE": limits.file_bytes,
         "RLIMIT_CORE": 0,
-        "RLIMIT_NPROC": limits.tasks,
     }
+    if own_user_namespace:
+        values["RLIMIT_NPROC"] = limits.tasks
     for name, v in values.items():
         resource.setrlimit(getattr(resource, name), (v, v))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past RLIMIT_FSIZE fails with EFBIG instead

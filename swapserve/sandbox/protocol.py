@@ -57,7 +57,7 @@ def pack(message: Mapping[str, Any]) -> bytes:
 
 def unpack(payload: bytes) -> Any:
     """Plain data only: str/bytes/int/float/bool/None/list/dict; extension types are refused."""
-    return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=_no_ext, max_buffer_size=len(payload))
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=_no_ext)
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -108,6 +108,8 @@ class Arena:
         self.half = nbytes // 2
         self._map = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._typed: dict[str, torch.Tensor] = {}
+        """The whole arena viewed as each dtype (a view per tensor is then one as_strided)."""
 
     @classmethod
     def create(cls, nbytes: int) -> Arena:
@@ -128,8 +130,15 @@ class Arena:
         return Bump(self, self.half, self.nbytes)
 
     def view(self, dtype: str, shape: Sequence[int], offset: int) -> torch.Tensor:
-        n = _nbytes(dtype, shape)
-        return self.buffer[offset:offset + n].view(dtype_from_name(dtype)).view(tuple(shape))
+        """``offset`` must be a multiple of ALIGN (checked for what a sandbox sends)."""
+        base = self._typed.get(dtype)
+        if base is None:
+            base = self._typed[dtype] = self.buffer.view(dtype_from_name(dtype))
+        strides, step = [], 1
+        for d in reversed(shape):
+            strides.append(step)
+            step *= d
+        return base.as_strided(tuple(shape), tuple(reversed(strides)), offset // base.element_size())
 
     def read(self, refs: Sequence[WireTensor], copy: bool = True) -> dict[str, torch.Tensor]:
         """Tensors by name: private copies, or (``copy=False``) views valid until the side that wrote them
@@ -141,13 +150,18 @@ class Arena:
         return out
 
     def close(self) -> None:
+        """Idempotent (the descriptor is closed once: a second close could hit a reused number)."""
+        if self.fd < 0:
+            return
         self.buffer = None  # type: ignore[assignment]
         try:
             self._map.close()
         except BufferError:  # views still alive somewhere: the mapping goes with the last of them
             pass
+        self._typed.clear()
+        fd, self.fd = self.fd, -1
         try:
-            os.close(self.fd)
+            os.close(fd)
         except OSError:
             pass
 
