@@ -324,9 +324,12 @@ def runtime_read_paths() -> list[str]:
     source, system libraries."""
     import swapserve
 
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             str(Path(swapserve.__file__).parent), *SYSTEM_READ_PATHS}
-    paths.update(p for p in sys.path if p and os.path.isabs(p))
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    package = Path(swapserve.__file__).resolve().parent
+    # A source checkout is on sys.path as its root (the launcher puts it there): of it, only the package.
+    checkout = str(package.parent) if not any(_is_within(str(package), p) for p in prefixes) else None
+    paths = {*prefixes, str(package), *SYSTEM_READ_PATHS}
+    paths.update(p for p in sys.path if p and os.path.isabs(p) and p != checkout)
     return sorted(p for p in paths if os.path.exists(p))
 
 

@@ -22,6 +22,8 @@ import pytest
 import torch
 from torch import nn
 
+import swapserve
+
 from swapserve.errors import OverloadedError
 from swapserve.functions.spec import TensorDecl
 from swapserve.sandbox import (HandlerError, HandlerLoadError, HandlerOutputError, HandlerTimeoutError, ModelSignature,
@@ -505,8 +507,12 @@ def secrets(home: Path) -> Iterator[dict[str, str]]:
     (store / "store").write_bytes(b"pinned weights")
     loose = Path(tempfile.mkdtemp(dir="/var/tmp" if os.path.isdir("/var/tmp") else None, prefix="swapserve-test-"))
     (loose / "secret").write_bytes(b"secret")
-    yield {"other function's artifact": str(other / "weights.safetensors"), "registry": str(home / "registry.sqlite3"),
-           "host store": str(store / "store"), "unrelated file": str(loose / "secret")}
+    found = {"other function's artifact": str(other / "weights.safetensors"), "registry": str(home / "registry.sqlite3"),
+             "host store": str(store / "store"), "unrelated file": str(loose / "secret")}
+    checkout = Path(swapserve.__file__).resolve().parents[1] / "pyproject.toml"
+    if checkout.is_file():  # a source checkout: only its swapserve/ is readable, not the rest of the repository
+        found["source checkout"] = str(checkout)
+    yield found
     for p in (store, loose):
         for f in p.iterdir():
             f.unlink()
