@@ -156,7 +156,10 @@ class Metrics:
             metric.remove(function)
         for code in _label_values(self.requests, "function", function, "code"):
             self.requests.remove(function, code)
-        self._children = {k: v for k, v in self._children.items() if function not in k[1]}
+        by_function = {id(m) for m in (self.request_seconds, self.node_request_seconds, self.queue_seconds,
+                                       self.slo_misses, self.requests)}
+        self._children = {k: v for k, v in self._children.items()
+                          if not (k[0] in by_function and k[1][:1] == (function,))}
 
     # -- exposition -------------------------------------------------------------------------------------------
 

@@ -20,8 +20,13 @@ from pathlib import Path
 
 from aiohttp import web
 
+from typing import TYPE_CHECKING
+
 from swapserve.config import MiB
 from swapserve.node.config import ServeConfig
+
+if TYPE_CHECKING:
+    from swapserve.node.controller import Node
 
 log = logging.getLogger("swapserve.serve")
 
@@ -112,10 +117,7 @@ async def _main(config: ServeConfig) -> int:
     return code
 
 
-async def _start(node: object, config: ServeConfig) -> None:
-    from swapserve.node.controller import Node
-
-    assert isinstance(node, Node)
+async def _start(node: Node, config: ServeConfig) -> None:
     await node.start()
     ready = ", ".join(f.spec.name for f in node.list_functions()) or "none yet"
     print(f"swapserve ready: functions {ready}", flush=True)
@@ -123,22 +125,21 @@ async def _start(node: object, config: ServeConfig) -> None:
         await _deploy_demo(node, config)
 
 
-async def _deploy_demo(node: object, config: ServeConfig) -> None:
+async def _deploy_demo(node: Node, config: ServeConfig) -> None:
     """Build and deploy the example functions that are not deployed yet (trusted code, in this process)."""
     from swapserve.functions.build import build_bundle
-    from swapserve.node.controller import Node
+    from swapserve.functions.spec import load_spec
 
-    assert isinstance(node, Node)
     have = {f.spec.name for f in node.list_functions()}
     for src in config.demo_dirs():
         if not src.is_dir():
             print(f"swapserve: demo function {src} not found (a source checkout has examples/)", file=sys.stderr)
             continue
+        if load_spec(src).name in have:  # deployed on an earlier start: no need to build it again
+            continue
         staging = Path(tempfile.mkdtemp(dir=node.registry.staging_root))
         try:
             spec = await asyncio.to_thread(build_bundle, src, staging / "bundle")
-            if spec.name in have:
-                continue
             print(f"swapserve: deploying demo function {spec.name} ...", flush=True)
             info = await node.deploy(staging / "bundle")
             print(f"swapserve: {info.spec.name} v{info.version} ready", flush=True)
