@@ -17,10 +17,9 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-
-from typing import TYPE_CHECKING
 
 from swapserve.config import MiB
 from swapserve.node.config import ServeConfig
