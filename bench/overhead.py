@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=4, help="client processes for the throughput run")
     ap.add_argument("--concurrency", type=int, default=32, help="connections per client process")
+    ap.add_argument("--spin-ms", type=float, help="the server's --spin-ms (default: its own)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from swapserve.client import Client
@@ -111,7 +112,9 @@ def main() -> None:
     from swapserve.functions.bundle import pack
 
     work = Path(tempfile.mkdtemp(prefix="swapserve-overhead-"))
-    with Server(work / "home", args.devices or "all", pool="1GiB", workspace="512MiB", host_store="2GiB") as srv:
+    extra = ("--spin-ms", str(args.spin_ms)) if args.spin_ms is not None else ()
+    with Server(work / "home", args.devices or "all", pool="1GiB", workspace="512MiB", host_store="2GiB",
+                extra=extra) as srv:
         srv.wait_ready()
         build_bundle(tiny_function(work / "fn", NAME, slo_ms=1000.0), work / "bundle")
         client = Client(srv.url, srv.token)
@@ -141,6 +144,7 @@ def main() -> None:
         "mean_overhead_ms": statistics.fmean(over),
         "throughput_clients": args.clients * args.concurrency,
         "throughput_errors": errors,
+        "spin_ms": args.spin_ms,
     }
     (args.out / "overhead.json").write_text(json.dumps(result, indent=1))
     (args.out / "overhead.md").write_text(

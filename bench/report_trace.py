@@ -25,7 +25,31 @@ def table(r: dict) -> str:
                          f"| {pt['requests']} | {pt['status_codes']} |")
     lines += ["", "max_functions (largest N with ≥ 98 % attainment): "
               + ", ".join(f"{k} {v['max_functions']}" for k, v in r["policies"].items())]
+    lines += breakdown_table(r)
     return "\n".join(lines) + "\n"
+
+
+def breakdown_table(r: dict) -> list[str]:
+    """Where completed requests' time went (medians), per model, at each policy's largest N."""
+    keys = ("latency_ms", "headers_ms", "server_ms", "node_ms", "queue_ms", "compute_ms")
+    lines = ["", "Medians of completed requests at each policy's largest N: client latency, until the response "
+             "head, the gateway's handler, the node (admission to answer), queued, the worker's run (swap + "
+             "execution); late = completed after the SLO.", "",
+             "| policy | N | model | SLO ms | requests | " + " | ".join(k.removesuffix("_ms") for k in keys)
+             + " | swapped |", "|---|---:|---|---:|---:|" + "---:|" * (len(keys) + 1)]
+    fmt = (lambda v: f"{v:.2f}" if isinstance(v, float | int) and v >= 0 else "-")
+    for label, p in r["policies"].items():
+        pt = p["sweep"][-1]
+        rows = dict(pt.get("breakdown_by_model") or {})
+        if pt.get("late_breakdown"):
+            rows["(late, all models)"] = pt["late_breakdown"]
+        for model, b in rows.items():
+            if b is None:
+                continue
+            slo = r.get("slo_ms", {}).get(model)
+            lines.append(f"| {label} | {pt['n']} | {model} | {fmt(slo) if slo else '-'} | {b.get('requests', '-')} | "
+                         + " | ".join(fmt(b.get(k)) for k in keys) + f" | {b.get('swapped_fraction', 0):.2f} |")
+    return lines
 
 
 def plots(r: dict, out: Path) -> None:

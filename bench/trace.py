@@ -108,10 +108,12 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
             async def one(t: float, i: int) -> None:
                 body, hlen = bodies[models[i]]
                 sent = time.perf_counter()
+                headers_ms = -1.0
                 try:
                     async with s.post(f"/v2/models/{names[i]}/infer", data=body,
                                       headers={"Inference-Header-Content-Length": str(hlen),
                                                "Content-Type": "application/octet-stream"}) as r:
+                        headers_ms = (time.perf_counter() - sent) * 1e3  # the response's head arrived
                         data = await r.read()
                         status = r.status
                     ms = (time.perf_counter() - sent) * 1e3
@@ -119,7 +121,8 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                 except Exception:  # noqa: BLE001 - a failed request is an SLO miss
                     status, ms, params = 0, (time.perf_counter() - sent) * 1e3, {}
                 results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
-                                bool(params.get("swapped", False)), params.get("server_ms", -1.0)))
+                                bool(params.get("swapped", False)), params.get("server_ms", -1.0),
+                                params.get("total_ms", -1.0), headers_ms))
 
             tasks = []
             t0 = start_at
@@ -131,7 +134,12 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
             await asyncio.gather(*tasks)
         return results
 
-    q.put(asyncio.run(main()))
+    try:
+        import uvloop
+
+        q.put(uvloop.run(main()))
+    except ImportError:
+        q.put(asyncio.run(main()))
 
 
 def request_bodies(models: list[str]) -> dict[str, tuple[bytes, int]]:
@@ -204,6 +212,12 @@ def _oip(dtype: str) -> str:
 def slo_table(zoo_names: list[str], source: Path | None) -> tuple[dict[str, float], str]:
     """SLO per model = max(10, 3 × (native_graph_ms + floor_ms)) in fp16 on this card."""
     if source is not None:
+        doc = json.loads(source.read_text())
+        if "slo_ms" in doc:  # an earlier trace.json of this card: the same table
+            missing = [m for m in zoo_names if m not in doc["slo_ms"]]
+            if missing:
+                raise SystemExit(f"{source} has no SLO for {missing}")
+            return {m: doc["slo_ms"][m] for m in zoo_names}, doc.get("slo_source", str(source))
         rows = {r["model"]: r for r in json.loads(source.read_text())["models"]
                 if r.get("dtype") == "float16" and "error" not in r}
         missing = [m for m in zoo_names if m not in rows]
@@ -298,16 +312,24 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "p50_compute_ms": float(np.median([r[5] for r in done])) if done else None,
         "late_completions": len(misses),
         "p50_server_ms": float(np.median([r[7] for r in done])) if done else None,
-        "late_breakdown": {  # where the time of completed-but-late requests went (medians)
-            "latency_ms": float(np.median([r[2] for r in misses])) if misses else None,
-            "server_ms": float(np.median([r[7] for r in misses])) if misses else None,
-            "queue_ms": float(np.median([r[4] for r in misses])) if misses else None,
-            "compute_ms": float(np.median([r[5] for r in misses])) if misses else None,
-            "swapped_fraction": sum(r[6] for r in misses) / len(misses) if misses else None,
-        },
+        "late_breakdown": breakdown(misses),  # where the time of completed-but-late requests went
+        "breakdown_by_model": {m: breakdown([r for r in done if fns[r[0]].model == m])
+                               for m in sorted({f.model for f in fns})},
         "misses_by_model": {m: sum(1 for i, xs in lat.items() if fns[i].model == m and p98(xs) > fns[i].slo_ms)
                             for m in sorted({f.model for f in fns})},
     }
+
+
+def breakdown(rows: list[tuple]) -> dict | None:
+    """Medians of where completed requests' time went: the client's whole latency, its response head,
+    the gateway's handler (``server_ms``), the node (``node_ms``: admission to answer), the queue, and
+    the worker's run (swap + execution); with the fraction swapped."""
+    if not rows:
+        return None
+    med = lambda k: float(np.median([r[k] for r in rows]))  # noqa: E731
+    return {"requests": len(rows), "latency_ms": med(2), "headers_ms": med(9), "server_ms": med(7),
+            "node_ms": med(8), "queue_ms": med(4), "compute_ms": med(5),
+            "swapped_fraction": sum(r[6] for r in rows) / len(rows)}
 
 
 def srv_devices(srv: Server) -> int:
@@ -327,7 +349,8 @@ def main() -> None:
     ap.add_argument("--pool", default="16GiB", help="weight pool per GPU (the benchmark's cap)")
     ap.add_argument("--zoo", default="resnet50,resnet152,densenet201,inception_v3,efficientnet_b0,vit_b_16,vgg19,"
                                      "bert-base,bert-large,gpt2-medium")
-    ap.add_argument("--slo-from", type=Path, help="swap_latency.json of this card (fp16 rows)")
+    ap.add_argument("--slo-from", type=Path, help="swap_latency.json of this card (fp16 rows), or a trace.json "
+                                                   "of this card (its SLO table)")
     ap.add_argument("--slo-ms", type=float, help="one SLO for every function instead (smoke runs on a CPU only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, help="scratch directory (default: a new temp dir)")

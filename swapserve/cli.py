@@ -181,6 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
         "pool_bytes": args.pool, "workspace_bytes": args.workspace, "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
+        "spin_ms": args.spin_ms,
     }.items() if v is not None}
     try:
         config = ServeConfig(**given)
@@ -313,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine mode (default auto: CUDA graphs on GPUs; ondemand is the .to(cuda) baseline)")
     s.add_argument("--no-prepare", action="store_true",
                    help="do not swap each function in and capture its graphs at deploy/start (capture on first use)")
+    s.add_argument("--spin-ms", type=float, metavar="MS",
+                   help="after each request, how long the controller and GPU workers poll before sleeping "
+                        "(default 2 on GPU nodes, 0 on CPU nodes; each costs up to a core while requests flow)")
     s.set_defaults(func=_serve)
     return p
 

@@ -54,6 +54,9 @@ from swapserve.scheduler.types import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SPIN_S = 0.002
+"""``NodeConfig.spin_s`` on GPU nodes."""
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -72,8 +75,11 @@ class NodeConfig:
     prepare_on_deploy: bool = True
     """Swap each new model in once on every device at deploy, capturing its graphs off the request path."""
     start_timeout_s: float = 300.0
-    worker_spin_s: float = 0.002
-    """GPU workers busy-wait this long for the next command before blocking (see WorkerConfig.spin_s)."""
+    spin_s: float | None = None
+    """After each request and each completion, the controller's event loop and every GPU worker keep
+    polling this long before they sleep: a sleeping process pays a wake-up per message (tens of µs, more in
+    a VM), and a request crosses four. Costs up to a core each while requests flow. None: 2 ms on GPU
+    nodes, 0 on CPU nodes (whose cores do the work)."""
     log_level: int = logging.WARNING
 
 
@@ -138,6 +144,10 @@ class Node:
         self._live = True
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        gpus = any(d.startswith("cuda") for d in cfg.devices)
+        self._spin_s = cfg.spin_s if cfg.spin_s is not None else (DEFAULT_SPIN_S if gpus else 0.0)
+        self._hot_until = 0.0
+        self._spinning = False
         self._ids = itertools.count()
         self.busy_s = [0.0] * len(cfg.devices)
 
@@ -150,7 +160,7 @@ class Node:
         for i, dev in enumerate(self.cfg.devices):
             wcfg = WorkerConfig(i, dev, _engine_for(engine, dev, self.cfg.mode), str(self.store.root),
                                 str(self.shm_root / f"io-{i}.bin"), self.cfg.slab_bytes, self.cfg.log_level,
-                                spin_s=self.cfg.worker_spin_s if dev.startswith("cuda") else 0.0,
+                                spin_s=self._spin_s,
                                 auto_pool=self.cfg.pool_bytes is None)
             self._workers.append(wk.spawn(wcfg))
         hellos = await asyncio.gather(*(wk.wait_hello(w, self.cfg.start_timeout_s) for w in self._workers))
@@ -392,6 +402,7 @@ class Node:
         fut: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
         self._pending[req.id] = _Pending(req, tensors, fut, now)
         self._pump()
+        self._keep_hot()
         try:
             return await fut
         except asyncio.CancelledError:
@@ -498,6 +509,23 @@ class Node:
         if fl.key in self._retired and not self._key_users.get(fl.key):
             self._retire(fl.key)
         self._pump()
+        self._keep_hot()
+
+    def _keep_hot(self) -> None:
+        """Keep the event loop polling (not sleeping) while runs are in flight and ``spin_s`` after."""
+        if not self._spin_s:
+            return
+        self._hot_until = time.perf_counter() + self._spin_s
+        if not self._spinning:
+            self._spinning = True
+            asyncio.get_running_loop().call_soon(self._spin)
+
+    def _spin(self) -> None:
+        # A ready callback makes the loop poll its sockets and pipes with a zero timeout instead of sleeping.
+        if self._live and (self._inflight or time.perf_counter() < self._hot_until):
+            asyncio.get_running_loop().call_soon(self._spin)
+        else:
+            self._spinning = False
 
     def _refresh_residency(self, everything: bool = False) -> None:
         """Copy what workers reported into the scheduler's view (only where it changed, unless asked)."""

@@ -41,6 +41,12 @@ def run(config: ServeConfig) -> int:
         uvloop.install()
     except ImportError:
         pass
+    import torch
+
+    # This process only moves request tensors (decode, slab copies, encode): torch's intra-op thread pool
+    # would wake sleeping threads for each copy above its grain size, which costs more than the copy
+    # (milliseconds when the workers hold the cores). Compute happens in the workers.
+    torch.set_num_threads(1)
     return asyncio.run(_main(config))
 
 
@@ -78,7 +84,8 @@ async def _main(config: ServeConfig) -> int:
     metrics = Metrics()
     node = Node(NodeConfig(home=config.home, devices=devices, pool_bytes=config.pool_bytes,
                            workspace_bytes=config.workspace_bytes, host_store_bytes=_host_store_bytes(config),
-                           mode=config.mode, policy=config.policy, prepare_on_deploy=config.prepare),  # type: ignore[arg-type]
+                           mode=config.mode, policy=config.policy, prepare_on_deploy=config.prepare,
+                           spin_s=None if config.spin_ms is None else config.spin_ms / 1e3),  # type: ignore[arg-type]
                 metrics)  # opens the registry: a home already in use is refused before anything is written
     token = _token(config)
     gateway = GatewayConfig(token=token, uploads_dir=node.registry.staging_root,

@@ -49,6 +49,9 @@ def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
         # Before any CUDA call: this process sees only its own GPU, so its context is the only one there.
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.split(":", 1)[1]
         engine_cfg = replace(engine_cfg, device="cuda:0")
+        import torch
+
+        torch.set_num_threads(1)  # the GPU computes; CPU-side tensor work here is copies (see serve.run)
     if cfg.auto_pool:
         engine_cfg = replace(engine_cfg, pool_bytes=_auto_pool(engine_cfg))
     # The controller stops us (after in-flight work); a signal to the whole process group (Ctrl-C, a service

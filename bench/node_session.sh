@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The node benchmarks for one lent GPU machine, in order, each result written as soon as it exists, so that
+# a session can start this in the background and collect what is done (progress in RESULTS/session.log).
+#
+#   bench/node_session.sh RESULTS_DIR [SWAPSERVE_SWEEP] [ONDEMAND_SWEEP]
+#
+# SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
+# trace.py measures them first. Sweeps default to one GPU's (100..400 swapserve-style; 25..200 on-demand).
+set -u
+R=${1:?results dir}
+SWEEP=${2:-100,200,300,400}
+ONDEMAND_SWEEP=${3:-25,50,100,200}
+DURATION=${DURATION:-40}
+WARMUP=${WARMUP:-10}
+mkdir -p "$R"
+exec > >(tee -a "$R/session.log") 2>&1
+cd "$(dirname "$0")/.."
+step() { echo "=== $(date -u +%T) $*"; }
+
+step machine
+# The host store lives in /dev/shm: let it take nearly all memory where we may (tmpfs defaults to half).
+[ "$(id -u)" = 0 ] && mount -o remount,size=95% /dev/shm
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
+  nvidia-smi topo -m; nproc; free -g; df -h /dev/shm; } > "$R/machine.txt" 2>&1
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$GPU" in
+  *H200*) SLO=(--slo-from "$(ls -d bench/results/h200_* | tail -1)/swap_latency.json") ;;
+  *) SLO=() ;;
+esac
+
+step "overhead (spin off, then the default)"
+python3 bench/overhead.py --out "$R/overhead_spin0" --requests 2000 --warmup 200 --seconds 5 --spin-ms 0
+python3 bench/overhead.py --out "$R" --requests 2000 --warmup 200 --seconds 5
+
+step "trace swapserve $SWEEP"
+python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" "${SLO[@]}"
+SLO=(--slo-from "$R/trace.json")  # the table the first run used (measured there if no file had it)
+step "trace lru_ondemand $ONDEMAND_SWEEP"
+python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" "${SLO[@]}"
+step "trace fifo_lru, dedicated $SWEEP"
+python3 bench/trace.py --out "$R" --policies fifo_lru,dedicated --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" "${SLO[@]}"
+step done
