@@ -4,6 +4,7 @@
 #
 #   bench/node_session.sh RESULTS_DIR [SWAPSERVE_SWEEP] [ONDEMAND_SWEEP]
 #
+# BASELINE_SWEEP (default: SWAPSERVE_SWEEP) for fifo_lru and dedicated; DURATION, WARMUP in seconds per point.
 # SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
 # trace.py measures them first. Sweeps default to one GPU's (100..400 swapserve-style; 25..200 on-demand).
 set -u
@@ -37,6 +38,7 @@ python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --durati
 SLO=(--slo-from "$R/trace.json")  # the table the first run used (measured there if no file had it)
 step "trace lru_ondemand $ONDEMAND_SWEEP"
 python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" "${SLO[@]}"
-step "trace fifo_lru, dedicated $SWEEP"
-python3 bench/trace.py --out "$R" --policies fifo_lru,dedicated --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" "${SLO[@]}"
+BASELINE_SWEEP=${BASELINE_SWEEP:-$SWEEP}
+step "trace fifo_lru, dedicated $BASELINE_SWEEP"
+python3 bench/trace.py --out "$R" --policies fifo_lru,dedicated --sweep "$BASELINE_SWEEP" --duration "$DURATION" --warmup "$WARMUP" "${SLO[@]}"
 step done
