@@ -69,22 +69,23 @@ def assert_nothing_left(out: Path) -> None:
 
 
 def test_python_source_with_dtype_and_handler(tmp_path: Path):
+    """With a handler, the function's inputs/outputs are the handler's; the model keeps torch.export's names
+    (its forward's arguments, ``output``) and the handler's files travel along."""
     spec_raw = tiny_spec(model={"python": "model.py:build", "dtype": "float16"}, handler="handlers/pre.py",
-                         inputs=[{"name": "x", "datatype": "FP16", "shape": [-1, 8]},
-                                 {"name": "ids", "datatype": "INT64", "shape": [-1, 3]}],
-                         outputs=[{"name": "y", "datatype": "FP16", "shape": [-1, 4]}])
+                         inputs=[{"name": "text", "datatype": "UINT8", "shape": [-1, 64]}],
+                         outputs=[{"name": "score", "datatype": "FP32", "shape": [-1]}])
     src = function_dir(tmp_path / "fn", spec_raw, {"handlers/pre.py": "def pre(x):\n    return x\n"})
     lines: list[str] = []
     spec = build_bundle(src, tmp_path / "out", progress=lines.append)
     out = tmp_path / "out"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.parent != out / "artifact") \
-        == ["function.yaml", "handlers/pre.py"]
+        == ["function.yaml", "handlers/pre.py", "model.py"]
     assert (out / "handlers" / "pre.py").read_text() == "def pre(x):\n    return x\n"
     assert load_spec(out) == spec, "the bundle's function.yaml is the normalised spec"
     art = load_artifact(out / "artifact")
     m = art.manifest
     assert [(t.name, t.dtype, t.shape) for t in m.inputs] == [("x", "float16", (-1, 8)), ("ids", "int64", (-1, 3))]
-    assert [(t.name, t.dtype) for t in m.outputs] == [("y", "float16")]
+    assert [(t.name, t.dtype) for t in m.outputs] == [("output", "float16")]
     assert m.max_batch == 4 and m.name == "tiny"
     assert all(w.dtype == "float16" for w in m.weights)
     assert any("export" in line for line in lines) and "bundle ready" in lines[-1]
