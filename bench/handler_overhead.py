@@ -1,28 +1,39 @@
-"""Handler overhead: a request through a trivial handler vs the same model without one, the cost of
-redirecting one model call (1 MiB in, 1 MiB out), and sandbox cold starts.
+"""Handler overhead, through the real node: a request to a function with a trivial handler vs the same model
+deployed without one, over HTTP; the cost of redirecting one model call (1 MiB in, 1 MiB out); sandbox
+cold starts.
 
-Everything in this one process, as the node will run it: a real controller (``swapserve.node.controller.Node``)
-with one worker process per device, and a ``SandboxManager`` whose ``call_model`` is the node's own
-``infer`` (the integration the controller will make; the request's deadline is not passed on yet).
+A ``swapserve serve`` process (bench/node_harness.py) serves three functions built from one model (a 1x1
+convolution on a 1 MiB fp32 tensor):
 
-  direct_p50_ms         node.infer of the model (1 MiB in and out), resident
-  handler_p50_ms        the same request through a handler that calls the model once and returns its output
-  handler_added_p50_ms  the difference
-  redirect_p50_ms_1MB   per model call: (p50 with 8 sequential calls - p50 with none) / 8, the model being an
-                        echo answered in the controller, so only the redirection is timed (arena copies,
-                        messages, checks) — no serialization of tensor data
-  cold_start_ms         median start of a sandbox forked from the zygote (process, isolation, import, setup)
+  conv1mib          no handler: the request goes straight to the model
+  conv1mib-handler  handle() = one call of the model, its output returned
+  conv1mib-calls    handle() = ``parameters["calls"]`` sequential calls of the model (0, 1, 8)
+
+Each is called sequentially over one keep-alive connection with the binary tensor extension (1 MiB each
+way), so HTTP and encoding cost the same for all, and the differences are the handler's.
+
+  direct_p50_ms                 conv1mib, end to end
+  handler_p50_ms                conv1mib-handler, end to end
+  handler_added_p50_ms          the difference
+  node_call_p50_ms_1MB          per model call from a handler, through the node (scheduler, worker, model run
+                                included): (p50 with 8 calls - p50 with none) / 8
+  redirect_p50_ms_1MB           per model call, the redirection alone (arena copies, messages, checks; no
+                                serialization of tensor data): the same handler in a sandbox pool of this
+                                process whose ``call_model`` is an echo, (p50 with 8 calls - with none) / 8
+  cold_start_ms                 median start of a sandbox forked from the zygote (process, isolation, import,
+                                setup), as the node starts them
 
     python bench/handler_overhead.py --out bench/results/<gpu>_<yyyymmdd> [--devices cuda:0] [--requests 2000]
 
 Writes handler_overhead.json {"gpu", "redirect_p50_ms_1MB", "handler_added_p50_ms", "cold_start_ms", ...}
-and handler_overhead.md. Runs on a CPU as well (--devices cpu), for checking the script.
+and handler_overhead.md. Runs on a CPU as well (--devices cpu).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import logging
 import statistics
@@ -34,27 +45,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from node_harness import Server  # noqa: E402
+from swapserve.client import Client  # noqa: E402
 from swapserve.functions.build import build_bundle  # noqa: E402
-from swapserve.functions.spec import TensorDecl, load_spec  # noqa: E402
-from swapserve.node.controller import Node, NodeConfig  # noqa: E402
-from swapserve.sandbox import ModelSignature, SandboxConfig, SandboxManager, SandboxPool  # noqa: E402
-from swapserve.sandbox.launcher import SpawnLauncher  # noqa: E402
+from swapserve.functions.bundle import pack  # noqa: E402
+from swapserve.functions.spec import TensorDecl  # noqa: E402
+from swapserve.gateway import oip  # noqa: E402
+from swapserve.sandbox import ModelSignature, SandboxConfig, SandboxPool  # noqa: E402
+from swapserve.sandbox.launcher import SpawnLauncher, ZygoteLauncher  # noqa: E402
 
-NAME = "conv1mib"
 SHAPE = (1, 4, 256, 256)  # fp32: 1 MiB
-SPEC = f"""
-name: {NAME}
-model: {{python: model.py:build}}
-slo_ms: 1000
-max_batch: 1
-late_policy: serve
-inputs:  [{{name: x, datatype: FP32, shape: [1, 4, 256, 256]}}]
-outputs: [{{name: y, datatype: FP32, shape: [1, 4, 256, 256]}}]
-handler: handler.py
-"""
 MODEL = """
 import torch
 
@@ -64,15 +69,17 @@ def build():
 """
 TRIVIAL = """
 def handle(request, models):
-    return models["model"](request.inputs["x"]).result()
+    (y,) = models["model"](request.inputs["x"]).result().values()
+    return {"y": y}
 """
-REDIRECT = """
+CALLS = """
 def handle(request, models):
     x = request.inputs["x"]
-    for _ in range(request.parameters["calls"]):
-        x = models["echo"](x).result()["y"]
+    for _ in range(int(request.parameters["calls"])):
+        (x,) = models["model"](x).result().values()
     return {"y": x}
 """
+ECHO_CALLS = CALLS.replace('models["model"]', 'models["echo"]')
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -80,101 +87,145 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
-async def timed(fn: Any, n: int, warmup: int) -> list[float]:
-    out = []
-    for i in range(warmup + n):
-        t0 = time.perf_counter()
-        await fn()
-        if i >= warmup:
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-async def main(args: argparse.Namespace) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="handler-overhead-"))
-    src = root / "src"
-    src.mkdir()
-    (src / "function.yaml").write_text(SPEC)
+def function(root: Path, name: str, handler: str | None) -> Path:
+    """Build the function's bundle (as ``swapserve deploy`` does) and pack it."""
+    src = root / "src" / name
+    src.mkdir(parents=True)
+    spec = {"name": name, "model": {"python": "model.py:build"}, "slo_ms": 1000, "max_batch": 1,
+            "late_policy": "serve", "inputs": [{"name": "x", "datatype": "FP32", "shape": list(SHAPE)}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": list(SHAPE)}]}
+    if handler:
+        spec["handler"] = "handler.py"
+    (src / "function.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (src / "model.py").write_text(MODEL)
-    (src / "handler.py").write_text(TRIVIAL)
-    (src / "redirect.py").write_text(REDIRECT)
-    build_bundle(src, root / "bundle", progress=lambda line: None)
-    spec = load_spec(src)
-    devices = tuple(args.devices.split(","))
-    node = Node(NodeConfig(root / "home", devices, None, workspace_bytes=1 << 30))
-    await node.start()
-    await node.deploy(root / "bundle")
-    x = torch.randn(SHAPE)
-    if devices[0].startswith("cuda"):
-        gpu = torch.cuda.get_device_name(int(devices[0].split(":")[1]))
-    else:
-        gpu = "cpu"
+    if handler:
+        (src / "handler.py").write_text(handler)
+    build_bundle(src, root / "bundles" / name, progress=lambda line: None)
+    return pack(root / "bundles" / name)
 
-    async def via_node(function: str, model: str, inputs: dict[str, torch.Tensor], deadline: float) -> dict[str, torch.Tensor]:
-        return (await node.infer(NAME, inputs)).outputs
+
+class Http:
+    """Sequential binary OIP requests over one keep-alive connection."""
+
+    def __init__(self, port: int):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port)
+
+    def infer(self, name: str, x: torch.Tensor, parameters: dict[str, Any] | None = None) -> torch.Tensor:
+        enc = oip.encode_infer_request({"x": x}, binary_inputs=True, binary_outputs=True, parameters=parameters)
+        self.conn.request("POST", f"/v2/models/{name}/infer", enc.body, {oip.HEADER_LENGTH: str(enc.header_length)})
+        r = self.conn.getresponse()
+        body = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{name}: HTTP {r.status} {body[:300]!r}")
+        return oip.decode_infer_response(body, r.getheader(oip.HEADER_LENGTH))[1]["y"]
+
+    def timed(self, n: int, warmup: int, *args: Any) -> list[float]:
+        out = []
+        for i in range(warmup + n):
+            t0 = time.perf_counter()
+            self.infer(*args)
+            if i >= warmup:
+                out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+
+def over_http(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    archives = {name: function(root, name, handler) for name, handler in
+                (("conv1mib", None), ("conv1mib-handler", TRIVIAL), ("conv1mib-calls", CALLS))}
+    server = Server(root / "home", args.devices, workspace="1GiB")
+    try:
+        server.wait_ready()
+        client = Client(server.url, server.token)
+        for archive in archives.values():
+            client.deploy(archive)
+        h = Http(server.port)
+        x = torch.randn(SHAPE)
+        direct = h.infer("conv1mib", x)
+        assert torch.equal(h.infer("conv1mib-handler", x), direct), "the handler's answer differs from the model's"
+        med = statistics.median
+        d = h.timed(args.requests, args.warmup, "conv1mib", x)
+        hd = h.timed(args.requests, args.warmup, "conv1mib-handler", x)
+        by_calls = {k: h.timed(args.requests // 2, args.warmup, "conv1mib-calls", x, {"calls": k}) for k in (0, 1, 8)}
+    finally:
+        server.stop()
+    return {"direct_p50_ms": med(d), "direct_p99_ms": pct(d, 99), "handler_p50_ms": med(hd),
+            "handler_p99_ms": pct(hd, 99), "handler_added_p50_ms": med(hd) - med(d),
+            "node_call_p50_ms_1MB": (med(by_calls[8]) - med(by_calls[0])) / 8,
+            "handler_p50_ms_by_calls": {str(k): med(v) for k, v in by_calls.items()}}
+
+
+async def in_process(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The redirection alone (an echo ``call_model``), and cold starts, on the node's own sandbox code."""
+    src = root / "sandbox"
+    src.mkdir()
+    (src / "handler.py").write_text(TRIVIAL)
+    (src / "calls.py").write_text(ECHO_CALLS)
+    decl = (TensorDecl("x", "FP32", SHAPE),)
+    sig = ModelSignature(decl, decl, 1)
 
     async def echo(function: str, model: str, inputs: dict[str, torch.Tensor], deadline: float) -> dict[str, torch.Tensor]:
-        return {"y": inputs["x"]}  # a view of the sandbox's arena: the pool copies it back, as it would real outputs
+        return {"x": inputs["x"]}  # a view of the sandbox's arena: the pool copies it back, as it would real outputs
 
     cfg = SandboxConfig(handler_output="discard", deny_paths=(root / "home",))
-    manager = SandboxManager(via_node, cfg)
+    launcher = ZygoteLauncher(cfg.limits)
     t0 = time.perf_counter()
-    await manager.start()
+    await launcher.start()
     zygote_ms = (time.perf_counter() - t0) * 1e3
-    result: dict[str, Any] = {"gpu": gpu, "date": date.today().isoformat(), "devices": list(devices),
-                              "requests": args.requests, "tensor_bytes": x.numel() * 4, "zygote_start_ms": zygote_ms}
+    x = torch.randn(SHAPE)
+    med = statistics.median
     try:
-        direct = await timed(lambda: node.infer(NAME, {"x": x}), args.requests, args.warmup)
-        pool = manager.add(NAME, src, "handler.py", {"model": ModelSignature.of(spec)})
+        pool = SandboxPool("redirect", src, "calls.py", {"echo": sig}, echo, launcher, cfg)
         await pool.warm_up(1)
-        out = await pool.infer({"x": x})
-        ref = (await node.infer(NAME, {"x": x})).outputs["y"]
-        assert torch.equal(out.outputs["y"], ref), "the handler's answer differs from the model's"
-        handled = await timed(lambda: pool.infer({"x": x}), args.requests, args.warmup)
-
-        sig = ModelSignature((TensorDecl("x", "FP32", (-1, *SHAPE[1:])),), (TensorDecl("y", "FP32", (-1, *SHAPE[1:])),), 1)
-        redirect = SandboxPool("redirect", src, "redirect.py", {"echo": sig}, echo, manager.launcher, cfg)
-        await redirect.warm_up(1)
-        by_calls = {k: await timed(lambda k=k: redirect.infer({"x": x}, {"calls": k}), args.requests // 2, args.warmup)
-                    for k in (0, 1, 8)}
-        await redirect.close()
-
+        by_calls: dict[int, list[float]] = {}
+        for k in (0, 1, 8):
+            times = []
+            for i in range(args.warmup + args.requests // 2):
+                t = time.perf_counter()
+                await pool.infer({"x": x}, {"calls": k})
+                if i >= args.warmup:
+                    times.append((time.perf_counter() - t) * 1e3)
+            by_calls[k] = times
+        await pool.close()
         colds = []
         for i in range(args.cold_starts):
-            p = SandboxPool(f"cold{i}", src, "handler.py", {"model": ModelSignature.of(spec)}, via_node, manager.launcher, cfg)
+            p = SandboxPool(f"cold{i}", src, "handler.py", {"model": sig}, echo, launcher, cfg)
             await p.warm_up(1)
             colds.append(p.stats().cold_starts[-1])
             isolation = p.stats().isolation
             await p.close()
-        spawned = SandboxPool("spawned", src, "handler.py", {"model": ModelSignature.of(spec)}, via_node, SpawnLauncher(), cfg)
+        spawned = SandboxPool("spawned", src, "handler.py", {"model": sig}, echo, SpawnLauncher(), cfg)
         await spawned.warm_up(1)
         spawn = spawned.stats().cold_starts[-1]
         await spawned.close()
     finally:
-        await manager.close()
-        await node.stop()
+        await launcher.close()
+    return {"zygote_start_ms": zygote_ms,
+            "redirect_p50_ms_1MB": (med(by_calls[8]) - med(by_calls[0])) / 8,
+            "redirect_one_call_p50_ms_1MB": med(by_calls[1]) - med(by_calls[0]),
+            "sandbox_request_p50_ms_by_calls": {str(k): med(v) for k, v in by_calls.items()},
+            "cold_start_ms": med(c.total_ms for c in colds),
+            "cold_start_parts_ms": {part: med(getattr(c, part) for c in colds)
+                                    for part in ("fork_ms", "isolate_ms", "import_ms", "setup_ms")},
+            "cold_start_spawn_ms": spawn.total_ms, "isolation": isolation}
 
-    med = statistics.median
-    result.update({
-        "direct_p50_ms": med(direct), "direct_p99_ms": pct(direct, 99),
-        "handler_p50_ms": med(handled), "handler_p99_ms": pct(handled, 99),
-        "handler_added_p50_ms": med(handled) - med(direct),
-        "redirect_p50_ms_1MB": (med(by_calls[8]) - med(by_calls[0])) / 8,
-        "redirect_one_call_p50_ms_1MB": med(by_calls[1]) - med(by_calls[0]),
-        "sandbox_request_p50_ms_by_calls": {str(k): med(v) for k, v in by_calls.items()},
-        "cold_start_ms": med(c.total_ms for c in colds),
-        "cold_start_parts_ms": {part: med(getattr(c, part) for c in colds)
-                                for part in ("fork_ms", "isolate_ms", "import_ms", "setup_ms")},
-        "cold_start_spawn_ms": spawn.total_ms,
-        "isolation": isolation,
-    })
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="handler-overhead-"))
+    devices = args.devices.split(",")
+    gpu = torch.cuda.get_device_name(int(devices[0].split(":")[1])) if devices[0].startswith("cuda") else "cpu"
+    result: dict[str, Any] = {"gpu": gpu, "date": date.today().isoformat(), "devices": devices,
+                              "requests": args.requests, "tensor_bytes": int(torch.randn(SHAPE).numel() * 4)}
+    result.update(over_http(args, root))
+    result.update(asyncio.run(in_process(args, root)))
     return result
 
 
 def report(r: dict[str, Any]) -> str:
-    rows = [("request, no handler (p50)", r["direct_p50_ms"]), ("request through a trivial handler (p50)", r["handler_p50_ms"]),
+    rows = [("request, no handler, over HTTP (p50)", r["direct_p50_ms"]),
+            ("request through a trivial handler, over HTTP (p50)", r["handler_p50_ms"]),
             ("added by the handler (p50)", r["handler_added_p50_ms"]),
-            ("redirect of one model call, 1 MiB each way (p50)", r["redirect_p50_ms_1MB"]),
+            ("one model call from a handler, through the node (p50)", r["node_call_p50_ms_1MB"]),
+            ("redirect of one model call, 1 MiB each way, echo (p50)", r["redirect_p50_ms_1MB"]),
             ("sandbox cold start, zygote fork (median)", r["cold_start_ms"]),
             ("sandbox cold start, fresh interpreter", r["cold_start_spawn_ms"]), ("zygote start", r["zygote_start_ms"])]
     lines = [f"# Handler overhead — {r['gpu']}, {r['date']}", "", "| what | ms |", "| --- | ---: |"]
@@ -193,7 +244,7 @@ if __name__ == "__main__":
     ap.add_argument("--cold-starts", type=int, default=10)
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    res = asyncio.run(main(a))
+    res = main(a)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "handler_overhead.json").write_text(json.dumps(res, indent=1))
     (a.out / "handler_overhead.md").write_text(report(res))

@@ -3,11 +3,13 @@
     function_dir/                       out_dir/  (the bundle)
       function.yaml            ──►        function.yaml   normalised (spec.to_dict())
       model.py (python source)            artifact/       manifest.json, program.json, weights, examples
-      handler.py (optional)               handler.py      carried as is (runs later in a sandbox)
+      encoder.py, scorer.py (models:)     models/<name>/  one artifact per further named model
+      handler.py (optional)               handler.py      carried as is (runs later in a sandbox),
+      helpers.py, vocab.txt, ...          ...             with the files beside it (functions.files)
 
-The model source is turned into an artifact here, where running the tenant's code is fine: a python
+Each model source is turned into an artifact here, where running the tenant's code is fine: a python
 source's file is imported and called, a zoo model built with its seed, a prebuilt artifact copied and
-checked. The artifact must then serve exactly what function.yaml declares. The bundle is written into a
+checked. The artifacts must then serve what function.yaml declares. The bundle is written into a
 hidden sibling and renamed into place at the end, so a failed build leaves nothing at ``out_dir``.
 """
 
@@ -29,8 +31,8 @@ from torch import nn
 from swapserve.artifact import Manifest, build_artifact, load_artifact, zoo
 from swapserve.artifact.manifest import dtype_from_name
 from swapserve.errors import ArtifactError
-from swapserve.functions.spec import SPEC_FILE, FunctionSpec, SpecError, load_spec
-from swapserve.node.api import BUNDLE_ARTIFACT_DIR
+from swapserve.functions.files import copy_handler_files, handler_files
+from swapserve.functions.spec import SPEC_FILE, FunctionSpec, ModelSource, SpecError, TensorDecl, artifact_dir, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +53,27 @@ def build_bundle(function_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     if out.exists():
         raise ArtifactError(f"{out} already exists; give a new directory for the bundle")
     spec = load_spec(src)
-    say(f"{spec.name}: function.yaml is valid ({spec.model.kind} source {spec.model.ref!r})")
+    sources = ", ".join(f"{n}: {m.kind} {m.ref!r}" for n, m in spec.models.items())
+    say(f"{spec.name}: function.yaml is valid ({sources})")
     _check_files(src, spec)  # cheap checks first: a missing handler should not cost a model export
+    files = handler_files(src, spec)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     t0 = time.perf_counter()
     try:
-        manifest = _build_artifact(src, spec, tmp / BUNDLE_ARTIFACT_DIR, say)
-        spec.check_against(manifest)
-        if spec.handler:
-            (tmp / spec.handler).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / spec.handler, tmp / spec.handler)
+        manifests = {name: _build_artifact(src, spec, name, m, tmp / artifact_dir(name), say)
+                     for name, m in spec.models.items()}
+        spec.check_against(manifests)
+        copy_handler_files(src, files, tmp)
         (tmp / SPEC_FILE).write_text(_yaml(spec))
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    say(f"{spec.name}: bundle ready in {out} ({manifest.nbytes / 1e6:.1f} MB of weights, "
-        f"{time.perf_counter() - t0:.1f} s)")
+    nbytes = sum(m.nbytes for m in manifests.values())
+    say(f"{spec.name}: bundle ready in {out} ({nbytes / 1e6:.1f} MB of weights"
+        f"{f', {len(files)} handler files' if files else ''}, {time.perf_counter() - t0:.1f} s)")
     return spec
 
 
@@ -77,41 +81,55 @@ def _check_files(src: Path, spec: FunctionSpec) -> None:
     problems = []
     if spec.handler and not (src / spec.handler).is_file():
         problems.append(f"handler: {spec.handler!r} does not exist in {src}")
-    kind, ref = spec.model.kind, spec.model.ref
-    if kind == "python" and not (src / ref.split(":")[0]).is_file():
-        problems.append(f"model.python: {ref.split(':')[0]!r} does not exist in {src}")
-    if kind == "artifact" and not (src / ref).is_dir():
-        problems.append(f"model.artifact: {ref!r} is not a directory in {src}")
-    if kind == "zoo" and ref not in zoo.ZOO:
-        problems.append(f"model.zoo: no zoo model {ref!r} (have: {', '.join(zoo.ZOO)})")
+    for name, m in spec.models.items():
+        where = _where(spec, name)
+        kind, ref = m.kind, m.ref
+        if kind == "python" and not (src / ref.split(":")[0]).is_file():
+            problems.append(f"{where}.python: {ref.split(':')[0]!r} does not exist in {src}")
+        if kind == "artifact" and not (src / ref).is_dir():
+            problems.append(f"{where}.artifact: {ref!r} is not a directory in {src}")
+        if kind == "zoo" and ref not in zoo.ZOO:
+            problems.append(f"{where}.zoo: no zoo model {ref!r} (have: {', '.join(zoo.ZOO)})")
     if problems:
         raise SpecError(problems)
 
 
-def _build_artifact(src: Path, spec: FunctionSpec, out: Path, say: Progress) -> Manifest:
-    kind, ref = spec.model.kind, spec.model.ref
+def _where(spec: FunctionSpec, name: str) -> str:
+    """How function.yaml calls the model: ``model`` (the one-model form) or ``models.<name>``."""
+    return "model" if list(spec.models) == [name] and name == "model" else f"models.{name}"
+
+
+def _build_artifact(src: Path, spec: FunctionSpec, name: str, m: ModelSource, out: Path, say: Progress) -> Manifest:
+    label = spec.name if len(spec.models) == 1 else f"{spec.name}/{name}"
+    kind, ref = m.kind, m.ref
+    out.parent.mkdir(parents=True, exist_ok=True)
     if kind == "artifact":
-        say(f"{spec.name}: copying the prebuilt artifact {ref}")
+        say(f"{label}: copying the prebuilt artifact {ref}")
         shutil.copytree(src / ref, out, symlinks=False)
         return load_artifact(out).manifest
-    dtype = dtype_from_name(spec.model.dtype) if spec.model.dtype else None
+    dtype = dtype_from_name(m.dtype) if m.dtype else None
     if kind == "zoo":
         z = zoo.get(ref)
-        say(f"{spec.name}: building zoo model {ref} ({spec.model.dtype or 'float32'}, seed {spec.model.seed})")
-        module = z.build(dtype or torch.float32, spec.model.seed)
-        examples: tuple[torch.Tensor, ...] = z.example(1, dtype or torch.float32, spec.model.seed)
+        say(f"{label}: building zoo model {ref} ({m.dtype or 'float32'}, seed {m.seed})")
+        module = z.build(dtype or torch.float32, m.seed)
+        examples: tuple[torch.Tensor, ...] = z.example(1, dtype or torch.float32, m.seed)
     else:
-        say(f"{spec.name}: running {ref}")
+        say(f"{label}: running {ref}")
         module, examples = _call_python_source(src, ref)
         if dtype is not None:
             module = module.to(dtype)
             examples = tuple(x.to(dtype) if x.is_floating_point() else x for x in examples)
-    _check_arity(spec, module, examples)
-    say(f"{spec.name}: exporting with torch.export (max_batch {spec.max_batch}) ...")
+    # Tensor names: the model's own declaration, else (no handler) the function's, else torch.export's.
+    inputs, outputs = m.inputs, m.outputs
+    if spec.handler is None:
+        inputs, outputs = inputs or spec.inputs, outputs or spec.outputs
+    _check_arity(label, _where(spec, name), inputs, outputs, module, examples)
+    say(f"{label}: exporting with torch.export (max_batch {spec.max_batch}) ...")
     t0 = time.perf_counter()
-    manifest = build_artifact(module, examples, out, name=spec.name, max_batch=spec.max_batch,
-                              input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs])
-    say(f"{spec.name}: exported in {time.perf_counter() - t0:.1f} s")
+    manifest = build_artifact(module, examples, out, name=label.replace("/", "."), max_batch=spec.max_batch,
+                              input_names=[t.name for t in inputs] or None,
+                              output_names=[t.name for t in outputs] or None)
+    say(f"{label}: exported in {time.perf_counter() - t0:.1f} s")
     return manifest
 
 
@@ -149,27 +167,29 @@ def _call_python_source(src: Path, ref: str) -> tuple[nn.Module, tuple[torch.Ten
     return module, tuple(examples)
 
 
-def _check_arity(spec: FunctionSpec, module: nn.Module, examples: tuple[torch.Tensor, ...]) -> None:
+def _check_arity(label: str, where: str, inputs: tuple[TensorDecl, ...], outputs: tuple[TensorDecl, ...],
+                 module: nn.Module, examples: tuple[torch.Tensor, ...]) -> None:
     """Count inputs and outputs before exporting: names are zipped onto them, and a count mismatch would
-    otherwise silently drop a tensor (or fail deep inside the export)."""
+    otherwise silently drop a tensor (or fail deep inside the export). No names declared: nothing to count."""
     problems = []
-    if len(examples) != len(spec.inputs):
-        problems.append(f"inputs: declared {len(spec.inputs)} ({[t.name for t in spec.inputs]}), "
+    key = "" if where == "model" else f"{where}."
+    if inputs and len(examples) != len(inputs):
+        problems.append(f"{key}inputs: declared {len(inputs)} ({[t.name for t in inputs]}), "
                         f"the model takes {len(examples)}")
-    else:
+    elif outputs:
         module.eval()
         with torch.no_grad():
             try:
                 out = module(*examples)
             except Exception as e:  # noqa: BLE001 - e.g. an fp16 kernel this CPU lacks: export may still work
                 log.warning("%s: the model failed on its example inputs (%s: %s); letting torch.export decide",
-                            spec.name, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                            label, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
                 return
         n_out = 1 if isinstance(out, torch.Tensor) else len(out) if isinstance(out, (tuple, list)) else -1
         if n_out < 0:
             raise ArtifactError(f"the model must return a tensor or a tuple of tensors, not {type(out).__name__}")
-        if n_out != len(spec.outputs):
-            problems.append(f"outputs: declared {len(spec.outputs)} ({[t.name for t in spec.outputs]}), "
+        if n_out != len(outputs):
+            problems.append(f"{key}outputs: declared {len(outputs)} ({[t.name for t in outputs]}), "
                             f"the model returns {n_out}")
     if problems:
         raise SpecError(problems)

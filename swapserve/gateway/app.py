@@ -9,6 +9,7 @@ every request.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -60,6 +61,7 @@ def make_app(node: NodeAPI, config: GatewayConfig, metrics: Metrics | None = Non
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)
         r.add_post(prefix + "/infer", infer)
+    r.add_post("/v1/functions/{name}/invoke", invoke)
     r.add_post("/v2/repository/index", repository_index)
     r.add_post("/v2/repository/models/{name}/load", repository_load)
     r.add_post("/v2/repository/models/{name}/unload", repository_unload)
@@ -189,8 +191,10 @@ async def infer(request: web.Request) -> web.Response:
                               request.headers.get(oip.HEADER_LENGTH))
     if (body_id := safe_request_id(req.id)) is not None:
         request[REQUEST_ID_KEY] = body_id
-    result = await node.infer(name, req.inputs, req.id or safe_request_id(request.headers.get(REQUEST_ID_HEADER)))
-    params = {"device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
+    result = await node.infer(name, req.inputs, req.id or safe_request_id(request.headers.get(REQUEST_ID_HEADER)),
+                              req.parameters)
+    # A handler's own parameters first: ours (timings) describe the run and are never shadowed.
+    params = {**result.parameters, "device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
               "compute_ms": result.compute_ms, "total_ms": result.total_ms,
               "server_ms": (time.perf_counter() - entered) * 1e3}  # handler entry → result, before encoding
     out_bytes = sum(t.numel() * t.element_size() for t in result.outputs.values())
@@ -198,6 +202,20 @@ async def infer(request: web.Request) -> web.Response:
                                   req.outputs, req.id, params)
     headers = {oip.HEADER_LENGTH: str(encoded.header_length)} if encoded.header_length is not None else None
     return web.Response(body=encoded.body, content_type=encoded.content_type, headers=headers)
+
+
+async def invoke(request: web.Request) -> web.Response:
+    """The simple route of a function with a handler: any JSON value in, the handler's JSON value out."""
+    info = _function(request)
+    name, config = info.spec.name, request.app[CONFIG]
+    request[FUNCTION_KEY] = name
+    body = await read_body(request, config.max_body_bytes)
+    try:
+        value = json.loads(body) if body.strip() else None
+    except (ValueError, RecursionError) as e:
+        raise InvalidInputError(f"malformed JSON: {e}") from None
+    answer = await request.app[NODE].infer_json(name, value, dict(request.query))
+    return json_response(answer)
 
 
 async def _maybe_thread(nbytes: int, fn: Callable[..., T], *args: Any) -> T:

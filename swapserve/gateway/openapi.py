@@ -26,6 +26,7 @@ _ERROR_TEXT = {
     "disabled (no token configured)", "404": "Unknown function, version or route", "409": "Conflicts with an "
     "operation in flight", "413": "Body larger than the configured limit", "415": "Not a gzip'd tar",
     "429": "Queue full: retry after Retry-After seconds", "503": "Not ready, or overloaded: see Retry-After",
+    "500": "The function's handler failed (raised, returned something invalid, crashed, ran out of memory)",
     "504": "Timed out",
 }
 
@@ -71,7 +72,7 @@ _INFER_OK = {
     "content": {"application/json": {"schema": _ref("InferResponse")},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
 }
-_INFER_ERRORS = (400, 404, 413, 429, 503, 504)
+_INFER_ERRORS = (400, 404, 413, 429, 500, 503, 504)
 _OK = _json({"type": "object"}, "OK")
 _MODEL_META = _json(_ref("ModelMetadata"), "Model metadata")
 _READY = {"description": "READY (400: known but not READY, per the KServe spec)"}
@@ -99,6 +100,10 @@ OPENAPI: dict[str, Any] = {
         "/v2/models/{name}/versions/{version}/infer": {
             "post": _op("Inference on a version", "inference", _INFER_OK, _INFER_ERRORS, params=(_NAME, _VERSION),
                         body=_INFER_BODY)},
+        "/v1/functions/{name}/invoke": {
+            "post": _op("Run a function's handler on a JSON value (the query string becomes its parameters)",
+                        "inference", _json({}, "The handler's JSON answer"), (400, 404, 413, 429, 500, 503, 504),
+                        params=(_NAME,), body={"required": False, "content": {"application/json": {"schema": {}}}})},
         "/v2/repository/index": {
             "post": _op("List functions and their states", "repository",
                         _json({"type": "array", "items": _ref("RepositoryEntry")}, "The index"), (400,),

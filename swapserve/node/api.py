@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -56,6 +56,8 @@ class InferResult:
     """The run on the device as its worker timed it (swap-in included), for its whole batch."""
     total_ms: float = 0.0
     """From admission to the result, at the controller."""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """The handler's response parameters (a function with a handler); empty otherwise."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +95,16 @@ class NodeAPI(Protocol):
         """Raises NotFoundError."""
         ...
 
-    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None) -> InferResult:
-        """Run one request (any batch size up to the function's max_batch). Raises InvalidInputError (400),
-        NotFoundError (404), UnavailableError (503), OverloadedError (429/503 + retry_after)."""
+    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
+                    parameters: dict[str, Any] | None = None) -> InferResult:
+        """Run one request (any batch size up to the function's max_batch): its model, or its handler (which
+        sees ``parameters``). Raises InvalidInputError (400), NotFoundError (404), UnavailableError (503),
+        OverloadedError (429/503 + retry_after); a handler's failures carry their own status (500, 504)."""
+        ...
+
+    async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:
+        """Run the function's handler on a JSON value (the simple route); its JSON answer. InvalidInputError
+        (400) for a function without a handler."""
         ...
 
     async def deploy(self, bundle: Path) -> FunctionInfo:

@@ -1,10 +1,13 @@
 """The controller: one process per node that owns the registry, the host store and the scheduler, and
 drives one worker process per device.
 
-Requests wait in per-function queues until a device is free (late binding); the pure scheduler decides
+Requests wait in per-model queues until a device is free (late binding); the pure scheduler decides
 what runs where; the batch's inputs go to the chosen worker through its IO slab; the worker swaps the
-model in while it runs. Everything here runs on one asyncio loop; blocking work (artifact loading,
-filling the host store) goes to threads.
+model in while it runs. A function without a handler is one model, queued under the function's name; a
+function with a handler runs it in its sandbox pool, and each model call the handler makes is queued
+like any request, under its model's name, due by the request's deadline (see ``node/handlers.py``).
+Everything here runs on one asyncio loop; blocking work (artifact loading, filling the host store) goes
+to threads.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +37,14 @@ from swapserve.errors import (
     SwapserveError,
     UnavailableError,
 )
-from swapserve.functions.spec import FunctionSpec, load_spec
+from swapserve.functions.spec import FunctionSpec, artifact_dir, load_spec
 from swapserve.metrics import Metrics
+from swapserve.node import handlers
 from swapserve.node import workers as wk
-from swapserve.node.api import BUNDLE_ARTIFACT_DIR, DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus
+from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus
 from swapserve.node.messages import AddModel, MeasureCopy, Prepare, RemoveModel, Run, RunResult
 from swapserve.node.worker import WorkerConfig
+from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
 from swapserve.scheduler.core import Scheduler
 from swapserve.scheduler.types import (
     DeviceState,
@@ -81,19 +86,37 @@ class NodeConfig:
     a VM), and a request crosses four. Costs up to a core each while requests flow. None: 2 ms on GPU
     nodes, 0 on CPU nodes (whose cores do the work)."""
     log_level: int = logging.WARNING
+    sandbox: SandboxConfig = SandboxConfig()
+    """Handler sandboxes (each function's ``sandbox:`` settings override timeout, memory and pool size; the
+    node's home and shared memory are always denied to them)."""
+
+
+@dataclass
+class _Model:
+    """One loaded model: a scheduler entity with its own queue, host-store copy and worker copies."""
+
+    entity: str
+    """The scheduler's name for it (see :func:`swapserve.node.handlers.entity`)."""
+    key: str
+    """Host-store / worker key of the loaded version."""
+    artifact: Artifact
+    outputs: tuple[str, ...]
 
 
 @dataclass
 class _Function:
     spec: FunctionSpec
     version: int
-    key: str
-    """Host-store / worker key of the model version that serves ("" when none is loaded)."""
-    artifact: Artifact | None
+    models: dict[str, _Model]
+    """By model name; empty when the function is not loaded."""
     state: FunctionState
     reason: str = ""
     created_at: float = 0.0
     nbytes: int = 0
+    direct: _Model | None = None
+    """The model requests go straight to (a function without a handler)."""
+    pool: SandboxPool | None = None
+    """The handler's sandboxes (a function with a handler)."""
 
     def info(self) -> FunctionInfo:
         return FunctionInfo(self.spec, self.version, self.state, self.reason, self.nbytes, self.created_at)
@@ -136,6 +159,8 @@ class Node:
         self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}
+        self._models: dict[str, _Model] = {}
+        """Every scheduler entity that serves, by entity name."""
         self._pending: dict[str, _Pending] = {}
         self._inflight: dict[int, _InFlight] = {}
         self._key_users: dict[str, int] = {}
@@ -150,6 +175,9 @@ class Node:
         self._spinning = False
         self._ids = itertools.count()
         self.busy_s = [0.0] * len(cfg.devices)
+        # The zygote starts with the first handler (a node without handlers never imports torch twice).
+        self.sandboxes = SandboxManager(self._call_model, replace(cfg.sandbox, deny_paths=(
+            cfg.home.resolve(), self.shm_root, *cfg.sandbox.deny_paths)), clock=clock)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -174,7 +202,7 @@ class Node:
             if r.serving:
                 records.append(r)
             else:  # unloaded before the restart: listed, loadable, not loaded
-                self._functions[r.name] = _Function(r.spec, r.version, "", None, FunctionState.UNAVAILABLE, "unloaded",
+                self._functions[r.name] = _Function(r.spec, r.version, {}, FunctionState.UNAVAILABLE, "unloaded",
                                                     r.created_at, r.nbytes)
         if records:
             log.info("loading %d registered functions", len(records))
@@ -186,7 +214,7 @@ class Node:
                     await self._bring_up(rec.spec, rec.path, rec.version, rec.created_at)
                 except SwapserveError as e:
                     log.error("function %s v%d failed to load: %s", rec.name, rec.version, e)
-                    self._functions[rec.name] = _Function(rec.spec, rec.version, "", None, FunctionState.UNAVAILABLE,
+                    self._functions[rec.name] = _Function(rec.spec, rec.version, {}, FunctionState.UNAVAILABLE,
                                                           f"failed to load at start: {e}", rec.created_at, rec.nbytes)
 
         await asyncio.gather(*(bring_up(r) for r in records))
@@ -198,6 +226,9 @@ class Node:
         deadline = self.clock() + grace_s
         while self._inflight and self.clock() < deadline:
             await asyncio.sleep(0.01)
+        # Handlers still running get the grace period too (their model calls are still served), then their
+        # sandboxes and the zygote stop.
+        await self.sandboxes.close(grace_s=max(0.0, deadline - self.clock()))
         for p in list(self._pending.values()):
             self._fail(p, UnavailableError("the node is shutting down"))
         await asyncio.gather(*(wk.stop(w, max(1.0, deadline - self.clock())) for w in self._workers))
@@ -252,28 +283,52 @@ class Node:
         return fn
 
     async def deploy(self, bundle: Path) -> FunctionInfo:
-        spec, art = await asyncio.to_thread(_check_bundle, bundle)
+        spec, arts = await asyncio.to_thread(_check_bundle, bundle)
         with self.registry.begin_deploy(spec.name):
-            key = await self._load_everywhere(spec.name, art)
+            await self._validate_handler(spec, bundle, arts)
+            models = await self._load_models(spec, arts)
             try:
-                rec = await asyncio.to_thread(self.registry.commit, spec.name, bundle, spec, art.manifest.nbytes)
+                nbytes = sum(a.manifest.nbytes for a in arts.values())
+                rec = await asyncio.to_thread(self.registry.commit, spec.name, bundle, spec, nbytes)
             except BaseException:
-                await self._unload_everywhere(key)
+                await asyncio.gather(*(self._unload_everywhere(m.key) for m in models.values()))
                 raise
-            moved = await asyncio.to_thread(load_artifact, Path(rec.path) / BUNDLE_ARTIFACT_DIR)
-            self.store.get(key).artifact = moved  # the bundle moved into the registry: reload from there
-            self._switch(spec, key, moved, rec.version, rec.created_at)
+            for name, m in models.items():  # the bundle moved into the registry: reload from there
+                m.artifact = await asyncio.to_thread(load_artifact, Path(rec.path) / artifact_dir(name))
+                self.store.get(m.key).artifact = m.artifact
+            self._switch(spec, models, rec.version, rec.created_at, Path(rec.path))
         return self._functions[spec.name].info()
 
     async def _bring_up(self, spec: FunctionSpec, path: Path, version: int, created_at: float) -> None:
-        art = await asyncio.to_thread(load_artifact, Path(path) / BUNDLE_ARTIFACT_DIR)
-        spec.check_against(art.manifest)
-        key = await self._load_everywhere(spec.name, art)
-        self._switch(spec, key, art, version, created_at)
+        arts = await asyncio.to_thread(_load_artifacts, spec, Path(path))
+        spec.check_against({name: a.manifest for name, a in arts.items()})
+        await self._validate_handler(spec, Path(path), arts)
+        models = await self._load_models(spec, arts)
+        self._switch(spec, models, version, created_at, Path(path))
 
-    async def _load_everywhere(self, name: str, art: Artifact) -> str:
+    async def _validate_handler(self, spec: FunctionSpec, directory: Path, arts: dict[str, Artifact]) -> None:
+        """Import the handler and run its setup() in a throwaway sandbox: HandlerLoadError (400) if it fails."""
+        if spec.handler is None:
+            return
+        await validate_handler(directory, spec.handler, models=handlers.signatures(spec, arts),
+                               config=handlers.sandbox_config(self.sandboxes.config, spec),
+                               launcher=self.sandboxes.launcher)
+
+    async def _load_models(self, spec: FunctionSpec, arts: dict[str, Artifact]) -> dict[str, _Model]:
+        """Every model of the function loaded (host store and workers), or none of them."""
+        names = list(arts)
+        loads = await asyncio.gather(*(self._load_everywhere(handlers.entity(spec, n), arts[n]) for n in names),
+                                     return_exceptions=True)
+        failed = [r for r in loads if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(self._unload_everywhere(k) for k in loads if isinstance(k, str)))
+            raise failed[0]
+        return {n: _Model(handlers.entity(spec, n), key, arts[n], tuple(o.name for o in arts[n].manifest.outputs))
+                for n, key in zip(names, loads)}  # type: ignore[misc]
+
+    async def _load_everywhere(self, entity: str, art: Artifact) -> str:
         """Fill the host store and add the model to every worker (capturing its graphs there)."""
-        key = f"{name}.{uuid.uuid4().hex[:8]}"
+        key = handlers.store_key(entity, uuid.uuid4().hex[:8])
         await asyncio.to_thread(self.store.add, key, art)
         try:
             replies = await asyncio.gather(*(wk.call(w, AddModel(wk.next_id(), key, str(art.path)))
@@ -288,7 +343,7 @@ class Node:
                 finally:
                     self.store.release(key)
                 _raise_first(replies)
-                self._seed_profile(name, replies, entry.nbytes)
+                self._seed_profile(entity, replies, entry.nbytes)
         except BaseException:
             await self._unload_everywhere(key)
             raise
@@ -307,27 +362,58 @@ class Node:
         if self.store.has(key):
             self.store.remove(key)
 
-    def _switch(self, spec: FunctionSpec, key: str, art: Artifact, version: int, created_at: float) -> None:
-        """Make ``key`` the serving version of ``spec.name``; retire the previous one once idle."""
+    def _switch(self, spec: FunctionSpec, models: dict[str, _Model], version: int, created_at: float,
+                directory: Path) -> None:
+        """Make ``models`` the serving version of ``spec.name`` (with a new sandbox pool if it has a handler);
+        retire the previous version's models once idle."""
         old = self._functions.get(spec.name)
-        self._functions[spec.name] = _Function(spec, version, key, art, FunctionState.READY, "", created_at,
-                                               art.manifest.nbytes)
-        q = self.state.queues.get(spec.name)
+        pool = None
+        if spec.handler is not None:
+            sigs = handlers.signatures(spec, {n: m.artifact for n, m in models.items()})
+            pool = self.sandboxes.add(spec.name, directory, spec.handler, sigs,
+                                      config=handlers.sandbox_config(self.sandboxes.config, spec))
+            pool.prewarm(1)  # the first request finds a sandbox ready (it idles out if none comes)
+        elif old is not None and old.pool is not None:
+            self.sandboxes.discard(spec.name)
+        direct = None if spec.handler is not None else next(iter(models.values()))
+        self._functions[spec.name] = _Function(spec, version, models, FunctionState.READY, "", created_at,
+                                               sum(m.artifact.manifest.nbytes for m in models.values()), direct, pool)
+        for m in models.values():
+            self._add_entity(spec, m)
+        for m in (old.models.values() if old is not None else ()):
+            if m.entity not in {n.entity for n in models.values()}:
+                self._drop_entity(m.entity, UnavailableError(f"function {spec.name!r} was redeployed without "
+                                                             f"model {m.entity!r}"))
+        self._refresh_residency(everything=True)
+        for m in (old.models.values() if old is not None else ()):
+            self._retire(m.key)
+        self._pump()
+
+    def _add_entity(self, spec: FunctionSpec, m: _Model) -> None:
+        """Queue, profile and residency of one model entity, with the function's SLO and batching."""
+        name, nbytes = m.entity, m.artifact.manifest.nbytes
+        self._models[name] = m
+        q = self.state.queues.get(name)
         if q is None:
-            self.state.queues[spec.name] = FunctionQueue(spec.name, spec.slo_ms, spec.max_batch, spec.max_queue,
-                                                         spec.late_policy)
+            self.state.queues[name] = FunctionQueue(name, spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy)
         else:
             q.slo_ms, q.max_batch, q.max_queue, q.late_policy = spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy
-        self.state.profiles.setdefault(spec.name, ModelProfile(art.manifest.nbytes)).nbytes = art.manifest.nbytes
-        if self.cfg.policy == "dedicated" and spec.name not in self.state.dedicated:
-            self._dedicate(spec.name, art.manifest.nbytes)
+        self.state.profiles.setdefault(name, ModelProfile(nbytes)).nbytes = nbytes
+        if self.cfg.policy == "dedicated" and name not in self.state.dedicated:
+            self._dedicate(name, nbytes)
         for d in self.state.devices:
-            d.resident.discard(spec.name)
-            d.partial.pop(spec.name, None)
-        self._refresh_residency(everything=True)
-        if old is not None and old.key and old.key != key:
-            self._retire(old.key)
-        self._pump()
+            d.resident.discard(name)
+            d.partial.pop(name, None)
+
+    def _drop_entity(self, name: str, error: SwapserveError) -> None:
+        """Forget a model entity: its queued requests fail with ``error``; runs in flight finish."""
+        self._fail_queued(name, error)
+        self.state.queues.pop(name, None)
+        self.state.dedicated.pop(name, None)
+        self.state.profiles.pop(name, None)
+        self._models.pop(name, None)
+        if "/" in name:  # a handler's model: its series are not the function's (the gateway forgets those)
+            self.metrics.forget_function(name)
 
     def _dedicate(self, name: str, nbytes: int) -> None:
         """Dedicated baseline: pin the function to the first device whose pool still has room for it."""
@@ -349,13 +435,8 @@ class Node:
     async def delete(self, name: str) -> None:
         fn = self._get(name)
         fn.state = FunctionState.UNLOADING
-        self._fail_queued(name, UnavailableError(f"function {name!r} was deleted"))
         del self._functions[name]
-        self.state.queues.pop(name, None)
-        self.state.dedicated.pop(name, None)
-        self.state.profiles.pop(name, None)
-        if fn.key:
-            self._retire(fn.key)
+        self._take_down(fn, UnavailableError(f"function {name!r} was deleted"))
         await asyncio.to_thread(self.registry.delete, name)
 
     async def unload(self, name: str) -> FunctionInfo:
@@ -363,11 +444,19 @@ class Node:
         if fn.state is FunctionState.READY:
             fn.state = FunctionState.UNAVAILABLE
             fn.reason = "unloaded"
-            self._fail_queued(name, UnavailableError(f"function {name!r} was unloaded"))
-            self._retire(fn.key)
-            fn.key = ""
+            self._take_down(fn, UnavailableError(f"function {name!r} was unloaded"))
             await asyncio.to_thread(self.registry.set_serving, name, False)
         return fn.info()
+
+    def _take_down(self, fn: _Function, error: SwapserveError) -> None:
+        """Stop serving ``fn``: queued requests fail, its sandboxes stop once their requests end, its models
+        leave the workers and the host store once their runs end."""
+        if fn.pool is not None:
+            self.sandboxes.discard(fn.spec.name)
+        for m in fn.models.values():
+            self._drop_entity(m.entity, error)
+            self._retire(m.key)
+        fn.models, fn.direct, fn.pool = {}, None, None
 
     async def load(self, name: str) -> FunctionInfo:
         fn = self._get(name)
@@ -384,20 +473,76 @@ class Node:
 
     # --- requests -----------------------------------------------------------------------------
 
-    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None) -> InferResult:
+    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
+                    parameters: dict[str, Any] | None = None) -> InferResult:
         fn = self._get(name)
         if not self._ready:
             raise UnavailableError("the node is not ready")
         if fn.state is not FunctionState.READY:
             raise UnavailableError(f"function {name!r} is {fn.state.value}{': ' + fn.reason if fn.reason else ''}")
-        tensors, items = _check_inputs(fn, inputs)
+        if fn.pool is not None:
+            return await self._handle(fn, inputs, parameters)
+        m = fn.direct
+        assert m is not None  # READY, no handler: one model
+        tensors, items = _check_inputs(fn.spec, m.artifact.manifest, inputs)
         now = self.clock()
-        req = Request(request_id or f"r{next(self._ids)}", name, now, now + fn.spec.slo_ms / 1e3, items)
+        return await self._run(m.entity, tensors, items, now, now + fn.spec.slo_ms / 1e3, request_id)
+
+    async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:
+        fn = self._get(name)
+        if not self._ready:
+            raise UnavailableError("the node is not ready")
+        if fn.state is not FunctionState.READY:
+            raise UnavailableError(f"function {name!r} is {fn.state.value}{': ' + fn.reason if fn.reason else ''}")
+        if fn.pool is None:
+            raise InvalidInputError(f"function {name!r} has no handler: the JSON route runs handlers; send its "
+                                    f"tensors to POST /v2/models/{name}/infer")
+        now = self.clock()
+        result = await fn.pool.infer_json(value, parameters, deadline=now + fn.spec.slo_ms / 1e3)
+        self._observe_handler(name, now)
+        return result.json
+
+    async def _handle(self, fn: _Function, inputs: dict[str, torch.Tensor],
+                      parameters: dict[str, Any] | None) -> InferResult:
+        """Run the function's handler on a tensor request. The SLO deadline, from now, covers the whole run:
+        every model call the handler makes is scheduled against it."""
+        assert fn.pool is not None
+        now = self.clock()
+        result = await fn.pool.infer(inputs, parameters, deadline=now + fn.spec.slo_ms / 1e3)
+        outputs = handlers.check_outputs(fn.spec, result.outputs)
+        total = self._observe_handler(fn.spec.name, now)
+        return InferResult(outputs, "", result.wait_ms, False, result.handler_ms, total * 1e3, result.parameters)
+
+    def _observe_handler(self, name: str, started: float) -> float:
+        fn = self._functions.get(name)
+        now = self.clock()
+        if fn is not None and now - started > fn.spec.slo_ms / 1e3:
+            self.metrics.count_slo_miss(name)
+        self.metrics.observe_node_request(name, now - started)
+        return now - started
+
+    async def _call_model(self, function: str, model: str, inputs: dict[str, torch.Tensor],
+                          deadline: float) -> dict[str, torch.Tensor]:
+        """A handler's model call (the sandboxes' ``call_model``): queued like any request of that model, due
+        by the handler's request's deadline. ``inputs`` are checked against the model already."""
+        fn = self._functions.get(function)
+        m = fn.models.get(model) if fn is not None and fn.state is FunctionState.READY else None
+        if m is None:
+            raise UnavailableError(f"function {function!r} no longer serves model {model!r}")
+        manifest = m.artifact.manifest
+        tensors = [inputs[t.name] for t in manifest.inputs]
+        items = tensors[0].shape[0] if manifest.dynamic_batch else 1
+        return (await self._run(m.entity, tensors, items, self.clock(), deadline, None)).outputs
+
+    async def _run(self, entity: str, tensors: list[torch.Tensor], items: int, now: float, deadline: float,
+                   request_id: str | None) -> InferResult:
+        """Queue one request of a model entity and wait for its outputs."""
+        req = Request(request_id or f"r{next(self._ids)}", entity, now, deadline, items)
         if req.id in self._pending:  # a client reused an id while its first request is still queued
             req.id = f"{req.id}-{next(self._ids)}"
         reject = self.scheduler.admit(self.state, req, now)
         if reject is not None:
-            self.metrics.count_slo_miss(name)
+            self.metrics.count_slo_miss(entity)
             raise OverloadedError(reject.reason, reject.retry_after, reject.status)
         fut: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
         self._pending[req.id] = _Pending(req, tensors, fut, now)
@@ -407,7 +552,7 @@ class Node:
             return await fut
         except asyncio.CancelledError:
             self._pending.pop(req.id, None)
-            q = self.state.queues.get(name)
+            q = self.state.queues.get(entity)
             if q is not None:
                 q.requests = [r for r in q.requests if r.id != req.id]
             raise
@@ -435,28 +580,28 @@ class Node:
 
     def _dispatch(self, d: Dispatch, now: float) -> None:
         batch = [p for rid in d.request_ids if (p := self._pending.pop(rid, None)) is not None and not p.future.done()]
-        fn = self._functions.get(d.function)
+        m = self._models.get(d.function)
         w = self._workers[d.device]
         dev = self.state.devices[d.device]
         try:
-            if not batch or fn is None:
+            if not batch or m is None:
                 raise UnavailableError(f"function {d.function!r} is gone")
-            self.store.acquire(fn.key)  # pinned in host memory until the run ends
+            self.store.acquire(m.key)  # pinned in host memory until the run ends
             try:
-                refs, end = w.slab.write_batch([[p.inputs[i] for p in batch] for i in range(len(fn.spec.inputs))])
+                refs, end = w.slab.write_batch([[p.inputs[i] for p in batch] for i in range(len(batch[0].inputs))])
             except BaseException:
-                self.store.release(fn.key)
+                self.store.release(m.key)
                 raise
         except SwapserveError as e:
             dev.busy_until = dev.running = dev.copying_until = None
             for p in batch:
                 self._fail(p, e)
             return
-        values = {self._functions[f].key: v for f, v in d.values.items() if f in self._functions}
-        msg = Run(wk.next_id(), fn.key, refs, end, values)
-        self._key_users[fn.key] = self._key_users.get(fn.key, 0) + 1
+        values = {self._models[f].key: v for f, v in d.values.items() if f in self._models}
+        msg = Run(wk.next_id(), m.key, refs, end, values)
+        self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
         items = sum(p.request.items for p in batch)
-        self._inflight[d.device] = _InFlight(d, fn.key, batch, now, items, tuple(o.name for o in fn.spec.outputs))
+        self._inflight[d.device] = _InFlight(d, m.key, batch, now, items, m.outputs)
         for p in batch:
             self.metrics.observe_queue(d.function, now - p.started)
         try:
@@ -529,7 +674,7 @@ class Node:
 
     def _refresh_residency(self, everything: bool = False) -> None:
         """Copy what workers reported into the scheduler's view (only where it changed, unless asked)."""
-        by_key = {f.key: name for name, f in self._functions.items()} if everything or any(
+        by_key = {m.key: name for name, m in self._models.items()} if everything or any(
             w.residency_changed for w in self._workers) else {}
         for w, dev in zip(self._workers, self.state.devices):
             if w.residency is None or not (everything or w.residency_changed):
@@ -580,7 +725,7 @@ class Node:
     # --- status -------------------------------------------------------------------------------
 
     def status(self) -> NodeStatus:
-        by_key = {f.key: name for name, f in self._functions.items()}
+        by_key = {m.key: name for name, m in self._models.items()}
         devices = []
         for w in self._workers:
             r = w.residency
@@ -608,31 +753,32 @@ def _buckets(max_batch: int) -> tuple[int, ...]:
 
 
 def _engine_for(base: EngineConfig, device: str, mode: str) -> EngineConfig:
-    from dataclasses import replace
-
     if device.startswith("cpu"):
         return replace(base, device="cpu", mode="eager" if mode == "auto" else mode)  # type: ignore[arg-type]
     return replace(base, device=device, mode=mode)  # type: ignore[arg-type]
 
 
-def _check_bundle(bundle: Path) -> tuple[FunctionSpec, Artifact]:
+def _check_bundle(bundle: Path) -> tuple[FunctionSpec, dict[str, Artifact]]:
     spec = load_spec(bundle)
-    art = load_artifact(Path(bundle) / BUNDLE_ARTIFACT_DIR)
-    spec.check_against(art.manifest)
-    return spec, art
+    arts = _load_artifacts(spec, Path(bundle))
+    spec.check_against({name: a.manifest for name, a in arts.items()})
+    return spec, arts
 
 
-def _check_inputs(fn: _Function, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+def _load_artifacts(spec: FunctionSpec, bundle: Path) -> dict[str, Artifact]:
+    return {name: load_artifact(bundle / artifact_dir(name)) for name in spec.models}
+
+
+def _check_inputs(fspec: FunctionSpec, manifest: Any, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], int]:
     """Inputs in declared order, with their common batch size; checked against the manifest."""
-    decl = fn.spec.inputs
+    decl = fspec.inputs
     names = [d.name for d in decl]
     if set(inputs) != set(names):
         missing, extra = sorted(set(names) - set(inputs)), sorted(set(inputs) - set(names))
-        raise InvalidInputError(f"{fn.spec.name} takes inputs {names}" + (f"; missing {missing}" if missing else "")
+        raise InvalidInputError(f"{fspec.name} takes inputs {names}" + (f"; missing {missing}" if missing else "")
                                 + (f"; unknown {extra}" if extra else ""))
     out, batch = [], None
-    assert fn.artifact is not None  # READY functions have one
-    for spec, d in zip(fn.artifact.manifest.inputs, decl):
+    for spec, d in zip(manifest.inputs, decl):
         x = inputs[d.name]
         if x.dtype != dtype_from_name(spec.dtype):
             raise InvalidInputError(f"input {d.name!r} must be {d.datatype}")
@@ -640,10 +786,10 @@ def _check_inputs(fn: _Function, inputs: dict[str, torch.Tensor]) -> tuple[list[
         ok = len(shape) == len(spec.shape) and all(s == -1 or s == v for s, v in zip(spec.shape, shape))
         if ok and spec.shape[:1] == (-1,):
             batch = shape[0] if batch is None else batch
-            ok = shape[0] == batch and 1 <= batch <= fn.spec.max_batch
+            ok = shape[0] == batch and 1 <= batch <= fspec.max_batch
         if not ok:
             raise InvalidInputError(f"input {d.name!r} must have shape {list(d.shape)} (-1: batch of 1 to "
-                                    f"{fn.spec.max_batch}, the same for every input), got {list(shape)}")
+                                    f"{fspec.max_batch}, the same for every input), got {list(shape)}")
         out.append(x.contiguous())
     return out, batch or 1
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from swapserve.config import GiB, MiB
-from swapserve.functions.spec import FunctionSpec, TensorDecl
+from swapserve.artifact.manifest import Manifest, TensorSpec, dtype_from_name
+from swapserve.functions.spec import TensorDecl
+from swapserve.tensors import datatype_of
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,13 @@ class ModelSignature:
     """Largest batch (first dimension where the declared shape has -1) of one call."""
 
     @classmethod
-    def of(cls, spec: FunctionSpec) -> ModelSignature:
-        """The model of a function, as its ``function.yaml`` declares it."""
-        return cls(spec.inputs, spec.outputs, spec.max_batch)
+    def of(cls, manifest: Manifest, max_batch: int) -> ModelSignature:
+        """A model as its artifact serves it, called with batches up to ``max_batch`` (the function's)."""
+
+        def decls(specs: tuple[TensorSpec, ...]) -> tuple[TensorDecl, ...]:
+            return tuple(TensorDecl(t.name, datatype_of(dtype_from_name(t.dtype)), tuple(t.shape)) for t in specs)
+
+        return cls(decls(manifest.inputs), decls(manifest.outputs), max_batch)
 
     def to_wire(self) -> dict[str, Any]:
         return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],

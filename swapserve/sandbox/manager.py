@@ -136,6 +136,13 @@ class SandboxManager:
         if pool is not None:
             await pool.close()
 
+    def discard(self, function: str) -> None:
+        """Remove the function's pool without waiting: its running requests finish (up to its timeout), then
+        its sandboxes stop. Call from the event loop; :meth:`close` waits for it."""
+        pool = self._pools.pop(function, None)
+        if pool is not None:
+            self._retire(pool)
+
     async def validate(self, directory: str | Path, handler: str,
                        models: Mapping[str, ModelSignature] | None = None) -> HandlerInfo:
         """:func:`validate_handler` on this node's zygote and configuration."""
@@ -144,9 +151,10 @@ class SandboxManager:
     def stats(self) -> dict[str, PoolStats]:
         return {name: pool.stats() for name, pool in self._pools.items()}
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Stop every pool (running requests get ``grace_s`` to finish) and the zygote."""
         pools, self._pools = list(self._pools.values()), {}
-        await asyncio.gather(*(p.close() for p in pools), *self._closing, return_exceptions=True)
+        await asyncio.gather(*(p.close(grace_s) for p in pools), *self._closing, return_exceptions=True)
         await self.launcher.close()
 
     def _retire(self, pool: SandboxPool) -> None:

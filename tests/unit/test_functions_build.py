@@ -69,22 +69,23 @@ def assert_nothing_left(out: Path) -> None:
 
 
 def test_python_source_with_dtype_and_handler(tmp_path: Path):
+    """With a handler, the function's inputs/outputs are the handler's; the model keeps torch.export's names
+    (its forward's arguments, ``output``) and the handler's files travel along."""
     spec_raw = tiny_spec(model={"python": "model.py:build", "dtype": "float16"}, handler="handlers/pre.py",
-                         inputs=[{"name": "x", "datatype": "FP16", "shape": [-1, 8]},
-                                 {"name": "ids", "datatype": "INT64", "shape": [-1, 3]}],
-                         outputs=[{"name": "y", "datatype": "FP16", "shape": [-1, 4]}])
+                         inputs=[{"name": "text", "datatype": "UINT8", "shape": [-1, 64]}],
+                         outputs=[{"name": "score", "datatype": "FP32", "shape": [-1]}])
     src = function_dir(tmp_path / "fn", spec_raw, {"handlers/pre.py": "def pre(x):\n    return x\n"})
     lines: list[str] = []
     spec = build_bundle(src, tmp_path / "out", progress=lines.append)
     out = tmp_path / "out"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.parent != out / "artifact") \
-        == ["function.yaml", "handlers/pre.py"]
+        == ["function.yaml", "handlers/pre.py", "model.py"]
     assert (out / "handlers" / "pre.py").read_text() == "def pre(x):\n    return x\n"
     assert load_spec(out) == spec, "the bundle's function.yaml is the normalised spec"
     art = load_artifact(out / "artifact")
     m = art.manifest
     assert [(t.name, t.dtype, t.shape) for t in m.inputs] == [("x", "float16", (-1, 8)), ("ids", "int64", (-1, 3))]
-    assert [(t.name, t.dtype) for t in m.outputs] == [("y", "float16")]
+    assert [(t.name, t.dtype) for t in m.outputs] == [("output", "float16")]
     assert m.max_batch == 4 and m.name == "tiny"
     assert all(w.dtype == "float16" for w in m.weights)
     assert any("export" in line for line in lines) and "bundle ready" in lines[-1]
@@ -190,3 +191,108 @@ def test_python_source_is_loaded_without_touching_sys_path(tmp_path: Path):
     before = list(sys.path)
     build_bundle(src, tmp_path / "out")
     assert sys.path == before
+
+
+# --- several models, and the files beside a handler ---------------------------------------------------------
+
+SCORER = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(8, 2), nn.Tanh()).eval(), (torch.randn(1, 8),)
+'''
+
+TWO_MODELS = {"encoder": {"python": "model.py:build",
+                          "outputs": [{"name": "h", "datatype": "FP32", "shape": [-1, 4]}]},
+              "scorer": {"python": "scorer.py:build"}}
+
+
+def test_several_models_each_their_own_artifact(tmp_path: Path):
+    spec_raw = tiny_spec(model=None, models=TWO_MODELS, handler="handler.py",
+                         inputs=[{"name": "text", "datatype": "UINT8", "shape": [-1, 16]}])
+    del spec_raw["model"]
+    src = function_dir(tmp_path / "fn", spec_raw, {"scorer.py": SCORER, "handler.py": "def handle(r, m):\n    pass\n"})
+    spec = build_bundle(src, tmp_path / "out")
+    out = tmp_path / "out"
+    assert list(spec.models) == ["encoder", "scorer"] and load_spec(out) == spec
+    enc = load_artifact(out / "models" / "encoder").manifest
+    assert [t.name for t in enc.inputs] == ["x", "ids"] and [t.name for t in enc.outputs] == ["h"]
+    sc = load_artifact(out / "models" / "scorer").manifest
+    assert [(t.name, t.shape) for t in sc.inputs] == [("input", (-1, 8))] and [t.name for t in sc.outputs] == ["output"]
+    assert not (out / "artifact").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"handler": None}, r"models: 2 models need a handler"),
+    ({"models": {**TWO_MODELS, "encoder": {**TWO_MODELS["encoder"], "outputs": [
+        {"name": "h", "datatype": "FP32", "shape": [-1, 5]}]}}}, r"models\.encoder\.outputs\[0\]\.shape: declared \[-1, 5\]"),
+    ({"models": {"bad name": {"zoo": "bert-tiny"}}}, r"models: 'bad name' is not a valid model name"),
+    ({"model": {"zoo": "bert-tiny"}}, r"model: required \(or models: .*\), not both"),
+    ({"sandbox": {"timeout_s": 0, "memory_mb": 1.5, "extra": 1}},
+     r"sandbox.extra: unknown field.*sandbox.timeout_s: must be at least 0.01.*sandbox.memory_mb: 1.5 is not an integer"),
+])
+def test_several_models_errors(tmp_path: Path, change: dict[str, Any], message: str):
+    spec_raw = tiny_spec(**{"models": TWO_MODELS, "handler": "handler.py", **change})
+    if "model" not in change:
+        del spec_raw["model"]
+    spec_raw = {k: v for k, v in spec_raw.items() if v is not None}
+    src = function_dir(tmp_path / "fn", spec_raw, {"scorer.py": SCORER, "handler.py": "def handle(r, m):\n    pass\n"})
+    with pytest.raises(SpecError, match=message):
+        build_bundle(src, tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_sandbox_settings_need_a_handler():
+    from swapserve.functions.spec import FunctionSpec
+
+    with pytest.raises(SpecError, match="sandbox: only a function with a handler"):
+        FunctionSpec.from_dict(tiny_spec(sandbox={"timeout_s": 2}))
+    spec = FunctionSpec.from_dict(tiny_spec(handler="h.py", sandbox={"timeout_s": 2}))
+    assert (spec.sandbox.timeout_s, spec.sandbox.memory_mb, spec.sandbox.max_sandboxes) == (2.0, 1024, 2)
+    assert FunctionSpec.from_dict(spec.to_dict()) == spec
+
+
+def handler_fn(tmp_path: Path, files: dict[str, str]) -> Path:
+    return function_dir(tmp_path / "fn", tiny_spec(handler="handler.py"),
+                        {"handler.py": "def handle(r, m):\n    pass\n", **files})
+
+
+def test_handler_files_travel_with_it(tmp_path: Path):
+    src = handler_fn(tmp_path, {"lib/helpers.py": "X = 1\n", "vocab.txt": "a\nb\n", ".git/config": "x",
+                                "lib/__pycache__/helpers.cpython-311.pyc": "x"})
+    (src / "alias.txt").symlink_to(src / "vocab.txt")  # a link inside the directory: copied as the file
+    build_bundle(src, tmp_path / "out")
+    out = tmp_path / "out"
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "artifact" not in p.parts)
+    assert files == ["alias.txt", "function.yaml", "handler.py", "lib/helpers.py", "model.py", "vocab.txt"]
+    assert not (out / "alias.txt").is_symlink() and (out / "alias.txt").read_text() == "a\nb\n"
+
+
+def test_handler_files_may_not_lead_out_or_take_reserved_names(tmp_path: Path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    src = handler_fn(tmp_path, {})
+    (src / "leak.txt").symlink_to(secret)
+    with pytest.raises(SpecError, match=r"leak.txt is a symlink out of the function directory"):
+        build_bundle(src, tmp_path / "out")
+    (src / "leak.txt").unlink()
+    (src / "data").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(SpecError, match=r"data is a symlinked directory"):
+        build_bundle(src, tmp_path / "out")
+    (src / "data").unlink()
+    (src / "models").mkdir()
+    with pytest.raises(SpecError, match=r"models is a name the bundle reserves"):
+        build_bundle(src, tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_handler_files_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from swapserve.functions import files
+
+    monkeypatch.setattr(files, "MAX_FILES", 3)
+    src = handler_fn(tmp_path, {f"f{i}.txt": "x" for i in range(3)})
+    with pytest.raises(SpecError, match=r"more than 3 files"):
+        build_bundle(src, tmp_path / "out")

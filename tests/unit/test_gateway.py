@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from swapserve import __version__
-from swapserve.errors import ConflictError, NotFoundError, OverloadedError, UnavailableError
+from swapserve.errors import ConflictError, InvalidInputError, NotFoundError, OverloadedError, UnavailableError
 from swapserve.functions.spec import FunctionSpec, load_spec
 from swapserve.gateway import GatewayConfig, make_app, oip
 from swapserve.gateway.openapi import OPENAPI
@@ -91,7 +91,14 @@ class TinyNode:
             raise NotFoundError(f"no function {name!r}")
         return self.functions[name][0]
 
-    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None) -> InferResult:
+    async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:
+        self.get_function(name)
+        if name != "linear":
+            raise InvalidInputError(f"function {name!r} has no handler")
+        return {"got": value, "parameters": parameters}
+
+    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
+                    parameters: dict[str, Any] | None = None) -> InferResult:
         info, run = self.functions[self.get_function(name).spec.name]
         if info.state is not FunctionState.READY:
             raise UnavailableError(f"function {name!r} is {info.state.value}")
@@ -104,8 +111,8 @@ class TinyNode:
                 self.cancelled.append(name)
                 raise
         self.request_ids.append(request_id)
-        with torch.no_grad():
-            return InferResult(run(inputs), device="cpu", total_ms=0.1)
+        with torch.no_grad():  # parameters come back as a handler's would
+            return InferResult(run(inputs), device="cpu", total_ms=0.1, parameters=dict(parameters or {}))
 
     async def deploy(self, bundle: Path) -> FunctionInfo:
         try:
@@ -239,6 +246,30 @@ def test_infer_json_is_a_real_computation() -> None:
         r, _, _ = await infer(c, "linear", {"x": x}, path="/v2/models/linear/versions/2/infer")
         assert "no version '2'" in await error(r, 404)
         assert node.request_ids == ["req-1", None]
+
+    run(scenario)
+
+
+def test_request_parameters_reach_the_node_and_its_answer_carries_the_handlers() -> None:
+    async def scenario(c: atu.TestClient, node: TinyNode) -> None:
+        r, doc, _ = await infer(c, "linear", {"x": torch.randn(1, 4)}, parameters={"top_k": 3, "device": "mine"})
+        assert r.status == 200
+        assert doc["parameters"]["top_k"] == 3, "a handler's parameters are in the answer"
+        assert doc["parameters"]["device"] == "cpu", "the node's own timings are never shadowed"
+
+    run(scenario)
+
+
+def test_json_route_runs_a_handler_on_any_json_value() -> None:
+    async def scenario(c: atu.TestClient, node: TinyNode) -> None:
+        r = await c.post("/v1/functions/linear/invoke?lang=en", data=b'[1, "two", {"3": null}]')
+        assert r.status == 200 and r.content_type == "application/json"
+        assert await r.json() == {"got": [1, "two", {"3": None}], "parameters": {"lang": "en"}}
+        r = await c.post("/v1/functions/linear/invoke", data=b"")
+        assert (await r.json())["got"] is None, "an empty body is null"
+        assert "malformed JSON" in await error(await c.post("/v1/functions/linear/invoke", data=b"{nope"), 400)
+        assert "no handler" in await error(await c.post("/v1/functions/mixed/invoke", data=b"{}"), 400)
+        assert "no function" in await error(await c.post("/v1/functions/nope/invoke", data=b"{}"), 404)
 
     run(scenario)
 
