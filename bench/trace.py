@@ -28,12 +28,14 @@ import asyncio
 import json
 import math
 import multiprocessing as mp
+import re
 import os
 import shutil
 import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -96,6 +98,15 @@ def _parameters(body: bytes, header_length: str | None) -> dict:
     return json.loads(head).get("parameters") or {}
 
 
+def _reason(body: bytes) -> str:
+    """A refusal's error message with its numbers blanked, so that refusals of one kind count together."""
+    try:
+        message = str(json.loads(body).get("error", ""))
+    except (ValueError, AttributeError):
+        message = body[:80].decode(errors="replace")
+    return re.sub(r"\d+(\.\d+)?", "#", re.sub(r"'[^']*'", "'…'", message))[:120]
+
+
 def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: dict[str, tuple[bytes, int]],
             models: list[str], start_at: float, q: mp.Queue) -> None:
     import aiohttp
@@ -118,11 +129,12 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                         status = r.status
                     ms = (time.perf_counter() - sent) * 1e3
                     params = _parameters(data, r.headers.get("Inference-Header-Content-Length")) if status == 200 else {}
-                except Exception:  # noqa: BLE001 - a failed request is an SLO miss
-                    status, ms, params = 0, (time.perf_counter() - sent) * 1e3, {}
+                    reason = "" if status == 200 else _reason(data)
+                except Exception as e:  # noqa: BLE001 - a failed request is an SLO miss
+                    status, ms, params, reason = 0, (time.perf_counter() - sent) * 1e3, {}, type(e).__name__
                 results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
                                 bool(params.get("swapped", False)), params.get("server_ms", -1.0),
-                                params.get("total_ms", -1.0), headers_ms))
+                                params.get("total_ms", -1.0), headers_ms, reason))
 
             tasks = []
             t0 = start_at
@@ -312,6 +324,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "p50_compute_ms": float(np.median([r[5] for r in done])) if done else None,
         "late_completions": len(misses),
         "p50_server_ms": float(np.median([r[7] for r in done])) if done else None,
+        "refusals": dict(Counter(r[10] for r in res if r[3] != 200).most_common(8)),
         "late_breakdown": breakdown(misses),  # where the time of completed-but-late requests went
         "breakdown_by_model": {m: breakdown([r for r in done if fns[r[0]].model == m])
                                for m in sorted({f.model for f in fns})},

@@ -37,6 +37,8 @@ EXTENSIONS = ("binary_tensor_data", "model_repository")
 THREAD_BYTES = 1 << 20
 """Bodies and outputs above this are decoded/encoded on a thread, so a 64 MiB JSON body does not stall health
 probes and other requests for the second it takes."""
+STREAM_BYTES = 1 << 20
+"""Responses larger than this are written from the output tensors part by part, not joined first."""
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
@@ -103,7 +105,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
         response = _error(e)
     except Exception:
         response = _internal_error(request)
-    if (rid := request.get(REQUEST_ID_KEY) or safe_request_id(request.headers.get(REQUEST_ID_HEADER))) is not None:
+    if not response.prepared and (rid := _request_id(request)) is not None:
         response.headers[REQUEST_ID_HEADER] = rid
     elapsed = time.perf_counter() - started
     metrics = request.app[METRICS]
@@ -112,6 +114,11 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     if (function := request.get(FUNCTION_KEY)) is not None:
         metrics.observe_request(function, response.status, elapsed)
     return response
+
+
+def _request_id(request: web.Request) -> str | None:
+    """The id echoed in the response: the body's (OIP ``id``) if valid, else the request header's."""
+    return request.get(REQUEST_ID_KEY) or safe_request_id(request.headers.get(REQUEST_ID_HEADER))
 
 
 def _error(e: SwapserveError) -> web.Response:
@@ -197,11 +204,23 @@ async def infer(request: web.Request) -> web.Response:
     params = {**result.parameters, "device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
               "compute_ms": result.compute_ms, "total_ms": result.total_ms,
               "server_ms": (time.perf_counter() - entered) * 1e3}  # handler entry → result, before encoding
-    out_bytes = sum(t.numel() * t.element_size() for t in result.outputs.values())
-    encoded = await _maybe_thread(out_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,
+    json_bytes = sum(result.outputs[o.name].nbytes for o in req.outputs if not o.binary and o.name in result.outputs)
+    encoded = await _maybe_thread(json_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,
                                   req.outputs, req.id, params)
-    headers = {oip.HEADER_LENGTH: str(encoded.header_length)} if encoded.header_length is not None else None
-    return web.Response(body=encoded.body, content_type=encoded.content_type, headers=headers)
+    headers = {oip.HEADER_LENGTH: str(encoded.header_length)} if encoded.header_length is not None else {}
+    if encoded.nbytes <= STREAM_BYTES:
+        return web.Response(body=encoded.body, content_type=encoded.content_type, headers=headers)
+    # Large binary outputs go out from the tensors themselves, part by part: no joined copy of the body.
+    if (rid := _request_id(request)) is not None:
+        headers[REQUEST_ID_HEADER] = rid  # the middleware cannot add it once the head is sent
+    response = web.StreamResponse(headers=headers)
+    response.content_type = encoded.content_type
+    response.content_length = encoded.nbytes
+    await response.prepare(request)
+    for part in encoded.parts:
+        await response.write(part)
+    await response.write_eof()
+    return response
 
 
 async def invoke(request: web.Request) -> web.Response:

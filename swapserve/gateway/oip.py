@@ -58,9 +58,19 @@ class InferRequest:
 
 @dataclass(frozen=True)
 class EncodedBody:
-    body: bytes
+    parts: tuple[bytes | memoryview, ...]
+    """The JSON header, then each binary tensor's bytes — views of the tensors themselves, not copies, so a
+    server can write a large response without copying it (see :attr:`body` for one ``bytes``)."""
     header_length: int | None
     """Value for ``Inference-Header-Content-Length``; None when the body is plain JSON."""
+
+    @property
+    def body(self) -> bytes:
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in self.parts)
 
     @property
     def content_type(self) -> str:
@@ -147,7 +157,7 @@ def encode_infer_response(model_name: str, model_version: str, outputs: Mapping[
     if missing:  # the node broke its contract: a server error (500), not the client's
         raise RuntimeError(f"the node returned no output {missing} for {model_name!r} (it returned {list(outputs)})")
     entries: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
+    blobs: list[memoryview] = []
     for r in requested:
         (entry,), blob = _encode_tensors([(r.name, outputs[r.name])], r.binary)
         entries.append(entry)
@@ -425,16 +435,16 @@ def _from_bytes(t: _Tensor, raw: memoryview) -> torch.Tensor:
 # -- encoding -----------------------------------------------------------------------------------------------
 
 
-def _encode_tensors(items: Any, binary: bool) -> tuple[list[dict[str, Any]], list[bytes]]:
+def _encode_tensors(items: Any, binary: bool) -> tuple[list[dict[str, Any]], list[memoryview]]:
     entries: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
+    blobs: list[memoryview] = []
     for name, tensor in items:
         t = tensor.detach().cpu().contiguous()
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(t.dtype), "shape": list(t.shape)}
         flat = t.reshape(-1)
         if binary:
-            blob = flat.view(torch.uint8).numpy().tobytes()
-            entry["parameters"] = {"binary_data_size": len(blob)}
+            blob = memoryview(flat.view(torch.uint8).numpy())  # the tensor's own bytes (it stays alive with the view)
+            entry["parameters"] = {"binary_data_size": blob.nbytes}
             blobs.append(blob)
         else:
             # fp16/bf16 → fp32 is exact, and JSON floats parse back to the same half-precision values.
@@ -443,11 +453,11 @@ def _encode_tensors(items: Any, binary: bool) -> tuple[list[dict[str, Any]], lis
     return entries, blobs
 
 
-def _join(doc: dict[str, Any], blobs: list[bytes]) -> EncodedBody:
+def _join(doc: dict[str, Any], blobs: list[memoryview]) -> EncodedBody:
     header = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
-        return EncodedBody(header, None)
-    return EncodedBody(b"".join([header, *blobs]), len(header))
+        return EncodedBody((header,), None)
+    return EncodedBody((header, *blobs), len(header))
 
 
 __all__ = ["BINARY_CONTENT_TYPE", "HEADER_LENGTH", "JSON_CONTENT_TYPE", "EncodedBody", "InferRequest",

@@ -66,6 +66,11 @@ class TinyNode:
         self._add(make_spec("mixed", [("a", "FP16", [-1, 2]), ("ids", "INT64", [-1, 2])],
                             [("sum", "BF16", [-1, 2]), ("positive", "BOOL", [-1, 2])]),
                   lambda i: {"sum": (i["a"].float() + i["ids"].float()).bfloat16(), "positive": i["a"] > 0})
+        # Outputs over STREAM_BYTES (2 × 1.5 MiB per row): the response is written from the tensors.
+        self._add(make_spec("wide", [("x", "FP32", [-1, 4])], [("big", "FP16", [-1, 786432]),
+                                                                ("small", "FP32", [-1, 3])]),
+                  lambda i: {"big": torch.arange(786432, dtype=torch.float16).repeat(i["x"].shape[0], 1) * i["x"][:, :1].half(),
+                             "small": self.linear(i["x"])})
 
     def _add(self, spec: FunctionSpec, run: Run, version: int = 1) -> FunctionInfo:
         info = FunctionInfo(spec, version, FunctionState.READY, nbytes=64, created_at=1.0)
@@ -292,6 +297,23 @@ def test_infer_binary_extension(binary_inputs: bool, binary_outputs: bool) -> No
                                   outputs=["positive"], binary_outputs=binary_outputs)
         assert list(out) == ["positive"] and torch.equal(out["positive"], a > 0)
         assert ("binary_data_size" in doc["outputs"][0].get("parameters", {})) == binary_outputs
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("binary_outputs", [True, False])
+def test_large_outputs_are_streamed_whole_with_their_request_id(binary_outputs: bool) -> None:
+    async def scenario(c: atu.TestClient, node: TinyNode) -> None:
+        x = torch.tensor([[1.0, 2, 3, 4], [-0.5, 0, 0, 1]])
+        r, doc, out = await infer(c, "wide", {"x": x}, binary_outputs=binary_outputs, request_id="wide-1")
+        assert r.status == 200 and r.headers["X-Request-ID"] == "wide-1" and doc["id"] == "wide-1"
+        assert r.content_length == len(await r.read())
+        assert torch.equal(out["big"], torch.arange(786432, dtype=torch.float16).repeat(2, 1) * x[:, :1].half())
+        assert torch.equal(out["small"], node.linear(x).detach())
+        # Only the small output asked for: an ordinary response.
+        r, _, out = await infer(c, "wide", {"x": x}, binary_outputs=binary_outputs, outputs=["small"])
+        assert r.status == 200 and list(out) == ["small"]
+        await good_infer(c, node)
 
     run(scenario)
 
