@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import math
 import multiprocessing as mp
@@ -275,8 +276,12 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
+              "headers_ms", "reason")
+
+
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
-              bodies: dict[str, tuple[bytes, int]]) -> dict:
+              bodies: dict[str, tuple[bytes, int]], raw: Path | None = None) -> dict:
     names, models = [f.name for f in fns], [f.model for f in fns]
     ctx = mp.get_context("spawn")
 
@@ -294,6 +299,11 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
     before, t0 = scrape(srv.url), time.time()
     res = replay(make_trace(fns, duration, seed))
     after, elapsed = scrape(srv.url), time.time() - t0
+    if raw is not None:  # every request, one JSON object a line (for looking into tails)
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(raw, "wt") as f:
+            for r in sorted(res, key=lambda r: r[1]):
+                f.write(json.dumps(dict(zip(RAW_FIELDS, (fns[r[0]].name, *r[1:])))) + "\n")
     lat: dict[int, list[float]] = {}
     for i, _, ms, code, *_ in res:
         lat.setdefault(i, []).append(ms if code == 200 else math.inf)
@@ -367,6 +377,8 @@ def main() -> None:
     ap.add_argument("--slo-ms", type=float, help="one SLO for every function instead (smoke runs on a CPU only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, help="scratch directory (default: a new temp dir)")
+    ap.add_argument("--raw", action="store_true", help="also write every request of each point to "
+                                                        "OUT/trace_raw/<policy>_<N>.jsonl.gz")
     ap.add_argument("--no-prepare", action="store_true", help="capture graphs on first use, not at start")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +420,8 @@ def main() -> None:
             result["gpus"] = len(st["devices"])
             points = []
             for n in sweep:
-                pt = run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies)
+                raw = args.out / "trace_raw" / f"{label}_{n}.jsonl.gz" if args.raw else None
+                pt = run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw)
                 points.append(pt)
                 print(f"[{label}] N={n}: attainment {pt['attainment']:.3f}, p50 {pt['p50_ms']} ms, p99 {pt['p99_ms']} "
                       f"ms, {pt['throughput_rps']:.1f} req/s, {pt['swaps_per_s']:.1f} swaps/s, busy "

@@ -315,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-prepare", action="store_true",
                    help="do not swap each function in and capture its graphs at deploy/start (capture on first use)")
     s.add_argument("--spin-ms", type=float, metavar="MS",
-                   help="after each request, how long the controller and GPU workers poll before sleeping "
-                        "(default 2 on GPU nodes, 0 on CPU nodes; each costs up to a core while requests flow)")
+                   help="after each request, how long the controller and workers poll before sleeping "
+                        "(default 0: off; each costs up to a core while requests flow)")
     s.set_defaults(func=_serve)
     return p
 

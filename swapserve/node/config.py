@@ -58,10 +58,9 @@ class ServeConfig:
     prepare: bool = True
     """Swap each function in and capture its graphs on every device at deploy and start (off the request
     path); False defers that to each function's first request."""
-    spin_ms: float | None = None
-    """After each request and completion, how long the controller's event loop and the GPU workers keep
-    polling before they sleep (a wake-up per message costs tens of µs; spinning costs up to a core each
-    while requests flow). None: 2 ms on GPU nodes, 0 on CPU nodes."""
+    spin_ms: float = 0.0
+    """After each request and completion, how long the controller's event loop and the workers keep
+    polling before they sleep (sparing wake-ups; costing up to a core each while requests flow). 0: off."""
     demo: bool = False
     """Deploy the example functions (``DEMO_FUNCTIONS`` under ``examples_dir``) at start, building their
     artifacts in the node's process (trusted code; minutes on a CPU for resnet50 and bert-base)."""
@@ -87,7 +86,7 @@ class ServeConfig:
             problems.append(f"policy {self.policy!r} is not swapserve, fifo_lru or dedicated")
         if self.mode not in ("auto", "graph", "eager", "ondemand"):
             problems.append(f"mode {self.mode!r} is not auto, graph, eager or ondemand")
-        if self.spin_ms is not None and not 0 <= self.spin_ms <= 1000:
+        if not 0 <= self.spin_ms <= 1000:
             problems.append(f"spin_ms must be in [0, 1000], not {self.spin_ms}")
         if self.token is not None and not self.token.strip():
             problems.append("token must not be empty")

@@ -59,8 +59,6 @@ from swapserve.scheduler.types import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPIN_S = 0.002
-"""``NodeConfig.spin_s`` on GPU nodes."""
 
 
 @dataclass(frozen=True)
@@ -80,11 +78,11 @@ class NodeConfig:
     prepare_on_deploy: bool = True
     """Swap each new model in once on every device at deploy, capturing its graphs off the request path."""
     start_timeout_s: float = 300.0
-    spin_s: float | None = None
-    """After each request and each completion, the controller's event loop and every GPU worker keep
-    polling this long before they sleep: a sleeping process pays a wake-up per message (tens of µs, more in
-    a VM), and a request crosses four. Costs up to a core each while requests flow. None: 2 ms on GPU
-    nodes, 0 on CPU nodes (whose cores do the work)."""
+    spin_s: float = 0.0
+    """After each request and each completion, the controller's event loop and every worker keep polling
+    this long before they sleep, sparing the wake-ups of a message's receiver; costs up to a core each
+    while requests flow. Off by default: on the lent H200 (a Firecracker VM) 2 ms of it changed the request
+    overhead by nothing measurable (bench/results/h200_20261127/overhead*.json)."""
     log_level: int = logging.WARNING
     sandbox: SandboxConfig = SandboxConfig()
     """Handler sandboxes (each function's ``sandbox:`` settings override timeout, memory and pool size; the
@@ -169,8 +167,7 @@ class Node:
         self._live = True
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        gpus = any(d.startswith("cuda") for d in cfg.devices)
-        self._spin_s = cfg.spin_s if cfg.spin_s is not None else (DEFAULT_SPIN_S if gpus else 0.0)
+        self._spin_s = cfg.spin_s
         self._hot_until = 0.0
         self._spinning = False
         self._ids = itertools.count()

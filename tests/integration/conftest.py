@@ -31,10 +31,10 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
     """Makes servers (each with its own home and shm dir); kills whatever is left of them at the end."""
     made: list[Server] = []
 
-    def make(token: bool = True, devices: str = "cpu") -> Server:
+    def make(token: bool = True, devices: str = "cpu", extra: tuple[str, ...] = ()) -> Server:
         """``token`` False: start without ``--token`` (the node generates one and keeps it in its home)."""
         s = new_server(tmp_path_factory.mktemp("node"))
-        s.devices = devices
+        s.devices, s.extra = devices, extra
         if not token:
             s.token = None
         made.append(s)

@@ -274,6 +274,8 @@ class Server:
     """Answers of ``GET /v2/health/ready`` seen while waiting for readiness (before the 200)."""
     devices: str = "cpu"
     """``--devices``: ``cpu``, or ``cpu:0,cpu:1,...`` for several CPU workers."""
+    extra: tuple[str, ...] = ()
+    """More ``serve`` flags."""
 
     @property
     def url(self) -> str:
@@ -299,6 +301,7 @@ class Server:
                "--pool", "128MiB", "--host-store", "256MiB", "--workspace", "128MiB"]
         if self.token is not None:
             cmd += ["--token", self.token]
+        cmd += self.extra
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         log.close()
