@@ -683,7 +683,7 @@ class Node:
 
     def _arm_timer(self, now: float) -> None:
         """Wake up when the earliest queued request would expire, so hopeless work is refused promptly."""
-        deadlines = [q.requests[0].deadline for q in self.state.queues.values() if q.requests]
+        deadlines = [self.state.queues[n].requests[0].deadline for n in self.state.nonempty()]
         if not deadlines:
             if self._timer is not None:
                 self._timer.cancel()

@@ -112,6 +112,7 @@ class Scheduler:
         fq.rate = update_rate(fq.rate, fq.last_arrival, now, self.rate_halflife_s)
         fq.last_arrival = now
         insort_right(fq.requests, request, key=lambda r: r.deadline)
+        state.mark_waiting(request.function)
         return None
 
     def _planned_finish(self, state: NodeState, request: Request, now: float) -> tuple[float, float]:
@@ -171,7 +172,7 @@ class Scheduler:
         ``request``, the request's own batch last of its function, in EDF order (ties: function, seq)."""
         batches: list[tuple[float, str, int, int, bool]] = []
         # Only non-empty queues (and the request's own): hundreds of idle functions cost nothing here.
-        for name in sorted(n for n, q in state.queues.items() if q.requests or n == request.function):
+        for name in sorted({*state.nonempty(), request.function}):
             fq = state.queues[name]
             ahead = [r for r in fq.requests if r.deadline <= request.deadline
                      and not (fq.late_policy == "refuse" and r.deadline < now)]
@@ -199,7 +200,7 @@ class Scheduler:
         view = View(state, now)
         rejects: list[Reject] = []
         pending: dict[str, list[Request]] = {}
-        for name in sorted(n for n, q in state.queues.items() if q.requests):
+        for name in state.nonempty():
             fq = state.queues[name]
             if fq.requests:
                 keep, dropped = self._triage(view, fq, self._profile(state, name), now)
@@ -288,8 +289,8 @@ class Scheduler:
         unless resident; never dropped for lateness."""
         view = View(state, now)
         free = sorted(d.index for d in state.devices if d.idle)
-        order = sorted(((r.arrival, name, i), r) for name, fq in state.queues.items()
-                       for i, r in enumerate(fq.requests))
+        order = sorted(((r.arrival, name, i), r) for name in state.nonempty()
+                       for i, r in enumerate(state.queues[name].requests))
         dispatches: list[Dispatch] = []
         rejects: list[Reject] = []
         for (_, name, _), r in order:
@@ -318,8 +319,8 @@ class Scheduler:
         for dev in state.devices:
             if not dev.idle:
                 continue
-            mine = [(fq.requests[0].deadline, name) for name, fq in state.queues.items()
-                    if fq.requests and state.dedicated.get(name) == dev.index]
+            mine = [(state.queues[name].requests[0].deadline, name) for name in state.nonempty()
+                    if state.dedicated.get(name) == dev.index]
             if not mine:
                 continue
             _, name = min(mine)
@@ -406,8 +407,9 @@ class Scheduler:
         for dsp in decision.dispatches:
             gone.update(dsp.request_ids)
         if gone:
-            for fq in state.queues.values():
-                if fq.requests and any(r.id in gone for r in fq.requests):
+            for name in state.nonempty():
+                fq = state.queues[name]
+                if any(r.id in gone for r in fq.requests):
                     fq.requests = [r for r in fq.requests if r.id not in gone]
         for dsp in decision.dispatches:
             dev = state.devices[dsp.device]
@@ -469,7 +471,8 @@ class Scheduler:
         """Rough time for the node to work off its queue: the earliest device's wait plus every queued
         batch at its resident speed spread over the devices. Only feeds Retry-After of overload refusals."""
         work_ms = 0.0
-        for name, fq in state.queues.items():
+        for name in state.nonempty():
+            fq = state.queues[name]
             items = sum(r.items for r in fq.requests)
             if items:
                 per = max(1, fq.max_batch)

@@ -123,10 +123,24 @@ class NodeState:
     """Node-wide bound on queued requests; beyond it arrivals get 503."""
     dedicated: dict[str, int] = field(default_factory=dict)
     """Under policy ``dedicated``: the device each served function is pinned to."""
+    waiting: set[str] = field(default_factory=set)
+    """Functions that may have queued requests: every non-empty queue's name is here (whoever adds to a
+    queue calls :meth:`mark_waiting`); names of emptied queues leave at the next :meth:`nonempty`. Keeps the
+    per-request passes O(functions with work), not O(functions deployed) — hundreds of them idle."""
+
+    def mark_waiting(self, function: str) -> None:
+        self.waiting.add(function)
+
+    def nonempty(self) -> list[str]:
+        """Names of the functions with queued requests, sorted."""
+        names = sorted(n for n in self.waiting if (q := self.queues.get(n)) is not None and q.requests)
+        if len(names) != len(self.waiting):
+            self.waiting = set(names)
+        return names
 
     @property
     def queued(self) -> int:
-        return sum(len(q.requests) for q in self.queues.values() if q.requests)
+        return sum(len(q.requests) for n in self.waiting if (q := self.queues.get(n)) is not None)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def enqueue(state: NodeState, name: str, rid: str, at: float = T0, items: int = 
     """Put a request in the queue by hand (no admission), keeping deadline order."""
     r = req(state, name, rid, at, items)
     state.queues[name].requests.append(r)
+    state.mark_waiting(name)
     state.queues[name].requests.sort(key=lambda x: x.deadline)
     return r
 
@@ -401,6 +402,25 @@ def _values_state() -> NodeState:
     s.profiles["light"].exec_ms[1] = 50.0  # computes longer than its 20 ms copy: cheap to reload
     enqueue(s, "busy", "r1")
     return s
+
+
+@pytest.mark.parametrize("policy", ["swapserve", "fifo_lru"])
+def test_idle_functions_are_not_visited_and_emptied_queues_leave_the_waiting_set(policy):
+    s = node(n=1)
+    for i in range(500):
+        fn(s, f"f{i:03d}")
+    sched = Scheduler(policy)  # type: ignore[arg-type]
+    assert sched.admit(s, req(s, "f123", "a"), T0) is None
+    assert sched.admit(s, req(s, "f007", "b"), T0) is None
+    assert s.waiting == {"f123", "f007"} and s.queued == 2 and s.nonempty() == ["f007", "f123"]
+    d = sched.decide(s, T0)
+    sched.apply(s, d, T0)
+    assert len(d.dispatches) == 1 and s.queued == 1
+    assert s.nonempty() == [n for n in ("f007", "f123") if n != d.dispatches[0].function]
+    assert len(s.waiting) == 1  # the emptied queue was dropped from the set
+    s.devices[0].busy_until = None
+    sched.apply(s, d2 := sched.decide(s, T0), T0)
+    assert len(d2.dispatches) == 1 and s.queued == 0 and s.nonempty() == [] and s.waiting == set()
 
 
 def test_values_expected_reuse():
