@@ -165,6 +165,12 @@ def _status(args: argparse.Namespace) -> int:
               f"{_size(d.get('pool_bytes'))}{', busy' if d.get('busy') else ''}")
         print(f"  resident: {', '.join(d.get('resident') or []) or '-'}"
               + (f"; partial: {', '.join(d['partial'])}" if d.get("partial") else ""))
+    for p in s.get("sandboxes") or []:
+        cold = p.get("cold_start_p50_ms")
+        print(f"sandboxes of {p.get('function')}: {p.get('busy', 0)} busy, {p.get('idle', 0)} idle, "
+              f"{p.get('starting', 0)} starting, {p.get('queued', 0)} requests waiting; {p.get('started', 0)} started"
+              f" (cold start p50 {f'{cold:.0f} ms' if cold is not None else '-'}), {p.get('replaced', 0)} replaced, "
+              f"{p.get('requests', 0)} requests, {p.get('failed', 0)} failed")
     for k, v in (s.get("extra") or {}).items():
         print(f"{k}: {v:g}" if isinstance(v, (int, float)) else f"{k}: {v}")
     return 0

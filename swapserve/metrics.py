@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 if TYPE_CHECKING:
     from swapserve.node.api import NodeStatus
+    from swapserve.sandbox.types import SandboxEvent
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005,
@@ -85,6 +86,18 @@ class Metrics:
         self.host_store_capacity = Gauge("host_store_capacity_bytes", "Pinned host-store capacity.",
                                          namespace=ns, registry=r)
         self.queued = Gauge("queued_requests", "Requests waiting for a device right now.", namespace=ns, registry=r)
+        # Handler sandboxes (functions with a handler only).
+        self.sandbox_starts = Counter("sandbox_starts", "Sandbox process starts by function and outcome "
+                                      "(started, start_failed).", ["function", "outcome"], namespace=ns, registry=r)
+        self.sandbox_start_seconds = Histogram("sandbox_start_seconds", "Cold start of a sandbox: fork, isolation, "
+                                               "import and setup(), by function.", ["function"], namespace=ns,
+                                               registry=r, buckets=buckets)
+        self.sandbox_exits = Counter("sandbox_exits", "Sandboxes gone, by function and kind: replaced (crash, "
+                                     "timeout, memory limit) or stopped (idle, unload).", ["function", "kind"],
+                                     namespace=ns, registry=r)
+        self.handler_seconds = Histogram("handler_duration_seconds", "A handler's run in its sandbox (model calls "
+                                         "included), by function.", ["function"], namespace=ns, registry=r,
+                                         buckets=buckets)
 
     # -- gateway ----------------------------------------------------------------------------------------------
 
@@ -148,16 +161,29 @@ class Metrics:
     def set_queued(self, n: int) -> None:
         self.queued.set(n)
 
+    def observe_sandbox(self, event: SandboxEvent) -> None:
+        """One event of a function's sandbox pool (``swapserve.sandbox``'s ``on_event``)."""
+        if event.kind in ("started", "start_failed"):
+            self._child(self.sandbox_starts, event.function, event.kind).inc()
+            if event.kind == "started":
+                self._child(self.sandbox_start_seconds, event.function).observe(event.seconds)
+        elif event.kind == "request":
+            self._child(self.handler_seconds, event.function).observe(event.seconds)
+        else:
+            self._child(self.sandbox_exits, event.function, event.kind).inc()
+
     def forget_function(self, function: str) -> None:
         """Drop a deleted function's series, so thousands of short-lived functions don't accumulate."""
         # ``remove`` ignores label sets never observed. (``remove_by_labels`` would do this in one call, but only
         # recent prometheus_client releases have it; pyproject allows >= 0.17.)
-        for metric in (self.request_seconds, self.node_request_seconds, self.queue_seconds, self.slo_misses):
+        single = (self.request_seconds, self.node_request_seconds, self.queue_seconds, self.slo_misses,
+                  self.sandbox_start_seconds, self.handler_seconds)
+        for metric in single:
             metric.remove(function)
-        for code in _label_values(self.requests, "function", function, "code"):
-            self.requests.remove(function, code)
-        by_function = {id(m) for m in (self.request_seconds, self.node_request_seconds, self.queue_seconds,
-                                       self.slo_misses, self.requests)}
+        for metric, second in ((self.requests, "code"), (self.sandbox_starts, "outcome"), (self.sandbox_exits, "kind")):
+            for value in _label_values(metric, "function", function, second):
+                metric.remove(function, value)
+        by_function = {id(m) for m in (*single, self.requests, self.sandbox_starts, self.sandbox_exits)}
         self._children = {k: v for k, v in self._children.items()
                           if not (k[0] in by_function and k[1][:1] == (function,))}
 

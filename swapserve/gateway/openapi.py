@@ -183,7 +183,14 @@ OPENAPI: dict[str, Any] = {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},
                 "host_store_capacity": {"type": "integer"}, "queued": {"type": "integer"},
-                "extra": {"type": "object", "additionalProperties": {"type": "number"}}}},
+                "extra": {"type": "object", "additionalProperties": {"type": "number"}},
+                "sandboxes": {"type": "array", "items": _ref("SandboxStatus")}}},
+            "SandboxStatus": {"type": "object", "description": "The sandbox pool of a function with a handler.",
+                              "properties": {
+                "function": {"type": "string"}, "starting": {"type": "integer"}, "idle": {"type": "integer"},
+                "busy": {"type": "integer"}, "queued": {"type": "integer"}, "started": {"type": "integer"},
+                "replaced": {"type": "integer"}, "requests": {"type": "integer"}, "failed": {"type": "integer"},
+                "cold_start_p50_ms": {"type": ["number", "null"]}}},
         },
     },
 }

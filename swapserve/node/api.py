@@ -72,6 +72,25 @@ class DeviceStatus:
 
 
 @dataclass(frozen=True)
+class SandboxStatus:
+    """The sandbox pool of one function with a handler."""
+
+    function: str
+    starting: int
+    idle: int
+    busy: int
+    queued: int
+    """Requests waiting for a free sandbox."""
+    started: int
+    replaced: int
+    """Sandboxes killed and replaced (crash, timeout, memory limit)."""
+    requests: int
+    failed: int
+    cold_start_p50_ms: float | None
+    """Median of the recent starts (None before the first)."""
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     ready: bool
     devices: tuple[DeviceStatus, ...]
@@ -80,6 +99,7 @@ class NodeStatus:
     host_store_capacity: int
     queued: int
     extra: dict[str, float] = field(default_factory=dict)
+    sandboxes: tuple[SandboxStatus, ...] = ()
 
 
 class NodeAPI(Protocol):

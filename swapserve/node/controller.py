@@ -41,10 +41,11 @@ from swapserve.functions.spec import FunctionSpec, artifact_dir, load_spec
 from swapserve.metrics import Metrics
 from swapserve.node import handlers
 from swapserve.node import workers as wk
-from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus
+from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
 from swapserve.node.messages import AddModel, MeasureCopy, Prepare, RemoveModel, Run, RunResult
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
+from swapserve.sandbox.types import PoolStats, SandboxEvent
 from swapserve.scheduler.core import Scheduler
 from swapserve.scheduler.types import (
     DeviceState,
@@ -174,7 +175,8 @@ class Node:
         self.busy_s = [0.0] * len(cfg.devices)
         # The zygote starts with the first handler (a node without handlers never imports torch twice).
         self.sandboxes = SandboxManager(self._call_model, replace(cfg.sandbox, deny_paths=(
-            cfg.home.resolve(), self.shm_root, *cfg.sandbox.deny_paths)), clock=clock)
+            cfg.home.resolve(), self.shm_root, *cfg.sandbox.deny_paths)), clock=clock,
+            on_event=self._sandbox_event)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -736,7 +738,19 @@ class Node:
                           self.store.capacity, self.state.queued,
                           {"h2d_GBps": self.state.link.h2d_GBps[0],
                            "exec_slowdown_copying": self.state.link.exec_slowdown_copying,
-                           **{f"busy_seconds_{w.index}": self.busy_s[w.index] for w in self._workers}})
+                           **{f"busy_seconds_{w.index}": self.busy_s[w.index] for w in self._workers}},
+                          tuple(_sandbox_status(p) for _, p in sorted(self.sandboxes.stats().items())))
+
+    def _sandbox_event(self, event: SandboxEvent) -> None:
+        # A deleted function's pool still reports its sandboxes stopping: its series are gone, keep them so.
+        if event.function in self._functions:
+            self.metrics.observe_sandbox(event)
+
+
+def _sandbox_status(p: PoolStats) -> SandboxStatus:
+    cold = sorted(c.total_ms for c in p.cold_starts)
+    return SandboxStatus(p.function, p.starting, p.idle, p.busy, p.queued, p.started, p.replaced, p.requests,
+                         p.failed, cold[len(cold) // 2] if cold else None)
 
 
 def _buckets(max_batch: int) -> tuple[int, ...]:

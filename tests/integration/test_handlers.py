@@ -230,6 +230,17 @@ def test_model_calls_are_scheduled_as_the_models_requests(server: Server, combo:
         assert f'function="{model}"' in text, f"no metrics of the model entity {model}"
 
 
+def test_sandboxes_show_in_status_and_metrics(server: Server, combo: Any) -> None:
+    assert infer_json(server, "combo", {"rows": torch.randn(1, 4)}).status == 200
+    pools = {p["function"]: p for p in server.request("GET", "/api/v1/status", token=True).json()["sandboxes"]}
+    combo_pool = pools["combo"]
+    assert combo_pool["started"] >= 1 and combo_pool["requests"] >= 1 and combo_pool["cold_start_p50_ms"] > 0
+    assert combo_pool["idle"] + combo_pool["busy"] + combo_pool["starting"] >= 1
+    text = server.request("GET", "/metrics").body.decode()
+    assert 'swapserve_sandbox_starts_total{function="combo",outcome="started"}' in text
+    assert 'swapserve_handler_duration_seconds_count{function="combo"}' in text
+
+
 def test_json_route_of_a_function_without_handler(server: Server) -> None:
     assert "no handler" in invoke(server, "mlp", {"x": [1]}).error(400)
 

@@ -6,6 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from swapserve.metrics import LATENCY_BUCKETS, Metrics
 from swapserve.node.api import DeviceStatus, NodeStatus
+from swapserve.sandbox.types import SandboxEvent
 
 
 def test_each_instance_has_its_own_registry() -> None:
@@ -76,6 +77,22 @@ def test_observe_status_sets_every_gauge() -> None:
     assert get("swapserve_host_store_used_bytes") == 100 and get("swapserve_queued_requests") == 7
 
 
+def test_sandbox_events_are_counted_and_timed_by_function() -> None:
+    m = Metrics()
+    for e in (SandboxEvent("h", "started", 0.02), SandboxEvent("h", "started", 0.03), SandboxEvent("h", "start_failed"),
+              SandboxEvent("h", "request", 0.004), SandboxEvent("h", "replaced", reason="timeout"),
+              SandboxEvent("h", "stopped", reason="idle")):
+        m.observe_sandbox(e)
+    get = m.registry.get_sample_value
+    assert get("swapserve_sandbox_starts_total", {"function": "h", "outcome": "started"}) == 2
+    assert get("swapserve_sandbox_starts_total", {"function": "h", "outcome": "start_failed"}) == 1
+    assert get("swapserve_sandbox_start_seconds_count", {"function": "h"}) == 2
+    assert abs(get("swapserve_sandbox_start_seconds_sum", {"function": "h"}) - 0.05) < 1e-9
+    assert get("swapserve_handler_duration_seconds_count", {"function": "h"}) == 1
+    assert get("swapserve_sandbox_exits_total", {"function": "h", "kind": "replaced"}) == 1
+    assert get("swapserve_sandbox_exits_total", {"function": "h", "kind": "stopped"}) == 1
+
+
 def test_forget_function_drops_its_series_only() -> None:
     m = Metrics()
     for fn in ("gone", "kept"):
@@ -84,6 +101,9 @@ def test_forget_function_drops_its_series_only() -> None:
         m.observe_queue(fn, 0.001)
         m.observe_node_request(fn, 0.002)
         m.count_slo_miss(fn)
+        m.observe_sandbox(SandboxEvent(fn, "started", 0.02))
+        m.observe_sandbox(SandboxEvent(fn, "request", 0.004))
+        m.observe_sandbox(SandboxEvent(fn, "replaced", reason="crash"))
     m.forget_function("gone")
     m.forget_function("never-seen")  # harmless
     assert 'function="gone"' not in m.render().decode()
@@ -92,6 +112,11 @@ def test_forget_function_drops_its_series_only() -> None:
     assert get("swapserve_queue_seconds_count", {"function": "kept"}) == 1
     assert get("swapserve_node_request_duration_seconds_count", {"function": "kept"}) == 1
     assert get("swapserve_slo_misses_total", {"function": "kept"}) == 1
+    assert get("swapserve_sandbox_starts_total", {"function": "kept", "outcome": "started"}) == 1
+    assert get("swapserve_handler_duration_seconds_count", {"function": "kept"}) == 1
+    assert get("swapserve_sandbox_exits_total", {"function": "kept", "kind": "replaced"}) == 1
+    m.observe_sandbox(SandboxEvent("gone", "started", 0.02))  # a forgotten function's series come back only if
+    assert get("swapserve_sandbox_starts_total", {"function": "gone", "outcome": "started"}) == 1  # observed anew
 
 
 def test_render_is_parseable_prometheus_text() -> None:
