@@ -15,18 +15,24 @@ def table(r: dict) -> str:
              f"{r.get('duration_s')} s of trace per point, seed {r.get('seed')}, SLO = max(10 ms, 3 × (native graph + "
              f"floor)) of each fp16 model ({r.get('slo_source', '')}). Attainment = fraction of called functions whose "
              "P98 ≤ SLO (refused or failed = miss).", "",
-             "| policy | N | attainment | P50 ms | P99 ms | req/s | swaps/s | busy | requests | codes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| policy | N | attainment | P50 ms | P99 ms | req/s | swaps/s | busy | loop late | requests | codes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, p in r["policies"].items():
         for pt in p["sweep"]:
             fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
             lines.append(f"| {label} | {pt['n']} | {pt['attainment']:.3f} | {fmt(pt['p50_ms'])} | {fmt(pt['p99_ms'])} "
                          f"| {pt['throughput_rps']:.1f} | {pt['swaps_per_s']:.1f} | {pt['busy_fraction']:.2f} "
-                         f"| {pt['requests']} | {pt['status_codes']} |")
+                         f"| {_lag(pt.get('loop_lag'))} | {pt['requests']} | {pt['status_codes']} |")
     lines += ["", "max_functions (largest N with ≥ 98 % attainment): "
               + ", ".join(f"{k} {v['max_functions']}" for k, v in r["policies"].items())]
+    lines += ["", "loop late: share of the node's 10 ms event-loop probe ticks that ran over 2.5 ms late (CPU work or "
+              "collection pauses holding the gateway and controller; '-' where the run predates the probe)."]
     lines += breakdown_table(r)
     return "\n".join(lines) + "\n"
+
+
+def _lag(lag: dict | None) -> str:
+    return f"{lag['over_2.5ms'] / lag['ticks']:.1%}" if lag and lag.get("ticks") else "-"
 
 
 def breakdown_table(r: dict) -> list[str]:

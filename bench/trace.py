@@ -273,7 +273,23 @@ def scrape(url: str) -> dict[str, float]:
         if line.startswith("swapserve_swap_seconds_count") or line.startswith("swapserve_compute_seconds_sum"):
             key = line.split("{")[0]
             out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith("swapserve_event_loop_lag_seconds"):  # _count, _sum, _bucket{le="..."}
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
     return out
+
+
+def loop_lag(before: dict[str, float], after: dict[str, float]) -> dict[str, float] | None:
+    """The node's event-loop lag over a point: probe ticks (every 10 ms), how many ran over 2.5 and 10 ms
+    late, and the mean lateness."""
+    name = "swapserve_event_loop_lag_seconds"
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after if k.startswith(name)}
+    ticks = d.get(f"{name}_count", 0.0)
+    if not ticks:
+        return None
+    return {"ticks": ticks, "over_2.5ms": ticks - d.get(f'{name}_bucket{{le="0.0025"}}', ticks),
+            "over_10ms": ticks - d.get(f'{name}_bucket{{le="0.01"}}', ticks),
+            "mean_ms": d.get(f"{name}_sum", 0.0) / ticks * 1e3}
 
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
@@ -327,6 +343,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "p99_ms": float(np.percentile(ok, 99)) if ok else None,
         "throughput_rps": len(ok) / duration,
         "swaps_per_s": swaps / elapsed,
+        "loop_lag": loop_lag(before, after),
         "busy_fraction": busy / elapsed / srv_devices(srv),
         "latencies_ms": sorted(ok)[:: max(1, len(ok) // 2000)],  # a thinned sample for the CDF plot
         "swapped_fraction": sum(r[6] for r in done) / max(1, len(done)),

@@ -86,6 +86,9 @@ class Metrics:
         self.host_store_capacity = Gauge("host_store_capacity_bytes", "Pinned host-store capacity.",
                                          namespace=ns, registry=r)
         self.queued = Gauge("queued_requests", "Requests waiting for a device right now.", namespace=ns, registry=r)
+        self.loop_lag = Histogram("event_loop_lag_seconds", "How late the gateway/controller event loop ran a timer "
+                                  "due every 10 ms: time it spent unable to serve anything (CPU work, collection "
+                                  "pauses).", namespace=ns, registry=r, buckets=buckets)
         # Handler sandboxes (functions with a handler only).
         self.sandbox_starts = Counter("sandbox_starts", "Sandbox process starts by function and outcome "
                                       "(started, start_failed).", ["function", "outcome"], namespace=ns, registry=r)
@@ -160,6 +163,9 @@ class Metrics:
 
     def set_queued(self, n: int) -> None:
         self.queued.set(n)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.loop_lag.observe(seconds)
 
     def observe_sandbox(self, event: SandboxEvent) -> None:
         """One event of a function's sandbox pool (``swapserve.sandbox``'s ``on_event``)."""

@@ -26,9 +26,13 @@ from swapserve.config import MiB
 from swapserve.node.config import ServeConfig
 
 if TYPE_CHECKING:
+    from swapserve.metrics import Metrics
     from swapserve.node.controller import Node
 
 log = logging.getLogger("swapserve.serve")
+
+LOOP_TICK_S = 0.01
+"""Period of the event-loop lag probe (``swapserve_event_loop_lag_seconds``)."""
 
 GRACE_S = 10.0
 """How long in-flight requests get to finish on shutdown."""
@@ -108,6 +112,7 @@ async def _main(config: ServeConfig) -> int:
           f"{', '.join(devices)}", flush=True)
     starting = asyncio.ensure_future(_start(node, config))
     stopping = asyncio.ensure_future(stop.wait())
+    lag = asyncio.ensure_future(_watch_loop(metrics))
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if starting.done() and starting.exception() is not None:
@@ -118,10 +123,20 @@ async def _main(config: ServeConfig) -> int:
     print("swapserve: stopping (finishing in-flight requests)", flush=True)
     starting.cancel()
     stopping.cancel()
+    lag.cancel()
     await node.stop(GRACE_S)
     await runner.cleanup()
     print("swapserve: stopped", flush=True)
     return code
+
+
+async def _watch_loop(metrics: Metrics, period_s: float = LOOP_TICK_S) -> None:
+    """Observe, every ``period_s``, how late the loop woke up: the time it could serve nothing."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + period_s
+        await asyncio.sleep(period_s)
+        metrics.observe_loop_lag(max(0.0, loop.time() - due))
 
 
 async def _start(node: Node, config: ServeConfig) -> None:

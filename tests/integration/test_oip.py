@@ -278,6 +278,9 @@ def test_metrics_count_requests(server: Server):
     assert metric(after, "swapserve_pool_size_bytes", device="cpu") > 0
     assert metric(after, "swapserve_http_requests_total", route="/v2/models/{name}/infer", method="POST",
                   code="200") >= 3
+    # The event-loop probe ticks all along (every 10 ms) whether or not requests come.
+    ticks = "swapserve_event_loop_lag_seconds_count"
+    assert metric(after, ticks) > metric(before, ticks)
 
 
 def test_openapi_and_docs(server: Server):
