@@ -29,16 +29,19 @@ case "$GPU" in
   *) SLO=() ;;
 esac
 
-step "overhead (spin off, then the default)"
-python3 bench/overhead.py --out "$R/overhead_spin0" --requests 2000 --warmup 200 --seconds 5 --spin-ms 0
+step "overhead (busy-polling 2 ms, then the default: off)"
+python3 bench/overhead.py --out "$R/overhead_spin2" --requests 2000 --warmup 200 --seconds 5 --spin-ms 2
 python3 bench/overhead.py --out "$R" --requests 2000 --warmup 200 --seconds 5
 
+step "handler overhead"
+python3 bench/handler_overhead.py --out "$R" --requests 1000
+
 step "trace swapserve $SWEEP"
-python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" "${SLO[@]}"
+python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw "${SLO[@]}"
 SLO=(--slo-from "$R/trace.json")  # the table the first run used (measured there if no file had it)
 step "trace lru_ondemand $ONDEMAND_SWEEP"
-python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" "${SLO[@]}"
+python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw "${SLO[@]}"
 BASELINE_SWEEP=${BASELINE_SWEEP:-$SWEEP}
 step "trace fifo_lru, dedicated $BASELINE_SWEEP"
-python3 bench/trace.py --out "$R" --policies fifo_lru,dedicated --sweep "$BASELINE_SWEEP" --duration "$DURATION" --warmup "$WARMUP" "${SLO[@]}"
+python3 bench/trace.py --out "$R" --policies fifo_lru,dedicated --sweep "$BASELINE_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw "${SLO[@]}"
 step done

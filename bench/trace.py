@@ -435,6 +435,9 @@ def main() -> None:
             st = Client(srv.url, srv.token).status()
             result["gpu"] = st["devices"][0]["name"]
             result["gpus"] = len(st["devices"])
+            # The node's link profile, measured at its start: host→GPU GB/s with all GPUs copying at once,
+            # and the slowdown of execution under a copy (what the scheduler counts as contention).
+            result["link_profile"] = {k: v for k, v in (st.get("extra") or {}).items() if not k.startswith("busy_")}
             points = []
             for n in sweep:
                 raw = args.out / "trace_raw" / f"{label}_{n}.jsonl.gz" if args.raw else None

@@ -737,6 +737,7 @@ class Node:
         return NodeStatus(self._ready, tuple(devices), len(self._functions), self.store.used_bytes,
                           self.store.capacity, self.state.queued,
                           {"h2d_GBps": self.state.link.h2d_GBps[0],
+                           "h2d_GBps_all_copying": self.state.link.h2d_GBps[-1],
                            "exec_slowdown_copying": self.state.link.exec_slowdown_copying,
                            **{f"busy_seconds_{w.index}": self.busy_s[w.index] for w in self._workers}},
                           tuple(_sandbox_status(p) for _, p in sorted(self.sandboxes.stats().items())))

@@ -24,7 +24,7 @@ resident); the others are refused (the baseline of one GPU slice per model)."""
 
 @dataclass(frozen=True)
 class LinkProfile:
-    """Measured on the machine at start (``swapserve.node.profiling``), not assumed."""
+    """Measured on the machine at start (``Node._profile_link``), not assumed."""
 
     h2d_GBps: tuple[float, ...]
     """Pinned host→device bandwidth per device when k devices copy at once: index k-1."""
