@@ -18,7 +18,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,6 +69,8 @@ class _Compiled:
     """State name of each leading placeholder."""
     plain: fx.GraphModule
     pipelined: fx.GraphModule
+    peak_bytes: dict[int, int] = field(default_factory=dict)
+    """Activation peak per batch size (a walk of the graph: worth computing once, not per model)."""
 
 
 _COMPILED: OrderedDict[tuple[Any, ...], _Compiled] = OrderedDict()
@@ -109,6 +111,7 @@ class ExportedProgram(Program):
         self._plain = c.plain
         self._pipelined = c.pipelined
         self._graph = c.plain.graph
+        self._peak = c.peak_bytes
         self._args: list[torch.Tensor] = []
 
     def bind(self, weights: dict[str, torch.Tensor]) -> None:
@@ -123,7 +126,10 @@ class ExportedProgram(Program):
         return list(out)
 
     def activation_bytes(self, batch: int) -> int:
-        return _peak_live_bytes(self._graph, batch)
+        peak = self._peak.get(batch)
+        if peak is None:
+            peak = self._peak[batch] = _peak_live_bytes(self._graph, batch)
+        return peak
 
 
 def _deserialize(artifact: Artifact, program: bytes) -> torch.export.ExportedProgram:
