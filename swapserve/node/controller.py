@@ -3,7 +3,8 @@ drives one worker process per device.
 
 Requests wait in per-model queues until a device is free (late binding); the pure scheduler decides
 what runs where; the batch's inputs go to the chosen worker through its IO slab; the worker swaps the
-model in while it runs. A function without a handler is one model, queued under the function's name; a
+model in while it runs (that request path is ``node/dispatch.py``; this module deploys, loads and
+retires functions and their models, and runs the workers' lifecycle). A function without a handler is one model, queued under the function's name; a
 function with a handler runs it in its sandbox pool, and each model call the handler makes is queued
 like any request, under its model's name, due by the request's deadline (see ``node/handlers.py``).
 Everything here runs on one asyncio loop; blocking work (artifact loading, filling the host store) goes
@@ -13,8 +14,6 @@ to threads.
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
 import logging
 import shutil
 import time
@@ -29,33 +28,25 @@ from swapserve.artifact import Artifact, load_artifact
 from swapserve.artifact.manifest import dtype_from_name
 from swapserve.config import EngineConfig, MiB, env
 from swapserve.engine import HostStore
-from swapserve.errors import (
-    BackendError,
-    InvalidInputError,
-    NotFoundError,
-    OverloadedError,
-    SwapserveError,
-    UnavailableError,
-)
+from swapserve.errors import InvalidInputError, NotFoundError, SwapserveError, UnavailableError
 from swapserve.functions.spec import FunctionSpec, artifact_dir, load_spec
 from swapserve.metrics import Metrics
 from swapserve.node import handlers
 from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
-from swapserve.node.messages import AddModel, MeasureCopy, Prepare, RemoveModel, Run, RunResult
+from swapserve.node.dispatch import Dispatcher, reply_error
+from swapserve.node.messages import AddModel, MeasureCopy, Prepare, RemoveModel, RunResult
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
 from swapserve.sandbox.types import PoolStats, SandboxEvent
 from swapserve.scheduler.core import Scheduler
 from swapserve.scheduler.types import (
     DeviceState,
-    Dispatch,
     FunctionQueue,
     LinkProfile,
     ModelProfile,
     NodeState,
     Policy,
-    Request,
 )
 
 log = logging.getLogger(__name__)
@@ -121,25 +112,6 @@ class _Function:
         return FunctionInfo(self.spec, self.version, self.state, self.reason, self.nbytes, self.created_at)
 
 
-@dataclass
-class _Pending:
-    request: Request
-    inputs: list[torch.Tensor]
-    future: asyncio.Future[InferResult]
-    started: float
-
-
-@dataclass
-class _InFlight:
-    dispatch: Dispatch
-    key: str
-    pending: list[_Pending]
-    started: float
-    batch: int
-    outputs: tuple[str, ...]
-    """The serving version's output names at dispatch (a delete or redeploy may land meanwhile)."""
-
-
 class Node:
     """Implements :class:`swapserve.node.api.NodeAPI`."""
 
@@ -160,19 +132,12 @@ class Node:
         self._functions: dict[str, _Function] = {}
         self._models: dict[str, _Model] = {}
         """Every scheduler entity that serves, by entity name."""
-        self._pending: dict[str, _Pending] = {}
-        self._inflight: dict[int, _InFlight] = {}
-        self._key_users: dict[str, int] = {}
         self._retired: set[str] = set()
+        """Model versions to remove from the workers and the host store once their last run ends."""
         self._ready = False
         self._live = True
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._spin_s = cfg.spin_s
-        self._hot_until = 0.0
-        self._spinning = False
-        self._ids = itertools.count()
-        self.busy_s = [0.0] * len(cfg.devices)
+        self.dispatch = Dispatcher(self.state, self.scheduler, self._workers, self.store, self._models, self.metrics,
+                                   clock, cfg.spin_s, self._released, len(cfg.devices))
         # The zygote starts with the first handler (a node without handlers never imports torch twice).
         self.sandboxes = SandboxManager(self._call_model, replace(cfg.sandbox, deny_paths=(
             cfg.home.resolve(), self.shm_root, *cfg.sandbox.deny_paths)), clock=clock,
@@ -187,7 +152,7 @@ class Node:
         for i, dev in enumerate(self.cfg.devices):
             wcfg = WorkerConfig(i, dev, _engine_for(engine, dev, self.cfg.mode), str(self.store.root),
                                 str(self.shm_root / f"io-{i}.bin"), self.cfg.slab_bytes, self.cfg.log_level,
-                                spin_s=self._spin_s,
+                                spin_s=self.cfg.spin_s,
                                 auto_pool=self.cfg.pool_bytes is None)
             self._workers.append(wk.spawn(wcfg))
         hellos = await asyncio.gather(*(wk.wait_hello(w, self.cfg.start_timeout_s) for w in self._workers))
@@ -223,18 +188,16 @@ class Node:
         """Stop admitting, let in-flight work finish (up to ``grace_s``), fail what is queued, stop workers."""
         self._ready = False
         deadline = self.clock() + grace_s
-        while self._inflight and self.clock() < deadline:
-            await asyncio.sleep(0.01)
+        await self.dispatch.drain(deadline)
         # Handlers still running get the grace period too (their model calls are still served), then their
         # sandboxes and the zygote stop.
         await self.sandboxes.close(grace_s=max(0.0, deadline - self.clock()))
-        for p in list(self._pending.values()):
-            self._fail(p, UnavailableError("the node is shutting down"))
+        self.dispatch.fail_all(UnavailableError("the node is shutting down"))
         await asyncio.gather(*(wk.stop(w, max(1.0, deadline - self.clock())) for w in self._workers))
         self.store.close()
         self.registry.close()
         shutil.rmtree(self.shm_root, ignore_errors=True)
-        self._live = False
+        self._live = self.dispatch.live = False
 
     def _on_worker_dead(self, w: wk.WorkerHandle) -> None:
         log.error("worker %d (%s) died (exit code %s); its device is out of service", w.index, w.device,
@@ -383,10 +346,10 @@ class Node:
             if m.entity not in {n.entity for n in models.values()}:
                 self._drop_entity(m.entity, UnavailableError(f"function {spec.name!r} was redeployed without "
                                                              f"model {m.entity!r}"))
-        self._refresh_residency(everything=True)
+        self.dispatch.refresh_residency(everything=True)
         for m in (old.models.values() if old is not None else ()):
             self._retire(m.key)
-        self._pump()
+        self.dispatch.pump()
 
     def _add_entity(self, spec: FunctionSpec, m: _Model) -> None:
         """Queue, profile and residency of one model entity, with the function's SLO and batching."""
@@ -406,7 +369,7 @@ class Node:
 
     def _drop_entity(self, name: str, error: SwapserveError) -> None:
         """Forget a model entity: its queued requests fail with ``error``; runs in flight finish."""
-        self._fail_queued(name, error)
+        self.dispatch.fail_queued(name, error)
         self.state.queues.pop(name, None)
         self.state.dedicated.pop(name, None)
         self.state.profiles.pop(name, None)
@@ -425,11 +388,15 @@ class Node:
                 return
 
     def _retire(self, key: str) -> None:
-        if self._key_users.get(key):
+        if self.dispatch.users(key):
             self._retired.add(key)  # removed when its last run completes
             return
         self._retired.discard(key)
         asyncio.ensure_future(self._unload_everywhere(key))
+
+    def _released(self, key: str) -> None:
+        if key in self._retired:
+            self._retire(key)
 
     async def delete(self, name: str) -> None:
         fn = self._get(name)
@@ -485,7 +452,7 @@ class Node:
         assert m is not None  # READY, no handler: one model
         tensors, items = _check_inputs(fn.spec, m.artifact.manifest, inputs)
         now = self.clock()
-        return await self._run(m.entity, tensors, items, now, now + fn.spec.slo_ms / 1e3, request_id)
+        return await self.dispatch.run(m.entity, tensors, items, now, now + fn.spec.slo_ms / 1e3, request_id)
 
     async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:
         fn = self._get(name)
@@ -531,192 +498,7 @@ class Node:
         manifest = m.artifact.manifest
         tensors = [inputs[t.name] for t in manifest.inputs]
         items = tensors[0].shape[0] if manifest.dynamic_batch else 1
-        return (await self._run(m.entity, tensors, items, self.clock(), deadline, None)).outputs
-
-    async def _run(self, entity: str, tensors: list[torch.Tensor], items: int, now: float, deadline: float,
-                   request_id: str | None) -> InferResult:
-        """Queue one request of a model entity and wait for its outputs."""
-        req = Request(request_id or f"r{next(self._ids)}", entity, now, deadline, items)
-        if req.id in self._pending:  # a client reused an id while its first request is still queued
-            req.id = f"{req.id}-{next(self._ids)}"
-        reject = self.scheduler.admit(self.state, req, now)
-        if reject is not None:
-            self.metrics.count_slo_miss(entity)
-            raise OverloadedError(reject.reason, reject.retry_after, reject.status)
-        fut: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
-        self._pending[req.id] = _Pending(req, tensors, fut, now)
-        self._pump()
-        self._keep_hot()
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            self._pending.pop(req.id, None)
-            q = self.state.queues.get(entity)
-            if q is not None:
-                q.requests = [r for r in q.requests if r.id != req.id]
-            raise
-
-    def _pump(self) -> None:
-        """Ask the scheduler what to do now and do it."""
-        if not self._live:
-            return
-        if not self._pending:  # nothing queued: nothing to decide (the common case after a completion)
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            return
-        now = self.clock()
-        decision = self.scheduler.decide(self.state, now)
-        self.scheduler.apply(self.state, decision, now)  # dequeue, mark devices busy
-        for rej in decision.rejects:
-            p = self._pending.pop(rej.request_id, None)
-            if p is not None:
-                self.metrics.count_slo_miss(p.request.function)
-                self._fail(p, OverloadedError(rej.reason, rej.retry_after, rej.status))
-        for d in decision.dispatches:
-            self._dispatch(d, now)
-        self._arm_timer(now)
-
-    def _dispatch(self, d: Dispatch, now: float) -> None:
-        batch = [p for rid in d.request_ids if (p := self._pending.pop(rid, None)) is not None and not p.future.done()]
-        m = self._models.get(d.function)
-        w = self._workers[d.device]
-        dev = self.state.devices[d.device]
-        try:
-            if not batch or m is None:
-                raise UnavailableError(f"function {d.function!r} is gone")
-            self.store.acquire(m.key)  # pinned in host memory until the run ends
-            try:
-                refs, end = w.slab.write_batch([[p.inputs[i] for p in batch] for i in range(len(batch[0].inputs))])
-            except BaseException:
-                self.store.release(m.key)
-                raise
-        except SwapserveError as e:
-            dev.busy_until = dev.running = dev.copying_until = None
-            for p in batch:
-                self._fail(p, e)
-            return
-        values = {self._models[f].key: v for f, v in d.values.items() if f in self._models}
-        msg = Run(wk.next_id(), m.key, refs, end, values)
-        self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
-        items = sum(p.request.items for p in batch)
-        self._inflight[d.device] = _InFlight(d, m.key, batch, now, items, m.outputs)
-        for p in batch:
-            self.metrics.observe_queue(d.function, now - p.started)
-        try:
-            wk.send(w, msg, functools.partial(self._complete, w))
-        except (BackendError, OSError) as e:
-            self._complete(w, e if isinstance(e, BackendError) else BackendError(str(e)))
-
-    def _complete(self, w: wk.WorkerHandle, outcome: Any) -> None:
-        """A run ended (called straight from the worker's reply): answer its requests, free the device."""
-        reply = None if isinstance(outcome, BaseException) else outcome
-        error: SwapserveError | None = outcome if isinstance(outcome, SwapserveError) else None
-        fl = self._inflight.pop(w.index)
-        fn_name = fl.dispatch.function
-        now = self.clock()
-        dev = self.state.devices[w.index]
-        dev.busy_until = dev.running = dev.copying_until = None
-        dev.last_used[fn_name] = now
-        self.busy_s[w.index] += now - fl.started
-        self.store.release(fl.key)
-        self._key_users[fl.key] -= 1
-        if reply is not None and reply.ok and isinstance(reply.result, RunResult):
-            res = reply.result
-            outs = [w.slab.tensor(r) for r in res.outputs]
-            row = 0
-            names = fl.outputs
-            for p in fl.pending:
-                n = p.request.items
-                result = {nm: (o[row:row + n] if o.dim() else o).clone() for nm, o in zip(names, outs)}
-                row += n
-                total = (now - p.started) * 1e3
-                late = now > p.request.deadline
-                if late:
-                    self.metrics.count_slo_miss(fn_name)
-                self.metrics.observe_node_request(fn_name, total / 1e3)
-                if not p.future.done():
-                    p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
-                                                    res.wall_ms, total))
-            self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
-            if res.swapped:
-                self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)
-            if res.pages_taken:
-                self.metrics.count_eviction(w.device, res.pages_taken)
-            self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
-                                              (now - fl.started) * 1e3, now, copy_ms=fl.dispatch.copy_ms)
-        else:
-            err = error or _reply_error(reply)
-            for p in fl.pending:
-                self._fail(p, err)
-        self._refresh_residency()
-        if fl.key in self._retired and not self._key_users.get(fl.key):
-            self._retire(fl.key)
-        self._pump()
-        self._keep_hot()
-
-    def _keep_hot(self) -> None:
-        """Keep the event loop polling (not sleeping) while runs are in flight and ``spin_s`` after."""
-        if not self._spin_s:
-            return
-        self._hot_until = time.perf_counter() + self._spin_s
-        if not self._spinning:
-            self._spinning = True
-            asyncio.get_running_loop().call_soon(self._spin)
-
-    def _spin(self) -> None:
-        # A ready callback makes the loop poll its sockets and pipes with a zero timeout instead of sleeping.
-        if self._live and (self._inflight or time.perf_counter() < self._hot_until):
-            asyncio.get_running_loop().call_soon(self._spin)
-        else:
-            self._spinning = False
-
-    def _refresh_residency(self, everything: bool = False) -> None:
-        """Copy what workers reported into the scheduler's view (only where it changed, unless asked)."""
-        by_key = {m.key: name for name, m in self._models.items()} if everything or any(
-            w.residency_changed for w in self._workers) else {}
-        for w, dev in zip(self._workers, self.state.devices):
-            if w.residency is None or not (everything or w.residency_changed):
-                continue
-            w.residency_changed = False
-            dev.resident = {by_key[k] for k, frac in w.residency.present.items() if frac >= 1.0 and k in by_key}
-            dev.partial = {by_key[k]: frac for k, frac in w.residency.present.items() if frac < 1.0 and k in by_key}
-        # Pool, host-store and queue gauges are set from status() when /metrics is scraped.
-
-    def _arm_timer(self, now: float) -> None:
-        """Wake up when the earliest queued request would expire, so hopeless work is refused promptly."""
-        deadlines = [self.state.queues[n].requests[0].deadline for n in self.state.nonempty()]
-        if not deadlines:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            return
-        at = min(deadlines)
-        if self._timer is not None and self._timer_at == at:
-            return  # already set for that deadline
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = asyncio.get_running_loop().call_later(max(0.001, at - now), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None  # spent: the pump below arms a new one if anything is still queued
-        self._pump()
-
-    def _fail_queued(self, name: str, error: SwapserveError) -> None:
-        q = self.state.queues.get(name)
-        if q is None:
-            return
-        for r in list(q.requests):
-            p = self._pending.pop(r.id, None)
-            if p is not None:
-                self._fail(p, error)
-        q.requests.clear()
-
-    @staticmethod
-    def _fail(p: _Pending, error: BaseException) -> None:
-        if not p.future.done():
-            p.future.set_exception(error)
+        return (await self.dispatch.run(m.entity, tensors, items, self.clock(), deadline, None)).outputs
 
     def _live_workers(self) -> list[wk.WorkerHandle]:
         return [w for w in self._workers if not w.dead]
@@ -733,13 +515,13 @@ class Node:
                 w.device, w.hello.name if w.hello else "?", r.pool_bytes if r else 0, r.used_bytes if r else 0,
                 tuple(sorted(by_key[k] for k, f in present.items() if f >= 1.0 and k in by_key)),
                 tuple(sorted(by_key[k] for k, f in present.items() if f < 1.0 and k in by_key)),
-                w.index in self._inflight))
+                self.dispatch.busy(w.index)))
         return NodeStatus(self._ready, tuple(devices), len(self._functions), self.store.used_bytes,
                           self.store.capacity, self.state.queued,
                           {"h2d_GBps": self.state.link.h2d_GBps[0],
                            "h2d_GBps_all_copying": self.state.link.h2d_GBps[-1],
                            "exec_slowdown_copying": self.state.link.exec_slowdown_copying,
-                           **{f"busy_seconds_{w.index}": self.busy_s[w.index] for w in self._workers}},
+                           **{f"busy_seconds_{w.index}": self.dispatch.busy_s[w.index] for w in self._workers}},
                           tuple(_sandbox_status(p) for _, p in sorted(self.sandboxes.stats().items())))
 
     def _sandbox_event(self, event: SandboxEvent) -> None:
@@ -809,12 +591,4 @@ def _check_inputs(fspec: FunctionSpec, manifest: Any, inputs: dict[str, torch.Te
 def _raise_first(replies: list[Any]) -> None:
     for r in replies:
         if not r.ok:
-            raise _reply_error(r)
-
-
-def _reply_error(reply: Any) -> SwapserveError:
-    if reply is None:
-        return BackendError("no reply from the worker")
-    err = SwapserveError(reply.error)
-    err.http_status = reply.http_status
-    return err
+            raise reply_error(r)

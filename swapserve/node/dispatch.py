@@ -1,0 +1,295 @@
+"""The request path of a node: a model entity's request goes to the scheduler's queues, what the scheduler
+decides goes to the workers (inputs through each worker's IO slab), and the workers' replies answer the
+requests — all on the controller's event loop, with no task per run (replies call back).
+
+:class:`Dispatcher` owns what is in flight; :class:`swapserve.node.controller.Node` owns what is deployed
+(functions, models, workers' lifecycle) and hands it the maps it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from swapserve.engine import HostStore
+from swapserve.errors import BackendError, OverloadedError, SwapserveError, UnavailableError
+from swapserve.metrics import Metrics
+from swapserve.node import workers as wk
+from swapserve.node.api import InferResult
+from swapserve.node.messages import Run, RunResult
+from swapserve.scheduler.core import Scheduler
+from swapserve.scheduler.types import Dispatch, NodeState, Request
+
+
+class Served(Protocol):
+    """What the dispatcher needs of a serving model entity."""
+
+    key: str
+    """Host-store / worker key of the loaded version."""
+    outputs: tuple[str, ...]
+
+
+@dataclass
+class _Pending:
+    request: Request
+    inputs: list[torch.Tensor]
+    future: asyncio.Future[InferResult]
+    started: float
+
+
+@dataclass
+class _InFlight:
+    dispatch: Dispatch
+    key: str
+    pending: list[_Pending]
+    started: float
+    batch: int
+    outputs: tuple[str, ...]
+    """The serving version's output names at dispatch (a delete or redeploy may land meanwhile)."""
+
+
+class Dispatcher:
+    def __init__(self, state: NodeState, scheduler: Scheduler, workers: list[wk.WorkerHandle], store: HostStore,
+                 models: Mapping[str, Served], metrics: Metrics, clock: Callable[[], float], spin_s: float,
+                 on_released: Callable[[str], None], devices: int):
+        """``workers`` and ``models`` (serving entities by name) are the node's own, read as they change;
+        ``on_released(key)`` is called when the last run using a model version's key ends."""
+        self.state = state
+        self.scheduler = scheduler
+        self._workers = workers
+        self.store = store
+        self._models = models
+        self.metrics = metrics
+        self.clock = clock
+        self._spin_s = spin_s
+        self._on_released = on_released
+        self.live = True
+        self._pending: dict[str, _Pending] = {}
+        self._inflight: dict[int, _InFlight] = {}
+        self._key_users: dict[str, int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._hot_until = 0.0
+        self._spinning = False
+        self._ids = itertools.count()
+        self.busy_s = [0.0] * devices
+        """Seconds each device spent on runs (dispatch to reply)."""
+
+    def users(self, key: str) -> int:
+        """Runs in flight that use model version ``key``."""
+        return self._key_users.get(key, 0)
+
+    def busy(self, device: int) -> bool:
+        return device in self._inflight
+
+    async def drain(self, deadline: float) -> None:
+        """Wait for the runs in flight to end (until ``deadline`` on the node's clock)."""
+        while self._inflight and self.clock() < deadline:
+            await asyncio.sleep(0.01)
+
+    def fail_all(self, error: SwapserveError) -> None:
+        """Fail every request still waiting."""
+        for p in list(self._pending.values()):
+            self._fail(p, error)
+
+    async def run(self, entity: str, tensors: list[torch.Tensor], items: int, now: float, deadline: float,
+                  request_id: str | None) -> InferResult:
+        """Queue one request of a model entity and wait for its outputs."""
+        req = Request(request_id or f"r{next(self._ids)}", entity, now, deadline, items)
+        if req.id in self._pending:  # a client reused an id while its first request is still queued
+            req.id = f"{req.id}-{next(self._ids)}"
+        reject = self.scheduler.admit(self.state, req, now)
+        if reject is not None:
+            self.metrics.count_slo_miss(entity)
+            raise OverloadedError(reject.reason, reject.retry_after, reject.status)
+        fut: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
+        self._pending[req.id] = _Pending(req, tensors, fut, now)
+        self.pump()
+        self._keep_hot()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._pending.pop(req.id, None)
+            q = self.state.queues.get(entity)
+            if q is not None:
+                q.requests = [r for r in q.requests if r.id != req.id]
+            raise
+
+    def pump(self) -> None:
+        """Ask the scheduler what to do now and do it."""
+        if not self.live:
+            return
+        if not self._pending:  # nothing queued: nothing to decide (the common case after a completion)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        now = self.clock()
+        decision = self.scheduler.decide(self.state, now)
+        self.scheduler.apply(self.state, decision, now)  # dequeue, mark devices busy
+        for rej in decision.rejects:
+            p = self._pending.pop(rej.request_id, None)
+            if p is not None:
+                self.metrics.count_slo_miss(p.request.function)
+                self._fail(p, OverloadedError(rej.reason, rej.retry_after, rej.status))
+        for d in decision.dispatches:
+            self._dispatch(d, now)
+        self._arm_timer(now)
+
+    def _dispatch(self, d: Dispatch, now: float) -> None:
+        batch = [p for rid in d.request_ids if (p := self._pending.pop(rid, None)) is not None and not p.future.done()]
+        m = self._models.get(d.function)
+        w = self._workers[d.device]
+        dev = self.state.devices[d.device]
+        try:
+            if not batch or m is None:
+                raise UnavailableError(f"function {d.function!r} is gone")
+            self.store.acquire(m.key)  # pinned in host memory until the run ends
+            try:
+                refs, end = w.slab.write_batch([[p.inputs[i] for p in batch] for i in range(len(batch[0].inputs))])
+            except BaseException:
+                self.store.release(m.key)
+                raise
+        except SwapserveError as e:
+            dev.busy_until = dev.running = dev.copying_until = None
+            for p in batch:
+                self._fail(p, e)
+            return
+        values = {self._models[f].key: v for f, v in d.values.items() if f in self._models}
+        msg = Run(wk.next_id(), m.key, refs, end, values)
+        self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
+        items = sum(p.request.items for p in batch)
+        self._inflight[d.device] = _InFlight(d, m.key, batch, now, items, m.outputs)
+        for p in batch:
+            self.metrics.observe_queue(d.function, now - p.started)
+        try:
+            wk.send(w, msg, functools.partial(self._complete, w))
+        except (BackendError, OSError) as e:
+            self._complete(w, e if isinstance(e, BackendError) else BackendError(str(e)))
+
+    def _complete(self, w: wk.WorkerHandle, outcome: Any) -> None:
+        """A run ended (called straight from the worker's reply): answer its requests, free the device."""
+        reply = None if isinstance(outcome, BaseException) else outcome
+        error: SwapserveError | None = outcome if isinstance(outcome, SwapserveError) else None
+        fl = self._inflight.pop(w.index)
+        fn_name = fl.dispatch.function
+        now = self.clock()
+        dev = self.state.devices[w.index]
+        dev.busy_until = dev.running = dev.copying_until = None
+        dev.last_used[fn_name] = now
+        self.busy_s[w.index] += now - fl.started
+        self.store.release(fl.key)
+        self._key_users[fl.key] -= 1
+        if reply is not None and reply.ok and isinstance(reply.result, RunResult):
+            res = reply.result
+            outs = [w.slab.tensor(r) for r in res.outputs]
+            row = 0
+            names = fl.outputs
+            for p in fl.pending:
+                n = p.request.items
+                result = {nm: (o[row:row + n] if o.dim() else o).clone() for nm, o in zip(names, outs)}
+                row += n
+                total = (now - p.started) * 1e3
+                late = now > p.request.deadline
+                if late:
+                    self.metrics.count_slo_miss(fn_name)
+                self.metrics.observe_node_request(fn_name, total / 1e3)
+                if not p.future.done():
+                    p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
+                                                    res.wall_ms, total))
+            self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
+            if res.swapped:
+                self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)
+            if res.pages_taken:
+                self.metrics.count_eviction(w.device, res.pages_taken)
+            self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
+                                              (now - fl.started) * 1e3, now, copy_ms=fl.dispatch.copy_ms)
+        else:
+            err = error or reply_error(reply)
+            for p in fl.pending:
+                self._fail(p, err)
+        self.refresh_residency()
+        if not self._key_users[fl.key]:
+            del self._key_users[fl.key]
+            self._on_released(fl.key)
+        self.pump()
+        self._keep_hot()
+
+    def _keep_hot(self) -> None:
+        """Keep the event loop polling (not sleeping) while runs are in flight and ``spin_s`` after."""
+        if not self._spin_s:
+            return
+        self._hot_until = time.perf_counter() + self._spin_s
+        if not self._spinning:
+            self._spinning = True
+            asyncio.get_running_loop().call_soon(self._spin)
+
+    def _spin(self) -> None:
+        # A ready callback makes the loop poll its sockets and pipes with a zero timeout instead of sleeping.
+        if self.live and (self._inflight or time.perf_counter() < self._hot_until):
+            asyncio.get_running_loop().call_soon(self._spin)
+        else:
+            self._spinning = False
+
+    def refresh_residency(self, everything: bool = False) -> None:
+        """Copy what workers reported into the scheduler's view (only where it changed, unless asked)."""
+        by_key = {m.key: name for name, m in self._models.items()} if everything or any(
+            w.residency_changed for w in self._workers) else {}
+        for w, dev in zip(self._workers, self.state.devices):
+            if w.residency is None or not (everything or w.residency_changed):
+                continue
+            w.residency_changed = False
+            dev.resident = {by_key[k] for k, frac in w.residency.present.items() if frac >= 1.0 and k in by_key}
+            dev.partial = {by_key[k]: frac for k, frac in w.residency.present.items() if frac < 1.0 and k in by_key}
+        # Pool, host-store and queue gauges are set from status() when /metrics is scraped.
+
+    def _arm_timer(self, now: float) -> None:
+        """Wake up when the earliest queued request would expire, so hopeless work is refused promptly."""
+        deadlines = [self.state.queues[n].requests[0].deadline for n in self.state.nonempty()]
+        if not deadlines:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        at = min(deadlines)
+        if self._timer is not None and self._timer_at == at:
+            return  # already set for that deadline
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(max(0.001, at - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None  # spent: the pump below arms a new one if anything is still queued
+        self.pump()
+
+    def fail_queued(self, name: str, error: SwapserveError) -> None:
+        """Fail every queued request of ``name`` with ``error``."""
+        q = self.state.queues.get(name)
+        if q is None:
+            return
+        for r in list(q.requests):
+            p = self._pending.pop(r.id, None)
+            if p is not None:
+                self._fail(p, error)
+        q.requests.clear()
+
+    @staticmethod
+    def _fail(p: _Pending, error: BaseException) -> None:
+        if not p.future.done():
+            p.future.set_exception(error)
+
+
+def reply_error(reply: Any) -> SwapserveError:
+    if reply is None:
+        return BackendError("no reply from the worker")
+    err = SwapserveError(reply.error)
+    err.http_status = reply.http_status
+    return err
