@@ -155,7 +155,11 @@ def over_http(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 async def in_process(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """The redirection alone (an echo ``call_model``), and cold starts, on the node's own sandbox code."""
+    """The redirection alone (an echo ``call_model``), and cold starts, on the node's own sandbox code.
+    This process stands in for the controller, so it copies as the controller does: with one torch thread
+    (``swapserve serve`` sets that; with torch's pool, each 1 MiB arena copy wakes its threads: 3.5× slower
+    on the CI VM)."""
+    torch.set_num_threads(1)
     src = root / "sandbox"
     src.mkdir()
     (src / "handler.py").write_text(TRIVIAL)
