@@ -36,12 +36,13 @@ python3 bench/overhead.py --out "$R" --requests 2000 --warmup 200 --seconds 5
 step "handler overhead"
 python3 bench/handler_overhead.py --out "$R" --requests 1000
 
+WORK=$(mktemp -d /tmp/trace-work-XXXX)  # one artifact cache (the zoo exported once) for every trace run
 step "trace swapserve $SWEEP"
-python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw "${SLO[@]}"
+python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}"
 SLO=(--slo-from "$R/trace.json")  # the table the first run used (measured there if no file had it)
 step "trace lru_ondemand $ONDEMAND_SWEEP"
-python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw "${SLO[@]}"
+python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}"
 BASELINE_SWEEP=${BASELINE_SWEEP:-$SWEEP}
 step "trace fifo_lru, dedicated $BASELINE_SWEEP"
-python3 bench/trace.py --out "$R" --policies fifo_lru,dedicated --sweep "$BASELINE_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw "${SLO[@]}"
+python3 bench/trace.py --out "$R" --policies fifo_lru,dedicated --sweep "$BASELINE_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}"
 step done
