@@ -37,10 +37,10 @@ def _lag(lag: dict | None) -> str:
 
 def breakdown_table(r: dict) -> list[str]:
     """Where completed requests' time went (medians), per model, at each policy's largest N."""
-    keys = ("latency_ms", "headers_ms", "server_ms", "node_ms", "queue_ms", "compute_ms")
+    keys = ("latency_ms", "headers_ms", "server_ms", "node_ms", "queue_ms", "dispatch_ms", "worker_ms", "compute_ms")
     lines = ["", "Medians of completed requests at each policy's largest N: client latency, until the response "
-             "head, the gateway's handler, the node (admission to answer), queued, the worker's run (swap + "
-             "execution); late = completed after the SLO.", "",
+             "head, the gateway's handler, the node (admission to answer), queued, dispatching (decision to message "
+             "sent), the worker (message to reply), its run (swap + execution); late = completed after the SLO.", "",
              "| policy | N | model | SLO ms | requests | " + " | ".join(k.removesuffix("_ms") for k in keys)
              + " | swapped |", "|---|---:|---|---:|---:|" + "---:|" * (len(keys) + 1)]
     fmt = (lambda v: f"{v:.2f}" if isinstance(v, float | int) and v >= 0 else "-")

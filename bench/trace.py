@@ -135,7 +135,8 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                     status, ms, params, reason = 0, (time.perf_counter() - sent) * 1e3, {}, type(e).__name__
                 results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
                                 bool(params.get("swapped", False)), params.get("server_ms", -1.0),
-                                params.get("total_ms", -1.0), headers_ms, reason))
+                                params.get("total_ms", -1.0), headers_ms, reason, params.get("dispatch_ms", -1.0),
+                                params.get("worker_ms", -1.0)))
 
             tasks = []
             t0 = start_at
@@ -293,7 +294,7 @@ def loop_lag(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
 
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
-              "headers_ms", "reason")
+              "headers_ms", "reason", "dispatch_ms", "worker_ms")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
@@ -362,14 +363,15 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
 
 def breakdown(rows: list[tuple]) -> dict | None:
     """Medians of where completed requests' time went: the client's whole latency, its response head,
-    the gateway's handler (``server_ms``), the node (``node_ms``: admission to answer), the queue, and
-    the worker's run (swap + execution); with the fraction swapped."""
+    the gateway's handler (``server_ms``), the node (``node_ms``: admission to answer), the queue, the
+    dispatch (decision to message sent), the worker (message to reply) and its run (swap + execution);
+    with the fraction swapped."""
     if not rows:
         return None
     med = lambda k: float(np.median([r[k] for r in rows]))  # noqa: E731
     return {"requests": len(rows), "latency_ms": med(2), "headers_ms": med(9), "server_ms": med(7),
-            "node_ms": med(8), "queue_ms": med(4), "compute_ms": med(5),
-            "swapped_fraction": sum(r[6] for r in rows) / len(rows)}
+            "node_ms": med(8), "queue_ms": med(4), "dispatch_ms": med(11), "worker_ms": med(12),
+            "compute_ms": med(5), "swapped_fraction": sum(r[6] for r in rows) / len(rows)}
 
 
 def srv_devices(srv: Server) -> int:

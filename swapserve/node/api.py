@@ -58,6 +58,13 @@ class InferResult:
     """From admission to the result, at the controller."""
     parameters: dict[str, Any] = field(default_factory=dict)
     """The handler's response parameters (a function with a handler); empty otherwise."""
+    dispatch_ms: float = 0.0
+    """From the scheduling pass that dispatched it to handing the run's message to the worker's pipe
+    (the decision, inputs into the IO slab)."""
+    worker_ms: float = 0.0
+    """From the worker receiving the run's message to sending its reply (``compute_ms`` and the worker's
+    own bookkeeping). ``total_ms - queue_ms - dispatch_ms - worker_ms`` is the messages' way there and back
+    plus the controller's loop getting to the reply."""
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,12 @@ class _InFlight:
     key: str
     pending: list[_Pending]
     started: float
+    """The scheduling pass that dispatched it."""
     batch: int
     outputs: tuple[str, ...]
     """The serving version's output names at dispatch (a delete or redeploy may land meanwhile)."""
+    sent: float
+    """When its message was handed to the pipe (before pickling and the write)."""
 
 
 class Dispatcher:
@@ -166,9 +169,9 @@ class Dispatcher:
         msg = Run(wk.next_id(), m.key, refs, end, values)
         self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
         items = sum(p.request.items for p in batch)
-        self._inflight[d.device] = _InFlight(d, m.key, batch, now, items, m.outputs)
         for p in batch:
             self.metrics.observe_queue(d.function, now - p.started)
+        self._inflight[d.device] = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock())
         try:
             wk.send(w, msg, functools.partial(self._complete, w))
         except (BackendError, OSError) as e:
@@ -203,7 +206,8 @@ class Dispatcher:
                 self.metrics.observe_node_request(fn_name, total / 1e3)
                 if not p.future.done():
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
-                                                    res.wall_ms, total))
+                                                    res.wall_ms, total, dispatch_ms=(fl.sent - fl.started) * 1e3,
+                                                    worker_ms=res.handled_ms))
             self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
             if res.swapped:
                 self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)

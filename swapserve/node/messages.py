@@ -114,6 +114,8 @@ class RunResult:
     bytes_copied: int
     pages_taken: int = 0
     """Pages this run took from other models (evictions, partial or whole)."""
+    handled_ms: float = 0.0
+    """The worker's time for the command: message received to reply ready."""
 
 
 @dataclass(frozen=True)

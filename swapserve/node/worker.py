@@ -100,7 +100,7 @@ class Worker:
 
     def serve(self) -> None:
         from swapserve.errors import SwapserveError
-        from swapserve.node.messages import Reply, Stop, recv, send
+        from swapserve.node.messages import Reply, RunResult, Stop, recv, send
 
         spin = self.cfg.spin_s
         while True:
@@ -111,8 +111,11 @@ class Worker:
                 while not self.conn.poll(0) and time.perf_counter() < until:
                     pass
             msg = recv(self.conn)
+            received = time.perf_counter()
             try:
                 result = self.handle(msg)
+                if isinstance(result, RunResult):
+                    result = replace(result, handled_ms=(time.perf_counter() - received) * 1e3)
                 reply = Reply(msg.id, True, result, self._residency_if_changed())
             except SwapserveError as e:
                 reply = Reply(msg.id, False, None, self._residency(), str(e), type(e).__name__, e.http_status)
