@@ -3,8 +3,9 @@ of functions.
 
 * N functions drawn round-robin from the zoo, fp16, one host buffer and device copy each (no sharing);
   per-function mean rates log-normal (median 6 req/min, sigma 1) clipped to [1, 60] req/min; gamma
-  inter-arrival times with CV 2 (bursty); a fixed seed; requests over HTTP (binary tensors) from a separate
-  client process that is open-loop: each request leaves at its trace time whatever the earlier answers.
+  inter-arrival times with CV 2 (bursty); a fixed seed; requests over HTTP (binary tensors) from separate
+  client processes (``--clients``, 4 by default; function i's requests from process i mod 4), each
+  open-loop: a request leaves at its trace time whatever the earlier answers.
 * SLO per function = max(10 ms, 3 × (native_graph_ms + floor_ms)) of its fp16 model on this card, from a
   swap_latency.json of the same card (``--slo-from``) or measured here first.
 * Policies: ``swapserve``; ``fifo_lru`` (the pipelined engine with FIFO + LRU instead of the scheduler);
@@ -298,17 +299,23 @@ RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_m
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
-              bodies: dict[str, tuple[bytes, int]], raw: Path | None = None) -> dict:
+              bodies: dict[str, tuple[bytes, int]], raw: Path | None = None, clients: int = 4) -> dict:
     names, models = [f.name for f in fns], [f.model for f in fns]
     ctx = mp.get_context("spawn")
 
     def replay(trace: list[tuple[float, int]]) -> list[tuple]:
+        """The trace from ``clients`` processes (function i's requests from process i mod clients), so that
+        one client's event loop reading a large response does not delay the others' measurements."""
         q: mp.Queue = ctx.Queue()
-        start_at = time.perf_counter() + 2.0  # the client process starts meanwhile
-        p = ctx.Process(target=_client, args=(srv.url, trace, names, bodies, models, start_at, q))
-        p.start()
-        res = q.get(timeout=duration + warmup + 600)
-        p.join()
+        start_at = time.perf_counter() + 2.0  # the client processes start meanwhile (one monotonic clock)
+        parts = [[(t, i) for t, i in trace if i % clients == k] for k in range(clients)]
+        procs = [ctx.Process(target=_client, args=(srv.url, part, names, bodies, models, start_at, q))
+                 for part in parts]
+        for p in procs:
+            p.start()
+        res = [r for _ in procs for r in q.get(timeout=duration + warmup + 600)]
+        for p in procs:
+            p.join()
         return res
 
     if warmup > 0:  # unmeasured: profiles settle, graphs of other batch sizes get captured
@@ -395,6 +402,7 @@ def main() -> None:
                                                    "of this card (its SLO table)")
     ap.add_argument("--slo-ms", type=float, help="one SLO for every function instead (smoke runs on a CPU only)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clients", type=int, default=4, help="client processes (functions spread over them)")
     ap.add_argument("--work", type=Path, help="scratch directory (default: a new temp dir)")
     ap.add_argument("--raw", action="store_true", help="also write every request of each point to "
                                                         "OUT/trace_raw/<policy>_<N>.jsonl.gz")
@@ -415,7 +423,8 @@ def main() -> None:
     out_path = args.out / "trace.json"
     result = json.loads(out_path.read_text()) if out_path.exists() else {"policies": {}}
     result.update({"date": date.today().isoformat(), "slo_ms": slo, "slo_source": slo_source,
-                   "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": MAX_BATCH})
+                   "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": MAX_BATCH,
+                   "client_processes": args.clients})
     total_bytes = None
     for label in args.policies.split(","):
         policy, mode = POLICIES[label]
@@ -443,7 +452,7 @@ def main() -> None:
             points = []
             for n in sweep:
                 raw = args.out / "trace_raw" / f"{label}_{n}.jsonl.gz" if args.raw else None
-                pt = run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw)
+                pt = run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw, args.clients)
                 points.append(pt)
                 print(f"[{label}] N={n}: attainment {pt['attainment']:.3f}, p50 {pt['p50_ms']} ms, p99 {pt['p99_ms']} "
                       f"ms, {pt['throughput_rps']:.1f} req/s, {pt['swaps_per_s']:.1f} swaps/s, busy "
