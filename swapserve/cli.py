@@ -125,6 +125,8 @@ def _invoke(args: argparse.Namespace) -> int:
     import numpy as np
 
     client = _client(args)
+    if args.body is not None:
+        return _invoke_json(client, args)
     meta = client.model_metadata(args.name)
     declared = {t["name"]: t for t in meta.get("inputs", [])}
     inputs: dict[str, np.ndarray] = {}
@@ -152,6 +154,28 @@ def _invoke(args: argparse.Namespace) -> int:
         print(f"{name}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)} "
               f"{[round(v, 5) if isinstance(v, float) else v for v in flat]}{' ...' if t.numel() > 6 else ''}")
     print(f"latency: {ms:.2f} ms (round trip, {'binary' if not args.json else 'JSON'} tensors)")
+    return 0
+
+
+def _invoke_json(client: Client, args: argparse.Namespace) -> int:
+    """``--body``: the JSON route of a function with a handler."""
+    if args.input or args.random:
+        raise UsageError("--body sends one JSON value to the function's handler; it takes no --input/--random")
+    text = args.body
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as e:
+            raise UsageError(f"--body {args.body}: {e.strerror}") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--body: not JSON ({e})") from None
+    t0 = time.perf_counter()
+    answer = client.invoke_json(args.name, value)
+    ms = (time.perf_counter() - t0) * 1e3
+    print(json.dumps(answer, indent=1))
+    print(f"latency: {ms:.2f} ms (round trip, JSON route)")
     return 0
 
 
@@ -298,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random inputs of the declared shapes, batch 1 (from GET /v2/models/NAME)")
     s.add_argument("--seed", type=int, default=0, help="seed for --random")
     s.add_argument("--json", action="store_true", help="send and receive tensors as JSON, not binary")
+    s.add_argument("--body", metavar="JSON|@FILE",
+                   help="a function with a handler: send this JSON value to its simple route instead of tensors")
     s.set_defaults(func=_invoke)
     s = sub.add_parser("status", parents=[remote], help="devices, pool use, resident models, host store, queue")
     s.set_defaults(func=_status)

@@ -101,6 +101,13 @@ class Client:
         _, outputs = oip.decode_infer_response(data, resp_headers.get(oip.HEADER_LENGTH.lower()))
         return outputs
 
+    def invoke_json(self, name: str, value: Any, parameters: Mapping[str, str] | None = None) -> Any:
+        """The simple route of a function with a handler: any JSON value in, the handler's JSON value out
+        (``parameters`` travel as the query string)."""
+        query = ("?" + urllib.parse.urlencode(dict(parameters))) if parameters else ""
+        return self._json("POST", f"/v1/functions/{_q(name)}/invoke{query}", body=json.dumps(value).encode(),
+                          headers={"Content-Type": "application/json"})
+
     # --- transport -------------------------------------------------------------------------------
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:

@@ -396,13 +396,16 @@ class Server:
         return self.request("POST", path, json.dumps(doc).encode(), {"Content-Type": "application/json"}, **kw)
 
     def deploy_cli(self, function_dir: Path, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
-        """``swapserve deploy DIR`` as a user runs it: the console script, configured by the environment."""
+        """``swapserve deploy DIR`` as a user runs it."""
+        return self.cli("deploy", str(function_dir), timeout=timeout)
+
+    def cli(self, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+        """``swapserve ARGS...`` as a user runs it: the console script, configured by the environment."""
         script = Path(sys.executable).with_name("swapserve")
         cmd = [str(script)] if script.exists() else [sys.executable, "-m", "swapserve.cli"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SWAPSERVE_")}
         env.update(SWAPSERVE_URL=self.url, SWAPSERVE_TOKEN=self.token or "")
-        return subprocess.run([*cmd, "deploy", str(function_dir)], env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def concurrently(n: int, call: Callable[[int], Any]) -> list[Any]:

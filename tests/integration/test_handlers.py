@@ -9,6 +9,7 @@ All on the session's shared node (``server``), beside its ``mlp`` function.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,25 @@ def test_handler_combines_two_models(server: Server, combo: dict[str, torch.nn.M
     r = invoke(server, "combo", {"rows": rows.tolist()})
     assert r.status == 200, r.body[:500]
     torch.testing.assert_close(torch.tensor(r.json()["score"]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_json_route_from_the_client_and_the_cli(server: Server, combo: dict[str, torch.nn.Module],
+                                               tmp_path: Path) -> None:
+    rows = torch.randn(2, 4, generator=torch.Generator().manual_seed(6))
+    want = combo_expected(combo, rows)
+    answer = server.client().invoke_json("combo", {"rows": rows.tolist()})
+    torch.testing.assert_close(torch.tensor(answer["score"]), want, rtol=1e-5, atol=1e-6)
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"rows": rows.tolist()}))
+    done = server.cli("invoke", "combo", "--body", f"@{body}")
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout[:done.stdout.rindex("latency:")])
+    torch.testing.assert_close(torch.tensor(printed["score"]), want, rtol=1e-5, atol=1e-6)
+    assert printed["best"] == want.argmax(-1).tolist()
+    refused = server.cli("invoke", "mlp", "--body", '{"x": [1]}')
+    assert refused.returncode != 0 and "no handler" in refused.stderr
+    bad = server.cli("invoke", "combo", "--body", "{not json")
+    assert bad.returncode != 0 and "not JSON" in bad.stderr
 
 
 def test_handler_function_is_described_with_its_models(server: Server, combo: Any) -> None:
