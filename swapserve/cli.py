@@ -17,6 +17,7 @@ from swapserve.errors import SwapserveError
 
 if TYPE_CHECKING:
     from swapserve.client import Client
+    from swapserve.node.config import ServeConfig
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -202,6 +203,19 @@ def _status(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """Parse the flags into a ServeConfig and run the node (swapserve.node.serve)."""
+    config = serve_config(args)
+    try:
+        from swapserve.node.serve import run
+    except ModuleNotFoundError as e:
+        if e.name != "swapserve.node.serve":
+            raise
+        raise UsageError("this installation has no node server (swapserve.node.serve)") from None
+    return int(run(config) or 0)
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """``swapserve serve``'s flags as a ServeConfig: flags not given keep the config's defaults (which read
+    the environment); a bad combination is a UsageError naming every problem."""
     from swapserve.node.config import ServeConfig, parse_devices
 
     given = {k: v for k, v in {
@@ -211,19 +225,12 @@ def _serve(args: argparse.Namespace) -> int:
         "pool_bytes": args.pool, "workspace_bytes": args.workspace, "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
-        "spin_ms": args.spin_ms,
+        "spin_ms": args.spin_ms, "sandbox_isolation": args.sandbox_isolation, "sandbox_idle_s": args.sandbox_idle_s,
     }.items() if v is not None}
     try:
-        config = ServeConfig(**given)
+        return ServeConfig(**given)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    try:
-        from swapserve.node.serve import run
-    except ModuleNotFoundError as e:
-        if e.name != "swapserve.node.serve":
-            raise
-        raise UsageError("this installation has no node server (swapserve.node.serve)") from None
-    return int(run(config) or 0)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -346,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine mode (default auto: CUDA graphs on GPUs; ondemand is the .to(cuda) baseline)")
     s.add_argument("--no-prepare", action="store_true",
                    help="do not swap each function in and capture its graphs at deploy/start (capture on first use)")
+    s.add_argument("--sandbox-isolation", choices=["strict", "best_effort", "off"],
+                   help="handler sandboxes: strict refuses to run handlers without Landlock file isolation "
+                        "(default best_effort: what the kernel offers, what is missing logged)")
+    s.add_argument("--sandbox-idle-s", type=float, metavar="S",
+                   help="stop a handler sandbox idle this long, down to what recent load needs (default 300)")
     s.add_argument("--spin-ms", type=float, metavar="MS",
                    help="after each request, how long the controller and workers poll before sleeping "
                         "(default 0: off; each costs up to a core while requests flow)")

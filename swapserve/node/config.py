@@ -61,6 +61,11 @@ class ServeConfig:
     spin_ms: float = 0.0
     """After each request and completion, how long the controller's event loop and the workers keep
     polling before they sleep (sparing wake-ups; costing up to a core each while requests flow). 0: off."""
+    sandbox_isolation: str = "best_effort"
+    """Handler sandboxes: ``strict`` refuses to run handlers where the kernel lacks Landlock file isolation;
+    ``best_effort`` uses what it offers and logs what is missing; ``off``: rlimits only (debugging)."""
+    sandbox_idle_s: float = 300.0
+    """A handler sandbox idle this long stops (down to the warm target set by recent load; to zero)."""
     demo: bool = False
     """Deploy the example functions (``DEMO_FUNCTIONS`` under ``examples_dir``) at start, building their
     artifacts in the node's process (trusted code; minutes on a CPU for resnet50 and bert-base)."""
@@ -86,6 +91,10 @@ class ServeConfig:
             problems.append(f"policy {self.policy!r} is not swapserve, fifo_lru or dedicated")
         if self.mode not in ("auto", "graph", "eager", "ondemand"):
             problems.append(f"mode {self.mode!r} is not auto, graph, eager or ondemand")
+        if self.sandbox_isolation not in ("strict", "best_effort", "off"):
+            problems.append(f"sandbox_isolation {self.sandbox_isolation!r} is not strict, best_effort or off")
+        if not self.sandbox_idle_s > 0:
+            problems.append(f"sandbox_idle_s must be positive, not {self.sandbox_idle_s}")
         if not 0 <= self.spin_ms <= 1000:
             problems.append(f"spin_ms must be in [0, 1000], not {self.spin_ms}")
         if self.token is not None and not self.token.strip():

@@ -83,6 +83,7 @@ async def _main(config: ServeConfig) -> int:
     from swapserve.gateway import GatewayConfig, make_app
     from swapserve.metrics import Metrics
     from swapserve.node.controller import Node, NodeConfig
+    from swapserve.sandbox import SandboxConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     devices = config.resolved_devices()
@@ -90,7 +91,9 @@ async def _main(config: ServeConfig) -> int:
     node = Node(NodeConfig(home=config.home, devices=devices, pool_bytes=config.pool_bytes,
                            workspace_bytes=config.workspace_bytes, host_store_bytes=_host_store_bytes(config),
                            mode=config.mode, policy=config.policy, prepare_on_deploy=config.prepare,
-                           spin_s=config.spin_ms / 1e3),  # type: ignore[arg-type]
+                           spin_s=config.spin_ms / 1e3,
+                           sandbox=SandboxConfig(isolation=config.sandbox_isolation,  # type: ignore[arg-type]
+                                                 idle_s=config.sandbox_idle_s)),  # type: ignore[arg-type]
                 metrics)  # opens the registry: a home already in use is refused before anything is written
     token = _token(config)
     gateway = GatewayConfig(token=token, uploads_dir=node.registry.staging_root,
