@@ -1,6 +1,9 @@
-"""Tensor datatypes as the Open Inference Protocol names them, and their torch/numpy counterparts."""
+"""Tensor datatypes as the Open Inference Protocol names them, their torch/numpy counterparts, and the rule
+a tensor's shape must follow to fit a declared one."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -46,3 +49,15 @@ def datatype_of(dtype: torch.dtype) -> str:
 
 def element_size(datatype: str) -> int:
     return torch.empty((), dtype=torch_dtype(datatype)).element_size()
+
+
+def fits_shape(shape: Sequence[int], declared: Sequence[int], max_batch: int,
+               batch: int | None) -> tuple[bool, int | None]:
+    """Whether ``shape`` fits ``declared`` (-1: any size; a leading -1 is the batch dimension: 1 to
+    ``max_batch``, and ``batch`` where earlier inputs of the same request fixed it). Returns whether it
+    fits and the batch known after it."""
+    ok = len(shape) == len(declared) and all(d == -1 or d == s for d, s in zip(declared, shape))
+    if ok and len(declared) and declared[0] == -1:
+        batch = shape[0] if batch is None else batch
+        ok = shape[0] == batch and 1 <= batch <= max_batch
+    return ok, batch

@@ -27,6 +27,7 @@ from swapserve.engine.pages import PagePool, Placement, PlacementPlan, Residency
 from swapserve.engine.program import Program, load_program
 from swapserve.engine.store import HostEntry, HostStore
 from swapserve.errors import ArtifactError, InvalidInputError, NotFoundError, WorkspaceError
+from swapserve.tensors import fits_shape
 
 log = logging.getLogger(__name__)
 
@@ -316,11 +317,7 @@ class SwapEngine:
                 raise InvalidInputError(f"input {spec.name!r} of {m.name} must be {spec.dtype}, got "
                                         f"{str(x.dtype).removeprefix('torch.')}")
             shape = tuple(x.shape)
-            ok = len(shape) == len(spec.shape) and all(d == -1 or d == s for d, s in zip(spec.shape, shape))
-            if ok and spec.shape and spec.shape[0] == -1:
-                ok = 1 <= shape[0] <= m.artifact.manifest.max_batch
-                batch = shape[0] if batch is None else batch
-                ok = ok and shape[0] == batch
+            ok, batch = fits_shape(shape, spec.shape, m.artifact.manifest.max_batch, batch)
             if not ok:
                 raise InvalidInputError(f"input {spec.name!r} of {m.name} must have shape "
                                         f"{_shape_text(spec.shape)} (batch ≤ {m.artifact.manifest.max_batch}), "

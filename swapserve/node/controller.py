@@ -48,6 +48,7 @@ from swapserve.scheduler.types import (
     NodeState,
     Policy,
 )
+from swapserve.tensors import fits_shape
 
 log = logging.getLogger(__name__)
 
@@ -577,10 +578,7 @@ def _check_inputs(fspec: FunctionSpec, manifest: Any, inputs: dict[str, torch.Te
         if x.dtype != dtype_from_name(spec.dtype):
             raise InvalidInputError(f"input {d.name!r} must be {d.datatype}")
         shape = tuple(x.shape)
-        ok = len(shape) == len(spec.shape) and all(s == -1 or s == v for s, v in zip(spec.shape, shape))
-        if ok and spec.shape[:1] == (-1,):
-            batch = shape[0] if batch is None else batch
-            ok = shape[0] == batch and 1 <= batch <= fspec.max_batch
+        ok, batch = fits_shape(shape, spec.shape, fspec.max_batch, batch)
         if not ok:
             raise InvalidInputError(f"input {d.name!r} must have shape {list(d.shape)} (-1: batch of 1 to "
                                     f"{fspec.max_batch}, the same for every input), got {list(shape)}")

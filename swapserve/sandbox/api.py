@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from swapserve.artifact.manifest import dtype_from_name
-from swapserve.tensors import datatype_of, torch_dtype
+from swapserve.tensors import datatype_of, fits_shape, torch_dtype
 
 
 @dataclass
@@ -148,10 +148,7 @@ class ModelHandle:
                 got = datatype_of(x.dtype) if x.dtype in _KNOWN else str(x.dtype)
                 raise ModelInputError(f"model {self.name!r} input {d.name!r} must be {d.datatype}, got {got}", 400)
             shape = tuple(x.shape)
-            ok = len(shape) == len(d.shape) and all(s == -1 or s == v for s, v in zip(d.shape, shape))
-            if ok and d.shape[:1] == (-1,):
-                batch = shape[0] if batch is None else batch
-                ok = shape[0] == batch and 1 <= batch <= self.max_batch
+            ok, batch = fits_shape(shape, d.shape, self.max_batch, batch)
             if not ok:
                 raise ModelInputError(f"model {self.name!r} input {d.name!r} must have shape {list(d.shape)} "
                                       f"(-1: a batch of 1 to {self.max_batch}, the same for every input), "
