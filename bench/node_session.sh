@@ -4,7 +4,8 @@
 #
 #   bench/node_session.sh RESULTS_DIR [SWAPSERVE_SWEEP] [ONDEMAND_SWEEP]
 #
-# BASELINE_SWEEP (default: SWAPSERVE_SWEEP) for fifo_lru and dedicated; DURATION, WARMUP in seconds per point.
+# BASELINE_SWEEP (default: SWAPSERVE_SWEEP) for fifo_lru and dedicated; DURATION, WARMUP in seconds per point;
+# OVERHEAD=0 skips bench/overhead.py.
 # SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
 # trace.py measures them first. Sweeps default to one GPU's (100..400 swapserve-style; 25..200 on-demand).
 set -u
@@ -25,13 +26,14 @@ step machine
   nvidia-smi topo -m; nproc; free -g; df -h /dev/shm; } > "$R/machine.txt" 2>&1
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 case "$GPU" in
-  *H200*) SLO=(--slo-from "$(ls -d bench/results/h200_* | tail -1)/swap_latency.json") ;;
+  *H200*) SLO=(--slo-from "$(ls bench/results/h200_*/swap_latency.json | tail -1)") ;;
   *) SLO=() ;;
 esac
 
-step "overhead (busy-polling 2 ms, then the default: off)"
-python3 bench/overhead.py --out "$R/overhead_spin2" --requests 2000 --warmup 200 --seconds 5 --spin-ms 2
-python3 bench/overhead.py --out "$R" --requests 2000 --warmup 200 --seconds 5
+if [ "${OVERHEAD:-1}" = 1 ]; then
+  step overhead
+  python3 bench/overhead.py --out "$R" --requests 2000 --warmup 200 --seconds 5
+fi
 
 step "handler overhead"
 python3 bench/handler_overhead.py --out "$R" --requests 1000

@@ -78,12 +78,18 @@ def make_functions(n: int, zoo: list[str], slo_ms: dict[str, float], seed: int) 
 
 
 def make_trace(fns: list[Fn], duration: float, seed: int, cv: float = 2.0) -> list[tuple[float, int]]:
-    """(time, function index) sorted by time; gamma inter-arrivals with the given CV per function."""
+    """(time, function index) sorted by time; gamma inter-arrivals with the given CV per function.
+
+    Each function's stream is observed in its steady state from t = 0: its first arrival is the forward
+    recurrence time of the renewal process, U × (a gap drawn length-biased), and a length-biased
+    gamma(k, θ) gap is gamma(k + 1, θ). (A random phase into an ordinary gap is not: at CV 2 most gaps
+    are tiny, so it put a third of all functions' first requests into the first 0.1 s, a synchronized
+    burst no steady trace has.)"""
     rng = np.random.default_rng(seed + 1)
     shape = 1 / cv**2
     events: list[tuple[float, int]] = []
     for i, f in enumerate(fns):
-        t = rng.gamma(shape, 1 / (f.rate * shape)) * rng.random()  # a random phase into the first gap
+        t = rng.gamma(shape + 1, 1 / (f.rate * shape)) * rng.random()
         while t < duration:
             events.append((float(t), i))
             t += rng.gamma(shape, 1 / (f.rate * shape))
@@ -117,7 +123,10 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
         results: list[tuple] = []
         conn = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=120)
-        async with aiohttp.ClientSession(url, connector=conn, timeout=timeout) as s:
+        # aiohttp reads a body in 64 KiB steps by default: GPT-2's 12.9 MB of logits took ~200 turns of this
+        # process's loop, delaying every other response it was reading. Large reads, as a client of big
+        # tensors would configure.
+        async with aiohttp.ClientSession(url, connector=conn, timeout=timeout, read_bufsize=16 << 20) as s:
             async def one(t: float, i: int) -> None:
                 body, hlen = bodies[models[i]]
                 sent = time.perf_counter()
@@ -303,26 +312,25 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
     names, models = [f.name for f in fns], [f.model for f in fns]
     ctx = mp.get_context("spawn")
 
-    def replay(trace: list[tuple[float, int]]) -> list[tuple]:
-        """The trace from ``clients`` processes (function i's requests from process i mod clients), so that
-        one client's event loop reading a large response does not delay the others' measurements."""
-        q: mp.Queue = ctx.Queue()
-        start_at = time.perf_counter() + 2.0  # the client processes start meanwhile (one monotonic clock)
-        parts = [[(t, i) for t, i in trace if i % clients == k] for k in range(clients)]
-        procs = [ctx.Process(target=_client, args=(srv.url, part, names, bodies, models, start_at, q))
-                 for part in parts]
-        for p in procs:
-            p.start()
-        res = [r for _ in procs for r in q.get(timeout=duration + warmup + 600)]
-        for p in procs:
-            p.join()
-        return res
-
-    if warmup > 0:  # unmeasured: profiles settle, graphs of other batch sizes get captured
-        replay(make_trace(fns, warmup, seed + 7))
+    # One trace of warm-up then measurement, replayed without a break (the node goes from one straight into
+    # the other, as a live one would); only requests sent after the warm-up count, and the node's counters
+    # are read at that moment and at the end.
+    trace = make_trace(fns, warmup + duration, seed)
+    q: mp.Queue = ctx.Queue()
+    start_at = time.perf_counter() + 2.0  # the client processes start meanwhile (one monotonic clock)
+    # Function i's requests come from process i mod clients, so that one client's event loop reading a
+    # large response does not delay the others' measurements.
+    parts = [[(t, i) for t, i in trace if i % clients == k] for k in range(clients)]
+    procs = [ctx.Process(target=_client, args=(srv.url, part, names, bodies, models, start_at, q)) for part in parts]
+    for p in procs:
+        p.start()
+    time.sleep(max(0.0, start_at + warmup - time.perf_counter()))
     before, t0 = scrape(srv.url), time.time()
-    res = replay(make_trace(fns, duration, seed))
+    res = [r for _ in procs for r in q.get(timeout=duration + warmup + 600)]
     after, elapsed = scrape(srv.url), time.time() - t0
+    for p in procs:
+        p.join()
+    res = [(r[0], r[1] - warmup, *r[2:]) for r in res if r[1] >= warmup]
     if raw is not None:  # every request, one JSON object a line (for looking into tails)
         raw.parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(raw, "wt") as f:

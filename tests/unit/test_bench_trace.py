@@ -1,0 +1,64 @@
+"""The trace generator of bench/trace.py: steady arrival rates from the first second on."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def trace_module():
+    sys.path.insert(0, str(BENCH))  # its own imports (node_harness, report_trace) live beside it
+    try:
+        spec = importlib.util.spec_from_file_location("bench_trace", BENCH / "trace.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["bench_trace"] = mod
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop("bench_trace", None)
+        sys.path.remove(str(BENCH))
+
+
+def test_rates_follow_the_issue(trace_module):
+    fns = trace_module.make_functions(2000, ["a", "b"], {"a": 10.0, "b": 20.0}, seed=0)
+    rates = np.array([f.rate for f in fns]) * 60
+    assert rates.min() >= 1 and rates.max() <= 60
+    assert 5 < np.median(rates) < 7  # log-normal around 6 req/min
+    assert [f.model for f in fns[:4]] == ["a", "b", "a", "b"]  # round-robin over the zoo
+
+
+def test_same_seed_same_trace(trace_module):
+    fns = trace_module.make_functions(50, ["a"], {"a": 10.0}, seed=3)
+    assert trace_module.make_trace(fns, 30, 3) == trace_module.make_trace(fns, 30, 3)
+    assert trace_module.make_trace(fns, 30, 3) != trace_module.make_trace(fns, 30, 4)
+
+
+def test_no_burst_at_the_start(trace_module):
+    """Each stream starts in its steady state: the first seconds carry the mean rate, not a synchronized
+    burst of every function's first request (what a random phase into an ordinary gap gave at CV 2)."""
+    fns = trace_module.make_functions(300, ["a"], {"a": 10.0}, seed=0)
+    total_rate = sum(f.rate for f in fns)
+    first, later = [], []
+    for seed in range(20):
+        t = np.array([x for x, _ in trace_module.make_trace(fns, 20.0, seed)])
+        first.append(np.sum(t < 1.0))
+        later.append(np.sum((t >= 10.0) & (t < 20.0)) / 10.0)
+    # Averaged over seeds, arrivals in [0, 1) s match those of any later second and the mean rate.
+    assert np.mean(first) == pytest.approx(total_rate, rel=0.15)
+    assert np.mean(first) == pytest.approx(np.mean(later), rel=0.15)
+
+
+def test_bursty_within_a_function(trace_module):
+    """Gamma inter-arrival times with CV 2."""
+    fns = [trace_module.Fn("f", "a", 10.0, 1.0)]
+    t = np.array([x for x, _ in trace_module.make_trace(fns, 200_000.0, 0)])
+    gaps = np.diff(t)
+    assert gaps.mean() == pytest.approx(1.0, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(2.0, rel=0.1)
