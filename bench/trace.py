@@ -278,7 +278,9 @@ def p98(xs: list[float]) -> float:
 
 
 def scrape(url: str) -> dict[str, float]:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    families = ("swapserve_swap_seconds", "swapserve_compute_seconds", "swapserve_event_loop_lag_seconds")
+    query = "&".join(f"name[]={f}" for f in families)  # only these: a cheap scrape, mid-trace
+    text = urllib.request.urlopen(f"{url}/metrics?{query}", timeout=10).read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("swapserve_swap_seconds_count") or line.startswith("swapserve_compute_seconds_sum"):

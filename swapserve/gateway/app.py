@@ -281,12 +281,15 @@ async def _load_or_unload(request: web.Request, load: bool) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
+    """Prometheus exposition; ``?name[]=X&name[]=Y`` restricts it to those families (as prometheus_client's
+    handler does), a cheap scrape for tools that read a few series."""
     metrics = request.app[METRICS]
     try:
         metrics.observe_status(request.app[NODE].status())
     except Exception:  # a failing status must not hide every other metric
         log.exception("node status failed while serving /metrics")
-    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+    names = request.query.getall("name[]", None)
+    return web.Response(body=await metrics.render_async(names), headers={"Content-Type": metrics.content_type})
 
 
 async def openapi_handler(request: web.Request) -> web.Response:

@@ -659,6 +659,10 @@ def test_metrics_count_and_time_every_request() -> None:
         assert value("swapserve_http_requests_total", route="unmatched", method="GET", code="404") == 1
         assert value("swapserve_pool_used_bytes", device="cpu") == 1 << 20  # gauges from node.status()
         assert value("swapserve_queued_requests") == 2
+        r = await c.get("/metrics", params=[("name[]", "swapserve_queued_requests"),
+                                            ("name[]", "swapserve_requests_total")])
+        assert {f.name for f in text_string_to_metric_families(await r.text())} == {"swapserve_queued_requests",
+                                                                                  "swapserve_requests"}
 
     run(scenario, metrics=metrics)
 
