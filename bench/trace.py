@@ -146,7 +146,7 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                 results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
                                 bool(params.get("swapped", False)), params.get("server_ms", -1.0),
                                 params.get("total_ms", -1.0), headers_ms, reason, params.get("dispatch_ms", -1.0),
-                                params.get("worker_ms", -1.0)))
+                                params.get("worker_ms", -1.0), params.get("lane", -1)))
 
             tasks = []
             t0 = start_at
@@ -306,7 +306,7 @@ def loop_lag(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
 
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
-              "headers_ms", "reason", "dispatch_ms", "worker_ms")
+              "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
@@ -365,6 +365,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "busy_fraction": busy / elapsed / srv_devices(srv),
         "latencies_ms": sorted(ok)[:: max(1, len(ok) // 2000)],  # a thinned sample for the CDF plot
         "swapped_fraction": sum(r[6] for r in done) / max(1, len(done)),
+        "side_lane_fraction": sum(r[13] == 1 for r in done) / max(1, len(done)),
         "p50_queue_ms": float(np.median([r[4] for r in done])) if done else None,
         "p50_compute_ms": float(np.median([r[5] for r in done])) if done else None,
         "late_completions": len(misses),
@@ -417,6 +418,7 @@ def main() -> None:
     ap.add_argument("--raw", action="store_true", help="also write every request of each point to "
                                                         "OUT/trace_raw/<policy>_<N>.jsonl.gz")
     ap.add_argument("--no-prepare", action="store_true", help="capture graphs on first use, not at start")
+    ap.add_argument("--lanes", type=int, choices=(1, 2), help="runs in flight per GPU (serve --lanes; default 2)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sweep = [int(x) for x in args.sweep.split(",")]
@@ -434,7 +436,7 @@ def main() -> None:
     result = json.loads(out_path.read_text()) if out_path.exists() else {"policies": {}}
     result.update({"date": date.today().isoformat(), "slo_ms": slo, "slo_source": slo_source,
                    "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": MAX_BATCH,
-                   "client_processes": args.clients})
+                   "client_processes": args.clients, "lanes": args.lanes or 2})
     total_bytes = None
     for label in args.policies.split(","):
         policy, mode = POLICIES[label]
@@ -444,7 +446,8 @@ def main() -> None:
         build_functions(home, cache, fns)
         if total_bytes is None:
             total_bytes = sum((cache / f.model / "weights.safetensors").stat().st_size for f in fns)
-        extra = ("--policy", policy, "--mode", mode) + (("--no-prepare",) if args.no_prepare else ())
+        extra = (("--policy", policy, "--mode", mode) + (("--no-prepare",) if args.no_prepare else ())
+                 + (("--lanes", str(args.lanes)) if args.lanes else ()))
         srv = Server(home, args.devices or "all", pool=args.pool, host_store=f"{int(total_bytes * 1.05) + (1 << 30)}",
                      workspace="2GiB", extra=extra)
         try:

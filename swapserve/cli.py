@@ -222,7 +222,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "home": Path(args.home).expanduser() if args.home else None,
         "host": args.host, "port": args.port,
         "devices": parse_devices(args.devices) if args.devices is not None else None,
-        "pool_bytes": args.pool, "workspace_bytes": args.workspace, "host_store_bytes": args.host_store,
+        "pool_bytes": args.pool, "workspace_bytes": args.workspace, "lanes": args.lanes,
+        "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
         "spin_ms": args.spin_ms, "sandbox_isolation": args.sandbox_isolation, "sandbox_idle_s": args.sandbox_idle_s,
@@ -342,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", help='"cpu", "cuda:0,cuda:1" or "0,1"; "cpu:0,cpu:1" for several CPU workers '
                                      '(default: every GPU, else cpu)')
     s.add_argument("--pool", type=_bytes, help="weight pool per device, e.g. 16GiB (default: sized at start)")
-    s.add_argument("--workspace", type=_bytes, help="activation workspace per device (default 512MiB)")
+    s.add_argument("--workspace", type=_bytes, help="activation workspace per device and lane (default 512MiB)")
+    s.add_argument("--lanes", type=int, choices=(1, 2),
+                   help="runs in flight per device: 2 (default) runs resident models beside a swap, 1 one at a time")
     s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
     s.add_argument("--token", default=argparse.SUPPRESS,
                    help="token the management API requires (default: $SWAPSERVE_TOKEN)")

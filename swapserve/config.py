@@ -45,7 +45,11 @@ class EngineConfig:
     pool_bytes: int = 1 * GiB
     """Device memory reserved at start for model weights (rounded down to whole pages)."""
     workspace_bytes: int = 512 * MiB
-    """Device memory for activations, shared by every model on the device (one runs at a time)."""
+    """Device memory for activations, per lane, shared by every model that runs in that lane."""
+    lanes: int = 2
+    """Runs a device may have in flight at once (1 or 2), each on its own stream with its own workspace.
+    Lane 0 swaps models in (and runs resident ones); lane 1 runs only resident models, beside it — so a
+    resident model's request need not wait behind another model's swap."""
     page_bytes: int = 32 * MiB
     """Unit of the weight pool. Remapping a page costs ~60 µs on an H200 whatever its size, so pages
     are large; a model's last page is partly empty."""
@@ -73,6 +77,8 @@ class EngineConfig:
             raise ValueError(f"pool_bytes ({self.pool_bytes}) is smaller than one page ({self.page_bytes})")
         if self.align <= 0 or self.align & (self.align - 1):
             raise ValueError("align must be a power of two")
+        if self.lanes not in (1, 2):
+            raise ValueError(f"lanes must be 1 or 2, not {self.lanes}")
         if self.mode == "graph" and self.device == "cpu":
             raise ValueError("graph mode needs a CUDA device")
 

@@ -52,6 +52,10 @@ class PoolBusyError(CapacityError):
     http_status = 503
 
 
+class NotResidentError(CapacityError):
+    """A side lane was asked to run a model that is not wholly on its device (only lane 0 swaps models in)."""
+
+
 class BackendError(SwapserveError):
     """The device backend failed (driver error, missing CUDA support)."""
 

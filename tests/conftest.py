@@ -102,10 +102,12 @@ def make_engine(shm_dir: Path) -> Iterator[Callable[..., SwapEngine]]:
     made: list[tuple[SwapEngine, HostStore]] = []
 
     def make(device: str = "cpu", mode: str = "auto", pool_mib: int = 32, page_mib: int = 2,
-             store_mib: int = 1024, store: HostStore | None = None, workspace_bytes: int = 256 * MiB) -> SwapEngine:
+             store_mib: int = 1024, store: HostStore | None = None, workspace_bytes: int = 256 * MiB,
+             lanes: int = 2) -> SwapEngine:
         store = store or HostStore(shm_dir / uuid.uuid4().hex[:6], store_mib * MiB)
         cfg = EngineConfig(device=device, mode=mode, pool_bytes=pool_mib * MiB, page_bytes=page_mib * MiB,
-                           workspace_bytes=workspace_bytes, min_chunk_bytes=256 * 1024, max_chunk_bytes=1 * MiB)
+                           workspace_bytes=workspace_bytes, min_chunk_bytes=256 * 1024, max_chunk_bytes=1 * MiB,
+                           lanes=lanes)
         engine = SwapEngine(cfg, store)
         made.append((engine, store))
         return engine

@@ -5,6 +5,11 @@ missing slots (evicting the least valuable unpinned models, tail first), remaps 
 page changed, starts the chunked host→device copies and runs the forward pass, which waits for each
 chunk only at its first use. A resident model runs with no copy and no wait. In graph mode both
 paths are single CUDA graph replays.
+
+A device has one or two *lanes* (``EngineConfig.lanes``), each with its own stream and activation
+workspace: lane 0 swaps models in and runs resident ones; lane 1 runs resident models only, concurrently
+with lane 0, so that a hit need not wait behind another model's swap. Each lane runs one request at a time
+(its caller's thread blocks until the device is done); a graph capture has the device to itself.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from swapserve.engine.layout import Chunk, Layout, last_chunk_of
 from swapserve.engine.pages import PagePool, Placement, PlacementPlan, Residency, Value
 from swapserve.engine.program import Program, load_program
 from swapserve.engine.store import HostEntry, HostStore
-from swapserve.errors import ArtifactError, InvalidInputError, NotFoundError, WorkspaceError
+from swapserve.errors import ArtifactError, InvalidInputError, NotFoundError, NotResidentError, WorkspaceError
 from swapserve.tensors import fits_shape
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,70 @@ class EngineStats:
     """Host CPU time the calling thread spent on each of those runs, before waiting for the device."""
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What one run did (:meth:`SwapEngine.last_run`)."""
+
+    swapped: bool = False
+    bytes_copied: int = 0
+    pages_taken: int = 0
+    """Pages taken from other models."""
+
+
+@dataclass
+class _Lane:
+    index: int
+    stream: object | None
+    """Its compute stream (lane 0: the backend's); None on the CPU."""
+    workspace: object | None = None
+    """Graph mode: the private memory pool its graphs' activations live in."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held for a whole run: a lane runs one request at a time."""
+
+
+class _Gate:
+    """Runs share the device; a graph capture has it alone (CUDA's global capture mode fails if another
+    thread allocates or synchronizes meanwhile, and a capture's warm-up run uses the shared caches)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class _NeedsCapture(Exception):
+    """Raised (before anything is launched) by a run that found it must capture while sharing the device."""
+
+
 @dataclass
 class _Model:
     name: str
@@ -68,7 +137,7 @@ class _Model:
 
 
 class SwapEngine:
-    """One device's engine. Thread-safe; runs one request at a time on the device."""
+    """One device's engine. Thread-safe; runs one request at a time per lane."""
 
     def __init__(self, config: EngineConfig, store: HostStore, clock: Callable[[], float] = time.monotonic,
                  value: Value | None = None):
@@ -82,7 +151,13 @@ class SwapEngine:
         self.stats = EngineStats()
         self._models: dict[str, _Model] = {}
         self._lock = threading.RLock()
-        self._workspace = self._reserve_workspace() if self.mode == "graph" else None
+        """Guards the models, the pool and the counters (never held while the device computes)."""
+        self._gate = _Gate()
+        self._local = threading.local()
+        streams = [getattr(self.backend, "compute_stream", None)] + [self.backend.new_stream()
+                                                                      for _ in range(config.lanes - 1)]
+        self.lanes = [_Lane(i, st, self._reserve_workspace(st) if self.mode == "graph" else None)
+                      for i, st in enumerate(streams)]
         store.subscribe(self._on_spill)
 
     # --- models -------------------------------------------------------------------------------
@@ -161,20 +236,46 @@ class SwapEngine:
 
     # --- running ------------------------------------------------------------------------------
 
-    def infer(self, name: str, inputs: Sequence[torch.Tensor], value: Value | None = None) -> list[torch.Tensor]:
-        """Run ``name`` on ``inputs``, swapping it in if needed. Returns outputs on the device."""
+    def locked(self) -> contextlib.AbstractContextManager[bool]:
+        """The engine's lock, for reading its pool consistently while lanes run."""
+        return self._lock
+
+    def last_run(self) -> RunInfo:
+        """What the calling thread's last :meth:`infer` did (lanes run in threads of their own)."""
+        return getattr(self._local, "last_run", RunInfo())
+
+    def infer(self, name: str, inputs: Sequence[torch.Tensor], value: Value | None = None,
+              lane: int = 0) -> list[torch.Tensor]:
+        """Run ``name`` on ``inputs`` in ``lane``, swapping it in if needed (lane 0 only: elsewhere a model
+        not wholly resident raises :class:`NotResidentError`). Returns outputs on the device."""
+        if not 0 <= lane < len(self.lanes):
+            raise ValueError(f"lane {lane} does not exist on {self.config.device} ({len(self.lanes)} lanes)")
+        ln = self.lanes[lane]
         with self._lock:
             m = self._get(name)
             inputs, batch = self._check_inputs(m, inputs)
             run_batch = self._bucket(m, batch)
+            self._check_workspace(m, run_batch)
+            capture = self.mode == "graph" and run_batch not in m.graphs
+        with ln.lock:
+            try:
+                with self._gate.exclusive() if capture else self._gate.shared():
+                    return self._infer(m, inputs, batch, run_batch, ln, value, capture)
+            except _NeedsCapture:  # the host buffer moved (reloaded after a spill): capture the swap graph anew
+                with self._gate.exclusive():
+                    return self._infer(m, inputs, batch, run_batch, ln, value, True)
+
+    def _infer(self, m: _Model, inputs: list[torch.Tensor], batch: int, run_batch: int, ln: _Lane,
+               value: Value | None, exclusive: bool) -> list[torch.Tensor]:
+        with self.backend.compute(ln.stream):
+            inputs = [x.to(self.backend.device) for x in inputs]
             if run_batch != batch:  # graphs exist per bucket (1, 2, 4, ...): pad up to it
                 inputs = [torch.cat([x, x.new_zeros((run_batch - batch, *x.shape[1:]))]) for x in inputs]
-            self._check_workspace(m, run_batch)
-            with self._placed(m, value) as (host, plan):
-                outs = self._run(m, host, plan, inputs, run_batch)
-            if run_batch != batch:
-                outs = [o[:batch] if spec.shape[:1] == (-1,) else o for o, spec in zip(outs, m.artifact.manifest.outputs)]
-            return outs
+            with self._placed(m, value, lane=ln.index) as (host, plan):
+                outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive)
+        if run_batch != batch:
+            outs = [o[:batch] if spec.shape[:1] == (-1,) else o for o, spec in zip(outs, m.artifact.manifest.outputs)]
+        return outs
 
     def _bucket(self, m: _Model, batch: int) -> int:
         """The batch size a request runs at: a power of two (at most max_batch) in graph mode, so that a
@@ -189,7 +290,7 @@ class SwapEngine:
     def prefetch(self, name: str, max_bytes: int | None = None, value: Value | None = None) -> int:
         """Copy the model's missing pages without running it — all of them, or only those among the
         first ``max_bytes`` (whole pages, in first-use order). Returns the bytes copied."""
-        with self._lock:
+        with self._gate.exclusive(), self._lock:
             m = self._get(name)
             limit = None if max_bytes is None else max_bytes // self.config.page_bytes
             with self._placed(m, value, limit) as (host, plan):
@@ -204,45 +305,66 @@ class SwapEngine:
                 return copied
 
     @contextlib.contextmanager
-    def _placed(self, m: _Model, value: Value | None, limit: int | None = None) -> Iterator[tuple[HostEntry, PlacementPlan]]:
-        """Pin the host buffer and the model's pages, remapped where the plan says; unpin after."""
-        host = self.store.acquire(m.name)
-        try:
-            self._pin_host(m, host)
-            plan = self.pool.acquire(m.name, self.clock(), value, limit)
+    def _placed(self, m: _Model, value: Value | None, limit: int | None = None,
+                lane: int = 0) -> Iterator[tuple[HostEntry, PlacementPlan]]:
+        """Pin the host buffer and the model's pages, remapped where the plan says; unpin after. Outside
+        lane 0 the model must already be wholly on the device (checked with the pool locked, so that no
+        swap takes its pages between the check and the pin)."""
+        with self._lock:
+            if lane and self.pool.state(m.name) is not Residency.RESIDENT:
+                raise NotResidentError(f"{m.name} is not wholly on {self.config.device}: lane {lane} runs "
+                                       "resident models only")
+            host = self.store.acquire(m.name)
             try:
-                self._remap(m, plan)
-                yield host, plan
-            finally:
-                self.pool.release(m.name)
+                self._pin_host(m, host)
+                plan = self.pool.acquire(m.name, self.clock(), value, limit)
+                try:
+                    self._remap(m, plan)
+                except BaseException:
+                    self.pool.release(m.name)
+                    raise
+            except BaseException:
+                self.store.release(m.name)
+                raise
+        try:
+            yield host, plan
         finally:
-            self.store.release(m.name)
+            with self._lock:
+                self.pool.release(m.name)
+                self.store.release(m.name)
 
     def _run(self, m: _Model, host: HostEntry, plan: PlacementPlan, inputs: list[torch.Tensor],
-             batch: int) -> list[torch.Tensor]:
-        """Launch, then wait once for the device; pages count as loaded only once their copies landed."""
+             batch: int, ln: _Lane, exclusive: bool) -> list[torch.Tensor]:
+        """Launch on the lane's stream, then wait once for it; pages count as loaded only once their copies
+        landed."""
         assert host.buffer is not None
         copy = self._copy_mask(m, plan.load)
         wall0, cpu0 = time.perf_counter(), time.thread_time()
         if self.mode == "graph" and batch not in m.graphs:
-            outs = self._first_run_graph(m, host, plan, copy, inputs, batch)
+            if not exclusive:
+                raise _NeedsCapture
+            outs = self._first_run_graph(m, host, plan, copy, inputs, batch, ln.index)
         elif self.mode == "graph":
             graphs = m.graphs[batch]
             if plan.load and graphs.swap_host_ptr != host.buffer.data_ptr():
-                graphs.capture_swap(m.va, host.buffer, m.chunks, m.events)  # host buffer moved: re-capture
+                if not exclusive:
+                    raise _NeedsCapture
+                graphs.capture_swap(m.va, host.buffer, m.chunks, m.events)
                 self.stats.graph_captures += 1
-            outs = graphs.replay(inputs, copy if plan.load else None)
+            outs = graphs.replay(inputs, copy if plan.load else None, ln.index)
         elif not plan.load:
-            with self.backend.compute(), torch.no_grad():
+            with torch.no_grad():
                 outs = m.program.run(inputs)
         elif self.mode == "ondemand":
             outs = self._load_then_run(m, host, plan, inputs)
         else:
             outs = self._swap_eager(m, host, copy, inputs)
         cpu = time.thread_time() - cpu0
-        self.backend.synchronize()
-        self.pool.loaded(m.name, plan.load)
-        self._count(plan, copy, m, time.perf_counter() - wall0, cpu)
+        self.backend.synchronize(ln.stream)
+        with self._lock:
+            self.pool.loaded(m.name, plan.load)
+            copied = self._count(plan, copy, m, time.perf_counter() - wall0, cpu)
+        self._local.last_run = RunInfo(bool(plan.load), copied, sum(len(t) for _, t in plan.taken))
         return outs
 
     def _load_then_run(self, m: _Model, host: HostEntry, plan: PlacementPlan,
@@ -251,7 +373,7 @@ class SwapEngine:
         assert host.buffer is not None
         page = self.config.page_bytes
         load = set(plan.load)
-        with self.backend.compute(), torch.no_grad():
+        with torch.no_grad():
             dev = self.backend.view(m.va, m.layout.nbytes)
             for s in m.layout.slots:
                 if s.nbytes and (s.offset // page in load or (s.offset + s.nbytes - 1) // page in load):
@@ -260,7 +382,7 @@ class SwapEngine:
 
     def _swap_eager(self, m: _Model, host: HostEntry, copy: list[bool], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         assert host.buffer is not None
-        with self.backend.compute(), torch.no_grad():
+        with torch.no_grad():
             waiter = self.backend.start_copies(m.va, host.buffer, m.chunks, copy, m.events)
             try:
                 return m.program.run(inputs, waiter)
@@ -268,31 +390,33 @@ class SwapEngine:
                 waiter.finish()  # the copies land (or fail, raising) whatever the compute did
 
     def _first_run_graph(self, m: _Model, host: HostEntry, plan: PlacementPlan, copy: list[bool],
-                         inputs: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+                         inputs: list[torch.Tensor], batch: int, lane: int) -> list[torch.Tensor]:
         """First run at this batch size: swap in eagerly (also the warm-up), capture, answer from the graph."""
         from swapserve.engine.graphs import ModelGraphs
 
         if plan.load:
             self._swap_eager(m, host, copy, inputs)
         else:
-            with self.backend.compute(), torch.no_grad():
+            with torch.no_grad():
                 m.program.run(inputs)
         assert host.buffer is not None and isinstance(m.events, list)
-        graphs = ModelGraphs(self.backend, m.program, self._workspace)  # type: ignore[arg-type]
-        before = self._workspace_bytes()
+        graphs = ModelGraphs(self.backend, m.program, self.lanes)  # type: ignore[arg-type]
+        before = [self._workspace_bytes(ln) for ln in self.lanes]
         with torch.no_grad():
             graphs.capture(inputs, m.va, host.buffer, m.chunks, m.events)
         self.stats.graph_captures += 2
-        used = self._workspace_bytes()
-        if used > self.config.workspace_bytes:
-            raise WorkspaceError(
-                f"{m.name} at batch {batch} needs more activation memory than the workspace holds "
-                f"({used / 2**20:.0f} MiB in use after capture, {self.config.workspace_bytes / 2**20:.0f} MiB "
-                "configured); raise workspace_bytes or lower the batch")
-        if used > before:
-            log.info("workspace grew by %d bytes while capturing %s (batch %d)", used - before, m.name, batch)
+        for ln, was in zip(self.lanes, before):
+            used = self._workspace_bytes(ln)
+            if used > self.config.workspace_bytes:
+                raise WorkspaceError(
+                    f"{m.name} at batch {batch} needs more activation memory than the workspace holds "
+                    f"({used / 2**20:.0f} MiB in use after capture in lane {ln.index}, "
+                    f"{self.config.workspace_bytes / 2**20:.0f} MiB configured); raise workspace_bytes or lower the batch")
+            if used > was:
+                log.info("lane %d's workspace grew by %d bytes while capturing %s (batch %d)", ln.index, used - was,
+                         m.name, batch)
         m.graphs[batch] = graphs
-        return graphs.replay(inputs, None)
+        return graphs.replay(inputs, None, lane)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -322,7 +446,7 @@ class SwapEngine:
                 raise InvalidInputError(f"input {spec.name!r} of {m.name} must have shape "
                                         f"{_shape_text(spec.shape)} (batch ≤ {m.artifact.manifest.max_batch}), "
                                         f"got {list(shape)}")
-            out.append(x.to(self.backend.device))
+            out.append(x)
         return out, batch or (int(inputs[0].shape[0]) if inputs[0].dim() else 1)
 
     def _check_workspace(self, m: _Model, batch: int) -> None:
@@ -361,34 +485,38 @@ class SwapEngine:
         want = set(load)
         return [c.start // page in want for c in m.chunks]
 
-    def _count(self, plan: PlacementPlan, copy: list[bool], m: _Model, wall: float, cpu: float) -> None:
+    def _count(self, plan: PlacementPlan, copy: list[bool], m: _Model, wall: float, cpu: float) -> int:
+        """Count a finished run; returns the bytes it copied."""
         s = self.stats
         s.runs += 1
-        if plan.load:
-            s.swaps += 1
-            s.bytes_copied += sum(c.nbytes for c, k in zip(m.chunks, copy) if k)
-            s.swap_seconds.append(wall)
-            s.swap_cpu_seconds.append(cpu)
-            del s.swap_seconds[:-1000], s.swap_cpu_seconds[:-1000]
-        else:
+        if not plan.load:
             s.resident_runs += 1
+            return 0
+        copied = sum(c.nbytes for c, k in zip(m.chunks, copy) if k)
+        s.swaps += 1
+        s.bytes_copied += copied
+        s.swap_seconds.append(wall)
+        s.swap_cpu_seconds.append(cpu)
+        del s.swap_seconds[:-1000], s.swap_cpu_seconds[:-1000]
+        return copied
 
-    def _reserve_workspace(self) -> object:
-        """Take the activation workspace once, at start, as a private pool every graph shares."""
+    def _reserve_workspace(self, stream: object) -> object:
+        """Take a lane's activation workspace once, at start, as a private pool its graphs share."""
         pool = torch.cuda.MemPool()
         small = min(64 << 20, self.config.workspace_bytes // 8)
         # The caching allocator reuses a free block only on the stream that allocated it: reserve on
-        # the compute stream, where graphs are captured. Blocks of <= 1 MiB come from 2 MiB segments
+        # the lane's stream, where its graphs are captured. Blocks of <= 1 MiB come from 2 MiB segments
         # of their own, so some of those are reserved too.
-        with torch.cuda.use_mem_pool(pool), torch.cuda.stream(self.backend.compute_stream):  # type: ignore[attr-defined]
+        with torch.cuda.use_mem_pool(pool), torch.cuda.stream(stream):  # type: ignore[arg-type]
             big = torch.empty(self.config.workspace_bytes - small, dtype=torch.uint8, device=self.backend.device)
             smalls = [torch.empty(1 << 20, dtype=torch.uint8, device=self.backend.device) for _ in range(small >> 20)]
         del big, smalls
         return pool
 
-    def _workspace_bytes(self) -> int:
-        assert self._workspace is not None
-        return sum(seg["total_size"] for seg in self._workspace.snapshot())  # type: ignore[attr-defined]
+    @staticmethod
+    def _workspace_bytes(lane: _Lane) -> int:
+        assert lane.workspace is not None
+        return sum(seg["total_size"] for seg in lane.workspace.snapshot())  # type: ignore[attr-defined]
 
     def close(self) -> None:
         with self._lock:

@@ -3,10 +3,15 @@ holding the chunked host→device copies (on the copy stream, an event per chunk
 pass that waits for each chunk before its first use.
 
 Graphs bake in addresses. The weights live at the model's fixed virtual range (whatever physical
-pages back it), activations in the device's shared workspace pool (one model runs at a time), the
-copy sources at the model's pinned host buffer (a reload from disk moves it: the swap graph is then
-captured again). For a partly resident model the swap graph runs with the copy nodes of valid chunks
-disabled (``cudaGraphNodeSetEnabled``), so only missing bytes move.
+pages back it), activations in a lane's workspace pool, the copy sources at the model's pinned host
+buffer (a reload from disk moves it: the swap graph is then captured again). For a partly resident
+model the swap graph runs with the copy nodes of valid chunks disabled (``cudaGraphNodeSetEnabled``),
+so only missing bytes move.
+
+Lanes: the swap graph belongs to lane 0 (its stream and workspace), the plain graph to the last lane.
+With one lane both live there and a resident run replays the plain graph; with two, lane 1 replays the
+plain graph while lane 0 may be swapping another model in, and a resident run in lane 0 replays the swap
+graph with every copy disabled — the same kernels on the same weights, so the same bits.
 """
 
 from __future__ import annotations
@@ -51,24 +56,37 @@ def _memcpy_nodes(graph: torch.cuda.CUDAGraph, va: int, chunks: Sequence[Chunk])
 def _borrow(t: torch.Tensor) -> torch.Tensor:
     """A view of ``t``'s memory that does not keep it allocated.
 
-    Its block goes back to the workspace pool, where later captures may use it as scratch. That is safe
-    because graphs of one device never run concurrently and a replay's outputs are copied out before
-    the next replay: between replays every graph's static memory is garbage. So the workspace holds the
-    largest model's activations, not the sum over all captured graphs."""
+    Its block goes back to the lane's workspace pool, where later captures may use it as scratch. That is
+    safe because a lane runs one graph at a time and a replay's outputs are copied out before the next
+    replay: between replays every graph's static memory is garbage. So a workspace holds the largest
+    model's activations, not the sum over all captured graphs."""
     if not t.is_contiguous() or t.numel() == 0:
         return t
     return wrap_device_memory(t.data_ptr(), t.numel() * t.element_size(), t.device).view(t.dtype).view(t.shape)
 
 
+class _Placed:
+    """Where a graph runs: a lane's stream and workspace pool."""
+
+    def __init__(self, lane: Any):
+        self.stream: torch.cuda.Stream = lane.stream
+        self.pool: torch.cuda.MemPool = lane.workspace
+
+
 class ModelGraphs:
-    def __init__(self, backend: CudaBackend, program: Program, pool: torch.cuda.MemPool):
+    def __init__(self, backend: CudaBackend, program: Program, lanes: Sequence[Any]):
+        """``lanes``: the engine's lanes (each with ``stream`` and ``workspace``)."""
         self.backend = backend
         self.program = program
-        self.pool = pool
-        self.inputs: list[torch.Tensor] = []
+        self.swap_lane = _Placed(lanes[0])
+        self.plain_lane = _Placed(lanes[-1])
+        self.shared = len(lanes) == 1
+        """One lane: a resident run in lane 0 replays the plain graph (it lives there too)."""
         self.plain: torch.cuda.CUDAGraph | None = None
+        self.plain_in: list[torch.Tensor] = []
         self.plain_out: list[torch.Tensor] = []
         self.swap: torch.cuda.CUDAGraph | None = None
+        self.swap_in: list[torch.Tensor] = []
         self.swap_out: list[torch.Tensor] = []
         self.swap_host_ptr = 0
         self._nodes: list[Any] | None = None
@@ -76,27 +94,34 @@ class ModelGraphs:
 
     def capture(self, example: Sequence[torch.Tensor], va: int, host: torch.Tensor, chunks: Sequence[Chunk],
                 events: list[torch.cuda.Event]) -> None:
-        """Capture both graphs, their static inputs and outputs in the shared workspace (then borrowed)."""
-        with torch.cuda.use_mem_pool(self.pool), torch.cuda.stream(self.backend.compute_stream):
+        """Capture both graphs, each with its static inputs and outputs in its lane's workspace (then
+        borrowed)."""
+        at = self.plain_lane
+        with torch.cuda.use_mem_pool(at.pool), torch.cuda.stream(at.stream):
             inputs = [torch.empty_like(x, device=self.backend.device) for x in example]
-        self.inputs = inputs
+        at.stream.wait_stream(torch.cuda.current_stream(self.backend.device))
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool.id, stream=self.backend.compute_stream):
-            out = self.program.run(self.inputs)
-        self.plain, self.plain_out = g, out
-        self.capture_swap(va, host, chunks, events)
-        self.inputs = [_borrow(t) for t in inputs]
-        self.plain_out = [_borrow(t) for t in self.plain_out]
+        with torch.cuda.graph(g, pool=at.pool.id, stream=at.stream):
+            out = self.program.run(inputs)
+        self.plain, self.plain_in, self.plain_out = g, [_borrow(t) for t in inputs], [_borrow(t) for t in out]
         del inputs, out
+        self.capture_swap(va, host, chunks, events, example)
 
-    def capture_swap(self, va: int, host: torch.Tensor, chunks: Sequence[Chunk], events: list[torch.cuda.Event]) -> None:
-        b = self.backend
+    def capture_swap(self, va: int, host: torch.Tensor, chunks: Sequence[Chunk], events: list[torch.cuda.Event],
+                     example: Sequence[torch.Tensor] | None = None) -> None:
+        """(Re)capture the swap graph, with static inputs of its own (shaped like ``example``, or like the
+        previous capture's)."""
+        b, at = self.backend, self.swap_lane
+        like = list(example) if example is not None else self.swap_in
+        with torch.cuda.use_mem_pool(at.pool), torch.cuda.stream(at.stream):
+            inputs = [torch.empty_like(x, device=b.device) for x in like]
+        at.stream.wait_stream(torch.cuda.current_stream(b.device))
         g = torch.cuda.CUDAGraph(keep_graph=True)
-        with torch.cuda.graph(g, pool=self.pool.id, stream=b.compute_stream):
+        with torch.cuda.graph(g, pool=at.pool.id, stream=at.stream):
             cur = torch.cuda.current_stream()
             b.copy_stream.wait_stream(cur)
             waiter = b.start_copies(va, host, chunks, [True] * len(chunks), events)
-            out = self.program.run(self.inputs, waiter)
+            out = self.program.run(inputs, waiter)
             cur.wait_stream(b.copy_stream)
         if hasattr(g, "instantiate"):
             g.instantiate()
@@ -104,23 +129,24 @@ class ModelGraphs:
         if self._nodes is None:
             log.warning("copy nodes not found in the swap graph: partly resident models will copy every chunk")
         self._enabled = [True] * len(chunks)
-        self.swap, self.swap_out, self.swap_host_ptr = g, [_borrow(t) for t in out], host.data_ptr()
+        self.swap, self.swap_host_ptr = g, host.data_ptr()
+        self.swap_in, self.swap_out = [_borrow(t) for t in inputs], [_borrow(t) for t in out]
+        del inputs, out
 
-    def replay(self, inputs: Sequence[torch.Tensor], copy: Sequence[bool] | None) -> list[torch.Tensor]:
-        """Run on the compute stream; ``copy`` None means resident (plain graph). Returns fresh outputs."""
-        with self.backend.compute():
-            for dst, x in zip(self.inputs, inputs):
+    def replay(self, inputs: Sequence[torch.Tensor], copy: Sequence[bool] | None, lane: int) -> list[torch.Tensor]:
+        """Run in ``lane`` (on its stream); ``copy`` None means resident. Returns fresh outputs."""
+        if lane == 0 and (copy is not None or not self.shared):
+            graph, static_in, static_out, at = self.swap, self.swap_in, self.swap_out, self.swap_lane
+            self._set_enabled(copy if copy is not None else [False] * len(self._enabled))
+        else:
+            assert copy is None, "only lane 0 swaps"
+            graph, static_in, static_out, at = self.plain, self.plain_in, self.plain_out, self.plain_lane
+        assert graph is not None
+        with self.backend.compute(at.stream):
+            for dst, x in zip(static_in, inputs):
                 dst.copy_(x, non_blocking=True)
-            if copy is None:
-                assert self.plain is not None
-                self.plain.replay()
-                outs = self.plain_out
-            else:
-                assert self.swap is not None
-                self._set_enabled(copy)
-                self.swap.replay()
-                outs = self.swap_out
-            return [o.clone() for o in outs]
+            graph.replay()
+            return [o.clone() for o in static_out]
 
     def _set_enabled(self, copy: Sequence[bool]) -> None:
         if self._nodes is None:

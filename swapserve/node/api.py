@@ -65,6 +65,8 @@ class InferResult:
     """From the worker receiving the run's message to sending its reply (``compute_ms`` and the worker's
     own bookkeeping). ``total_ms - queue_ms - dispatch_ms - worker_ms`` is the messages' way there and back
     plus the controller's loop getting to the reply."""
+    lane: int = 0
+    """The device lane the scheduler sent it to (1: the side lane, beside the first)."""
 
 
 @dataclass(frozen=True)

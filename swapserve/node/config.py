@@ -39,7 +39,10 @@ class ServeConfig:
     """Weight pool reserved per device at start. None: the node takes the device's free memory less the
     workspace and a safety margin (on ``cpu``, 1 GiB)."""
     workspace_bytes: int = 512 * MiB
-    """Activation workspace per device, shared by the models on it (one runs at a time)."""
+    """Activation workspace per device and lane, shared by the models that run in that lane."""
+    lanes: int = 2
+    """Runs each device may have in flight: 2 runs a resident model beside another model's swap (the
+    second lane has its own stream and workspace); 1 runs one thing at a time."""
     host_store_bytes: int | None = None
     """Capacity of the pinned host store shared by all workers; beyond it models spill to their
     safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``."""
@@ -95,6 +98,8 @@ class ServeConfig:
             problems.append(f"sandbox_isolation {self.sandbox_isolation!r} is not strict, best_effort or off")
         if not self.sandbox_idle_s > 0:
             problems.append(f"sandbox_idle_s must be positive, not {self.sandbox_idle_s}")
+        if self.lanes not in (1, 2):
+            problems.append(f"lanes must be 1 or 2, not {self.lanes}")
         if not 0 <= self.spin_ms <= 1000:
             problems.append(f"spin_ms must be in [0, 1000], not {self.spin_ms}")
         if self.token is not None and not self.token.strip():

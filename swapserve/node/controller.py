@@ -62,6 +62,9 @@ class NodeConfig:
     pool_bytes: int | None
     """Per device, for weights; None: sized by each worker from its device's free memory."""
     workspace_bytes: int = 2 << 30
+    """Per device and lane."""
+    lanes: int = 2
+    """Runs in flight per device (see :attr:`swapserve.config.EngineConfig.lanes`)."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB
     slab_bytes: int = 256 * MiB
@@ -138,7 +141,7 @@ class Node:
         self._ready = False
         self._live = True
         self.dispatch = Dispatcher(self.state, self.scheduler, self._workers, self.store, self._models, self.metrics,
-                                   clock, cfg.spin_s, self._released, len(cfg.devices))
+                                   clock, cfg.spin_s, self._released, len(cfg.devices), cfg.lanes)
         # The zygote starts with the first handler (a node without handlers never imports torch twice).
         self.sandboxes = SandboxManager(self._call_model, replace(cfg.sandbox, deny_paths=(
             cfg.home.resolve(), self.shm_root, *cfg.sandbox.deny_paths)), clock=clock,
@@ -149,7 +152,8 @@ class Node:
     async def start(self) -> None:
         (self.shm_root / "store").mkdir(parents=True, exist_ok=True)
         engine = EngineConfig(device="cpu", pool_bytes=self.cfg.pool_bytes or self.cfg.page_bytes,
-                              workspace_bytes=self.cfg.workspace_bytes, page_bytes=self.cfg.page_bytes)
+                              workspace_bytes=self.cfg.workspace_bytes, page_bytes=self.cfg.page_bytes,
+                              lanes=self.cfg.lanes)
         for i, dev in enumerate(self.cfg.devices):
             wcfg = WorkerConfig(i, dev, _engine_for(engine, dev, self.cfg.mode), str(self.store.root),
                                 str(self.shm_root / f"io-{i}.bin"), self.cfg.slab_bytes, self.cfg.log_level,
@@ -159,7 +163,7 @@ class Node:
         hellos = await asyncio.gather(*(wk.wait_hello(w, self.cfg.start_timeout_s) for w in self._workers))
         for w in self._workers:
             wk.watch(w, self._on_worker_dead)
-        self.state.devices = [DeviceState(i, h.pool_bytes) for i, h in enumerate(hellos)]
+        self.state.devices = [DeviceState(i, h.pool_bytes, side_lane=self.cfg.lanes > 1) for i, h in enumerate(hellos)]
         self.state.link = await self._profile_link([h.h2d_GBps for h in hellos])
         log.info("workers up: %s; link %s", [f"{h.device} ({h.name})" for h in hellos], self.state.link)
         records = []

@@ -61,9 +61,10 @@ class _InFlight:
 class Dispatcher:
     def __init__(self, state: NodeState, scheduler: Scheduler, workers: list[wk.WorkerHandle], store: HostStore,
                  models: Mapping[str, Served], metrics: Metrics, clock: Callable[[], float], spin_s: float,
-                 on_released: Callable[[str], None], devices: int):
+                 on_released: Callable[[str], None], devices: int, lanes: int = 1):
         """``workers`` and ``models`` (serving entities by name) are the node's own, read as they change;
-        ``on_released(key)`` is called when the last run using a model version's key ends."""
+        ``on_released(key)`` is called when the last run using a model version's key ends; ``lanes`` is the
+        workers' lanes per device (each with its region of the worker's IO slab)."""
         self.state = state
         self.scheduler = scheduler
         self._workers = workers
@@ -75,7 +76,9 @@ class Dispatcher:
         self._on_released = on_released
         self.live = True
         self._pending: dict[str, _Pending] = {}
-        self._inflight: dict[int, _InFlight] = {}
+        self._lanes = lanes
+        self._inflight: dict[tuple[int, int], _InFlight] = {}
+        """By (device, lane)."""
         self._key_users: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -83,14 +86,14 @@ class Dispatcher:
         self._spinning = False
         self._ids = itertools.count()
         self.busy_s = [0.0] * devices
-        """Seconds each device spent on runs (dispatch to reply)."""
+        """Seconds each device spent on runs (dispatch to reply), summed over its lanes."""
 
     def users(self, key: str) -> int:
         """Runs in flight that use model version ``key``."""
         return self._key_users.get(key, 0)
 
     def busy(self, device: int) -> bool:
-        return device in self._inflight
+        return any((device, lane) in self._inflight for lane in range(self._lanes))
 
     async def drain(self, deadline: float) -> None:
         """Wait for the runs in flight to end (until ``deadline`` on the node's clock)."""
@@ -155,37 +158,39 @@ class Dispatcher:
             if not batch or m is None:
                 raise UnavailableError(f"function {d.function!r} is gone")
             self.store.acquire(m.key)  # pinned in host memory until the run ends
+            start, limit = w.slab.region(d.lane, self._lanes)
             try:
-                refs, end = w.slab.write_batch([[p.inputs[i] for p in batch] for i in range(len(batch[0].inputs))])
+                refs, end = w.slab.write_batch([[p.inputs[i] for p in batch] for i in range(len(batch[0].inputs))],
+                                               start, limit)
             except BaseException:
                 self.store.release(m.key)
                 raise
         except SwapserveError as e:
-            dev.busy_until = dev.running = dev.copying_until = None
+            dev.release(d.lane)
             for p in batch:
                 self._fail(p, e)
             return
         values = {self._models[f].key: v for f, v in d.values.items() if f in self._models}
-        msg = Run(wk.next_id(), m.key, refs, end, values)
+        msg = Run(wk.next_id(), m.key, refs, end, values, d.lane, limit)
         self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
         items = sum(p.request.items for p in batch)
         for p in batch:
             self.metrics.observe_queue(d.function, now - p.started)
-        self._inflight[d.device] = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock())
+        self._inflight[d.device, d.lane] = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock())
         try:
-            wk.send(w, msg, functools.partial(self._complete, w))
+            wk.send(w, msg, functools.partial(self._complete, w, d.lane))
         except (BackendError, OSError) as e:
-            self._complete(w, e if isinstance(e, BackendError) else BackendError(str(e)))
+            self._complete(w, d.lane, e if isinstance(e, BackendError) else BackendError(str(e)))
 
-    def _complete(self, w: wk.WorkerHandle, outcome: Any) -> None:
-        """A run ended (called straight from the worker's reply): answer its requests, free the device."""
+    def _complete(self, w: wk.WorkerHandle, lane: int, outcome: Any) -> None:
+        """A run ended (called straight from the worker's reply): answer its requests, free the lane."""
         reply = None if isinstance(outcome, BaseException) else outcome
         error: SwapserveError | None = outcome if isinstance(outcome, SwapserveError) else None
-        fl = self._inflight.pop(w.index)
+        fl = self._inflight.pop((w.index, lane))
         fn_name = fl.dispatch.function
         now = self.clock()
         dev = self.state.devices[w.index]
-        dev.busy_until = dev.running = dev.copying_until = None
+        dev.release(lane)
         dev.last_used[fn_name] = now
         self.busy_s[w.index] += now - fl.started
         self.store.release(fl.key)
@@ -207,7 +212,7 @@ class Dispatcher:
                 if not p.future.done():
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
                                                     res.wall_ms, total, dispatch_ms=(fl.sent - fl.started) * 1e3,
-                                                    worker_ms=res.handled_ms))
+                                                    worker_ms=res.handled_ms, lane=lane))
             self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
             if res.swapped:
                 self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)

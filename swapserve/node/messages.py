@@ -58,6 +58,11 @@ class Run:
     """Where in the slab the worker may write outputs."""
     values: dict[str, float] = field(default_factory=dict)
     """Eviction values for the models on this device (the scheduler's expected reuse)."""
+    lane: int = 0
+    """The engine lane to run in (1: beside lane 0, for a model wholly on the device; the worker moves it
+    to lane 0 if the model is not, by then)."""
+    out_limit: int | None = None
+    """End of the lane's slab region: outputs must end before it (None: the slab's end)."""
 
 
 @dataclass(frozen=True)

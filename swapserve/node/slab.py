@@ -1,8 +1,9 @@
 """A worker's IO slab: one shared-memory file through which request tensors go in and come out.
 
 The controller creates it and writes a batch's inputs; the worker (which page-locks its mapping for
-fast copies) reads them and writes outputs after them. A device runs one dispatch at a time, so the
-slab needs no allocator: inputs from offset 0, outputs from where the controller says.
+fast copies) reads them and writes outputs after them. Each lane of the device has a region of its own
+(:meth:`Slab.region`) and runs one dispatch at a time, so the slab needs no allocator: inputs from the
+region's start, outputs from where the controller says, never past the region's end.
 """
 
 from __future__ import annotations
@@ -45,18 +46,27 @@ class Slab:
             n *= d
         return torch.frombuffer(self._map, dtype=dtype_from_name(ref.dtype), count=n, offset=ref.offset).view(ref.shape)
 
-    def write_batch(self, parts: Sequence[Sequence[torch.Tensor]], offset: int = 0) -> tuple[tuple[TensorRef, ...], int]:
-        """Write each input of a batch — the rows of every request, concatenated on dim 0 — from ``offset``.
-        ``parts[i]`` holds input i of each request. Returns the refs and the end offset."""
+    def region(self, lane: int, lanes: int) -> tuple[int, int]:
+        """``[start, end)`` of a lane's part of the slab (equal parts, aligned)."""
+        size = self.nbytes // lanes // ALIGN * ALIGN
+        return lane * size, (lane + 1) * size
+
+    def write_batch(self, parts: Sequence[Sequence[torch.Tensor]], offset: int = 0,
+                    limit: int | None = None) -> tuple[tuple[TensorRef, ...], int]:
+        """Write each input of a batch — the rows of every request, concatenated on dim 0 — from ``offset``,
+        ending before ``limit`` (default: the slab's end). ``parts[i]`` holds input i of each request.
+        Returns the refs and the end offset."""
+        limit = self.nbytes if limit is None else limit
+        start = offset
         refs = []
         for pieces in parts:
             first = pieces[0]
             shape = (sum(p.shape[0] for p in pieces), *first.shape[1:]) if first.dim() else ()
             ref = TensorRef(offset, str(first.dtype).removeprefix("torch."), tuple(shape))
             end = offset + _nbytes(first.dtype, shape)
-            if end > self.nbytes:
-                raise PayloadTooLargeError(f"a batch's inputs need {end} bytes, more than the IO slab "
-                                           f"({self.nbytes}); raise the slab size or lower max_batch")
+            if end > limit:
+                raise PayloadTooLargeError(f"a batch's inputs need more than the {limit - start} bytes of the IO "
+                                           "slab's region; raise the slab size or lower max_batch")
             dst = self.tensor(ref)
             row = 0
             for p in pieces:
@@ -69,14 +79,18 @@ class Slab:
             offset = _round(end)
         return tuple(refs), offset
 
-    def write(self, tensors: Sequence[torch.Tensor], offset: int) -> tuple[TensorRef, ...]:
-        """Write whole tensors (a worker's outputs) from ``offset``."""
+    def write(self, tensors: Sequence[torch.Tensor], offset: int, limit: int | None = None) -> tuple[TensorRef, ...]:
+        """Write whole tensors (a worker's outputs) from ``offset``, ending before ``limit`` (default: the
+        slab's end)."""
+        limit = self.nbytes if limit is None else limit
+        start = offset
         refs = []
         for t in tensors:
             ref = TensorRef(offset, str(t.dtype).removeprefix("torch."), tuple(t.shape))
             end = offset + t.numel() * t.element_size()
-            if end > self.nbytes:
-                raise PayloadTooLargeError(f"outputs need {end} bytes, more than the IO slab ({self.nbytes})")
+            if end > limit:
+                raise PayloadTooLargeError(f"outputs need {end - start} bytes, more than the IO slab's region has "
+                                           f"left ({limit - start}); raise the slab size or lower max_batch")
             self.tensor(ref).copy_(t)
             refs.append(ref)
             offset = _round(end)

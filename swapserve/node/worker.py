@@ -1,15 +1,20 @@
-"""A worker process: the only owner of one device (its CUDA context, page pool and workspace).
+"""A worker process: the only owner of one device (its CUDA context, page pool and workspaces).
 
-It runs the commands of :mod:`swapserve.node.messages` one at a time, in order, and answers each.
-Model weights come from the node's host store (mapped, never written); request tensors through its IO
-slab. It exits when told to, or when the controller's end of the connection closes.
+Its main thread reads the commands of :mod:`swapserve.node.messages`; one thread per engine lane runs
+them and answers each. Lane 0 takes every command except runs sent to lane 1, in the order they came;
+lane 1 runs resident models beside it (a run whose model is no longer wholly on the device by then moves
+to lane 0). Model weights come from the node's host store (mapped, never written); request tensors
+through its IO slab, where each lane has its own region. It exits when told to, or when the controller's
+end of the connection closes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -71,10 +76,11 @@ def _auto_pool(cfg: EngineConfig) -> int:
     import torch
 
     free, _total = torch.cuda.mem_get_info(0)
-    pool = (free - cfg.workspace_bytes - AUTO_POOL_MARGIN) // cfg.page_bytes * cfg.page_bytes
+    workspaces = cfg.lanes * cfg.workspace_bytes
+    pool = (free - workspaces - AUTO_POOL_MARGIN) // cfg.page_bytes * cfg.page_bytes
     if pool < cfg.page_bytes:
-        raise SystemExit(f"{cfg.device}: only {free >> 20} MiB free, not enough for a weight pool beside a "
-                         f"{cfg.workspace_bytes >> 20} MiB workspace")
+        raise SystemExit(f"{cfg.device}: only {free >> 20} MiB free, not enough for a weight pool beside "
+                         f"{cfg.lanes} workspace(s) of {cfg.workspace_bytes >> 20} MiB")
     return pool
 
 
@@ -94,45 +100,85 @@ class Worker:
         self.engine.backend.pin(self.slab.buffer)
         self.torch = torch
         self._sent_version = -1
+        self._queues: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in self.engine.lanes]
+        self._send_lock = threading.Lock()
         name = torch.cuda.get_device_name(0) if engine_cfg.device.startswith("cuda") else "cpu"
         bw = self._h2d(256 << 20)
         send(conn, Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid()))
 
     def serve(self) -> None:
-        from swapserve.errors import SwapserveError
-        from swapserve.node.messages import Reply, RunResult, Stop, recv, send
+        from swapserve.node.messages import Run, Stop, recv
 
         spin = self.cfg.spin_s
-        while True:
-            if spin and not self.conn.poll(0):
-                # Busy-wait a little before blocking: a sleeping reader makes every message pay a wake-up
-                # (a syscall and a reschedule on each side), and requests come back to back under load.
-                until = time.perf_counter() + spin
-                while not self.conn.poll(0) and time.perf_counter() < until:
-                    pass
-            msg = recv(self.conn)
-            received = time.perf_counter()
-            try:
-                result = self.handle(msg)
-                if isinstance(result, RunResult):
-                    result = replace(result, handled_ms=(time.perf_counter() - received) * 1e3)
-                reply = Reply(msg.id, True, result, self._residency_if_changed())
-            except SwapserveError as e:
-                reply = Reply(msg.id, False, None, self._residency(), str(e), type(e).__name__, e.http_status)
-            except Exception as e:  # noqa: BLE001 - report, keep serving the other models
-                log.exception("command %s failed", type(msg).__name__)
-                reply = Reply(msg.id, False, None, self._residency(), f"{type(e).__name__}: {e}", type(e).__name__, 500)
-            send(self.conn, reply)
-            if isinstance(msg, Stop):
-                self.close()
-                return
+        lanes = [threading.Thread(target=self._lane_loop, args=(i,), name=f"swapserve-lane{i}", daemon=True)
+                 for i in range(len(self._queues))]
+        for t in lanes:
+            t.start()
+        try:
+            while True:
+                if spin and not self.conn.poll(0):
+                    # Busy-wait a little before blocking: a sleeping reader makes every message pay a wake-up
+                    # (a syscall and a reschedule on each side), and requests come back to back under load.
+                    until = time.perf_counter() + spin
+                    while not self.conn.poll(0) and time.perf_counter() < until:
+                        pass
+                msg = recv(self.conn)
+                received = time.perf_counter()
+                if isinstance(msg, Stop):
+                    break
+                lane = msg.lane if isinstance(msg, Run) and 0 < msg.lane < len(self._queues) else 0
+                self._queues[lane].put((msg, received))
+        finally:
+            for q in self._queues:
+                q.put(None)
+            for t in lanes:
+                t.join()
+        self._answer(msg, received, None)  # every lane is idle now
+        self.close()
 
-    def handle(self, msg: Any) -> Any:
+    def _lane_loop(self, lane: int) -> None:
+        """Run what comes to this lane, in order, answering each."""
+        from swapserve.errors import NotResidentError
+
+        while (item := self._queues[lane].get()) is not None:
+            msg, received = item
+            try:
+                result = self.handle(msg, lane)
+            except NotResidentError if lane else ():  # evicted since the scheduler looked: lane 0 swaps it in
+                self._queues[0].put(item)
+                continue
+            except BaseException as e:  # noqa: BLE001 - answered below
+                self._answer(msg, received, e)
+                continue
+            self._answer(msg, received, result)
+
+    def _answer(self, msg: Any, received: float, outcome: Any) -> None:
+        from swapserve.errors import SwapserveError
+        from swapserve.node.messages import Reply, RunResult, send
+
+        if isinstance(outcome, BaseException) and not isinstance(outcome, SwapserveError):
+            log.error("command %s failed", type(msg).__name__, exc_info=outcome)
+        if isinstance(outcome, RunResult):
+            outcome = replace(outcome, handled_ms=(time.perf_counter() - received) * 1e3)
+        # Residency is read and sent under one lock: lanes answering at once must not deliver an older
+        # residency after a newer one.
+        with self._send_lock:
+            if isinstance(outcome, SwapserveError):
+                reply = Reply(msg.id, False, None, self._residency(), str(outcome), type(outcome).__name__,
+                              outcome.http_status)
+            elif isinstance(outcome, BaseException):
+                reply = Reply(msg.id, False, None, self._residency(), f"{type(outcome).__name__}: {outcome}",
+                              type(outcome).__name__, 500)
+            else:
+                reply = Reply(msg.id, True, outcome, self._residency_if_changed())
+            send(self.conn, reply)
+
+    def handle(self, msg: Any, lane: int = 0) -> Any:
         from swapserve.artifact import load_artifact
         from swapserve.node import messages as m
 
         if isinstance(msg, m.Run):
-            return self._run(msg)
+            return self._run(msg, lane)
         if isinstance(msg, m.AddModel):
             art = load_artifact(msg.artifact_path)
             if not self.store.has(msg.key):
@@ -150,7 +196,7 @@ class Worker:
                 self.engine.infer(msg.key, art.examples(b))
             x = art.examples(1)
             t0 = time.perf_counter()
-            self.engine.infer(msg.key, x)
+            self.engine.infer(msg.key, x, lane=len(self.engine.lanes) - 1)  # where resident runs mostly go
             return m.RunResult((), (time.perf_counter() - t0) * 1e3, False, 0)
         elif isinstance(msg, m.DropHost):
             if self.store.has(msg.key):
@@ -161,32 +207,35 @@ class Worker:
             return self._measure(msg)
         return None
 
-    def _run(self, msg: Any) -> Any:
+    def _run(self, msg: Any, lane: int) -> Any:
         from swapserve.node.messages import RunResult
 
         inputs = [self.slab.tensor(r) for r in msg.inputs]
         values = msg.values
-        stats = self.engine.stats
-        swaps, copied, taken = stats.swaps, stats.bytes_copied, stats.pages_taken
         t0 = time.perf_counter()
-        outs = self.engine.infer(msg.key, inputs, value=lambda p: (values.get(p.model, 0.0), p.last_used))
-        refs = self.slab.write(outs, msg.out_offset)
+        outs = self.engine.infer(msg.key, inputs, value=lambda p: (values.get(p.model, 0.0), p.last_used), lane=lane)
+        with self.engine.backend.compute(self.engine.lanes[lane].stream):  # the lane's stream, not the device's
+            refs = self.slab.write(outs, msg.out_offset, msg.out_limit)
         wall = (time.perf_counter() - t0) * 1e3
-        return RunResult(refs, wall, stats.swaps > swaps, stats.bytes_copied - copied, stats.pages_taken - taken)
+        run = self.engine.last_run()
+        return RunResult(refs, wall, run.swapped, run.bytes_copied, run.pages_taken)
 
     def _residency_if_changed(self) -> Any:
         """The pool's residency, only when it changed since last sent (it grows with the models here)."""
-        if self.engine.pool.version == self._sent_version:
-            return None
-        self._sent_version = self.engine.pool.version
-        return self._residency()
+        with self.engine.locked():
+            if self.engine.pool.version == self._sent_version:
+                return None
+            self._sent_version = self.engine.pool.version
+            return self._residency()
 
     def _residency(self) -> Any:
         from swapserve.node.messages import Residency
 
-        pool = self.engine.pool
-        present = {p.model: p.valid_count / p.n_slots for p in pool.placements.values() if p.valid_count}
-        return Residency(present, pool.num_pages * pool.page_bytes, (pool.num_pages - pool.free_pages) * pool.page_bytes)
+        with self.engine.locked():
+            pool = self.engine.pool
+            present = {p.model: p.valid_count / p.n_slots for p in pool.placements.values() if p.valid_count}
+            return Residency(present, pool.num_pages * pool.page_bytes,
+                             (pool.num_pages - pool.free_pages) * pool.page_bytes)
 
     def _h2d(self, nbytes: int, runs: int = 3) -> float:
         """Pinned host→device bandwidth of this device alone (GB/s)."""

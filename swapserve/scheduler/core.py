@@ -18,6 +18,9 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
   waiting for a busy device that holds the model when that finishes earlier than a swap now. A function
   already running gets a second copy on another device only when its queue holds more than one batch
   (hot functions spread; one batch's worth waits for, or runs where, the model already is).
+* Side lanes: a device with a second lane (``DeviceState.side_lane``) runs a model that is wholly there in
+  it, beside whatever its first lane does (a swap of another model, say), when that finishes first; the
+  first lane is the only one that swaps. Admission and triage count side lanes the same way.
 * Eviction values rank by expected reuse (see :meth:`Scheduler.values`).
 
 Cold-start grace: a request is refused (or dropped) for lateness caused by *waiting*, not for the time its
@@ -149,12 +152,13 @@ class Scheduler:
                 return bound, grace_s
         for i, (_, name, _, items, mine) in enumerate(batches):
             prof = self._profile(state, name)
-            if min(view.free_at) > limit:
+            if view.earliest_free() > limit:
                 rest_ms = sum(best[b[1], b[3]] for b in batches[i:])
                 mean = sum(view.free_at) / view.n
                 return max(min(view.free_at) + prof_own.exec_at(request.items) / 1000.0,
                            mean + rest_ms / 1000.0 / view.n), grace_s
             ests = [e for d in view.candidates(name, prof) if (e := view.estimate(name, prof, items, d, view.free_at[d]))]
+            ests += view.side_estimates(name, prof, items, now)
             if not ests:
                 if mine:
                     return math.inf, grace_s
@@ -209,13 +213,15 @@ class Scheduler:
                     pending[name] = keep
         queued_items = {name: sum(r.items for r in reqs) for name, reqs in pending.items()}
         active = {d.running for d in state.devices if not d.idle and d.running is not None}
+        active |= {d.side_running for d in state.devices if d.side_running is not None}
         free = {d.index for d in state.devices if d.idle}
+        side = {d.index for d in state.devices if d.side_free}
         values: dict[int, dict[str, float]] = {}
         dispatches: list[Dispatch] = []
         # EDF over functions; the name breaks deadline ties.
         heap = [(reqs[0].deadline, name) for name, reqs in pending.items()]
         heapq.heapify(heap)
-        while heap and free:
+        while heap and (free or side):
             _, name = heapq.heappop(heap)
             fq, prof = state.queues[name], self._profile(state, name)
             # A function already running somewhere spreads to another copy only when its queue is more
@@ -223,9 +229,12 @@ class Scheduler:
             no_new_copy = name in active and queued_items[name] <= fq.max_batch
             batch, rest = _batch(pending[name], fq.max_batch)
             items = sum(r.items for r in batch)
-            cands: list[tuple[tuple[float, int, int, int], int]] = []
+            cands: list[tuple[tuple[float, int, int, int, int], int, int]] = []
             ests = {}
             for d in range(view.n):
+                if d in side and (se := view.side_estimate(name, prof, items, d, now)) is not None:
+                    ests[d, 1] = se
+                    cands.append((se.key(True), d, 1))
                 if d in free and not (no_new_copy and not view.holds(name, d, now)):
                     e = view.estimate(name, prof, items, d, now)
                 elif view.holds(name, d, view.free_at[d]):
@@ -235,11 +244,21 @@ class Scheduler:
                 else:
                     continue
                 if e is not None:
-                    ests[d] = e
-                    cands.append((e.key(d in free), d))
+                    ests[d, 0] = e
+                    cands.append((e.key(d in free), d, 0))
             if not cands:
                 continue
-            best = ests[min(cands)[1]]
+            best = ests[min(cands)[1:]]
+            if best.lane:
+                dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), "resident", best.total_ms,
+                                           lane=1))
+                view.commit(best, name)
+                side.discard(best.device)
+                active.add(name)
+                pending[name] = rest
+                if rest:
+                    heapq.heappush(heap, (rest[0].deadline, name))
+                continue
             if best.device not in free:
                 continue  # it finishes sooner on a device that frees soon: leave it queued for that one
             # Eviction values matter only to a run that brings bytes in (O(models on the device) to compute).
@@ -273,6 +292,7 @@ class Scheduler:
             if r.items not in bound:
                 ests = [e for d in range(view.n)
                         if (e := view.estimate(fq.function, prof, r.items, d, view.free_at[d]))]
+                ests += view.side_estimates(fq.function, prof, r.items, now)
                 bound[r.items] = (min(e.finish for e in ests), self._grace_s(view, fq.function, prof, r.items))
             finish, grace_s = bound[r.items]
             late = finish - (r.deadline + grace_s)
@@ -358,12 +378,12 @@ class Scheduler:
         the bytes makes it the right greedy order for freeing space.
         """
         dev = state.devices[device]
-        names = set(dev.resident) | set(dev.partial) | ({dev.running} if dev.running else set())
+        names = set(dev.resident) | set(dev.partial) | {f for f in (dev.running, dev.side_running) if f}
         if self.policy == "fifo_lru":
             return {f: dev.last_used.get(f, -math.inf) for f in sorted(names)}
         if self.policy == "dedicated":
             return {f: math.inf if state.dedicated.get(f) == device else -math.inf for f in sorted(names)}
-        running = {d.running for d in state.devices if d.running is not None}
+        running = {f for d in state.devices for f in (d.running, d.side_running) if f is not None}
         out: dict[str, float] = {}
         for f in sorted(names):
             fq = state.queues.get(f)
@@ -400,9 +420,9 @@ class Scheduler:
 
     def apply(self, state: NodeState, decision: Decision, now: float) -> None:
         """Apply ``decision`` to ``state`` as the controller must: remove dispatched and rejected requests
-        from their queues; mark each dispatch's device busy until its expected end, running the function,
-        copying from host until the copy's expected end (host and partial sources only: peer copies do not
-        load the host link), and last used now."""
+        from their queues; mark each dispatch's lane busy until its expected end, running the function (the
+        first lane also copying from host until the copy's expected end: host and partial sources only, peer
+        copies do not load the host link), and the function last used there now."""
         gone = {r.request_id for r in decision.rejects}
         for dsp in decision.dispatches:
             gone.update(dsp.request_ids)
@@ -413,6 +433,11 @@ class Scheduler:
                     fq.requests = [r for r in fq.requests if r.id not in gone]
         for dsp in decision.dispatches:
             dev = state.devices[dsp.device]
+            dev.last_used[dsp.function] = now
+            if dsp.lane:
+                dev.side_until = now + dsp.expected_ms / 1000.0
+                dev.side_running = dsp.function
+                continue
             dev.busy_until = now + dsp.expected_ms / 1000.0
             dev.running = dsp.function
             copying = dsp.source in ("host", "partial") and dsp.copy_ms > 0

@@ -82,15 +82,18 @@ class Estimate:
     """Expected copy time (0 for resident)."""
     total_ms: float
     """Expected time from start to completion."""
+    lane: int = 0
+    """1: the device's side lane (a resident run beside whatever its first lane does)."""
 
     @property
     def finish(self) -> float:
         return self.start + self.total_ms / 1000.0
 
-    def key(self, idle: bool) -> tuple[float, int, int, int]:
-        """Order of preference: earliest finish, then a device free now over one to wait for, then fewer
-        bytes moved, then the lowest device index (so every tie resolves the same way)."""
-        return (self.finish, 0 if idle else 1, SOURCE_RANK[self.source], self.device)
+    def key(self, idle: bool) -> tuple[float, int, int, int, int]:
+        """Order of preference: earliest finish, then a lane free now over one to wait for, then fewer
+        bytes moved, then a side lane (which keeps the first lane, the only one that swaps, free), then the
+        lowest device index (so every tie resolves the same way)."""
+        return (self.finish, 0 if idle else 1, SOURCE_RANK[self.source], 0 if self.lane else 1, self.device)
 
 
 @dataclass
@@ -110,6 +113,9 @@ class View:
         self.pool = [d.pool_bytes for d in state.devices]
         self.idle = [d.idle for d in state.devices]
         self.free_at = [now if d.busy_until is None else max(now, d.busy_until) for d in state.devices]
+        # When each side lane frees (None: the device has none).
+        self.side_free_at: list[float | None] = [None if not d.side_lane else now if d.side_until is None
+                                                 else max(now, d.side_until) for d in state.devices]
         self.resident = [set(d.resident) for d in state.devices]
         self.partial = [dict(d.partial) for d in state.devices]
         # The model a busy device is running is on it once the run ends (the worker keeps what it loaded).
@@ -183,6 +189,28 @@ class View:
                 source, peer, copy = "peer", p, via_peer
         return Estimate(device, source, peer, start, copy, swapped_ms(copy, exec_ms, self.link, prof))
 
+    def side_estimate(self, function: str, prof: ModelProfile, items: int, device: int,
+                      start: float) -> Estimate | None:
+        """A resident run of ``items`` in ``device``'s side lane, from ``start`` or when the lane frees; None
+        if the device has no side lane or the model is not wholly there by then. Beside a busy first lane it
+        runs at the measured execution slowdown under a copy (the profile's contention figure)."""
+        free = self.side_free_at[device]
+        if free is None:
+            return None
+        at = max(start, free)
+        if not self.holds(function, device, at):
+            return None
+        slowed = self.free_at[device] > at
+        exec_ms = prof.exec_at(items) * (self.link.exec_slowdown_copying if slowed else 1.0)
+        return Estimate(device, "resident", None, at, 0.0, exec_ms, lane=1)
+
+    def side_estimates(self, function: str, prof: ModelProfile, items: int, start: float) -> list[Estimate]:
+        return [e for d in range(self.n) if (e := self.side_estimate(function, prof, items, d, start))]
+
+    def earliest_free(self) -> float:
+        """When the first lane of any device frees."""
+        return min([*self.free_at, *(t for t in self.side_free_at if t is not None)])
+
     def candidates(self, function: str, prof: ModelProfile) -> list[int]:
         """The devices worth evaluating for a batch started when each frees: those holding the model whole
         or in part, and on each host link the earliest-free device that fits it. Every other device would
@@ -224,6 +252,9 @@ class View:
         """Plan ``est``: its device is busy until it finishes, then holds the model; a host copy joins the
         copies that later plans share the link with."""
         d = est.device
+        if est.lane:
+            self.side_free_at[d] = est.finish
+            return
         if self.incoming[d] is not None:  # the run before this one has ended by the time this starts
             self.resident[d].add(self.incoming[d])  # type: ignore[arg-type]
         self.incoming[d] = function if est.source != "resident" else None
@@ -234,5 +265,5 @@ class View:
 
     def prune(self) -> None:
         """Forget copies that end before any device could start anything (bounds long simulations)."""
-        horizon = min(self.free_at, default=self.now)
+        horizon = min(self.free_at, default=self.now)  # side lanes start no copies
         self.copies = [c for c in self.copies if c.end > horizon]

@@ -107,10 +107,27 @@ class DeviceState:
     """Expected end of its in-flight host→device copy, if any."""
     last_used: dict[str, float] = field(default_factory=dict)
     """When each function last ran here (for LRU)."""
+    side_lane: bool = False
+    """Whether the device has a second lane, which runs resident models beside the first (the first is
+    the only one that swaps models in; ``busy_until``, ``running`` and ``copying_until`` are its state)."""
+    side_until: float | None = None
+    """Expected end of the run in the side lane; None when it is free."""
+    side_running: str | None = None
 
     @property
     def idle(self) -> bool:
         return self.busy_until is None
+
+    @property
+    def side_free(self) -> bool:
+        return self.side_lane and self.side_until is None
+
+    def release(self, lane: int) -> None:
+        """A lane's run ended."""
+        if lane:
+            self.side_until = self.side_running = None
+        else:
+            self.busy_until = self.running = self.copying_until = None
 
 
 @dataclass
@@ -158,6 +175,8 @@ class Dispatch:
     ``copying_until`` from it for host and partial sources (peer copies do not load the host link)."""
     values: dict[str, float] = field(default_factory=dict)
     """Eviction values for the worker's page pool (functions on that device; lowest evicted first)."""
+    lane: int = 0
+    """0: the device's first lane (swaps and resident runs); 1: its side lane (resident runs only)."""
 
 
 @dataclass(frozen=True)

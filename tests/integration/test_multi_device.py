@@ -1,6 +1,7 @@
 """A node with several workers (CPU stand-ins for GPUs: ``--devices cpu:0,cpu:1,cpu:2``): one worker process
 per device, every device in the status, and work spread over them — with the controller and workers
-busy-polling between messages (``--spin-ms``), which must change nothing but timing."""
+busy-polling between messages (``--spin-ms``), which must change nothing but timing, and one lane per device
+(``--lanes 1``; every other integration test runs the default two)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .harness import assert_stopped_cleanly, concurrently, deploy
 
 
 def test_one_worker_per_device_and_work_spreads(server_factory, functions, tmp_path):
-    s = server_factory(devices="cpu:0,cpu:1,cpu:2", extra=("--spin-ms", "1")).start()
+    s = server_factory(devices="cpu:0,cpu:1,cpu:2", extra=("--spin-ms", "1", "--lanes", "1")).start()
     s.wait_ready()
     workers = [pid for pid in s.children if "spawn_main" in _cmdline(pid) and "resource_tracker" not in _cmdline(pid)]
     assert len(workers) == 3, (s.children, s.log())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from swapserve.engine import Residency
-from swapserve.errors import CapacityError, InvalidInputError, NotFoundError, WorkspaceError
+from swapserve.errors import CapacityError, InvalidInputError, NotFoundError, NotResidentError, WorkspaceError
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -97,6 +97,72 @@ def test_concurrent_swaps_do_not_corrupt_each_other(make_artifact, make_engine, 
     assert not errors
     eng.pool.check()
     assert eng.stats.pages_taken > 0 and eng.stats.remaps > 0
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_every_lane_gives_the_same_bits(make_artifact, make_engine, device, mode, lanes):
+    art, _, x = make_artifact("mlp", seed=3)
+    eng = make_engine(device, mode, lanes=lanes)
+    eng.add("m", art)
+    cold = eng.infer("m", x)  # swapped in (lane 0)
+    runs = [eng.infer("m", x, lane=lane) for lane in range(lanes) for _ in range(2)]
+    assert all(same(r, cold) for r in runs)
+    with pytest.raises(ValueError, match="lane 2"):
+        eng.infer("m", x, lane=2)
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_side_lane_runs_resident_models_only(make_artifact, make_engine, device, mode):
+    art, _, x = make_artifact("tied", seed=4)
+    eng = make_engine(device, mode)
+    eng.add("m", art)
+    with pytest.raises(NotResidentError):
+        eng.infer("m", x, lane=1)  # never loaded: only lane 0 swaps
+    ref = eng.infer("m", x)
+    eng.evict("m")
+    with pytest.raises(NotResidentError):
+        eng.infer("m", x, lane=1)
+    assert eng.residency("m") is Residency.ABSENT  # the refusal changed nothing
+    eng.pool.check()
+    assert same(eng.infer("m", x), ref)
+    assert same(eng.infer("m", x, lane=1), ref)
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_side_lane_runs_while_lane_0_swaps(make_artifact, make_engine, device, mode):
+    """Lane 1 serves a resident model over and over while lane 0 swaps two others in and out of a pool too
+    small for both: every answer is the resident one's, and the resident model is never evicted under it."""
+    hot, _, xh = make_artifact("mlp", seed=5, name="hot")
+    b, _, xb = make_artifact("tied", seed=6, name="b")
+    c, _, xc = make_artifact("mlp", seed=7, name="c")
+    eng = make_engine(device, mode, pool_mib=16, page_mib=2)  # hot + one of b, c (4 + 4 or 3 of 8 pages)
+    for name, art in (("hot", hot), ("b", b), ("c", c)):
+        eng.add(name, art)
+    ref = {"b": eng.infer("b", xb), "c": eng.infer("c", xc), "hot": eng.infer("hot", xh)}
+    keep_hot = lambda p: (float("inf") if p.model == "hot" else 0.0, p.last_used)  # noqa: E731 - the scheduler's job
+    errors: list[str] = []
+    done = threading.Event()
+
+    def side() -> None:
+        while not done.is_set():
+            if not same(eng.infer("hot", xh, lane=1), ref["hot"]):
+                errors.append("hot")
+
+    t = threading.Thread(target=side)
+    t.start()
+    try:
+        for _ in range(10):
+            for name, x in (("b", xb), ("c", xc)):
+                if not same(eng.infer(name, x, value=keep_hot), ref[name]):
+                    errors.append(name)
+    finally:
+        done.set()
+        t.join()
+    assert not errors
+    assert eng.residency("hot") is Residency.RESIDENT
+    assert eng.stats.swaps >= 20
+    eng.pool.check()
 
 
 @pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from swapserve.scheduler import (
-    DeviceState, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, rate_at, update_rate,
+    Decision, DeviceState, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, rate_at, update_rate,
 )
 
 GB = 10**9
@@ -571,3 +571,74 @@ def test_dedicated_never_moves_a_function_to_another_idle_device():
     s = Scheduler("dedicated")
     assert s.admit(state, Request("a0", "a", 0.0, 0.1), 0.0) is None
     assert s.decide(state, 0.0).dispatches == ()  # device 1 idle, but not a's
+
+
+# --- side lanes ----------------------------------------------------------------------------------------
+
+def lanes(s: NodeState) -> NodeState:
+    for d in s.devices:
+        d.side_lane = True
+    return s
+
+
+def test_resident_request_runs_in_the_side_lane_beside_a_swap():
+    """The head-of-line case: the device's first lane swaps a big model in for 20 ms; a resident model's
+    request starts now in the side lane, slowed by the measured contention, instead of queueing behind it."""
+    s = lanes(node(1, LinkProfile(h2d_GBps=(50.0,), exec_slowdown_copying=1.25)))
+    fn(s, "hit", exec_ms={1: 2.0}, slo_ms=10.0)
+    s.devices[0].resident.add("hit")
+    busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
+    enqueue(s, "hit", "r1")
+    sched = Scheduler()
+    d = only(sched.decide(s, T0))
+    assert (d.device, d.lane, d.source, d.request_ids) == (0, 1, "resident", ("r1",))
+    assert d.expected_ms == pytest.approx(2.5)
+    sched.apply(s, Decision((d,)), T0)
+    dev = s.devices[0]
+    assert (dev.side_running, dev.side_until) == ("hit", pytest.approx(T0 + 0.0025))
+    assert (dev.running, dev.busy_until) == ("big", T0 + 0.020)  # the first lane's state is untouched
+    assert sched.values(s, 0, T0)["hit"] == math.inf  # in flight: never evicted under it
+    dev.release(1)
+    assert dev.side_free and not dev.idle
+
+
+def test_side_lane_never_swaps():
+    s = lanes(node(1))
+    fn(s, "cold", exec_ms={1: 1.0})
+    busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
+    enqueue(s, "cold", "r1")
+    assert Scheduler().decide(s, T0).dispatches == ()  # waits for the first lane, the only one that copies
+    s.devices[0].partial["cold"] = 0.5
+    assert Scheduler().decide(s, T0).dispatches == ()
+
+
+def test_side_lane_taken_on_a_tie_keeping_the_first_lane_for_swaps():
+    s = lanes(node(1))
+    fn(s, "hit", exec_ms={1: 2.0})
+    fn(s, "cold", exec_ms={1: 1.0}, nbytes=100 * MB)
+    s.devices[0].resident.add("hit")
+    enqueue(s, "hit", "r1")
+    enqueue(s, "cold", "r2", at=T0 + 0.001)
+    ds = Scheduler().decide(s, T0).dispatches
+    assert [(d.function, d.lane, d.source) for d in ds] == [("hit", 1, "resident"), ("cold", 0, "host")]
+
+
+def test_without_side_lanes_a_hit_waits_behind_the_swap():
+    s = node(1)
+    fn(s, "hit", exec_ms={1: 2.0})
+    s.devices[0].resident.add("hit")
+    busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
+    enqueue(s, "hit", "r1")
+    assert Scheduler().decide(s, T0).dispatches == ()
+
+
+def test_admission_counts_the_side_lane():
+    """A 10 ms SLO behind a 20 ms swap: refused with one lane, admitted (and planned in the side lane) with two."""
+    for with_lanes, refused in ((False, True), (True, False)):
+        s = node(1, LinkProfile(h2d_GBps=(50.0,), exec_slowdown_copying=1.25))
+        if with_lanes:
+            lanes(s)
+        fn(s, "hit", exec_ms={1: 2.0}, slo_ms=10.0)
+        s.devices[0].resident.add("hit")
+        busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
+        assert (Scheduler().admit(s, req(s, "hit", "r1"), T0) is not None) is refused

@@ -12,24 +12,26 @@ from swapserve.node.config import ServeConfig, parse_devices
 
 def test_defaults_are_valid(tmp_path: Path) -> None:
     c = ServeConfig(home=tmp_path, token=None)
-    assert c.policy == "swapserve" and c.mode == "auto" and c.prepare and c.spin_ms == 0.0
+    assert c.policy == "swapserve" and c.mode == "auto" and c.prepare and c.spin_ms == 0.0 and c.lanes == 2
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as e:
         ServeConfig(home=tmp_path, token=" ", port=70000, devices=("cpu", "cuda:0", "gpu1"), policy="lifo",
-                    mode="turbo", pool_bytes=0, spin_ms=-1.0, sandbox_isolation="maybe")
+                    mode="turbo", pool_bytes=0, spin_ms=-1.0, sandbox_isolation="maybe", lanes=3)
     message = str(e.value)
     for part in ("port 70000", "'gpu1'", "cannot be mixed", "policy 'lifo'", "mode 'turbo'", "pool_bytes must be "
-                 "positive", "spin_ms must be in [0, 1000]", "token must not be empty", "sandbox_isolation 'maybe'"):
+                 "positive", "spin_ms must be in [0, 1000]", "token must not be empty", "sandbox_isolation 'maybe'",
+                 "lanes must be 1 or 2"):
         assert part in message, (part, message)
 
 
 def test_serve_flags_become_the_config(tmp_path: Path) -> None:
     args = build_parser().parse_args(["serve", "--home", str(tmp_path), "--devices", "cpu:0,cpu:1", "--port", "9001",
                                       "--policy", "fifo_lru", "--no-prepare", "--spin-ms", "1.5",
-                                      "--sandbox-isolation", "strict", "--sandbox-idle-s", "30"])
+                                      "--sandbox-isolation", "strict", "--sandbox-idle-s", "30", "--lanes", "1"])
     c = serve_config(args)
+    assert c.lanes == 1
     assert (c.home, c.devices, c.port, c.policy, c.prepare, c.spin_ms) == (tmp_path, ("cpu:0", "cpu:1"), 9001,
                                                                            "fifo_lru", False, 1.5)
     assert (c.sandbox_isolation, c.sandbox_idle_s) == ("strict", 30.0)

@@ -90,12 +90,16 @@ class Backend(ABC):
         """Reusable per-chunk completion events for one model (None where the backend needs none)."""
 
     @abstractmethod
-    def compute(self) -> object:
-        """A context manager under which compute runs (the compute stream on CUDA)."""
+    def new_stream(self) -> object | None:
+        """Another compute stream, for a lane that runs beside the first (None where streams mean nothing)."""
 
     @abstractmethod
-    def synchronize(self) -> None:
-        """Block until all work issued to the device has finished."""
+    def compute(self, stream: object | None = None) -> object:
+        """A context manager under which compute runs: on ``stream``, or the compute stream (CUDA)."""
+
+    @abstractmethod
+    def synchronize(self, stream: object | None = None) -> None:
+        """Block until the work issued to ``stream`` (default: to the whole device) has finished."""
 
     @abstractmethod
     def close(self) -> None:

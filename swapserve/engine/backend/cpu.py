@@ -139,10 +139,13 @@ class CpuBackend(Backend):
                 for e in job.events:
                     e.set()
 
-    def compute(self) -> contextlib.nullcontext[None]:
+    def new_stream(self) -> None:
+        return None
+
+    def compute(self, stream: object | None = None) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
 
-    def synchronize(self) -> None:
+    def synchronize(self, stream: object | None = None) -> None:
         pass
 
     def close(self) -> None:

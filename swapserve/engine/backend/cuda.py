@@ -185,15 +185,23 @@ class CudaBackend(Backend):
                 events[i].record(stream)
         return CudaWaiter(events, copy)
 
+    def new_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.Stream(self.device)
+
     @contextlib.contextmanager
-    def compute(self) -> Iterator[None]:
-        # Work the caller queued on its own stream (its inputs) comes first.
-        self.compute_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.compute_stream):
+    def compute(self, stream: object | None = None) -> Iterator[None]:
+        s = stream if isinstance(stream, torch.cuda.Stream) else self.compute_stream
+        current = torch.cuda.current_stream(self.device)
+        if current != s:  # work the caller queued on its own stream (its inputs) comes first
+            s.wait_stream(current)
+        with torch.cuda.stream(s):
             yield
 
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
+    def synchronize(self, stream: object | None = None) -> None:
+        if isinstance(stream, torch.cuda.Stream):
+            stream.synchronize()
+        else:
+            torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         self._ensure_ctx()

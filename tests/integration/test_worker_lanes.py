@@ -1,0 +1,65 @@
+"""A real worker process with two lanes: the messages the controller sends, answered from each lane."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from swapserve.config import MiB, EngineConfig
+from swapserve.engine import HostStore
+from swapserve.node import workers as wk
+from swapserve.node.messages import AddModel, Run
+from swapserve.node.worker import WorkerConfig
+
+pytestmark = pytest.mark.integration
+
+
+def test_side_lane_serves_resident_models_and_hands_the_rest_to_lane_0(make_artifact, shm_dir: Path) -> None:
+    a, module_a, (xa,) = make_artifact("mlp", seed=11, name="a")
+    b, module_b, (xb,) = make_artifact("tied", seed=12, name="b")
+    store = HostStore(shm_dir / "store", 256 * MiB)
+    for key, art in (("a", a), ("b", b)):
+        store.add(key, art)
+    cfg = WorkerConfig(0, "cpu", EngineConfig(device="cpu", pool_bytes=64 * MiB, page_bytes=2 * MiB, lanes=2),
+                       str(store.root), str(shm_dir / "io-0.bin"), 16 * MiB)
+
+    async def main() -> None:
+        w = wk.spawn(cfg)
+        try:
+            await wk.wait_hello(w, 120)
+            wk.watch(w, lambda _w: None)
+            for key, art in (("a", a), ("b", b)):
+                assert (await wk.call(w, AddModel(wk.next_id(), key, str(art.path)))).ok
+
+            async def run(key: str, x: torch.Tensor, lane: int) -> tuple[torch.Tensor, bool]:
+                start, limit = w.slab.region(lane, 2)
+                refs, end = w.slab.write_batch([[x]], start, limit)
+                reply = await wk.call(w, Run(wk.next_id(), key, refs, end, {}, lane, limit))
+                assert reply.ok, reply.error
+                out = reply.result.outputs[0]
+                assert start <= out.offset < limit  # the answer stayed in the lane's region
+                return w.slab.tensor(out).clone(), reply.result.swapped
+
+            with torch.no_grad():
+                want_a, want_b = module_a(xa), module_b(xb)
+            out, swapped = await run("a", xa, lane=1)  # not on the device: lane 0 swaps it in instead
+            assert swapped and torch.allclose(out, want_a, rtol=1e-5, atol=1e-5)
+            first = out
+            out, swapped = await run("a", xa, lane=1)  # now resident: lane 1 runs it
+            assert not swapped and torch.equal(out, first)
+            # Both lanes at once: b swaps in on lane 0 while lane 1 answers a, over and over.
+            for _ in range(5):
+                (ra, sa), (rb, _) = await asyncio.gather(run("a", xa, 1), run("b", xb, 0))
+                assert not sa and torch.equal(ra, first)
+                assert torch.allclose(rb, want_b, rtol=1e-5, atol=1e-5)
+        finally:
+            await wk.stop(w, 30)
+        assert w.process.exitcode == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
