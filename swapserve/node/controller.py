@@ -199,6 +199,7 @@ class Node:
         await self.sandboxes.close(grace_s=max(0.0, deadline - self.clock()))
         self.dispatch.fail_all(UnavailableError("the node is shutting down"))
         await asyncio.gather(*(wk.stop(w, max(1.0, deadline - self.clock())) for w in self._workers))
+        self.dispatch.close()
         self.store.close()
         self.registry.close()
         shutil.rmtree(self.shm_root, ignore_errors=True)

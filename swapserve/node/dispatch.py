@@ -13,6 +13,7 @@ import functools
 import itertools
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +27,15 @@ from swapserve.node.api import InferResult
 from swapserve.node.messages import Run, RunResult
 from swapserve.scheduler.core import Scheduler
 from swapserve.scheduler.types import Dispatch, NodeState, Request
+
+
+OFF_LOOP_COPY_BYTES = 1 << 20
+"""A run whose outputs exceed this is copied out of the IO slab on a thread (the copy releases the GIL), not
+on the event loop every request shares: GPT-2's 12.9 MB of logits held it for milliseconds."""
+
+
+def _clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]
 
 
 class Served(Protocol):
@@ -80,6 +90,7 @@ class Dispatcher:
         self._inflight: dict[tuple[int, int], _InFlight] = {}
         """By (device, lane)."""
         self._key_users: dict[str, int] = {}
+        self._copier: ThreadPoolExecutor | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._hot_until = 0.0
@@ -99,6 +110,12 @@ class Dispatcher:
         """Wait for the runs in flight to end (until ``deadline`` on the node's clock)."""
         while self._inflight and self.clock() < deadline:
             await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        """Stop the output-copying thread (after the runs in flight ended or were given up)."""
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
+            self._copier = None
 
     def fail_all(self, error: SwapserveError) -> None:
         """Fail every request still waiting."""
@@ -183,7 +200,29 @@ class Dispatcher:
             self._complete(w, d.lane, e if isinstance(e, BackendError) else BackendError(str(e)))
 
     def _complete(self, w: wk.WorkerHandle, lane: int, outcome: Any) -> None:
-        """A run ended (called straight from the worker's reply): answer its requests, free the lane."""
+        """A run ended (called straight from the worker's reply). Large outputs are first copied out of the
+        lane's slab region on a thread (the lane stays busy meanwhile: the region is still being read)."""
+        if not isinstance(outcome, BaseException) and outcome.ok and isinstance(outcome.result, RunResult):
+            outs = [w.slab.tensor(r) for r in outcome.result.outputs]
+            if sum(o.nbytes for o in outs) > OFF_LOOP_COPY_BYTES:
+                if self._copier is None:
+                    self._copier = ThreadPoolExecutor(1, thread_name_prefix="swapserve-outputs")
+                copied = asyncio.wrap_future(self._copier.submit(_clone_all, outs))
+                copied.add_done_callback(functools.partial(self._copied, w, lane, outcome))
+                return
+        self._finish(w, lane, outcome, None)
+
+    def _copied(self, w: wk.WorkerHandle, lane: int, outcome: Any, copied: asyncio.Future[list[torch.Tensor]]) -> None:
+        try:
+            outs = copied.result()
+        except Exception as e:  # noqa: BLE001 - the requests fail, the node goes on
+            self._finish(w, lane, BackendError(f"copying the outputs out of the IO slab failed: {e}"), None)
+            return
+        self._finish(w, lane, outcome, outs)
+
+    def _finish(self, w: wk.WorkerHandle, lane: int, outcome: Any, copied: list[torch.Tensor] | None) -> None:
+        """Answer a finished run's requests (from ``copied`` outputs, or cloned from the slab here) and free
+        its lane."""
         reply = None if isinstance(outcome, BaseException) else outcome
         error: SwapserveError | None = outcome if isinstance(outcome, SwapserveError) else None
         fl = self._inflight.pop((w.index, lane))
@@ -197,12 +236,14 @@ class Dispatcher:
         self._key_users[fl.key] -= 1
         if reply is not None and reply.ok and isinstance(reply.result, RunResult):
             res = reply.result
-            outs = [w.slab.tensor(r) for r in res.outputs]
+            outs = copied if copied is not None else [w.slab.tensor(r) for r in res.outputs]
             row = 0
             names = fl.outputs
             for p in fl.pending:
                 n = p.request.items
-                result = {nm: (o[row:row + n] if o.dim() else o).clone() for nm, o in zip(names, outs)}
+                result = {nm: (o[row:row + n] if o.dim() else o) for nm, o in zip(names, outs)}
+                if copied is None:  # views of the slab: the next run of this lane overwrites it
+                    result = {nm: t.clone() for nm, t in result.items()}
                 row += n
                 total = (now - p.started) * 1e3
                 late = now > p.request.deadline

@@ -9,8 +9,9 @@ import pytest
 
 from swapserve.functions.build import build_bundle
 
-from .harness import (HEAVY_PY, HEAVY_SPEC, MLP_PY, MLP_SPEC, PAIR_PY, PAIR_SPEC, Function, Functions, Server,
-                      assert_stopped_cleanly, deploy, load_local_model, new_server, write_function_dir)
+from .harness import (HEAVY_PY, HEAVY_SPEC, MLP_PY, MLP_SPEC, PAIR_PY, PAIR_SPEC, WIDE_PY, WIDE_SPEC, Function,
+                      Functions, Server, assert_stopped_cleanly, deploy, load_local_model, new_server,
+                      write_function_dir)
 
 
 @pytest.fixture(scope="session")
@@ -18,12 +19,12 @@ def functions(tmp_path_factory: pytest.TempPathFactory) -> Functions:
     """Build the bundles once (client side, in this process), as ``swapserve deploy`` would."""
     root = tmp_path_factory.mktemp("functions")
     made = {}
-    for spec, code in ((MLP_SPEC, MLP_PY), (PAIR_SPEC, PAIR_PY), (HEAVY_SPEC, HEAVY_PY)):
+    for spec, code in ((MLP_SPEC, MLP_PY), (PAIR_SPEC, PAIR_PY), (HEAVY_SPEC, HEAVY_PY), (WIDE_SPEC, WIDE_PY)):
         src = write_function_dir(root / "src" / spec["name"], spec, code)
         bundle = root / "bundles" / spec["name"]
         build_bundle(src, bundle, progress=lambda line: None)
         made[spec["name"]] = Function(spec["name"], src, bundle, load_local_model(src))
-    return Functions(root, made["mlp"], made["pair"], made["heavy"])
+    return Functions(root, made["mlp"], made["pair"], made["heavy"], made["wide"])
 
 
 @pytest.fixture(scope="session")

@@ -129,6 +129,29 @@ PAIR_SPEC = spec_dict("pair", [{"name": "x", "datatype": "FP32", "shape": [-1, 8
                                {"name": "ids", "datatype": "INT64", "shape": [-1, 3]}],
                       [{"name": "y", "datatype": "FP32", "shape": [-1, 4]},
                        {"name": "z", "datatype": "FP32", "shape": [-1, 1]}], max_batch=4)
+WIDE_PY = '''
+import torch
+from torch import nn
+
+
+class Wide(nn.Module):
+    """1.25 MiB of output per row from 16 inputs: large outputs without large weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 64)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return torch.cat([y * (i + 1) for i in range(5120)], dim=1)
+
+
+def build():
+    torch.manual_seed(3)
+    return Wide(), (torch.randn(1, 16),)
+'''
+WIDE_SPEC = spec_dict("wide", [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
+                      [{"name": "y", "datatype": "FP32", "shape": [-1, 327680]}], max_batch=4)
 HEAVY_SPEC = spec_dict("heavy", [{"name": "x", "datatype": "FP32", "shape": [-1, 1024]}],
                        [{"name": "y", "datatype": "FP32", "shape": [-1, 8]}], max_batch=4)
 
@@ -183,6 +206,7 @@ class Functions:
     mlp: Function
     pair: Function
     heavy: Function
+    wide: Function
 
 
 # -- processes -----------------------------------------------------------------------------------------------

@@ -240,6 +240,22 @@ def test_concurrent_requests_get_their_own_answers(server: Server, functions: Fu
         torch.testing.assert_close(out["y"], functions.mlp.expected(inputs[i])[0])
 
 
+def test_large_outputs_come_back_whole_and_each_to_its_request(server: Server, functions: Functions,
+                                                                 archives: Path):
+    """Outputs over 1 MiB per run are copied out of the worker's slab on a thread: concurrent requests (some
+    batched together) each get their own rows, over both the JSON and the binary encodings."""
+    assert deploy(server, functions.wide.archive(archives))["state"] == "READY"
+    n = 6
+    inputs = [torch.randn(1 + i % 2, 16) for i in range(n)]
+    client = server.client()
+    results = concurrently(n, lambda i: client.infer("wide", {"x": inputs[i]}, binary=i % 3 != 0))
+    for i, out in enumerate(results):
+        assert isinstance(out, dict), f"request {i} failed: {out!r}"
+        want = functions.wide.expected(inputs[i])[0]
+        assert out["y"].shape == want.shape and want[0].nbytes > 1 << 20
+        torch.testing.assert_close(out["y"], want, rtol=1e-5, atol=1e-3)  # batched runs round differently
+
+
 def test_concurrent_requests_are_batched(server: Server, functions: Functions, heavy: str):
     """While one slow run is in flight the others queue; they leave in batches (fewer runs than requests),
     each request getting its own rows back."""
