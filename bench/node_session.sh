@@ -5,7 +5,7 @@
 #   bench/node_session.sh RESULTS_DIR [SWAPSERVE_SWEEP] [ONDEMAND_SWEEP]
 #
 # BASELINE_SWEEP (default: SWAPSERVE_SWEEP) for fifo_lru and dedicated; DURATION, WARMUP in seconds per point;
-# OVERHEAD=0 skips bench/overhead.py.
+# OVERHEAD=0 skips bench/overhead.py; LANES=1 runs every trace with one lane per GPU (serve --lanes 1).
 # SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
 # trace.py measures them first. Sweeps default to one GPU's (100..400 swapserve-style; 25..200 on-demand).
 set -u
@@ -38,13 +38,18 @@ fi
 step "handler overhead"
 python3 bench/handler_overhead.py --out "$R" --requests 1000
 
+step "side lane (a resident model's request during a swap, one lane vs two)"
+python3 bench/side_lane.py --out "$R" --rounds 30
+
 WORK=$(mktemp -d /tmp/trace-work-XXXX)  # one artifact cache (the zoo exported once) for every trace run
+LANE_ARGS=()
+[ -n "${LANES:-}" ] && LANE_ARGS=(--lanes "$LANES")
 step "trace swapserve $SWEEP"
-python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}"
+python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"
 SLO=(--slo-from "$R/trace.json")  # the table the first run used (measured there if no file had it)
 step "trace lru_ondemand $ONDEMAND_SWEEP"
-python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}"
+python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"
 BASELINE_SWEEP=${BASELINE_SWEEP:-$SWEEP}
 step "trace fifo_lru, dedicated $BASELINE_SWEEP"
-python3 bench/trace.py --out "$R" --policies fifo_lru,dedicated --sweep "$BASELINE_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}"
+python3 bench/trace.py --out "$R" --policies fifo_lru,dedicated --sweep "$BASELINE_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"
 step done

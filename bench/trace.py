@@ -4,8 +4,10 @@ of functions.
 * N functions drawn round-robin from the zoo, fp16, one host buffer and device copy each (no sharing);
   per-function mean rates log-normal (median 6 req/min, sigma 1) clipped to [1, 60] req/min; gamma
   inter-arrival times with CV 2 (bursty); a fixed seed; requests over HTTP (binary tensors) from separate
-  client processes (``--clients``, 4 by default; function i's requests from process i mod 4), each
-  open-loop: a request leaves at its trace time whatever the earlier answers.
+  client processes (``--clients``, 8 by default; functions whose responses exceed 1 MiB — GPT-2's logits —
+  over a quarter of them, the others round-robin over the rest), each open-loop: a request leaves at its
+  trace time whatever the earlier answers. The first arrival of each function is drawn from its steady
+  state (no synchronized burst at t = 0); warm-up and measurement are one continuous replay.
 * SLO per function = max(10 ms, 3 × (native_graph_ms + floor_ms)) of its fp16 model on this card, from a
   swap_latency.json of the same card (``--slo-from``) or measured here first.
 * Policies: ``swapserve``; ``fifo_lru`` (the pipelined engine with FIFO + LRU instead of the scheduler);
@@ -166,6 +168,37 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
         q.put(asyncio.run(main()))
 
 
+def client_of(large: list[bool], clients: int) -> list[int]:
+    """The client process of each function. Functions whose responses are large (GPT-2's 12.9 MB of logits)
+    get a quarter of the processes to themselves, the rest share the others round-robin: a client's loop
+    reading a large body delays every response it is reading meanwhile (on the H200, 34 of 46 late small
+    requests overlapped a GPT-2 body read in their own client process, against 6 % of all requests)."""
+    k = max(1, clients // 4) if any(large) and clients > 1 else 0
+    seen = [0, 0]
+    out = []
+    for big in large:
+        if big and k:
+            out.append(seen[1] % k)
+        else:
+            out.append(k + seen[0] % (clients - k))
+        seen[1 if big and k else 0] += 1
+    return out
+
+
+def output_bytes(cache: Path, model: str) -> int:
+    """Bytes of one request's outputs (batch 1), from the model's artifact."""
+    from swapserve.artifact import load_artifact
+    from swapserve.artifact.manifest import dtype_from_name
+
+    total = 0
+    for spec in load_artifact(cache / model).manifest.outputs:
+        n = dtype_from_name(spec.dtype).itemsize
+        for d in spec.shape:
+            n *= 1 if d == -1 else d
+        total += n
+    return total
+
+
 def request_bodies(models: list[str]) -> dict[str, tuple[bytes, int]]:
     """One binary OIP request body per zoo model (batch 1, fp16 images or int64 tokens)."""
     import torch
@@ -310,7 +343,8 @@ RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_m
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
-              bodies: dict[str, tuple[bytes, int]], raw: Path | None = None, clients: int = 4) -> dict:
+              bodies: dict[str, tuple[bytes, int]], raw: Path | None = None, clients: int = 8,
+              large: frozenset[str] = frozenset()) -> dict:
     names, models = [f.name for f in fns], [f.model for f in fns]
     ctx = mp.get_context("spawn")
 
@@ -320,9 +354,8 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
     trace = make_trace(fns, warmup + duration, seed)
     q: mp.Queue = ctx.Queue()
     start_at = time.perf_counter() + 2.0  # the client processes start meanwhile (one monotonic clock)
-    # Function i's requests come from process i mod clients, so that one client's event loop reading a
-    # large response does not delay the others' measurements.
-    parts = [[(t, i) for t, i in trace if i % clients == k] for k in range(clients)]
+    owner = client_of([f.model in large for f in fns], clients)
+    parts = [[(t, i) for t, i in trace if owner[i] == k] for k in range(clients)]
     procs = [ctx.Process(target=_client, args=(srv.url, part, names, bodies, models, start_at, q)) for part in parts]
     for p in procs:
         p.start()
@@ -413,7 +446,8 @@ def main() -> None:
                                                    "of this card (its SLO table)")
     ap.add_argument("--slo-ms", type=float, help="one SLO for every function instead (smoke runs on a CPU only)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--clients", type=int, default=4, help="client processes (functions spread over them)")
+    ap.add_argument("--clients", type=int, default=8, help="client processes (functions spread over them; those "
+                                                            "with large responses over a quarter of their own)")
     ap.add_argument("--work", type=Path, help="scratch directory (default: a new temp dir)")
     ap.add_argument("--raw", action="store_true", help="also write every request of each point to "
                                                         "OUT/trace_raw/<policy>_<N>.jsonl.gz")
@@ -446,6 +480,8 @@ def main() -> None:
         build_functions(home, cache, fns)
         if total_bytes is None:
             total_bytes = sum((cache / f.model / "weights.safetensors").stat().st_size for f in fns)
+            large = frozenset(m for m in zoo_names if output_bytes(cache, m) > 1 << 20)
+            result["large_output_models"] = sorted(large)
         extra = (("--policy", policy, "--mode", mode) + (("--no-prepare",) if args.no_prepare else ())
                  + (("--lanes", str(args.lanes)) if args.lanes else ()))
         srv = Server(home, args.devices or "all", pool=args.pool, host_store=f"{int(total_bytes * 1.05) + (1 << 30)}",
@@ -465,7 +501,7 @@ def main() -> None:
             points = []
             for n in sweep:
                 raw = args.out / "trace_raw" / f"{label}_{n}.jsonl.gz" if args.raw else None
-                pt = run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw, args.clients)
+                pt = run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw, args.clients, large)
                 points.append(pt)
                 print(f"[{label}] N={n}: attainment {pt['attainment']:.3f}, p50 {pt['p50_ms']} ms, p99 {pt['p99_ms']} "
                       f"ms, {pt['throughput_rps']:.1f} req/s, {pt['swaps_per_s']:.1f} swaps/s, busy "

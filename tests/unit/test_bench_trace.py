@@ -62,3 +62,12 @@ def test_bursty_within_a_function(trace_module):
     gaps = np.diff(t)
     assert gaps.mean() == pytest.approx(1.0, rel=0.05)
     assert gaps.std() / gaps.mean() == pytest.approx(2.0, rel=0.1)
+
+
+def test_large_responses_get_client_processes_of_their_own(trace_module):
+    large = [i % 10 == 9 for i in range(40)]  # one model in ten answers with large bodies (GPT-2 in the zoo)
+    owner = trace_module.client_of(large, 8)
+    assert {owner[i] for i in range(40) if large[i]} == {0, 1}
+    assert {owner[i] for i in range(40) if not large[i]} == set(range(2, 8))
+    assert trace_module.client_of(large, 1) == [0] * 40
+    assert trace_module.client_of([False] * 5, 4) == [0, 1, 2, 3, 0]
