@@ -249,26 +249,21 @@ class Scheduler:
             if not cands:
                 continue
             best = ests[min(cands)[1:]]
-            if best.lane:
-                dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), "resident", best.total_ms,
-                                           lane=1))
-                view.commit(best, name)
-                side.discard(best.device)
-                active.add(name)
-                pending[name] = rest
-                if rest:
-                    heapq.heappush(heap, (rest[0].deadline, name))
-                continue
-            if best.device not in free:
+            if not best.lane and best.device not in free:
                 continue  # it finishes sooner on a device that frees soon: leave it queued for that one
-            # Eviction values matter only to a run that brings bytes in (O(models on the device) to compute).
-            if best.source != "resident" and best.device not in values:
-                values[best.device] = self.values(state, best.device, now)
-            dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), best.source,
-                                       best.total_ms, peer=best.peer, copy_ms=best.copy_ms,
-                                       values=values.get(best.device, {}) if best.source != "resident" else {}))
+            ids = tuple(r.id for r in batch)
+            if best.lane:
+                dispatches.append(Dispatch(best.device, name, ids, "resident", best.total_ms, lane=1))
+                side.discard(best.device)
+            else:
+                # Eviction values matter only to a run that brings bytes in (O(models on the device) to compute).
+                if best.source != "resident" and best.device not in values:
+                    values[best.device] = self.values(state, best.device, now)
+                dispatches.append(Dispatch(best.device, name, ids, best.source, best.total_ms, peer=best.peer,
+                                           copy_ms=best.copy_ms,
+                                           values=values.get(best.device, {}) if best.source != "resident" else {}))
+                free.discard(best.device)
             view.commit(best, name)
-            free.discard(best.device)
             active.add(name)
             pending[name] = rest
             if rest:
