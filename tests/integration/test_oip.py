@@ -95,6 +95,18 @@ def test_infer_json_matches_the_model(server: Server, functions: Functions):
     torch.testing.assert_close(outputs_of(doc)["y"], functions.mlp.expected(x)[0])
 
 
+def test_a_resident_model_runs_in_the_side_lane(server: Server, functions: Functions):
+    """With the device otherwise idle, a model already on it goes to the second lane (keeping the first, the
+    only one that swaps, free); the answer is the same."""
+    x = torch.randn(1, 16)
+    first = infer_json(server, "mlp", {"x": x})
+    assert first.status == 200, first.body
+    again = infer_json(server, "mlp", {"x": x})
+    params = again.json()["parameters"]
+    assert (params["lane"], params["swapped"]) == (1, False), params
+    assert outputs_of(again.json())["y"].tolist() == outputs_of(first.json())["y"].tolist()
+
+
 def test_infer_json_nested_data_and_two_inputs(server: Server, functions: Functions):
     x, ids = torch.randn(2, 8), torch.randint(0, 10, (2, 3))
     doc = {"inputs": [{"name": "ids", "shape": [2, 3], "datatype": "INT64", "data": ids.tolist()},  # nested
