@@ -129,15 +129,23 @@ class Worker:
                 lane = msg.lane if isinstance(msg, Run) and 0 < msg.lane < len(self._queues) else 0
                 self._queues[lane].put((msg, received))
         finally:
-            for q in self._queues:
+            # Side lanes first: a run they hand back to lane 0 must reach it before lane 0's end.
+            for q, t in reversed(list(zip(self._queues, lanes))):
                 q.put(None)
-            for t in lanes:
                 t.join()
         self._answer(msg, received, None)  # every lane is idle now
         self.close()
 
     def _lane_loop(self, lane: int) -> None:
-        """Run what comes to this lane, in order, answering each."""
+        """Run what comes to this lane, in order, answering each. If answering itself fails (the controller's
+        end closed), the process ends, as the controller expects of a worker it cannot reach."""
+        try:
+            self._serve_lane(lane)
+        except BaseException:
+            log.exception("lane %d stopped", lane)
+            os._exit(1)
+
+    def _serve_lane(self, lane: int) -> None:
         from swapserve.errors import NotResidentError
 
         while (item := self._queues[lane].get()) is not None:
