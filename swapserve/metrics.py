@@ -82,6 +82,8 @@ class Metrics:
                                   ["device"])
         self.evictions = counter("evictions", "Models (wholly or partly) evicted from a device.",
                                  ["device"])
+        self.prefetches = counter("prefetches", "Models copied onto a device ahead of their requests (a handler's "
+                                  "sandbox starting while its model comes in).", ["device"])
         self.slo_misses = counter("slo_misses", "Requests that finished after, or were refused for, their SLO.",
                                   ["function"])
         self.pool_used = gauge("pool_used_bytes", "Device weight-pool bytes in use.", ["device"])
@@ -141,6 +143,9 @@ class Metrics:
     def count_eviction(self, device: str, n: int = 1) -> None:
         self.evictions.labels(device).inc(n)
 
+    def count_prefetch(self, device: str) -> None:
+        self.prefetches.labels(device).inc()
+
     def count_slo_miss(self, function: str, n: int = 1) -> None:
         self.slo_misses.labels(function).inc(n)
 
@@ -160,6 +165,8 @@ class Metrics:
 
     def observe_sandbox(self, event: SandboxEvent) -> None:
         """One event of a function's sandbox pool (``swapserve.sandbox``'s ``on_event``)."""
+        if event.kind == "starting":
+            return  # counted once it started (or failed to)
         if event.kind in ("started", "start_failed"):
             self.sandbox_starts.labels(event.function, event.kind).inc()
             if event.kind == "started":

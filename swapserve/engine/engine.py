@@ -289,19 +289,24 @@ class SwapEngine:
 
     def prefetch(self, name: str, max_bytes: int | None = None, value: Value | None = None) -> int:
         """Copy the model's missing pages without running it — all of them, or only those among the
-        first ``max_bytes`` (whole pages, in first-use order). Returns the bytes copied."""
-        with self._gate.exclusive(), self._lock:
-            m = self._get(name)
+        first ``max_bytes`` (whole pages, in first-use order) — as a run of lane 0 (lane 1 goes on serving
+        resident models meanwhile). Returns the bytes copied."""
+        ln = self.lanes[0]
+        with ln.lock, self._gate.shared():
+            with self._lock:
+                m = self._get(name)
             limit = None if max_bytes is None else max_bytes // self.config.page_bytes
             with self._placed(m, value, limit) as (host, plan):
-                if not plan.load:
-                    return 0
-                assert host.buffer is not None
-                copy = self._copy_mask(m, plan.load)
-                self.backend.start_copies(m.va, host.buffer, m.chunks, copy, m.events).finish()
-                self.pool.loaded(name, plan.load)
-                copied = sum(c.nbytes for c, k in zip(m.chunks, copy) if k)
-                self.stats.bytes_copied += copied
+                copied = 0
+                if plan.load:
+                    assert host.buffer is not None
+                    copy = self._copy_mask(m, plan.load)
+                    self.backend.start_copies(m.va, host.buffer, m.chunks, copy, m.events).finish()
+                    copied = sum(c.nbytes for c, k in zip(m.chunks, copy) if k)
+                    with self._lock:
+                        self.pool.loaded(name, plan.load)
+                        self.stats.bytes_copied += copied
+                self._local.last_run = RunInfo(bool(plan.load), copied, sum(len(t) for _, t in plan.taken))
                 return copied
 
     @contextlib.contextmanager

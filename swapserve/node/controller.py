@@ -531,9 +531,15 @@ class Node:
                           tuple(_sandbox_status(p) for _, p in sorted(self.sandboxes.stats().items())))
 
     def _sandbox_event(self, event: SandboxEvent) -> None:
-        # A deleted function's pool still reports its sandboxes stopping: its series are gone, keep them so.
-        if event.function in self._functions:
-            self.metrics.observe_sandbox(event)
+        fn = self._functions.get(event.function)
+        if fn is None:  # a deleted function's pool still reports its sandboxes stopping: its series are gone
+            return
+        if event.kind == "starting" and fn.state is FunctionState.READY:
+            # The handler's model calls come once the sandbox is up (~20 ms of fork and isolation): copy its
+            # models in meanwhile, where a device's first lane is idle, so the calls find them resident.
+            for m in fn.models.values():
+                self.dispatch.prefetch(m.entity)
+        self.metrics.observe_sandbox(event)
 
 
 def _sandbox_status(p: PoolStats) -> SandboxStatus:

@@ -24,14 +24,18 @@ from swapserve.errors import BackendError, OverloadedError, SwapserveError, Unav
 from swapserve.metrics import Metrics
 from swapserve.node import workers as wk
 from swapserve.node.api import InferResult
-from swapserve.node.messages import Run, RunResult
+from swapserve.node.messages import Prefetch, Run, RunResult
 from swapserve.scheduler.core import Scheduler
-from swapserve.scheduler.types import Dispatch, NodeState, Request
+from swapserve.scheduler.types import Decision, Dispatch, NodeState, Request
 
 
 OFF_LOOP_COPY_BYTES = 1 << 20
 """A run whose outputs exceed this is copied out of the IO slab on a thread (the copy releases the GIL), not
 on the event loop every request shares: GPT-2's 12.9 MB of logits held it for milliseconds."""
+
+
+PREFETCH_WANTED_S = 1.0
+"""How long a prefetch that found every first lane busy is retried (as runs end) before it is dropped."""
 
 
 def _clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -91,6 +95,8 @@ class Dispatcher:
         """By (device, lane)."""
         self._key_users: dict[str, int] = {}
         self._copier: ThreadPoolExecutor | None = None
+        self._wanted: dict[str, float] = {}
+        """Prefetches that found no idle lane: entity → when asked for (retried as runs end)."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._hot_until = 0.0
@@ -165,6 +171,40 @@ class Dispatcher:
         for d in decision.dispatches:
             self._dispatch(d, now)
         self._arm_timer(now)
+
+    def prefetch(self, entity: str) -> None:
+        """Copy a model entity's weights onto a device ahead of its requests (see :meth:`Scheduler.prefetch`):
+        now if a device's first lane is idle, else after the runs in flight, while it is still wanted (for
+        :data:`PREFETCH_WANTED_S`). Requests always go first."""
+        if not self._start_prefetch(entity):
+            self._wanted[entity] = self.clock()
+
+    def _retry_prefetches(self) -> None:
+        now = self.clock()
+        for entity, since in list(self._wanted.items()):
+            if now - since > PREFETCH_WANTED_S or self._start_prefetch(entity):
+                del self._wanted[entity]
+
+    def _start_prefetch(self, entity: str) -> bool:
+        m = self._models.get(entity)
+        if not self.live or m is None:
+            return False
+        now = self.clock()
+        d = self.scheduler.prefetch(self.state, entity, now)
+        if d is None:
+            return False
+        self.scheduler.apply(self.state, Decision((d,)), now)
+        w = self._workers[d.device]
+        self.store.acquire(m.key)  # pinned in host memory until the copy ends
+        values = {self._models[f].key: v for f, v in d.values.items() if f in self._models}
+        self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
+        self._inflight[d.device, 0] = _InFlight(d, m.key, [], now, 0, m.outputs, self.clock())
+        self.metrics.count_prefetch(w.device)
+        try:
+            wk.send(w, Prefetch(wk.next_id(), m.key, values), functools.partial(self._complete, w, 0))
+        except (BackendError, OSError) as e:
+            self._complete(w, 0, e if isinstance(e, BackendError) else BackendError(str(e)))
+        return True
 
     def _dispatch(self, d: Dispatch, now: float) -> None:
         batch = [p for rid in d.request_ids if (p := self._pending.pop(rid, None)) is not None and not p.future.done()]
@@ -254,7 +294,8 @@ class Dispatcher:
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
                                                     res.wall_ms, total, dispatch_ms=(fl.sent - fl.started) * 1e3,
                                                     worker_ms=res.handled_ms, lane=lane))
-            self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
+            if fl.batch:  # not a prefetch (a copy with no run)
+                self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
             if res.swapped:
                 self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)
             if res.pages_taken:
@@ -270,6 +311,8 @@ class Dispatcher:
             del self._key_users[fl.key]
             self._on_released(fl.key)
         self.pump()
+        if self._wanted:
+            self._retry_prefetches()
         self._keep_hot()
 
     def _keep_hot(self) -> None:

@@ -80,6 +80,16 @@ class Evict:
 
 
 @dataclass(frozen=True)
+class Prefetch:
+    """Copy a model in ahead of its requests (lane 0; answered with a RunResult that has no outputs)."""
+
+    id: int
+    key: str
+    values: dict[str, float] = field(default_factory=dict)
+    """Eviction values, as for :class:`Run`."""
+
+
+@dataclass(frozen=True)
 class MeasureCopy:
     """Time ``nbytes`` of pinned host→device copies starting at wall-clock ``start_at`` (so that several
     workers copy at once), and execution of a fixed kernel with and without a concurrent copy."""
@@ -95,7 +105,7 @@ class Stop:
     id: int
 
 
-Command = AddModel | RemoveModel | Prepare | Run | DropHost | Evict | MeasureCopy | Stop
+Command = AddModel | RemoveModel | Prepare | Run | Prefetch | DropHost | Evict | MeasureCopy | Stop
 
 
 # --- worker → controller ------------------------------------------------------------------------

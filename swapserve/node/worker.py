@@ -209,6 +209,12 @@ class Worker:
         elif isinstance(msg, m.DropHost):
             if self.store.has(msg.key):
                 self.store.spill(msg.key)
+        elif isinstance(msg, m.Prefetch):
+            values = msg.values
+            t0 = time.perf_counter()
+            self.engine.prefetch(msg.key, value=lambda p: (values.get(p.model, 0.0), p.last_used))
+            run = self.engine.last_run()
+            return m.RunResult((), (time.perf_counter() - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken)
         elif isinstance(msg, m.Evict):
             self.engine.evict(msg.key)
         elif isinstance(msg, m.MeasureCopy):

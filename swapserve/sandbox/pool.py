@@ -478,6 +478,7 @@ class SandboxPool:
 
     async def _start(self) -> _Sandbox:
         cfg = self.config
+        self._event("starting")
         proc = await self.launcher.launch(cfg.slab_bytes, cfg.handler_output == "log")
         forked = time.perf_counter()
         loop = asyncio.get_running_loop()

@@ -46,11 +46,12 @@ class HandlerResult:
 
 @dataclass(frozen=True)
 class SandboxEvent:
-    """For metrics: ``started`` (seconds: the cold start), ``request`` (seconds: handler time),
-    ``replaced`` and ``stopped`` (reason)."""
+    """``starting`` (a cold start begins: the node copies the function's models in meanwhile); for metrics:
+    ``started`` (seconds: the cold start), ``request`` (seconds: handler time), ``replaced`` and ``stopped``
+    (reason)."""
 
     function: str
-    kind: Literal["started", "start_failed", "request", "replaced", "stopped"]
+    kind: Literal["starting", "started", "start_failed", "request", "replaced", "stopped"]
     seconds: float = 0.0
     reason: str = ""
 

@@ -270,6 +270,29 @@ class Scheduler:
                 heapq.heappush(heap, (rest[0].deadline, name))
         return Decision(tuple(dispatches), tuple(rejects))
 
+    def prefetch(self, state: NodeState, function: str, now: float) -> Dispatch | None:
+        """Where to copy ``function``'s model in ahead of its requests — a handler's sandbox is starting,
+        say, and its model calls will follow — or None: not under ``swapserve``, when the model is already
+        on (or arriving at) a device, when requests of it are queued (the next decision places them), or
+        when no device that fits it has its first lane idle (a prefetch never waits, nor delays others).
+        The dispatch has no requests; its expected time is the copy's. Apply it with :meth:`apply`."""
+        if self.policy != "swapserve":
+            return None
+        prof = self._profile(state, function)
+        fq = state.queues.get(function)
+        if prof.nbytes <= 0 or (fq is not None and fq.requests):
+            return None
+        if any(function in d.resident or function in d.partial or d.running == function for d in state.devices):
+            return None
+        view = View(state, now)
+        ests = [e for d in state.devices if d.idle and view.fits(prof, d.index)
+                if (e := view.estimate(function, prof, 1, d.index, now, allow_peer=False)) is not None]
+        if not ests:
+            return None
+        best = min(ests, key=lambda e: e.key(True))
+        return Dispatch(best.device, function, (), best.source, best.copy_ms, copy_ms=best.copy_ms,
+                        values=self.values(state, best.device, now))
+
     def _triage(self, view: View, fq: FunctionQueue, prof: ModelProfile,
                 now: float) -> tuple[list[Request], list[Reject]]:
         """Split a queue into requests still worth serving and those to drop: all of them if the model fits

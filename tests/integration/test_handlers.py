@@ -21,8 +21,8 @@ import yaml
 from swapserve.functions.build import build_bundle
 from swapserve.functions.bundle import pack
 
-from .harness import (Functions, Server, assert_serves, concurrently, deploy, infer_json, load_local_model,
-                      outputs_of)
+from .harness import (Functions, Server, assert_serves, assert_stopped_cleanly, concurrently, deploy, infer_json,
+                      load_local_model, metric, outputs_of)
 
 ENCODER_PY = '''
 import torch
@@ -213,6 +213,35 @@ def test_handler_combines_two_models(server: Server, combo: dict[str, torch.nn.M
     r = invoke(server, "combo", {"rows": rows.tolist()})
     assert r.status == 200, r.body[:500]
     torch.testing.assert_close(torch.tensor(r.json()["score"]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_models_come_in_while_the_sandbox_starts(server_factory, handlers_root: Path) -> None:
+    """On a node that prepares nothing at deploy (``--no-prepare``) the function's models are on no device
+    until they are needed; a sandbox's cold start copies them in meanwhile (a prefetch per model), so the
+    handler's model calls find them resident: the node swaps exactly as many times as it prefetched."""
+    s = server_factory(extra=("--no-prepare",)).start()
+    s.wait_ready()
+    before = s.request("GET", "/metrics").body.decode()
+    spec = {**COMBO_SPEC, "name": "combo-cold"}
+    archive = make_function(handlers_root, spec, {"encoder.py": ENCODER_PY, "scorer.py": SCORER_PY,
+                                                  "helpers.py": HELPERS_PY, "data/weight.txt": "0.5\n",
+                                                  "handler.py": COMBO_HANDLER})
+    assert deploy(s, archive)["state"] == "READY"
+    src = handlers_root / "src" / "combo-cold"
+    models = {name: load_local_model_from(src / f"{name}.py") for name in ("encoder", "scorer")}
+    rows = torch.randn(2, 4, generator=torch.Generator().manual_seed(8))
+    r = invoke(s, "combo-cold", {"rows": rows.tolist()})
+    assert r.status == 200, r.body[:500]
+    torch.testing.assert_close(torch.tensor(r.json()["score"]), combo_expected(models, rows), rtol=1e-5, atol=1e-6)
+    after = s.request("GET", "/metrics").body.decode()
+
+    def grew(name: str) -> float:
+        return metric(after, name, device="cpu") - metric(before, name, device="cpu")
+
+    assert grew("swapserve_prefetches_total") == 2  # both models, while the sandbox started
+    assert grew("swapserve_swap_seconds_count") == 2  # the prefetches' copies; the calls swapped nothing
+    assert grew("swapserve_compute_seconds_count") == 2  # the two model calls
+    assert_stopped_cleanly(s, s.stop())
 
 
 def test_json_route_from_the_client_and_the_cli(server: Server, combo: dict[str, torch.nn.Module],

@@ -642,3 +642,34 @@ def test_admission_counts_the_side_lane():
         s.devices[0].resident.add("hit")
         busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
         assert (Scheduler().admit(s, req(s, "hit", "r1"), T0) is not None) is refused
+
+
+# --- prefetch -------------------------------------------------------------------------------------------
+
+def test_prefetch_places_a_cold_model_on_an_idle_device():
+    s = node(2)
+    fn(s, "cold", nbytes=500 * MB)
+    busy(s, 0, until=T0 + 0.050)
+    sched = Scheduler()
+    d = sched.prefetch(s, "cold", T0)
+    assert (d.device, d.function, d.request_ids, d.source, d.lane) == (1, "cold", (), "host", 0)
+    assert d.copy_ms == pytest.approx(10.0) and d.expected_ms == pytest.approx(10.0)
+    sched.apply(s, Decision((d,)), T0)
+    assert (s.devices[1].running, s.devices[1].copying_until) == ("cold", pytest.approx(T0 + 0.010))
+    assert sched.prefetch(s, "cold", T0) is None  # arriving already
+
+
+def test_no_prefetch_where_it_is_not_needed_or_would_wait():
+    s = node(1)
+    fn(s, "warm")
+    s.devices[0].resident.add("warm")
+    assert Scheduler().prefetch(s, "warm", T0) is None
+    fn(s, "queued")
+    enqueue(s, "queued", "r1")
+    assert Scheduler().prefetch(s, "queued", T0) is None  # the next decision places it with its request
+    fn(s, "cold")
+    busy(s, 0, until=T0 + 0.050)
+    assert Scheduler().prefetch(s, "cold", T0) is None  # never waits for a busy lane
+    s.devices[0].busy_until = s.devices[0].running = None
+    assert Scheduler("fifo_lru").prefetch(s, "cold", T0) is None
+    assert Scheduler().prefetch(s, "cold", T0) is not None
