@@ -3,7 +3,7 @@ a tensor's shape must follow to fit a declared one."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -61,3 +61,10 @@ def fits_shape(shape: Sequence[int], declared: Sequence[int], max_batch: int,
         batch = shape[0] if batch is None else batch
         ok = shape[0] == batch and 1 <= batch <= max_batch
     return ok, batch
+
+
+def names_differ(declared: Sequence[str], given: Iterable[str]) -> str:
+    """``"; missing [...]; unknown [...]"`` for tensors named differently from ``declared`` ("" if none)."""
+    have = set(given)
+    missing, extra = sorted(set(declared) - have), sorted(have - set(declared))
+    return (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else "")

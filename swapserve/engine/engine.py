@@ -297,17 +297,11 @@ class SwapEngine:
                 m = self._get(name)
             limit = None if max_bytes is None else max_bytes // self.config.page_bytes
             with self._placed(m, value, limit) as (host, plan):
-                copied = 0
+                copy = self._copy_mask(m, plan.load)
                 if plan.load:
                     assert host.buffer is not None
-                    copy = self._copy_mask(m, plan.load)
                     self.backend.start_copies(m.va, host.buffer, m.chunks, copy, m.events).finish()
-                    copied = sum(c.nbytes for c, k in zip(m.chunks, copy) if k)
-                    with self._lock:
-                        self.pool.loaded(name, plan.load)
-                        self.stats.bytes_copied += copied
-                self._local.last_run = RunInfo(bool(plan.load), copied, sum(len(t) for _, t in plan.taken))
-                return copied
+                return self._landed(m, plan, copy)
 
     @contextlib.contextmanager
     def _placed(self, m: _Model, value: Value | None, limit: int | None = None,
@@ -366,10 +360,9 @@ class SwapEngine:
             outs = self._swap_eager(m, host, copy, inputs)
         cpu = time.thread_time() - cpu0
         self.backend.synchronize(ln.stream)
+        self._landed(m, plan, copy)
         with self._lock:
-            self.pool.loaded(m.name, plan.load)
-            copied = self._count(plan, copy, m, time.perf_counter() - wall0, cpu)
-        self._local.last_run = RunInfo(bool(plan.load), copied, sum(len(t) for _, t in plan.taken))
+            self._count(plan, time.perf_counter() - wall0, cpu)
         return outs
 
     def _load_then_run(self, m: _Model, host: HostEntry, plan: PlacementPlan,
@@ -490,20 +483,27 @@ class SwapEngine:
         want = set(load)
         return [c.start // page in want for c in m.chunks]
 
-    def _count(self, plan: PlacementPlan, copy: list[bool], m: _Model, wall: float, cpu: float) -> int:
-        """Count a finished run; returns the bytes it copied."""
+    def _landed(self, m: _Model, plan: PlacementPlan, copy: list[bool]) -> int:
+        """The plan's copies landed: its pages count as loaded, and the calling thread's :meth:`last_run`
+        says what it did. Returns the bytes copied."""
+        copied = sum(c.nbytes for c, k in zip(m.chunks, copy) if k) if plan.load else 0
+        with self._lock:
+            self.pool.loaded(m.name, plan.load)
+            self.stats.bytes_copied += copied
+        self._local.last_run = RunInfo(bool(plan.load), copied, sum(len(t) for _, t in plan.taken))
+        return copied
+
+    def _count(self, plan: PlacementPlan, wall: float, cpu: float) -> None:
+        """Count a finished run."""
         s = self.stats
         s.runs += 1
         if not plan.load:
             s.resident_runs += 1
-            return 0
-        copied = sum(c.nbytes for c, k in zip(m.chunks, copy) if k)
+            return
         s.swaps += 1
-        s.bytes_copied += copied
         s.swap_seconds.append(wall)
         s.swap_cpu_seconds.append(cpu)
         del s.swap_seconds[:-1000], s.swap_cpu_seconds[:-1000]
-        return copied
 
     def _reserve_workspace(self, stream: object) -> object:
         """Take a lane's activation workspace once, at start, as a private pool its graphs share."""

@@ -48,7 +48,7 @@ from swapserve.scheduler.types import (
     NodeState,
     Policy,
 )
-from swapserve.tensors import fits_shape
+from swapserve.tensors import fits_shape, names_differ
 
 log = logging.getLogger(__name__)
 
@@ -445,13 +445,18 @@ class Node:
 
     # --- requests -----------------------------------------------------------------------------
 
-    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None) -> InferResult:
+    def _serving(self, name: str) -> _Function:
+        """The function, if the node and it are ready for requests."""
         fn = self._get(name)
         if not self._ready:
             raise UnavailableError("the node is not ready")
         if fn.state is not FunctionState.READY:
             raise UnavailableError(f"function {name!r} is {fn.state.value}{': ' + fn.reason if fn.reason else ''}")
+        return fn
+
+    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
+                    parameters: dict[str, Any] | None = None) -> InferResult:
+        fn = self._serving(name)
         if fn.pool is not None:
             return await self._handle(fn, inputs, parameters)
         m = fn.direct
@@ -461,11 +466,7 @@ class Node:
         return await self.dispatch.run(m.entity, tensors, items, now, now + fn.spec.slo_ms / 1e3, request_id)
 
     async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:
-        fn = self._get(name)
-        if not self._ready:
-            raise UnavailableError("the node is not ready")
-        if fn.state is not FunctionState.READY:
-            raise UnavailableError(f"function {name!r} is {fn.state.value}{': ' + fn.reason if fn.reason else ''}")
+        fn = self._serving(name)
         if fn.pool is None:
             raise InvalidInputError(f"function {name!r} has no handler: the JSON route runs handlers; send its "
                                     f"tensors to POST /v2/models/{name}/infer")
@@ -580,9 +581,7 @@ def _check_inputs(fspec: FunctionSpec, manifest: Any, inputs: dict[str, torch.Te
     decl = fspec.inputs
     names = [d.name for d in decl]
     if set(inputs) != set(names):
-        missing, extra = sorted(set(names) - set(inputs)), sorted(set(inputs) - set(names))
-        raise InvalidInputError(f"{fspec.name} takes inputs {names}" + (f"; missing {missing}" if missing else "")
-                                + (f"; unknown {extra}" if extra else ""))
+        raise InvalidInputError(f"{fspec.name} takes inputs {names}{names_differ(names, inputs)}")
     out, batch = [], None
     for spec, d in zip(manifest.inputs, decl):
         x = inputs[d.name]

@@ -194,16 +194,9 @@ class Dispatcher:
         if d is None:
             return False
         self.scheduler.apply(self.state, Decision((d,)), now)
-        w = self._workers[d.device]
         self.store.acquire(m.key)  # pinned in host memory until the copy ends
-        values = {self._models[f].key: v for f, v in d.values.items() if f in self._models}
-        self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
-        self._inflight[d.device, 0] = _InFlight(d, m.key, [], now, 0, m.outputs, self.clock())
-        self.metrics.count_prefetch(w.device)
-        try:
-            wk.send(w, Prefetch(wk.next_id(), m.key, values), functools.partial(self._complete, w, 0))
-        except (BackendError, OSError) as e:
-            self._complete(w, 0, e if isinstance(e, BackendError) else BackendError(str(e)))
+        self.metrics.count_prefetch(self._workers[d.device].device)
+        self._launch(d, m, Prefetch(wk.next_id(), m.key, self._values(d)), [], 0, now)
         return True
 
     def _dispatch(self, d: Dispatch, now: float) -> None:
@@ -227,12 +220,20 @@ class Dispatcher:
             for p in batch:
                 self._fail(p, e)
             return
-        values = {self._models[f].key: v for f, v in d.values.items() if f in self._models}
-        msg = Run(wk.next_id(), m.key, refs, end, values, d.lane, limit)
-        self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
-        items = sum(p.request.items for p in batch)
         for p in batch:
             self.metrics.observe_queue(d.function, now - p.started)
+        self._launch(d, m, Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit), batch,
+                     sum(p.request.items for p in batch), now)
+
+    def _values(self, d: Dispatch) -> dict[str, float]:
+        """A dispatch's eviction values by the workers' model keys."""
+        return {self._models[f].key: v for f, v in d.values.items() if f in self._models}
+
+    def _launch(self, d: Dispatch, m: Served, msg: Run | Prefetch, batch: list[_Pending], items: int,
+                now: float) -> None:
+        """Send a run or prefetch to its lane; its reply (or the worker's failure) completes it."""
+        w = self._workers[d.device]
+        self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
         self._inflight[d.device, d.lane] = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock())
         try:
             wk.send(w, msg, functools.partial(self._complete, w, d.lane))
@@ -242,27 +243,29 @@ class Dispatcher:
     def _complete(self, w: wk.WorkerHandle, lane: int, outcome: Any) -> None:
         """A run ended (called straight from the worker's reply). Large outputs are first copied out of the
         lane's slab region on a thread (the lane stays busy meanwhile: the region is still being read)."""
-        if not isinstance(outcome, BaseException) and outcome.ok and isinstance(outcome.result, RunResult):
-            outs = [w.slab.tensor(r) for r in outcome.result.outputs]
-            if sum(o.nbytes for o in outs) > OFF_LOOP_COPY_BYTES:
-                if self._copier is None:
-                    self._copier = ThreadPoolExecutor(1, thread_name_prefix="swapserve-outputs")
-                copied = asyncio.wrap_future(self._copier.submit(_clone_all, outs))
-                copied.add_done_callback(functools.partial(self._copied, w, lane, outcome))
-                return
-        self._finish(w, lane, outcome, None)
+        if isinstance(outcome, BaseException) or not (outcome.ok and isinstance(outcome.result, RunResult)):
+            self._finish(w, lane, outcome, [], private=False)
+            return
+        outs = [w.slab.tensor(r) for r in outcome.result.outputs]
+        if sum(o.nbytes for o in outs) <= OFF_LOOP_COPY_BYTES:
+            self._finish(w, lane, outcome, outs, private=False)
+            return
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="swapserve-outputs")
+        copied = asyncio.wrap_future(self._copier.submit(_clone_all, outs))
+        copied.add_done_callback(functools.partial(self._copied, w, lane, outcome))
 
     def _copied(self, w: wk.WorkerHandle, lane: int, outcome: Any, copied: asyncio.Future[list[torch.Tensor]]) -> None:
         try:
             outs = copied.result()
         except Exception as e:  # noqa: BLE001 - the requests fail, the node goes on
-            self._finish(w, lane, BackendError(f"copying the outputs out of the IO slab failed: {e}"), None)
+            self._finish(w, lane, BackendError(f"copying the outputs out of the IO slab failed: {e}"), [], False)
             return
-        self._finish(w, lane, outcome, outs)
+        self._finish(w, lane, outcome, outs, private=True)
 
-    def _finish(self, w: wk.WorkerHandle, lane: int, outcome: Any, copied: list[torch.Tensor] | None) -> None:
-        """Answer a finished run's requests (from ``copied`` outputs, or cloned from the slab here) and free
-        its lane."""
+    def _finish(self, w: wk.WorkerHandle, lane: int, outcome: Any, outs: list[torch.Tensor], private: bool) -> None:
+        """Answer a finished run's requests from ``outs`` (``private`` copies, or views of the lane's slab
+        region, cloned per request here) and free its lane."""
         reply = None if isinstance(outcome, BaseException) else outcome
         error: SwapserveError | None = outcome if isinstance(outcome, SwapserveError) else None
         fl = self._inflight.pop((w.index, lane))
@@ -276,13 +279,12 @@ class Dispatcher:
         self._key_users[fl.key] -= 1
         if reply is not None and reply.ok and isinstance(reply.result, RunResult):
             res = reply.result
-            outs = copied if copied is not None else [w.slab.tensor(r) for r in res.outputs]
             row = 0
             names = fl.outputs
             for p in fl.pending:
                 n = p.request.items
                 result = {nm: (o[row:row + n] if o.dim() else o) for nm, o in zip(names, outs)}
-                if copied is None:  # views of the slab: the next run of this lane overwrites it
+                if not private:  # views of the slab: the next run of this lane overwrites it
                     result = {nm: t.clone() for nm, t in result.items()}
                 row += n
                 total = (now - p.started) * 1e3

@@ -20,7 +20,7 @@ from swapserve.artifact import Artifact
 from swapserve.config import MiB
 from swapserve.functions.spec import FunctionSpec, SandboxSettings
 from swapserve.sandbox import HandlerOutputError, ModelSignature, SandboxConfig
-from swapserve.tensors import datatype_of
+from swapserve.tensors import datatype_of, names_differ
 
 
 def entity(spec: FunctionSpec, model: str) -> str:
@@ -52,9 +52,8 @@ def check_outputs(spec: FunctionSpec, outputs: dict[str, torch.Tensor]) -> dict[
     and shapes (-1: any size); otherwise the request fails with HandlerOutputError (500)."""
     declared = [d.name for d in spec.outputs]
     if set(outputs) != set(declared):
-        missing, extra = sorted(set(declared) - set(outputs)), sorted(set(outputs) - set(declared))
         raise HandlerOutputError(f"the handler of {spec.name!r} must return the outputs {declared}"
-                                 + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else ""))
+                                 f"{names_differ(declared, outputs)}")
     for d in spec.outputs:
         t = outputs[d.name]
         got = datatype_of(t.dtype)

@@ -70,6 +70,11 @@ def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
         pass
 
 
+def _value_of(values: dict[str, float]) -> Any:
+    """The pool's eviction order from the scheduler's values (then least recently used)."""
+    return lambda p: (values.get(p.model, 0.0), p.last_used)
+
+
 def _auto_pool(cfg: EngineConfig) -> int:
     if cfg.device == "cpu":
         return 1 << 30
@@ -210,9 +215,8 @@ class Worker:
             if self.store.has(msg.key):
                 self.store.spill(msg.key)
         elif isinstance(msg, m.Prefetch):
-            values = msg.values
             t0 = time.perf_counter()
-            self.engine.prefetch(msg.key, value=lambda p: (values.get(p.model, 0.0), p.last_used))
+            self.engine.prefetch(msg.key, value=_value_of(msg.values))
             run = self.engine.last_run()
             return m.RunResult((), (time.perf_counter() - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken)
         elif isinstance(msg, m.Evict):
@@ -225,9 +229,8 @@ class Worker:
         from swapserve.node.messages import RunResult
 
         inputs = [self.slab.tensor(r) for r in msg.inputs]
-        values = msg.values
         t0 = time.perf_counter()
-        outs = self.engine.infer(msg.key, inputs, value=lambda p: (values.get(p.model, 0.0), p.last_used), lane=lane)
+        outs = self.engine.infer(msg.key, inputs, value=_value_of(msg.values), lane=lane)
         with self.engine.backend.compute(self.engine.lanes[lane].stream):  # the lane's stream, not the device's
             refs = self.slab.write(outs, msg.out_offset, msg.out_limit)
         wall = (time.perf_counter() - t0) * 1e3

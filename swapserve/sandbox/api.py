@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from swapserve.artifact.manifest import dtype_from_name
-from swapserve.tensors import datatype_of, fits_shape, torch_dtype
+from swapserve.tensors import datatype_of, fits_shape, names_differ, torch_dtype
 
 
 @dataclass
@@ -135,9 +135,7 @@ class ModelHandle:
         """The inputs in declared order, contiguous, or a :class:`ModelInputError` naming what is wrong."""
         names = [d.name for d in self.inputs]
         if set(given) != set(names):
-            missing, extra = sorted(set(names) - set(given)), sorted(set(given) - set(names))
-            raise ModelInputError(f"model {self.name!r} takes inputs {names}" + (f"; missing {missing}" if missing else "")
-                                  + (f"; unknown {extra}" if extra else ""), 400)
+            raise ModelInputError(f"model {self.name!r} takes inputs {names}{names_differ(names, given)}", 400)
         out, batch = {}, None
         for d in self.inputs:
             x = given[d.name]
