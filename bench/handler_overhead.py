@@ -26,7 +26,8 @@ way), so HTTP and encoding cost the same for all, and the differences are the ha
     python bench/handler_overhead.py --out bench/results/<gpu>_<yyyymmdd> [--devices cuda:0] [--requests 2000]
 
 Writes handler_overhead.json {"gpu", "redirect_p50_ms_1MB", "handler_added_p50_ms", "cold_start_ms", ...}
-and handler_overhead.md. Runs on a CPU as well (--devices cpu).
+handler_overhead.md and handler_overhead.png (``--render`` redraws the plot from the JSON). Runs on a CPU
+as well (--devices cpu).
 """
 
 from __future__ import annotations
@@ -224,6 +225,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def plot(r: dict[str, Any], out: Path) -> None:
+    """handler_overhead.png: the request-path costs (the fresh-interpreter and zygote starts, seconds long,
+    are in the table)."""
+    from bars import bars
+
+    bars(out / "handler_overhead.png", f"Handler overhead — {r['gpu']}, {r['date']}",
+         [("request, no handler (p50)", r["direct_p50_ms"]), ("request through a trivial handler (p50)",
+                                                               r["handler_p50_ms"]),
+          ("added by the handler (p50)", r["handler_added_p50_ms"]),
+          ("one model call through the node (p50)", r["node_call_p50_ms_1MB"]),
+          ("redirect of a 1 MiB call (p50; target 0.3)", r["redirect_p50_ms_1MB"]),
+          ("sandbox cold start, zygote fork", r["cold_start_ms"])])
+
+
 def report(r: dict[str, Any]) -> str:
     rows = [("request, no handler, over HTTP (p50)", r["direct_p50_ms"]),
             ("request through a trivial handler, over HTTP (p50)", r["handler_p50_ms"]),
@@ -246,10 +261,15 @@ if __name__ == "__main__":
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--cold-starts", type=int, default=10)
+    ap.add_argument("--render", action="store_true", help="only redraw the plot from OUT/handler_overhead.json")
     a = ap.parse_args()
+    if a.render:
+        plot(json.loads((a.out / "handler_overhead.json").read_text()), a.out)
+        raise SystemExit(0)
     logging.basicConfig(level=logging.WARNING)
     res = main(a)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "handler_overhead.json").write_text(json.dumps(res, indent=1))
     (a.out / "handler_overhead.md").write_text(report(res))
+    plot(res, a.out)
     print(report(res))

@@ -9,7 +9,8 @@ Starts a real ``swapserve serve`` (its own processes), deploys a tiny MLP, then 
 
     python bench/overhead.py --out bench/results/<gpu>_<yyyymmdd> [--devices cuda:0] [--requests 3000]
 
-Writes overhead.json ``{"gpu", "p50_overhead_ms", "p99_overhead_ms", "max_rps", ...}`` and overhead.md.
+Writes overhead.json ``{"gpu", "p50_overhead_ms", "p99_overhead_ms", "max_rps", ...}``, overhead.md and
+overhead.png (``--render`` redraws the plot from the JSON).
 """
 
 from __future__ import annotations
@@ -95,9 +96,20 @@ def throughput(port: int, seconds: float, processes: int, concurrency: int) -> t
     return ok / seconds, sum(r[1] for r in results)
 
 
+def plot(result: dict, out: Path) -> None:
+    """overhead.png: the medians of the request path's parts, and the overhead against its target."""
+    from bars import bars
+
+    bars(out / "overhead.png", f"Request overhead — {result['gpu']}, {result['date']}",
+         [("overhead p50", result["p50_overhead_ms"]), ("overhead p99", result["p99_overhead_ms"]),
+          ("gateway + HTTP p50", result["p50_gateway_ms"]), ("controller + IPC p50", result["p50_controller_ms"]),
+          ("the run p50", result["p50_compute_ms"])], target=0.5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--render", action="store_true", help="only redraw the plot from OUT/overhead.json")
     ap.add_argument("--devices", default="", help="cpu, cuda:0, ... (default: every GPU, else cpu)")
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--warmup", type=int, default=300)
@@ -107,6 +119,9 @@ def main() -> None:
     ap.add_argument("--spin-ms", type=float, help="the server's --spin-ms (default: its own)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        plot(json.loads((args.out / "overhead.json").read_text()), args.out)
+        return
     from swapserve.client import Client
     from swapserve.functions.build import build_bundle
     from swapserve.functions.bundle import pack
@@ -147,6 +162,7 @@ def main() -> None:
         "spin_ms": args.spin_ms,
     }
     (args.out / "overhead.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out)
     (args.out / "overhead.md").write_text(
         f"# Request overhead — {gpu}, {result['date']}\n\n"
         f"Tiny resident MLP, {args.requests} sequential JSON requests over one keep-alive connection after "
