@@ -79,6 +79,10 @@ class Backend(ABC):
     def unpin(self, host: torch.Tensor) -> None:
         """Undo :meth:`pin` before the buffer is unmapped."""
 
+    def upload(self, x: torch.Tensor) -> torch.Tensor:
+        """A request's input on the device (``x`` itself where it is there already)."""
+        return x.to(self.device)
+
     @abstractmethod
     def start_copies(self, dst_va: int, host: torch.Tensor, chunks: Sequence[Chunk], copy: Sequence[bool],
                      events: object | None = None) -> Waiter:
