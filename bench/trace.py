@@ -51,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from node_harness import Server  # noqa: E402
 
+from swapserve.scheduler.core import SWAP_PIECE_MS  # noqa: E402
+
 POLICIES = {  # name → (scheduler policy, engine mode)
     "swapserve": ("swapserve", "auto"),
     "fifo_lru": ("fifo_lru", "auto"),
@@ -453,6 +455,7 @@ def main() -> None:
                                                         "OUT/trace_raw/<policy>_<N>.jsonl.gz")
     ap.add_argument("--no-prepare", action="store_true", help="capture graphs on first use, not at start")
     ap.add_argument("--lanes", type=int, choices=(1, 2), help="runs in flight per GPU (serve --lanes; default 2)")
+    ap.add_argument("--swap-piece-ms", type=float, help="serve --swap-piece-ms (default: the node's own; 0: off)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sweep = [int(x) for x in args.sweep.split(",")]
@@ -470,7 +473,8 @@ def main() -> None:
     result = json.loads(out_path.read_text()) if out_path.exists() else {"policies": {}}
     result.update({"date": date.today().isoformat(), "slo_ms": slo, "slo_source": slo_source,
                    "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": MAX_BATCH,
-                   "client_processes": args.clients, "lanes": args.lanes or 2})
+                   "client_processes": args.clients, "lanes": args.lanes or 2,
+                   "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS})
     total_bytes = None
     for label in args.policies.split(","):
         policy, mode = POLICIES[label]
@@ -483,7 +487,8 @@ def main() -> None:
             large = frozenset(m for m in zoo_names if output_bytes(cache, m) > 1 << 20)
             result["large_output_models"] = sorted(large)
         extra = (("--policy", policy, "--mode", mode) + (("--no-prepare",) if args.no_prepare else ())
-                 + (("--lanes", str(args.lanes)) if args.lanes else ()))
+                 + (("--lanes", str(args.lanes)) if args.lanes else ())
+                 + (("--swap-piece-ms", str(args.swap_piece_ms)) if args.swap_piece_ms is not None else ()))
         srv = Server(home, args.devices or "all", pool=args.pool, host_store=f"{int(total_bytes * 1.05) + (1 << 30)}",
                      workspace="2GiB", extra=extra)
         try:

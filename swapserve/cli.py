@@ -223,7 +223,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "host": args.host, "port": args.port,
         "devices": parse_devices(args.devices) if args.devices is not None else None,
         "pool_bytes": args.pool, "workspace_bytes": args.workspace, "lanes": args.lanes,
-        "host_store_bytes": args.host_store,
+        "swap_piece_ms": args.swap_piece_ms, "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
         "spin_ms": args.spin_ms, "sandbox_isolation": args.sandbox_isolation, "sandbox_idle_s": args.sandbox_idle_s,
@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workspace", type=_bytes, help="activation workspace per device and lane (default 512MiB)")
     s.add_argument("--lanes", type=int, choices=(1, 2),
                    help="runs in flight per device: 2 (default) runs resident models beside a swap, 1 one at a time")
+    s.add_argument("--swap-piece-ms", type=float, metavar="MS",
+                   help="a long swap with time to spare comes in pieces of about this much copying, serving what "
+                        "is due first between them (default 3; 0: in one go)")
     s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
     s.add_argument("--token", default=argparse.SUPPRESS,
                    help="token the management API requires (default: $SWAPSERVE_TOKEN)")

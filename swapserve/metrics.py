@@ -76,12 +76,14 @@ class Metrics:
                                        ["function"])
         self.compute_seconds = histogram("compute_seconds", "Execution time of one (batched) run on a device.",
                                          ["device"])
-        self.swap_seconds = histogram("swap_seconds", "Duration of one swap-in (copies overlapped with compute).",
+        self.swap_seconds = histogram("swap_seconds", "Duration of one swapped run (copies overlapped with compute).",
                                       ["device"])
-        self.swap_bytes = counter("swap_bytes", "Weight bytes copied onto a device by swap-ins.",
-                                  ["device"])
+        self.swap_bytes = counter("swap_bytes", "Weight bytes copied onto a device (by swapped runs, prefetches "
+                                  "and pieces of swaps).", ["device"])
         self.evictions = counter("evictions", "Models (wholly or partly) evicted from a device.",
                                  ["device"])
+        self.swap_pieces = counter("swap_pieces", "Pieces of swaps copied with no run (a long swap with time "
+                                   "to spare comes in pieces; other requests go between them).", ["device"])
         self.prefetches = counter("prefetches", "Models copied onto a device ahead of their requests (a handler's "
                                   "sandbox starting while its model comes in).", ["device"])
         self.slo_misses = counter("slo_misses", "Requests that finished after, or were refused for, their SLO.",
@@ -136,8 +138,12 @@ class Metrics:
         self.compute_seconds.labels(device).observe(seconds)
 
     def observe_swap(self, device: str, seconds: float, nbytes: int) -> None:
-        """One swap-in that copied ``nbytes`` of weights (only the missing pages of a partly resident model)."""
+        """One swapped run that copied ``nbytes`` of weights (only the missing pages of a partly resident model)."""
         self.swap_seconds.labels(device).observe(seconds)
+        self.count_swap_bytes(device, nbytes)
+
+    def count_swap_bytes(self, device: str, nbytes: int) -> None:
+        """Weights copied in, by a run or by a copy with no run (a prefetch, a piece of a swap)."""
         self.swap_bytes.labels(device).inc(nbytes)
 
     def count_eviction(self, device: str, n: int = 1) -> None:
@@ -145,6 +151,9 @@ class Metrics:
 
     def count_prefetch(self, device: str) -> None:
         self.prefetches.labels(device).inc()
+
+    def count_swap_piece(self, device: str) -> None:
+        self.swap_pieces.labels(device).inc()
 
     def count_slo_miss(self, function: str, n: int = 1) -> None:
         self.slo_misses.labels(function).inc(n)

@@ -268,7 +268,7 @@ class SwapEngine:
     def _infer(self, m: _Model, inputs: list[torch.Tensor], batch: int, run_batch: int, ln: _Lane,
                value: Value | None, exclusive: bool) -> list[torch.Tensor]:
         with self.backend.compute(ln.stream):
-            inputs = [x.to(self.backend.device) for x in inputs]
+            inputs = [self.backend.upload(x) for x in inputs]
             if run_batch != batch:  # graphs exist per bucket (1, 2, 4, ...): pad up to it
                 inputs = [torch.cat([x, x.new_zeros((run_batch - batch, *x.shape[1:]))]) for x in inputs]
             with self._placed(m, value, lane=ln.index) as (host, plan):
@@ -288,14 +288,15 @@ class SwapEngine:
         return min(b, m.artifact.manifest.max_batch)
 
     def prefetch(self, name: str, max_bytes: int | None = None, value: Value | None = None) -> int:
-        """Copy the model's missing pages without running it — all of them, or only those among the
-        first ``max_bytes`` (whole pages, in first-use order) — as a run of lane 0 (lane 1 goes on serving
-        resident models meanwhile). Returns the bytes copied."""
+        """Copy the model's missing pages without running it — all of them, or only as many of the first
+        missing pages (in first-use order) as ``max_bytes`` needs, rounded up to whole pages (a piece of
+        a swap) — as a run of lane 0 (lane 1 goes on serving resident models meanwhile). Returns the bytes
+        copied."""
         ln = self.lanes[0]
         with ln.lock, self._gate.shared():
             with self._lock:
                 m = self._get(name)
-            limit = None if max_bytes is None else max_bytes // self.config.page_bytes
+            limit = None if max_bytes is None else -(-max_bytes // self.config.page_bytes)
             with self._placed(m, value, limit) as (host, plan):
                 copy = self._copy_mask(m, plan.load)
                 if plan.load:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swapserve.config import GiB, MiB, env
+from swapserve.scheduler.core import SWAP_PIECE_MS
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 """The repository's example functions (present in a source checkout or an editable install)."""
@@ -43,6 +44,9 @@ class ServeConfig:
     lanes: int = 2
     """Runs each device may have in flight: 2 runs a resident model beside another model's swap (the
     second lane has its own stream and workspace); 1 runs one thing at a time."""
+    swap_piece_ms: float = SWAP_PIECE_MS
+    """A long swap with time to spare before its deadline comes in pieces of about this many ms of copying,
+    serving what is due first between them (the first lane is the only one that swaps); 0: in one go."""
     host_store_bytes: int | None = None
     """Capacity of the pinned host store shared by all workers; beyond it models spill to their
     safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``."""
@@ -100,6 +104,8 @@ class ServeConfig:
             problems.append(f"sandbox_idle_s must be positive, not {self.sandbox_idle_s}")
         if self.lanes not in (1, 2):
             problems.append(f"lanes must be 1 or 2, not {self.lanes}")
+        if not 0 <= self.swap_piece_ms <= 1000:
+            problems.append(f"swap_piece_ms must be in [0, 1000], not {self.swap_piece_ms}")
         if not 0 <= self.spin_ms <= 1000:
             problems.append(f"spin_ms must be in [0, 1000], not {self.spin_ms}")
         if self.token is not None and not self.token.strip():

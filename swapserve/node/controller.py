@@ -39,7 +39,7 @@ from swapserve.node.messages import AddModel, MeasureCopy, Prepare, RemoveModel,
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
 from swapserve.sandbox.types import PoolStats, SandboxEvent
-from swapserve.scheduler.core import Scheduler
+from swapserve.scheduler.core import SWAP_PIECE_MS, Scheduler
 from swapserve.scheduler.types import (
     DeviceState,
     FunctionQueue,
@@ -65,6 +65,8 @@ class NodeConfig:
     """Per device and lane."""
     lanes: int = 2
     """Runs in flight per device (see :attr:`swapserve.config.EngineConfig.lanes`)."""
+    swap_piece_ms: float = SWAP_PIECE_MS
+    """See :class:`swapserve.scheduler.Scheduler` (0: swaps in one go)."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB
     slab_bytes: int = 256 * MiB
@@ -130,7 +132,7 @@ class Node:
         self.run_id = uuid.uuid4().hex[:8]
         self.shm_root = env().shm_dir / f"swapserve-{self.run_id}"
         self.store = HostStore(self.shm_root / "store", cfg.host_store_bytes)
-        self.scheduler = Scheduler(cfg.policy)
+        self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms)
         self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}

@@ -194,14 +194,25 @@ class Dispatcher:
         if d is None:
             return False
         self.scheduler.apply(self.state, Decision((d,)), now)
-        self.store.acquire(m.key)  # pinned in host memory until the copy ends
         self.metrics.count_prefetch(self._workers[d.device].device)
-        self._launch(d, m, Prefetch(wk.next_id(), m.key, self._values(d)), [], 0, now)
+        self._copy_in(d, m, now)
         return True
 
+    def _copy_in(self, d: Dispatch, m: Served, now: float) -> None:
+        """Send a copy with no run: a whole prefetch, or a piece of a swap (``d.piece_bytes``)."""
+        self.store.acquire(m.key)  # pinned in host memory until the copy ends
+        self._launch(d, m, Prefetch(wk.next_id(), m.key, self._values(d), d.piece_bytes or None), [], 0, now)
+
     def _dispatch(self, d: Dispatch, now: float) -> None:
-        batch = [p for rid in d.request_ids if (p := self._pending.pop(rid, None)) is not None and not p.future.done()]
         m = self._models.get(d.function)
+        if d.piece_bytes:
+            if m is None:  # deleted since it was queued: its requests fail with the queue
+                self.state.devices[d.device].release(d.lane)
+            else:
+                self.metrics.count_swap_piece(self._workers[d.device].device)
+                self._copy_in(d, m, now)
+            return
+        batch = [p for rid in d.request_ids if (p := self._pending.pop(rid, None)) is not None and not p.future.done()]
         w = self._workers[d.device]
         dev = self.state.devices[d.device]
         try:
@@ -296,10 +307,12 @@ class Dispatcher:
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
                                                     res.wall_ms, total, dispatch_ms=(fl.sent - fl.started) * 1e3,
                                                     worker_ms=res.handled_ms, lane=lane))
-            if fl.batch:  # not a prefetch (a copy with no run)
+            if fl.batch:  # a run, not a copy with no run (a prefetch or a piece of a swap)
                 self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
-            if res.swapped:
-                self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)
+                if res.swapped:
+                    self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)
+            else:
+                self.metrics.count_swap_bytes(w.device, res.bytes_copied)
             if res.pages_taken:
                 self.metrics.count_eviction(w.device, res.pages_taken)
             self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,

@@ -81,12 +81,15 @@ class Evict:
 
 @dataclass(frozen=True)
 class Prefetch:
-    """Copy a model in ahead of its requests (lane 0; answered with a RunResult that has no outputs)."""
+    """Copy a model in ahead of its requests, or a piece of it (lane 0; answered with a RunResult that has
+    no outputs)."""
 
     id: int
     key: str
     values: dict[str, float] = field(default_factory=dict)
     """Eviction values, as for :class:`Run`."""
+    max_bytes: int | None = None
+    """Copy only about this many of the missing bytes (whole pages, in first-use order); None: all."""
 
 
 @dataclass(frozen=True)

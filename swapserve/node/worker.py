@@ -216,7 +216,7 @@ class Worker:
                 self.store.spill(msg.key)
         elif isinstance(msg, m.Prefetch):
             t0 = time.perf_counter()
-            self.engine.prefetch(msg.key, value=_value_of(msg.values))
+            self.engine.prefetch(msg.key, msg.max_bytes, value=_value_of(msg.values))
             run = self.engine.last_run()
             return m.RunResult((), (time.perf_counter() - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken)
         elif isinstance(msg, m.Evict):

@@ -118,8 +118,9 @@ class View:
                                                  else max(now, d.side_until) for d in state.devices]
         self.resident = [set(d.resident) for d in state.devices]
         self.partial = [dict(d.partial) for d in state.devices]
-        # The model a busy device is running is on it once the run ends (the worker keeps what it loaded).
-        self.incoming: list[str | None] = [None if d.idle else d.running for d in state.devices]
+        # The model a busy device is running is on it once the run ends (the worker keeps what it loaded),
+        # unless that is a piece of its swap.
+        self.incoming: list[str | None] = [None if d.idle or d.piece else d.running for d in state.devices]
         # ``copying_until`` is the end of a host→device copy (peer copies do not use the host link).
         self.copies = [_Copy(d.index, now, d.copying_until) for d in state.devices
                        if d.copying_until is not None and d.copying_until > now]
@@ -248,16 +249,16 @@ class View:
             best = t if best is None else min(best, t)
         return best
 
-    def commit(self, est: Estimate, function: str) -> None:
-        """Plan ``est``: its device is busy until it finishes, then holds the model; a host copy joins the
-        copies that later plans share the link with."""
+    def commit(self, est: Estimate, function: str, whole: bool = True) -> None:
+        """Plan ``est``: its device is busy until it finishes, then holds the model (unless not ``whole``:
+        a piece of a swap); a host copy joins the copies that later plans share the link with."""
         d = est.device
         if est.lane:
             self.side_free_at[d] = est.finish
             return
         if self.incoming[d] is not None:  # the run before this one has ended by the time this starts
             self.resident[d].add(self.incoming[d])  # type: ignore[arg-type]
-        self.incoming[d] = function if est.source != "resident" else None
+        self.incoming[d] = function if est.source != "resident" and whole else None
         self.free_at[d] = est.finish
         self.idle[d] = False
         if est.source in ("host", "partial") and est.copy_ms > 0.0:

@@ -103,6 +103,9 @@ class DeviceState:
     busy_until: float | None = None
     """Expected end of the work dispatched to it; None when idle."""
     running: str | None = None
+    piece: bool = False
+    """Whether what ``running`` does is a piece of its model's swap (the model still partly missing
+    when it ends) rather than a run or a whole prefetch (the model there when it ends)."""
     copying_until: float | None = None
     """Expected end of its in-flight host→device copy, if any."""
     last_used: dict[str, float] = field(default_factory=dict)
@@ -128,6 +131,7 @@ class DeviceState:
             self.side_until = self.side_running = None
         else:
             self.busy_until = self.running = self.copying_until = None
+            self.piece = False
 
 
 @dataclass
@@ -177,6 +181,10 @@ class Dispatch:
     """Eviction values for the worker's page pool (functions on that device; lowest evicted first)."""
     lane: int = 0
     """0: the device's first lane (swaps and resident runs); 1: its side lane (resident runs only)."""
+    piece_bytes: int = 0
+    """A piece of a swap: copy about this many of the model's missing bytes (whole pages, in first-use
+    order) and run nothing; the requests stay queued (``request_ids`` is empty). 0: a run, or a whole
+    prefetch when there are no requests."""
 
 
 @dataclass(frozen=True)

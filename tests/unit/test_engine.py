@@ -74,6 +74,19 @@ def test_prefetched_head_then_run(make_artifact, make_engine, device, mode):
     assert same(eng.infer("m", x), ref)
 
 
+def test_a_piece_of_a_swap_is_whole_pages_of_what_is_missing(make_artifact, make_engine):
+    art, _, x = make_artifact("mlp")
+    eng = make_engine("cpu", "eager")
+    eng.add("m", art)
+    ref = eng.infer("m", x)
+    eng.evict("m")
+    eng.prefetch("m", max_bytes=1)  # rounded up: one page
+    assert eng.placement("m").valid == [True, False, False, False]
+    eng.prefetch("m", max_bytes=(2 << 20) + 1)  # the next two missing pages, not the first ones again
+    assert eng.placement("m").valid == [True, True, True, False]
+    assert same(eng.infer("m", x), ref)
+
+
 @pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
 def test_concurrent_swaps_do_not_corrupt_each_other(make_artifact, make_engine, device, mode):
     a, _, xa = make_artifact("mlp", seed=1, name="a")

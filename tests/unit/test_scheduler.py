@@ -14,6 +14,8 @@ from swapserve.scheduler import (
 GB = 10**9
 MB = 10**6
 T0 = 1000.0  # the fake clock's "now"; any value works, a non-zero one catches code that assumes 0
+# Tests of where and how long whole runs go pass swap_piece_ms=0: their long copies would otherwise come in
+# pieces (tested on their own below).
 
 
 def node(n: int = 2, link: LinkProfile | None = None, pool: int = 80 * GB, max_queued: int = 4096) -> NodeState:
@@ -82,7 +84,7 @@ def test_peer_copy_preferred_over_host_when_nvlink(d2d):
     s.devices[0].resident.add("f")
     busy(s, 0, T0 + 10.0)
     enqueue(s, "f", "r1")
-    d = only(Scheduler().decide(s, T0))
+    d = only(Scheduler(swap_piece_ms=0).decide(s, T0))
     assert d.device == 1
     if d2d:
         assert (d.source, d.peer) == ("peer", 0)
@@ -98,7 +100,7 @@ def test_host_copy_goes_to_least_contended_link():
     fn(s, "f", nbytes=500 * MB)
     busy(s, 0, T0 + 1.0, copying_until=T0 + 1.0)  # device 0 copies over link 0 for the next second
     enqueue(s, "f", "r1")
-    d = only(Scheduler().decide(s, T0))
+    d = only(Scheduler(swap_piece_ms=0).decide(s, T0))
     assert (d.device, d.source) == (2, "host")  # device 1 would share link 0 with device 0
     assert d.copy_ms == pytest.approx(10.0)
 
@@ -108,10 +110,10 @@ def test_host_contention_counted_only_while_the_other_copy_lasts():
     fn(s, "f", nbytes=500 * MB)
     enqueue(s, "f", "r1")
     busy(s, 0, T0 + 1.0, copying_until=T0 + 1.0)
-    assert only(Scheduler().decide(s, T0)).copy_ms == pytest.approx(20.0)  # contended throughout
+    assert only(Scheduler(swap_piece_ms=0).decide(s, T0)).copy_ms == pytest.approx(20.0)  # contended throughout
     busy(s, 0, T0 + 1.0, copying_until=T0 + 0.002)
     # 2 ms at 25 GB/s (50 MB), then the other 450 MB alone at 50 GB/s (9 ms).
-    assert only(Scheduler().decide(s, T0)).copy_ms == pytest.approx(11.0)
+    assert only(Scheduler(swap_piece_ms=0).decide(s, T0)).copy_ms == pytest.approx(11.0)
 
 
 def test_second_host_copy_in_one_decision_sees_the_first():
@@ -120,7 +122,7 @@ def test_second_host_copy_in_one_decision_sees_the_first():
     fn(s, "g", nbytes=500 * MB)
     enqueue(s, "f", "rf")
     enqueue(s, "g", "rg", at=T0 + 0.001)
-    a, b = Scheduler().decide(s, T0).dispatches
+    a, b = Scheduler(swap_piece_ms=0).decide(s, T0).dispatches
     assert (a.function, a.device, a.copy_ms) == ("f", 0, pytest.approx(10.0))
     # g shares the link while f's copy lasts (10 ms: 250 MB at 25 GB/s), then has it alone (250 MB: 5 ms).
     assert (b.function, b.device, b.copy_ms) == ("g", 1, pytest.approx(15.0))
@@ -376,7 +378,7 @@ def test_apply_removes_dispatched_and_rejected_and_marks_devices_busy():
     s.devices[1].resident.add("g")
     enqueue(s, "f", "rf")
     enqueue(s, "g", "old", at=T0 - 1.0)  # long past its deadline
-    sch = Scheduler()
+    sch = Scheduler(swap_piece_ms=0)
     dec = sch.decide(s, T0)
     assert [r.request_id for r in dec.rejects] == ["old"]
     d = only(dec)
@@ -409,7 +411,7 @@ def test_idle_functions_are_not_visited_and_emptied_queues_leave_the_waiting_set
     s = node(n=1)
     for i in range(500):
         fn(s, f"f{i:03d}")
-    sched = Scheduler(policy)  # type: ignore[arg-type]
+    sched = Scheduler(policy, swap_piece_ms=0)  # type: ignore[arg-type]
     assert sched.admit(s, req(s, "f123", "a"), T0) is None
     assert sched.admit(s, req(s, "f007", "b"), T0) is None
     assert s.waiting == {"f123", "f007"} and s.queued == 2 and s.nonempty() == ["f007", "f123"]
@@ -673,3 +675,71 @@ def test_no_prefetch_where_it_is_not_needed_or_would_wait():
     s.devices[0].busy_until = s.devices[0].running = None
     assert Scheduler("fifo_lru").prefetch(s, "cold", T0) is None
     assert Scheduler().prefetch(s, "cold", T0) is not None
+
+
+# --- swaps in pieces ------------------------------------------------------------------------------------
+
+def test_a_long_swap_with_room_comes_in_pieces_and_its_requests_stay_queued():
+    s = node(1)
+    fn(s, "big", nbytes=750 * MB, exec_ms={1: 3.0}, slo_ms=60.0)  # a 15 ms copy at 50 GB/s
+    enqueue(s, "big", "r1")
+    sched = Scheduler(swap_piece_ms=3.0)
+    d = only(sched.decide(s, T0))
+    assert (d.function, d.request_ids, d.source, d.lane) == ("big", (), "host", 0)
+    assert d.piece_bytes == pytest.approx(150 * MB, rel=1e-6)  # 3 ms of the 15 ms copy
+    assert d.expected_ms == pytest.approx(3.0) and d.copy_ms == pytest.approx(3.0)
+    sched.apply(s, Decision((d,)), T0)
+    dev = s.devices[0]
+    assert [r.id for r in s.queues["big"].requests] == ["r1"]  # still queued for the run
+    assert (dev.running, dev.piece, dev.busy_until) == ("big", True, pytest.approx(T0 + 0.003))
+    assert sched.decide(s, T0 + 0.001).dispatches == ()  # not planned as resident after the piece
+    # The piece landed: the next piece covers the same share of what is still missing.
+    dev.release(0)
+    dev.partial["big"] = 0.2
+    d2 = only(sched.decide(s, T0 + 0.004))
+    assert d2.piece_bytes == pytest.approx(150 * MB, rel=1e-6) and d2.source == "partial"
+
+
+def test_between_pieces_what_is_due_first_runs():
+    s = node(1)
+    fn(s, "big", nbytes=750 * MB, exec_ms={1: 3.0}, slo_ms=60.0)
+    fn(s, "small", nbytes=50 * MB, exec_ms={1: 1.0}, slo_ms=10.0)
+    enqueue(s, "big", "b1")
+    sched = Scheduler(swap_piece_ms=3.0)
+    piece = only(sched.decide(s, T0))
+    sched.apply(s, Decision((piece,)), T0)
+    enqueue(s, "small", "s1", at=T0 + 0.001)  # arrives during the piece
+    s.devices[0].release(0)
+    s.devices[0].partial["big"] = 0.2
+    d = only(sched.decide(s, T0 + 0.003))
+    assert (d.function, d.request_ids, d.piece_bytes) == ("small", ("s1",), 0)
+
+
+def test_a_swap_runs_whole_when_short_late_or_off_or_not_swapserve():
+    def first(nbytes: int, slo_ms: float, **kw) -> object:
+        s = node(1)
+        fn(s, "f", nbytes=nbytes, exec_ms={1: 3.0}, slo_ms=slo_ms)
+        enqueue(s, "f", "r1")
+        return only(Scheduler(**kw).decide(s, T0))
+
+    assert first(250 * MB, 60.0).request_ids == ("r1",)  # a 5 ms copy: under two pieces
+    assert first(750 * MB, 60.0).piece_bytes > 0
+    assert first(750 * MB, 22.0).request_ids == ("r1",)  # 15.3 ms + 4 pieces' cost + 6 ms of room > 22 ms
+    assert first(750 * MB, 60.0, swap_piece_ms=0).request_ids == ("r1",)
+    assert first(750 * MB, 60.0, policy="fifo_lru").request_ids == ("r1",)
+    with pytest.raises(ValueError, match="swap_piece_ms"):
+        Scheduler(swap_piece_ms=-1)
+
+
+def test_pieces_are_never_in_the_side_lane_and_resident_runs_go_on_beside_them():
+    s = node(1)
+    s.devices[0].side_lane = True
+    fn(s, "big", nbytes=750 * MB, exec_ms={1: 3.0}, slo_ms=60.0)
+    fn(s, "hit", nbytes=50 * MB, exec_ms={1: 1.0}, slo_ms=10.0)
+    s.devices[0].resident.add("hit")
+    enqueue(s, "big", "b1")
+    enqueue(s, "hit", "h1")
+    sched = Scheduler(swap_piece_ms=3.0)
+    got = {d.function: d for d in sched.decide(s, T0).dispatches}
+    assert got["big"].lane == 0 and got["big"].piece_bytes > 0
+    assert got["hit"].request_ids == ("h1",)

@@ -1,0 +1,31 @@
+"""A long swap in pieces (``--swap-piece-ms``): copies with no run, then the run, over a real node."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .harness import assert_stopped_cleanly, deploy, metric
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_long_swap_comes_in_pieces_and_answers_as_a_resident_run(server_factory, functions, tmp_path):
+    # Nothing copied at deploy (--no-prepare); pieces of 0.02 ms: the 4 MiB model's copy is many of them.
+    s = server_factory(extra=("--no-prepare", "--swap-piece-ms", "0.02")).start()
+    s.wait_ready()
+    assert deploy(s, functions.heavy.archive(tmp_path))["state"] == "READY"
+    x = torch.randn(1, 1024)
+    before = s.request("GET", "/metrics").body.decode()
+    first = s.client().infer("heavy", {"x": x})["y"]
+    after = s.request("GET", "/metrics").body.decode()
+    torch.testing.assert_close(first, functions.heavy.expected(x)[0])
+
+    def grew(name: str) -> float:
+        return metric(after, name, device="cpu") - metric(before, name, device="cpu")
+
+    assert grew("swapserve_swap_pieces_total") >= 1, s.log()
+    assert grew("swapserve_swap_bytes_total") >= 4 * 2**20  # its 1024×1024 fp32 weight, all in
+    again = s.client().infer("heavy", {"x": x})["y"]  # resident now
+    assert torch.equal(again, first)
+    assert_stopped_cleanly(s, s.stop())
