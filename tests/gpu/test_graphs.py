@@ -40,16 +40,18 @@ def test_upload_from_registered_memory_is_bit_exact(make_engine):
     slab = torch.zeros(1 << 20, dtype=torch.uint8)
     be.pin(slab)
     try:
-        cases = [(torch.float16, (3, 224, 5)), (torch.int64, (1, 128)), (torch.bool, (7,)), (torch.uint8, (1001,)),
-                 (torch.float32, ())]
+        # Past the inline size (kernel) and under it (tensor.to); words of 8, 4, 2 and 1 bytes; a scalar.
+        cases = [(torch.float16, (3, 224, 5)), (torch.int64, (1, 4096)), (torch.float32, (1, 1027)),
+                 (torch.int16, (4099,)), (torch.bool, (8193,)), (torch.uint8, (1001,)), (torch.float32, ())]
         offset = 256
         for dtype, shape in cases:
             n = torch.empty(shape, dtype=dtype).numel() * dtype.itemsize
-            x = slab[offset:offset + n].view(dtype).view(shape)
-            x.view(torch.uint8).random_(0, 2 if dtype is torch.bool else 256)
+            raw = slab[offset:offset + n]
+            raw.random_(0, 2 if dtype is torch.bool else 256)
+            x = raw.view(dtype).view(shape)
             y = be.upload(x)
             assert y.device.type == "cuda" and y.dtype == dtype and y.shape == x.shape
-            assert torch.equal(y.cpu().view(torch.uint8), x.view(torch.uint8)), dtype
+            assert torch.equal(y.cpu().reshape(-1).view(torch.uint8), raw), (dtype, shape)
             offset += (n + 255) // 256 * 256
         plain = torch.randn(4, 4)  # not registered: an ordinary copy
         assert torch.equal(be.upload(plain).cpu(), plain)
@@ -57,10 +59,14 @@ def test_upload_from_registered_memory_is_bit_exact(make_engine):
         be.unpin(slab)
 
 
-def test_runs_from_a_registered_slab_match_ordinary_inputs(make_artifact, make_engine):
-    art, _, x = make_artifact("mlp")
-    eng = make_engine("cuda:0", "graph")
-    eng.add("m", art)
+def test_runs_from_a_registered_slab_match_ordinary_inputs(tmp_path, make_engine):
+    from swapserve.artifact import build_artifact, load_artifact
+
+    z = zoo.get("resnet18")
+    x = z.example(1, torch.float16)  # a 294 KiB image: uploaded by the kernel from the slab
+    build_artifact(z.build(torch.float16), x, tmp_path / "r18", name="r18", max_batch=1)
+    eng = make_engine("cuda:0", "graph", pool_mib=256)
+    eng.add("m", load_artifact(tmp_path / "r18"))
     want = eng.infer("m", x)
     slab = torch.zeros(1 << 20, dtype=torch.uint8)
     eng.backend.pin(slab)
