@@ -65,7 +65,8 @@ def measure(rounds: int, swap_mib: int, delay_ms: float, chunk_mib: int) -> tupl
         for kib in SIZES_KIB:
             x = slab[256:256 + (kib << 10)]
             x.random_(0, 256)
-            for way, upload in (("copy engine (tensor.to)", lambda t: Backend.upload(be, t)), ("kernel (upload)", be.upload)):
+            ways = (("copy engine (tensor.to)", lambda t: Backend.upload(be, t)), ("kernel (upload)", be.upload))
+            for way, upload in ways:
                 for busy in (False, True):
                     times = []
                     for _ in range(rounds):

@@ -66,6 +66,21 @@ def _retry_s(seconds: float) -> float:
     return float(max(1, math.ceil(seconds))) if math.isfinite(seconds) else NOFIT_RETRY_S
 
 
+def _penalty_ms(prof: ModelProfile, bytes_per_ms: float, slowdown: float, frac: float) -> float:
+    """Extra ms of a batch-1 run if ``frac`` of the model's bytes were evicted, copying them back at
+    ``bytes_per_ms`` (from host, or from a peer that holds it where that is faster): a swapped run is the
+    slower of copy and (slowed) compute plus the fixed overhead, so a model that computes longer than it
+    copies costs little to drop."""
+    exec_ms = prof.exec_at(1)
+    slowed = exec_ms * slowdown
+
+    def run_ms(missing: float) -> float:
+        return max(missing / bytes_per_ms, slowed) + prof.swap_overhead_ms if missing > 0 else exec_ms
+
+    penalty = run_ms(prof.nbytes) - run_ms(prof.nbytes * (1.0 - frac))
+    return max(penalty, 1e-6)  # keep the reuse order among models that are free to reload
+
+
 def _batch(requests: list[Request], max_batch: int) -> tuple[list[Request], list[Request]]:
     """The head requests (deadline order) whose items fit ``max_batch``; stops at the first that does not
     fit rather than skipping it, so no request overtakes an earlier deadline. The head is always taken."""
@@ -441,6 +456,11 @@ class Scheduler:
         if self.policy == "dedicated":
             return {f: math.inf if state.dedicated.get(f) == device else -math.inf for f in sorted(names)}
         running = {f for d in state.devices for f in (d.running, d.side_running) if f is not None}
+        # Per call, not per model (this runs for every swap, over every model on the device): the link's
+        # figures and which models a peer holds whole.
+        link = state.link
+        h2d, d2d, slowdown = link.h2d(1), link.d2d_GBps, link.exec_slowdown_copying
+        peer_held = set().union(*(d.resident for d in state.devices if d.index != device)) if d2d is not None else set()
         out: dict[str, float] = {}
         for f in sorted(names):
             fq = state.queues.get(f)
@@ -450,28 +470,15 @@ class Scheduler:
             prof = self._profile(state, f)
             frac = 1.0 if f in dev.resident else min(max(dev.partial.get(f, 0.0), 0.0), 1.0)
             held_gb = max(prof.nbytes * frac, 1.0) / 1e9
-            rate = rate_at(fq.rate, fq.last_arrival, now, self.rate_halflife_s) if fq is not None else 0.0
-            last = max(dev.last_used.get(f, -math.inf),
-                       fq.last_arrival if fq is not None and fq.last_arrival is not None else -math.inf)
+            last = dev.last_used.get(f, -math.inf)
+            rate = 0.0
+            if fq is not None and fq.last_arrival is not None:
+                rate = rate_at(fq.rate, fq.last_arrival, now, self.rate_halflife_s)
+                last = max(last, fq.last_arrival)
             recency = 1.0 / (max(0.0, now - last) + RECENCY_FLOOR_S) if math.isfinite(last) else 0.0
-            out[f] = (rate + recency) * self._penalty_ms(state, f, prof, device, frac) / held_gb
+            gbps = max(d2d, h2d) if f in peer_held else h2d  # type: ignore[type-var]
+            out[f] = (rate + recency) * _penalty_ms(prof, gbps * 1e6, slowdown, frac) / held_gb
         return out
-
-    def _penalty_ms(self, state: NodeState, f: str, prof: ModelProfile, device: int, frac: float) -> float:
-        """Extra ms of a batch-1 run on ``device`` if its ``frac`` of the model were evicted."""
-        link = state.link
-        peer_held = link.d2d_GBps is not None and any(
-            f in d.resident for d in state.devices if d.index != device)
-        gbps = max(link.d2d_GBps or 0.0, link.h2d(1)) if peer_held else link.h2d(1)
-        exec_ms = prof.exec_at(1)
-        slowed = exec_ms * link.exec_slowdown_copying
-
-        def run_ms(missing: float) -> float:
-            c = missing / (gbps * 1e6)
-            return max(c, slowed) + prof.swap_overhead_ms if c > 0 else exec_ms
-
-        penalty = run_ms(prof.nbytes) - run_ms(prof.nbytes * (1.0 - frac))
-        return max(penalty, 1e-6)  # keep the reuse order among models that are free to reload
 
     # --- bookkeeping helpers for the controller ----------------------------------------------------
 

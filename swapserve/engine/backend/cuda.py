@@ -185,8 +185,8 @@ class CudaBackend(Backend):
     def upload(self, x: torch.Tensor) -> torch.Tensor:
         """A request's input on the device. From registered host memory (a worker's IO slab) a kernel reads
         it over the bus instead of a copy engine copying it: the copy engines work through their queue in
-        order, so behind a swap's queued copies in another lane a 64 KiB-1.2 MiB input waited 7-8 ms on an
-        H200, where the kernel took 0.1-0.25 ms (bench/copy_queue.py). The bytes are the same either way."""
+        order, so behind a swap's queued copies in another lane a 64 KiB-1.2 MiB input waited 8-10 ms on an
+        H200, where the kernel took 0.25-0.4 ms (bench/copy_queue.py). The bytes are the same either way."""
         nbytes = x.numel() * x.element_size()
         if x.device.type != "cpu" or not x.is_contiguous() or nbytes <= INLINE_BYTES:
             return x.to(self.device)
@@ -201,7 +201,7 @@ class CudaBackend(Backend):
         out = torch.empty(x.shape, dtype=x.dtype, device=self.device)
         dt = next(dt for dt in (torch.int64, torch.int32, torch.int16, torch.uint8)
                   if not nbytes % dt.itemsize and not ptr % dt.itemsize)  # the widest words that fit
-        torch.bitwise_or(src.view(dt), 0, out=out.view(-1).view(torch.uint8).view(dt))  # a copy, bit for bit, by a kernel
+        torch.bitwise_or(src.view(dt), 0, out=out.view(-1).view(torch.uint8).view(dt))  # a bitwise copy, by a kernel
         return out
 
     def new_events(self, count: int) -> list[torch.cuda.Event]:
