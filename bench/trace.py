@@ -150,7 +150,7 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                 results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
                                 bool(params.get("swapped", False)), params.get("server_ms", -1.0),
                                 params.get("total_ms", -1.0), headers_ms, reason, params.get("dispatch_ms", -1.0),
-                                params.get("worker_ms", -1.0), params.get("lane", -1)))
+                                params.get("worker_ms", -1.0), params.get("lane", -1), params.get("phases_ms", {})))
 
             tasks = []
             t0 = start_at
@@ -341,7 +341,7 @@ def loop_lag(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
 
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
-              "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane")
+              "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -66,6 +66,14 @@ class RunInfo:
     bytes_copied: int = 0
     pages_taken: int = 0
     """Pages taken from other models."""
+    wait_ms: float = 0.0
+    """Waiting for the lane (a run before it) or for a graph capture to end."""
+    upload_ms: float = 0.0
+    """Putting the inputs on the device (queued there, not waited for)."""
+    place_ms: float = 0.0
+    """Pinning the model and its pages: evictions and remaps for a swap."""
+    device_ms: float = 0.0
+    """Launch to the copies and compute landing (waited for)."""
 
 
 @dataclass
@@ -250,6 +258,7 @@ class SwapEngine:
         not wholly resident raises :class:`NotResidentError`). Returns outputs on the device."""
         if not 0 <= lane < len(self.lanes):
             raise ValueError(f"lane {lane} does not exist on {self.config.device} ({len(self.lanes)} lanes)")
+        entered = time.perf_counter()
         ln = self.lanes[lane]
         with self._lock:
             m = self._get(name)
@@ -260,19 +269,25 @@ class SwapEngine:
         with ln.lock:
             try:
                 with self._gate.exclusive() if capture else self._gate.shared():
-                    return self._infer(m, inputs, batch, run_batch, ln, value, capture)
+                    return self._infer(m, inputs, batch, run_batch, ln, value, capture, entered)
             except _NeedsCapture:  # the host buffer moved (reloaded after a spill): capture the swap graph anew
                 with self._gate.exclusive():
-                    return self._infer(m, inputs, batch, run_batch, ln, value, True)
+                    return self._infer(m, inputs, batch, run_batch, ln, value, True, entered)
 
     def _infer(self, m: _Model, inputs: list[torch.Tensor], batch: int, run_batch: int, ln: _Lane,
-               value: Value | None, exclusive: bool) -> list[torch.Tensor]:
+               value: Value | None, exclusive: bool, entered: float) -> list[torch.Tensor]:
+        started = time.perf_counter()
         with self.backend.compute(ln.stream):
             inputs = [self.backend.upload(x) for x in inputs]
             if run_batch != batch:  # graphs exist per bucket (1, 2, 4, ...): pad up to it
                 inputs = [torch.cat([x, x.new_zeros((run_batch - batch, *x.shape[1:]))]) for x in inputs]
+            uploaded = time.perf_counter()
             with self._placed(m, value, lane=ln.index) as (host, plan):
+                placed = time.perf_counter()
                 outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive)
+        self._local.last_run = replace(self._local.last_run, wait_ms=(started - entered) * 1e3,
+                                       upload_ms=(uploaded - started) * 1e3, place_ms=(placed - uploaded) * 1e3,
+                                       device_ms=(time.perf_counter() - placed) * 1e3)
         if run_batch != batch:
             outs = [o[:batch] if spec.shape[:1] == (-1,) else o for o, spec in zip(outs, m.artifact.manifest.outputs)]
         return outs

@@ -67,6 +67,8 @@ class InferResult:
     plus the controller's loop getting to the reply."""
     lane: int = 0
     """The device lane the scheduler sent it to (1: the side lane, beside the first)."""
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    """Where the worker's run went (:attr:`swapserve.node.messages.RunResult.phases_ms`)."""
 
 
 @dataclass(frozen=True)

@@ -306,7 +306,7 @@ class Dispatcher:
                 if not p.future.done():
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
                                                     res.wall_ms, total, dispatch_ms=(fl.sent - fl.started) * 1e3,
-                                                    worker_ms=res.handled_ms, lane=lane))
+                                                    worker_ms=res.handled_ms, lane=lane, phases_ms=res.phases_ms))
             if fl.batch:  # a run, not a copy with no run (a prefetch or a piece of a swap)
                 self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
                 if res.swapped:

@@ -134,6 +134,9 @@ class RunResult:
     """Pages this run took from other models (evictions, partial or whole)."""
     handled_ms: float = 0.0
     """The worker's time for the command: message received to reply ready."""
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    """Where a run's ``wall_ms`` went: ``wait`` (for the lane or a capture), ``upload`` (inputs), ``place``
+    (pinning, evictions, remaps), ``device`` (launch to landed), ``output`` (into the IO slab)."""
 
 
 @dataclass(frozen=True)

@@ -231,11 +231,14 @@ class Worker:
         inputs = [self.slab.tensor(r) for r in msg.inputs]
         t0 = time.perf_counter()
         outs = self.engine.infer(msg.key, inputs, value=_value_of(msg.values), lane=lane)
+        t1 = time.perf_counter()
         with self.engine.backend.compute(self.engine.lanes[lane].stream):  # the lane's stream, not the device's
             refs = self.slab.write(outs, msg.out_offset, msg.out_limit)
-        wall = (time.perf_counter() - t0) * 1e3
+        t2 = time.perf_counter()
         run = self.engine.last_run()
-        return RunResult(refs, wall, run.swapped, run.bytes_copied, run.pages_taken)
+        phases = {"wait": run.wait_ms, "upload": run.upload_ms, "place": run.place_ms, "device": run.device_ms,
+                  "output": (t2 - t1) * 1e3}
+        return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases)
 
     def _residency_if_changed(self) -> Any:
         """The pool's residency, only when it changed since last sent (it grows with the models here)."""

@@ -105,6 +105,9 @@ def test_a_resident_model_runs_in_the_side_lane(server: Server, functions: Funct
     params = again.json()["parameters"]
     assert (params["lane"], params["swapped"]) == (1, False), params
     assert outputs_of(again.json())["y"].tolist() == outputs_of(first.json())["y"].tolist()
+    phases = params["phases_ms"]  # where the worker's run went, each part timed once
+    assert set(phases) == {"wait", "upload", "place", "device", "output"}, phases
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= params["compute_ms"] + 1e-3, phases
 
 
 def test_infer_json_nested_data_and_two_inputs(server: Server, functions: Functions):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -72,6 +73,20 @@ def test_prefetched_head_then_run(make_artifact, make_engine, device, mode):
     assert eng.residency("m") is Residency.PARTIAL
     assert eng.placement("m").valid == [True, False, False, False]
     assert same(eng.infer("m", x), ref)
+
+
+def test_last_run_says_where_a_run_went(make_artifact, make_engine):
+    art, _, x = make_artifact("mlp")
+    eng = make_engine("cpu", "eager")
+    eng.add("m", art)
+    t = time.perf_counter()
+    eng.infer("m", x)
+    wall = (time.perf_counter() - t) * 1e3
+    run = eng.last_run()
+    parts = (run.wait_ms, run.upload_ms, run.place_ms, run.device_ms)
+    assert run.swapped and all(p >= 0 for p in parts) and run.device_ms > 0 and sum(parts) <= wall
+    eng.infer("m", x)
+    assert not eng.last_run().swapped and eng.last_run().device_ms > 0
 
 
 def test_a_piece_of_a_swap_is_whole_pages_of_what_is_missing(make_artifact, make_engine):
