@@ -60,6 +60,8 @@ POLICIES = {  # name → (scheduler policy, engine mode)
     "dedicated": ("dedicated", "auto"),
 }
 MAX_BATCH = 4
+"""Each function's max batch size (its artifact exported with a dynamic batch up to it); every power of two
+up to it is a CUDA-graph bucket captured at start (two graphs each), which is most of the node's start."""
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,7 @@ def request_bodies(models: list[str]) -> dict[str, tuple[bytes, int]]:
 # --- deploying N functions -------------------------------------------------------------------------
 
 
-def build_functions(home: Path, cache: Path, fns: list[Fn]) -> None:
+def build_functions(home: Path, cache: Path, fns: list[Fn], max_batch: int = MAX_BATCH) -> None:
     """Register every function in a fresh registry (the node loads them all at start)."""
     import torch
 
@@ -235,13 +237,13 @@ def build_functions(home: Path, cache: Path, fns: list[Fn]) -> None:
             name = "input_ids" if z.input_kind == "tokens" else "image"
             print(f"  exporting {m} (fp16) ...", flush=True)
             build_artifact(z.build(torch.float16), z.example(1, torch.float16), cache / m, name=m,
-                           max_batch=MAX_BATCH, input_names=[name], output_names=["output"], overwrite=True)
+                           max_batch=max_batch, input_names=[name], output_names=["output"], overwrite=True)
     reg = Registry(home)
     try:
         for f in fns:
             art = load_artifact(cache / f.model)
             spec = FunctionSpec.from_dict({
-                "name": f.name, "model": {"artifact": "artifact"}, "slo_ms": f.slo_ms, "max_batch": MAX_BATCH,
+                "name": f.name, "model": {"artifact": "artifact"}, "slo_ms": f.slo_ms, "max_batch": max_batch,
                 "late_policy": "refuse", "max_queue": 256,
                 "inputs": [{"name": s.name, "datatype": _oip(s.dtype), "shape": list(s.shape)} for s in art.manifest.inputs],
                 "outputs": [{"name": s.name, "datatype": _oip(s.dtype), "shape": list(s.shape)} for s in art.manifest.outputs],
@@ -455,6 +457,8 @@ def main() -> None:
                                                         "OUT/trace_raw/<policy>_<N>.jsonl.gz")
     ap.add_argument("--no-prepare", action="store_true", help="capture graphs on first use, not at start")
     ap.add_argument("--lanes", type=int, choices=(1, 2), help="runs in flight per GPU (serve --lanes; default 2)")
+    ap.add_argument("--max-batch", type=int, default=MAX_BATCH, help="each function's max batch size; 1 captures "
+                    "a third of the graphs at start (development runs: a shorter node start, less batching)")
     ap.add_argument("--swap-piece-ms", type=float, help="serve --swap-piece-ms (default: the node's own; 0: off)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -467,12 +471,12 @@ def main() -> None:
     print("SLOs (ms):", {m: round(v, 1) for m, v in slo.items()}, flush=True)
     fns = make_functions(max(sweep), zoo_names, slo, args.seed)
     work = args.work or Path(tempfile.mkdtemp(prefix="swapserve-trace-"))
-    cache = work / "artifacts"
+    cache = work / "artifacts" / f"batch{args.max_batch}"
     bodies = request_bodies(sorted(set(zoo_names)))
     out_path = args.out / "trace.json"
     result = json.loads(out_path.read_text()) if out_path.exists() else {"policies": {}}
     result.update({"date": date.today().isoformat(), "slo_ms": slo, "slo_source": slo_source,
-                   "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": MAX_BATCH,
+                   "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": args.max_batch,
                    "client_processes": args.clients, "lanes": args.lanes or 2,
                    "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS})
     total_bytes = None
@@ -481,7 +485,7 @@ def main() -> None:
         home = work / f"home-{label}"
         shutil.rmtree(home, ignore_errors=True)
         print(f"[{label}] registering {len(fns)} functions ...", flush=True)
-        build_functions(home, cache, fns)
+        build_functions(home, cache, fns, args.max_batch)
         if total_bytes is None:
             total_bytes = sum((cache / f.model / "weights.safetensors").stat().st_size for f in fns)
             large = frozenset(m for m in zoo_names if output_bytes(cache, m) > 1 << 20)
