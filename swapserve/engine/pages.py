@@ -93,6 +93,9 @@ class PagePool:
     _free: set[int] = field(init=False)
     version: int = field(init=False, default=0)
     """Bumped whenever some model's valid pages change (reporters send residency only then)."""
+    holding: dict[str, None] = field(init=False, default_factory=dict)
+    """The models with at least one valid page, in the order they got there (an ordered set): what eviction
+    and residency reports look at, rather than every model ever registered (hundreds on a busy node)."""
 
     def __post_init__(self) -> None:
         self.owner = [None] * self.num_pages
@@ -159,6 +162,7 @@ class PagePool:
                 self.owner[pg] = None
                 self._free.add(pg)
             q.state = Residency.PARTIAL if q.valid_count else Residency.ABSENT
+            self._holds(q)
             taken.append((q.model, tuple(grab)))
             self.version += 1
         remaps = []
@@ -188,8 +192,7 @@ class PagePool:
         the model's own slots already map: those need no remap)."""
         p = self.placements[model]
         wanted = {p.slots[i] for i in rest} - {None}
-        victims = sorted((q for q in self.placements.values() if q.model != model and not q.pins and q.valid_count),
-                         key=value)
+        victims = sorted((q for m in self.holding if m != model and not (q := self.placements[m]).pins), key=value)
         plan: list[tuple[Placement, list[int]]] = []
         short = deficit
         for q in victims:
@@ -200,7 +203,7 @@ class PagePool:
             short -= len(grab)
             if short <= 0:
                 return plan
-        busy = sum(q.valid_count for q in self.placements.values() if q.pins and q.model != model)
+        busy = sum(q.valid_count for m in self.holding if m != model and (q := self.placements[m]).pins)
         raise PoolBusyError(f"cannot place {model!r} now: it needs {deficit} more pages and {busy} pages are held by "
                             "models in use; retry when they finish")
 
@@ -215,6 +218,7 @@ class PagePool:
             self.version += 1
         p.state = Residency.RESIDENT if p.valid_count == p.n_slots else (
             Residency.PARTIAL if p.valid_count else Residency.ABSENT)
+        self._holds(p)
 
     def release(self, model: str) -> None:
         """End of an in-flight use (after :meth:`acquire`, once the device is done with it)."""
@@ -249,7 +253,15 @@ class PagePool:
                 n += p.valid[i]
             p.valid[i] = False
         p.state = Residency.ABSENT
+        self._holds(p)
         return n
+
+    def _holds(self, p: Placement) -> None:
+        """Keep :attr:`holding` current after ``p``'s valid pages changed."""
+        if p.valid_count:
+            self.holding.setdefault(p.model)
+        else:
+            self.holding.pop(p.model, None)
 
     # --- accounting ---------------------------------------------------------------------------
 
@@ -265,6 +277,7 @@ class PagePool:
                     pg = p.slots[i]
                     assert pg is not None and self.owner[pg] == (model, i), (model, i)
         assert self._free == {pg for pg, o in enumerate(self.owner) if o is None}
+        assert set(self.holding) == {m for m, p in self.placements.items() if p.valid_count}, self.holding
         for pg, o in enumerate(self.owner):
             if o is not None:
                 m, i = o

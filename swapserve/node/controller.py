@@ -137,13 +137,15 @@ class Node:
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}
         self._models: dict[str, _Model] = {}
+        self._entities: dict[str, str] = {}
+        """The serving models' entity names by host-store key (what workers report residency by)."""
         """Every scheduler entity that serves, by entity name."""
         self._retired: set[str] = set()
         """Model versions to remove from the workers and the host store once their last run ends."""
         self._ready = False
         self._live = True
-        self.dispatch = Dispatcher(self.state, self.scheduler, self._workers, self.store, self._models, self.metrics,
-                                   clock, cfg.spin_s, self._released, len(cfg.devices), cfg.lanes)
+        self.dispatch = Dispatcher(self.state, self.scheduler, self._workers, self.store, self._models,
+                                   self._entities, self.metrics, clock, cfg.spin_s, self._released, len(cfg.devices), cfg.lanes)
         # The zygote starts with the first handler (a node without handlers never imports torch twice).
         self.sandboxes = SandboxManager(self._call_model, replace(cfg.sandbox, deny_paths=(
             cfg.home.resolve(), self.shm_root, *cfg.sandbox.deny_paths)), clock=clock,
@@ -362,7 +364,10 @@ class Node:
     def _add_entity(self, spec: FunctionSpec, m: _Model) -> None:
         """Queue, profile and residency of one model entity, with the function's SLO and batching."""
         name, nbytes = m.entity, m.artifact.manifest.nbytes
+        if (old := self._models.get(name)) is not None:
+            self._entities.pop(old.key, None)
         self._models[name] = m
+        self._entities[m.key] = name
         q = self.state.queues.get(name)
         if q is None:
             self.state.queues[name] = FunctionQueue(name, spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy)
@@ -381,7 +386,8 @@ class Node:
         self.state.queues.pop(name, None)
         self.state.dedicated.pop(name, None)
         self.state.profiles.pop(name, None)
-        self._models.pop(name, None)
+        if (m := self._models.pop(name, None)) is not None:
+            self._entities.pop(m.key, None)
         if "/" in name:  # a handler's model: its series are not the function's (the gateway forgets those)
             self.metrics.forget_function(name)
 
@@ -515,7 +521,7 @@ class Node:
     # --- status -------------------------------------------------------------------------------
 
     def status(self) -> NodeStatus:
-        by_key = {m.key: name for name, m in self._models.items()}
+        by_key = self._entities
         devices = []
         for w in self._workers:
             r = w.residency

@@ -74,9 +74,11 @@ class _InFlight:
 
 class Dispatcher:
     def __init__(self, state: NodeState, scheduler: Scheduler, workers: list[wk.WorkerHandle], store: HostStore,
-                 models: Mapping[str, Served], metrics: Metrics, clock: Callable[[], float], spin_s: float,
-                 on_released: Callable[[str], None], devices: int, lanes: int = 1):
-        """``workers`` and ``models`` (serving entities by name) are the node's own, read as they change;
+                 models: Mapping[str, Served], entities: Mapping[str, str], metrics: Metrics,
+                 clock: Callable[[], float], spin_s: float, on_released: Callable[[str], None], devices: int,
+                 lanes: int = 1):
+        """``workers``, ``models`` (serving entities by name) and ``entities`` (their names by model key) are
+        the node's own, read as they change;
         ``on_released(key)`` is called when the last run using a model version's key ends; ``lanes`` is the
         workers' lanes per device (each with its region of the worker's IO slab)."""
         self.state = state
@@ -84,6 +86,7 @@ class Dispatcher:
         self._workers = workers
         self.store = store
         self._models = models
+        self._entities = entities
         self.metrics = metrics
         self.clock = clock
         self._spin_s = spin_s
@@ -348,8 +351,7 @@ class Dispatcher:
 
     def refresh_residency(self, everything: bool = False) -> None:
         """Copy what workers reported into the scheduler's view (only where it changed, unless asked)."""
-        by_key = {m.key: name for name, m in self._models.items()} if everything or any(
-            w.residency_changed for w in self._workers) else {}
+        by_key = self._entities
         for w, dev in zip(self._workers, self.state.devices):
             if w.residency is None or not (everything or w.residency_changed):
                 continue

@@ -253,7 +253,7 @@ class Worker:
 
         with self.engine.locked():
             pool = self.engine.pool
-            present = {p.model: p.valid_count / p.n_slots for p in pool.placements.values() if p.valid_count}
+            present = {m: (p := pool.placements[m]).valid_count / p.n_slots for m in pool.holding}
             return Residency(present, pool.num_pages * pool.page_bytes,
                              (pool.num_pages - pool.free_pages) * pool.page_bytes)
 
