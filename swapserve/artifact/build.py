@@ -64,9 +64,8 @@ def build_artifact(
     weights, order, aliases = _weights_in_first_use_order(ep)
     user_inputs = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
     in_names = list(input_names) if input_names else [s.arg.name for s in user_inputs]
-    inputs = tuple(
-        TensorSpec(n, dtype_name(x.dtype), _batch_shape(x.shape, max_batch > 1)) for n, x in zip(in_names, examples)
-    )
+    inputs = tuple(TensorSpec(n, dtype_name(x.dtype), _batch_shape(x.shape, max_batch > 1), bound)
+                   for n, x, bound in zip(in_names, examples, _index_bounds(module, examples)))
     outputs = _output_specs(ep, name, output_names, max_batch > 1)
     manifest = Manifest(
         name=name,
@@ -125,7 +124,8 @@ def build_architecture_artifact(
     manifest = Manifest(
         name=name,
         kind="architecture",
-        inputs=tuple(TensorSpec(n, dtype_name(x.dtype), _batch_shape(x.shape, dyn)) for n, x in zip(in_names, examples)),
+        inputs=tuple(TensorSpec(n, dtype_name(x.dtype), _batch_shape(x.shape, dyn), bound)
+                     for n, x, bound in zip(in_names, examples, _index_bounds(module, examples))),
         outputs=tuple(TensorSpec(n, dtype_name(o.dtype), _batch_shape(o.shape, dyn)) for n, o in zip(out_names, outs)),
         weights=tuple(WeightSpec(n, dtype_name(state[n].dtype), tuple(state[n].shape)) for n in order),
         aliases=aliases,
@@ -283,6 +283,36 @@ def _module_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         tensors[n] = b.detach()
     _, unique, aliases = _dedup(tensors, list(tensors))
     return {n: tensors[n] for n in unique}, aliases
+
+
+def _index_bounds(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> list[int | None]:
+    """Per example input, the rows of the smallest table it indexes directly — an ``nn.Embedding`` or
+    ``nn.EmbeddingBag`` given that input or a view of it — seen with forward pre-hooks on one run; None
+    where it indexes none (floating-point inputs, or integer ones the model uses otherwise)."""
+    tables = [m for m in module.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)]
+    ints = [i for i, x in enumerate(examples) if not x.is_floating_point() and x.dtype != torch.bool and x.numel()]
+    bounds: list[int | None] = [None] * len(examples)
+    if not tables or not ints:
+        return bounds
+    storages = {i: examples[i].untyped_storage().data_ptr() for i in ints}
+
+    def hook(m: nn.Module, args: Any) -> None:
+        idx = args[0] if args else None
+        if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or not idx.numel():
+            return
+        for i, ptr in storages.items():
+            if idx.untyped_storage().data_ptr() == ptr:
+                rows = int(m.num_embeddings)
+                bounds[i] = rows if bounds[i] is None else min(bounds[i], rows)  # type: ignore[type-var]
+
+    hooks = [m.register_forward_pre_hook(hook) for m in tables]
+    try:
+        with torch.no_grad():
+            module(*examples)
+    finally:
+        for h in hooks:
+            h.remove()
+    return bounds
 
 
 def _module_first_use(module: nn.Module, examples: tuple[torch.Tensor, ...], state: dict[str, torch.Tensor],

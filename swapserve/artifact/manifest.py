@@ -70,6 +70,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+def _bound(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ArtifactError(f"index_bound must be a positive integer, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A model input or output. ``-1`` in ``shape`` is the batch dimension when it is dynamic."""
@@ -77,12 +85,27 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    index_bound: int | None = None
+    """An integer input that indexes a table (token ids into an embedding): its values must lie in
+    ``[0, index_bound)``. Found at build time; None where the input indexes no table the build saw. Out of
+    range, such an index fails the request on a CPU but trips a device-side assert on a GPU, which leaves
+    the worker's CUDA context unusable for every model on that GPU; so inputs are checked before they run."""
 
     def nbytes(self, batch: int = 1) -> int:
         n = 1
         for d in self.shape:
             n *= batch if d == -1 else d
         return n * itemsize(self.dtype)
+
+    def index_error(self, x: torch.Tensor) -> str | None:
+        """Why ``x`` cannot be this input's indices (a value outside ``[0, index_bound)``), or None."""
+        if self.index_bound is None or not x.numel():
+            return None
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= self.index_bound:
+            return (f"values must lie in [0, {self.index_bound}) (it indexes a table of {self.index_bound} rows), "
+                    f"got {lo} to {hi}")
+        return None
 
 
 @dataclass(frozen=True)
@@ -145,7 +168,8 @@ class Manifest:
             m = cls(
                 name=str(body["name"]),
                 kind=body["kind"],
-                inputs=tuple(TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in body["inputs"]),
+                inputs=tuple(TensorSpec(s["name"], s["dtype"], tuple(s["shape"]), _bound(s.get("index_bound")))
+                             for s in body["inputs"]),
                 outputs=tuple(TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in body["outputs"]),
                 weights=tuple(WeightSpec(w["name"], w["dtype"], tuple(w["shape"])) for w in body["weights"]),
                 aliases=dict(body.get("aliases") or {}),

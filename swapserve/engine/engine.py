@@ -460,6 +460,8 @@ class SwapEngine:
                 raise InvalidInputError(f"input {spec.name!r} of {m.name} must have shape "
                                         f"{_shape_text(spec.shape)} (batch ≤ {m.artifact.manifest.max_batch}), "
                                         f"got {list(shape)}")
+            if (why := spec.index_error(x)) is not None:  # on a GPU a device-side assert would end the context
+                raise InvalidInputError(f"input {spec.name!r} of {m.name}: {why}")
             out.append(x)
         return out, batch or (int(inputs[0].shape[0]) if inputs[0].dim() else 1)
 

@@ -145,7 +145,8 @@ class Node:
         self._ready = False
         self._live = True
         self.dispatch = Dispatcher(self.state, self.scheduler, self._workers, self.store, self._models,
-                                   self._entities, self.metrics, clock, cfg.spin_s, self._released, len(cfg.devices), cfg.lanes)
+                                   self._entities, self.metrics, clock, cfg.spin_s, self._released,
+                                   len(cfg.devices), cfg.lanes)
         # The zygote starts with the first handler (a node without handlers never imports torch twice).
         self.sandboxes = SandboxManager(self._call_model, replace(cfg.sandbox, deny_paths=(
             cfg.home.resolve(), self.shm_root, *cfg.sandbox.deny_paths)), clock=clock,
@@ -512,6 +513,9 @@ class Node:
             raise UnavailableError(f"function {function!r} no longer serves model {model!r}")
         manifest = m.artifact.manifest
         tensors = [inputs[t.name] for t in manifest.inputs]
+        for t, x in zip(manifest.inputs, tensors):
+            if (why := t.index_error(x)) is not None:
+                raise InvalidInputError(f"model {model!r} input {t.name!r}: {why}")
         items = tensors[0].shape[0] if manifest.dynamic_batch else 1
         return (await self.dispatch.run(m.entity, tensors, items, self.clock(), deadline, None)).outputs
 
@@ -600,6 +604,8 @@ def _check_inputs(fspec: FunctionSpec, manifest: Any, inputs: dict[str, torch.Te
         if not ok:
             raise InvalidInputError(f"input {d.name!r} must have shape {list(d.shape)} (-1: batch of 1 to "
                                     f"{fspec.max_batch}, the same for every input), got {list(shape)}")
+        if (why := spec.index_error(x)) is not None:  # refused here, alone, not in a batch at the worker
+            raise InvalidInputError(f"input {d.name!r}: {why}")
         out.append(x.contiguous())
     return out, batch or 1
 

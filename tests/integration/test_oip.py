@@ -110,6 +110,16 @@ def test_a_resident_model_runs_in_the_side_lane(server: Server, functions: Funct
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= params["compute_ms"] + 1e-3, phases
 
 
+def test_token_ids_past_the_table_are_a_400_and_the_function_goes_on(server: Server, functions: Functions):
+    """The pair model looks its ids up in a 10-row embedding: an id of 10 would index past it (on a GPU, a
+    device-side assert that ends the worker's CUDA context for every model there)."""
+    x = torch.randn(1, 8)
+    r = infer_json(server, "pair", {"x": x, "ids": torch.tensor([[1, 10, 2]])})
+    assert r.status == 400 and "[0, 10)" in r.error(400), r.body
+    ok = infer_json(server, "pair", {"x": x, "ids": torch.tensor([[1, 9, 2]])})
+    assert ok.status == 200, ok.body
+
+
 def test_infer_json_nested_data_and_two_inputs(server: Server, functions: Functions):
     x, ids = torch.randn(2, 8), torch.randint(0, 10, (2, 3))
     doc = {"inputs": [{"name": "ids", "shape": [2, 3], "datatype": "INT64", "data": ids.tolist()},  # nested

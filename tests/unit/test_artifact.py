@@ -432,3 +432,32 @@ def test_fallback_runs_on_the_engine_like_the_module(bert_tiny, make_engine):
     eng.evict("bert")
     again = eng.infer("bert", x)
     assert eng.stats.swaps == 2 and torch.equal(again[0], warm[0])
+
+
+def test_inputs_that_index_a_table_carry_its_size_and_out_of_range_values_are_named(tmp_path):
+    from torch import nn
+
+    from swapserve.artifact import build_artifact, load_artifact, zoo
+    from swapserve.artifact.build import build_architecture_artifact
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+            self.emb = nn.Embedding(10, 4)
+            self.small = nn.Embedding(7, 4)
+
+        def forward(self, x, ids, flags):
+            return torch.relu(self.fc(x)) + self.emb(ids).sum(1) + self.small(ids.view(-1)).sum(0) + flags.sum()
+
+    examples = (torch.randn(1, 8), torch.randint(0, 7, (1, 3)), torch.ones(1, 2, dtype=torch.int64))
+    build_artifact(Pair().eval(), examples, tmp_path / "p", name="p", max_batch=4)
+    x, ids, flags = load_artifact(tmp_path / "p").manifest.inputs  # bounds survive the manifest's round trip
+    assert (x.index_bound, ids.index_bound, flags.index_bound) == (None, 7, None)  # the smaller table; a plain int
+    assert ids.index_error(torch.tensor([[0, 6, 3]])) is None
+    assert "[0, 7)" in ids.index_error(torch.tensor([[0, 7, 3]])) and "got -1 to 3" in ids.index_error(
+        torch.tensor([[-1, 2, 3]]))
+    z = zoo.get("bert-tiny")  # the fallback path: a known architecture, its vocabulary as the bound
+    m = build_architecture_artifact(z.build(torch.float32), z.example(1, torch.float32), tmp_path / "b", name="b",
+                                    architecture=z.architecture, config=z.config)
+    assert m.inputs[0].index_bound == 30522

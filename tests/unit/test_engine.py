@@ -75,6 +75,19 @@ def test_prefetched_head_then_run(make_artifact, make_engine, device, mode):
     assert same(eng.infer("m", x), ref)
 
 
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_token_ids_past_the_vocabulary_are_refused_before_they_run(make_artifact, make_engine, device, mode):
+    art, _, (ids,) = make_artifact("tied")
+    assert art.manifest.inputs[0].index_bound == 4096
+    eng = make_engine(device, mode, pool_mib=64)
+    eng.add("m", art)
+    ref = eng.infer("m", (ids,))
+    for bad in (4096, -1):
+        with pytest.raises(InvalidInputError, match=r"\[0, 4096\)"):
+            eng.infer("m", (torch.full_like(ids, bad),))
+    assert same(eng.infer("m", (ids,)), ref)  # and the device goes on serving
+
+
 def test_last_run_says_where_a_run_went(make_artifact, make_engine):
     art, _, x = make_artifact("mlp")
     eng = make_engine("cpu", "eager")
