@@ -43,6 +43,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,6 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from node_harness import Server  # noqa: E402
+
+if TYPE_CHECKING:
+    import aiohttp
 
 from swapserve.scheduler.core import SWAP_PIECE_MS  # noqa: E402
 
@@ -121,6 +125,20 @@ def _reason(body: bytes) -> str:
     return re.sub(r"\d+(\.\d+)?", "#", re.sub(r"'[^']*'", "'…'", message))[:120]
 
 
+async def _head_of_body(r: aiohttp.ClientResponse) -> bytes:
+    """Receive a whole response body, keeping only its JSON head (``Inference-Header-Content-Length``
+    bytes; the whole body if there is no binary part): the latency is until the last byte arrives, and
+    joining GPT-2's 12.9 MB of logits into one bytes object is the client's work, not the server's (on
+    the 2-core CI box 4.7 ms with ``read()`` against 3.5 ms received chunk by chunk)."""
+    want = r.headers.get("Inference-Header-Content-Length")
+    want = int(want) if want else None
+    head = bytearray()
+    async for chunk in r.content.iter_any():
+        if want is None or len(head) < want:
+            head += chunk if want is None else chunk[:want - len(head)]
+    return bytes(head)
+
+
 def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: dict[str, tuple[bytes, int]],
             models: list[str], start_at: float, q: mp.Queue) -> None:
     import aiohttp
@@ -142,8 +160,8 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                                       headers={"Inference-Header-Content-Length": str(hlen),
                                                "Content-Type": "application/octet-stream"}) as r:
                         headers_ms = (time.perf_counter() - sent) * 1e3  # the response's head arrived
-                        data = await r.read()
                         status = r.status
+                        data = await r.read() if status != 200 else await _head_of_body(r)
                     ms = (time.perf_counter() - sent) * 1e3
                     params = _parameters(data, r.headers.get("Inference-Header-Content-Length")) if status == 200 else {}
                     reason = "" if status == 200 else _reason(data)
