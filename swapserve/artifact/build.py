@@ -305,14 +305,18 @@ def _index_bounds(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> list
                 rows = int(m.num_embeddings)
                 bounds[i] = rows if bounds[i] is None else min(bounds[i], rows)  # type: ignore[type-var]
 
-    hooks = [m.register_forward_pre_hook(hook) for m in tables]
+    _run_hooked(module, examples, [m.register_forward_pre_hook(hook) for m in tables])
+    return bounds
+
+
+def _run_hooked(module: nn.Module, examples: tuple[torch.Tensor, ...], hooks: list[Any]) -> None:
+    """One run of ``module`` on ``examples`` with ``hooks`` in place; they are removed whatever happens."""
     try:
         with torch.no_grad():
             module(*examples)
     finally:
         for h in hooks:
             h.remove()
-    return bounds
 
 
 def _module_first_use(module: nn.Module, examples: tuple[torch.Tensor, ...], state: dict[str, torch.Tensor],
@@ -333,12 +337,7 @@ def _module_first_use(module: nn.Module, examples: tuple[torch.Tensor, ...], sta
                     order.append(n)
 
         hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            module(*examples)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(module, examples, hooks)
     return order + [n for n in state if n not in order]
 
 
