@@ -7,7 +7,7 @@
 # BASELINE_SWEEP (default: SWAPSERVE_SWEEP) for fifo_lru and dedicated; DURATION, WARMUP in seconds per point;
 # OVERHEAD=0 skips bench/overhead.py; LANES=1 runs every trace with one lane per GPU (serve --lanes 1);
 # PIECE_MS sets serve --swap-piece-ms (0: swaps in one go); MAX_BATCH=1 (development runs) captures a third
-# of the graphs at start.
+# of the graphs at start; REPEATS=3 replays each point three times (the point: the median run).
 # SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
 # trace.py measures them first. Sweeps default to one GPU's (100..400 swapserve-style; 25..200 on-demand).
 set -u
@@ -48,6 +48,7 @@ LANE_ARGS=()
 [ -n "${LANES:-}" ] && LANE_ARGS+=(--lanes "$LANES")
 [ -n "${PIECE_MS:-}" ] && LANE_ARGS+=(--swap-piece-ms "$PIECE_MS")
 [ -n "${MAX_BATCH:-}" ] && LANE_ARGS+=(--max-batch "$MAX_BATCH")
+[ -n "${REPEATS:-}" ] && LANE_ARGS+=(--repeats "$REPEATS")
 step "trace swapserve $SWEEP"
 python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"
 SLO=(--slo-from "$R/trace.json")  # the table the first run used (measured there if no file had it)

@@ -20,15 +20,22 @@ def table(r: dict) -> str:
     for label, p in r["policies"].items():
         for pt in p["sweep"]:
             fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
-            lines.append(f"| {label} | {pt['n']} | {pt['attainment']:.3f} | {fmt(pt['p50_ms'])} | {fmt(pt['p99_ms'])} "
+            lines.append(f"| {label} | {pt['n']} | {_attainment(pt)} | {fmt(pt['p50_ms'])} | {fmt(pt['p99_ms'])} "
                          f"| {pt['throughput_rps']:.1f} | {pt['swaps_per_s']:.1f} | {pt['busy_fraction']:.2f} "
                          f"| {_lag(pt.get('loop_lag'))} | {pt['requests']} | {pt['status_codes']} |")
+    if any("attainment_runs" in pt for p in r["policies"].values() for pt in p["sweep"]):
+        lines += ["", "Replayed points: the run of median attainment, every run's in brackets (same trace, same node)."]
     lines += ["", "max_functions (largest N with ≥ 98 % attainment): "
               + ", ".join(f"{k} {v['max_functions']}" for k, v in r["policies"].items())]
     lines += ["", "loop late: share of the node's 10 ms event-loop probe ticks that ran over 2.5 ms late (CPU work or "
               "collection pauses holding the gateway and controller; '-' where the run predates the probe)."]
     lines += breakdown_table(r)
     return "\n".join(lines) + "\n"
+
+
+def _attainment(pt: dict) -> str:
+    runs = pt.get("attainment_runs")
+    return f"{pt['attainment']:.3f}" + (f" ({', '.join(f'{a:.3f}' for a in runs)})" if runs else "")
 
 
 def _lag(lag: dict | None) -> str:

@@ -190,6 +190,16 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
         q.put(asyncio.run(main()))
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One point from replays of it: the run of median attainment (the lower of the middle two), with every
+    run's attainment in ``attainment_runs`` when there was more than one."""
+    ranked = sorted(runs, key=lambda r: r["attainment"])
+    point = dict(ranked[(len(ranked) - 1) // 2])
+    if len(runs) > 1:
+        point["attainment_runs"] = [r["attainment"] for r in runs]
+    return point
+
+
 def client_of(large: list[bool], clients: int) -> list[int]:
     """The client process of each function. Functions whose responses are large (GPT-2's 12.9 MB of logits)
     get a quarter of the processes to themselves, the rest share the others round-robin: a client's loop
@@ -475,6 +485,9 @@ def main() -> None:
                                                         "OUT/trace_raw/<policy>_<N>.jsonl.gz")
     ap.add_argument("--no-prepare", action="store_true", help="capture graphs on first use, not at start")
     ap.add_argument("--lanes", type=int, choices=(1, 2), help="runs in flight per GPU (serve --lanes; default 2)")
+    ap.add_argument("--repeats", type=int, default=1, help="replays of each point on the same node; the point "
+                    "is the run of median attainment, every run's attainment listed (the spread: with a few "
+                    "requests per function, P98 is the worst one)")
     ap.add_argument("--max-batch", type=int, default=MAX_BATCH, help="each function's max batch size; 1 captures "
                     "a third of the graphs at start (development runs: a shorter node start, less batching)")
     ap.add_argument("--swap-piece-ms", type=float, help="serve --swap-piece-ms (default: the node's own; 0: off)")
@@ -527,8 +540,13 @@ def main() -> None:
             result["link_profile"] = {k: v for k, v in (st.get("extra") or {}).items() if not k.startswith("busy_")}
             points = []
             for n in sweep:
-                raw = args.out / "trace_raw" / f"{label}_{n}.jsonl.gz" if args.raw else None
-                pt = run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw, args.clients, large)
+                runs = []
+                for k in range(args.repeats):
+                    tag = f"{label}_{n}" + (f"_r{k}" if args.repeats > 1 else "")
+                    raw = args.out / "trace_raw" / f"{tag}.jsonl.gz" if args.raw else None
+                    runs.append(run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw,
+                                          args.clients, large))
+                pt = median_run(runs)
                 points.append(pt)
                 print(f"[{label}] N={n}: attainment {pt['attainment']:.3f}, p50 {pt['p50_ms']} ms, p99 {pt['p99_ms']} "
                       f"ms, {pt['throughput_rps']:.1f} req/s, {pt['swaps_per_s']:.1f} swaps/s, busy "

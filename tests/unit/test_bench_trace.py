@@ -71,3 +71,11 @@ def test_large_responses_get_client_processes_of_their_own(trace_module):
     assert {owner[i] for i in range(40) if not large[i]} == set(range(2, 8))
     assert trace_module.client_of(large, 1) == [0] * 40
     assert trace_module.client_of([False] * 5, 4) == [0, 1, 2, 3, 0]
+
+
+def test_a_point_replayed_is_its_median_run_with_every_attainment(trace_module):
+    runs = [{"attainment": a, "p50_ms": i} for i, a in enumerate((0.5, 0.3, 0.4, 0.6))]
+    point = trace_module.median_run(runs)
+    assert (point["attainment"], point["p50_ms"]) == (0.4, 2)  # the lower middle, all of its numbers
+    assert point["attainment_runs"] == [0.5, 0.3, 0.4, 0.6]
+    assert "attainment_runs" not in trace_module.median_run(runs[:1])
