@@ -290,7 +290,8 @@ class Scheduler:
                 dispatches.append(Dispatch(best.device, name, (), best.source, piece_ms, copy_ms=piece_ms,
                                            values=values[best.device], piece_bytes=piece))
                 free.discard(best.device)
-                view.commit(Estimate(best.device, best.source, None, best.start, piece_ms, piece_ms), name, whole=False)
+                view.commit(Estimate(best.device, best.source, None, best.start, piece_ms, piece_ms), name,
+                            whole=False)
                 continue  # its requests stay queued: the decision after the piece places them (or another piece)
             ids = tuple(r.id for r in batch)
             if best.lane:
@@ -460,7 +461,8 @@ class Scheduler:
         # figures and which models a peer holds whole.
         link = state.link
         h2d, d2d, slowdown = link.h2d(1), link.d2d_GBps, link.exec_slowdown_copying
-        peer_held = set().union(*(d.resident for d in state.devices if d.index != device)) if d2d is not None else set()
+        peer_held = (set().union(*(d.resident for d in state.devices if d.index != device)) if d2d is not None
+                     else set())
         out: dict[str, float] = {}
         for f in sorted(names):
             fq = state.queues.get(f)
