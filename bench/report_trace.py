@@ -30,6 +30,7 @@ def table(r: dict) -> str:
     lines += ["", "loop late: share of the node's 10 ms event-loop probe ticks that ran over 2.5 ms late (CPU work or "
               "collection pauses holding the gateway and controller; '-' where the run predates the probe)."]
     lines += breakdown_table(r)
+    lines += phases_table(r)
     return "\n".join(lines) + "\n"
 
 
@@ -63,6 +64,27 @@ def breakdown_table(r: dict) -> list[str]:
             lines.append(f"| {label} | {pt['n']} | {model} | {fmt(slo) if slo else '-'} | {b.get('requests', '-')} | "
                          + " | ".join(fmt(b.get(k)) for k in keys) + f" | {b.get('swapped_fraction', 0):.2f} |")
     return lines
+
+
+def phases_table(r: dict) -> list[str]:
+    """Where the worker's runs went (medians of each run's phases), per model, resident and swapped, at each
+    policy's largest N (points measured before runs reported phases have none)."""
+    keys = ("wait", "upload", "place", "device", "output")
+    lines = []
+    for label, p in r["policies"].items():
+        pt = p["sweep"][-1]
+        for model, kinds in (pt.get("phases_by_model") or {}).items():
+            for kind, b in kinds.items():
+                if b:
+                    lines.append(f"| {label} | {pt['n']} | {model} | {kind} | {b['runs']} | "
+                                 + " | ".join(f"{b[k]:.2f}" for k in keys) + " |")
+    if not lines:
+        return []
+    return ["", "Where the worker's runs went (medians, ms) at each policy's largest N: waiting for the lane or a "
+            "capture, putting inputs up, pinning and pages (evictions, remaps), the device (launch to landed), "
+            "writing outputs to the IO slab.", "",
+            "| policy | N | model | run | runs | " + " | ".join(keys) + " |", "|---|---:|---|---|---:|" + "---:|" * len(keys),
+            *lines]
 
 
 def plots(r: dict, out: Path) -> None:

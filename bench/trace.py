@@ -441,6 +441,9 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
                                for m in sorted({f.model for f in fns})},
         "misses_by_model": {m: sum(1 for i, xs in lat.items() if fns[i].model == m and p98(xs) > fns[i].slo_ms)
                             for m in sorted({f.model for f in fns})},
+        "phases_by_model": {m: {kind: phases([r for r in done if fns[r[0]].model == m and r[6] == swapped])
+                                for kind, swapped in (("resident", False), ("swapped", True))}
+                            for m in sorted({f.model for f in fns})},
     }
 
 
@@ -455,6 +458,18 @@ def breakdown(rows: list[tuple]) -> dict | None:
     return {"requests": len(rows), "latency_ms": med(2), "headers_ms": med(9), "server_ms": med(7),
             "node_ms": med(8), "queue_ms": med(4), "dispatch_ms": med(11), "worker_ms": med(12),
             "compute_ms": med(5), "swapped_fraction": sum(r[6] for r in rows) / len(rows)}
+
+
+PHASES = ("wait", "upload", "place", "device", "output")
+
+
+def phases(rows: list[tuple]) -> dict | None:
+    """Medians of where the worker's runs went (``phases_ms`` of each response: waiting for the lane or a
+    capture, putting inputs up, pinning and pages, the device, writing outputs)."""
+    with_phases = [r[14] for r in rows if r[14]]
+    if not with_phases:
+        return None
+    return {"runs": len(with_phases), **{k: float(np.median([p.get(k, 0.0) for p in with_phases])) for k in PHASES}}
 
 
 def srv_devices(srv: Server) -> int:

@@ -79,3 +79,13 @@ def test_a_point_replayed_is_its_median_run_with_every_attainment(trace_module):
     assert (point["attainment"], point["p50_ms"]) == (0.4, 2)  # the lower middle, all of its numbers
     assert point["attainment_runs"] == [0.5, 0.3, 0.4, 0.6]
     assert "attainment_runs" not in trace_module.median_run(runs[:1])
+
+
+def test_phase_medians_of_the_runs_that_reported_them(trace_module):
+    def row(phases: dict) -> tuple:
+        return (0, 0.0, 5.0, 200, 0.1, 4.0, False, 4.5, 4.4, 4.9, "", 0.2, 4.1, 1, phases)
+
+    rows = [row({"wait": 0.0, "upload": 0.1, "place": 0.2, "device": d, "output": 0.3}) for d in (1.0, 2.0, 9.0)]
+    got = trace_module.phases(rows + [row({})])  # a run without phases (an older node) does not count
+    assert got == {"runs": 3, "wait": 0.0, "upload": 0.1, "place": 0.2, "device": 2.0, "output": 0.3}
+    assert trace_module.phases([row({})]) is None
