@@ -134,8 +134,10 @@ async def _head_of_body(r: aiohttp.ClientResponse) -> bytes:
     want = int(want) if want else None
     head = bytearray()
     async for chunk in r.content.iter_any():
-        if want is None or len(head) < want:
-            head += chunk if want is None else chunk[:want - len(head)]
+        if want is None:
+            head += chunk
+        elif len(head) < want:
+            head += chunk[:want - len(head)]
     return bytes(head)
 
 

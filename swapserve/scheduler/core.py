@@ -322,7 +322,7 @@ class Scheduler:
         extra = math.ceil(best.copy_ms / piece_ms) - 1
         if best.finish + (extra * PIECE_COST_MS + 2 * piece_ms) / 1000.0 > deadline:
             return 0
-        missing = prof.nbytes * (1.0 - min(max(view.partial[best.device].get(function, 0.0), 0.0), 1.0))
+        missing = prof.nbytes * (1.0 - view.partial_fraction(function, best.device))
         return max(1, int(missing * piece_ms / best.copy_ms))
 
     def prefetch(self, state: NodeState, function: str, now: float) -> Dispatch | None:

@@ -139,6 +139,10 @@ class View:
             return True
         return self.incoming[device] == function and at >= self.free_at[device]
 
+    def partial_fraction(self, function: str, device: int) -> float:
+        """The share of a partly resident model's bytes on ``device`` (0 for none), in [0, 1]."""
+        return min(max(self.partial[device].get(function, 0.0), 0.0), 1.0)
+
     def fits(self, prof: ModelProfile, device: int) -> bool:
         return prof.nbytes <= self.pool[device]
 
@@ -177,7 +181,7 @@ class View:
         exec_ms = prof.exec_at(items)
         if self.holds(function, device, start):
             return Estimate(device, "resident", None, start, 0.0, exec_ms)
-        frac = min(max(self.partial[device].get(function, 0.0), 0.0), 1.0)
+        frac = self.partial_fraction(function, device)
         missing = prof.nbytes * (1.0 - frac)
         source: Source = "partial" if frac > 0.0 else "host"
         peer = None
@@ -243,7 +247,7 @@ class View:
         for d in range(self.n):
             if not self.fits(prof, d):
                 continue
-            frac = min(max(self.partial[d].get(function, 0.0), 0.0), 1.0)
+            frac = self.partial_fraction(function, d)
             c = copy_ms(prof.nbytes * (1.0 - frac), self.link.h2d(1))
             t = swapped_ms(c, prof.exec_at(items), self.link, prof)
             best = t if best is None else min(best, t)
