@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,41 @@ def test_a_failed_load_leaves_nothing(arts, store, tmp_path):
     with pytest.raises(ArtifactError):
         s.acquire("bad")
     assert entry.state is HostState.DISK and entry.pins == 0 and files(s.root) == []
+
+
+def test_fills_run_side_by_side_and_one_in_progress_is_held(arts, store, monkeypatch):
+    from swapserve.engine import store as store_mod
+
+    s = store(2 * size(arts["one-a"]))  # room for two of the ~1 MiB models
+    started, go = threading.Event(), threading.Event()
+    real = store_mod._pwrite_all
+
+    def held(fd, data, offset):  # the background add's fill waits until told; the main thread's does not
+        if threading.current_thread() is not threading.main_thread():
+            started.set()
+            assert go.wait(10)
+        real(fd, data, offset)
+
+    monkeypatch.setattr(store_mod, "_pwrite_all", held)
+    bg = threading.Thread(target=s.add, args=("a", arts["one-a"]))
+    bg.start()
+    try:
+        assert started.wait(10)
+        filling = s.get("a")
+        assert filling.state is HostState.FILLING and s.used_bytes == filling.nbytes
+        with pytest.raises(PoolBusyError, match="still being loaded"):
+            s.acquire("a")
+        with pytest.raises(PoolBusyError):
+            s.remove("a")
+        s.add("b", arts["one-b"])  # not behind the first fill
+        s.add("c", arts["one-c"])  # the filling model counts and is no victim: b goes
+        assert s.get("b").state is HostState.DISK and s.get("c").state is HostState.MEMORY
+    finally:
+        go.set()
+        bg.join()
+    entry = s.get("a")
+    assert entry.state is HostState.MEMORY and entry.pins == 0 and entry.loads == 1
+    assert slot_bytes(entry) == expected_bytes(arts["one-a"])
 
 
 # --- keys --------------------------------------------------------------------------------------
