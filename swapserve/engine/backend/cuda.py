@@ -116,6 +116,9 @@ class CudaBackend(Backend):
         acc.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access = [acc]
         self._pages: list[Any] = []
+        self._mapped: dict[tuple[int, int], torch.Tensor] = {}
+        """Device views of registered host buffers, by (host base, device address): made once, then sliced
+        for each upload (wrapping memory through ``__cuda_array_interface__`` is a slow Python call)."""
 
     def _ensure_ctx(self) -> None:
         # Driver calls use the calling thread's current context; torch only sets it on threads that
@@ -177,6 +180,7 @@ class CudaBackend(Backend):
             n = _pin_counts.get(ptr, 0)
             if n == 1:
                 check(self._cu.cuMemHostUnregister(ptr))
+                self._mapped.pop((ptr, _pin_sizes[ptr][1]), None)
                 del _pin_counts[ptr], _pin_sizes[ptr]
                 _pin_bases.remove(ptr)
             elif n > 1:
@@ -191,16 +195,22 @@ class CudaBackend(Backend):
         if x.device.type != "cpu" or not x.is_contiguous() or nbytes <= INLINE_BYTES:
             return x.to(self.device)
         ptr = x.data_ptr()
+        whole = None
         with _pin_lock:
             i = bisect.bisect_right(_pin_bases, ptr) - 1
-            size, dev_base = _pin_sizes[_pin_bases[i]] if i >= 0 else (0, 0)
-            inside = i >= 0 and ptr + nbytes <= _pin_bases[i] + size
-        if not inside:
+            base = _pin_bases[i] if i >= 0 else 0
+            size, dev_base = _pin_sizes[base] if i >= 0 else (0, 0)
+            if i >= 0 and ptr + nbytes <= base + size:
+                whole = self._mapped.get((base, dev_base))
+                if whole is None:
+                    whole = self._mapped[base, dev_base] = wrap_device_memory(dev_base, size, self.device)
+        if whole is None:
             return x.to(self.device)
-        src = wrap_device_memory(dev_base + ptr - _pin_bases[i], nbytes, self.device)
+        off = ptr - base
+        src = whole[off:off + nbytes]
         out = torch.empty(x.shape, dtype=x.dtype, device=self.device)
-        dt = next(dt for dt in (torch.int64, torch.int32, torch.int16, torch.uint8)
-                  if not nbytes % dt.itemsize and not ptr % dt.itemsize)  # the widest words that fit
+        dt = next(dt for dt in (torch.int64, torch.int32, torch.int16, torch.uint8)  # the widest words that fit
+                  if not nbytes % dt.itemsize and not off % dt.itemsize and not (dev_base + off) % dt.itemsize)
         torch.bitwise_or(src.view(dt), 0, out=out.view(-1).view(torch.uint8).view(dt))  # a bitwise copy, by a kernel
         return out
 
