@@ -48,7 +48,7 @@ def datatype_of(dtype: torch.dtype) -> str:
 
 
 def element_size(datatype: str) -> int:
-    return torch.empty((), dtype=torch_dtype(datatype)).element_size()
+    return torch_dtype(datatype).itemsize
 
 
 def fits_shape(shape: Sequence[int], declared: Sequence[int], max_batch: int,
