@@ -18,7 +18,12 @@ import collections
 import gzip
 import json
 import math
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trace import p98  # noqa: E402  (bench/trace.py: the attainment's own percentile)
 
 
 def parts(r: dict) -> dict[str, float]:
@@ -26,11 +31,6 @@ def parts(r: dict) -> dict[str, float]:
     return {"client": r["latency_ms"] - r["server_ms"], "gateway": r["server_ms"] - r["node_ms"],
             "controller": r["node_ms"] - r["worker_ms"] - r["queue_ms"], "queue": r["queue_ms"],
             "place": ph.get("place", 0.0), "swap": ph.get("device", 0.0) if r["swapped"] else 0.0}
-
-
-def p98_met(latencies: list[float], slo: float) -> bool:
-    lat = sorted(latencies)
-    return lat[math.ceil(0.98 * len(lat)) - 1] <= slo
 
 
 def analyse(records: list[dict], slo: dict[str, float]) -> dict:
@@ -42,8 +42,8 @@ def analyse(records: list[dict], slo: dict[str, float]) -> dict:
     for fn, rs in by_fn.items():
         s = slo[fn.split("-", 1)[1]]
         lat = [r["latency_ms"] if r["status"] == 200 else math.inf for r in rs]
-        met_no_queue += p98_met([x - r["queue_ms"] if r["status"] == 200 else x for x, r in zip(lat, rs)], s)
-        if p98_met(lat, s):
+        met_no_queue += p98([x - r["queue_ms"] if r["status"] == 200 else x for x, r in zip(lat, rs)]) <= s
+        if p98(lat) <= s:
             continue
         worst = max(rs, key=lambda r: r["latency_ms"] if r["status"] == 200 else math.inf)
         if worst["status"] != 200:
