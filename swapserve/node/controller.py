@@ -18,6 +18,7 @@ import logging
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,9 @@ class Node:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, progress: Callable[[str], None] = log.info) -> None:
+        """Start the workers, then load every registered function, saying how far it got through ``progress``
+        (at most every 10 s)."""
         (self.shm_root / "store").mkdir(parents=True, exist_ok=True)
         engine = EngineConfig(device="cpu", pool_bytes=self.cfg.pool_bytes or self.cfg.page_bytes,
                               workspace_bytes=self.cfg.workspace_bytes, page_bytes=self.cfg.page_bytes,
@@ -179,8 +182,9 @@ class Node:
                 self._functions[r.name] = _Function(r.spec, r.version, {}, FunctionState.UNAVAILABLE, "unloaded",
                                                     r.created_at, r.nbytes)
         if records:
-            log.info("loading %d registered functions", len(records))
+            progress(f"loading {len(records)} registered functions")
         gate = asyncio.Semaphore(8)  # host-store fills overlap each other and the workers' preparation
+        loading = _Progress(len(records), self.store, progress)
 
         async def bring_up(rec: Any) -> None:
             async with gate:
@@ -190,6 +194,7 @@ class Node:
                     log.error("function %s v%d failed to load: %s", rec.name, rec.version, e)
                     self._functions[rec.name] = _Function(rec.spec, rec.version, {}, FunctionState.UNAVAILABLE,
                                                           f"failed to load at start: {e}", rec.created_at, rec.nbytes)
+                loading.one_done()
 
         await asyncio.gather(*(bring_up(r) for r in records))
         self._ready = True
@@ -608,6 +613,24 @@ def _check_inputs(fspec: FunctionSpec, manifest: Any, inputs: dict[str, torch.Te
             raise InvalidInputError(f"input {d.name!r}: {why}")
         out.append(x.contiguous())
     return out, batch or 1
+
+
+class _Progress:
+    """Start-up progress (a node of a thousand functions takes minutes to load): at most one line every
+    ``every_s`` seconds, and the last."""
+
+    def __init__(self, total: int, store: HostStore, say: Callable[[str], None], every_s: float = 10.0):
+        self.total, self.store, self.say, self.every_s = total, store, say, every_s
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def one_done(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.done == self.total or now - self.last >= self.every_s:
+            self.last = now
+            self.say(f"loaded {self.done} of {self.total} functions in {now - self.started:.0f} s (host store "
+                     f"{self.store.used_bytes / 1e9:.1f} GB)")
 
 
 def _raise_first(replies: list[Any]) -> None:

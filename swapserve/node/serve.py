@@ -38,6 +38,10 @@ GRACE_S = 10.0
 """How long in-flight requests get to finish on shutdown."""
 
 
+SHOW_FUNCTIONS = 20
+"""Functions named in the ready line (a node may have thousands)."""
+
+
 def run(config: ServeConfig) -> int:
     """Run a node until SIGTERM/SIGINT. Returns the process exit code."""
     try:
@@ -144,10 +148,13 @@ async def _watch_loop(metrics: Metrics, period_s: float = LOOP_TICK_S) -> None:
 
 
 async def _start(node: Node, config: ServeConfig) -> None:
-    await node.start()
+    await node.start(progress=lambda line: print(f"swapserve: {line}", flush=True))
     _freeze_heap()
-    ready = ", ".join(f.spec.name for f in node.list_functions()) or "none yet"
-    print(f"swapserve ready: functions {ready}", flush=True)
+    names = [f.spec.name for f in node.list_functions()]
+    shown = ", ".join(names[:SHOW_FUNCTIONS])
+    if len(names) > SHOW_FUNCTIONS:
+        shown += f" and {len(names) - SHOW_FUNCTIONS} more"
+    print(f"swapserve ready: {len(names)} function(s){': ' + shown if names else ''}", flush=True)
     if config.demo:
         await _deploy_demo(node, config)
 
