@@ -1,0 +1,143 @@
+"""What remapping a swapped model's pages costs on the device, alone and while the GPU is busy.
+
+In the node's trace (bench/results/h200_20261128/session3) the pages phase of a swapped run — pinning,
+eviction, remapping its slots onto the pages it took — cost ~0.7 ms whatever the model's size (0.72 ms for
+2 pages, 1.27 ms for 17), where the device probe measured ~70 µs per page on an idle GPU. This measures the
+engine's own remap (``CudaBackend.unmap`` + ``map``: unmap, map, grant access, per page) of k 32 MiB pages
+from one set of physical pages to another, and the same with one ``cuMemSetAccess`` over the whole run of
+pages instead of one per page, under three conditions:
+
+  * ``idle``: nothing else queued on the device;
+  * ``kernels``: ~20 ms of matrix products queued on another stream (a lane running a model);
+  * ``copies``: a 640 MiB host→device copy queued on the copy stream (another model's swap).
+
+Each remap is checked: the bytes written through the range before are read back through it after remapping
+back (both ways, every page).
+
+    python bench/remap_cost.py --out bench/results/<gpu>_<yyyymmdd> [--rounds 20]
+
+Writes remap_cost.json, remap_cost.md and remap_cost.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PAGE = 32 << 20
+PAGES = (1, 4, 16)
+CONDITIONS = ("idle", "kernels", "copies")
+
+
+def measure(rounds: int) -> dict:
+    import torch
+
+    from swapserve.engine.backend.cuda import CudaBackend, check
+    from swapserve.engine.layout import Chunk
+
+    be = CudaBackend("cuda:0", PAGE)
+    cu = be._cu
+    dev = be.device
+    k_max = max(PAGES)
+    be.create_pages(2 * k_max)  # two sets: the range moves from one to the other and back
+    side = torch.cuda.Stream(dev)
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.float16)
+    swap_bytes = 640 << 20
+    host = torch.empty(swap_bytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(swap_bytes, dtype=torch.uint8, device=dev)
+    chunks = [Chunk(s, s + (2 << 20)) for s in range(0, swap_bytes, 2 << 20)]
+    events = be.new_events(len(chunks))
+
+    def load(condition: str) -> None:
+        if condition == "kernels":
+            with torch.cuda.stream(side):
+                for _ in range(80):  # ~20 ms of work on an H100/H200
+                    a @ a
+        elif condition == "copies":
+            be.start_copies(dst.data_ptr(), host, chunks, [True] * len(chunks), events)
+
+    def remap(va: int, k: int, to_set: int, batched: bool) -> float:
+        pages = [to_set * k_max + i for i in range(k)]
+        t = time.perf_counter()
+        for i in range(k):
+            be.unmap(va + i * PAGE)
+        if batched:
+            for i, pg in enumerate(pages):
+                check(cu.cuMemMap(va + i * PAGE, PAGE, 0, be._pages[pg], 0))
+            check(cu.cuMemSetAccess(va, k * PAGE, be._access, 1))
+        else:
+            for i, pg in enumerate(pages):
+                be.map(va + i * PAGE, pg)
+        return (time.perf_counter() - t) * 1e3
+
+    results = []
+    for k in PAGES:
+        va = be.reserve(k * PAGE)
+        for i in range(k):
+            be.map(va + i * PAGE, i)  # set 0
+        view = be.view(va, k * PAGE)
+        marks = torch.arange(k, dtype=torch.uint8, device=dev) + 1
+        view.view(k, PAGE)[:, :8] = marks[:, None]  # set 0's bytes, page by page
+        for batched in (False, True):
+            for condition in CONDITIONS:
+                times = []
+                for _ in range(rounds):
+                    torch.cuda.synchronize(dev)
+                    load(condition)
+                    times.append(remap(va, k, 1, batched))  # onto set 1
+                    times.append(remap(va, k, 0, batched))  # back onto set 0
+                    torch.cuda.synchronize(dev)
+                    back = be.view(va, k * PAGE).view(k, PAGE)[:, 0].clone()
+                    if not torch.equal(back, marks):
+                        raise SystemExit(f"remap of {k} pages (batched={batched}, {condition}) lost the bytes")
+                results.append({"pages": k, "access": "one call per run" if batched else "one call per page",
+                                "condition": condition, "p50_ms": statistics.median(times),
+                                "p90_ms": sorted(times)[int(0.9 * len(times))], "per_page_ms": statistics.median(times) / k})
+                print(json.dumps(results[-1]), flush=True)
+        for i in range(k):
+            be.unmap(va + i * PAGE)
+        be.release(va, k * PAGE)
+    return {"gpu": torch.cuda.get_device_name(dev), "date": date.today().isoformat(), "page_bytes": PAGE,
+            "rounds": rounds, "results": results}
+
+
+def report(result: dict, out: Path) -> None:
+    from bars import bars
+
+    rows = result["results"]
+    lines = [f"# Remapping a model's pages — {result['gpu']}, {result['date']}", "",
+             f"k pages of {PAGE >> 20} MiB moved from one set of physical pages to another (unmap, map, grant "
+             f"access), {result['rounds']} rounds each way; p50 (p90) ms.", "",
+             "| pages | access | idle | kernels on another stream | a swap's copies queued |", "|---:|---|---:|---:|---:|"]
+    for k in PAGES:
+        for access in ("one call per page", "one call per run"):
+            cells = {r["condition"]: r for r in rows if r["pages"] == k and r["access"] == access}
+            lines.append(f"| {k} | {access} | " + " | ".join(
+                f"{cells[c]['p50_ms']:.3f} ({cells[c]['p90_ms']:.3f})" for c in CONDITIONS) + " |")
+    (out / "remap_cost.md").write_text("\n".join(lines) + "\n")
+    bars(out / "remap_cost.png", f"Remap of k 32 MiB pages (p50) — {result['gpu']}",
+         [(f"{r['pages']} pages, {r['access']}, {r['condition']}", r["p50_ms"]) for r in rows])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=20)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = measure(args.rounds)
+    (args.out / "remap_cost.json").write_text(json.dumps(result, indent=1))
+    report(result, args.out)
+    print((args.out / "remap_cost.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
