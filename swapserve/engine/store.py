@@ -117,9 +117,14 @@ class HostStore:
             mm = self._fill(entry)
         except BaseException:
             with self._lock:
-                del self._entries[key]
+                if self._entries.get(key) is entry:
+                    del self._entries[key]
             raise
         with self._lock:
+            if self._entries.get(key) is not entry:  # the store was closed meanwhile (the node stopping)
+                mm.close()
+                self._path(key).unlink(missing_ok=True)
+                raise NotFoundError(f"the host store closed while {key!r} was loading")
             entry.pins = 0
             self._mapped(entry, mm)
         return entry

@@ -319,6 +319,37 @@ def test_fills_run_side_by_side_and_one_in_progress_is_held(arts, store, monkeyp
     assert slot_bytes(entry) == expected_bytes(arts["one-a"])
 
 
+def test_a_fill_outliving_the_store_leaves_nothing(arts, store, monkeypatch):
+    from swapserve.engine import store as store_mod
+
+    s = store(8 << 20)
+    started, go = threading.Event(), threading.Event()
+    real = store_mod._pwrite_all
+
+    def held(fd, data, offset):
+        started.set()
+        assert go.wait(10)
+        real(fd, data, offset)
+
+    monkeypatch.setattr(store_mod, "_pwrite_all", held)
+    raised: list[BaseException] = []
+
+    def add() -> None:
+        try:
+            s.add("a", arts["one-a"])
+        except BaseException as e:  # noqa: BLE001 - checked below
+            raised.append(e)
+
+    bg = threading.Thread(target=add)
+    bg.start()
+    assert started.wait(10)
+    s.close()  # the node stopping while a function loads
+    go.set()
+    bg.join()
+    assert len(raised) == 1 and isinstance(raised[0], NotFoundError), raised
+    assert files(s.root) == [] and not s.has("a")
+
+
 # --- keys --------------------------------------------------------------------------------------
 
 
