@@ -573,7 +573,10 @@ def main() -> None:
                                              "scheduler": policy, "engine_mode": mode}
                 out_path.write_text(json.dumps(result, indent=1))
         finally:
-            print(f"[{label}] server exit {srv.stop()}", flush=True)
+            stopped = time.time()
+            print(f"[{label}] server exit {srv.stop()} after {time.time() - stopped:.1f} s", flush=True)
+            # The node's own log (start-up progress, warnings, its stop) goes with the results: home is deleted.
+            shutil.copyfile(home / "serve.log", args.out / f"serve_{label}.log")
         shutil.rmtree(home, ignore_errors=True)
     from report_trace import render
 
