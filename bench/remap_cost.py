@@ -98,9 +98,10 @@ def measure(rounds: int) -> dict:
                     back = be.view(va, k * PAGE).view(k, PAGE)[:, 0].clone()
                     if not torch.equal(back, marks):
                         raise SystemExit(f"remap of {k} pages (batched={batched}, {condition}) lost the bytes")
+                p50 = statistics.median(times)
                 results.append({"pages": k, "access": "one call per run" if batched else "one call per page",
-                                "condition": condition, "p50_ms": statistics.median(times),
-                                "p90_ms": sorted(times)[int(0.9 * len(times))], "per_page_ms": statistics.median(times) / k})
+                                "condition": condition, "p50_ms": p50, "p90_ms": sorted(times)[int(0.9 * len(times))],
+                                "per_page_ms": p50 / k})
                 print(json.dumps(results[-1]), flush=True)
         for i in range(k):
             be.unmap(va + i * PAGE)
@@ -116,7 +117,8 @@ def report(result: dict, out: Path) -> None:
     lines = [f"# Remapping a model's pages — {result['gpu']}, {result['date']}", "",
              f"k pages of {PAGE >> 20} MiB moved from one set of physical pages to another (unmap, map, grant "
              f"access), {result['rounds']} rounds each way; p50 (p90) ms.", "",
-             "| pages | access | idle | kernels on another stream | a swap's copies queued |", "|---:|---|---:|---:|---:|"]
+             "| pages | access | idle | kernels on another stream | a swap's copies queued |",
+             "|---:|---|---:|---:|---:|"]
     for k in PAGES:
         for access in ("one call per page", "one call per run"):
             cells = {r["condition"]: r for r in rows if r["pages"] == k and r["access"] == access}

@@ -12,7 +12,7 @@ with binary tensors as the trace's clients do:
   * ``logits``: 128 int64 tokens in, 128×50257 fp16 out (12.9 MB; GPT-2's logits).
 
 Per shape: the serving process's CPU time (user + system, from /proc) per request, the round trip's p50, and
-the node's own time (admission to answer) p50.
+the node's own time (admission to answer) p50. Writes serving_cost.json, serving_cost.md and serving_cost.png.
 
     python bench/serving_cost.py --out bench/results/<gpu>_<yyyymmdd> [--devices cuda:0] [--requests 300]
 """
@@ -195,11 +195,16 @@ def main() -> None:
              f"{args.requests} sequential binary requests per shape over one connection (after {args.warmup}); "
              "CPU = user + system time of the node's serving process (gateway, controller, scheduler), not "
              "its workers.", "",
-             "| shape | in | out | CPU ms / request | p50 round trip ms | p50 node ms |", "|---|---:|---:|---:|---:|---:|"]
+             "| shape | in | out | CPU ms / request | p50 round trip ms | p50 node ms |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, r in shapes.items():
         lines.append(f"| {name} | {r['input_bytes'] / 1024:.0f} KiB | {r['output_bytes'] / 1024:.0f} KiB | "
                      f"{r['cpu_ms_per_request']:.3f} | {r['p50_rtt_ms']:.3f} | {r['p50_node_ms']:.3f} |")
     (args.out / "serving_cost.md").write_text("\n".join(lines) + "\n")
+    from bars import bars
+
+    bars(args.out / "serving_cost.png", f"The serving process's CPU per request — {gpu}",
+         [(f"{name} ({r['output_bytes'] / 1024:.0f} KiB out)", r["cpu_ms_per_request"]) for name, r in shapes.items()])
     print("\n".join(lines))
 
 

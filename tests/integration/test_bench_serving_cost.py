@@ -21,4 +21,4 @@ def test_serving_cost_measures_every_shape(tmp_path):
     logits = result["shapes"]["logits"]
     assert logits["output_bytes"] == 128 * 50257 * 2 and logits["requests"] == 3
     assert all(r["cpu_ms_per_request"] >= 0 and r["p50_rtt_ms"] > 0 for r in result["shapes"].values())
-    assert (tmp_path / "serving_cost.md").read_text().count("|") > 20
+    assert (tmp_path / "serving_cost.md").read_text().count("|") > 20 and (tmp_path / "serving_cost.png").exists()
