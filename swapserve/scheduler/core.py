@@ -51,6 +51,13 @@ RECENCY_FLOOR_S = 1.0
 """Added to a model's age in the recency term so that a model used this instant is worth a finite rate."""
 NOFIT_RETRY_S = 60.0
 """Retry-After for a model larger than every device's pool (retrying will not help until one is added)."""
+VALUE_REUSE_S = 0.25
+"""How long a function's eviction value is reused while what it rests on stays the same (its share on the
+device, its last use or arrival, where it could be copied back from, its size and run time): what moves it
+meanwhile is the decay of its rate estimate (half-life 60 s) and of its recency (seconds), too slow to
+reorder models within this. Computing every model's value took ~0.26 ms of each swap decision with 80
+models on a device (CI box)."""
+
 SWAP_PIECE_MS = 3.0
 """Default length of a swap's pieces. A swap whose copy would hold the first lane longer than two pieces
 comes in pieces while its deadline has room: the first lane is the only one that swaps, so a request
@@ -464,22 +471,31 @@ class Scheduler:
         peer_held = (set().union(*(d.resident for d in state.devices if d.index != device)) if d2d is not None
                      else set())
         out: dict[str, float] = {}
+        memo = dev.value_memo
         for f in sorted(names):
             fq = state.queues.get(f)
             if f in running or (fq is not None and fq.requests):
                 out[f] = math.inf
                 continue
-            prof = self._profile(state, f)
             frac = 1.0 if f in dev.resident else min(max(dev.partial.get(f, 0.0), 0.0), 1.0)
-            held_gb = max(prof.nbytes * frac, 1.0) / 1e9
             last = dev.last_used.get(f, -math.inf)
-            rate = 0.0
             if fq is not None and fq.last_arrival is not None:
-                rate = rate_at(fq.rate, fq.last_arrival, now, self.rate_halflife_s)
                 last = max(last, fq.last_arrival)
-            recency = 1.0 / (max(0.0, now - last) + RECENCY_FLOOR_S) if math.isfinite(last) else 0.0
+            prof = self._profile(state, f)
             gbps = max(d2d, h2d) if f in peer_held else h2d  # type: ignore[type-var]
+            basis = (frac, last, gbps, prof.nbytes, prof.exec_at(1))
+            m = memo.get(f)
+            if m is not None and now - m[0] < VALUE_REUSE_S and m[1] == basis:
+                out[f] = m[2]
+                continue
+            held_gb = max(prof.nbytes * frac, 1.0) / 1e9
+            rate = rate_at(fq.rate, fq.last_arrival, now, self.rate_halflife_s) if (
+                fq is not None and fq.last_arrival is not None) else 0.0
+            recency = 1.0 / (max(0.0, now - last) + RECENCY_FLOOR_S) if math.isfinite(last) else 0.0
             out[f] = (rate + recency) * _penalty_ms(prof, gbps * 1e6, slowdown, frac) / held_gb
+            memo[f] = (now, basis, out[f])
+        for f in [f for f in memo if f not in names]:  # gone from the device: forget
+            del memo[f]
         return out
 
     # --- bookkeeping helpers for the controller ----------------------------------------------------

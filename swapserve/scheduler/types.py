@@ -116,6 +116,9 @@ class DeviceState:
     side_until: float | None = None
     """Expected end of the run in the side lane; None when it is free."""
     side_running: str | None = None
+    value_memo: dict[str, tuple[float, tuple[float, ...], float]] = field(default_factory=dict)
+    """The scheduler's last eviction value of each function here: (computed at, what it rests on, value)
+    (see ``Scheduler.values``)."""
 
     @property
     def idle(self) -> bool:

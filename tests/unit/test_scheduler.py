@@ -450,6 +450,33 @@ def test_values_per_byte_and_cheaper_when_a_peer_holds_it():
     assert Scheduler().values(s, 0, T0)["small"] < v["small"]  # a copy on device 1 is an NVLink hop away
 
 
+def test_values_are_reused_briefly_until_what_they_rest_on_changes():
+    from swapserve.scheduler.core import VALUE_REUSE_S
+
+    s = node(1)
+    for name in ("a", "b"):
+        fq = fn(s, name, nbytes=GB, exec_ms={1: 1.0})
+        fq.rate, fq.last_arrival = 1.0, T0
+        s.devices[0].resident.add(name)
+    sch = Scheduler()
+    v = sch.values(s, 0, T0)
+    s.queues["a"].rate = 5.0  # a rate estimate moved without a new arrival: the value is reused for a while
+    assert sch.values(s, 0, T0 + VALUE_REUSE_S / 2)["a"] == v["a"]
+    assert sch.values(s, 0, T0 + VALUE_REUSE_S * 2)["a"] > v["a"]  # then computed anew
+    now = T0 + VALUE_REUSE_S * 2
+    before = sch.values(s, 0, now)
+    s.devices[0].last_used["b"] = now  # a use: at once
+    assert sch.values(s, 0, now)["b"] > before["b"]
+    s.devices[0].resident.discard("b")
+    s.devices[0].partial["b"] = 0.5  # pages taken: at once
+    assert sch.values(s, 0, now)["b"] != before["b"]
+    enqueue(s, "a", "r1")  # queued: never a victim, whatever was computed before
+    assert sch.values(s, 0, now)["a"] == math.inf
+    s.devices[0].partial.pop("b")
+    sch.values(s, 0, now)
+    assert "b" not in s.devices[0].value_memo  # gone from the device: forgotten
+
+
 def test_dispatch_carries_values_for_its_device():
     s = _values_state()
     s.queues["busy"].requests.clear()
