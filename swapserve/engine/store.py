@@ -235,8 +235,8 @@ class HostStore:
     def _fill(self, entry: HostEntry) -> mmap.mmap:
         """Write the model's buffer file from its safetensors file and map it. The bytes go by ``pwrite``,
         one call per tensor: the kernel copies from the artifact's page cache into shared memory with the GIL
-        released (writing through a fresh map instead took a page fault per 4 KiB with the GIL held: ~1 GB/s
-        however many models filled at once, most of a 400-function node's start)."""
+        released (writing through a fresh map instead took a page fault per 4 KiB with the GIL held: 0.8-1.0
+        GB/s on the CI box however many models filled at once)."""
         path = self._path(entry.key)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
