@@ -154,7 +154,8 @@ async def _start(node: Node, config: ServeConfig) -> None:
     shown = ", ".join(names[:SHOW_FUNCTIONS])
     if len(names) > SHOW_FUNCTIONS:
         shown += f" and {len(names) - SHOW_FUNCTIONS} more"
-    print(f"swapserve ready: {len(names)} function(s){': ' + shown if names else ''}", flush=True)
+    print(f"swapserve ready: {len(names)} function(s): {shown}" if names else "swapserve ready: no functions yet",
+          flush=True)
     if config.demo:
         await _deploy_demo(node, config)
 
