@@ -43,6 +43,14 @@ python3 bench/handler_overhead.py --out "$R" --requests 1000
 step "side lane (a resident model's request during a swap, one lane vs two)"
 python3 bench/side_lane.py --out "$R" --rounds 30
 
+step "remap cost (a swap's pages phase: remaps alone, beside kernels, beside queued copies)"
+python3 bench/remap_cost.py --out "$R" --rounds 20
+
+if [ "$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)" -ge 2 ]; then
+  step "peer copy probe (a worker mapping another worker's pages)"
+  python3 bench/probe_peer.py --out "$R"
+fi
+
 WORK=$(mktemp -d /tmp/trace-work-XXXX)  # one artifact cache (the zoo exported once) for every trace run
 LANE_ARGS=()
 [ -n "${LANES:-}" ] && LANE_ARGS+=(--lanes "$LANES")
