@@ -31,6 +31,7 @@ def table(r: dict) -> str:
               "collection pauses holding the gateway and controller; '-' where the run predates the probe)."]
     lines += breakdown_table(r)
     lines += phases_table(r)
+    lines += causes_table(r)
     return "\n".join(lines) + "\n"
 
 
@@ -85,6 +86,27 @@ def phases_table(r: dict) -> list[str]:
             "writing outputs to the IO slab.", "",
             "| policy | N | model | run | runs | " + " | ".join(keys) + " |", "|---|---:|---|---|---:|" + "---:|" * len(keys),
             *lines]
+
+
+def causes_table(r: dict) -> list[str]:
+    """Why functions missed, at every point that says (runs before 2026-11-28 do not)."""
+    parts = ("client", "gateway", "controller", "queue", "place", "swap", "refused")
+    lines = []
+    for label, p in r["policies"].items():
+        for pt in p["sweep"]:
+            mc = pt.get("miss_causes")
+            if mc:
+                lines.append(f"| {label} | {pt['n']} | {mc['missed']} of {pt['functions_called']} | "
+                             + " | ".join(str(mc["worst_part"].get(k, 0)) for k in parts)
+                             + f" | {mc['attainment_without_queueing']:.3f} |")
+    if not lines:
+        return []
+    return ["", "Why functions missed: the largest part of each missing function's worst request (client side = "
+            "client latency − the gateway handler; controller = node − worker − queue; place = the worker's pages "
+            "phase; swap = a swapped run's device phase), and the attainment with every request's queueing "
+            "removed.", "",
+            "| policy | N | missed | " + " | ".join(parts) + " | attainment without queueing |",
+            "|---|---:|---:|" + "---:|" * (len(parts) + 1), *lines]
 
 
 def plots(r: dict, out: Path) -> None:

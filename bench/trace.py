@@ -400,11 +400,12 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
     for p in procs:
         p.join()
     res = [(r[0], r[1] - warmup, *r[2:]) for r in res if r[1] >= warmup]
+    records = [dict(zip(RAW_FIELDS, (fns[r[0]].name, *r[1:]))) for r in sorted(res, key=lambda r: r[1])]
     if raw is not None:  # every request, one JSON object a line (for looking into tails)
         raw.parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(raw, "wt") as f:
-            for r in sorted(res, key=lambda r: r[1]):
-                f.write(json.dumps(dict(zip(RAW_FIELDS, (fns[r[0]].name, *r[1:])))) + "\n")
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
     lat: dict[int, list[float]] = {}
     for i, _, ms, code, *_ in res:
         lat.setdefault(i, []).append(ms if code == 200 else math.inf)
@@ -446,7 +447,47 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "phases_by_model": {m: {kind: phases([r for r in done if fns[r[0]].model == m and r[6] == swapped])
                                 for kind, swapped in (("resident", False), ("swapped", True))}
                             for m in sorted({f.model for f in fns})},
+        "miss_causes": miss_causes(records, {f.name: f.slo_ms for f in fns}),
     }
+
+
+MISS_PARTS = ("client", "gateway", "controller", "queue", "place", "swap")
+
+
+def request_parts(r: dict) -> dict[str, float]:
+    """Where a completed request's time went (ms, from its raw record): ``client`` = client latency − the
+    gateway handler's time (HTTP both ways, the server's loop before the handler runs, the client's reading);
+    ``gateway`` = handler − node; ``controller`` = node − worker − queue (admission, dispatch, the way back);
+    ``queue``; ``place`` (pinning, evictions, remaps in the worker); ``swap`` = the device phase of a
+    swapped run."""
+    ph = r.get("phases_ms") or {}
+    return {"client": r["latency_ms"] - r["server_ms"], "gateway": r["server_ms"] - r["node_ms"],
+            "controller": r["node_ms"] - r["worker_ms"] - r["queue_ms"], "queue": r["queue_ms"],
+            "place": ph.get("place", 0.0), "swap": ph.get("device", 0.0) if r["swapped"] else 0.0}
+
+
+def miss_causes(records: list[dict], slo_ms: dict[str, float]) -> dict:
+    """For each function whose P98 is over its SLO (``slo_ms`` by function name), the largest part of its
+    worst request (``refused`` for a refused or failed one); and the attainment with every request's
+    queueing removed, a bound on what the order of service alone could win."""
+    by_fn: dict[str, list[dict]] = {}
+    for r in records:
+        by_fn.setdefault(r["function"], []).append(r)
+    causes: Counter[str] = Counter()
+    met_no_queue = 0
+    for fn, rs in by_fn.items():
+        lat = [r["latency_ms"] if r["status"] == 200 else math.inf for r in rs]
+        met_no_queue += p98([x - r["queue_ms"] if r["status"] == 200 else x for x, r in zip(lat, rs)]) <= slo_ms[fn]
+        if p98(lat) <= slo_ms[fn]:
+            continue
+        worst = max(rs, key=lambda r: r["latency_ms"] if r["status"] == 200 else math.inf)
+        if worst["status"] != 200:
+            causes["refused"] += 1
+        else:
+            parts = request_parts(worst)
+            causes[max(parts, key=parts.__getitem__)] += 1
+    return {"missed": sum(causes.values()), "worst_part": dict(causes.most_common()),
+            "attainment_without_queueing": met_no_queue / max(1, len(by_fn))}
 
 
 def breakdown(rows: list[tuple]) -> dict | None:

@@ -89,3 +89,44 @@ def test_phase_medians_of_the_runs_that_reported_them(trace_module):
     got = trace_module.phases(rows + [row({})])  # a run without phases (an older node) does not count
     assert got == {"runs": 3, "wait": 0.0, "upload": 0.1, "place": 0.2, "device": 2.0, "output": 0.3}
     assert trace_module.phases([row({})]) is None
+
+
+def _rec(fn: str, latency: float, *, status: int = 200, queue: float = 0.0, server: float | None = None,
+         node: float | None = None, worker: float = 1.0, swapped: bool = False, device: float = 0.5) -> dict:
+    server = latency - 1.0 if server is None else server
+    node = server - 0.5 if node is None else node
+    return {"function": fn, "latency_ms": latency, "status": status, "queue_ms": queue, "server_ms": server,
+            "node_ms": node, "worker_ms": worker, "swapped": swapped, "phases_ms": {"place": 0.05, "device": device}}
+
+
+MISSES = [
+    _rec("f0-small", 5.0), _rec("f0-small", 6.0),  # met
+    _rec("f1-small", 5.0), _rec("f1-small", 14.0, queue=8.0, server=13.0, node=12.5, worker=2.0),  # queued
+    _rec("f2-small", 12.0, server=4.0, node=3.5, worker=2.0),  # 8 ms outside the gateway: client side
+    _rec("f3-small", 0.0, status=503),  # refused
+    _rec("f4-big", 50.0, swapped=True, device=30.0, server=49.0, node=48.5, worker=31.0),  # the swap
+]
+
+
+def test_each_missing_function_counts_under_its_worst_requests_largest_part(trace_module):
+    slo = {f"f{i}-small": 10.0 for i in range(4)} | {"f4-big": 40.0}
+    got = trace_module.miss_causes(MISSES, slo)
+    assert got["missed"] == 4
+    assert got["worst_part"] == {"queue": 1, "client": 1, "refused": 1, "swap": 1}
+    assert got["attainment_without_queueing"] == 0.4  # without queueing f1 would have met its SLO too
+
+
+def test_miss_causes_cli_reads_a_runs_raw_records(tmp_path):
+    import gzip
+    import json
+    import subprocess
+
+    (tmp_path / "trace.json").write_text(json.dumps({"slo_ms": {"small": 10.0, "big": 40.0}}))
+    (tmp_path / "trace_raw").mkdir()
+    with gzip.open(tmp_path / "trace_raw" / "swapserve_5.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in MISSES)
+    out = subprocess.run([sys.executable, str(BENCH / "miss_causes.py"), str(tmp_path / "trace.json")],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    name, doc = out.strip().split(" ", 1)
+    got = json.loads(doc)
+    assert name == "swapserve_5" and got["functions"] == 5 and got["missed"] == 4 and got["worst_part"]["queue"] == 1
