@@ -101,10 +101,10 @@ def causes_table(r: dict) -> list[str]:
                              + f" | {mc['attainment_without_queueing']:.3f} |")
     if not lines:
         return []
-    return ["", "Why functions missed: the largest part of each missing function's worst request (client side = "
-            "client latency − the gateway handler; controller = node − worker − queue; place = the worker's pages "
-            "phase; swap = a swapped run's device phase), and the attainment with every request's queueing "
-            "removed.", "",
+    return ["", "Why functions missed: the largest part of each missing function's worst request (client side "
+            "= client latency − the gateway handler; controller = node − worker − queue; place = the worker's "
+            "pages phase; swap = a swapped run's device phase), and the attainment with every request's "
+            "queueing removed.", "",
             "| policy | N | missed | " + " | ".join(parts) + " | attainment without queueing |",
             "|---|---:|---:|" + "---:|" * (len(parts) + 1), *lines]
 
