@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import sys
@@ -34,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from node_harness import Server  # noqa: E402
+
+from swapserve.tensors import element_size  # noqa: E402
 
 MODEL = '''
 import torch
@@ -152,17 +155,10 @@ async def measure(url: str, pid: int, name: str, n: int, warmup: int) -> dict:
         cpu, wall = cpu_seconds(pid) - cpu0, time.perf_counter() - wall0
     rtt, node = rtt[warmup:], node[warmup:]
     _, dtype, shape, out_shape = SHAPES[name]
-    item = 2 if dtype == "FP16" else 8
-    return {"requests": n, "input_bytes": item * _numel(shape), "output_bytes": 2 * _numel(out_shape),
+    return {"requests": n, "input_bytes": element_size(dtype) * math.prod(shape[1:]),
+            "output_bytes": element_size("FP16") * math.prod(out_shape[1:]),
             "cpu_ms_per_request": cpu / n * 1e3, "serving_process_busy": cpu / wall,
             "p50_rtt_ms": statistics.median(rtt), "p50_node_ms": statistics.median(node)}
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape[1:]:
-        n *= d
-    return n
 
 
 def main() -> None:

@@ -126,8 +126,7 @@ class HostStore:
             raise
         with self._lock:
             if self._entries.get(key) is not entry:  # the store was closed meanwhile (the node stopping)
-                mm.close()
-                self._path(key).unlink(missing_ok=True)
+                self._release(key, mm)
                 raise NotFoundError(f"the host store closed while {key!r} was loading")
             entry.pins = 0
             self._mapped(entry, mm)

@@ -138,9 +138,9 @@ class Node:
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}
         self._models: dict[str, _Model] = {}
+        """Every scheduler entity that serves, by entity name."""
         self._entities: dict[str, str] = {}
         """The serving models' entity names by host-store key (what workers report residency by)."""
-        """Every scheduler entity that serves, by entity name."""
         self._retired: set[str] = set()
         """Model versions to remove from the workers and the host store once their last run ends."""
         self._ready = False
