@@ -223,7 +223,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "host": args.host, "port": args.port,
         "devices": parse_devices(args.devices) if args.devices is not None else None,
         "pool_bytes": args.pool, "workspace_bytes": args.workspace, "lanes": args.lanes,
-        "swap_piece_ms": args.swap_piece_ms, "host_store_bytes": args.host_store,
+        "swap_piece_ms": args.swap_piece_ms, "queue_ahead": args.queue_ahead, "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
         "spin_ms": args.spin_ms, "sandbox_isolation": args.sandbox_isolation, "sandbox_idle_s": args.sandbox_idle_s,
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--swap-piece-ms", type=float, metavar="MS",
                    help="a long swap with time to spare comes in pieces of about this much copying, serving what "
                         "is due first between them (default 3; 0: in one go)")
+    s.add_argument("--queue-ahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="a device's first lane takes one more run behind the one it runs, started by the worker "
+                        "when that ends, with no round trip through the controller (default: on)")
     s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
     s.add_argument("--token", default=argparse.SUPPRESS,
                    help="token the management API requires (default: $SWAPSERVE_TOKEN)")

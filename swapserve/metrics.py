@@ -84,6 +84,8 @@ class Metrics:
                                  ["device"])
         self.swap_pieces = counter("swap_pieces", "Pieces of swaps copied with no run (a long swap with time "
                                    "to spare comes in pieces; other requests go between them).", ["device"])
+        self.queued_ahead = counter("queued_ahead", "Runs and pieces of swaps sent to a device's first lane behind "
+                                    "the one it runs (the worker starts them when that ends).", ["device"])
         self.prefetches = counter("prefetches", "Models copied onto a device ahead of their requests (a handler's "
                                   "sandbox starting while its model comes in).", ["device"])
         self.slo_misses = counter("slo_misses", "Requests that finished after, or were refused for, their SLO.",
@@ -154,6 +156,9 @@ class Metrics:
 
     def count_swap_piece(self, device: str) -> None:
         self.swap_pieces.labels(device).inc()
+
+    def count_queued_ahead(self, device: str) -> None:
+        self.queued_ahead.labels(device).inc()
 
     def count_slo_miss(self, function: str, n: int = 1) -> None:
         self.slo_misses.labels(function).inc(n)

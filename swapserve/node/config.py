@@ -47,6 +47,10 @@ class ServeConfig:
     swap_piece_ms: float = SWAP_PIECE_MS
     """A long swap with time to spare before its deadline comes in pieces of about this many ms of copying,
     serving what is due first between them (the first lane is the only one that swaps); 0: in one go."""
+    queue_ahead: bool = True
+    """A device's first lane takes one more run (or piece of a swap) behind the one it runs, started by the
+    worker as soon as that ends, instead of waiting for the reply, the next decision and its message to pass
+    through the controller (``swapserve`` policy only)."""
     host_store_bytes: int | None = None
     """Capacity of the pinned host store shared by all workers; beyond it models spill to their
     safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``."""

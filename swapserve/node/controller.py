@@ -68,6 +68,8 @@ class NodeConfig:
     """Runs in flight per device (see :attr:`swapserve.config.EngineConfig.lanes`)."""
     swap_piece_ms: float = SWAP_PIECE_MS
     """See :class:`swapserve.scheduler.Scheduler` (0: swaps in one go)."""
+    queue_ahead: bool = True
+    """See :class:`swapserve.scheduler.Scheduler`."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB
     slab_bytes: int = 256 * MiB
@@ -133,7 +135,7 @@ class Node:
         self.run_id = uuid.uuid4().hex[:8]
         self.shm_root = env().shm_dir / f"swapserve-{self.run_id}"
         self.store = HostStore(self.shm_root / "store", cfg.host_store_bytes)
-        self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms)
+        self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms, queue_ahead=cfg.queue_ahead)
         self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}

@@ -70,6 +70,12 @@ class _InFlight:
     """The serving version's output names at dispatch (a delete or redeploy may land meanwhile)."""
     sent: float
     """When its message was handed to the pipe (before pickling and the write)."""
+    region: int
+    """Its part of the worker's IO slab (-1: none, a copy with no run)."""
+    begun: float = 0.0
+    """When its lane took it up: ``started``, or the end of the run it was queued behind."""
+    deferred: Callable[[], None] | None = None
+    """Its answer, held while a run ahead of it in the same lane is still being answered."""
 
 
 class Dispatcher:
@@ -80,7 +86,8 @@ class Dispatcher:
         """``workers``, ``models`` (serving entities by name) and ``entities`` (their names by model key) are
         the node's own, read as they change;
         ``on_released(key)`` is called when the last run using a model version's key ends; ``lanes`` is the
-        workers' lanes per device (each with its region of the worker's IO slab)."""
+        workers' lanes per device (each with its region of the worker's IO slab, and the first lane with a
+        second one for a run queued behind it when the scheduler queues ahead)."""
         self.state = state
         self.scheduler = scheduler
         self._workers = workers
@@ -94,8 +101,9 @@ class Dispatcher:
         self.live = True
         self._pending: dict[str, _Pending] = {}
         self._lanes = lanes
-        self._inflight: dict[tuple[int, int], _InFlight] = {}
-        """By (device, lane)."""
+        self._regions = lanes + (1 if scheduler.queue_ahead else 0)
+        self._inflight: dict[tuple[int, int], list[_InFlight]] = {}
+        """By (device, lane), in the order sent (the worker runs a lane's messages in that order)."""
         self._key_users: dict[str, int] = {}
         self._copier: ThreadPoolExecutor | None = None
         self._wanted: dict[str, float] = {}
@@ -113,11 +121,11 @@ class Dispatcher:
         return self._key_users.get(key, 0)
 
     def busy(self, device: int) -> bool:
-        return any((device, lane) in self._inflight for lane in range(self._lanes))
+        return any(self._inflight.get((device, lane)) for lane in range(self._lanes))
 
     async def drain(self, deadline: float) -> None:
         """Wait for the runs in flight to end (until ``deadline`` on the node's clock)."""
-        while self._inflight and self.clock() < deadline:
+        while any(self._inflight.values()) and self.clock() < deadline:
             await asyncio.sleep(0.01)
 
     def close(self) -> None:
@@ -210,7 +218,7 @@ class Dispatcher:
         m = self._models.get(d.function)
         if d.piece_bytes:
             if m is None:  # deleted since it was queued: its requests fail with the queue
-                self.state.devices[d.device].release(d.lane)
+                self.state.devices[d.device].release(d.lane, now, queued=self._behind(d))
             else:
                 self.metrics.count_swap_piece(self._workers[d.device].device)
                 self._copy_in(d, m, now)
@@ -222,7 +230,8 @@ class Dispatcher:
             if not batch or m is None:
                 raise UnavailableError(f"function {d.function!r} is gone")
             self.store.acquire(m.key)  # pinned in host memory until the run ends
-            start, limit = w.slab.region(d.lane, self._lanes)
+            region = self._region(d)
+            start, limit = w.slab.region(region, self._regions)
             try:
                 refs, end = w.slab.write_batch([[p.inputs[i] for p in batch] for i in range(len(batch[0].inputs))],
                                                start, limit)
@@ -230,65 +239,90 @@ class Dispatcher:
                 self.store.release(m.key)
                 raise
         except SwapserveError as e:
-            dev.release(d.lane)
+            dev.release(d.lane, now, queued=self._behind(d))
             for p in batch:
                 self._fail(p, e)
             return
         for p in batch:
             self.metrics.observe_queue(d.function, now - p.started)
         self._launch(d, m, Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit), batch,
-                     sum(p.request.items for p in batch), now)
+                     sum(p.request.items for p in batch), now, region)
+
+    def _behind(self, d: Dispatch) -> bool:
+        """Whether ``d`` goes behind a run in flight in its lane (the first lane, queued ahead)."""
+        return not d.lane and bool(self._inflight.get((d.device, 0)))
+
+    def _region(self, d: Dispatch) -> int:
+        """The IO slab region for ``d``'s inputs and outputs: its lane's, or for the first lane the one the
+        run in flight there does not use."""
+        if d.lane:
+            return d.lane
+        used = {fl.region for fl in self._inflight.get((d.device, 0), ())}
+        return self._lanes if 0 in used and self._regions > self._lanes else 0
 
     def _values(self, d: Dispatch) -> dict[str, float]:
         """A dispatch's eviction values by the workers' model keys."""
         return {self._models[f].key: v for f, v in d.values.items() if f in self._models}
 
     def _launch(self, d: Dispatch, m: Served, msg: Run | Prefetch, batch: list[_Pending], items: int,
-                now: float) -> None:
+                now: float, region: int = -1) -> None:
         """Send a run or prefetch to its lane; its reply (or the worker's failure) completes it."""
         w = self._workers[d.device]
         self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
-        self._inflight[d.device, d.lane] = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock())
+        queue = self._inflight.setdefault((d.device, d.lane), [])
+        if queue:
+            self.metrics.count_queued_ahead(w.device)
+        fl = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock(), region, begun=now)
+        queue.append(fl)
         try:
-            wk.send(w, msg, functools.partial(self._complete, w, d.lane))
+            wk.send(w, msg, functools.partial(self._complete, w, fl))
         except (BackendError, OSError) as e:
-            self._complete(w, d.lane, e if isinstance(e, BackendError) else BackendError(str(e)))
+            self._complete(w, fl, e if isinstance(e, BackendError) else BackendError(str(e)))
 
-    def _complete(self, w: wk.WorkerHandle, lane: int, outcome: Any) -> None:
+    def _complete(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any) -> None:
         """A run ended (called straight from the worker's reply). Large outputs are first copied out of the
         lane's slab region on a thread (the lane stays busy meanwhile: the region is still being read)."""
         if isinstance(outcome, BaseException) or not (outcome.ok and isinstance(outcome.result, RunResult)):
-            self._finish(w, lane, outcome, [], private=False)
+            self._finish(w, fl, outcome, [], private=False)
             return
         outs = [w.slab.tensor(r) for r in outcome.result.outputs]
         if sum(o.nbytes for o in outs) <= OFF_LOOP_COPY_BYTES:
-            self._finish(w, lane, outcome, outs, private=False)
+            self._finish(w, fl, outcome, outs, private=False)
             return
         if self._copier is None:
             self._copier = ThreadPoolExecutor(1, thread_name_prefix="swapserve-outputs")
         copied = asyncio.wrap_future(self._copier.submit(_clone_all, outs))
-        copied.add_done_callback(functools.partial(self._copied, w, lane, outcome))
+        copied.add_done_callback(functools.partial(self._copied, w, fl, outcome))
 
-    def _copied(self, w: wk.WorkerHandle, lane: int, outcome: Any, copied: asyncio.Future[list[torch.Tensor]]) -> None:
+    def _copied(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any, copied: asyncio.Future[list[torch.Tensor]]) -> None:
         try:
             outs = copied.result()
         except Exception as e:  # noqa: BLE001 - the requests fail, the node goes on
-            self._finish(w, lane, BackendError(f"copying the outputs out of the IO slab failed: {e}"), [], False)
+            self._finish(w, fl, BackendError(f"copying the outputs out of the IO slab failed: {e}"), [], False)
             return
-        self._finish(w, lane, outcome, outs, private=True)
+        self._finish(w, fl, outcome, outs, private=True)
 
-    def _finish(self, w: wk.WorkerHandle, lane: int, outcome: Any, outs: list[torch.Tensor], private: bool) -> None:
-        """Answer a finished run's requests from ``outs`` (``private`` copies, or views of the lane's slab
-        region, cloned per request here) and free its lane."""
+    def _finish(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any, outs: list[torch.Tensor], private: bool) -> None:
+        """Answer a finished run's requests from ``outs`` (``private`` copies, or views of its slab region,
+        cloned per request here) and free its place in the lane. Runs of one lane are answered in the order
+        they were sent: one whose reply overtook the answer of the run ahead of it (still copying large
+        outputs, say) waits for that answer."""
+        lane = fl.dispatch.lane
+        queue = self._inflight[w.index, lane]
+        if queue[0] is not fl:
+            fl.deferred = functools.partial(self._finish, w, fl, outcome, outs, private)
+            return
+        queue.pop(0)
         reply = None if isinstance(outcome, BaseException) else outcome
         error: SwapserveError | None = outcome if isinstance(outcome, SwapserveError) else None
-        fl = self._inflight.pop((w.index, lane))
         fn_name = fl.dispatch.function
         now = self.clock()
         dev = self.state.devices[w.index]
-        dev.release(lane)
+        dev.release(lane, now)
         dev.last_used[fn_name] = now
-        self.busy_s[w.index] += now - fl.started
+        self.busy_s[w.index] += now - fl.begun
+        if queue:
+            queue[0].begun = max(queue[0].begun, now)
         self.store.release(fl.key)
         self._key_users[fl.key] -= 1
         if reply is not None and reply.ok and isinstance(reply.result, RunResult):
@@ -319,7 +353,7 @@ class Dispatcher:
             if res.pages_taken:
                 self.metrics.count_eviction(w.device, res.pages_taken)
             self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
-                                              (now - fl.started) * 1e3, now, copy_ms=fl.dispatch.copy_ms)
+                                              (now - fl.begun) * 1e3, now, copy_ms=fl.dispatch.copy_ms)
         else:
             err = error or reply_error(reply)
             for p in fl.pending:
@@ -332,6 +366,8 @@ class Dispatcher:
         if self._wanted:
             self._retry_prefetches()
         self._keep_hot()
+        if queue and queue[0].deferred is not None:
+            queue[0].deferred()
 
     def _keep_hot(self) -> None:
         """Keep the event loop polling (not sleeping) while runs are in flight and ``spin_s`` after."""
@@ -344,7 +380,7 @@ class Dispatcher:
 
     def _spin(self) -> None:
         # A ready callback makes the loop poll its sockets and pipes with a zero timeout instead of sleeping.
-        if self.live and (self._inflight or time.perf_counter() < self._hot_until):
+        if self.live and (any(self._inflight.values()) or time.perf_counter() < self._hot_until):
             asyncio.get_running_loop().call_soon(self._spin)
         else:
             self._spinning = False

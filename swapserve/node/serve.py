@@ -94,7 +94,8 @@ async def _main(config: ServeConfig) -> int:
     metrics = Metrics()
     node = Node(NodeConfig(home=config.home, devices=devices, pool_bytes=config.pool_bytes,
                            workspace_bytes=config.workspace_bytes, lanes=config.lanes,
-                           swap_piece_ms=config.swap_piece_ms, host_store_bytes=_host_store_bytes(config),
+                           swap_piece_ms=config.swap_piece_ms, queue_ahead=config.queue_ahead,
+                           host_store_bytes=_host_store_bytes(config),
                            mode=config.mode, policy=config.policy, prepare_on_deploy=config.prepare,
                            spin_s=config.spin_ms / 1e3,
                            sandbox=SandboxConfig(isolation=config.sandbox_isolation,  # type: ignore[arg-type]

@@ -8,11 +8,11 @@ cost model.
 from swapserve.scheduler.core import Scheduler
 from swapserve.scheduler.estimate import Estimate, View, rate_at, update_rate
 from swapserve.scheduler.types import (
-    Decision, DeviceState, Dispatch, FunctionQueue, LinkProfile, ModelProfile, NodeState, Policy, Reject,
-    Request, Source,
+    Decision, DeviceState, Dispatch, FunctionQueue, LinkProfile, ModelProfile, NodeState, Policy, Queued,
+    Reject, Request, Source,
 )
 
 __all__ = [
     "Decision", "DeviceState", "Dispatch", "Estimate", "FunctionQueue", "LinkProfile", "ModelProfile",
-    "NodeState", "Policy", "Reject", "Request", "Scheduler", "Source", "View", "rate_at", "update_rate",
+    "NodeState", "Policy", "Queued", "Reject", "Request", "Scheduler", "Source", "View", "rate_at", "update_rate",
 ]

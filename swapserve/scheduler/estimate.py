@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from swapserve.scheduler.types import LinkProfile, ModelProfile, NodeState, Source
+from swapserve.scheduler.types import DeviceState, LinkProfile, ModelProfile, NodeState, Source
 
 LN2 = math.log(2.0)
 
@@ -96,6 +96,15 @@ class Estimate:
         return (self.finish, 0 if idle else 1, SOURCE_RANK[self.source], 0 if self.lane else 1, self.device)
 
 
+def _incoming(d: DeviceState) -> set[str]:
+    out = set()
+    if d.running is not None and not d.idle and not d.piece:
+        out.add(d.running)
+    if d.queued is not None and not d.queued.piece:
+        out.add(d.queued.function)
+    return out
+
+
 @dataclass
 class _Copy:
     device: int
@@ -118,12 +127,15 @@ class View:
                                                  else max(now, d.side_until) for d in state.devices]
         self.resident = [set(d.resident) for d in state.devices]
         self.partial = [dict(d.partial) for d in state.devices]
-        # The model a busy device is running is on it once the run ends (the worker keeps what it loaded),
-        # unless that is a piece of its swap.
-        self.incoming: list[str | None] = [None if d.idle or d.piece else d.running for d in state.devices]
-        # ``copying_until`` is the end of a host→device copy (peer copies do not use the host link).
+        # The models a busy first lane runs are on the device once it frees (the worker keeps what it
+        # loaded), except those of pieces of a swap.
+        self.incoming: list[set[str]] = [_incoming(d) for d in state.devices]
+        # ``copying_until`` is the end of a host→device copy (peer copies do not use the host link); a
+        # dispatch queued behind the first lane's run copies after it.
         self.copies = [_Copy(d.index, now, d.copying_until) for d in state.devices
                        if d.copying_until is not None and d.copying_until > now]
+        self.copies += [_Copy(d.index, q.start, q.start + q.copy_ms / 1000.0) for d in state.devices
+                        if (q := d.queued) is not None and q.copy_ms > 0]
 
     @property
     def n(self) -> int:
@@ -137,7 +149,7 @@ class View:
         """Whether the whole model is on ``device`` at time ``at`` (or will be, once its current run ends)."""
         if function in self.resident[device]:
             return True
-        return self.incoming[device] == function and at >= self.free_at[device]
+        return function in self.incoming[device] and at >= self.free_at[device]
 
     def partial_fraction(self, function: str, device: int) -> float:
         """The share of a partly resident model's bytes on ``device`` (0 for none), in [0, 1]."""
@@ -225,7 +237,7 @@ class View:
         for d in range(self.n):
             if not self.fits(prof, d):
                 continue
-            if function in self.resident[d] or self.incoming[d] == function or function in self.partial[d]:
+            if function in self.resident[d] or function in self.incoming[d] or function in self.partial[d]:
                 picked.add(d)
                 continue
             g = self._group(d)
@@ -241,7 +253,7 @@ class View:
     def best_case_ms(self, function: str, prof: ModelProfile, items: int) -> float | None:
         """The fastest this batch could run from the models' current placement with every device free and
         no other copy in flight (None if it fits no device). Used for the cold-start grace."""
-        if any(function in r or function == inc for r, inc in zip(self.resident, self.incoming)):
+        if any(function in r or function in inc for r, inc in zip(self.resident, self.incoming)):
             return prof.exec_at(items)
         best = None
         for d in range(self.n):
@@ -260,9 +272,8 @@ class View:
         if est.lane:
             self.side_free_at[d] = est.finish
             return
-        if self.incoming[d] is not None:  # the run before this one has ended by the time this starts
-            self.resident[d].add(self.incoming[d])  # type: ignore[arg-type]
-        self.incoming[d] = function if est.source != "resident" and whole else None
+        self.resident[d] |= self.incoming[d]  # the runs before this one have ended by the time this starts
+        self.incoming[d] = {function} if est.source != "resident" and whole else set()
         self.free_at[d] = est.finish
         self.idle[d] = False
         if est.source in ("host", "partial") and est.copy_ms > 0.0:

@@ -92,6 +92,20 @@ class FunctionQueue:
     last_arrival: float | None = None
 
 
+@dataclass(frozen=True)
+class Queued:
+    """A first-lane dispatch sent behind the run in progress there: the worker starts it as soon as that run
+    ends, with no round trip through the controller between them."""
+
+    function: str
+    start: float
+    """Expected start: the expected end of the run ahead of it."""
+    expected_ms: float
+    copy_ms: float
+    """Expected host→device copy part (0 when nothing comes over the host link)."""
+    piece: bool
+
+
 @dataclass
 class DeviceState:
     index: int
@@ -101,13 +115,15 @@ class DeviceState:
     partial: dict[str, float] = field(default_factory=dict)
     """Functions partly on this device: fraction of their bytes present."""
     busy_until: float | None = None
-    """Expected end of the work dispatched to it; None when idle."""
+    """Expected end of the work dispatched to its first lane (``queued`` included); None when idle."""
     running: str | None = None
     piece: bool = False
     """Whether what ``running`` does is a piece of its model's swap (the model still partly missing
     when it ends) rather than a run or a whole prefetch (the model there when it ends)."""
     copying_until: float | None = None
     """Expected end of its in-flight host→device copy, if any."""
+    queued: Queued | None = None
+    """The dispatch waiting behind ``running`` in the first lane, if any (``Scheduler(queue_ahead=True)``)."""
     last_used: dict[str, float] = field(default_factory=dict)
     """When each function last ran here (for LRU)."""
     side_lane: bool = False
@@ -128,10 +144,26 @@ class DeviceState:
     def side_free(self) -> bool:
         return self.side_lane and self.side_until is None
 
-    def release(self, lane: int) -> None:
-        """A lane's run ended."""
+    @property
+    def first_lane(self) -> tuple[str, ...]:
+        """The functions the first lane runs or will run next (none when it is idle)."""
+        return tuple(f for f in (self.running, self.queued.function if self.queued else None) if f is not None)
+
+    def release(self, lane: int, now: float, queued: bool = False) -> None:
+        """A lane's dispatch ended: the side lane's; the first lane's running one, whose queued successor (if
+        any) starts now; or, with ``queued``, the successor itself (it failed before it ran)."""
         if lane:
             self.side_until = self.side_running = None
+            return
+        q = self.queued
+        self.queued = None
+        if queued:
+            assert q is not None, "no dispatch queued behind the first lane"
+            self.busy_until = q.start
+        elif q is not None:
+            self.running, self.piece = q.function, q.piece
+            self.busy_until = now + q.expected_ms / 1000.0
+            self.copying_until = now + q.copy_ms / 1000.0 if q.copy_ms > 0 else None
         else:
             self.busy_until = self.running = self.copying_until = None
             self.piece = False

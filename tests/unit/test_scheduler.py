@@ -8,7 +8,8 @@ import math
 import pytest
 
 from swapserve.scheduler import (
-    Decision, DeviceState, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, rate_at, update_rate,
+    Decision, DeviceState, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, View, rate_at,
+    update_rate,
 )
 
 GB = 10**9
@@ -627,7 +628,7 @@ def test_resident_request_runs_in_the_side_lane_beside_a_swap():
     assert (dev.side_running, dev.side_until) == ("hit", pytest.approx(T0 + 0.0025))
     assert (dev.running, dev.busy_until) == ("big", T0 + 0.020)  # the first lane's state is untouched
     assert sched.values(s, 0, T0)["hit"] == math.inf  # in flight: never evicted under it
-    dev.release(1)
+    dev.release(1, T0)
     assert dev.side_free and not dev.idle
 
 
@@ -671,6 +672,86 @@ def test_admission_counts_the_side_lane():
         s.devices[0].resident.add("hit")
         busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
         assert (Scheduler().admit(s, req(s, "hit", "r1"), T0) is not None) is refused
+
+
+# --- queue-ahead ----------------------------------------------------------------------------------------
+
+def test_queue_ahead_sends_the_next_swap_behind_the_run_in_progress():
+    """One device swapping "big" until T0+20 ms: a cold model's request is sent now, queued behind it (the
+    worker starts it when "big" ends), expected to start then; a second one waits for the slot."""
+    s = node(1)
+    fn(s, "cold", nbytes=100 * MB, exec_ms={1: 1.0})
+    fn(s, "later", nbytes=100 * MB, exec_ms={1: 1.0})
+    busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
+    enqueue(s, "cold", "r1")
+    enqueue(s, "later", "r2", at=T0 + 0.001)
+    assert Scheduler(swap_piece_ms=0).decide(s, T0).dispatches == ()  # off: it waits for the lane to free
+    sched = Scheduler(swap_piece_ms=0, queue_ahead=True)
+    d = only(sched.decide(s, T0))
+    assert (d.function, d.request_ids, d.lane, d.source) == ("cold", ("r1",), 0, "host")
+    assert d.copy_ms == pytest.approx(2.0) and d.expected_ms == pytest.approx(2.3)  # 100 MB at 50 GB/s + overhead
+    sched.apply(s, Decision((d,)), T0)
+    dev = s.devices[0]
+    assert dev.queued is not None and (dev.queued.function, dev.queued.start) == ("cold", T0 + 0.020)
+    assert (dev.running, dev.copying_until) == ("big", T0 + 0.020)
+    assert dev.busy_until == pytest.approx(T0 + 0.0223)
+    assert dev.first_lane == ("big", "cold")
+    assert sched.values(s, 0, T0)["cold"] == math.inf  # in flight: never evicted under it
+    assert sched.decide(s, T0).dispatches == ()  # one behind the run at most
+    # "big" ends 2 ms late: "cold" starts then, its expected end and copy counted from there.
+    dev.release(0, T0 + 0.022)
+    assert (dev.running, dev.queued, dev.piece) == ("cold", None, False)
+    assert dev.busy_until == pytest.approx(T0 + 0.0243) and dev.copying_until == pytest.approx(T0 + 0.024)
+    dev.release(0, T0 + 0.0243)
+    assert dev.idle and dev.first_lane == ()
+
+
+def test_queue_ahead_fills_an_idle_lane_and_its_queue_in_one_decision():
+    s = node(1)
+    for name in ("a", "b", "c"):
+        fn(s, name, nbytes=100 * MB, exec_ms={1: 1.0})
+    enqueue(s, "a", "r1")
+    enqueue(s, "b", "r2", at=T0 + 0.001)
+    enqueue(s, "c", "r3", at=T0 + 0.002)
+    sched = Scheduler(swap_piece_ms=0, queue_ahead=True)
+    decision = sched.decide(s, T0)
+    assert [d.function for d in decision.dispatches] == ["a", "b"]  # EDF; "c" waits for the slot
+    sched.apply(s, decision, T0)
+    dev = s.devices[0]
+    assert dev.running == "a" and dev.queued is not None and dev.queued.start == pytest.approx(T0 + 0.0023)
+    # Planning sees "b"'s copy after "a"'s and both models there once the lane frees.
+    view = View(s, T0)
+    assert view.holds("a", 0, dev.busy_until) and view.holds("b", 0, dev.busy_until)
+    assert sorted((c.start, c.end) for c in view.copies) == [
+        (T0, pytest.approx(T0 + 0.002)), (pytest.approx(T0 + 0.0023), pytest.approx(T0 + 0.0043))]
+
+
+def test_queue_ahead_prefers_an_idle_device_and_a_failed_successor_leaves_the_run():
+    s = node(2)
+    fn(s, "cold", nbytes=100 * MB, exec_ms={1: 1.0})
+    busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
+    enqueue(s, "cold", "r1")
+    sched = Scheduler(swap_piece_ms=0, queue_ahead=True)
+    assert only(sched.decide(s, T0)).device == 1  # starts now on the idle device rather than in 20 ms
+    s.queues["cold"].requests.clear()
+    s.devices[1].busy_until, s.devices[1].running = T0 + 0.030, "other"
+    enqueue(s, "cold", "r2")
+    d = only(sched.decide(s, T0))
+    assert d.device == 0  # the first lane that frees first
+    sched.apply(s, Decision((d,)), T0)
+    dev = s.devices[0]
+    dev.release(0, T0 + 0.001, queued=True)  # the successor failed before it ran (its message never left)
+    assert (dev.running, dev.busy_until, dev.queued) == ("big", T0 + 0.020, None)
+
+
+def test_queue_ahead_is_swapserve_only():
+    for policy in ("fifo_lru", "dedicated"):
+        s = node(1)
+        fn(s, "cold", nbytes=100 * MB)
+        s.dedicated["cold"] = 0
+        busy(s, 0, until=T0 + 0.020, running="big")
+        enqueue(s, "cold", "r1")
+        assert Scheduler(policy, queue_ahead=True).decide(s, T0).dispatches == ()
 
 
 # --- prefetch -------------------------------------------------------------------------------------------
@@ -721,7 +802,7 @@ def test_a_long_swap_with_room_comes_in_pieces_and_its_requests_stay_queued():
     assert (dev.running, dev.piece, dev.busy_until) == ("big", True, pytest.approx(T0 + 0.003))
     assert sched.decide(s, T0 + 0.001).dispatches == ()  # not planned as resident after the piece
     # The piece landed: the next piece covers the same share of what is still missing.
-    dev.release(0)
+    dev.release(0, T0 + 0.003)
     dev.partial["big"] = 0.2
     d2 = only(sched.decide(s, T0 + 0.004))
     assert d2.piece_bytes == pytest.approx(150 * MB, rel=1e-6) and d2.source == "partial"
@@ -736,7 +817,7 @@ def test_between_pieces_what_is_due_first_runs():
     piece = only(sched.decide(s, T0))
     sched.apply(s, Decision((piece,)), T0)
     enqueue(s, "small", "s1", at=T0 + 0.001)  # arrives during the piece
-    s.devices[0].release(0)
+    s.devices[0].release(0, T0 + 0.003)
     s.devices[0].partial["big"] = 0.2
     d = only(sched.decide(s, T0 + 0.003))
     assert (d.function, d.request_ids, d.piece_bytes) == ("small", ("s1",), 0)
