@@ -72,6 +72,10 @@ class RunInfo:
     """Putting the inputs on the device (queued there, not waited for)."""
     place_ms: float = 0.0
     """Pinning the model and its pages: evictions and remaps for a swap."""
+    place_lock_ms: float = 0.0
+    """The part of ``place_ms`` spent waiting for the engine's lock (another lane placing or finishing)."""
+    place_remap_ms: float = 0.0
+    """The part of ``place_ms`` spent remapping slots onto other pages (driver calls)."""
     device_ms: float = 0.0
     """Launch to the copies and compute landing (waited for)."""
 
@@ -285,8 +289,10 @@ class SwapEngine:
             with self._placed(m, value, lane=ln.index) as (host, plan):
                 placed = time.perf_counter()
                 outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive)
+        lock_ms, remap_ms = self._local.place_parts
         self._local.last_run = replace(self._local.last_run, wait_ms=(started - entered) * 1e3,
                                        upload_ms=(uploaded - started) * 1e3, place_ms=(placed - uploaded) * 1e3,
+                                       place_lock_ms=lock_ms, place_remap_ms=remap_ms,
                                        device_ms=(time.perf_counter() - placed) * 1e3)
         if run_batch != batch:
             outs = [o[:batch] if spec.shape[:1] == (-1,) else o for o, spec in zip(outs, m.artifact.manifest.outputs)]
@@ -324,8 +330,15 @@ class SwapEngine:
                 lane: int = 0) -> Iterator[tuple[HostEntry, PlacementPlan]]:
         """Pin the host buffer and the model's pages, remapped where the plan says; unpin after. Outside
         lane 0 the model must already be wholly on the device (checked with the pool locked, so that no
-        swap takes its pages between the check and the pin)."""
+        swap takes its pages between the check and the pin).
+
+        The remaps run outside the engine's lock: they change only this model's range, onto pages the plan
+        gave it (pinned, so nothing takes them back), and they are slow while copies are queued on the device
+        (~1 ms a page on an H200 beside a swap's copies, ``bench/remap_cost.py``), which the other lane must
+        not wait for."""
+        asked = time.perf_counter()
         with self._lock:
+            locked = time.perf_counter()
             if lane and self.pool.state(m.name) is not Residency.RESIDENT:
                 raise NotResidentError(f"{m.name} is not wholly on {self.config.device}: lane {lane} runs "
                                        "resident models only")
@@ -333,14 +346,20 @@ class SwapEngine:
             try:
                 self._pin_host(m, host)
                 plan = self.pool.acquire(m.name, self.clock(), value, limit)
-                try:
-                    self._remap(m, plan)
-                except BaseException:
-                    self.pool.release(m.name)
-                    raise
             except BaseException:
                 self.store.release(m.name)
                 raise
+            self.stats.remaps += len(plan.remaps)
+            self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
+        remap = time.perf_counter()
+        try:
+            self._remap(m, plan)
+        except BaseException:
+            with self._lock:
+                self.pool.release(m.name)
+                self.store.release(m.name)
+            raise
+        self._local.place_parts = ((locked - asked) * 1e3, (time.perf_counter() - remap) * 1e3)
         try:
             yield host, plan
         finally:
@@ -493,8 +512,6 @@ class SwapEngine:
             if r.old_page is not None:
                 self.backend.unmap(va)
             self.backend.map(va, r.new_page)
-        self.stats.remaps += len(plan.remaps)
-        self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
 
     def _copy_mask(self, m: _Model, load: Sequence[int]) -> list[bool]:
         page = self.config.page_bytes
