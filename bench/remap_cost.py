@@ -9,7 +9,10 @@ pages instead of one per page, under three conditions:
 
   * ``idle``: nothing else queued on the device;
   * ``kernels``: ~20 ms of matrix products queued on another stream (a lane running a model);
-  * ``copies``: a 640 MiB host→device copy queued on the copy stream (another model's swap).
+  * ``copies``: a 640 MiB host→device copy queued on the copy stream (another model's swap);
+  * ``vmm_kernels``: the same matrix products as ``kernels``, reading a range mapped from the pool's pages (a
+    lane running a model from the pool, as the side lane does during a swap);
+  * ``outputs``: 40 device→host copies of 256 KiB queued on another stream (runs writing their outputs).
 
 Each remap is checked: the bytes written through the range before are read back through it after remapping
 back (both ways, every page).
@@ -34,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PAGE = 32 << 20
 PAGES = (1, 4, 16)
-CONDITIONS = ("idle", "kernels", "copies")
+CONDITIONS = ("idle", "kernels", "copies", "vmm_kernels", "outputs")
 
 
-def measure(rounds: int) -> dict:
+def measure(rounds: int, extra_mappings: int = 0) -> dict:
     import torch
 
     from swapserve.engine.backend.cuda import CudaBackend, check
@@ -47,7 +50,8 @@ def measure(rounds: int) -> dict:
     cu = be._cu
     dev = be.device
     k_max = max(PAGES)
-    be.create_pages(2 * k_max)  # two sets: the range moves from one to the other and back
+    be.create_pages(2 * k_max + 1)  # two sets: the range moves from one to the other and back; one more page
+    # holds the operand of the vmm_kernels condition
     side = torch.cuda.Stream(dev)
     a = torch.randn(4096, 4096, device=dev, dtype=torch.float16)
     swap_bytes = 640 << 20
@@ -55,6 +59,20 @@ def measure(rounds: int) -> dict:
     dst = torch.empty(swap_bytes, dtype=torch.uint8, device=dev)
     chunks = [Chunk(s, s + (2 << 20)) for s in range(0, swap_bytes, 2 << 20)]
     events = be.new_events(len(chunks))
+    vmm_va = be.reserve(PAGE)
+    be.map(vmm_va, 2 * k_max)
+    a_vmm = be.view(vmm_va, PAGE).view(torch.float16)[:4096 * 4096].view(4096, 4096)
+    a_vmm.copy_(a)
+    out_dev = torch.empty(256 << 10, dtype=torch.uint8, device=dev)
+    out_host = torch.empty(256 << 10, dtype=torch.uint8).pin_memory()
+    # A node keeps a model's mappings after eviction, so each physical page ends up mapped in many models'
+    # ranges: map every page of both sets into this many ranges more.
+    extra = []
+    for _ in range(extra_mappings):
+        r = be.reserve(2 * k_max * PAGE)
+        for pg in range(2 * k_max):
+            be.map(r + pg * PAGE, pg)
+        extra.append(r)
 
     def load(condition: str) -> None:
         if condition == "kernels":
@@ -63,6 +81,14 @@ def measure(rounds: int) -> dict:
                     a @ a
         elif condition == "copies":
             be.start_copies(dst.data_ptr(), host, chunks, [True] * len(chunks), events)
+        elif condition == "vmm_kernels":
+            with torch.cuda.stream(side):
+                for _ in range(80):
+                    a_vmm @ a_vmm
+        elif condition == "outputs":
+            with torch.cuda.stream(side):
+                for _ in range(40):
+                    out_host.copy_(out_dev, non_blocking=True)
 
     def remap(va: int, k: int, to_set: int, batched: bool) -> float:
         pages = [to_set * k_max + i for i in range(k)]
@@ -106,8 +132,14 @@ def measure(rounds: int) -> dict:
         for i in range(k):
             be.unmap(va + i * PAGE)
         be.release(va, k * PAGE)
+    be.unmap(vmm_va)
+    be.release(vmm_va, PAGE)
+    for r in extra:
+        for pg in range(2 * k_max):
+            be.unmap(r + pg * PAGE)
+        be.release(r, 2 * k_max * PAGE)
     return {"gpu": torch.cuda.get_device_name(dev), "date": date.today().isoformat(), "page_bytes": PAGE,
-            "rounds": rounds, "results": results}
+            "rounds": rounds, "extra_mappings": extra_mappings, "results": results}
 
 
 def report(result: dict, out: Path) -> None:
@@ -117,8 +149,9 @@ def report(result: dict, out: Path) -> None:
     lines = [f"# Remapping a model's pages — {result['gpu']}, {result['date']}", "",
              f"k pages of {PAGE >> 20} MiB moved from one set of physical pages to another (unmap, map, grant "
              f"access), {result['rounds']} rounds each way; p50 (p90) ms.", "",
-             "| pages | access | idle | kernels on another stream | a swap's copies queued |",
-             "|---:|---|---:|---:|---:|"]
+             "| pages | access | idle | kernels on another stream | a swap's copies queued | kernels on pool pages "
+             "| output copies queued |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     for k in PAGES:
         for access in ("one call per page", "one call per run"):
             cells = {r["condition"]: r for r in rows if r["pages"] == k and r["access"] == access}
@@ -133,9 +166,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--extra-mappings", type=int, default=0, help="map every page into this many other ranges "
+                    "too (as a node's kept mappings do)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = measure(args.rounds)
+    result = measure(args.rounds, args.extra_mappings)
     (args.out / "remap_cost.json").write_text(json.dumps(result, indent=1))
     report(result, args.out)
     print((args.out / "remap_cost.md").read_text())

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -46,6 +47,13 @@ class WorkerConfig:
 
 AUTO_POOL_MARGIN = 3 << 30
 
+SWITCH_INTERVAL_S = 1e-4
+"""The interpreter's thread switch interval in a GPU worker (default 5 ms). Its lanes run in threads, and each
+driver call (a remap's unmap, map and access; a launch; a wait) gives up the GIL and must take it back while
+another lane may be running Python: on an H200, remapping 2 pages took 0.19 ms alone and 1.0 ms beside a thread
+running Python in 0.8 ms bursts at 5 ms, 0.16 ms at 0.1 ms (``bench/worker_gil.py``); in the node's trace the
+remaps of a swap took ~0.7 ms of its first lane's time."""
+
 
 def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
     """Process entry point (spawned)."""
@@ -57,6 +65,7 @@ def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
         import torch
 
         torch.set_num_threads(1)  # the GPU computes; CPU-side tensor work here is copies (see serve.run)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
     if cfg.auto_pool:
         engine_cfg = replace(engine_cfg, pool_bytes=_auto_pool(engine_cfg))
     # The controller stops us (after in-flight work); a signal to the whole process group (Ctrl-C, a service
