@@ -744,6 +744,20 @@ def test_queue_ahead_prefers_an_idle_device_and_a_failed_successor_leaves_the_ru
     assert (dev.running, dev.busy_until, dev.queued) == ("big", T0 + 0.020, None)
 
 
+def test_queue_ahead_never_sends_a_piece_of_a_swap_ahead():
+    """A long swap with room would come in pieces: behind a busy lane it waits (a piece is there to let what
+    arrives meanwhile go first); once the lane is idle its first piece goes."""
+    s = node(1)
+    fn(s, "big", nbytes=750 * MB, exec_ms={1: 3.0}, slo_ms=200.0)  # a 15 ms copy at 50 GB/s, time to spare
+    busy(s, 0, until=T0 + 0.002, running="other", copying_until=T0 + 0.002)
+    enqueue(s, "big", "r1")
+    sched = Scheduler(swap_piece_ms=3.0, queue_ahead=True)
+    assert sched.decide(s, T0).dispatches == ()
+    s.devices[0].release(0, T0 + 0.002)
+    d = only(sched.decide(s, T0 + 0.002))
+    assert d.function == "big" and d.piece_bytes > 0
+
+
 def test_queue_ahead_is_swapserve_only():
     for policy in ("fifo_lru", "dedicated"):
         s = node(1)
