@@ -512,6 +512,8 @@ def breakdown(rows: list[tuple]) -> dict | None:
 
 
 PHASES = ("wait", "upload", "place", "device", "output")
+PLACE_PARTS = ("place_lock", "place_remap")
+"""Parts of ``place`` (runs since 2026-11-28's fourth session report them)."""
 
 
 def phases(rows: list[tuple]) -> dict | None:
@@ -520,7 +522,8 @@ def phases(rows: list[tuple]) -> dict | None:
     with_phases = [r[14] for r in rows if r[14]]
     if not with_phases:
         return None
-    return {"runs": len(with_phases), **{k: float(np.median([p.get(k, 0.0) for p in with_phases])) for k in PHASES}}
+    return {"runs": len(with_phases),
+            **{k: float(np.median([p.get(k, 0.0) for p in with_phases])) for k in PHASES + PLACE_PARTS}}
 
 
 def srv_devices(srv: Server) -> int:

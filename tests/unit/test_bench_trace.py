@@ -85,9 +85,11 @@ def test_phase_medians_of_the_runs_that_reported_them(trace_module):
     def row(phases: dict) -> tuple:
         return (0, 0.0, 5.0, 200, 0.1, 4.0, False, 4.5, 4.4, 4.9, "", 0.2, 4.1, 1, phases)
 
-    rows = [row({"wait": 0.0, "upload": 0.1, "place": 0.2, "device": d, "output": 0.3}) for d in (1.0, 2.0, 9.0)]
+    rows = [row({"wait": 0.0, "upload": 0.1, "place": 0.2, "device": d, "output": 0.3, "place_remap": 0.1})
+            for d in (1.0, 2.0, 9.0)]
     got = trace_module.phases(rows + [row({})])  # a run without phases (an older node) does not count
-    assert got == {"runs": 3, "wait": 0.0, "upload": 0.1, "place": 0.2, "device": 2.0, "output": 0.3}
+    assert got == {"runs": 3, "wait": 0.0, "upload": 0.1, "place": 0.2, "device": 2.0, "output": 0.3,
+                   "place_lock": 0.0, "place_remap": 0.1}
     assert trace_module.phases([row({})]) is None
 
 
@@ -114,6 +116,15 @@ def test_each_missing_function_counts_under_its_worst_requests_largest_part(trac
     assert got["missed"] == 4
     assert got["worst_part"] == {"queue": 1, "client": 1, "refused": 1, "swap": 1}
     assert got["attainment_without_queueing"] == 0.4  # without queueing f1 would have met its SLO too
+
+
+def test_a_wait_in_the_workers_lane_counts_as_queueing(trace_module):
+    """Queued ahead behind another run, a request waits in the worker: what its phases do not cover of the
+    worker's time (the place parts are inside place, not added again)."""
+    r = _rec("f0-small", 14.0, server=13.0, node=12.5, worker=9.0, device=0.5)
+    r["phases_ms"].update(place_lock=0.01, place_remap=0.03)
+    assert trace_module.queued_ms(r) == pytest.approx(9.0 - 0.55)
+    assert trace_module.miss_causes([r], {"f0-small": 10.0})["worst_part"] == {"queue": 1}
 
 
 def test_miss_causes_cli_reads_a_runs_raw_records(tmp_path):
