@@ -46,6 +46,9 @@ python3 bench/side_lane.py --out "$R" --rounds 30
 step "remap cost (a swap's pages phase: remaps alone, beside kernels, beside queued copies)"
 python3 bench/remap_cost.py --out "$R" --rounds 20
 
+step "remaps beside another thread's Python, by switch interval"
+python3 bench/worker_gil.py --out "$R"
+
 if [ "$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)" -ge 2 ]; then
   step "peer copy probe (a worker mapping another worker's pages)"
   python3 bench/probe_peer.py --out "$R"
