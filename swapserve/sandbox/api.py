@@ -34,7 +34,8 @@ class Request:
     """One request to the function."""
 
     inputs: dict[str, torch.Tensor]
-    """Named CPU tensors (the OIP route); empty on the JSON route."""
+    """Named CPU tensors (the OIP route); empty on the JSON route. Views of the sandbox's shared memory, valid
+    until ``handle`` returns: ``.clone()`` what you keep beyond it."""
     parameters: dict[str, Any]
     """The request's parameters (a JSON object); empty if it had none."""
     json: Any = None
@@ -82,8 +83,9 @@ class ModelFuture:
         """The sandbox's channel: reads replies until ours is in (no reader thread to hand it over)."""
 
     def result(self, timeout: float | None = None) -> dict[str, torch.Tensor]:
-        """The model's outputs by name (CPU tensors of your own). Raises :class:`ModelCallError`, or
-        ``TimeoutError`` after ``timeout`` seconds (the call goes on)."""
+        """The model's outputs by name: CPU tensors viewing the sandbox's shared memory, each call's its own,
+        valid until ``handle`` returns (``.clone()`` what you keep beyond it). Raises :class:`ModelCallError`,
+        or ``TimeoutError`` after ``timeout`` seconds (the call goes on)."""
         if self._wait is not None and not self._future.done():
             self._wait(self._future.done, timeout)
         return self._future.result(0 if self._wait is not None else timeout)

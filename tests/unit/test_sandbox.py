@@ -281,6 +281,29 @@ def test_handler_calls_two_models_and_combines_them(manager: SandboxManager, mod
     assert r.handler_ms < 1000 * 2 * models.delay_s + 500  # overlapped, not 2 x delay + cold start
 
 
+CHAIN_KEEP = """
+import torch
+
+def handle(request, models):
+    x = request.inputs["x"]
+    kept = [models["encoder"](x * k).result()["y"] for k in (1, 2, 3)]  # each call's outputs apart...
+    return {"all": torch.cat([x, *kept], dim=1)}                        # ... and the inputs intact
+"""
+
+
+def test_model_outputs_and_request_inputs_stay_valid_until_handle_returns(manager: SandboxManager,
+                                                                           models: TwoModels, fn_dir: Any,
+                                                                           run: Any) -> None:
+    """Request inputs and each call's outputs are views of the arena: none is overwritten by a later call of
+    the same request, and the next request does not see the last one's."""
+    pool = pool_for(manager, fn_dir(CHAIN_KEEP))
+    for _ in range(2):
+        x = torch.randn(2, 4)
+        want = torch.cat([x, *(models.expected("encoder", x * k) for k in (1, 2, 3))], dim=1)
+        r = run(pool.infer({"x": x}))
+        torch.testing.assert_close(r.outputs["all"], want)
+
+
 def test_async_handler_awaits_model_futures(manager: SandboxManager, models: TwoModels, fn_dir: Any, run: Any) -> None:
     pool = pool_for(manager, fn_dir(COMBINE_ASYNC))
     x = torch.randn(2, 4)
