@@ -310,7 +310,7 @@ class _Sandbox:
                 raise ModelCallError("model handles can be called only while handle() runs (not in setup(), "
                                      "nor from a thread that outlives its request)")
             try:
-                refs = self.mine.write(inputs, f"inputs of model {model!r}")
+                refs = self.mine.place(inputs, f"inputs of model {model!r}")
             except PayloadTooLargeError as e:
                 raise ModelCallError(str(e), 413) from None
             fut = ModelFuture(model, next(self.call_ids), self._wait_reply)
@@ -382,7 +382,8 @@ class _Sandbox:
             except ProtocolViolation as e:
                 return _fail(rid, "output", f"the response's parameters are not a JSON object: {e}")
             try:
-                refs = self.mine.write({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, "the response's tensors")
+                refs = self.mine.place({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                       "the response's tensors")
             except (ArtifactError, PayloadTooLargeError) as e:
                 return _fail(rid, "output", f"the response's tensors cannot be sent: {e}")
             reply = {"t": "resp", "req": rid, "is_json": False, "tensors": encode_tensors(refs), "params": params}

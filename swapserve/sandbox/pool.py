@@ -347,7 +347,8 @@ class SandboxPool:
                     raise
                 except Exception as e:  # noqa: BLE001 - malformed msgpack of any kind
                     raise ProtocolViolation(f"undecodable message: {type(e).__name__}: {e}") from None
-                self._on_message(sb, parse_child_message(raw, sb.proc.arena.half, sb.proc.arena.nbytes))
+                # Anywhere in its arena: the sandbox names the pool's own writes (inputs, outputs) as they are.
+                self._on_message(sb, parse_child_message(raw, 0, sb.proc.arena.nbytes))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         except ProtocolViolation as e:

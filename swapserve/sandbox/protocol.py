@@ -3,14 +3,17 @@ a shared-memory arena.
 
 Tenant code controls the sandbox, so everything the sandbox sends is untrusted: the parent decodes it with
 msgpack (plain data only, no extension types, no pickling), checks each message against its schema, and
-checks every tensor reference against the sandbox's half of the arena before touching a byte. A message
-that fails a check is a protocol violation: the sandbox is killed.
+checks every tensor reference against the arena's bounds before touching a byte. A message that fails a
+check is a protocol violation: the sandbox is killed.
 
 The arena is a sealed memfd: the sandbox can neither shrink it (which would fault the parent's reads) nor
 grow it, and it has no path anyone else could open. The parent writes in the first half (request inputs,
 model outputs), the sandbox in the second (model inputs, responses); each side bump-allocates its half
-and starts over at each request, since one sandbox serves one request at a time and each side copies out
-what it receives before the request ends.
+and starts over at each request, since one sandbox serves one request at a time. The handler sees what the
+parent wrote as views, valid until the request ends, and names such a view where it lies when it passes it
+on (a request input to a model, a model's output in its response) rather than copying it; the parent copies
+out what it receives before the next request starts. A reference may point anywhere in the arena: it holds
+only this sandbox's own tensors, and the sandbox could write any of it anyway.
 """
 
 from __future__ import annotations
@@ -149,6 +152,16 @@ class Arena:
             out[name] = t.clone() if copy else t
         return out
 
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """Where ``t`` lies in the arena if it is a whole contiguous run of its bytes at an aligned offset (a view
+        of what either side wrote), else None."""
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return None
+        off = t.data_ptr() - self.buffer.data_ptr()
+        if off < 0 or off % ALIGN or off + t.numel() * t.element_size() > self.nbytes:
+            return None
+        return off
+
     def close(self) -> None:
         """Idempotent (the descriptor is closed once: a second close could hit a reused number)."""
         if self.fd < 0:
@@ -189,6 +202,18 @@ class Bump:
             self.arena.view(dtype, shape, start).copy_(t)
             self.top = -(-end // ALIGN) * ALIGN
             refs.append((name, dtype, shape, start))
+        return refs
+
+    def place(self, tensors: Mapping[str, torch.Tensor], what: str) -> list[WireTensor]:
+        """As :meth:`write`, but a tensor already in the arena (a request input, a model call's output, as the
+        handler got them) is named where it lies instead of copied."""
+        refs = []
+        for name, t in tensors.items():
+            off = self.arena.offset_of(t)
+            if off is None:
+                refs += self.write({name: t}, what)
+            else:
+                refs.append((name, dtype_name(t.dtype), tuple(int(d) for d in t.shape), off))
         return refs
 
 

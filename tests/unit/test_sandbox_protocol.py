@@ -51,6 +51,26 @@ def test_arena_round_trip_and_halves(arena: Arena) -> None:
     assert down.write({"x": x}, "again")[0][3] == 0
 
 
+def test_a_tensor_already_in_the_arena_is_named_where_it_lies(arena: Arena) -> None:
+    """A handler passing on what the pool wrote (a request input to a model, a model's output as its response)
+    sends a reference, not a copy; anything else (its own tensors, unaligned or strided views) is written."""
+    down, up = arena.parent_side(), arena.child_side()
+    (ref,) = down.write({"x": torch.randn(4, 16)}, "test")
+    x = arena.read([ref], copy=False)["x"]
+    own = torch.randn(4, 16)
+    refs = up.place({"a": x, "b": own, "c": x[:, 1:], "d": x.view(-1)[16:]}, "test")
+    by = {r[0]: r for r in refs}
+    assert by["a"][3] == ref[3]  # the pool's own bytes, named where they are
+    assert by["d"][3] == ref[3] + 16 * 4 and by["d"][2] == (48,)  # 64-byte aligned: named too
+    assert by["b"][3] >= HALF and by["c"][3] >= HALF  # copied into the sandbox's half
+    back = arena.read(decode_tensors(encode_tensors(refs), 0, ARENA))
+    torch.testing.assert_close(back["a"], x)
+    torch.testing.assert_close(back["b"], own)
+    torch.testing.assert_close(back["c"], x[:, 1:])
+    torch.testing.assert_close(back["d"], x.view(-1)[16:])
+    assert arena.offset_of(torch.randn(3)) is None and arena.offset_of(x[:, ::2]) is None
+
+
 @pytest.mark.parametrize("raw,why", [
     ([["x", "float32", [32], HALF - 64]], "outside"),          # starts in the parent's half
     ([["x", "float32", [4], 0]], "outside"),                   # the parent's half
