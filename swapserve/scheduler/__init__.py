@@ -1,7 +1,7 @@
 """The scheduler: a pure, synchronous decision core (:class:`Scheduler`) over plain-data node state.
 
-The controller (and the simulator) own the :class:`NodeState` and drive the core with the clock passed
-in; see :mod:`swapserve.scheduler.core` for the policies and :mod:`swapserve.scheduler.estimate` for the
+The controller owns the :class:`NodeState` and drives the core with the clock passed in (the unit tests
+with a fake one); see :mod:`swapserve.scheduler.core` for the policies and :mod:`swapserve.scheduler.estimate` for the
 cost model.
 """
 

@@ -3,7 +3,7 @@
 The controller's async loop calls :meth:`Scheduler.admit` for each arrival, :meth:`Scheduler.decide`
 whenever something changed (an arrival, a completion, a timer), applies the decision (or lets
 :meth:`Scheduler.apply` do it) and reports completions through :meth:`Scheduler.observe_completion`.
-The discrete-event simulator drives the same calls with a simulated clock. Nothing here reads a clock,
+The unit tests drive the same calls with a fake clock. Nothing here reads a clock,
 draws a random number or does I/O; every tie is broken by a fixed rule (stated where it happens), so the
 same state and time always give the same decision.
 

@@ -1,8 +1,8 @@
 """The scheduler's view of the node, and its decisions. Plain data: no processes, no clocks, no GPU.
 
 The controller owns a :class:`NodeState`, keeps it current (arrivals, completions, residency reported by
-workers) and asks the pure scheduler core for decisions; the discrete-event simulator drives the same
-core with profiled timings. Times are in seconds (``now``, deadlines) except where a name says ``_ms``.
+workers) and asks the pure scheduler core for decisions; the unit tests build states by hand and drive
+the same core with a fake clock. Times are in seconds (``now``, deadlines) except where a name says ``_ms``.
 """
 
 from __future__ import annotations
