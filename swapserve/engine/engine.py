@@ -31,7 +31,8 @@ from swapserve.engine.layout import Chunk, Layout, last_chunk_of
 from swapserve.engine.pages import PagePool, Placement, PlacementPlan, Residency, Value
 from swapserve.engine.program import Program, load_program
 from swapserve.engine.store import HostEntry, HostStore
-from swapserve.errors import ArtifactError, InvalidInputError, NotFoundError, NotResidentError, WorkspaceError
+from swapserve.errors import (ArtifactError, InvalidInputError, NotFoundError, NotResidentError, PoolBusyError,
+                              WorkspaceError)
 from swapserve.tensors import fits_shape
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ class EngineStats:
     """Wall time of recent swapped runs (the last 1000)."""
     swap_cpu_seconds: list[float] = field(default_factory=list)
     """Host CPU time the calling thread spent on each of those runs, before waiting for the device."""
+
+
+PLACE_WAIT_S = 2.0
+"""How long a swap waits for runs in other lanes to unpin the pages it needs before it fails (PoolBusyError)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,8 @@ class SwapEngine:
         self._models: dict[str, _Model] = {}
         self._lock = threading.RLock()
         """Guards the models, the pool and the counters (never held while the device computes)."""
+        self._unpinned = threading.Condition(self._lock)
+        """Notified whenever a run unpins its model (a swap may be waiting for those pages)."""
         self._gate = _Gate()
         self._local = threading.local()
         streams = [getattr(self.backend, "compute_stream", None)] + [self.backend.new_stream()
@@ -345,7 +352,7 @@ class SwapEngine:
             host = self.store.acquire(m.name)
             try:
                 self._pin_host(m, host)
-                plan = self.pool.acquire(m.name, self.clock(), value, limit)
+                plan = self._acquire_pages(m, value, limit)
             except BaseException:
                 self.store.release(m.name)
                 raise
@@ -366,6 +373,22 @@ class SwapEngine:
             with self._lock:
                 self.pool.release(m.name)
                 self.store.release(m.name)
+                self._unpinned.notify_all()
+
+    def _acquire_pages(self, m: _Model, value: Value | None, limit: int | None) -> PlacementPlan:
+        """``pool.acquire`` (lock held), waiting while the pages it needs are pinned by a run in another lane:
+        that run ends within milliseconds, and the scheduler, which does not track pins, sent this swap
+        expecting the pages (a side lane's run pinning most of a small pool made such swaps fail with 503).
+        Gives up after :data:`PLACE_WAIT_S`."""
+        give_up = time.monotonic() + PLACE_WAIT_S
+        while True:
+            try:
+                return self.pool.acquire(m.name, self.clock(), value, limit)
+            except PoolBusyError:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise
+                self._unpinned.wait(left)
 
     def _run(self, m: _Model, host: HostEntry, plan: PlacementPlan, inputs: list[torch.Tensor],
              batch: int, ln: _Lane, exclusive: bool) -> list[torch.Tensor]:

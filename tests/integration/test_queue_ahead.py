@@ -16,10 +16,10 @@ pytestmark = pytest.mark.integration
 def test_swaps_queued_behind_a_run_answer_right(server_factory, functions, tmp_path, ahead):
     """Two compute-bound models that cannot both stay on the device (a one-page pool): requests for both at
     once, so that one swap is sent while the other runs. Every answer is its own model's on its own input (the
-    queued run's inputs and outputs use a slab region of their own). One lane: with a side lane, a resident
-    run there would pin the only page the other model's swap needs (a 503, whatever queue-ahead does)."""
+    queued run's inputs and outputs use a slab region of their own). A resident run in the side lane pins the
+    only page the other model's swap needs: the swap waits for it (it failed with 503 before)."""
     flag = "--queue-ahead" if ahead else "--no-queue-ahead"
-    s = server_factory(extra=("--no-prepare", "--pool", "32MiB", "--lanes", "1", flag)).start()
+    s = server_factory(extra=("--no-prepare", "--pool", "32MiB", flag)).start()
     s.wait_ready()
     for name in ("heavy-a", "heavy-b"):
         assert deploy(s, functions.heavy.variant(tmp_path, name=name))["state"] == "READY"

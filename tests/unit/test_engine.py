@@ -270,3 +270,46 @@ def test_host_store_spills_and_reloads(make_artifact, make_engine):
     eng.evict("a")
     assert same(eng.infer("a", xa), ref)  # back from its safetensors file
     assert eng.store.get("a").loads == 2
+
+
+def test_a_swap_waits_for_a_side_lane_run_to_unpin_the_pages_it_needs(make_artifact, make_engine, monkeypatch):
+    """A pool that holds one of two models; lane 1 is running the resident one (pinned) when lane 0 must swap the
+    other in over it: the swap waits for that run to end instead of failing, and fails (PoolBusyError, a 503 to
+    the client) only if the run outlasts PLACE_WAIT_S."""
+    from swapserve.engine import engine as engine_mod
+    from swapserve.errors import PoolBusyError
+
+    a, _, xa = make_artifact("mlp", seed=8, name="a")
+    b, _, xb = make_artifact("mlp", seed=9, name="b")
+    eng = make_engine("cpu", pool_mib=8, page_mib=2)  # one mlp's pages
+    eng.add("a", a)
+    eng.add("b", b)
+    ref_b = eng.infer("b", xb)
+    eng.infer("a", xa)  # a resident, b evicted
+
+    def side_run(seconds: float, started: threading.Event) -> None:
+        with eng._placed(eng._models["a"], None, lane=1):  # what a side-lane run of a holds while it runs
+            started.set()
+            time.sleep(seconds)
+
+    started = threading.Event()
+    t = threading.Thread(target=side_run, args=(0.3, started))
+    t.start()
+    started.wait()
+    t0 = time.monotonic()
+    assert same(eng.infer("b", xb), ref_b)
+    assert time.monotonic() - t0 >= 0.2  # it waited for the side lane's run
+    t.join()
+    eng.pool.check()
+
+    eng.infer("a", xa)
+    monkeypatch.setattr(engine_mod, "PLACE_WAIT_S", 0.05)
+    started = threading.Event()
+    t = threading.Thread(target=side_run, args=(0.5, started))
+    t.start()
+    started.wait()
+    with pytest.raises(PoolBusyError):
+        eng.infer("b", xb)
+    t.join()
+    assert same(eng.infer("b", xb), ref_b)  # nothing was left half done
+    eng.pool.check()
