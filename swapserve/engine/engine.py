@@ -340,9 +340,9 @@ class SwapEngine:
         swap takes its pages between the check and the pin).
 
         The remaps run outside the engine's lock: they change only this model's range, onto pages the plan
-        gave it (pinned, so nothing takes them back), and they are slow while copies are queued on the device
-        (~1 ms a page on an H200 beside a swap's copies, ``bench/remap_cost.py``), which the other lane must
-        not wait for."""
+        gave it (pinned, so nothing takes them back), and they can be slow — ~1 ms a page beside a swap's
+        queued copies on one two-H200 machine (0.17 ms on another, ``bench/remap_cost.py``), more when the
+        other lane's thread holds the GIL (``bench/worker_gil.py``) — which the other lane must not wait for."""
         asked = time.perf_counter()
         with self._lock:
             locked = time.perf_counter()
