@@ -341,7 +341,7 @@ class SwapEngine:
 
         The remaps run outside the engine's lock: they change only this model's range, onto pages the plan
         gave it (pinned, so nothing takes them back), and they can be slow — ~1 ms a page beside a swap's
-        queued copies on one two-H200 machine (0.17 ms on another, ``bench/remap_cost.py``), more when the
+        queued copies on a two-H200 machine, 0.17 ms on a one-H200 one (``bench/remap_cost.py``), more when the
         other lane's thread holds the GIL (``bench/worker_gil.py``) — which the other lane must not wait for."""
         asked = time.perf_counter()
         with self._lock:
