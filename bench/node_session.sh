@@ -7,7 +7,8 @@
 # BASELINE_SWEEP (default: SWAPSERVE_SWEEP) for fifo_lru and dedicated; DURATION, WARMUP in seconds per point;
 # OVERHEAD=0 skips bench/overhead.py; LANES=1 runs every trace with one lane per GPU (serve --lanes 1);
 # PIECE_MS sets serve --swap-piece-ms (0: swaps in one go); MAX_BATCH=1 (development runs) captures a third
-# of the graphs at start; REPEATS=3 replays each point three times (the point: the median run).
+# of the graphs at start; REPEATS=3 replays each point three times (the point: the median run);
+# QUEUE_AHEAD_AB=1 also runs the swapserve sweep with serve --no-queue-ahead (into RESULTS_DIR/no_queue_ahead).
 # SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
 # trace.py measures them first. Sweeps default to one GPU's (100..400 swapserve-style; 25..200 on-demand).
 set -u
@@ -63,6 +64,10 @@ LANE_ARGS=()
 step "trace swapserve $SWEEP"
 python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"
 SLO=(--slo-from "$R/trace.json")  # the table the first run used (measured there if no file had it)
+if [ "${QUEUE_AHEAD_AB:-0}" = 1 ]; then
+  step "trace swapserve $SWEEP without queue-ahead (the A/B, in $R/no_queue_ahead)"
+  python3 bench/trace.py --out "$R/no_queue_ahead" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}" --no-queue-ahead
+fi
 step "trace lru_ondemand $ONDEMAND_SWEEP"
 python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"
 BASELINE_SWEEP=${BASELINE_SWEEP:-$SWEEP}
