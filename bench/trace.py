@@ -470,8 +470,9 @@ def queued_ms(r: dict) -> float:
     """A completed request's waiting for its turn (ms): in the controller's queue, plus in the worker what its
     phases do not cover (its lane's queue, behind a run sent ahead of it; ~0.1 ms of bookkeeping otherwise)."""
     ph = r.get("phases_ms") or {}
-    lane = max(0.0, r["worker_ms"] - sum(ph.get(k, 0.0) for k in PHASES)) if ph and r.get("worker_ms", -1.0) >= 0 else 0.0
-    return r["queue_ms"] + lane
+    if not ph or r.get("worker_ms", -1.0) < 0:
+        return r["queue_ms"]
+    return r["queue_ms"] + max(0.0, r["worker_ms"] - sum(ph.get(k, 0.0) for k in PHASES))
 
 
 def miss_causes(records: list[dict], slo_ms: dict[str, float]) -> dict:

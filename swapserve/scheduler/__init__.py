@@ -1,8 +1,8 @@
 """The scheduler: a pure, synchronous decision core (:class:`Scheduler`) over plain-data node state.
 
 The controller owns the :class:`NodeState` and drives the core with the clock passed in (the unit tests
-with a fake one); see :mod:`swapserve.scheduler.core` for the policies and :mod:`swapserve.scheduler.estimate` for the
-cost model.
+with a fake one); see :mod:`swapserve.scheduler.core` for the policies and
+:mod:`swapserve.scheduler.estimate` for the cost model.
 """
 
 from swapserve.scheduler.core import Scheduler
