@@ -38,12 +38,12 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -51,9 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from node_harness import Server  # noqa: E402
-
-if TYPE_CHECKING:
-    import aiohttp
 
 from swapserve.scheduler.core import SWAP_PIECE_MS  # noqa: E402
 
@@ -125,63 +122,45 @@ def _reason(body: bytes) -> str:
     return re.sub(r"\d+(\.\d+)?", "#", re.sub(r"'[^']*'", "'…'", message))[:120]
 
 
-async def _head_of_body(r: aiohttp.ClientResponse) -> bytes:
-    """Receive a whole response body, keeping only its JSON head (``Inference-Header-Content-Length``
-    bytes; the whole body if there is no binary part): the latency is until the last byte arrives, and
-    joining GPT-2's 12.9 MB of logits into one bytes object is the client's work, not the server's (on
-    the 2-core CI box 4.7 ms with ``read()`` against 3.5 ms received chunk by chunk)."""
-    want = r.headers.get("Inference-Header-Content-Length")
-    want = int(want) if want else None
-    head = bytearray()
-    async for chunk in r.content.iter_any():
-        if want is None:
-            head += chunk
-        elif len(head) < want:
-            head += chunk[:want - len(head)]
-    return bytes(head)
-
-
 def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: dict[str, tuple[bytes, int]],
             models: list[str], start_at: float, q: mp.Queue) -> None:
-    import aiohttp
+    from http1 import Client  # bench/http1.py: a lean client, so that the load generator does not weigh
 
     async def main() -> list[tuple]:
         results: list[tuple] = []
-        conn = aiohttp.TCPConnector(limit=0)
-        timeout = aiohttp.ClientTimeout(total=120)
-        # aiohttp reads a body in 64 KiB steps by default: GPT-2's 12.9 MB of logits took ~200 turns of this
-        # process's loop, delaying every other response it was reading. Large reads, as a client of big
-        # tensors would configure.
-        async with aiohttp.ClientSession(url, connector=conn, timeout=timeout, read_bufsize=16 << 20) as s:
-            async def one(t: float, i: int) -> None:
-                body, hlen = bodies[models[i]]
-                sent = time.perf_counter()
-                headers_ms = -1.0
-                try:
-                    async with s.post(f"/v2/models/{names[i]}/infer", data=body,
-                                      headers={"Inference-Header-Content-Length": str(hlen),
-                                               "Content-Type": "application/octet-stream"}) as r:
-                        headers_ms = (time.perf_counter() - sent) * 1e3  # the response's head arrived
-                        status = r.status
-                        data = await r.read() if status != 200 else await _head_of_body(r)
-                    ms = (time.perf_counter() - sent) * 1e3
-                    params = _parameters(data, r.headers.get("Inference-Header-Content-Length")) if status == 200 else {}
-                    reason = "" if status == 200 else _reason(data)
-                except Exception as e:  # noqa: BLE001 - a failed request is an SLO miss
-                    status, ms, params, reason = 0, (time.perf_counter() - sent) * 1e3, {}, type(e).__name__
-                results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
-                                bool(params.get("swapped", False)), params.get("server_ms", -1.0),
-                                params.get("total_ms", -1.0), headers_ms, reason, params.get("dispatch_ms", -1.0),
-                                params.get("worker_ms", -1.0), params.get("lane", -1), params.get("phases_ms", {})))
+        client = Client(urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port)
 
-            tasks = []
-            t0 = start_at
-            for t, i in trace:
-                delay = t0 + t - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.ensure_future(one(t, i)))  # open loop: never wait for earlier answers
-            await asyncio.gather(*tasks)
+        async def one(t: float, i: int) -> None:
+            body, hlen = bodies[models[i]]
+            sent = time.perf_counter()
+            headers_ms = -1.0
+            try:
+                # Of a 200's body only the JSON head is kept (GPT-2's 12.9 MB of logits are received and
+                # counted): the latency runs to the last byte either way.
+                r = await asyncio.wait_for(client.request(
+                    "POST", f"/v2/models/{names[i]}/infer", body,
+                    {"Inference-Header-Content-Length": str(hlen), "Content-Type": "application/octet-stream"},
+                    keep_header="inference-header-content-length"), timeout=120)
+                ms = (time.perf_counter() - sent) * 1e3
+                headers_ms = (r.head_at - sent) * 1e3  # the response's head arrived
+                status = r.status
+                params = _parameters(r.body, r.headers.get("inference-header-content-length")) if status == 200 else {}
+                reason = "" if status == 200 else _reason(r.body)
+            except Exception as e:  # noqa: BLE001 - a failed request is an SLO miss
+                status, ms, params, reason = 0, (time.perf_counter() - sent) * 1e3, {}, type(e).__name__
+            results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
+                            bool(params.get("swapped", False)), params.get("server_ms", -1.0),
+                            params.get("total_ms", -1.0), headers_ms, reason, params.get("dispatch_ms", -1.0),
+                            params.get("worker_ms", -1.0), params.get("lane", -1), params.get("phases_ms", {})))
+
+        tasks = []
+        for t, i in trace:
+            delay = start_at + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(t, i)))  # open loop: never wait for earlier answers
+        await asyncio.gather(*tasks)
+        client.close()
         return results
 
     try:
