@@ -9,6 +9,8 @@ host memory over the bus does not queue there (``CudaBackend.upload``, what the 
 Each round starts a swap-sized copy (``--swap-mib`` of pinned host memory in the engine's chunks, through
 ``CudaBackend.start_copies``, the swap's own path) on the copy stream, waits ``--delay-ms``, then times an
 input's upload on another stream, both ways, for several input sizes; also each upload with nothing queued.
+Model-sized inputs (``--sizes-kib``) ask whether a model's bytes could go up by kernel beside a swap: the
+rows then also give the swap's own time with the upload beside it.
 Inputs lie in a registered buffer, as a worker's IO slab does; every upload is checked bit for bit.
 
     python bench/copy_queue.py --out bench/results/<gpu>_<yyyymmdd> [--rounds 20]
@@ -32,7 +34,8 @@ SIZES_KIB = (4, 64, 294, 1176)
 """Input sizes: a token row, a small tensor, one fp16 224×224 image, four of them (a batch)."""
 
 
-def measure(rounds: int, swap_mib: int, delay_ms: float, chunk_mib: int) -> tuple[list[dict], float]:
+def measure(rounds: int, swap_mib: int, delay_ms: float, chunk_mib: int,
+            sizes_kib: tuple[int, ...] = SIZES_KIB) -> tuple[list[dict], float]:
     import torch
 
     from swapserve.engine.backend.base import Backend
@@ -49,7 +52,7 @@ def measure(rounds: int, swap_mib: int, delay_ms: float, chunk_mib: int) -> tupl
     chunks = [Chunk(s, min(s + step, nbytes)) for s in range(0, nbytes, step)]
     events = be.new_events(len(chunks))
     copy = [True] * len(chunks)
-    slab = torch.zeros(max(SIZES_KIB) << 11, dtype=torch.uint8)  # an IO slab's stand-in, registered as the worker's
+    slab = torch.zeros((max(sizes_kib) << 10) + 4096, dtype=torch.uint8)  # an IO slab's stand-in, registered as the worker's
     be.pin(slab)
     side = torch.cuda.Stream(dev)
 
@@ -62,15 +65,16 @@ def measure(rounds: int, swap_mib: int, delay_ms: float, chunk_mib: int) -> tupl
     swap_ms = statistics.median(swap_alone() for _ in range(3))
     rows = []
     try:
-        for kib in SIZES_KIB:
+        for kib in sizes_kib:
             x = slab[256:256 + (kib << 10)]
             x.random_(0, 256)
             ways = (("copy engine (tensor.to)", lambda t: Backend.upload(be, t)), ("kernel (upload)", be.upload))
             for way, upload in ways:
                 for busy in (False, True):
-                    times = []
+                    times, swaps = [], []
                     for _ in range(rounds):
                         torch.cuda.synchronize(dev)
+                        t_swap = time.perf_counter()
                         waiter = be.start_copies(dst.data_ptr(), host, chunks, copy, events) if busy else None
                         if busy:
                             time.sleep(delay_ms / 1e3)
@@ -81,10 +85,12 @@ def measure(rounds: int, swap_mib: int, delay_ms: float, chunk_mib: int) -> tupl
                         times.append((time.perf_counter() - t) * 1e3)
                         if waiter is not None:
                             waiter.finish()
+                            swaps.append((time.perf_counter() - t_swap) * 1e3)
                         if not torch.equal(y.cpu(), x):
                             raise AssertionError(f"{way} changed the bytes of a {kib} KiB input")
                     rows.append({"input_kib": kib, "way": way, "during_swap": busy,
-                                 "p50_ms": statistics.median(times), "max_ms": max(times)})
+                                 "p50_ms": statistics.median(times), "max_ms": max(times),
+                                 "swap_p50_ms": statistics.median(swaps) if swaps else None})
                     print(f"{kib:5d} KiB  {way:24s} {'during swap' if busy else 'alone':12s} "
                           f"p50 {rows[-1]['p50_ms']:.3f} ms", flush=True)
     finally:
@@ -107,6 +113,8 @@ def main() -> None:
     ap.add_argument("--swap-mib", type=int, default=640, help="bytes the swap copies (bert-large in fp16: 640)")
     ap.add_argument("--chunk-mib", type=int, default=2, help="the swap's copy chunk (the engine's page)")
     ap.add_argument("--delay-ms", type=float, default=1.0, help="after the swap's copies are queued")
+    ap.add_argument("--sizes-kib", default=",".join(map(str, SIZES_KIB)),
+                    help="input sizes (KiB); model-sized ones show what a copy by kernel beside a swap achieves")
     ap.add_argument("--render", action="store_true", help="only redraw the plot from OUT/copy_queue.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +123,8 @@ def main() -> None:
         return
     import torch
 
-    rows, swap_ms = measure(args.rounds, args.swap_mib, args.delay_ms, args.chunk_mib)
+    sizes = tuple(int(k) for k in args.sizes_kib.split(","))
+    rows, swap_ms = measure(args.rounds, args.swap_mib, args.delay_ms, args.chunk_mib, sizes)
     result = {"gpu": torch.cuda.get_device_name(0), "date": date.today().isoformat(), "swap_mib": args.swap_mib,
               "chunk_mib": args.chunk_mib, "delay_ms": args.delay_ms, "rounds": args.rounds,
               "swap_alone_ms": swap_ms, "rows": rows}
@@ -125,13 +134,14 @@ def main() -> None:
              f"A {args.swap_mib} MiB swap's copies ({args.chunk_mib} MiB chunks, {swap_ms:.1f} ms alone) queued on the "
              f"copy stream; {args.delay_ms:g} ms later an input in registered host memory is uploaded on another "
              f"stream, {args.rounds} rounds; every upload checked bit for bit.", "",
-             "| input | way | alone p50 ms | during swap p50 ms | during swap max ms |", "|---:|---|---:|---:|---:|"]
+             "| input | way | alone p50 ms | during swap p50 ms | during swap max ms | the swap beside it p50 ms |",
+             "|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if r["during_swap"]:
             alone = next(a for a in rows if a["input_kib"] == r["input_kib"] and a["way"] == r["way"]
                          and not a["during_swap"])
             lines.append(f"| {r['input_kib']} KiB | {r['way']} | {alone['p50_ms']:.3f} | {r['p50_ms']:.3f} | "
-                         f"{r['max_ms']:.3f} |")
+                         f"{r['max_ms']:.3f} | {r['swap_p50_ms']:.2f} |")
     (args.out / "copy_queue.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
