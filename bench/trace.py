@@ -542,6 +542,8 @@ def main() -> None:
     ap.add_argument("--swap-piece-ms", type=float, help="serve --swap-piece-ms (default: the node's own; 0: off)")
     ap.add_argument("--queue-ahead", action=argparse.BooleanOptionalAction, default=True,
                     help="serve --queue-ahead / --no-queue-ahead (default: on, the node's default)")
+    ap.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=True,
+                    help="serve --side-fetch / --no-side-fetch (default: on, the node's default)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sweep = [int(x) for x in args.sweep.split(",")]
@@ -561,7 +563,7 @@ def main() -> None:
                    "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": args.max_batch,
                    "client_processes": args.clients, "lanes": args.lanes or 2,
                    "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS,
-                   "queue_ahead": args.queue_ahead})
+                   "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch})
     total_bytes = None
     for label in args.policies.split(","):
         policy, mode = POLICIES[label]
@@ -576,7 +578,8 @@ def main() -> None:
         extra = (("--policy", policy, "--mode", mode) + (("--no-prepare",) if args.no_prepare else ())
                  + (("--lanes", str(args.lanes)) if args.lanes else ())
                  + (("--swap-piece-ms", str(args.swap_piece_ms)) if args.swap_piece_ms is not None else ())
-                 + ("--queue-ahead" if args.queue_ahead else "--no-queue-ahead",))
+                 + ("--queue-ahead" if args.queue_ahead else "--no-queue-ahead",)
+                 + ("--side-fetch" if args.side_fetch else "--no-side-fetch",))
         srv = Server(home, args.devices or "all", pool=args.pool, host_store=f"{int(total_bytes * 1.05) + (1 << 30)}",
                      workspace="2GiB", extra=extra)
         try:

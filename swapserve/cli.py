@@ -223,7 +223,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "host": args.host, "port": args.port,
         "devices": parse_devices(args.devices) if args.devices is not None else None,
         "pool_bytes": args.pool, "workspace_bytes": args.workspace, "lanes": args.lanes,
-        "swap_piece_ms": args.swap_piece_ms, "queue_ahead": args.queue_ahead, "host_store_bytes": args.host_store,
+        "swap_piece_ms": args.swap_piece_ms, "queue_ahead": args.queue_ahead,
+        "side_fetch": args.side_fetch, "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
         "spin_ms": args.spin_ms, "sandbox_isolation": args.sandbox_isolation, "sandbox_idle_s": args.sandbox_idle_s,
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-ahead", action=argparse.BooleanOptionalAction, default=None,
                    help="a device's first lane takes one more run behind the one it runs, started by the worker "
                         "when that ends, with no round trip through the controller (default: on)")
+    s.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="a device's second lane may bring a model in by kernel beside the first lane's swap and "
+                        "run it, when that finishes first (default: on; needs two lanes)")
     s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
     s.add_argument("--token", default=argparse.SUPPRESS,
                    help="token the management API requires (default: $SWAPSERVE_TOKEN)")

@@ -86,6 +86,8 @@ class Metrics:
                                    "to spare comes in pieces; other requests go between them).", ["device"])
         self.queued_ahead = counter("queued_ahead", "Runs and pieces of swaps sent to a device's first lane behind "
                                     "the one it runs (the worker starts them when that ends).", ["device"])
+        self.side_fetches = counter("side_fetches", "Runs in a device's second lane that brought their model in "
+                                    "first (by kernel, beside the first lane's copies).", ["device"])
         self.prefetches = counter("prefetches", "Models copied onto a device ahead of their requests (a handler's "
                                   "sandbox starting while its model comes in).", ["device"])
         self.slo_misses = counter("slo_misses", "Requests that finished after, or were refused for, their SLO.",
@@ -159,6 +161,9 @@ class Metrics:
 
     def count_queued_ahead(self, device: str) -> None:
         self.queued_ahead.labels(device).inc()
+
+    def count_side_fetch(self, device: str) -> None:
+        self.side_fetches.labels(device).inc()
 
     def count_slo_miss(self, function: str, n: int = 1) -> None:
         self.slo_misses.labels(function).inc(n)

@@ -7,8 +7,9 @@ chunk only at its first use. A resident model runs with no copy and no wait. In 
 paths are single CUDA graph replays.
 
 A device has one or two *lanes* (``EngineConfig.lanes``), each with its own stream and activation
-workspace: lane 0 swaps models in and runs resident ones; lane 1 runs resident models only, concurrently
-with lane 0, so that a hit need not wait behind another model's swap. Each lane runs one request at a time
+workspace: lane 0 swaps models in and runs resident ones; lane 1 runs resident models concurrently with
+lane 0, so that a hit need not wait behind another model's swap, and may bring a model in first by kernel
+copies beside lane 0's swap (``fetch``). Each lane runs one request at a time
 (its caller's thread blocks until the device is done); a graph capture has the device to itself.
 """
 
@@ -264,9 +265,15 @@ class SwapEngine:
         return getattr(self._local, "last_run", RunInfo())
 
     def infer(self, name: str, inputs: Sequence[torch.Tensor], value: Value | None = None,
-              lane: int = 0) -> list[torch.Tensor]:
-        """Run ``name`` on ``inputs`` in ``lane``, swapping it in if needed (lane 0 only: elsewhere a model
-        not wholly resident raises :class:`NotResidentError`). Returns outputs on the device."""
+              lane: int = 0, fetch: bool = False) -> list[torch.Tensor]:
+        """Run ``name`` on ``inputs`` in ``lane``, swapping it in if needed. Returns outputs on the device.
+
+        Lane 0 swaps pipelined (copy engine copies, compute waiting per chunk). Elsewhere a model not wholly
+        resident raises :class:`NotResidentError` unless ``fetch``: then its missing bytes come first, by
+        kernel on the lane's stream (:meth:`Backend.fetch`), sharing the host link with lane 0's copies
+        instead of queueing behind them, and it runs as a resident model does — the same graph, so the same
+        bits. A fetch still raises :class:`NotResidentError` for a model another lane has in flight, or one
+        that would need a graph captured first."""
         if not 0 <= lane < len(self.lanes):
             raise ValueError(f"lane {lane} does not exist on {self.config.device} ({len(self.lanes)} lanes)")
         entered = time.perf_counter()
@@ -277,23 +284,25 @@ class SwapEngine:
             run_batch = self._bucket(m, batch)
             self._check_workspace(m, run_batch)
             capture = self.mode == "graph" and run_batch not in m.graphs
+            if lane and capture and self.pool.state(m.name) is not Residency.RESIDENT:
+                raise NotResidentError(f"{m.name} has no graph at batch {run_batch} yet: lane 0 captures it")
         with ln.lock:
             try:
                 with self._gate.exclusive() if capture else self._gate.shared():
-                    return self._infer(m, inputs, batch, run_batch, ln, value, capture, entered)
+                    return self._infer(m, inputs, batch, run_batch, ln, value, capture, entered, fetch)
             except _NeedsCapture:  # the host buffer moved (reloaded after a spill): capture the swap graph anew
                 with self._gate.exclusive():
-                    return self._infer(m, inputs, batch, run_batch, ln, value, True, entered)
+                    return self._infer(m, inputs, batch, run_batch, ln, value, True, entered, fetch)
 
     def _infer(self, m: _Model, inputs: list[torch.Tensor], batch: int, run_batch: int, ln: _Lane,
-               value: Value | None, exclusive: bool, entered: float) -> list[torch.Tensor]:
+               value: Value | None, exclusive: bool, entered: float, fetch: bool) -> list[torch.Tensor]:
         started = time.perf_counter()
         with self.backend.compute(ln.stream):
             inputs = [self.backend.upload(x) for x in inputs]
             if run_batch != batch:  # graphs exist per bucket (1, 2, 4, ...): pad up to it
                 inputs = [torch.cat([x, x.new_zeros((run_batch - batch, *x.shape[1:]))]) for x in inputs]
             uploaded = time.perf_counter()
-            with self._placed(m, value, lane=ln.index) as (host, plan):
+            with self._placed(m, value, lane=ln.index, fetch=fetch) as (host, plan):
                 placed = time.perf_counter()
                 outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive)
         lock_ms, remap_ms = self._local.place_parts
@@ -333,11 +342,12 @@ class SwapEngine:
                 return self._landed(m, plan, copy)
 
     @contextlib.contextmanager
-    def _placed(self, m: _Model, value: Value | None, limit: int | None = None,
-                lane: int = 0) -> Iterator[tuple[HostEntry, PlacementPlan]]:
+    def _placed(self, m: _Model, value: Value | None, limit: int | None = None, lane: int = 0,
+                fetch: bool = False) -> Iterator[tuple[HostEntry, PlacementPlan]]:
         """Pin the host buffer and the model's pages, remapped where the plan says; unpin after. Outside
         lane 0 the model must already be wholly on the device (checked with the pool locked, so that no
-        swap takes its pages between the check and the pin).
+        swap takes its pages between the check and the pin), unless the run ``fetch``es it: then it must not
+        be in flight in another lane (whose copies may be landing in its pages).
 
         The remaps run outside the engine's lock: they change only this model's range, onto pages the plan
         gave it (pinned, so nothing takes them back), and they can be slow — ~1 ms a page beside a swap's
@@ -347,8 +357,11 @@ class SwapEngine:
         with self._lock:
             locked = time.perf_counter()
             if lane and self.pool.state(m.name) is not Residency.RESIDENT:
-                raise NotResidentError(f"{m.name} is not wholly on {self.config.device}: lane {lane} runs "
-                                       "resident models only")
+                if not fetch:
+                    raise NotResidentError(f"{m.name} is not wholly on {self.config.device}: lane {lane} runs "
+                                           "resident models only")
+                if self.pool.placements[m.name].pins:
+                    raise NotResidentError(f"{m.name} is on its way to {self.config.device} in another lane")
             host = self.store.acquire(m.name)
             try:
                 self._pin_host(m, host)
@@ -397,19 +410,22 @@ class SwapEngine:
         assert host.buffer is not None
         copy = self._copy_mask(m, plan.load)
         wall0, cpu0 = time.perf_counter(), time.thread_time()
+        if plan.load and ln.index:  # a side lane's fetch: the bytes first, then the run of a resident model
+            self.backend.fetch(m.va, host.buffer, m.chunks, copy)
+        piped = bool(plan.load) and not ln.index
         if self.mode == "graph" and batch not in m.graphs:
             if not exclusive:
                 raise _NeedsCapture
             outs = self._first_run_graph(m, host, plan, copy, inputs, batch, ln.index)
         elif self.mode == "graph":
             graphs = m.graphs[batch]
-            if plan.load and graphs.swap_host_ptr != host.buffer.data_ptr():
+            if piped and graphs.swap_host_ptr != host.buffer.data_ptr():
                 if not exclusive:
                     raise _NeedsCapture
                 graphs.capture_swap(m.va, host.buffer, m.chunks, m.events)
                 self.stats.graph_captures += 1
-            outs = graphs.replay(inputs, copy if plan.load else None, ln.index)
-        elif not plan.load:
+            outs = graphs.replay(inputs, copy if piped else None, ln.index)
+        elif not piped:
             with torch.no_grad():
                 outs = m.program.run(inputs)
         elif self.mode == "ondemand":

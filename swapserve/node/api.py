@@ -66,7 +66,8 @@ class InferResult:
     own bookkeeping). ``total_ms - queue_ms - dispatch_ms - worker_ms`` is the messages' way there and back
     plus the controller's loop getting to the reply."""
     lane: int = 0
-    """The device lane the scheduler sent it to (1: the side lane, beside the first)."""
+    """The device lane it ran in (1: the side lane, beside the first; 0 also for a side-lane run the worker handed
+    to the first lane, its model being swapped in there)."""
     phases_ms: dict[str, float] = field(default_factory=dict)
     """Where the worker's run went (:attr:`swapserve.node.messages.RunResult.phases_ms`)."""
 

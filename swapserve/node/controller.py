@@ -70,6 +70,8 @@ class NodeConfig:
     """See :class:`swapserve.scheduler.Scheduler` (0: swaps in one go)."""
     queue_ahead: bool = True
     """See :class:`swapserve.scheduler.Scheduler`."""
+    side_fetch: bool = True
+    """See :class:`swapserve.scheduler.Scheduler` (needs two lanes)."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB
     slab_bytes: int = 256 * MiB
@@ -135,7 +137,8 @@ class Node:
         self.run_id = uuid.uuid4().hex[:8]
         self.shm_root = env().shm_dir / f"swapserve-{self.run_id}"
         self.store = HostStore(self.shm_root / "store", cfg.host_store_bytes)
-        self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms, queue_ahead=cfg.queue_ahead)
+        self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms, queue_ahead=cfg.queue_ahead,
+                                   side_fetch=cfg.side_fetch)
         self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}
@@ -174,7 +177,7 @@ class Node:
         for w in self._workers:
             wk.watch(w, self._on_worker_dead)
         self.state.devices = [DeviceState(i, h.pool_bytes, side_lane=self.cfg.lanes > 1) for i, h in enumerate(hellos)]
-        self.state.link = await self._profile_link([h.h2d_GBps for h in hellos])
+        self.state.link = await self._profile_link([h.h2d_GBps for h in hellos], [h.fetch_GBps for h in hellos])
         log.info("workers up: %s; link %s", [f"{h.device} ({h.name})" for h in hellos], self.state.link)
         records = []
         for r in self.registry.list():
@@ -222,12 +225,14 @@ class Node:
                   w.process.exitcode)
         self._ready = all(not x.dead for x in self._workers) and self._ready
 
-    async def _profile_link(self, alone: list[float]) -> LinkProfile:
-        """Host→device bandwidth alone and with every device copying at once, and how much a copy slows
-        execution on the same device — measured here, on this machine."""
+    async def _profile_link(self, alone: list[float], fetch: list[float]) -> LinkProfile:
+        """Host→device bandwidth alone and with every device copying at once, a side lane's fetch (as each
+        worker measured it at start), and how much a copy slows execution on the same device — measured
+        here, on this machine."""
         n = len(self._workers)
+        fetch_GBps = min(fetch) if self.cfg.lanes > 1 and min(fetch) > 0 else None
         if not self.cfg.devices[0].startswith("cuda"):  # CPU workers: memory copies, nothing to contend for
-            return LinkProfile((min(alone),) * n)
+            return LinkProfile((min(alone),) * n, fetch_GBps=fetch_GBps)
         h2d = [min(alone)]
         if n > 1:
             start = time.time() + 0.2
@@ -240,7 +245,7 @@ class Node:
         res = probe.result
         if probe.ok and res is not None and getattr(res, "exec_ms", 0):
             slowdown = max(1.0, res.exec_copying_ms / res.exec_ms)  # type: ignore[union-attr]
-        return LinkProfile(tuple(h2d), None, slowdown)
+        return LinkProfile(tuple(h2d), None, slowdown, fetch_GBps=fetch_GBps)
 
     def is_live(self) -> bool:
         return self._live

@@ -245,7 +245,11 @@ class Dispatcher:
             return
         for p in batch:
             self.metrics.observe_queue(d.function, now - p.started)
-        self._launch(d, m, Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit), batch,
+        # A side lane may fetch even a model the scheduler saw resident: a swap in the first lane may have
+        # evicted it since (the worker reports residency with its replies), and fetching beats waiting for
+        # that swap to end (the worker hands the run to the first lane only if the model is in flight there).
+        fetch = bool(d.lane) and self.scheduler.side_fetch
+        self._launch(d, m, Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit, fetch), batch,
                      sum(p.request.items for p in batch), now, region)
 
     def _behind(self, d: Dispatch) -> bool:
@@ -343,17 +347,20 @@ class Dispatcher:
                 if not p.future.done():
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
                                                     res.wall_ms, total, dispatch_ms=(fl.sent - fl.started) * 1e3,
-                                                    worker_ms=res.handled_ms, lane=lane, phases_ms=res.phases_ms))
+                                                    worker_ms=res.handled_ms, lane=res.lane, phases_ms=res.phases_ms))
             if fl.batch:  # a run, not a copy with no run (a prefetch or a piece of a swap)
                 self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
                 if res.swapped:
                     self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)
+                    if res.lane:
+                        self.metrics.count_side_fetch(w.device)
             else:
                 self.metrics.count_swap_bytes(w.device, res.bytes_copied)
             if res.pages_taken:
                 self.metrics.count_eviction(w.device, res.pages_taken)
             self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
-                                              (now - fl.begun) * 1e3, now, copy_ms=fl.dispatch.copy_ms)
+                                              (now - fl.begun) * 1e3, now, copy_ms=fl.dispatch.copy_ms,
+                                              fetched=bool(res.lane))
         else:
             err = error or reply_error(reply)
             for p in fl.pending:

@@ -59,10 +59,12 @@ class Run:
     values: dict[str, float] = field(default_factory=dict)
     """Eviction values for the models on this device (the scheduler's expected reuse)."""
     lane: int = 0
-    """The engine lane to run in (1: beside lane 0, for a model wholly on the device; the worker moves it
-    to lane 0 if the model is not, by then)."""
+    """The engine lane to run in (1: beside lane 0, for a model wholly on the device — or, with ``fetch``,
+    one it brings in first; the worker moves it to lane 0 if the side lane cannot run it)."""
     out_limit: int | None = None
     """End of the lane's slab region: outputs must end before it (None: the slab's end)."""
+    fetch: bool = False
+    """A side lane brings the model's missing bytes in by kernel before it runs (``SwapEngine.infer``)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,8 @@ class RunResult:
     phases_ms: dict[str, float] = field(default_factory=dict)
     """Where a run's ``wall_ms`` went: ``wait`` (for the lane or a capture), ``upload`` (inputs), ``place``
     (pinning, evictions, remaps), ``device`` (launch to landed), ``output`` (into the IO slab)."""
+    lane: int = 0
+    """The lane it ran in (a side lane's run the worker handed to the first lane says 0)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,8 @@ class Hello:
     pool_bytes: int
     h2d_GBps: float
     pid: int
+    fetch_GBps: float = 0.0
+    """Host→device bandwidth of a side lane's fetch (by kernel on a GPU), alone."""
 
 
 # --- the wire ----------------------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ class Worker:
         self._send_lock = threading.Lock()
         name = torch.cuda.get_device_name(0) if engine_cfg.device.startswith("cuda") else "cpu"
         bw = self._h2d(256 << 20)
-        send(conn, Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid()))
+        send(conn, Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid(),
+                         self._fetch_GBps(64 << 20)))
 
     def serve(self) -> None:
         from swapserve.node.messages import Run, Stop, recv
@@ -244,7 +245,7 @@ class Worker:
 
         inputs = [self.slab.tensor(r) for r in msg.inputs]
         t0 = time.perf_counter()
-        outs = self.engine.infer(msg.key, inputs, value=_value_of(msg.values), lane=lane)
+        outs = self.engine.infer(msg.key, inputs, value=_value_of(msg.values), lane=lane, fetch=msg.fetch)
         t1 = time.perf_counter()
         with self.engine.backend.compute(self.engine.lanes[lane].stream):  # the lane's stream, not the device's
             refs = self.slab.write(outs, msg.out_offset, msg.out_limit)
@@ -252,7 +253,8 @@ class Worker:
         run = self.engine.last_run()
         phases = {"wait": run.wait_ms, "upload": run.upload_ms, "place": run.place_ms, "device": run.device_ms,
                   "output": (t2 - t1) * 1e3, "place_lock": run.place_lock_ms, "place_remap": run.place_remap_ms}
-        return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases)
+        return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases,
+                         lane=lane)
 
     def _residency_if_changed(self) -> Any:
         """The pool's residency, only when it changed since last sent (it grows with the models here)."""
@@ -286,6 +288,28 @@ class Worker:
             self.engine.backend.synchronize()
             best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
         return best
+
+    def _fetch_GBps(self, nbytes: int, runs: int = 3) -> float:
+        """Host→device bandwidth of a side lane's fetch (``Backend.fetch``) from a registered buffer into
+        device memory, alone (GB/s); a model-sized copy (small ones are slower: latency)."""
+        from swapserve.engine.layout import Chunk
+
+        torch = self.torch
+        backend = self.engine.backend
+        host = torch.ones(nbytes, dtype=torch.uint8)
+        backend.pin(host)
+        try:
+            dst = torch.empty(nbytes, dtype=torch.uint8, device=backend.device)
+            best = 0.0
+            for _ in range(runs):
+                backend.synchronize()
+                t = time.perf_counter()
+                backend.fetch(dst.data_ptr(), host, [Chunk(0, nbytes)], [True])
+                backend.synchronize()
+                best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
+            return best
+        finally:
+            backend.unpin(host)
 
     def _measure(self, msg: Any) -> Any:
         """Copy bandwidth when started together with the other workers; execution slowdown under a copy."""

@@ -23,7 +23,12 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
   decision, after the piece, serves whatever is due first, then the next piece or the run with what is left.
 * Side lanes: a device with a second lane (``DeviceState.side_lane``) runs a model that is wholly there in
   it, beside whatever its first lane does (a swap of another model, say), when that finishes first; the
-  first lane is the only one that swaps. Admission and triage count side lanes the same way.
+  first lane is the only one that swaps pipelined. Admission and triage count side lanes the same way.
+* Side fetches (``side_fetch``, with a measured ``LinkProfile.fetch_GBps``): a side lane may also bring a
+  model in itself — its missing bytes by kernel, then the run — when that finishes first, typically a
+  small model's request arriving during a large model's swap, which would otherwise wait for all of it
+  (most functions missing at N=400 on the H200 did, 4–8 ms behind the swap ahead). Not for a model that
+  is on its way or running anywhere (its bytes are coming, or another copy is not worth it).
 * Queue-ahead (``queue_ahead``): a busy first lane takes one more run behind the one in progress when that is
   where the batch finishes first, and the worker starts it the moment the run ends (never a piece of a swap:
   pieces exist to leave room for what arrives meanwhile). Otherwise every swap that waits
@@ -108,7 +113,7 @@ class Scheduler:
     """Decisions for one node. Holds only its policy and constants; all state lives in ``NodeState``."""
 
     def __init__(self, policy: Policy = "swapserve", rate_halflife_s: float = 60.0,
-                 swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False):
+                 swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False, side_fetch: bool = False):
         """``swap_piece_ms``: the length of a swap's pieces (0: swaps in one go). ``queue_ahead``: under
         ``swapserve``, a device's first lane may take one more dispatch behind the one it runs."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
@@ -121,6 +126,7 @@ class Scheduler:
         self.rate_halflife_s = rate_halflife_s
         self.swap_piece_ms = swap_piece_ms
         self.queue_ahead = queue_ahead and policy == "swapserve"
+        self.side_fetch = side_fetch and policy == "swapserve"
 
     # --- admission ---------------------------------------------------------------------------------
 
@@ -203,7 +209,7 @@ class Scheduler:
                 return max(min(view.free_at) + prof_own.exec_at(request.items) / 1000.0,
                            mean + rest_ms / 1000.0 / view.n), grace_s
             ests = [e for d in view.candidates(name, prof) if (e := view.estimate(name, prof, items, d, view.free_at[d]))]
-            ests += view.side_estimates(name, prof, items, now)
+            ests += view.side_estimates(name, prof, items, now, self.side_fetch)
             if not ests:
                 if mine:
                     return math.inf, grace_s
@@ -279,9 +285,11 @@ class Scheduler:
             cands: list[tuple[tuple[float, int, int, int, int], int, int]] = []
             ests = {}
             for d in range(view.n):
-                if d in side and (se := view.side_estimate(name, prof, items, d, now)) is not None:
+                # A busy side lane counts too, from when it frees: waiting for it may beat the first lane.
+                if (se := view.side_estimate(name, prof, items, d, now,
+                                             self.side_fetch and name not in active)) is not None:
                     ests[d, 1] = se
-                    cands.append((se.key(True), d, 1))
+                    cands.append((se.key(d in side), d, 1))
                 if d in free and not (no_new_copy and not view.holds(name, d, now)):
                     e = view.estimate(name, prof, items, d, now)
                 elif d in ahead and not (no_new_copy and not view.holds(name, d, view.free_at[d])):
@@ -299,9 +307,9 @@ class Scheduler:
             if not cands:
                 continue
             best = ests[min(cands)[1:]]
-            if not best.lane and best.device not in free | ahead:
-                continue  # it finishes sooner on a device that frees soon: leave it queued for that one
-            piece = self._piece_bytes(view, prof, best, batch[0].deadline, name)
+            if best.device not in (side if best.lane else free | ahead):
+                continue  # it finishes sooner in a lane that frees soon: leave it queued for that one
+            piece = 0 if best.lane else self._piece_bytes(view, prof, best, batch[0].deadline, name)
             if piece and best.device not in free:
                 continue  # pieces leave room for what arrives meanwhile: never queued ahead of it
             if piece:
@@ -316,7 +324,11 @@ class Scheduler:
                 continue  # its requests stay queued: the decision after the piece places them (or another piece)
             ids = tuple(r.id for r in batch)
             if best.lane:
-                dispatches.append(Dispatch(best.device, name, ids, "resident", best.total_ms, lane=1))
+                if best.source != "resident" and best.device not in values:
+                    values[best.device] = self.values(state, best.device, now)
+                dispatches.append(Dispatch(best.device, name, ids, best.source, best.total_ms, lane=1,
+                                           copy_ms=best.copy_ms,
+                                           values=values[best.device] if best.source != "resident" else {}))
                 side.discard(best.device)
             else:
                 # Eviction values matter only to a run that brings bytes in (O(models on the device) to compute).
@@ -395,7 +407,7 @@ class Scheduler:
             if r.items not in bound:
                 ests = [e for d in range(view.n)
                         if (e := view.estimate(fq.function, prof, r.items, d, view.free_at[d]))]
-                ests += view.side_estimates(fq.function, prof, r.items, now)
+                ests += view.side_estimates(fq.function, prof, r.items, now, self.side_fetch)
                 bound[r.items] = (min(e.finish for e in ests), self._grace_s(view, fq.function, prof, r.items))
             finish, grace_s = bound[r.items]
             late = finish - (r.deadline + grace_s)
@@ -544,6 +556,7 @@ class Scheduler:
             if dsp.lane:
                 dev.side_until = now + dsp.expected_ms / 1000.0
                 dev.side_running = dsp.function
+                dev.side_fetching = dsp.source != "resident"
                 continue
             copying = dsp.source in ("host", "partial") and dsp.copy_ms > 0
             if dev.busy_until is not None:  # behind the run there (queue_ahead): it starts when that ends
@@ -559,13 +572,15 @@ class Scheduler:
             dev.last_used[dsp.function] = now
 
     def observe_completion(self, state: NodeState, function: str, device: int, batch: int, exec_ms: float,
-                           swapped: bool, total_ms: float, now: float, copy_ms: float | None = None) -> None:
+                           swapped: bool, total_ms: float, now: float, copy_ms: float | None = None,
+                           fetched: bool = False) -> None:
         """Refine ``function``'s profile from a finished run and note its use on ``device``.
 
         Resident runs update ``exec_ms[batch]`` (exponentially weighted, weight 0.2; the first run at a new
         batch size replaces the interpolation). Swapped runs update ``swap_overhead_ms`` toward
-        ``total_ms - max(copy, exec × slowdown)``, with ``copy_ms`` as the dispatch expected it (pass
-        ``Dispatch.copy_ms``; default: the whole model over an uncontended host link). Each observation is
+        ``total_ms - max(copy, exec × slowdown)`` (``fetched`` by a side lane: ``total_ms - (copy + exec ×
+        slowdown)``), with ``copy_ms`` as the dispatch expected it (pass ``Dispatch.copy_ms``; default: the
+        whole model over an uncontended host link). Each observation is
         clamped to within ``OUTLIER_FACTOR`` of the current value (exec) or to [0, total] (overhead).
         """
         prof = state.profiles.get(function)
@@ -588,7 +603,8 @@ class Scheduler:
         if not (total_ms >= 0 and math.isfinite(total_ms)):
             return
         c = copy_ms if copy_ms is not None else prof.nbytes / (state.link.h2d(1) * 1e6)
-        sample = total_ms - max(c, prof.exec_at(batch) * state.link.exec_slowdown_copying)
+        slowed = prof.exec_at(batch) * state.link.exec_slowdown_copying
+        sample = total_ms - (c + slowed if fetched else max(c, slowed))  # a side lane's fetch: copy, then run
         sample = min(max(sample, 0.0), total_ms)
         prof.swap_overhead_ms += EXEC_WEIGHT * (sample - prof.swap_overhead_ms)
 

@@ -16,6 +16,10 @@ The model of a run (times in ms, all inputs measured by profiling, none assumed)
   copies' lifetimes, so a copy that overlaps another only for its first millisecond is not charged the
   contended bandwidth throughout.
 * copy from a peer (NVLink): the missing bytes at ``d2d_GBps``, from a device that holds the model whole.
+* fetched by a side lane: ``copy + exec_at(n) + swap_overhead_ms`` with the copy at ``fetch_GBps`` — not
+  pipelined (the bytes come first, by kernel, then the resident run), and not queued behind the first
+  lane's copies: a kernel's reads share the host link with them (on an H200, 100 MiB took 2.7 ms beside a
+  640 MiB swap against 2.5 ms alone).
 
 Planning is optimistic about memory: a model placed by a planned dispatch is assumed to stay, and nothing
 is assumed evicted (eviction spares whatever has queued requests, which is what planning relies on).
@@ -128,8 +132,9 @@ class View:
         self.resident = [set(d.resident) for d in state.devices]
         self.partial = [dict(d.partial) for d in state.devices]
         # The models a busy first lane runs are on the device once it frees (the worker keeps what it
-        # loaded), except those of pieces of a swap.
+        # loaded), except those of pieces of a swap; a side lane's fetch is there once that lane frees.
         self.incoming: list[set[str]] = [_incoming(d) for d in state.devices]
+        self.side_incoming: list[str | None] = [d.side_running if d.side_fetching else None for d in state.devices]
         # ``copying_until`` is the end of a host→device copy (peer copies do not use the host link); a
         # dispatch queued behind the first lane's run copies after it.
         self.copies = [_Copy(d.index, now, d.copying_until) for d in state.devices
@@ -148,6 +153,8 @@ class View:
     def holds(self, function: str, device: int, at: float) -> bool:
         """Whether the whole model is on ``device`` at time ``at`` (or will be, once its current run ends)."""
         if function in self.resident[device]:
+            return True
+        if function == self.side_incoming[device] and at >= (self.side_free_at[device] or self.now):
             return True
         return function in self.incoming[device] and at >= self.free_at[device]
 
@@ -207,22 +214,30 @@ class View:
         return Estimate(device, source, peer, start, copy, swapped_ms(copy, exec_ms, self.link, prof))
 
     def side_estimate(self, function: str, prof: ModelProfile, items: int, device: int,
-                      start: float) -> Estimate | None:
-        """A resident run of ``items`` in ``device``'s side lane, from ``start`` or when the lane frees; None
-        if the device has no side lane or the model is not wholly there by then. Beside a busy first lane it
-        runs at the measured execution slowdown under a copy (the profile's contention figure)."""
+                      start: float, fetch: bool = False) -> Estimate | None:
+        """A run of ``items`` in ``device``'s side lane, from ``start`` or when the lane frees: a resident
+        run, or with ``fetch`` (and a measured ``fetch_GBps``) one that brings its missing bytes in first;
+        None if the device has no side lane or the model is not wholly there by then (and may not be
+        fetched). Beside a busy first lane it runs at the measured execution slowdown under a copy (the
+        profile's contention figure)."""
         free = self.side_free_at[device]
         if free is None:
             return None
         at = max(start, free)
-        if not self.holds(function, device, at):
-            return None
         slowed = self.free_at[device] > at
         exec_ms = prof.exec_at(items) * (self.link.exec_slowdown_copying if slowed else 1.0)
-        return Estimate(device, "resident", None, at, 0.0, exec_ms, lane=1)
+        if self.holds(function, device, at):
+            return Estimate(device, "resident", None, at, 0.0, exec_ms, lane=1)
+        if not fetch or self.link.fetch_GBps is None or not self.fits(prof, device):
+            return None
+        frac = self.partial_fraction(function, device)
+        copy = copy_ms(prof.nbytes * (1.0 - frac), self.link.fetch_GBps)
+        return Estimate(device, "partial" if frac > 0.0 else "host", None, at, copy,
+                        copy + exec_ms + prof.swap_overhead_ms, lane=1)
 
-    def side_estimates(self, function: str, prof: ModelProfile, items: int, start: float) -> list[Estimate]:
-        return [e for d in range(self.n) if (e := self.side_estimate(function, prof, items, d, start))]
+    def side_estimates(self, function: str, prof: ModelProfile, items: int, start: float,
+                       fetch: bool = False) -> list[Estimate]:
+        return [e for d in range(self.n) if (e := self.side_estimate(function, prof, items, d, start, fetch))]
 
     def earliest_free(self) -> float:
         """When the first lane of any device frees."""
@@ -271,6 +286,8 @@ class View:
         d = est.device
         if est.lane:
             self.side_free_at[d] = est.finish
+            if est.source != "resident":
+                self.side_incoming[d] = function
             return
         self.resident[d] |= self.incoming[d]  # the runs before this one have ended by the time this starts
         self.incoming[d] = {function} if est.source != "resident" and whole else set()

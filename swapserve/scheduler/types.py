@@ -32,6 +32,10 @@ class LinkProfile:
     """Device→device bandwidth between peers (NVLink), None where peers cannot copy directly."""
     exec_slowdown_copying: float = 1.0
     """Execution time multiplier while the same device copies (measured; ≥ 1)."""
+    fetch_GBps: float | None = None
+    """Host→device bandwidth of a side lane's fetch (a copy by kernel, which shares the host link with the
+    first lane's copy engine copies instead of queueing behind them), alone; None: side lanes run resident
+    models only."""
     h2d_link: tuple[int, ...] | None = None
     """Per device, the id of the host link it copies over (root port / PCIe switch): only devices with the
     same id contend, so k in :meth:`h2d` counts those. None: all devices share one link (the safe default
@@ -132,6 +136,8 @@ class DeviceState:
     side_until: float | None = None
     """Expected end of the run in the side lane; None when it is free."""
     side_running: str | None = None
+    side_fetching: bool = False
+    """Whether the side lane's run brings its model in first (the model is there when it ends)."""
     value_memo: dict[str, tuple[float, tuple[float, ...], float]] = field(default_factory=dict)
     """The scheduler's last eviction value of each function here: (computed at, what it rests on, value)
     (see ``Scheduler.values``)."""
@@ -154,6 +160,7 @@ class DeviceState:
         any) starts now; or, with ``queued``, the successor itself (it failed before it ran)."""
         if lane:
             self.side_until = self.side_running = None
+            self.side_fetching = False
             return
         q = self.queued
         self.queued = None
@@ -215,7 +222,8 @@ class Dispatch:
     values: dict[str, float] = field(default_factory=dict)
     """Eviction values for the worker's page pool (functions on that device; lowest evicted first)."""
     lane: int = 0
-    """0: the device's first lane (swaps and resident runs); 1: its side lane (resident runs only)."""
+    """0: the device's first lane (swaps and resident runs); 1: its side lane (resident runs, and fetches:
+    a model brought in by kernel and then run, when ``source`` is not ``"resident"``)."""
     piece_bytes: int = 0
     """A piece of a swap: copy about this many of the model's missing bytes (whole pages, in first-use
     order) and run nothing; the requests stay queued (``request_ids`` is empty). 0: a run, or a whole

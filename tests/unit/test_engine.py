@@ -170,6 +170,47 @@ def test_side_lane_runs_resident_models_only(make_artifact, make_engine, device,
     assert same(eng.infer("m", x, lane=1), ref)
 
 
+FETCH_MODES = [(d, m) for d, m in MODES if m != "ondemand"]  # the baseline never fetches (no pinned buffers)
+
+
+@pytest.mark.parametrize(("device", "mode"), FETCH_MODES, ids=[f"{d}-{m}" for d, m in FETCH_MODES])
+def test_a_side_lane_fetch_brings_a_model_in_and_gives_the_same_bits(make_artifact, make_engine, device, mode):
+    a, _, xa = make_artifact("tied", seed=8, name="a")
+    b, _, xb = make_artifact("mlp", seed=9, name="b")
+    eng = make_engine(device, mode, pool_mib=12, page_mib=2)  # 6 pages: a (4) and b (4) do not both fit
+    eng.add("a", a)
+    eng.add("b", b)
+    ref = {"a": eng.infer("a", xa), "b": eng.infer("b", xb)}  # lane 0 swaps (b evicts part of a)
+    assert eng.residency("a") is Residency.PARTIAL
+    copied = eng.stats.bytes_copied
+    out = eng.infer("a", xa, lane=1, fetch=True)  # the missing part of a, by the side lane
+    assert same(out, ref["a"])
+    assert eng.residency("a") is Residency.RESIDENT and eng.last_run().swapped
+    assert eng.stats.bytes_copied - copied == eng.last_run().bytes_copied > 0
+    eng.evict("b")
+    eng.evict("a")
+    assert same(eng.infer("a", xa, lane=1, fetch=True), ref["a"])  # all of it
+    assert same(eng.infer("a", xa, lane=1), ref["a"]) and not eng.last_run().swapped  # now a resident run
+    assert same(eng.infer("b", xb, lane=1, fetch=True), ref["b"])  # evicting a's tail, as lane 0 would
+    assert eng.residency("a") is Residency.PARTIAL
+    eng.pool.check()
+
+
+@pytest.mark.parametrize(("device", "mode"), FETCH_MODES, ids=[f"{d}-{m}" for d, m in FETCH_MODES])
+def test_a_side_lane_fetch_refuses_a_model_in_flight_in_lane_0(make_artifact, make_engine, device, mode):
+    art, _, x = make_artifact("mlp", seed=10)
+    eng = make_engine(device, mode)
+    eng.add("m", art)
+    ref = eng.infer("m", x)
+    eng.evict("m")
+    with eng._placed(eng._models["m"], None):  # what lane 0 holds while it swaps m in
+        with pytest.raises(NotResidentError, match="on its way"):
+            eng.infer("m", x, lane=1, fetch=True)
+    assert eng.residency("m") is Residency.ABSENT
+    eng.pool.check()
+    assert same(eng.infer("m", x, lane=1, fetch=True), ref)
+
+
 @pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
 def test_side_lane_runs_while_lane_0_swaps(make_artifact, make_engine, device, mode):
     """Lane 1 serves a resident model over and over while lane 0 swaps two others in and out of a pool too

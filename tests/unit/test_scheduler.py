@@ -865,3 +865,100 @@ def test_pieces_are_never_in_the_side_lane_and_resident_runs_go_on_beside_them()
     got = {d.function: d for d in sched.decide(s, T0).dispatches}
     assert got["big"].lane == 0 and got["big"].piece_bytes > 0
     assert got["hit"].request_ids == ("h1",)
+
+
+# --- side fetches ---------------------------------------------------------------------------------------
+
+def side_node(fetch_GBps: float | None = 40.0) -> NodeState:
+    s = node(1, link=LinkProfile(h2d_GBps=(50.0,), fetch_GBps=fetch_GBps))
+    s.devices[0].side_lane = True
+    return s
+
+
+def test_a_side_lane_fetches_a_small_model_rather_than_wait_for_a_long_swap():
+    """The first lane swaps "big" until T0+12 ms: a small cold model's request goes to the side lane, which
+    brings its 40 MB in (1 ms at 40 GB/s) and runs it, done by T0+2.3 ms instead of after the swap."""
+    s = side_node()
+    fn(s, "small", nbytes=40 * MB, exec_ms={1: 1.0})
+    fn(s, "hot", nbytes=40 * MB, exec_ms={1: 1.0})
+    s.devices[0].resident.add("hot")
+    s.devices[0].partial["hot2"] = 0.5
+    busy(s, 0, until=T0 + 0.012, running="big", copying_until=T0 + 0.012)
+    enqueue(s, "small", "r1")
+    sched = Scheduler(swap_piece_ms=0, queue_ahead=True, side_fetch=True)
+    d = only(sched.decide(s, T0))
+    assert (d.function, d.lane, d.source) == ("small", 1, "host")
+    assert d.copy_ms == pytest.approx(1.0) and d.expected_ms == pytest.approx(1.0 + 1.0 + 0.3)
+    assert set(d.values) == {"hot", "hot2", "big"}  # it may evict: the pool's order comes with it
+    sched.apply(s, Decision((d,)), T0)
+    dev = s.devices[0]
+    assert (dev.side_running, dev.side_fetching) == ("small", True)
+    assert View(s, T0).holds("small", 0, dev.side_until) and not View(s, T0).holds("small", 0, T0)
+    assert sched.values(s, 0, T0)["small"] == math.inf  # in flight: never evicted under it
+    dev.release(1, T0 + 0.0023)
+    assert (dev.side_running, dev.side_fetching, dev.side_until) == (None, False, None)
+    # Off, or with no fetch bandwidth measured: it waits behind the swap (queued ahead of the first lane).
+    for sched in (Scheduler(swap_piece_ms=0, queue_ahead=True),
+                  Scheduler(swap_piece_ms=0, queue_ahead=True, side_fetch=True)):
+        s2 = side_node(None if sched.side_fetch else 40.0)
+        fn(s2, "small", nbytes=40 * MB, exec_ms={1: 1.0})
+        busy(s2, 0, until=T0 + 0.012, running="big", copying_until=T0 + 0.012)
+        enqueue(s2, "small", "r1")
+        assert (only(sched.decide(s2, T0)).lane, only(sched.decide(s2, T0)).source) == (0, "host")
+
+
+def test_an_idle_first_lane_swaps_pipelined_rather_than_fetch():
+    """Nothing in the way: the first lane's pipelined swap (max(copy, run)) beats the side lane's copy then
+    run; a fetch is for when the first lane is taken."""
+    s = side_node()
+    fn(s, "small", nbytes=40 * MB, exec_ms={1: 1.0})
+    enqueue(s, "small", "r1")
+    d = only(Scheduler(swap_piece_ms=0, side_fetch=True).decide(s, T0))
+    assert (d.lane, d.source) == (0, "host")
+
+
+def test_no_side_fetch_of_a_model_on_its_way_or_running_elsewhere():
+    s = side_node()
+    fn(s, "small", nbytes=40 * MB, exec_ms={1: 1.0})
+    fn(s, "next", nbytes=40 * MB, exec_ms={1: 1.0})
+    busy(s, 0, until=T0 + 0.012, running="small", copying_until=T0 + 0.012)  # its swap is under way
+    enqueue(s, "small", "r1")
+    sched = Scheduler(swap_piece_ms=0, queue_ahead=True, side_fetch=True)
+    d = only(sched.decide(s, T0))
+    assert (d.function, d.lane, d.source) == ("small", 0, "resident")  # behind its own swap, not a copy
+    # A side fetch in flight: the next request of that model waits for it — for the side lane, which frees
+    # (with the model there) long before the first lane does — rather than fetch it again or queue ahead.
+    s.queues["small"].requests.clear()
+    s.devices[0].running = "big"
+    enqueue(s, "next", "r2")
+    sched.apply(s, Decision((only(sched.decide(s, T0)),)), T0)
+    assert (s.devices[0].side_running, s.devices[0].side_fetching) == ("next", True)
+    enqueue(s, "next", "r3", at=T0 + 0.0005)
+    assert View(s, T0).holds("next", 0, s.devices[0].side_until)
+    assert sched.decide(s, T0 + 0.0005).dispatches == ()
+    s.devices[0].release(1, T0 + 0.0023)
+    s.devices[0].resident.add("next")  # as the worker reports it
+    d = only(sched.decide(s, T0 + 0.0023))
+    assert (d.function, d.lane, d.source) == ("next", 1, "resident")
+
+
+def test_a_resident_model_waits_for_a_busy_side_lane_rather_than_queue_behind_a_swap():
+    s = side_node(None)
+    fn(s, "hot", nbytes=40 * MB, exec_ms={1: 1.0})
+    s.devices[0].resident.add("hot")
+    busy(s, 0, until=T0 + 0.012, running="big", copying_until=T0 + 0.012)
+    s.devices[0].side_until, s.devices[0].side_running = T0 + 0.001, "other"
+    enqueue(s, "hot", "r1")
+    sched = Scheduler(swap_piece_ms=0, queue_ahead=True)
+    assert sched.decide(s, T0).dispatches == ()  # the side lane frees in 1 ms, the first lane in 12
+    s.devices[0].release(1, T0 + 0.001)
+    assert (only(sched.decide(s, T0 + 0.001)).lane) == 1
+
+
+def test_a_fetch_teaches_the_overhead_of_copy_then_run():
+    s = side_node()
+    fn(s, "f", nbytes=40 * MB, exec_ms={1: 1.0}, overhead_ms=0.3)
+    sched = Scheduler(side_fetch=True)
+    # 1 ms copy + 1 ms run + 0.5 ms of overhead observed: the overhead moves toward 0.5, not 1.5.
+    sched.observe_completion(s, "f", 0, 1, 2.5, True, 2.5, T0, copy_ms=1.0, fetched=True)
+    assert s.profiles["f"].swap_overhead_ms == pytest.approx(0.3 + 0.2 * (0.5 - 0.3))

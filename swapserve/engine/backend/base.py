@@ -41,6 +41,19 @@ def effective_chunks(copied: Sequence[bool]) -> list[int]:
     return out
 
 
+def copy_runs(chunks: Sequence[Chunk], copy: Sequence[bool]) -> list[tuple[int, int]]:
+    """The byte ranges ``[start, end)`` of consecutive chunks with ``copy[i]``, merged."""
+    runs: list[tuple[int, int]] = []
+    for c, k in zip(chunks, copy):
+        if not k:
+            continue
+        if runs and runs[-1][1] == c.start:
+            runs[-1] = (runs[-1][0], c.end)
+        else:
+            runs.append((c.start, c.end))
+    return runs
+
+
 class Backend(ABC):
     """One device's memory and copy engine."""
 
@@ -82,6 +95,13 @@ class Backend(ABC):
     def upload(self, x: torch.Tensor) -> torch.Tensor:
         """A request's input on the device (``x`` itself where it is there already)."""
         return x.to(self.device)
+
+    def fetch(self, dst_va: int, host: torch.Tensor, chunks: Sequence[Chunk], copy: Sequence[bool]) -> None:
+        """Copy ``host[c.start:c.end]`` to ``dst_va + c.start`` for each chunk with ``copy[i]``, in the order of
+        the calling thread's current compute stream (what it launches next sees the bytes), not on the copy
+        stream: a side lane bringing a model in beside the first lane's swap (see ``CudaBackend.fetch``)."""
+        for a, b in copy_runs(chunks, copy):
+            self.view(dst_va + a, b - a).copy_(host[a:b])
 
     @abstractmethod
     def start_copies(self, dst_va: int, host: torch.Tensor, chunks: Sequence[Chunk], copy: Sequence[bool],
