@@ -542,8 +542,8 @@ def main() -> None:
     ap.add_argument("--swap-piece-ms", type=float, help="serve --swap-piece-ms (default: the node's own; 0: off)")
     ap.add_argument("--queue-ahead", action=argparse.BooleanOptionalAction, default=True,
                     help="serve --queue-ahead / --no-queue-ahead (default: on, the node's default)")
-    ap.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=True,
-                    help="serve --side-fetch / --no-side-fetch (default: on, the node's default)")
+    ap.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=False,
+                    help="serve --side-fetch / --no-side-fetch (default: off, the node's default)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sweep = [int(x) for x in args.sweep.split(",")]

@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "when that ends, with no round trip through the controller (default: on)")
     s.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=None,
                    help="a device's second lane may bring a model in by kernel beside the first lane's swap and "
-                        "run it, when that finishes first (default: on; needs two lanes)")
+                        "run it, when that finishes first (default: off; needs two lanes)")
     s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
     s.add_argument("--token", default=argparse.SUPPRESS,
                    help="token the management API requires (default: $SWAPSERVE_TOKEN)")

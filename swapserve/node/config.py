@@ -51,10 +51,11 @@ class ServeConfig:
     """A device's first lane takes one more run (or piece of a swap) behind the one it runs, started by the
     worker as soon as that ends, instead of waiting for the reply, the next decision and its message to pass
     through the controller (``swapserve`` policy only)."""
-    side_fetch: bool = True
+    side_fetch: bool = False
     """A device's second lane may bring a model in itself (by kernel, sharing the host link with the first
     lane's copies instead of queueing behind them) and run it there, when that finishes first — a small
-    model's request need not wait for a large model's swap (``swapserve`` policy, two lanes)."""
+    model's request need not wait for a large model's swap (``swapserve`` policy, two lanes). Off by default
+    until a trace shows it helps (see docs/design.md, "Side fetches")."""
     host_store_bytes: int | None = None
     """Capacity of the pinned host store shared by all workers; beyond it models spill to their
     safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``."""

@@ -70,7 +70,7 @@ class NodeConfig:
     """See :class:`swapserve.scheduler.Scheduler` (0: swaps in one go)."""
     queue_ahead: bool = True
     """See :class:`swapserve.scheduler.Scheduler`."""
-    side_fetch: bool = True
+    side_fetch: bool = False
     """See :class:`swapserve.scheduler.Scheduler` (needs two lanes)."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB

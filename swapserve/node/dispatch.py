@@ -248,7 +248,7 @@ class Dispatcher:
         # A side lane may fetch even a model the scheduler saw resident: a swap in the first lane may have
         # evicted it since (the worker reports residency with its replies), and fetching beats waiting for
         # that swap to end (the worker hands the run to the first lane only if the model is in flight there).
-        fetch = bool(d.lane) and self.scheduler.side_fetch
+        fetch = bool(d.lane) and self.scheduler.may_fetch(self.state, d.function)
         self._launch(d, m, Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit, fetch), batch,
                      sum(p.request.items for p in batch), now, region)
 

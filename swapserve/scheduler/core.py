@@ -27,7 +27,8 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
 * Side fetches (``side_fetch``, with a measured ``LinkProfile.fetch_GBps``): a side lane may also bring a
   model in itself — its missing bytes by kernel, then the run — when that finishes first, typically a
   small model's request arriving during a large model's swap, which would otherwise wait for all of it
-  (most functions missing at N=400 on the H200 did, 4–8 ms behind the swap ahead). Not for a model that
+  (most functions missing at N=400 on the H200 did, 4–8 ms behind the swap ahead). Only short copies
+  (:data:`FETCH_MAX_MS`: a fetch holds up the first lane's copies while it lasts), and not for a model that
   is on its way or running anywhere (its bytes are coming, or another copy is not worth it).
 * Queue-ahead (``queue_ahead``): a busy first lane takes one more run behind the one in progress when that is
   where the batch finishes first, and the worker starts it the moment the run ends (never a piece of a swap:
@@ -73,6 +74,12 @@ SWAP_PIECE_MS = 3.0
 comes in pieces while its deadline has room: the first lane is the only one that swaps, so a request
 arriving during a 15 ms copy of a big model waited for all of it (on the H200 at N=400, 56 of 71 refusals
 came during a swap of BERT-large or GPT-2 medium); between pieces, EDF serves what is due first."""
+FETCH_MAX_MS = 3.0
+"""The longest copy a side lane's fetch may make (at ``LinkProfile.fetch_GBps``). A fetch's reads take the
+host link from the first lane's copies for as long as they last (a 100 MiB fetch beside a 640 MiB swap on the
+H200: the fetch 2.7 ms, the swap 2 ms longer): short ones are worth it, as a swap's pieces are; with no bound,
+fetches of GPT-2 and BERT-large (15 ms each) made the first lane's swaps miss (attainment 0.64 against 0.78
+without fetches, one H200, N=400)."""
 PIECE_COST_MS = 1.0
 """What each extra piece is planned to cost the swapping request (a command's round trip; its copy does
 not overlap compute)."""
@@ -209,7 +216,7 @@ class Scheduler:
                 return max(min(view.free_at) + prof_own.exec_at(request.items) / 1000.0,
                            mean + rest_ms / 1000.0 / view.n), grace_s
             ests = [e for d in view.candidates(name, prof) if (e := view.estimate(name, prof, items, d, view.free_at[d]))]
-            ests += view.side_estimates(name, prof, items, now, self.side_fetch)
+            ests += view.side_estimates(name, prof, items, now, self.may_fetch(state, name))
             if not ests:
                 if mine:
                     return math.inf, grace_s
@@ -258,7 +265,7 @@ class Scheduler:
         for name in state.nonempty():
             fq = state.queues[name]
             if fq.requests:
-                keep, dropped = self._triage(view, fq, self._profile(state, name), now)
+                keep, dropped = self._triage(view, fq, self._profile(state, name), now, self.may_fetch(state, name))
                 rejects += dropped
                 if keep:
                     pending[name] = keep
@@ -287,7 +294,7 @@ class Scheduler:
             for d in range(view.n):
                 # A busy side lane counts too, from when it frees: waiting for it may beat the first lane.
                 if (se := view.side_estimate(name, prof, items, d, now,
-                                             self.side_fetch and name not in active)) is not None:
+                                             self.may_fetch(state, name) and name not in active)) is not None:
                     ests[d, 1] = se
                     cands.append((se.key(d in side), d, 1))
                 if d in free and not (no_new_copy and not view.holds(name, d, now)):
@@ -345,6 +352,13 @@ class Scheduler:
                 heapq.heappush(heap, (rest[0].deadline, name))
         return Decision(tuple(dispatches), tuple(rejects))
 
+    def may_fetch(self, state: NodeState, function: str) -> bool:
+        """Whether a side lane may bring ``function``'s model in itself: side fetches on, their bandwidth
+        measured, and the whole model copied within :data:`FETCH_MAX_MS`."""
+        gbps = state.link.fetch_GBps
+        return (self.side_fetch and gbps is not None
+                and self._profile(state, function).nbytes <= FETCH_MAX_MS * gbps * 1e6)
+
     def _take_first_lane(self, device: int, free: set[int], ahead: set[int]) -> None:
         """A dispatch went to ``device``'s first lane: an idle one may still take one behind it."""
         if device in free:
@@ -390,8 +404,8 @@ class Scheduler:
         return Dispatch(best.device, function, (), best.source, best.copy_ms, copy_ms=best.copy_ms,
                         values=self.values(state, best.device, now))
 
-    def _triage(self, view: View, fq: FunctionQueue, prof: ModelProfile,
-                now: float) -> tuple[list[Request], list[Reject]]:
+    def _triage(self, view: View, fq: FunctionQueue, prof: ModelProfile, now: float,
+                fetch: bool) -> tuple[list[Request], list[Reject]]:
         """Split a queue into requests still worth serving and those to drop: all of them if the model fits
         no device; under ``refuse``, those that would miss their deadline (plus cold-start grace) even if
         they were next on the device where they would finish first."""
@@ -407,7 +421,7 @@ class Scheduler:
             if r.items not in bound:
                 ests = [e for d in range(view.n)
                         if (e := view.estimate(fq.function, prof, r.items, d, view.free_at[d]))]
-                ests += view.side_estimates(fq.function, prof, r.items, now, self.side_fetch)
+                ests += view.side_estimates(fq.function, prof, r.items, now, fetch)
                 bound[r.items] = (min(e.finish for e in ests), self._grace_s(view, fq.function, prof, r.items))
             finish, grace_s = bound[r.items]
             late = finish - (r.deadline + grace_s)

@@ -962,3 +962,21 @@ def test_a_fetch_teaches_the_overhead_of_copy_then_run():
     # 1 ms copy + 1 ms run + 0.5 ms of overhead observed: the overhead moves toward 0.5, not 1.5.
     sched.observe_completion(s, "f", 0, 1, 2.5, True, 2.5, T0, copy_ms=1.0, fetched=True)
     assert s.profiles["f"].swap_overhead_ms == pytest.approx(0.3 + 0.2 * (0.5 - 0.3))
+
+
+def test_only_short_copies_are_fetched():
+    """A fetch takes the host link from the first lane's copies while it lasts: a model that would take
+    longer than FETCH_MAX_MS (3 ms) to fetch waits for the first lane instead."""
+    s = side_node()
+    fn(s, "large", nbytes=400 * MB, exec_ms={1: 1.0})  # 10 ms at 40 GB/s
+    fn(s, "edge", nbytes=120 * MB, exec_ms={1: 1.0})  # 3 ms: still fetched
+    busy(s, 0, until=T0 + 0.050, running="big", copying_until=T0 + 0.050)
+    sched = Scheduler(swap_piece_ms=0, queue_ahead=True, side_fetch=True)
+    assert not sched.may_fetch(s, "large") and sched.may_fetch(s, "edge")
+    enqueue(s, "large", "r1")
+    d = only(sched.decide(s, T0))
+    assert (d.function, d.lane) == ("large", 0)  # queued behind the swap, not fetched beside it
+    s.queues["large"].requests.clear()
+    enqueue(s, "edge", "r2")
+    d = only(sched.decide(s, T0))
+    assert (d.function, d.lane, d.source) == ("edge", 1, "host")
