@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 from datetime import date
 from pathlib import Path
 
@@ -133,26 +134,27 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure(url: str, pid: int, name: str, n: int, warmup: int) -> dict:
-    import aiohttp
-
-    from trace import _head_of_body, _parameters
+    from http1 import Client  # the traces' client (bench/http1.py)
+    from trace import _parameters
 
     body, hlen = request_body(name)
     headers = {"Inference-Header-Content-Length": str(hlen), "Content-Type": "application/octet-stream"}
     rtt, node = [], []
-    async with aiohttp.ClientSession(url, read_bufsize=16 << 20) as s:
+    client = Client(urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port)
+    try:
         for i in range(warmup + n):
             if i == warmup:
                 cpu0, wall0 = cpu_seconds(pid), time.perf_counter()
             t = time.perf_counter()
-            async with s.post(f"/v2/models/{name}/infer", data=body, headers=headers) as r:
-                data = await _head_of_body(r) if r.status == 200 else await r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"{name}: HTTP {r.status}: {data[:300]!r}")
-                hl = r.headers.get("Inference-Header-Content-Length")
+            r = await client.request("POST", f"/v2/models/{name}/infer", body, headers,
+                                     keep_header="inference-header-content-length")
+            if r.status != 200:
+                raise RuntimeError(f"{name}: HTTP {r.status}: {r.body[:300]!r}")
             rtt.append((time.perf_counter() - t) * 1e3)
-            node.append(_parameters(data, hl)["total_ms"])
+            node.append(_parameters(r.body, r.headers.get("inference-header-content-length"))["total_ms"])
         cpu, wall = cpu_seconds(pid) - cpu0, time.perf_counter() - wall0
+    finally:
+        client.close()
     rtt, node = rtt[warmup:], node[warmup:]
     _, dtype, shape, out_shape = SHAPES[name]
     return {"requests": n, "input_bytes": element_size(dtype) * math.prod(shape[1:]),
