@@ -8,7 +8,8 @@
 # OVERHEAD=0 skips bench/overhead.py; LANES=1 runs every trace with one lane per GPU (serve --lanes 1);
 # PIECE_MS sets serve --swap-piece-ms (0: swaps in one go); MAX_BATCH=1 (development runs) captures a third
 # of the graphs at start; REPEATS=3 replays each point three times (the point: the median run);
-# QUEUE_AHEAD_AB=1 also runs the swapserve sweep with serve --no-queue-ahead (into RESULTS_DIR/no_queue_ahead).
+# QUEUE_AHEAD_AB=1 also runs the swapserve sweep with serve --no-queue-ahead (into RESULTS_DIR/no_queue_ahead);
+# SIDE_FETCH_AB=1 also runs it with serve --side-fetch (into RESULTS_DIR/side_fetch).
 # SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
 # trace.py measures them first. Sweeps default to one GPU's (100..400 swapserve-style; 25..200 on-demand).
 set -u
@@ -67,6 +68,10 @@ SLO=(--slo-from "$R/trace.json")  # the table the first run used (measured there
 if [ "${QUEUE_AHEAD_AB:-0}" = 1 ]; then
   step "trace swapserve $SWEEP without queue-ahead (the A/B, in $R/no_queue_ahead)"
   python3 bench/trace.py --out "$R/no_queue_ahead" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}" --no-queue-ahead
+fi
+if [ "${SIDE_FETCH_AB:-0}" = 1 ]; then
+  step "trace swapserve $SWEEP with side fetches (the A/B, in $R/side_fetch)"
+  python3 bench/trace.py --out "$R/side_fetch" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}" --side-fetch
 fi
 step "trace lru_ondemand $ONDEMAND_SWEEP"
 python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"
