@@ -23,7 +23,9 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
   decision, after the piece, serves whatever is due first, then the next piece or the run with what is left.
 * Side lanes: a device with a second lane (``DeviceState.side_lane``) runs a model that is wholly there in
   it, beside whatever its first lane does (a swap of another model, say), when that finishes first; the
-  first lane is the only one that swaps pipelined. Admission and triage count side lanes the same way.
+  first lane is the only one that swaps pipelined. A busy side lane counts from when it frees (a resident
+  model's request may wait a moment for it rather than queue behind a swap in the first lane). Admission and
+  triage count side lanes the same way.
 * Side fetches (``side_fetch``, with a measured ``LinkProfile.fetch_GBps``): a side lane may also bring a
   model in itself — its missing bytes by kernel, then the run — when that finishes first, typically a
   small model's request arriving during a large model's swap, which would otherwise wait for all of it
@@ -122,7 +124,8 @@ class Scheduler:
     def __init__(self, policy: Policy = "swapserve", rate_halflife_s: float = 60.0,
                  swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False, side_fetch: bool = False):
         """``swap_piece_ms``: the length of a swap's pieces (0: swaps in one go). ``queue_ahead``: under
-        ``swapserve``, a device's first lane may take one more dispatch behind the one it runs."""
+        ``swapserve``, a device's first lane may take one more dispatch behind the one it runs. ``side_fetch``:
+        under ``swapserve``, a side lane may bring a small model in itself (:meth:`may_fetch`)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
