@@ -78,13 +78,16 @@ def phases_table(r: dict) -> list[str]:
             for kind, b in kinds.items():
                 if b:
                     remaps = f"{b['place_remap']:.2f}" if "place_remap" in b else "-"
+                    if b.get("place_remap_cpu"):
+                        remaps += f" ({b['place_remap_cpu']:.2f} CPU)"
                     lines.append(f"| {label} | {pt['n']} | {model} | {kind} | {b['runs']} | "
                                  + " | ".join(f"{b[k]:.2f}" for k in keys) + f" | {remaps} |")
     if not lines:
         return []
     return ["", "Where the worker's runs went (medians, ms) at each policy's largest N: waiting for the lane or a "
             "capture, putting inputs up, pinning and pages (evictions, remaps; the remaps' driver calls alone in "
-            "the last column), the device (launch to landed), writing outputs to the IO slab.", "",
+            "the last column, with the worker thread's CPU time in them where runs reported it), the device "
+            "(launch to landed), writing outputs to the IO slab.", "",
             "| policy | N | model | run | runs | " + " | ".join(keys) + " | of place: remaps |",
             "|---|---:|---|---|---:|" + "---:|" * (len(keys) + 1), *lines]
 

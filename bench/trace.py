@@ -492,8 +492,9 @@ def breakdown(rows: list[tuple]) -> dict | None:
 
 
 PHASES = ("wait", "upload", "place", "device", "output")
-PLACE_PARTS = ("place_lock", "place_remap")
-"""Parts of ``place`` (runs since 2026-11-28's fourth session report them)."""
+PLACE_PARTS = ("place_lock", "place_remap", "place_remap_cpu")
+"""Parts of ``place`` (runs since 2026-11-28's fourth session report them; the remaps' CPU time since the
+fifth)."""
 
 
 def phases(rows: list[tuple]) -> dict | None:

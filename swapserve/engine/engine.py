@@ -82,6 +82,9 @@ class RunInfo:
     """The part of ``place_ms`` spent waiting for the engine's lock (another lane placing or finishing)."""
     place_remap_ms: float = 0.0
     """The part of ``place_ms`` spent remapping slots onto other pages (driver calls)."""
+    place_remap_cpu_ms: float = 0.0
+    """The calling thread's CPU time in those remaps: well under ``place_remap_ms`` when the calls wait (for
+    the GIL, which each driver call gives up, or in the driver) rather than work."""
     device_ms: float = 0.0
     """Launch to the copies and compute landing (waited for)."""
 
@@ -305,10 +308,11 @@ class SwapEngine:
             with self._placed(m, value, lane=ln.index, fetch=fetch) as (host, plan):
                 placed = time.perf_counter()
                 outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive)
-        lock_ms, remap_ms = self._local.place_parts
+        lock_ms, remap_ms, remap_cpu_ms = self._local.place_parts
         self._local.last_run = replace(self._local.last_run, wait_ms=(started - entered) * 1e3,
                                        upload_ms=(uploaded - started) * 1e3, place_ms=(placed - uploaded) * 1e3,
                                        place_lock_ms=lock_ms, place_remap_ms=remap_ms,
+                                       place_remap_cpu_ms=remap_cpu_ms,
                                        device_ms=(time.perf_counter() - placed) * 1e3)
         if run_batch != batch:
             outs = [o[:batch] if spec.shape[:1] == (-1,) else o for o, spec in zip(outs, m.artifact.manifest.outputs)]
@@ -371,7 +375,7 @@ class SwapEngine:
                 raise
             self.stats.remaps += len(plan.remaps)
             self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
-        remap = time.perf_counter()
+        remap, remap_cpu = time.perf_counter(), time.thread_time()
         try:
             self._remap(m, plan)
         except BaseException:
@@ -379,7 +383,8 @@ class SwapEngine:
                 self.pool.release(m.name)
                 self.store.release(m.name)
             raise
-        self._local.place_parts = ((locked - asked) * 1e3, (time.perf_counter() - remap) * 1e3)
+        self._local.place_parts = ((locked - asked) * 1e3, (time.perf_counter() - remap) * 1e3,
+                                   (time.thread_time() - remap_cpu) * 1e3)
         try:
             yield host, plan
         finally:

@@ -252,7 +252,8 @@ class Worker:
         t2 = time.perf_counter()
         run = self.engine.last_run()
         phases = {"wait": run.wait_ms, "upload": run.upload_ms, "place": run.place_ms, "device": run.device_ms,
-                  "output": (t2 - t1) * 1e3, "place_lock": run.place_lock_ms, "place_remap": run.place_remap_ms}
+                  "output": (t2 - t1) * 1e3, "place_lock": run.place_lock_ms, "place_remap": run.place_remap_ms,
+                  "place_remap_cpu": run.place_remap_cpu_ms}
         return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases,
                          lane=lane)
 

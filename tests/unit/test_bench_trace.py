@@ -89,7 +89,7 @@ def test_phase_medians_of_the_runs_that_reported_them(trace_module):
             for d in (1.0, 2.0, 9.0)]
     got = trace_module.phases(rows + [row({})])  # a run without phases (an older node) does not count
     assert got == {"runs": 3, "wait": 0.0, "upload": 0.1, "place": 0.2, "device": 2.0, "output": 0.3,
-                   "place_lock": 0.0, "place_remap": 0.1}
+                   "place_lock": 0.0, "place_remap": 0.1, "place_remap_cpu": 0.0}
     assert trace_module.phases([row({})]) is None
 
 
