@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from swapserve.engine import Residency
+from swapserve.engine.layout import Layout
 from swapserve.errors import CapacityError, InvalidInputError, NotFoundError, NotResidentError, WorkspaceError
 
 HAS_CUDA = torch.cuda.is_available()
@@ -168,6 +169,34 @@ def test_side_lane_runs_resident_models_only(make_artifact, make_engine, device,
     eng.pool.check()
     assert same(eng.infer("m", x), ref)
     assert same(eng.infer("m", x, lane=1), ref)
+
+
+class _WithEmpty(torch.nn.Module):
+    """A model with an empty tensor among its weights (GPT-2 has some)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+        self.register_buffer("empty", torch.zeros(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.empty.sum()
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_a_model_with_an_empty_weight_loads_and_swaps(make_engine, device, mode, tmp_path):
+    from swapserve.artifact import build_artifact, load_artifact
+
+    torch.manual_seed(11)
+    x = torch.randn(1, 64)
+    build_artifact(_WithEmpty().eval(), (x,), tmp_path / "empty", name="empty")
+    art = load_artifact(tmp_path / "empty")
+    assert any(t.nbytes == 0 for t in Layout.of(art.manifest, 256).slots), "the empty buffer is a weight"
+    eng = make_engine(device, mode)
+    eng.add("m", art)
+    cold = eng.infer("m", [x])
+    eng.evict("m")
+    assert same(eng.infer("m", [x]), cold) and same(eng.infer("m", [x], lane=1), cold)
 
 
 FETCH_MODES = [(d, m) for d, m in MODES if m != "ondemand"]  # the baseline never fetches (no pinned buffers)

@@ -106,6 +106,8 @@ class CpuBackend(Backend):
               mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE, -1, 0)
 
     def view(self, va: int, nbytes: int) -> torch.Tensor:
+        if not nbytes:  # a model's empty tensors (GPT-2 has some): torch.frombuffer refuses an empty buffer
+            return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(va), dtype=torch.uint8)
 
     def pin(self, host: torch.Tensor) -> None:
