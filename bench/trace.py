@@ -545,6 +545,10 @@ def main() -> None:
                     help="serve --queue-ahead / --no-queue-ahead (default: on, the node's default)")
     ap.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=False,
                     help="serve --side-fetch / --no-side-fetch (default: off, the node's default)")
+    ap.add_argument("--alternate", metavar="SETTING=A,B",
+                    help="an A/B on one node: replays alternate a scheduling setting the running node changes "
+                         "(PATCH /api/v1/scheduling), e.g. side_fetch=true,false or swap_piece_ms=3,0; each value's "
+                         "runs are a trace of their own, in OUT/SETTING_VALUE/ (give --repeats a multiple)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sweep = [int(x) for x in args.sweep.split(",")]
@@ -558,13 +562,17 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="swapserve-trace-"))
     cache = work / "artifacts" / f"batch{args.max_batch}"
     bodies = request_bodies(sorted(set(zoo_names)))
-    out_path = args.out / "trace.json"
-    result = json.loads(out_path.read_text()) if out_path.exists() else {"policies": {}}
-    result.update({"date": date.today().isoformat(), "slo_ms": slo, "slo_source": slo_source,
-                   "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": args.max_batch,
-                   "client_processes": args.clients, "lanes": args.lanes or 2,
-                   "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS,
-                   "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch})
+    header = {"date": date.today().isoformat(), "slo_ms": slo, "slo_source": slo_source,
+              "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": args.max_batch,
+              "client_processes": args.clients, "lanes": args.lanes or 2,
+              "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS,
+              "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch}
+    variants = alternates(args.alternate, args.out)  # (directory, settings): the runs of each go there
+    results = []
+    for out, settings in variants:
+        out.mkdir(parents=True, exist_ok=True)
+        r = json.loads((out / "trace.json").read_text()) if (out / "trace.json").exists() else {"policies": {}}
+        results.append({**r, **header, **settings})
     total_bytes = None
     for label in args.policies.split(","):
         policy, mode = POLICIES[label]
@@ -575,7 +583,8 @@ def main() -> None:
         if total_bytes is None:
             total_bytes = sum((cache / f.model / "weights.safetensors").stat().st_size for f in fns)
             large = frozenset(m for m in zoo_names if output_bytes(cache, m) > 1 << 20)
-            result["large_output_models"] = sorted(large)
+            for result in results:
+                result["large_output_models"] = sorted(large)
         extra = (("--policy", policy, "--mode", mode) + (("--no-prepare",) if args.no_prepare else ())
                  + (("--lanes", str(args.lanes)) if args.lanes else ())
                  + (("--swap-piece-ms", str(args.swap_piece_ms)) if args.swap_piece_ms is not None else ())
@@ -589,29 +598,41 @@ def main() -> None:
             print(f"[{label}] node ready in {time.time() - t0:.0f} s", flush=True)
             from swapserve.client import Client
 
-            st = Client(srv.url, srv.token).status()
-            result["gpu"] = st["devices"][0]["name"]
-            result["gpus"] = len(st["devices"])
-            # The node's link profile, measured at its start: host→GPU GB/s with all GPUs copying at once,
-            # and the slowdown of execution under a copy (what the scheduler counts as contention).
-            result["link_profile"] = {k: v for k, v in (st.get("extra") or {}).items() if not k.startswith("busy_")}
-            points = []
+            client = Client(srv.url, srv.token)
+            st = client.status()
+            for result in results:
+                result["gpu"] = st["devices"][0]["name"]
+                result["gpus"] = len(st["devices"])
+                # The node's link profile, measured at its start: host→GPU GB/s with all GPUs copying at once,
+                # and the slowdown of execution under a copy (what the scheduler counts as contention).
+                result["link_profile"] = {k: v for k, v in (st.get("extra") or {}).items()
+                                          if not k.startswith("busy_")}
+            points: list[list[dict]] = [[] for _ in variants]
             for n in sweep:
-                runs = []
+                runs: list[list[dict]] = [[] for _ in variants]
                 for k in range(args.repeats):
-                    tag = f"{label}_{n}" + (f"_r{k}" if args.repeats > 1 else "")
-                    raw = args.out / "trace_raw" / f"{tag}.jsonl.gz" if args.raw else None
-                    runs.append(run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw,
-                                          args.clients, large))
-                pt = median_run(runs)
-                points.append(pt)
-                print(f"[{label}] N={n}: attainment {pt['attainment']:.3f}, p50 {pt['p50_ms']} ms, p99 {pt['p99_ms']} "
-                      f"ms, {pt['throughput_rps']:.1f} req/s, {pt['swaps_per_s']:.1f} swaps/s, busy "
-                      f"{pt['busy_fraction']:.2f}, codes {pt['status_codes']}", flush=True)
-                ok_ns = [p["n"] for p in points if p["attainment"] >= 0.98]
-                result["policies"][label] = {"max_functions": max(ok_ns, default=0), "sweep": points,
-                                             "scheduler": policy, "engine_mode": mode}
-                out_path.write_text(json.dumps(result, indent=1))
+                    v = k % len(variants)
+                    (out, settings), result = variants[v], results[v]
+                    if settings and any(client.configure_scheduling(**settings).get(k) != x
+                                        for k, x in settings.items()):
+                        raise SystemExit(f"the node did not take {settings}")
+                    tag = f"{label}_{n}" + (f"_r{k // len(variants)}" if args.repeats > len(variants) else "")
+                    raw = out / "trace_raw" / f"{tag}.jsonl.gz" if args.raw else None
+                    runs[v].append(run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw,
+                                             args.clients, large))
+                for (out, settings), result, vruns, vpoints in zip(variants, results, runs, points):
+                    if not vruns:
+                        continue
+                    pt = median_run(vruns)
+                    vpoints.append(pt)
+                    print(f"[{label}]{''.join(f' {k}={v}' for k, v in settings.items())} N={n}: attainment "
+                          f"{pt['attainment']:.3f}, p50 {pt['p50_ms']} ms, p99 {pt['p99_ms']} ms, "
+                          f"{pt['throughput_rps']:.1f} req/s, {pt['swaps_per_s']:.1f} swaps/s, busy "
+                          f"{pt['busy_fraction']:.2f}, codes {pt['status_codes']}", flush=True)
+                    ok_ns = [p["n"] for p in vpoints if p["attainment"] >= 0.98]
+                    result["policies"][label] = {"max_functions": max(ok_ns, default=0), "sweep": vpoints,
+                                                 "scheduler": policy, "engine_mode": mode}
+                    (out / "trace.json").write_text(json.dumps(result, indent=1))
         finally:
             stopped = time.time()
             print(f"[{label}] server exit {srv.stop()} after {time.time() - stopped:.1f} s", flush=True)
@@ -620,7 +641,20 @@ def main() -> None:
         shutil.rmtree(home, ignore_errors=True)
     from report_trace import render
 
-    render(result, args.out)
+    for (out, _), result in zip(variants, results):
+        render(result, out)
+
+
+def alternates(spec: str | None, out: Path) -> list[tuple[Path, dict]]:
+    """``--alternate SETTING=A,B``: each value's output directory and the setting to apply before its runs;
+    without it, OUT itself and no change."""
+    if spec is None:
+        return [(out, {})]
+    key, sep, values = spec.partition("=")
+    if not sep or not values:
+        raise SystemExit(f"--alternate wants SETTING=A,B, not {spec!r}")
+    parsed = [json.loads(v) for v in values.split(",")]
+    return [(out / f"{key}_{str(v).lower()}", {key: v}) for v in parsed]
 
 
 if __name__ == "__main__":

@@ -79,6 +79,15 @@ class Client:
 
     # --- OIP v2 ----------------------------------------------------------------------------------
 
+    def scheduling(self) -> dict[str, Any]:
+        """The scheduler's settings (``GET /api/v1/scheduling``)."""
+        return self._json("GET", "/api/v1/scheduling")
+
+    def configure_scheduling(self, **changes: Any) -> dict[str, Any]:
+        """Change ``side_fetch`` and/or ``swap_piece_ms`` on the running node; the settings after."""
+        return self._json("PATCH", "/api/v1/scheduling", body=json.dumps(changes).encode(),
+                          headers={"Content-Type": "application/json"})
+
     def model_metadata(self, name: str) -> dict[str, Any]:
         """``GET /v2/models/{name}``: name, platform, inputs and outputs (name, datatype, shape)."""
         return self._json("GET", f"/v2/models/{_q(name)}")

@@ -1,4 +1,4 @@
-"""The management API (deploy, list, describe, delete, status) and the token that guards it.
+"""The management API (deploy, list, describe, delete, status, scheduling settings) and the token that guards it.
 
 Token rules: with ``config.token`` None every guarded route answers 403 (management disabled); otherwise a
 missing or non-Bearer ``Authorization`` header is 401 and a wrong token 403. The token is checked before the
@@ -21,7 +21,7 @@ from aiohttp import web
 
 from swapserve.errors import AuthError, InvalidInputError
 from swapserve.gateway.bundle import BundleLimits, extract_bundle, receive_upload
-from swapserve.gateway.common import CONFIG, METRICS, NODE, function_json, json_response
+from swapserve.gateway.common import CONFIG, METRICS, NODE, function_json, json_response, read_json_object
 from swapserve.node.api import FunctionInfo, NodeAPI
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,17 @@ async def delete_function(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     require_token(request)
     return json_response(dataclasses.asdict(request.app[NODE].status()))
+
+
+async def get_scheduling(request: web.Request) -> web.Response:
+    require_token(request)
+    return json_response(request.app[NODE].scheduling())
+
+
+async def configure_scheduling(request: web.Request) -> web.Response:
+    require_token(request)
+    changes = await read_json_object(request)
+    return json_response(request.app[NODE].configure_scheduling(changes))
 
 
 async def deploy(request: web.Request) -> web.Response:
@@ -124,3 +135,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/functions/{name}", get_function)
     app.router.add_delete("/api/v1/functions/{name}", delete_function)
     app.router.add_get("/api/v1/status", status)
+    app.router.add_get("/api/v1/scheduling", get_scheduling)
+    app.router.add_patch("/api/v1/scheduling", configure_scheduling)

@@ -130,6 +130,15 @@ OPENAPI: dict[str, Any] = {
                 "deleted": {"type": "string"}}}, "Deleted"), (404, 409), params=(_NAME,), auth=True),
         },
         "/api/v1/status": {"get": _op("Node status", "management", _json(_ref("NodeStatus"), "Status"), auth=True)},
+        "/api/v1/scheduling": {
+            "get": _op("The scheduler's settings", "management", _json(_ref("Scheduling"), "Settings"), auth=True),
+            "patch": _op("Change side_fetch and/or swap_piece_ms now (all or nothing)", "management",
+                         _json(_ref("Scheduling"), "The settings after the change"), (400,), auth=True, body={
+                             "required": True, "content": {"application/json": {"schema": {
+                                 "type": "object", "properties": {
+                                     "side_fetch": {"type": "boolean"},
+                                     "swap_piece_ms": {"type": "number", "minimum": 0, "maximum": 1000}}}}}}),
+        },
         "/metrics": {"get": _op("Prometheus metrics", "observability", {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})},
         "/openapi.json": {"get": _op("This document", "observability", _OK)},
@@ -179,6 +188,10 @@ OPENAPI: dict[str, Any] = {
                 "device": {"type": "string"}, "name": {"type": "string"}, "pool_bytes": {"type": "integer"},
                 "pool_used_bytes": {"type": "integer"}, "resident": {"type": "array", "items": {"type": "string"}},
                 "partial": {"type": "array", "items": {"type": "string"}}, "busy": {"type": "boolean"}}},
+            "Scheduling": {"type": "object", "properties": {
+                "policy": {"type": "string", "enum": ["swapserve", "fifo_lru", "dedicated"]},
+                "queue_ahead": {"type": "boolean", "description": "fixed at start"},
+                "side_fetch": {"type": "boolean"}, "swap_piece_ms": {"type": "number"}}},
             "NodeStatus": {"type": "object", "properties": {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},

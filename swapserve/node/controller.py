@@ -555,6 +555,18 @@ class Node:
                            **{f"busy_seconds_{w.index}": self.dispatch.busy_s[w.index] for w in self._workers}},
                           tuple(_sandbox_status(p) for _, p in sorted(self.sandboxes.stats().items())))
 
+    def scheduling(self) -> dict[str, Any]:
+        return self.scheduler.settings()
+
+    def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
+        try:
+            settings = self.scheduler.configure(self.state, changes)
+        except ValueError as e:
+            raise InvalidInputError(str(e)) from None
+        log.info("scheduling settings changed: %s", settings)
+        self.dispatch.pump()  # queued work may go otherwise now
+        return settings
+
     def _sandbox_event(self, event: SandboxEvent) -> None:
         fn = self._functions.get(event.function)
         if fn is None:  # a deleted function's pool still reports its sandboxes stopping: its series are gone

@@ -49,6 +49,7 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import insort_right
+from typing import Any
 
 from swapserve.scheduler.estimate import Estimate, View, rate_at, update_rate
 from swapserve.scheduler.types import (
@@ -354,6 +355,39 @@ class Scheduler:
             if rest:
                 heapq.heappush(heap, (rest[0].deadline, name))
         return Decision(tuple(dispatches), tuple(rejects))
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a running node may change (:meth:`configure`), and the ones fixed at its start."""
+        return {"policy": self.policy, "queue_ahead": self.queue_ahead, "side_fetch": self.side_fetch,
+                "swap_piece_ms": self.swap_piece_ms}
+
+    def configure(self, state: NodeState, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change ``side_fetch`` (bool) and ``swap_piece_ms`` (≥ 0) on a running node — so that a benchmark
+        can compare them on one node, and an operator tune a live one — all or nothing, checked first.
+        Returns :meth:`settings`. Raises ValueError naming what is wrong."""
+        problems = []
+        for key, value in changes.items():
+            if key == "side_fetch":
+                if not isinstance(value, bool):
+                    problems.append(f"side_fetch must be true or false, not {value!r}")
+                elif value and self.policy != "swapserve":
+                    problems.append(f"side fetches exist only under the swapserve policy (this node: {self.policy})")
+                elif value and state.link.fetch_GBps is None:
+                    problems.append("side fetches need a second lane per device (serve --lanes 2)")
+            elif key == "swap_piece_ms":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1000:
+                    problems.append(f"swap_piece_ms must be a number of ms in [0, 1000], not {value!r}")
+            elif key in ("policy", "queue_ahead"):
+                problems.append(f"{key} is fixed when the node starts (swapserve serve)")
+            else:
+                problems.append(f"unknown setting {key!r}: a running node changes side_fetch and swap_piece_ms")
+        if problems:
+            raise ValueError("; ".join(problems))
+        if "side_fetch" in changes:
+            self.side_fetch = changes["side_fetch"]
+        if "swap_piece_ms" in changes:
+            self.swap_piece_ms = float(changes["swap_piece_ms"])
+        return self.settings()
 
     def may_fetch(self, state: NodeState, function: str) -> bool:
         """Whether a side lane may bring ``function``'s model in itself: side fetches on, their bandwidth

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ GUARDED = [
     ("GET", "/api/v1/functions/mlp"),
     ("DELETE", "/api/v1/functions/mlp"),
     ("GET", "/api/v1/status"),
+    ("GET", "/api/v1/scheduling"),
+    ("PATCH", "/api/v1/scheduling"),
     ("POST", "/v2/repository/models/mlp/unload"),
     ("POST", "/v2/repository/models/mlp/load"),
 ]
@@ -65,6 +68,28 @@ def test_list_describe_and_status(server: Server):
     (dev,) = status["devices"]
     assert dev["device"] == "cpu" and dev["pool_bytes"] == 128 << 20
     assert 0 < status["host_store_bytes"] <= status["host_store_capacity"] == 256 << 20
+
+
+def test_scheduling_settings_change_on_the_running_node(server: Server, functions: Functions):
+    client = server.client()
+    before = client.scheduling()
+    assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": False, "swap_piece_ms": 3.0}
+    try:
+        after = client.configure_scheduling(side_fetch=True, swap_piece_ms=5)
+        assert after == {**before, "side_fetch": True, "swap_piece_ms": 5.0} == client.scheduling()
+        for bad, why in (({"swap_piece_ms": 1, "bogus": 1}, "unknown setting 'bogus'"),
+                         ({"side_fetch": "yes"}, "side_fetch must be true or false"),
+                         ({"swap_piece_ms": -1}, "swap_piece_ms must be a number"),
+                         ({"queue_ahead": False}, "queue_ahead is fixed")):
+            r = server.request("PATCH", "/api/v1/scheduling", json.dumps(bad).encode(),
+                               {"Content-Type": "application/json"}, token=True)
+            assert why in r.error(400)
+        assert client.scheduling() == after  # all or nothing: a refused change changed nothing
+        r = server.request("PATCH", "/api/v1/scheduling", b"[1]", {"Content-Type": "application/json"}, token=True)
+        assert "JSON object" in r.error(400)
+        assert_serves(server, functions.mlp, 1)  # and it serves on
+    finally:
+        client.configure_scheduling(side_fetch=before["side_fetch"], swap_piece_ms=before["swap_piece_ms"])
 
 
 def test_deploy_describe_delete_redeploy(server: Server, functions: Functions, tmp_path: Path):

@@ -141,3 +141,12 @@ def test_miss_causes_cli_reads_a_runs_raw_records(tmp_path):
     name, doc = out.strip().split(" ", 1)
     got = json.loads(doc)
     assert name == "swapserve_5" and got["functions"] == 5 and got["missed"] == 4 and got["worst_part"]["queue"] == 1
+
+
+def test_an_alternate_setting_gives_each_value_its_directory(trace_module, tmp_path):
+    assert trace_module.alternates(None, tmp_path) == [(tmp_path, {})]
+    assert trace_module.alternates("side_fetch=true,false", tmp_path) == [
+        (tmp_path / "side_fetch_true", {"side_fetch": True}), (tmp_path / "side_fetch_false", {"side_fetch": False})]
+    assert trace_module.alternates("swap_piece_ms=3,0", tmp_path)[1] == (tmp_path / "swap_piece_ms_0", {"swap_piece_ms": 0})
+    with pytest.raises(SystemExit, match="SETTING=A,B"):
+        trace_module.alternates("side_fetch", tmp_path)

@@ -980,3 +980,19 @@ def test_only_short_copies_are_fetched():
     enqueue(s, "edge", "r2")
     d = only(sched.decide(s, T0))
     assert (d.function, d.lane, d.source) == ("edge", 1, "host")
+
+
+def test_settings_a_running_node_may_change():
+    s = side_node()
+    sched = Scheduler(swap_piece_ms=3.0, queue_ahead=True)
+    assert sched.configure(s, {"side_fetch": True, "swap_piece_ms": 0}) == {
+        "policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 0.0}
+    fn(s, "f", nbytes=40 * MB)
+    assert sched.may_fetch(s, "f")
+    with pytest.raises(ValueError, match="second lane"):
+        sched.configure(side_node(None), {"side_fetch": True})
+    with pytest.raises(ValueError, match="only under the swapserve policy"):
+        Scheduler("fifo_lru").configure(s, {"side_fetch": True})
+    with pytest.raises(ValueError, match="swap_piece_ms must be"):
+        sched.configure(s, {"side_fetch": False, "swap_piece_ms": True})
+    assert sched.side_fetch and sched.swap_piece_ms == 0.0  # all or nothing
