@@ -9,7 +9,8 @@
 # PIECE_MS sets serve --swap-piece-ms (0: swaps in one go); MAX_BATCH=1 (development runs) captures a third
 # of the graphs at start; REPEATS=3 replays each point three times (the point: the median run);
 # QUEUE_AHEAD_AB=1 also runs the swapserve sweep with serve --no-queue-ahead (into RESULTS_DIR/no_queue_ahead);
-# SIDE_FETCH_AB=1 also runs it with serve --side-fetch (into RESULTS_DIR/side_fetch).
+# SIDE_FETCH_AB=1 also runs an interleaved A/B of side fetches on one node (trace.py --alternate; each point
+# replayed 2 x REPEATS times, into RESULTS_DIR/side_fetch_ab/side_fetch_true and .../side_fetch_false).
 # SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
 # trace.py measures them first. Sweeps default to one GPU's (100..400 swapserve-style; 25..200 on-demand).
 set -u
@@ -70,8 +71,12 @@ if [ "${QUEUE_AHEAD_AB:-0}" = 1 ]; then
   python3 bench/trace.py --out "$R/no_queue_ahead" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}" --no-queue-ahead
 fi
 if [ "${SIDE_FETCH_AB:-0}" = 1 ]; then
-  step "trace swapserve $SWEEP with side fetches (the A/B, in $R/side_fetch)"
-  python3 bench/trace.py --out "$R/side_fetch" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}" --side-fetch
+  step "trace swapserve $SWEEP, side fetches on and off alternately on one node (in $R/side_fetch_ab)"
+  AB_ARGS=()
+  [ -n "${LANES:-}" ] && AB_ARGS+=(--lanes "$LANES")
+  [ -n "${PIECE_MS:-}" ] && AB_ARGS+=(--swap-piece-ms "$PIECE_MS")
+  [ -n "${MAX_BATCH:-}" ] && AB_ARGS+=(--max-batch "$MAX_BATCH")
+  python3 bench/trace.py --out "$R/side_fetch_ab" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${AB_ARGS[@]}" --repeats $((2 * ${REPEATS:-1})) --alternate side_fetch=true,false
 fi
 step "trace lru_ondemand $ONDEMAND_SWEEP"
 python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"
