@@ -3,6 +3,7 @@ benchmarks (overhead.py, trace.py): the server runs as its own process, clients 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -19,6 +20,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _term_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it exits (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Server:
@@ -39,8 +46,11 @@ class Server:
         if host_store:
             args += ["--host-store", host_store]
         self.log = open(home / "serve.log", "ab")
+        # The node stops (cleanly, as on SIGTERM) when the benchmark dies: one killed by a timeout left its node
+        # preparing models at full CPU for as long as nobody noticed.
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                                     preexec_fn=_term_with_parent)
 
     def wait_ready(self, timeout: float = 1800.0) -> None:
         deadline = time.time() + timeout
