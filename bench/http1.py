@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 READ_BYTES = 4 << 20
@@ -170,6 +171,12 @@ class Client:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self._idle: list[_Conn] = []
+
+    @classmethod
+    def of(cls, url: str) -> Client:
+        """A client of ``http://host:port`` (the path, if any, is the caller's)."""
+        where = urllib.parse.urlsplit(url)
+        return cls(where.hostname or "127.0.0.1", where.port or 80)
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
                       keep_header: str | None = None) -> Response:

@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.parse
 from datetime import date
 from pathlib import Path
 
@@ -140,7 +139,7 @@ async def measure(url: str, pid: int, name: str, n: int, warmup: int) -> dict:
     body, hlen = request_body(name)
     headers = {"Inference-Header-Content-Length": str(hlen), "Content-Type": "application/octet-stream"}
     rtt, node = [], []
-    client = Client(urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port)
+    client = Client.of(url)
     try:
         for i in range(warmup + n):
             if i == warmup:

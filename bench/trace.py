@@ -38,7 +38,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
@@ -128,7 +127,7 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
 
     async def main() -> list[tuple]:
         results: list[tuple] = []
-        client = Client(urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port)
+        client = Client.of(url)
 
         async def one(t: float, i: int) -> None:
             body, hlen = bodies[models[i]]
@@ -612,9 +611,9 @@ def main() -> None:
                 runs: list[list[dict]] = [[] for _ in variants]
                 for k in range(args.repeats):
                     v = k % len(variants)
-                    (out, settings), result = variants[v], results[v]
-                    if settings and any(client.configure_scheduling(**settings).get(k) != x
-                                        for k, x in settings.items()):
+                    out, settings = variants[v]
+                    if settings and any(client.configure_scheduling(**settings).get(key) != value
+                                        for key, value in settings.items()):
                         raise SystemExit(f"the node did not take {settings}")
                     tag = f"{label}_{n}" + (f"_r{k // len(variants)}" if args.repeats > len(variants) else "")
                     raw = out / "trace_raw" / f"{tag}.jsonl.gz" if args.raw else None

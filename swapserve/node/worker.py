@@ -123,8 +123,8 @@ class Worker:
         self._send_lock = threading.Lock()
         name = torch.cuda.get_device_name(0) if engine_cfg.device.startswith("cuda") else "cpu"
         bw = self._h2d(256 << 20)
-        send(conn, Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid(),
-                         self._fetch_GBps(64 << 20)))
+        fetch = self._fetch_GBps(64 << 20) if engine_cfg.lanes > 1 else 0.0  # only side lanes fetch
+        send(conn, Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid(), fetch))
 
     def serve(self) -> None:
         from swapserve.node.messages import Run, Stop, recv
@@ -281,36 +281,33 @@ class Worker:
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=dev.type == "cuda")
         host.fill_(1)
         dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        best = 0.0
-        for _ in range(runs):
-            self.engine.backend.synchronize()
-            t = time.perf_counter()
-            dst.copy_(host, non_blocking=True)
-            self.engine.backend.synchronize()
-            best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
-        return best
+        return self._best_GBps(nbytes, runs, lambda: dst.copy_(host, non_blocking=True))
 
     def _fetch_GBps(self, nbytes: int, runs: int = 3) -> float:
         """Host→device bandwidth of a side lane's fetch (``Backend.fetch``) from a registered buffer into
         device memory, alone (GB/s); a model-sized copy (small ones are slower: latency)."""
         from swapserve.engine.layout import Chunk
 
-        torch = self.torch
         backend = self.engine.backend
-        host = torch.ones(nbytes, dtype=torch.uint8)
+        host = self.torch.ones(nbytes, dtype=self.torch.uint8)
         backend.pin(host)
         try:
-            dst = torch.empty(nbytes, dtype=torch.uint8, device=backend.device)
-            best = 0.0
-            for _ in range(runs):
-                backend.synchronize()
-                t = time.perf_counter()
-                backend.fetch(dst.data_ptr(), host, [Chunk(0, nbytes)], [True])
-                backend.synchronize()
-                best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
-            return best
+            dst = self.torch.empty(nbytes, dtype=self.torch.uint8, device=backend.device)
+            whole = [Chunk(0, nbytes)]
+            return self._best_GBps(nbytes, runs, lambda: backend.fetch(dst.data_ptr(), host, whole, [True]))
         finally:
             backend.unpin(host)
+
+    def _best_GBps(self, nbytes: int, runs: int, copy: Any) -> float:
+        """The best of ``runs`` timings of ``copy()`` (moving ``nbytes``), device work included (GB/s)."""
+        best = 0.0
+        for _ in range(runs):
+            self.engine.backend.synchronize()
+            t = time.perf_counter()
+            copy()
+            self.engine.backend.synchronize()
+            best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
+        return best
 
     def _measure(self, msg: Any) -> Any:
         """Copy bandwidth when started together with the other workers; execution slowdown under a copy."""

@@ -323,31 +323,23 @@ class Scheduler:
             piece = 0 if best.lane else self._piece_bytes(view, prof, best, batch[0].deadline, name)
             if piece and best.device not in free:
                 continue  # pieces leave room for what arrives meanwhile: never queued ahead of it
+            # Eviction values matter only to a dispatch that brings bytes in (O(models on the device) to compute).
+            if best.source != "resident" and best.device not in values:
+                values[best.device] = self.values(state, best.device, now)
+            evict = values[best.device] if best.source != "resident" else {}
             if piece:
-                if best.device not in values:
-                    values[best.device] = self.values(state, best.device, now)
                 piece_ms = min(self.swap_piece_ms, best.copy_ms)
                 dispatches.append(Dispatch(best.device, name, (), best.source, piece_ms, copy_ms=piece_ms,
-                                           values=values[best.device], piece_bytes=piece))
+                                           values=evict, piece_bytes=piece))
                 self._take_first_lane(best.device, free, ahead)
                 view.commit(Estimate(best.device, best.source, None, best.start, piece_ms, piece_ms), name,
                             whole=False)
                 continue  # its requests stay queued: the decision after the piece places them (or another piece)
-            ids = tuple(r.id for r in batch)
+            dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), best.source, best.total_ms,
+                                       peer=best.peer, copy_ms=best.copy_ms, values=evict, lane=best.lane))
             if best.lane:
-                if best.source != "resident" and best.device not in values:
-                    values[best.device] = self.values(state, best.device, now)
-                dispatches.append(Dispatch(best.device, name, ids, best.source, best.total_ms, lane=1,
-                                           copy_ms=best.copy_ms,
-                                           values=values[best.device] if best.source != "resident" else {}))
                 side.discard(best.device)
             else:
-                # Eviction values matter only to a run that brings bytes in (O(models on the device) to compute).
-                if best.source != "resident" and best.device not in values:
-                    values[best.device] = self.values(state, best.device, now)
-                dispatches.append(Dispatch(best.device, name, ids, best.source, best.total_ms, peer=best.peer,
-                                           copy_ms=best.copy_ms,
-                                           values=values.get(best.device, {}) if best.source != "resident" else {}))
                 self._take_first_lane(best.device, free, ahead)
             view.commit(best, name)
             active.add(name)

@@ -122,3 +122,8 @@ def test_a_malformed_head_fails_that_request():
             await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_a_client_of_a_url():
+    c = Client.of("http://127.0.0.1:8123")
+    assert (c.host, c.port) == ("127.0.0.1", 8123)
