@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4, help="client processes for the throughput run")
     ap.add_argument("--concurrency", type=int, default=32, help="connections per client process")
     ap.add_argument("--spin-ms", type=float, help="the server's --spin-ms (default: its own)")
+    ap.add_argument("--fronts", type=int, default=0, help="the server's --fronts (default 0: no HTTP fronts)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render:
@@ -127,7 +128,7 @@ def main() -> None:
     from swapserve.functions.bundle import pack
 
     work = Path(tempfile.mkdtemp(prefix="swapserve-overhead-"))
-    extra = ("--spin-ms", str(args.spin_ms)) if args.spin_ms is not None else ()
+    extra = (("--spin-ms", str(args.spin_ms)) if args.spin_ms is not None else ()) + ("--fronts", str(args.fronts))
     with Server(work / "home", args.devices or "all", pool="1GiB", workspace="512MiB", host_store="2GiB",
                 extra=extra) as srv:
         srv.wait_ready()
@@ -160,12 +161,14 @@ def main() -> None:
         "throughput_clients": args.clients * args.concurrency,
         "throughput_errors": errors,
         "spin_ms": args.spin_ms,
+        "fronts": args.fronts,
     }
     (args.out / "overhead.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out)
     (args.out / "overhead.md").write_text(
         f"# Request overhead — {gpu}, {result['date']}\n\n"
-        f"Tiny resident MLP, {args.requests} sequential JSON requests over one keep-alive connection after "
+        + (f"Through {args.fronts} HTTP front processes (serve --fronts {args.fronts}). " if args.fronts else "")
+        + f"Tiny resident MLP, {args.requests} sequential JSON requests over one keep-alive connection after "
         f"{args.warmup} warm-up; overhead = HTTP round trip − the worker's run (compute_ms).\n\n"
         "| p50 overhead | p99 overhead | p50 round trip | p50 compute | p50 gateway+HTTP | p50 controller+IPC | max req/s |\n"
         "|---:|---:|---:|---:|---:|---:|---:|\n"

@@ -14,7 +14,7 @@ def table(r: dict) -> str:
     lines = [f"# Trace — {r.get('gpu', '?')} × {r.get('gpus', '?')}, {r.get('date', '')}", "",
              f"{r.get('duration_s')} s of trace per point, seed {r.get('seed')}, SLO = max(10 ms, 3 × (native graph + "
              f"floor)) of each fp16 model ({r.get('slo_source', '')}). Attainment = fraction of called functions whose "
-             "P98 ≤ SLO (refused or failed = miss).", "",
+             "P98 ≤ SLO (refused or failed = miss)." + _settings(r), "",
              "| policy | N | attainment | P50 ms | P99 ms | req/s | swaps/s | busy | loop late | requests | codes |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, p in r["policies"].items():
@@ -33,6 +33,16 @@ def table(r: dict) -> str:
     lines += phases_table(r)
     lines += causes_table(r)
     return "\n".join(lines) + "\n"
+
+
+def _settings(r: dict) -> str:
+    """The node's settings that differ from its defaults, where the result records them."""
+    said = [f"serve --fronts {r['fronts']}" if r.get("fronts") else "",
+            "side fetches on" if r.get("side_fetch") else "",
+            f"lanes {r['lanes']}" if r.get("lanes", 2) != 2 else "",
+            "no queue-ahead" if r.get("queue_ahead") is False else ""]
+    said = [s for s in said if s]
+    return f" Node: {', '.join(said)}." if said else ""
 
 
 def _attainment(pt: dict) -> str:

@@ -544,6 +544,8 @@ def main() -> None:
                     help="serve --queue-ahead / --no-queue-ahead (default: on, the node's default)")
     ap.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=False,
                     help="serve --side-fetch / --no-side-fetch (default: off, the node's default)")
+    ap.add_argument("--fronts", type=int, default=0, help="serve --fronts: HTTP front processes (default 0: the "
+                                                          "controller serves HTTP itself)")
     ap.add_argument("--alternate", metavar="SETTING=A,B",
                     help="an A/B on one node: replays alternate a scheduling setting the running node changes "
                          "(PATCH /api/v1/scheduling), e.g. side_fetch=true,false or swap_piece_ms=3,0; each value's "
@@ -565,7 +567,7 @@ def main() -> None:
               "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": args.max_batch,
               "client_processes": args.clients, "lanes": args.lanes or 2,
               "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS,
-              "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch}
+              "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch, "fronts": args.fronts}
     variants = alternates(args.alternate, args.out)  # (directory, settings): the runs of each go there
     results = []
     for out, settings in variants:
@@ -588,7 +590,8 @@ def main() -> None:
                  + (("--lanes", str(args.lanes)) if args.lanes else ())
                  + (("--swap-piece-ms", str(args.swap_piece_ms)) if args.swap_piece_ms is not None else ())
                  + ("--queue-ahead" if args.queue_ahead else "--no-queue-ahead",)
-                 + ("--side-fetch" if args.side_fetch else "--no-side-fetch",))
+                 + ("--side-fetch" if args.side_fetch else "--no-side-fetch",)
+                 + ("--fronts", str(args.fronts)))
         srv = Server(home, args.devices or "all", pool=args.pool, host_store=f"{int(total_bytes * 1.05) + (1 << 30)}",
                      workspace="2GiB", extra=extra)
         try:

@@ -220,7 +220,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
     given = {k: v for k, v in {
         "home": Path(args.home).expanduser() if args.home else None,
-        "host": args.host, "port": args.port,
+        "host": args.host, "port": args.port, "fronts": args.fronts,
         "devices": parse_devices(args.devices) if args.devices is not None else None,
         "pool_bytes": args.pool, "workspace_bytes": args.workspace, "lanes": args.lanes,
         "swap_piece_ms": args.swap_piece_ms, "queue_ahead": args.queue_ahead,
@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default best_effort: what the kernel offers, what is missing logged)")
     s.add_argument("--sandbox-idle-s", type=float, metavar="S",
                    help="stop a handler sandbox idle this long, down to what recent load needs (default 300)")
+    s.add_argument("--fronts", type=int, metavar="K",
+                   help="HTTP front processes sharing the port, each running the gateway and passing calls to "
+                        "the controller (default 0: the controller serves HTTP itself); for busy multi-GPU nodes")
     s.add_argument("--spin-ms", type=float, metavar="MS",
                    help="after each request, how long the controller and workers poll before sleeping "
                         "(default 0: off; each costs up to a core while requests flow)")

@@ -8,19 +8,20 @@ evictions and SLO misses); ``GET /metrics`` renders it.
 
 Who records what, so nothing is counted twice:
 
-- gateway: :meth:`observe_http` for every HTTP request, :meth:`observe_request` for every infer request that
-  named an existing function (whatever its outcome), and :meth:`observe_status` just before each scrape;
+- gateway: :meth:`observe_http` for every HTTP request and :meth:`observe_request` for every infer request that
+  named an existing function (whatever its outcome) — in an HTTP front process, through
+  :class:`swapserve.fronts.remote.RelayMetrics`, which forwards them here;
 - node: :meth:`observe_node_request`, :meth:`observe_queue`, :meth:`observe_compute`, :meth:`observe_swap`,
-  :meth:`count_eviction`, :meth:`count_slo_miss`, optionally the gauge setters, and :meth:`forget_function` when
-  a function is deleted. :meth:`observe` takes the same calls keyed by an event name, for callers that forward
-  events generically.
+  :meth:`count_eviction`, :meth:`count_slo_miss`, :meth:`forget_function` when a function is deleted, and a
+  collector (:meth:`add_collector`) that sets the gauges from its status just before each scrape.
 
 Every method is thread-safe (a lock per family), so threads may call them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from swapserve.instruments import CONTENT_TYPE, Family, Kind, Registry
@@ -41,6 +42,8 @@ catches the rest. 16 buckets keep per-function histograms affordable with hundre
 
 NAMESPACE = "swapserve"
 
+log = logging.getLogger(__name__)
+
 
 class Metrics:
     """Collectors of one node. Labels: ``function`` (a function name), ``device`` (``cuda:0``, ``cpu``),
@@ -51,6 +54,7 @@ class Metrics:
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.registry = r = Registry()
+        self._collectors: list[Callable[[Metrics], None]] = []
 
         def family(kind: Kind) -> Any:
             def make(name: str, doc: str, labels: tuple[str, ...] | list[str] = ()) -> Family:
@@ -205,12 +209,25 @@ class Metrics:
 
     # -- exposition -------------------------------------------------------------------------------------------
 
+    def add_collector(self, collect: Callable[[Metrics], None]) -> None:
+        """Call ``collect(self)`` before each render (to set gauges from a snapshot: the node's status)."""
+        self._collectors.append(collect)
+
+    def _collect(self) -> None:
+        for collect in self._collectors:
+            try:
+                collect(self)
+            except Exception:  # a failing collector must not hide every other metric
+                log.exception("a metrics collector failed")
+
     def render(self, names: Iterable[str] | None = None) -> bytes:
         """Prometheus text format of every family (or of those named); serve with :attr:`content_type`."""
+        self._collect()
         return self.registry.render(names)
 
     async def render_async(self, names: Iterable[str] | None = None) -> bytes:
         """:meth:`render` from the event loop, which it yields to between slices of series."""
+        self._collect()
         return await self.registry.render_async(names)
 
 

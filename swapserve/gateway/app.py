@@ -23,7 +23,7 @@ from swapserve import __version__
 from swapserve.errors import AuthError, InvalidInputError, NotFoundError, OverloadedError, PoolBusyError, SwapserveError
 from swapserve.gateway import management, oip
 from swapserve.gateway.common import (CONFIG, FUNCTION_KEY, METRICS, NODE, REQUEST_ID_HEADER, REQUEST_ID_KEY,
-                                      error_response, json_response, read_body, read_json_object, repository_entry,
+                                      GatewayMetrics, error_response, json_response, read_body, read_json_object, repository_entry,
                                       safe_request_id)
 from swapserve.gateway.config import GatewayConfig
 from swapserve.gateway.openapi import OPENAPI, render_docs
@@ -46,9 +46,10 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_app(node: NodeAPI, config: GatewayConfig, metrics: Metrics | None = None) -> web.Application:
+def make_app(node: NodeAPI, config: GatewayConfig, metrics: GatewayMetrics | None = None) -> web.Application:
     """The gateway as an aiohttp application. ``metrics`` is shared with the node (which records queue, swap
-    and compute times into it); a fresh one is made when none is given."""
+    and compute times into it, and sets the gauges before each scrape), or relays to it from a front; a fresh
+    one is made when none is given."""
     # client_max_size only matters to aiohttp's own body readers, which no route uses (bodies are read with
     # explicit limits); it is set so that one added later inherits a sane bound.
     app = web.Application(middlewares=[_middleware], client_max_size=max(config.max_body_bytes, config.upload_limit))
@@ -284,10 +285,6 @@ async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus exposition; ``?name[]=X&name[]=Y`` restricts it to those families (as prometheus_client's
     handler does), a cheap scrape for tools that read a few series."""
     metrics = request.app[METRICS]
-    try:
-        metrics.observe_status(request.app[NODE].status())
-    except Exception:  # a failing status must not hide every other metric
-        log.exception("node status failed while serving /metrics")
     names = request.query.getall("name[]", None)
     return web.Response(body=await metrics.render_async(names), headers={"Content-Type": metrics.content_type})
 

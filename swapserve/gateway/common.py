@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from swapserve.errors import InvalidInputError, PayloadTooLargeError
 from swapserve.gateway.config import GatewayConfig
-from swapserve.metrics import Metrics
 from swapserve.node.api import FunctionInfo, NodeAPI
+
+
+
+class GatewayMetrics(Protocol):
+    """What the gateway records and renders: :class:`swapserve.metrics.Metrics` in the node's process, a
+    :class:`swapserve.fronts.remote.RelayMetrics` in an HTTP front."""
+
+    content_type: str
+
+    def observe_http(self, route: str, method: str, code: int, seconds: float) -> None: ...
+
+    def observe_request(self, function: str, code: int, seconds: float) -> None: ...
+
+    async def render_async(self, names: Iterable[str] | None = None) -> bytes: ...
+
 
 NODE = web.AppKey("swapserve.node", NodeAPI)
 CONFIG = web.AppKey("swapserve.config", GatewayConfig)
-METRICS = web.AppKey("swapserve.metrics", Metrics)
+METRICS = web.AppKey("swapserve.metrics", GatewayMetrics)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 

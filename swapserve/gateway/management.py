@@ -21,7 +21,7 @@ from aiohttp import web
 
 from swapserve.errors import AuthError, InvalidInputError
 from swapserve.gateway.bundle import BundleLimits, extract_bundle, receive_upload
-from swapserve.gateway.common import CONFIG, METRICS, NODE, function_json, json_response, read_json_object
+from swapserve.gateway.common import CONFIG, NODE, function_json, json_response, read_json_object
 from swapserve.node.api import FunctionInfo, NodeAPI
 
 log = logging.getLogger(__name__)
@@ -64,24 +64,23 @@ async def delete_function(request: web.Request) -> web.Response:
     require_token(request)
     name = request.match_info["name"]
     await request.app[NODE].delete(name)
-    request.app[METRICS].forget_function(name)
     return json_response({"deleted": name})
 
 
 async def status(request: web.Request) -> web.Response:
     require_token(request)
-    return json_response(dataclasses.asdict(request.app[NODE].status()))
+    return json_response(dataclasses.asdict(await request.app[NODE].status()))
 
 
 async def get_scheduling(request: web.Request) -> web.Response:
     require_token(request)
-    return json_response(request.app[NODE].scheduling())
+    return json_response(await request.app[NODE].scheduling())
 
 
 async def configure_scheduling(request: web.Request) -> web.Response:
     require_token(request)
     changes = await read_json_object(request)
-    return json_response(request.app[NODE].configure_scheduling(changes))
+    return json_response(await request.app[NODE].configure_scheduling(changes))
 
 
 async def deploy(request: web.Request) -> web.Response:

@@ -155,14 +155,14 @@ class NodeAPI(Protocol):
         """OIP repository unload: stop serving (UNAVAILABLE), keep the registration."""
         ...
 
-    def status(self) -> NodeStatus: ...
+    async def status(self) -> NodeStatus: ...
 
-    def scheduling(self) -> dict[str, Any]:
+    async def scheduling(self) -> dict[str, Any]:
         """The scheduler's settings: ``policy``, ``queue_ahead`` (fixed at start), ``side_fetch``,
         ``swap_piece_ms`` (changeable)."""
         ...
 
-    def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
+    async def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Change ``side_fetch`` and/or ``swap_piece_ms`` now (all or nothing); the settings after. Raises
         InvalidInputError (400) naming what is wrong."""
         ...

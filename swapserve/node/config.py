@@ -18,6 +18,8 @@ from swapserve.scheduler.core import SWAP_PIECE_MS
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 """The repository's example functions (present in a source checkout or an editable install)."""
 
+MAX_FRONTS = 64
+
 DEMO_FUNCTIONS = ("resnet50-classifier", "bert-base-encoder", "minilm-embedding")
 """Example function directories deployed by ``--demo``, in this order."""
 
@@ -32,6 +34,11 @@ class ServeConfig:
     """Interface the HTTP server listens on; ``0.0.0.0`` for every interface (then set a token)."""
     port: int = 8000
     """HTTP port (the client's default ``SWAPSERVE_URL`` is http://127.0.0.1:8000)."""
+    fronts: int = 0
+    """HTTP front processes. 0: the controller serves HTTP itself (one process does HTTP, scheduling and
+    dispatch). K > 0: K processes share the port (``SO_REUSEPORT``) and each runs the gateway — parsing,
+    decoding, encoding — passing the controller one frame per call (``swapserve.fronts``): for nodes whose one
+    serving process is busy (several GPUs, hundreds of requests per second); a single request pays one more hop."""
     devices: tuple[str, ...] = ()
     """Devices to run workers on: ``cuda:N``; or ``cpu`` for one CPU worker, ``cpu:0,cpu:1,...`` for several
     (a CPU stand-in for a multi-GPU node: same processes and scheduling). Empty: every visible GPU, or
@@ -92,6 +99,10 @@ class ServeConfig:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not in 0..65535")
+        if not 0 <= self.fronts <= MAX_FRONTS:
+            problems.append(f"fronts must be in 0..{MAX_FRONTS}, not {self.fronts}")
+        if self.fronts and self.port == 0:
+            problems.append("fronts need a given port (port 0 would give each front a port of its own)")
         for d in self.devices:
             if not re.fullmatch(r"cpu|cpu:\d+|cuda:\d+", d):
                 problems.append(f"device {d!r} is not 'cpu', 'cpu:N' or 'cuda:N'")

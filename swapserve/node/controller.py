@@ -150,6 +150,7 @@ class Node:
         """Model versions to remove from the workers and the host store once their last run ends."""
         self._ready = False
         self._live = True
+        self._watchers: list[Callable[[str | None], None]] = []
         self.dispatch = Dispatcher(self.state, self.scheduler, self._workers, self.store, self._models,
                                    self._entities, self.metrics, clock, cfg.spin_s, self._released,
                                    len(cfg.devices), cfg.lanes)
@@ -157,6 +158,21 @@ class Node:
         self.sandboxes = SandboxManager(self._call_model, replace(cfg.sandbox, deny_paths=(
             cfg.home.resolve(), self.shm_root, *cfg.sandbox.deny_paths)), clock=clock,
             on_event=self._sandbox_event)
+        self.metrics.add_collector(lambda m: m.observe_status(self.snapshot()))
+
+    def watch(self, changed: Callable[[str | None], None]) -> None:
+        """Call ``changed(name)`` whenever function ``name`` is added, removed or changes state, and
+        ``changed(None)`` when the node's readiness or liveness changes (HTTP fronts keep a catalog by it)."""
+        self._watchers.append(changed)
+
+    def _changed(self, name: str | None) -> None:
+        for changed in self._watchers:
+            changed(name)
+
+    def _set_ready(self, ready: bool) -> None:
+        if ready != self._ready:
+            self._ready = ready
+            self._changed(None)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -186,6 +202,7 @@ class Node:
             else:  # unloaded before the restart: listed, loadable, not loaded
                 self._functions[r.name] = _Function(r.spec, r.version, {}, FunctionState.UNAVAILABLE, "unloaded",
                                                     r.created_at, r.nbytes)
+                self._changed(r.name)
         if records:
             progress(f"loading {len(records)} registered functions")
         gate = asyncio.Semaphore(8)  # host-store fills overlap each other and the workers' preparation
@@ -199,14 +216,15 @@ class Node:
                     log.error("function %s v%d failed to load: %s", rec.name, rec.version, e)
                     self._functions[rec.name] = _Function(rec.spec, rec.version, {}, FunctionState.UNAVAILABLE,
                                                           f"failed to load at start: {e}", rec.created_at, rec.nbytes)
+                    self._changed(rec.name)
                 loading.one_done()
 
         await asyncio.gather(*(bring_up(r) for r in records))
-        self._ready = True
+        self._set_ready(True)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop admitting, let in-flight work finish (up to ``grace_s``), fail what is queued, stop workers."""
-        self._ready = False
+        self._set_ready(False)
         deadline = self.clock() + grace_s
         await self.dispatch.drain(deadline)
         # Handlers still running get the grace period too (their model calls are still served), then their
@@ -219,11 +237,12 @@ class Node:
         self.registry.close()
         shutil.rmtree(self.shm_root, ignore_errors=True)
         self._live = self.dispatch.live = False
+        self._changed(None)
 
     def _on_worker_dead(self, w: wk.WorkerHandle) -> None:
         log.error("worker %d (%s) died (exit code %s); its device is out of service", w.index, w.device,
                   w.process.exitcode)
-        self._ready = all(not x.dead for x in self._workers) and self._ready
+        self._set_ready(all(not x.dead for x in self._workers) and self._ready)
 
     async def _profile_link(self, alone: list[float], fetch: list[float]) -> LinkProfile:
         """Host→device bandwidth alone and with every device copying at once, a side lane's fetch (as each
@@ -363,6 +382,7 @@ class Node:
         direct = None if spec.handler is not None else next(iter(models.values()))
         self._functions[spec.name] = _Function(spec, version, models, FunctionState.READY, "", created_at,
                                                sum(m.artifact.manifest.nbytes for m in models.values()), direct, pool)
+        self._changed(spec.name)
         for m in models.values():
             self._add_entity(spec, m)
         for m in (old.models.values() if old is not None else ()):
@@ -429,7 +449,9 @@ class Node:
         fn = self._get(name)
         fn.state = FunctionState.UNLOADING
         del self._functions[name]
+        self._changed(name)
         self._take_down(fn, UnavailableError(f"function {name!r} was deleted"))
+        self.metrics.forget_function(name)
         await asyncio.to_thread(self.registry.delete, name)
 
     async def unload(self, name: str) -> FunctionInfo:
@@ -437,6 +459,7 @@ class Node:
         if fn.state is FunctionState.READY:
             fn.state = FunctionState.UNAVAILABLE
             fn.reason = "unloaded"
+            self._changed(name)
             self._take_down(fn, UnavailableError(f"function {name!r} was unloaded"))
             await asyncio.to_thread(self.registry.set_serving, name, False)
         return fn.info()
@@ -456,10 +479,12 @@ class Node:
         if fn.state is not FunctionState.READY:
             rec = self.registry.get(name)
             fn.state = FunctionState.LOADING
+            self._changed(name)
             try:
                 await self._bring_up(rec.spec, rec.path, rec.version, rec.created_at)
             except SwapserveError as e:
                 fn.state, fn.reason = FunctionState.UNAVAILABLE, str(e)
+                self._changed(name)
                 raise
             await asyncio.to_thread(self.registry.set_serving, name, True)
         return self._functions[name].info()
@@ -536,7 +561,11 @@ class Node:
 
     # --- status -------------------------------------------------------------------------------
 
-    def status(self) -> NodeStatus:
+    async def status(self) -> NodeStatus:
+        return self.snapshot()
+
+    def snapshot(self) -> NodeStatus:
+        """:meth:`status`, from synchronous code (the metrics collector)."""
         by_key = self._entities
         devices = []
         for w in self._workers:
@@ -555,10 +584,10 @@ class Node:
                            **{f"busy_seconds_{w.index}": self.dispatch.busy_s[w.index] for w in self._workers}},
                           tuple(_sandbox_status(p) for _, p in sorted(self.sandboxes.stats().items())))
 
-    def scheduling(self) -> dict[str, Any]:
+    async def scheduling(self) -> dict[str, Any]:
         return self.scheduler.settings()
 
-    def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
+    async def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
         try:
             settings = self.scheduler.configure(self.state, changes)
         except ValueError as e:

@@ -18,11 +18,13 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 from swapserve.config import MiB
+from swapserve.fronts.service import FrontService, FrontStartError
+from swapserve.gateway.config import GatewayConfig
 from swapserve.node.config import ServeConfig
 
 if TYPE_CHECKING:
@@ -84,7 +86,6 @@ def _host_store_bytes(config: ServeConfig) -> int:
 
 
 async def _main(config: ServeConfig) -> int:
-    from swapserve.gateway import GatewayConfig, make_app
     from swapserve.metrics import Metrics
     from swapserve.node.controller import Node, NodeConfig
     from swapserve.sandbox import SandboxConfig
@@ -105,21 +106,20 @@ async def _main(config: ServeConfig) -> int:
     token = _token(config)
     gateway = GatewayConfig(token=token, uploads_dir=node.registry.staging_root,
                             max_upload_bytes=config.max_upload_bytes, max_bundle_bytes=config.max_bundle_bytes)
-    runner = web.AppRunner(make_app(node, gateway, metrics), handle_signals=False, access_log=None)
-    await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await web.TCPSite(runner, config.host, config.port).start()
-    except OSError as e:
-        print(f"swapserve: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)
-        await runner.cleanup()
+        http = await _listen(config, node, gateway, metrics)
+    except (OSError, FrontStartError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        print(f"swapserve: cannot listen on {config.host}:{config.port}: {reason}", file=sys.stderr)
         await node.stop(0)  # nothing started yet: closes the registry, removes the node's shared memory
         return 2
-    print(f"swapserve listening on http://{config.host}:{config.port} — starting {len(devices)} worker(s) on "
-          f"{', '.join(devices)}", flush=True)
+    fronts = f" ({config.fronts} HTTP processes)" if config.fronts else ""
+    print(f"swapserve listening on http://{config.host}:{config.port}{fronts} — starting {len(devices)} worker(s) "
+          f"on {', '.join(devices)}", flush=True)
     starting = asyncio.ensure_future(_start(node, config))
     stopping = asyncio.ensure_future(stop.wait())
     lag = asyncio.ensure_future(_watch_loop(metrics))
@@ -134,10 +134,53 @@ async def _main(config: ServeConfig) -> int:
     starting.cancel()
     stopping.cancel()
     lag.cancel()
+    http.drain()
     await node.stop(GRACE_S)
-    await runner.cleanup()
+    await http.close()
     print("swapserve: stopped", flush=True)
     return code
+
+
+class _Listener(Protocol):
+    def drain(self) -> None:
+        """Stop taking connections; requests in flight go on."""
+        ...
+
+    async def close(self) -> None:
+        """Once the node stopped: close what is left."""
+        ...
+
+
+class _Gateway:
+    """The gateway in this process (no fronts)."""
+
+    def __init__(self, runner: web.AppRunner):
+        self.runner = runner
+
+    def drain(self) -> None:
+        pass  # the node answers 503 once it stops; the runner closes the listener after it
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def _listen(config: ServeConfig, node: Node, gateway: GatewayConfig, metrics: Metrics) -> _Listener:
+    """Serve HTTP on the configured address: here, or through ``config.fronts`` front processes. Raises OSError
+    or FrontStartError if it cannot."""
+    if config.fronts:
+        service = FrontService(node, metrics, config.host, config.port, config.fronts, gateway)
+        await service.start()
+        return service
+    from swapserve.gateway import make_app
+
+    runner = web.AppRunner(make_app(node, gateway, metrics), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return _Gateway(runner)
 
 
 async def _watch_loop(metrics: Metrics, period_s: float = LOOP_TICK_S) -> None:

@@ -10,7 +10,7 @@ import pytest
 from swapserve.functions.build import build_bundle
 
 from .harness import (HEAVY_PY, HEAVY_SPEC, MLP_PY, MLP_SPEC, PAIR_PY, PAIR_SPEC, WIDE_PY, WIDE_SPEC, Function,
-                      Functions, Server, assert_stopped_cleanly, deploy, load_local_model, new_server,
+                      Functions, Server, assert_stopped_cleanly, load_local_model, new_server, serve_mlp_and_pair,
                       write_function_dir)
 
 
@@ -53,13 +53,6 @@ def server(server_factory: Callable[..., Server], request: pytest.FixtureRequest
     """The shared node, serving ``mlp`` (deployed with the ``swapserve deploy`` CLI) and ``pair`` (deployed
     with ``Client.deploy``)."""
     s = server_factory().start()
-    fns: Functions = request.getfixturevalue("functions")  # built while the node starts
-    s.wait_ready()
-    done = s.deploy_cli(fns.mlp.src)
-    assert done.returncode == 0, f"swapserve deploy failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n" \
-                                 f"server log:\n{s.log()}"
-    assert "mlp: version 1, READY" in done.stdout, done.stdout
-    info = deploy(s, fns.pair.archive(tmp_path_factory.mktemp("archives")))
-    assert (info["name"], info["state"]) == ("pair", "READY"), info
+    serve_mlp_and_pair(s, request.getfixturevalue("functions"), tmp_path_factory)  # built while the node starts
     yield s
     assert_stopped_cleanly(s, s.stop())

@@ -514,6 +514,18 @@ def assert_serves(server: Server, fn: Function, seed: int = 0, name: str | None 
         torch.testing.assert_close(got[decl["name"]], want, rtol=1e-4, atol=1e-5)
 
 
+def serve_mlp_and_pair(s: Server, fns: Functions, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Wait for ``s`` to be ready, then deploy ``mlp`` with the ``swapserve deploy`` CLI and ``pair`` with
+    ``Client.deploy`` (what the shared ``server`` fixture serves)."""
+    s.wait_ready()
+    done = s.deploy_cli(fns.mlp.src)
+    assert done.returncode == 0, f"swapserve deploy failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n" \
+                                 f"server log:\n{s.log()}"
+    assert "mlp: version 1, READY" in done.stdout, done.stdout
+    info = deploy(s, fns.pair.archive(tmp_path_factory.mktemp("archives")))
+    assert (info["name"], info["state"]) == ("pair", "READY"), info
+
+
 def deploy(server: Server, archive: Path) -> dict[str, Any]:
     return server.client().deploy(archive)
 

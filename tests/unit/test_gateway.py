@@ -17,142 +17,34 @@ import aiohttp.test_utils as atu
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from torch import nn
 
 from swapserve import __version__
-from swapserve.errors import ConflictError, InvalidInputError, NotFoundError, OverloadedError, UnavailableError
-from swapserve.functions.spec import FunctionSpec, load_spec
+from swapserve.fronts.remote import RemoteNode
+from swapserve.fronts.service import FrontService
 from swapserve.gateway import GatewayConfig, make_app, oip
 from swapserve.gateway.openapi import OPENAPI
 from swapserve.metrics import Metrics
-from swapserve.node.api import (DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus)
+from swapserve.node.api import FunctionState
+from tiny_node import TinyNode
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 GZIP = {"Content-Type": "application/gzip"}
-Decl = list[tuple[str, str, list[int]]]
-Run = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-
-
-def make_spec(name: str, inputs: Decl, outputs: Decl, max_batch: int = 8) -> FunctionSpec:
-    return FunctionSpec.from_dict({
-        "name": name, "model": {"artifact": "artifact"}, "slo_ms": 100, "max_batch": max_batch,
-        "inputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in inputs],
-        "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs]})
-
-
-class TinyNode:
-    """A real NodeAPI in one process: each function is a small torch computation on CPU; some functions are
-    configured to fail the way a loaded node does (overload, a bug, a hang)."""
-
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        self.linear = nn.Linear(4, 3).eval()
-        self.live = self.ready = True
-        self.functions: dict[str, tuple[FunctionInfo, Run]] = {}
-        self.errors: dict[str, Exception] = {
-            "busy": OverloadedError("queue full", retry_after=2.2, http_status=429),
-            "late": OverloadedError("cannot meet the SLO", retry_after=0.3),
-            "broken": RuntimeError("secret internal detail"),
-        }
-        self.request_ids: list[str | None] = []
-        self.deployed: list[list[str]] = []
-        self.cancelled: list[str] = []
-        self.release = asyncio.Event()  # (Python ≥ 3.10: no loop bound at construction)
-        self.deploy_done = asyncio.Event()
-        linear = ([("x", "FP32", [-1, 4])], [("y", "FP32", [-1, 3])])
-        for name in ("linear", "busy", "late", "broken", "hang"):
-            self._add(make_spec(name, *linear), lambda i: {"y": self.linear(i["x"])})
-        self._add(make_spec("mixed", [("a", "FP16", [-1, 2]), ("ids", "INT64", [-1, 2])],
-                            [("sum", "BF16", [-1, 2]), ("positive", "BOOL", [-1, 2])]),
-                  lambda i: {"sum": (i["a"].float() + i["ids"].float()).bfloat16(), "positive": i["a"] > 0})
-        # Outputs over STREAM_BYTES (2 × 1.5 MiB per row): the response is written from the tensors.
-        self._add(make_spec("wide", [("x", "FP32", [-1, 4])], [("big", "FP16", [-1, 786432]),
-                                                                ("small", "FP32", [-1, 3])]),
-                  lambda i: {"big": torch.arange(786432, dtype=torch.float16).repeat(i["x"].shape[0], 1) * i["x"][:, :1].half(),
-                             "small": self.linear(i["x"])})
-
-    def _add(self, spec: FunctionSpec, run: Run, version: int = 1) -> FunctionInfo:
-        info = FunctionInfo(spec, version, FunctionState.READY, nbytes=64, created_at=1.0)
-        self.functions[spec.name] = (info, run)
-        return info
-
-    def _set_state(self, name: str, state: FunctionState, reason: str = "") -> FunctionInfo:
-        info, run = self.functions[self.get_function(name).spec.name]
-        self.functions[name] = (FunctionInfo(info.spec, info.version, state, reason, info.nbytes), run)
-        return self.functions[name][0]
-
-    def is_live(self) -> bool:
-        return self.live
-
-    def is_ready(self) -> bool:
-        return self.ready
-
-    def list_functions(self) -> list[FunctionInfo]:
-        return [info for info, _ in self.functions.values()]
-
-    def get_function(self, name: str) -> FunctionInfo:
-        if name not in self.functions:
-            raise NotFoundError(f"no function {name!r}")
-        return self.functions[name][0]
-
-    async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:
-        self.get_function(name)
-        if name != "linear":
-            raise InvalidInputError(f"function {name!r} has no handler")
-        return {"got": value, "parameters": parameters}
-
-    async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None) -> InferResult:
-        info, run = self.functions[self.get_function(name).spec.name]
-        if info.state is not FunctionState.READY:
-            raise UnavailableError(f"function {name!r} is {info.state.value}")
-        if name in self.errors:
-            raise self.errors[name]
-        if name == "hang":
-            try:
-                await asyncio.Event().wait()  # until the gateway's timeout cancels it
-            except asyncio.CancelledError:
-                self.cancelled.append(name)
-                raise
-        self.request_ids.append(request_id)
-        with torch.no_grad():  # parameters come back as a handler's would
-            return InferResult(run(inputs), device="cpu", total_ms=0.1, parameters=dict(parameters or {}))
-
-    async def deploy(self, bundle: Path) -> FunctionInfo:
-        try:
-            self.deployed.append(sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()))
-            spec = load_spec(bundle)
-            if spec.name == "conflict":
-                raise ConflictError(f"a deploy of {spec.name!r} is in flight")
-            if spec.name == "slow":
-                await self.release.wait()
-            # The model: a Linear layer whose raw fp32 weights travel in the bundle.
-            n_in, n_out = spec.inputs[0].shape[1], spec.outputs[0].shape[1]
-            w = torch.frombuffer(bytearray((bundle / "artifact" / "weights.bin").read_bytes()), dtype=torch.float32)
-            weight, bias = w[: n_in * n_out].reshape(n_out, n_in), w[n_in * n_out:]
-            old = self.functions.get(spec.name)
-            return self._add(spec, lambda i: {"y": i["x"] @ weight.T + bias}, old[0].version + 1 if old else 1)
-        finally:
-            self.deploy_done.set()
-
-    async def delete(self, name: str) -> None:
-        self.get_function(name)
-        del self.functions[name]
-
-    async def load(self, name: str) -> FunctionInfo:
-        return self._set_state(name, FunctionState.READY)
-
-    async def unload(self, name: str) -> FunctionInfo:
-        return self._set_state(name, FunctionState.UNAVAILABLE, "unloaded by request")
-
-    def status(self) -> NodeStatus:
-        return NodeStatus(ready=self.ready, functions=len(self.functions), host_store_bytes=4096,
-                          host_store_capacity=1 << 30, queued=2,
-                          devices=(DeviceStatus("cpu", "CPU", 1 << 28, 1 << 20, ("linear",)),))
-
 
 Scenario = Callable[[atu.TestClient, TinyNode], Awaitable[None]]
+
+RELAYED = False
+"""Whether ``run`` serves through an HTTP front's relay (set per test by the ``relay`` fixture)."""
+
+
+@pytest.fixture(autouse=True, params=["direct", "relayed"])
+def relay(request: pytest.FixtureRequest) -> Any:
+    """Every scenario twice: the gateway over the node in its own process, and over a RemoteNode — the way an
+    HTTP front (``serve --fronts K``) reaches the node — through a real Unix socket to a FrontService."""
+    global RELAYED
+    RELAYED = request.param == "relayed"
+    yield
+    RELAYED = False
 
 
 def run(scenario: Scenario, metrics: Metrics | None = None, **config: Any) -> TinyNode:
@@ -160,9 +52,20 @@ def run(scenario: Scenario, metrics: Metrics | None = None, **config: Any) -> Ti
 
     async def main() -> TinyNode:
         node = TinyNode()
-        app = make_app(node, GatewayConfig(**({"token": TOKEN} | config)), metrics)
-        async with atu.TestClient(atu.TestServer(app)) as client:
-            await scenario(client, node)
+        gateway = GatewayConfig(**({"token": TOKEN} | config))
+        if not RELAYED:
+            async with atu.TestClient(atu.TestServer(make_app(node, gateway, metrics))) as client:
+                await scenario(client, node)
+            return node
+        service = FrontService(node, metrics or Metrics(), "127.0.0.1", 0, 0, gateway)
+        await service.listen()
+        front = RemoteNode()
+        await front.connect(str(service.socket_path), 0, 0)
+        try:
+            async with atu.TestClient(atu.TestServer(make_app(front, gateway, front.metrics))) as client:
+                await scenario(client, node)
+        finally:
+            await service.close()
         return node
 
     return asyncio.run(main())
@@ -635,6 +538,7 @@ def test_metrics_count_and_time_every_request() -> None:
     metrics = Metrics()
 
     async def scenario(c: atu.TestClient, node: TinyNode) -> None:
+        metrics.add_collector(lambda m: m.observe_status(node.snapshot()))  # as swapserve's Node does
         await good_infer(c, node)
         await good_infer(c, node)
         await infer(c, "busy", {"x": torch.ones(1, 4)})
@@ -657,7 +561,7 @@ def test_metrics_count_and_time_every_request() -> None:
         assert "no-such-function" not in text  # unknown names never become labels
         assert value("swapserve_http_requests_total", route="/v2/models/{name}/infer", method="POST", code="404") == 1
         assert value("swapserve_http_requests_total", route="unmatched", method="GET", code="404") == 1
-        assert value("swapserve_pool_used_bytes", device="cpu") == 1 << 20  # gauges from node.status()
+        assert value("swapserve_pool_used_bytes", device="cpu") == 1 << 20  # gauges from the node's collector
         assert value("swapserve_queued_requests") == 2
         r = await c.get("/metrics", params=[("name[]", "swapserve_queued_requests"),
                                             ("name[]", "swapserve_requests_total")])

@@ -18,25 +18,29 @@ def test_defaults_are_valid(tmp_path: Path) -> None:
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as e:
         ServeConfig(home=tmp_path, token=" ", port=70000, devices=("cpu", "cuda:0", "gpu1"), policy="lifo",
-                    mode="turbo", pool_bytes=0, spin_ms=-1.0, sandbox_isolation="maybe", lanes=3)
+                    mode="turbo", pool_bytes=0, spin_ms=-1.0, sandbox_isolation="maybe", lanes=3, fronts=65)
     message = str(e.value)
     for part in ("port 70000", "'gpu1'", "cannot be mixed", "policy 'lifo'", "mode 'turbo'", "pool_bytes must be "
                  "positive", "spin_ms must be in [0, 1000]", "token must not be empty", "sandbox_isolation 'maybe'",
-                 "lanes must be 1 or 2"):
+                 "lanes must be 1 or 2", "fronts must be in 0..64"):
         assert part in message, (part, message)
 
 
 def test_serve_flags_become_the_config(tmp_path: Path) -> None:
     args = build_parser().parse_args(["serve", "--home", str(tmp_path), "--devices", "cpu:0,cpu:1", "--port", "9001",
                                       "--policy", "fifo_lru", "--no-prepare", "--spin-ms", "1.5",
-                                      "--sandbox-isolation", "strict", "--sandbox-idle-s", "30", "--lanes", "1"])
+                                      "--sandbox-isolation", "strict", "--sandbox-idle-s", "30", "--lanes", "1",
+                                      "--fronts", "3"])
     c = serve_config(args)
-    assert c.lanes == 1
+    assert c.lanes == 1 and c.fronts == 3
     assert (c.home, c.devices, c.port, c.policy, c.prepare, c.spin_ms) == (tmp_path, ("cpu:0", "cpu:1"), 9001,
                                                                            "fifo_lru", False, 1.5)
     assert (c.sandbox_isolation, c.sandbox_idle_s) == ("strict", 30.0)
     defaults = serve_config(build_parser().parse_args(["serve", "--home", str(tmp_path)]))
     assert (defaults.sandbox_isolation, defaults.sandbox_idle_s, defaults.spin_ms) == ("best_effort", 300.0, 0.0)
+    assert defaults.fronts == 0  # the controller serves HTTP itself unless asked
+    with pytest.raises(UsageError, match="fronts need a given port"):
+        serve_config(build_parser().parse_args(["serve", "--home", str(tmp_path), "--port", "0", "--fronts", "2"]))
     with pytest.raises(UsageError, match="sandbox_idle_s must be positive"):
         serve_config(build_parser().parse_args(["serve", "--home", str(tmp_path), "--sandbox-idle-s", "0"]))
 

@@ -1,0 +1,267 @@
+"""Framed, symmetric calls between the controller and its HTTP fronts over a Unix stream socket.
+
+Either side calls the other (``await peer.call(op, args, tensors)``) or sends a notice (no answer). A frame is
+an 8-byte prefix (the head's and the body's lengths, little-endian u32), a msgpack head, then (if there are
+tensors) zeros up to a 64-byte boundary and the body: the raw bytes of the frame's tensors, each at a 64-byte
+aligned offset in it. Heads:
+
+- a call: ``{"c": id, "op": name, "a": args, "t": metas}`` (id 0: a notice, never answered);
+- its answer: ``{"r": id, "v": value, "t": metas}``, or ``{"r": id, "e": [message, status, retry_after]}``;
+- a caller that gave up (its request timed out): ``{"x": id}``: the callee's task is cancelled.
+
+A tensor meta is ``[name, dtype, shape, offset, nbytes]`` (dtypes named as in manifests). Received tensors are
+views of the frame's own buffer, which a large frame is read into directly: one kernel copy per side, nothing
+pickled. Both processes are ours, so frames are trusted (the sandboxes' wire, which is not, checks every field).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import struct
+import uuid
+from collections.abc import Awaitable, Mapping
+from typing import Any, Protocol
+
+import msgpack
+import torch
+
+from swapserve.artifact.manifest import dtype_from_name, dtype_name
+from swapserve.errors import OverloadedError, PoolBusyError, SwapserveError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+PREFIX = struct.Struct("<II")
+ALIGN = 64
+SCRATCH_BYTES = 1 << 18
+"""Frames up to this size are read through one reused buffer (many per read); larger ones straight into their
+own buffer."""
+_PAD = bytes(ALIGN)
+
+Tensors = dict[str, torch.Tensor]
+Answer = tuple[Any, Mapping[str, torch.Tensor]]
+
+
+class RemoteError(SwapserveError):
+    """An error raised on the other side, with the HTTP status it carried there."""
+
+    def __init__(self, message: str, http_status: int = 500):
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class Handler(Protocol):
+    async def call(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> Answer:
+        """Answer a call: a msgpack-able value and tensors. Raise SwapserveError to answer with an error."""
+        ...
+
+    def notice(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> None: ...
+
+    def lost(self, peer: Peer) -> None:
+        """The connection closed (or broke): every call in flight has failed."""
+        ...
+
+
+def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[list[list[Any]], list[bytes | memoryview]]:
+    metas: list[list[Any]] = []
+    parts: list[bytes | memoryview] = []
+    offset = 0
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if pad := -offset % ALIGN:
+            parts.append(_PAD[:pad])
+            offset += pad
+        metas.append([name, dtype_name(t.dtype), list(t.shape), offset, nbytes])
+        if nbytes:
+            parts.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the tensor's bytes, no copy
+            offset += nbytes
+    return metas, parts
+
+
+def unpack_tensors(metas: list[list[Any]], body: bytearray, base: int) -> Tensors:
+    out: Tensors = {}
+    for name, dtype, shape, offset, nbytes in metas:
+        dt = dtype_from_name(dtype)
+        if nbytes == 0:
+            out[name] = torch.empty(shape, dtype=dt)
+        else:
+            out[name] = torch.frombuffer(body, dtype=torch.uint8, count=nbytes, offset=base + offset) \
+                .view(dt).reshape(shape)
+    return out
+
+
+def error_value(e: BaseException) -> list[Any]:
+    """An exception as an answer: its message, HTTP status and (for overload) Retry-After; an unexpected one
+    is logged here, with an incident id that the answer names."""
+    if isinstance(e, SwapserveError):
+        retry = getattr(e, "retry_after", 1.0) if isinstance(e, OverloadedError | PoolBusyError) else None
+        return [str(e) or type(e).__name__, e.http_status, retry]
+    incident = uuid.uuid4().hex[:12]
+    log.error("unexpected error answering a front (incident %s)", incident, exc_info=e)
+    return [f"internal server error (incident {incident}; see the server log)", 500, None]
+
+
+def error_from(value: list[Any]) -> SwapserveError:
+    message, status, retry = value
+    if retry is not None:
+        return OverloadedError(message, retry_after=retry, http_status=status)
+    return RemoteError(message, status)
+
+
+class Peer(asyncio.BufferedProtocol):
+    """One end of the connection. Make it with ``lambda: Peer(handler)`` for ``create_unix_server`` or
+    ``create_unix_connection``."""
+
+    def __init__(self, handler: Handler):
+        self.handler = handler
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Answer]] = {}
+        self._serving: dict[int, asyncio.Task[None]] = {}
+        self._scratch = bytearray(SCRATCH_BYTES)
+        self._view = memoryview(self._scratch)
+        self._start = self._end = 0
+        self._big: bytearray | None = None
+        self._big_head = self._big_got = 0
+
+    # -- sending ------------------------------------------------------------------------------------------
+
+    def _send(self, head: dict[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        if self.transport is None or self.closed:
+            raise UnavailableError("the connection to the node's controller is closed")
+        parts: list[bytes | memoryview] = []
+        if tensors:
+            head["t"], parts = pack_tensors(tensors)
+        packed = msgpack.packb(head, use_bin_type=True)
+        body = sum(len(p) for p in parts)
+        if body:
+            parts.insert(0, _PAD[:-len(packed) % ALIGN])
+        self.transport.writelines([PREFIX.pack(len(packed), body), packed, *parts])
+
+    async def call(self, op: str, args: Any = None, tensors: Mapping[str, torch.Tensor] | None = None) -> Answer:
+        """The other side's answer: (value, tensors). Raises its error (RemoteError, OverloadedError), or
+        UnavailableError if the connection closes first. Cancelling the call cancels it there."""
+        i = next(self._ids)
+        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._send({"c": i, "op": op, "a": args}, tensors)
+        self._waiting[i] = fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._waiting.pop(i, None) is not None and not self.closed:
+                self._send({"x": i})
+            raise
+
+    def notice(self, op: str, args: Any = None, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        self._send({"c": 0, "op": op, "a": args}, tensors)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- receiving ----------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._big is not None:
+            return memoryview(self._big)[self._big_got:]
+        if self._start and SCRATCH_BYTES - self._end < SCRATCH_BYTES // 4:  # move the partial frame to the front
+            n = self._end - self._start
+            self._scratch[:n] = self._scratch[self._start:self._end]
+            self._start, self._end = 0, n
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._big is not None:
+            self._big_got += nbytes
+            if self._big_got == len(self._big):
+                big, self._big = self._big, None
+                self._frame(big, self._big_head)
+            return
+        self._end += nbytes
+        while self._end - self._start >= PREFIX.size:
+            head, body = PREFIX.unpack_from(self._scratch, self._start)
+            total = PREFIX.size + _payload(head, body)
+            have = self._end - self._start
+            if total > SCRATCH_BYTES:  # a large frame: read the rest straight into its own buffer
+                frame = bytearray(total - PREFIX.size)
+                got = have - PREFIX.size  # less than the frame: it is larger than the scratch
+                frame[:got] = self._view[self._start + PREFIX.size:self._end]
+                self._big, self._big_head, self._big_got = frame, head, got
+                self._start = self._end = 0
+                return
+            if have < total:
+                break
+            frame = bytearray(self._view[self._start + PREFIX.size:self._start + total])
+            self._start += total
+            self._frame(frame, head)
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _frame(self, frame: bytearray, head_len: int) -> None:
+        head = msgpack.unpackb(memoryview(frame)[:head_len], raw=False, strict_map_key=False)
+        metas = head.get("t")
+        tensors = unpack_tensors(metas, frame, head_len + -head_len % ALIGN) if metas else {}
+        if "r" in head:
+            fut = self._waiting.pop(head["r"], None)
+            if fut is not None and not fut.done():
+                if "e" in head:
+                    fut.set_exception(error_from(head["e"]))
+                else:
+                    fut.set_result((head.get("v"), tensors))
+        elif "x" in head:
+            if (task := self._serving.pop(head["x"], None)) is not None:
+                task.cancel()
+        elif head["c"] == 0:
+            try:
+                self.handler.notice(self, head["op"], head.get("a"), tensors)
+            except Exception:  # noqa: BLE001 - a bad notice must not break the connection
+                log.exception("handling notice %r failed", head["op"])
+        else:
+            i = head["c"]
+            self._serving[i] = asyncio.ensure_future(self._answer(i, self.handler.call(self, head["op"],
+                                                                                          head.get("a"), tensors)))
+
+    async def _answer(self, i: int, work: Awaitable[Answer]) -> None:
+        try:
+            value, tensors = await work
+        except asyncio.CancelledError:
+            return  # the caller gave up (or the connection is gone): nobody to answer
+        except Exception as e:  # noqa: BLE001 - every failure becomes an answer
+            head: dict[str, Any] = {"r": i, "e": error_value(e)}
+            tensors = {}
+        else:
+            head = {"r": i, "v": value}
+        finally:
+            self._serving.pop(i, None)
+        if not self.closed:
+            self._send(head, tensors)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        gone = UnavailableError("the connection to the node's controller closed")
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(gone)
+        serving, self._serving = self._serving, {}
+        for task in serving.values():
+            task.cancel()
+        self.handler.lost(self)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our end too
+
+
+def _payload(head: int, body: int) -> int:
+    """A frame's bytes after its prefix."""
+    return head + (-head % ALIGN + body if body else 0)
+
+
+__all__ = ["Answer", "Handler", "Peer", "RemoteError", "Tensors", "error_from", "error_value", "pack_tensors",
+           "unpack_tensors"]

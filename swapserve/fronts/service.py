@@ -1,0 +1,299 @@
+"""The controller's side of the HTTP fronts: it starts ``count`` front processes, answers their ``NodeAPI`` calls
+on the node, pushes them the catalog, gathers their metrics, and replaces a front that dies.
+
+With fronts, the controller itself serves no HTTP: each front listens on the node's address (``SO_REUSEPORT``:
+the kernel spreads connections over them), runs the whole gateway (HTTP parsing, OIP decoding and encoding,
+tokens, uploads) and sends the controller one frame per call (:mod:`swapserve.fronts.peer`). The controller keeps
+admission, scheduling, dispatch and the only metrics registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swapserve.errors import NotFoundError, SwapserveError
+from swapserve.fronts.peer import Answer, Peer, Tensors
+from swapserve.fronts.remote import info_to_wire, result_to_wire
+from swapserve.gateway.config import GatewayConfig
+from swapserve.metrics import Metrics
+from swapserve.node.api import NodeAPI
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120.0
+"""A front's start (imports, connecting, binding the port)."""
+FLUSH_TIMEOUT_S = 1.0
+"""How long a scrape waits for each front's pending observations."""
+LISTEN_BACKLOG = 1024
+RESTART_AFTER_S = 5.0
+"""A front that dies is replaced, unless it lived less than this (then it would only die again: logged)."""
+
+_CHANGING = frozenset({"deploy", "delete", "load", "unload"})
+"""Calls after which the catalog is pushed before the answer, so that every front knows of the change before the
+client that asked for it can send another request."""
+
+
+class FrontStartError(SwapserveError):
+    """A front could not start (most often: it could not listen on the address)."""
+
+
+@dataclass
+class _Front:
+    index: int
+    process: asyncio.subprocess.Process
+    started: float
+    serving: asyncio.Future[str | None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    """Resolved by the front's ``serving`` notice (None), or with why it could not start."""
+
+
+class FrontService:
+    """Serve ``node`` through ``count`` front processes on ``host:port``.
+
+    The controller binds the address itself (a port in use is refused here, even by another node with fronts)
+    and hands the listening socket to each front, which accept connections from it: a busy front takes fewer.
+    The fronts reach the controller on a Unix socket in a private temporary directory, removed at :meth:`close`."""
+
+    def __init__(self, node: NodeAPI, metrics: Metrics, host: str, port: int, count: int, gateway: GatewayConfig):
+        self.node, self.metrics = node, metrics
+        self.host, self.port, self.count, self.gateway = host, port, count, gateway
+        self.socket_path = Path(tempfile.mkdtemp(prefix="swapserve-fronts-")) / "socket"
+        self._listener: socket.socket | None = None
+        self._fronts: dict[int, _Front] = {}
+        self._peers: set[Peer] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._stopping = False
+        self._changed: set[str] = set()
+        self._node_changed = False
+        self._flush_due = False
+        watch = getattr(node, "watch", None)
+        if watch is not None:
+            watch(self._on_change)
+
+    # -- processes ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen on the address and start every front; returns once all serve. Raises OSError if the address
+        cannot be bound, FrontStartError (every front stopped) if a front cannot start."""
+        try:
+            self._listener = _bind(self.host, self.port)
+        except OSError:
+            shutil.rmtree(self.socket_path.parent, ignore_errors=True)
+            raise
+        await self.listen()
+        for i in range(self.count):
+            await self._spawn(i)
+        waits = [asyncio.wait_for(asyncio.shield(f.serving), START_TIMEOUT_S) for f in self._fronts.values()]
+        try:
+            errors = await asyncio.gather(*waits)
+        except TimeoutError:
+            errors = [f"a front did not start within {START_TIMEOUT_S:.0f} s"]
+        if problem := next((e for e in errors if e), None):
+            await self.close()
+            raise FrontStartError(problem)
+
+    async def listen(self) -> None:
+        """Take front connections on :attr:`socket_path` (:meth:`start` does, then starts the fronts)."""
+        self._server = await asyncio.get_running_loop().create_unix_server(lambda: Peer(self), str(self.socket_path))
+
+    async def _spawn(self, index: int) -> None:
+        assert self._listener is not None
+        fd = self._listener.fileno()
+        config = {"index": index, "socket_path": str(self.socket_path), "listen_fd": fd, "parent_pid": os.getpid(),
+                  "log_level": logging.getLogger().getEffectiveLevel(), "gateway": _gateway_dict(self.gateway)}
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "swapserve.fronts.front",
+                                                       stdin=asyncio.subprocess.PIPE, pass_fds=(fd,))
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(config).encode())  # the token travels here, not in argv
+        process.stdin.close()
+        front = self._fronts[index] = _Front(index, process, time.monotonic())
+        asyncio.ensure_future(self._watch(front))
+
+    async def _watch(self, front: _Front) -> None:
+        code = await front.process.wait()
+        if not front.serving.done():
+            front.serving.set_result(f"HTTP front {front.index} exited while starting (exit code {code}); see its "
+                                     "output above")
+        if self._stopping or self._fronts.get(front.index) is not front:
+            return
+        lived = time.monotonic() - front.started
+        if lived < RESTART_AFTER_S:
+            log.error("HTTP front %d exited (code %s) %.1f s after it started; not replacing it", front.index, code,
+                      lived)
+            del self._fronts[front.index]
+            return
+        log.error("HTTP front %d exited (code %s); starting another", front.index, code)
+        await self._spawn(front.index)
+
+    def drain(self) -> None:
+        """Stop taking connections (the node is stopping): every front stops accepting; requests in flight go on."""
+        self._stopping = True
+        for peer in list(self._peers):
+            if not peer.closed:
+                peer.notice("drain")
+        if self._listener is not None:  # once the fronts closed theirs too, new connections are refused
+            self._listener.close()
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Close every front's connection (calls still in flight there fail) and wait for the fronts to exit."""
+        self.drain()
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self._peers):
+            peer.close()
+        fronts = list(self._fronts.values())
+        await asyncio.gather(*(_join(f, timeout_s) for f in fronts))
+        self._fronts.clear()
+        shutil.rmtree(self.socket_path.parent, ignore_errors=True)
+
+    # -- the catalog ----------------------------------------------------------------------------------------
+
+    def _on_change(self, name: str | None) -> None:
+        if name is None:
+            self._node_changed = True
+        else:
+            self._changed.add(name)
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._push)
+
+    def _push(self) -> None:
+        """Send every front what changed since the last push."""
+        self._flush_due = False
+        if not (self._changed or self._node_changed):
+            return
+        names, self._changed, self._node_changed = self._changed, set(), False
+        update = self._catalog(names)
+        for peer in list(self._peers):
+            if not peer.closed:
+                peer.notice("catalog", update)
+
+    def _catalog(self, names: set[str] | None) -> dict[str, Any]:
+        """The node's flags and the given functions (None: all of them, replacing the front's catalog)."""
+        known = {i.spec.name: i for i in self.node.list_functions()}
+        chosen = known if names is None else {n: known[n] for n in names if n in known}
+        update: dict[str, Any] = {"ready": self.node.is_ready(), "live": self.node.is_live(),
+                                  "set": [info_to_wire(i) for i in chosen.values()]}
+        if names is None:
+            update["all"] = True
+        else:
+            update["drop"] = sorted(n for n in names if n not in known)
+        return update
+
+    # -- calls from fronts (peer.Handler) -------------------------------------------------------------------
+
+    async def call(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> Answer:
+        if op == "infer":
+            name, request_id, parameters = args
+            result = await self.node.infer(name, tensors, request_id, parameters)
+            return result_to_wire(result), result.outputs
+        if op == "hello":
+            index, pid = args
+            self._peers.add(peer)
+            log.debug("HTTP front %d (pid %d) connected", index, pid)
+            return self._catalog(None), {}
+        answer = await self._control(op, args)
+        if op in _CHANGING:
+            self._push()
+        return answer, {}
+
+    async def _control(self, op: str, args: Any) -> Any:
+        node = self.node
+        if op == "infer_json":
+            name, value, parameters = args
+            return await node.infer_json(name, value, parameters)
+        if op == "deploy":
+            return info_to_wire(await node.deploy(Path(args)))
+        if op == "delete":
+            await node.delete(args)
+            return None
+        if op == "load":
+            return info_to_wire(await node.load(args))
+        if op == "unload":
+            return info_to_wire(await node.unload(args))
+        if op == "status":
+            return asdict(await node.status())
+        if op == "scheduling":
+            return await node.scheduling()
+        if op == "configure_scheduling":
+            return await node.configure_scheduling(args)
+        if op == "metrics":
+            await self._gather_observations()
+            return await self.metrics.render_async(args)
+        raise NotFoundError(f"the controller answers no call {op!r}")
+
+    async def _gather_observations(self) -> None:
+        """Have every front send what it observed and not sent yet (a scrape then counts every answered request)."""
+        peers = [p for p in self._peers if not p.closed]
+        results = await asyncio.gather(*(asyncio.wait_for(p.call("flush"), FLUSH_TIMEOUT_S) for p in peers),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                log.warning("a front's metrics did not come in time for a scrape: %s", r)
+
+    def notice(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> None:
+        if op == "observe":
+            self._observe(args)
+        elif op == "serving":
+            front = self._fronts.get(args)
+            if front is not None and not front.serving.done():
+                front.serving.set_result(None)
+            log.info("HTTP front %d serving", args)
+
+    def _observe(self, batch: dict[str, Any]) -> None:
+        m = self.metrics
+        for route, method, code, seconds in batch["http"]:
+            m.observe_http(route, method, code, seconds)
+        known = {i.spec.name for i in self.node.list_functions()} if batch["requests"] else set()
+        for function, code, seconds in batch["requests"]:
+            if function in known:  # not a function deleted since (its series are gone)
+                m.observe_request(function, code, seconds)
+
+    def lost(self, peer: Peer) -> None:
+        self._peers.discard(peer)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on the address (what aiohttp would make for one front: SO_REUSEADDR, no SO_REUSEPORT)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _gateway_dict(g: GatewayConfig) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(g).items()}
+
+
+async def _join(front: _Front, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(front.process.wait(), timeout_s)
+    except TimeoutError:
+        log.warning("HTTP front %d did not stop in time; terminating it", front.index)
+        front.process.terminate()
+        try:
+            await asyncio.wait_for(front.process.wait(), 5)
+        except TimeoutError:
+            front.process.kill()
+            await front.process.wait()
+
+
+__all__ = ["FrontService", "FrontStartError"]
