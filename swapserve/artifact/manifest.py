@@ -43,6 +43,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
+DTYPE_NAMES: tuple[str, ...] = tuple(_DTYPES)
+"""Every dtype a manifest (and a tensor crossing between processes) may name."""
 
 
 def dtype_from_name(name: str) -> torch.dtype:
