@@ -132,6 +132,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def front_pids(pid: int) -> list[int]:
+    """The node's HTTP front processes (serve --fronts)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"swapserve.fronts.front" in cmd:
+            found.append(int(entry))
+    return found
+
+
 async def measure(url: str, pid: int, name: str, n: int, warmup: int) -> dict:
     from http1 import Client  # the traces' client (bench/http1.py)
     from trace import _parameters
@@ -143,7 +157,9 @@ async def measure(url: str, pid: int, name: str, n: int, warmup: int) -> dict:
     try:
         for i in range(warmup + n):
             if i == warmup:
+                fronts = front_pids(pid)
                 cpu0, wall0 = cpu_seconds(pid), time.perf_counter()
+                fronts0 = sum(cpu_seconds(f) for f in fronts)
             t = time.perf_counter()
             r = await client.request("POST", f"/v2/models/{name}/infer", body, headers,
                                      keep_header="inference-header-content-length")
@@ -152,6 +168,7 @@ async def measure(url: str, pid: int, name: str, n: int, warmup: int) -> dict:
             rtt.append((time.perf_counter() - t) * 1e3)
             node.append(_parameters(r.body, r.headers.get("inference-header-content-length"))["total_ms"])
         cpu, wall = cpu_seconds(pid) - cpu0, time.perf_counter() - wall0
+        fronts_cpu = sum(cpu_seconds(f) for f in fronts) - fronts0
     finally:
         client.close()
     rtt, node = rtt[warmup:], node[warmup:]
@@ -159,6 +176,7 @@ async def measure(url: str, pid: int, name: str, n: int, warmup: int) -> dict:
     return {"requests": n, "input_bytes": element_size(dtype) * math.prod(shape[1:]),
             "output_bytes": element_size("FP16") * math.prod(out_shape[1:]),
             "cpu_ms_per_request": cpu / n * 1e3, "serving_process_busy": cpu / wall,
+            "fronts_cpu_ms_per_request": fronts_cpu / n * 1e3,
             "p50_rtt_ms": statistics.median(rtt), "p50_node_ms": statistics.median(node)}
 
 
@@ -168,6 +186,8 @@ def main() -> None:
     ap.add_argument("--devices", default="", help="cpu, cuda:0, ... (default: every GPU, else cpu)")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--fronts", type=int, default=0, help="the node's --fronts (then the serving process is the "
+                                                          "controller alone; its fronts' CPU is reported apart)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from swapserve.client import Client
@@ -175,7 +195,8 @@ def main() -> None:
     from swapserve.functions.bundle import pack
 
     work = Path(tempfile.mkdtemp(prefix="swapserve-serving-cost-"))
-    with Server(work / "home", args.devices or "all", pool="1GiB", workspace="512MiB", host_store="2GiB") as srv:
+    with Server(work / "home", args.devices or "all", pool="1GiB", workspace="512MiB", host_store="2GiB",
+                extra=("--fronts", str(args.fronts))) as srv:
         srv.wait_ready()
         client = Client(srv.url, srv.token)
         for name in SHAPES:
@@ -186,17 +207,19 @@ def main() -> None:
         for name in SHAPES:
             shapes[name] = asyncio.run(measure(srv.url, srv.proc.pid, name, args.requests, args.warmup))
             print(name, json.dumps({k: round(v, 3) for k, v in shapes[name].items()}), flush=True)
-    result = {"gpu": gpu, "date": date.today().isoformat(), "shapes": shapes}
+    result = {"gpu": gpu, "date": date.today().isoformat(), "fronts": args.fronts, "shapes": shapes}
     (args.out / "serving_cost.json").write_text(json.dumps(result, indent=1))
     lines = [f"# The serving process's CPU per request — {gpu}, {result['date']}", "",
              f"{args.requests} sequential binary requests per shape over one connection (after {args.warmup}); "
              "CPU = user + system time of the node's serving process (gateway, controller, scheduler), not "
-             "its workers.", "",
-             "| shape | in | out | CPU ms / request | p50 round trip ms | p50 node ms |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "its workers" + (f"; with {args.fronts} HTTP fronts that is the controller alone, and the fronts' "
+                              "CPU (all of them) is its own column" if args.fronts else "") + ".", "",
+             "| shape | in | out | CPU ms / request | fronts' CPU ms / request | p50 round trip ms | p50 node ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in shapes.items():
         lines.append(f"| {name} | {r['input_bytes'] / 1024:.0f} KiB | {r['output_bytes'] / 1024:.0f} KiB | "
-                     f"{r['cpu_ms_per_request']:.3f} | {r['p50_rtt_ms']:.3f} | {r['p50_node_ms']:.3f} |")
+                     f"{r['cpu_ms_per_request']:.3f} | {r['fronts_cpu_ms_per_request']:.3f} | {r['p50_rtt_ms']:.3f} "
+                     f"| {r['p50_node_ms']:.3f} |")
     (args.out / "serving_cost.md").write_text("\n".join(lines) + "\n")
     from bars import bars
 

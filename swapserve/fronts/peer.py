@@ -9,9 +9,11 @@ aligned offset in it. Heads:
 - its answer: ``{"r": id, "v": value, "t": metas}``, or ``{"r": id, "e": [message, status, retry_after]}``;
 - a caller that gave up (its request timed out): ``{"x": id}``: the callee's task is cancelled.
 
-A tensor meta is ``[name, dtype, shape, offset, nbytes]`` (dtypes named as in manifests). Received tensors are
-views of the frame's own buffer, which a large frame is read into directly: one kernel copy per side, nothing
-pickled. Both processes are ours, so frames are trusted (the sandboxes' wire, which is not, checks every field).
+A tensor meta is ``[name, dtype, shape, offset, nbytes]`` (dtypes named as in manifests), or with a sixth
+element ``1`` for a tensor the sender ``Placed`` in the receiver's shared memory (:mod:`swapserve.fronts.arena`)
+at that offset instead of the body: the receiver's view of it is released (a ``free`` notice) once it is no
+longer referenced. Received tensors are views of the frame's own buffer, which a large frame is read into
+directly: one kernel copy per side, nothing pickled. Both processes are ours, so frames are trusted (the sandboxes' wire, which is not, checks every field).
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import struct
 import uuid
-from collections.abc import Awaitable, Mapping
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgpack
 import numpy as np
 import torch
 
-from swapserve.artifact.manifest import DTYPE_NAMES, dtype_from_name, dtype_name
+from swapserve.artifact.manifest import DTYPE_NAMES, dtype_from_name, dtype_name, itemsize
 from swapserve.errors import OverloadedError, PoolBusyError, SwapserveError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -41,7 +46,15 @@ own buffer."""
 _PAD = bytes(ALIGN)
 
 Tensors = dict[str, torch.Tensor]
-Answer = tuple[Any, Mapping[str, torch.Tensor]]
+Answer = tuple[Any, Mapping[str, "torch.Tensor | Placed"]]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """An answer's tensor already written to the receiver's shared memory at ``offset`` (sent by reference)."""
+
+    tensor: torch.Tensor
+    offset: int
 
 
 class RemoteError(SwapserveError):
@@ -80,11 +93,15 @@ def _numpy_types() -> dict[str, tuple[np.dtype, torch.dtype | None]]:
 _NUMPY = _numpy_types()
 
 
-def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[list[list[Any]], list[bytes | memoryview]]:
+def pack_tensors(tensors: Mapping[str, torch.Tensor | Placed]) -> tuple[list[list[Any]], list[bytes | memoryview]]:
     metas: list[list[Any]] = []
     parts: list[bytes | memoryview] = []
     offset = 0
     for name, t in tensors.items():
+        if isinstance(t, Placed):
+            p = t.tensor
+            metas.append([name, dtype_name(p.dtype), list(p.shape), t.offset, p.numel() * p.element_size(), 1])
+            continue
         if t.requires_grad:
             t = t.detach()
         if not t.is_contiguous():
@@ -100,16 +117,33 @@ def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[list[list[Any]], 
     return metas, parts
 
 
-def unpack_tensors(metas: list[list[Any]], body: bytearray, base: int) -> Tensors:
+def view_of(buffer: Any, dtype: str, shape: list[int], offset: int,
+            released: Callable[[int], None] | None = None) -> torch.Tensor:
+    """A tensor over ``buffer``'s bytes at ``offset`` (no copy). ``released(offset)`` is called once neither it
+    nor any view of it is left."""
+    np_dtype, view = _NUMPY[dtype]
+    count = math.prod(shape) * itemsize(dtype) // np_dtype.itemsize
+    array = np.frombuffer(buffer, np_dtype, count, offset)
+    if released is not None:
+        weakref.finalize(array, released, offset)  # the tensor's storage holds the array until the last view goes
+    t = torch.from_numpy(array.reshape(shape))
+    return t.view(view) if view is not None else t
+
+
+def unpack_tensors(metas: list[list[Any]], body: bytearray, base: int, shared: Any = None,
+                   release: Callable[[int], None] | None = None) -> Tensors:
+    """The frame's tensors: views of ``body`` (its tensors start at ``base``), or of ``shared`` for placed ones,
+    each of which calls ``release(offset)`` once nothing refers to it any more."""
     out: Tensors = {}
-    for name, dtype, shape, offset, nbytes in metas:
+    for name, dtype, shape, offset, nbytes, *placed in metas:
         if not nbytes:
             out[name] = torch.empty(shape, dtype=dtype_from_name(dtype))
-            continue
-        np_dtype, view = _NUMPY[dtype]
-        array = np.frombuffer(body, np_dtype, nbytes // np_dtype.itemsize, base + offset).reshape(shape)
-        t = torch.from_numpy(array)
-        out[name] = t.view(view) if view is not None else t
+        elif not placed:
+            out[name] = view_of(body, dtype, shape, base + offset)
+        elif shared is None:
+            raise UnavailableError("a placed tensor arrived where there is no shared memory")
+        else:
+            out[name] = view_of(shared, dtype, shape, offset, release)
     return out
 
 
@@ -147,10 +181,12 @@ class Peer(asyncio.BufferedProtocol):
         self._start = self._end = 0
         self._big: bytearray | None = None
         self._big_head = self._big_got = 0
+        self.shared: Any = None
+        """The receiver's shared memory (a front's arena map), where placed tensors arrive."""
 
     # -- sending ------------------------------------------------------------------------------------------
 
-    def _send(self, head: dict[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+    def _send(self, head: dict[str, Any], tensors: Mapping[str, torch.Tensor | Placed] | None = None) -> None:
         if self.transport is None or self.closed:
             raise UnavailableError("the connection to the node's controller is closed")
         parts: list[bytes | memoryview] = []
@@ -182,6 +218,11 @@ class Peer(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def _release(self, offset: int) -> None:
+        """A placed tensor is no longer referenced here: the sender may reuse its space."""
+        if not self.closed:
+            self.notice("free", offset)
 
     # -- receiving ----------------------------------------------------------------------------------------
 
@@ -227,7 +268,8 @@ class Peer(asyncio.BufferedProtocol):
     def _frame(self, frame: bytearray, head_len: int) -> None:
         head = msgpack.unpackb(memoryview(frame)[:head_len], raw=False, strict_map_key=False)
         metas = head.get("t")
-        tensors = unpack_tensors(metas, frame, head_len + -head_len % ALIGN) if metas else {}
+        tensors = unpack_tensors(metas, frame, head_len + -head_len % ALIGN, self.shared, self._release) \
+            if metas else {}
         if "r" in head:
             fut = self._waiting.pop(head["r"], None)
             if fut is not None and not fut.done():
@@ -284,5 +326,5 @@ def _payload(head: int, body: int) -> int:
     return head + (-head % ALIGN + body if body else 0)
 
 
-__all__ = ["Answer", "Handler", "Peer", "RemoteError", "Tensors", "error_from", "error_value", "pack_tensors",
+__all__ = ["Answer", "Handler", "Peer", "Placed", "RemoteError", "Tensors", "error_from", "error_value", "pack_tensors",
            "unpack_tensors"]

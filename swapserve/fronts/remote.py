@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from swapserve.errors import NotFoundError
+from swapserve.fronts.arena import open_arena
 from swapserve.fronts.peer import Answer, Peer, Tensors
 from swapserve.functions.spec import FunctionSpec
 from swapserve.instruments import CONTENT_TYPE
@@ -73,6 +74,9 @@ class RemoteNode:
         loop = asyncio.get_running_loop()
         _, self.peer = await loop.create_unix_connection(lambda: Peer(self), path)
         value, _ = await self.peer.call("hello", [index, pid])
+        arena_path, arena_bytes = value["arena"]
+        self.peer.shared = open_arena(arena_path, arena_bytes)
+        self.peer.notice("mapped")
         self._apply(value)
 
     async def call(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> Answer:

@@ -22,12 +22,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from swapserve.artifact.manifest import dtype_name
 from swapserve.errors import NotFoundError, SwapserveError
-from swapserve.fronts.peer import Answer, Peer, Tensors
+from swapserve.fronts.arena import PLACE_MIN_BYTES, Arena
+from swapserve.fronts.peer import Answer, Peer, Placed, Tensors, view_of
 from swapserve.fronts.remote import info_to_wire, result_to_wire
 from swapserve.gateway.config import GatewayConfig
 from swapserve.metrics import Metrics
 from swapserve.node.api import NodeAPI
+from swapserve.node.dispatch import OFF_LOOP_COPY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,8 @@ class FrontService:
         self._listener: socket.socket | None = None
         self._fronts: dict[int, _Front] = {}
         self._peers: set[Peer] = set()
+        self._arenas: dict[Peer, Arena] = {}
+        """Each front's shared memory for large outputs."""
         self._server: asyncio.AbstractServer | None = None
         self._stopping = False
         self._changed: set[str] = set()
@@ -196,12 +203,14 @@ class FrontService:
         if op == "infer":
             name, request_id, parameters = args
             result = await self.node.infer(name, tensors, request_id, parameters)
-            return result_to_wire(result), result.outputs
+            arena = self._arenas.get(peer)
+            return result_to_wire(result), await _place(arena, result.outputs) if arena else result.outputs
         if op == "hello":
             index, pid = args
             self._peers.add(peer)
+            arena = self._arenas[peer] = Arena()
             log.debug("HTTP front %d (pid %d) connected", index, pid)
-            return self._catalog(None), {}
+            return {**self._catalog(None), "arena": [str(arena.path), arena.nbytes]}, {}
         answer = await self._control(op, args)
         if op in _CHANGING:
             self._push()
@@ -242,8 +251,12 @@ class FrontService:
                 log.warning("a front's metrics did not come in time for a scrape: %s", r)
 
     def notice(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> None:
-        if op == "observe":
+        if op == "free":
+            self._arenas[peer].free(args)
+        elif op == "observe":
             self._observe(args)
+        elif op == "mapped":  # the front mapped its arena: the file can go (the mappings stay)
+            self._arenas[peer].unlink()
         elif op == "serving":
             front = self._fronts.get(args)
             if front is not None and not front.serving.done():
@@ -261,6 +274,40 @@ class FrontService:
 
     def lost(self, peer: Peer) -> None:
         self._peers.discard(peer)
+        if (arena := self._arenas.pop(peer, None)) is not None:
+            arena.close()
+
+
+async def _place(arena: Arena, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Placed]:
+    """``outputs`` with the large ones copied into the front's arena and sent by reference (inline where the
+    arena is full). More than ``OFF_LOOP_COPY_BYTES`` are copied on a thread, off the loop every request shares."""
+    placed: dict[str, torch.Tensor | Placed] = dict(outputs)
+    copies = []
+    for name, t in outputs.items():
+        nbytes = t.numel() * t.element_size()
+        if nbytes < PLACE_MIN_BYTES or (offset := arena.alloc(nbytes)) is None:
+            continue
+        dest = view_of(arena.map, dtype_name(t.dtype), list(t.shape), offset)
+        placed[name] = Placed(dest, offset)
+        copies.append((dest, t))
+    if not copies:
+        return outputs
+
+    def copy() -> None:
+        for dest, t in copies:
+            dest.copy_(t)
+
+    if sum(t.numel() * t.element_size() for _, t in copies) <= OFF_LOOP_COPY_BYTES:
+        copy()
+        return placed
+    done = asyncio.ensure_future(asyncio.to_thread(copy))
+    try:
+        await asyncio.shield(done)
+    except BaseException:  # cancelled (the front gave up) or failed: the space comes back once the copy ends
+        offsets = [p.offset for p in placed.values() if isinstance(p, Placed)]
+        done.add_done_callback(lambda _: [arena.free(o) for o in offsets])
+        raise
+    return placed
 
 
 def _bind(host: str, port: int) -> socket.socket:

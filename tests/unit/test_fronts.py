@@ -8,12 +8,14 @@ import asyncio
 import logging
 import random
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from swapserve.errors import NotFoundError, OverloadedError, UnavailableError
+from swapserve.fronts.arena import Arena
 from swapserve.fronts.peer import SCRATCH_BYTES, Answer, Peer, RemoteError, Tensors
 from swapserve.fronts.remote import RemoteNode
 from swapserve.fronts.service import FrontService
@@ -267,5 +269,50 @@ def test_a_scrape_counts_what_every_front_observed() -> None:
         assert 'swapserve_http_requests_total{route="/v2/models/{name}/infer",method="POST",code="200"} 4.0' in text
         assert 'swapserve_requests_total{function="linear",code="200"} 3.0' in text
         assert "never-deployed" not in text  # a function not in the node never becomes a label
+
+    asyncio.run(main())
+
+
+def test_the_arena_allocates_first_fit_and_merges_what_is_freed(tmp_path: Path) -> None:
+    arena = Arena(1024, tmp_path)
+    try:
+        a, b, c = arena.alloc(100), arena.alloc(64), arena.alloc(200)
+        assert (a, b, c) == (0, 128, 192)  # 64-byte aligned sizes
+        assert arena.alloc(1024) is None  # no range that large
+        arena.free(b)
+        assert arena.alloc(65) == 448 and arena.alloc(64) == 128  # first fit: b's hole takes 64, not 65
+        arena.free(128)
+        arena.free(a)
+        arena.free(c)
+        arena.free(448)
+        assert arena.used_bytes == 0 and arena.alloc(1024) == 0  # every hole merged back into one range
+        with pytest.raises(KeyError):
+            arena.free(512)  # never allocated
+    finally:
+        arena.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_large_answers_come_through_shared_memory_and_their_space_comes_back() -> None:
+    async def main() -> None:
+        node = TinyNode()
+        service, (front,) = await relay(node, Metrics(), fronts=1)
+        try:
+            (arena,) = service._arenas.values()
+            await eventually(lambda: not arena.path.exists())  # unlinked once the front mapped it
+            x = torch.randn(3, 4)
+            result = await front.infer("wide", {"x": x})
+            want = node.functions["wide"][1]({"x": x})
+            assert torch.equal(result.outputs["big"], want["big"]) and torch.equal(result.outputs["small"], want["small"])
+            assert arena.used_bytes >= want["big"].nbytes  # "big" lies in the arena while the front holds it
+            del result
+            await eventually(lambda: arena.used_bytes == 0)  # the front let go: a notice gave the space back
+            # A full arena: the answer comes inline, as right.
+            hog = arena.alloc(arena.nbytes - 4096)
+            result = await front.infer("wide", {"x": x})
+            assert torch.equal(result.outputs["big"], want["big"])
+            arena.free(hog)
+        finally:
+            await service.close()
 
     asyncio.run(main())
