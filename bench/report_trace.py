@@ -22,13 +22,15 @@ def table(r: dict) -> str:
             fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
             lines.append(f"| {label} | {pt['n']} | {_attainment(pt)} | {fmt(pt['p50_ms'])} | {fmt(pt['p99_ms'])} "
                          f"| {pt['throughput_rps']:.1f} | {pt['swaps_per_s']:.1f} | {pt['busy_fraction']:.2f} "
-                         f"| {_lag(pt.get('loop_lag'))} | {pt['requests']} | {pt['status_codes']} |")
+                         f"| {_lag(pt.get('loop_lag'))}{_front_lag(pt.get('front_loop_lag'))} | {pt['requests']} "
+                         f"| {pt['status_codes']} |")
     if any("attainment_runs" in pt for p in r["policies"].values() for pt in p["sweep"]):
         lines += ["", "Replayed points: the run of median attainment, every run's in brackets (same trace, same node)."]
     lines += ["", "max_functions (largest N with ≥ 98 % attainment): "
               + ", ".join(f"{k} {v['max_functions']}" for k, v in r["policies"].items())]
     lines += ["", "loop late: share of the node's 10 ms event-loop probe ticks that ran over 2.5 ms late (CPU work or "
-              "collection pauses holding the gateway and controller; '-' where the run predates the probe)."]
+              "collection pauses holding the gateway and controller; '-' where the run predates the probe); with HTTP "
+              "fronts, the fronts' own in brackets."]
     lines += breakdown_table(r)
     lines += phases_table(r)
     lines += causes_table(r)
@@ -52,6 +54,10 @@ def _attainment(pt: dict) -> str:
 
 def _lag(lag: dict | None) -> str:
     return f"{lag['over_2.5ms'] / lag['ticks']:.1%}" if lag and lag.get("ticks") else "-"
+
+
+def _front_lag(lag: dict | None) -> str:
+    return f" (fronts {_lag(lag)})" if lag and lag.get("ticks") else ""
 
 
 def breakdown_table(r: dict) -> list[str]:

@@ -323,7 +323,8 @@ def p98(xs: list[float]) -> float:
 
 
 def scrape(url: str) -> dict[str, float]:
-    families = ("swapserve_swap_seconds", "swapserve_compute_seconds", "swapserve_event_loop_lag_seconds")
+    families = ("swapserve_swap_seconds", "swapserve_compute_seconds", "swapserve_event_loop_lag_seconds",
+                "swapserve_front_event_loop_lag_seconds")
     query = "&".join(f"name[]={f}" for f in families)  # only these: a cheap scrape, mid-trace
     text = urllib.request.urlopen(f"{url}/metrics?{query}", timeout=10).read().decode()
     out: dict[str, float] = {}
@@ -331,17 +332,18 @@ def scrape(url: str) -> dict[str, float]:
         if line.startswith("swapserve_swap_seconds_count") or line.startswith("swapserve_compute_seconds_sum"):
             key = line.split("{")[0]
             out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-        elif line.startswith("swapserve_event_loop_lag_seconds"):  # _count, _sum, _bucket{le="..."}
+        elif line.startswith(("swapserve_event_loop_lag_seconds", "swapserve_front_event_loop_lag_seconds")):
+            # _count, _sum, _bucket{le="..."}
             key, value = line.rsplit(" ", 1)
             out[key] = float(value)
     return out
 
 
-def loop_lag(before: dict[str, float], after: dict[str, float]) -> dict[str, float] | None:
-    """The node's event-loop lag over a point: probe ticks (every 10 ms), how many ran over 2.5 and 10 ms
-    late, and the mean lateness."""
-    name = "swapserve_event_loop_lag_seconds"
-    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after if k.startswith(name)}
+def loop_lag(before: dict[str, float], after: dict[str, float],
+             name: str = "swapserve_event_loop_lag_seconds") -> dict[str, float] | None:
+    """The node's event-loop lag over a point (``name``: the controller's, or its HTTP fronts'): probe ticks
+    (every 10 ms), how many ran over 2.5 and 10 ms late, and the mean lateness."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after if k.startswith(name + "_")}
     ticks = d.get(f"{name}_count", 0.0)
     if not ticks:
         return None
@@ -408,6 +410,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "throughput_rps": len(ok) / duration,
         "swaps_per_s": swaps / elapsed,
         "loop_lag": loop_lag(before, after),
+        "front_loop_lag": loop_lag(before, after, "swapserve_front_event_loop_lag_seconds"),
         "busy_fraction": busy / elapsed / srv_devices(srv),
         "latencies_ms": sorted(ok)[:: max(1, len(ok) // 2000)],  # a thinned sample for the CDF plot
         "swapped_fraction": sum(r[6] for r in done) / max(1, len(done)),

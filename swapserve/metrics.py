@@ -20,6 +20,7 @@ Every method is thread-safe (a lock per family), so threads may call them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,8 @@ class Metrics:
         self.loop_lag = histogram("event_loop_lag_seconds", "How late the gateway/controller event loop ran a timer "
                                   "due every 10 ms: time it spent unable to serve anything (CPU work, collection "
                                   "pauses).")
+        self.front_loop_lag = histogram("front_event_loop_lag_seconds", "The same for the HTTP fronts' event loops "
+                                        "(serve --fronts), all fronts together.")
         # Handler sandboxes (functions with a handler only).
         self.sandbox_starts = counter("sandbox_starts", "Sandbox process starts by function and outcome "
                                       "(started, start_failed).", ["function", "outcome"])
@@ -186,6 +189,9 @@ class Metrics:
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag.observe(seconds)
 
+    def observe_front_loop_lag(self, seconds: float) -> None:
+        self.front_loop_lag.observe(seconds)
+
     def observe_sandbox(self, event: SandboxEvent) -> None:
         """One event of a function's sandbox pool (``swapserve.sandbox``'s ``on_event``)."""
         if event.kind == "starting":
@@ -231,4 +237,17 @@ class Metrics:
         return await self.registry.render_async(names)
 
 
-__all__ = ["LATENCY_BUCKETS", "Metrics"]
+LOOP_TICK_S = 0.01
+"""Period of the event-loop lag probe (:func:`watch_loop`)."""
+
+
+async def watch_loop(observe: Callable[[float], None], period_s: float = LOOP_TICK_S) -> None:
+    """Observe, every ``period_s``, how late the running loop woke up: the time it could serve nothing."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + period_s
+        await asyncio.sleep(period_s)
+        observe(max(0.0, loop.time() - due))
+
+
+__all__ = ["LATENCY_BUCKETS", "LOOP_TICK_S", "Metrics", "watch_loop"]

@@ -50,6 +50,7 @@ async def _serve(config: dict[str, Any]) -> int:
 
     from swapserve.fronts.remote import RemoteNode
     from swapserve.gateway import GatewayConfig, make_app
+    from swapserve.metrics import watch_loop
 
     gateway = GatewayConfig(**{**config["gateway"], "uploads_dir": config["gateway"]["uploads_dir"]
                                and Path(config["gateway"]["uploads_dir"])})
@@ -63,7 +64,9 @@ async def _serve(config: dict[str, Any]) -> int:
     await web.SockSite(runner, listener).start()
     node.peer.notice("serving", config["index"])
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, node.drain.set)
+    lag = asyncio.ensure_future(watch_loop(node.metrics.observe_loop_lag))
     await node.drain.wait()
+    lag.cancel()
     await runner.cleanup()  # stops accepting, closes idle connections, waits for the requests in flight
     node.metrics.flush()
     node.peer.close()

@@ -171,6 +171,7 @@ class RelayMetrics:
         self.node = node
         self._http: list[tuple[str, str, int, float]] = []
         self._requests: list[tuple[str, int, float]] = []
+        self._lag: list[float] = []
         self._timer: asyncio.TimerHandle | None = None
 
     def observe_http(self, route: str, method: str, code: int, seconds: float) -> None:
@@ -179,6 +180,11 @@ class RelayMetrics:
 
     def observe_request(self, function: str, code: int, seconds: float) -> None:
         self._requests.append((function, code, seconds))
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        """The front's own event loop (:func:`swapserve.metrics.watch_loop`)."""
+        self._lag.append(seconds)
+        self._schedule()
 
     def _schedule(self) -> None:
         if self._timer is None:
@@ -189,10 +195,10 @@ class RelayMetrics:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not (self._http or self._requests) or self.node.peer is None or self.node.peer.closed:
+        if not (self._http or self._requests or self._lag) or self.node.peer is None or self.node.peer.closed:
             return
-        batch = {"http": self._http, "requests": self._requests}
-        self._http, self._requests = [], []
+        batch = {"http": self._http, "requests": self._requests, "lag": self._lag}
+        self._http, self._requests, self._lag = [], [], []
         self.node.peer.notice("observe", batch)
 
     async def render_async(self, names: Iterable[str] | None = None) -> bytes:

@@ -267,6 +267,8 @@ class FrontService:
         m = self.metrics
         for route, method, code, seconds in batch["http"]:
             m.observe_http(route, method, code, seconds)
+        for seconds in batch.get("lag", ()):
+            m.observe_front_loop_lag(seconds)
         known = {i.spec.name for i in self.node.list_functions()} if batch["requests"] else set()
         for function, code, seconds in batch["requests"]:
             if function in known:  # not a function deleted since (its series are gone)

@@ -33,9 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swapserve.serve")
 
-LOOP_TICK_S = 0.01
-"""Period of the event-loop lag probe (``swapserve_event_loop_lag_seconds``)."""
-
 GRACE_S = 10.0
 """How long in-flight requests get to finish on shutdown."""
 
@@ -86,7 +83,7 @@ def _host_store_bytes(config: ServeConfig) -> int:
 
 
 async def _main(config: ServeConfig) -> int:
-    from swapserve.metrics import Metrics
+    from swapserve.metrics import Metrics, watch_loop
     from swapserve.node.controller import Node, NodeConfig
     from swapserve.sandbox import SandboxConfig
 
@@ -122,7 +119,7 @@ async def _main(config: ServeConfig) -> int:
           f"on {', '.join(devices)}", flush=True)
     starting = asyncio.ensure_future(_start(node, config))
     stopping = asyncio.ensure_future(stop.wait())
-    lag = asyncio.ensure_future(_watch_loop(metrics))
+    lag = asyncio.ensure_future(watch_loop(metrics.observe_loop_lag))
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if starting.done() and starting.exception() is not None:
@@ -181,15 +178,6 @@ async def _listen(config: ServeConfig, node: Node, gateway: GatewayConfig, metri
         await runner.cleanup()
         raise
     return _Gateway(runner)
-
-
-async def _watch_loop(metrics: Metrics, period_s: float = LOOP_TICK_S) -> None:
-    """Observe, every ``period_s``, how late the loop woke up: the time it could serve nothing."""
-    loop = asyncio.get_running_loop()
-    while True:
-        due = loop.time() + period_s
-        await asyncio.sleep(period_s)
-        metrics.observe_loop_lag(max(0.0, loop.time() - due))
 
 
 async def _start(node: Node, config: ServeConfig) -> None:
