@@ -263,12 +263,15 @@ def test_a_scrape_counts_what_every_front_observed() -> None:
                 b.metrics.observe_http("/v2/models/{name}/infer", "POST", 200, 0.01)
                 b.metrics.observe_request("linear", 200, 0.01)
             b.metrics.observe_request("never-deployed", 200, 0.01)
-            text = (await a.metrics.render_async(["swapserve_http_requests", "swapserve_requests"])).decode()
+            b.metrics.observe_loop_lag(0.003)
+            text = (await a.metrics.render_async(["swapserve_http_requests", "swapserve_requests",
+                                                  "swapserve_front_event_loop_lag_seconds"])).decode()
         finally:
             await service.close()
         assert 'swapserve_http_requests_total{route="/v2/models/{name}/infer",method="POST",code="200"} 4.0' in text
         assert 'swapserve_requests_total{function="linear",code="200"} 3.0' in text
         assert "never-deployed" not in text  # a function not in the node never becomes a label
+        assert "swapserve_front_event_loop_lag_seconds_count 1.0" in text
 
     asyncio.run(main())
 
