@@ -128,7 +128,7 @@ class RemoteNode:
         return info
 
     async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None) -> InferResult:
+                    parameters: dict[str, Any] | None = None, sink: Any = None) -> InferResult:
         value, outputs = await self._peer().call("infer", [name, request_id, parameters], inputs)
         return InferResult(outputs, **value)
 

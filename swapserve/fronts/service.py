@@ -202,9 +202,13 @@ class FrontService:
     async def call(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> Answer:
         if op == "infer":
             name, request_id, parameters = args
-            result = await self.node.infer(name, tensors, request_id, parameters)
             arena = self._arenas.get(peer)
-            return result_to_wire(result), await _place(arena, result.outputs) if arena else result.outputs
+            sink = _ArenaSink(arena) if arena is not None else None
+            result = await self.node.infer(name, tensors, request_id, parameters, sink=sink)
+            if arena is None:
+                return result_to_wire(result), result.outputs
+            assert sink is not None
+            return result_to_wire(result), await _place(arena, result.outputs, sink.placed)
         if op == "hello":
             index, pid = args
             self._peers.add(peer)
@@ -280,20 +284,44 @@ class FrontService:
             arena.close()
 
 
-async def _place(arena: Arena, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Placed]:
-    """``outputs`` with the large ones copied into the front's arena and sent by reference (inline where the
-    arena is full). More than ``OFF_LOOP_COPY_BYTES`` are copied on a thread, off the loop every request shares."""
-    placed: dict[str, torch.Tensor | Placed] = dict(outputs)
+class _ArenaSink:
+    """An infer call's outputs straight from the worker's slab into the front's arena (the dispatcher's
+    OutputSink), the large ones."""
+
+    def __init__(self, arena: Arena):
+        self.arena = arena
+        self.placed: dict[str, Placed] = {}
+
+    def place(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        nbytes = like.numel() * like.element_size()
+        if nbytes < PLACE_MIN_BYTES or (offset := self.arena.alloc(nbytes)) is None:
+            return None
+        dest = view_of(self.arena.map, dtype_name(like.dtype), list(like.shape), offset)
+        self.placed[name] = Placed(dest, offset)
+        return dest
+
+    def discard(self) -> None:
+        for p in self.placed.values():
+            self.arena.free(p.offset)
+        self.placed.clear()
+
+
+async def _place(arena: Arena, outputs: dict[str, torch.Tensor],
+                 placed_already: dict[str, Placed]) -> dict[str, torch.Tensor | Placed]:
+    """``outputs`` with the large ones in the front's arena, sent by reference: those the dispatcher wrote there
+    (``placed_already``), the others copied now (a handler's answer; inline where the arena is full). More than
+    ``OFF_LOOP_COPY_BYTES`` are copied on a thread, off the loop every request shares."""
+    placed: dict[str, torch.Tensor | Placed] = {**outputs, **placed_already}
     copies = []
     for name, t in outputs.items():
         nbytes = t.numel() * t.element_size()
-        if nbytes < PLACE_MIN_BYTES or (offset := arena.alloc(nbytes)) is None:
+        if name in placed_already or nbytes < PLACE_MIN_BYTES or (offset := arena.alloc(nbytes)) is None:
             continue
         dest = view_of(arena.map, dtype_name(t.dtype), list(t.shape), offset)
         placed[name] = Placed(dest, offset)
         copies.append((dest, t))
     if not copies:
-        return outputs
+        return placed
 
     def copy() -> None:
         for dest, t in copies:
@@ -306,7 +334,7 @@ async def _place(arena: Arena, outputs: dict[str, torch.Tensor]) -> dict[str, to
     try:
         await asyncio.shield(done)
     except BaseException:  # cancelled (the front gave up) or failed: the space comes back once the copy ends
-        offsets = [p.offset for p in placed.values() if isinstance(p, Placed)]
+        offsets = [p.offset for p in placed.values() if isinstance(p, Placed)]  # the sink's too: not sent
         done.add_done_callback(lambda _: [arena.free(o) for o in offsets])
         raise
     return placed

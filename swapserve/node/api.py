@@ -128,9 +128,10 @@ class NodeAPI(Protocol):
         ...
 
     async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None) -> InferResult:
+                    parameters: dict[str, Any] | None = None, sink: Any = None) -> InferResult:
         """Run one request (any batch size up to the function's max_batch): its model, or its handler (which
-        sees ``parameters``). Raises InvalidInputError (400), NotFoundError (404), UnavailableError (503),
+        sees ``parameters``). ``sink`` (a :class:`swapserve.node.dispatch.OutputSink`) says where the outputs
+        may be written straight from the worker's slab; implementations may ignore it. Raises InvalidInputError (400), NotFoundError (404), UnavailableError (503),
         OverloadedError (429/503 + retry_after); a handler's failures carry their own status (500, 504)."""
         ...
 

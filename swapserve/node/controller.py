@@ -35,7 +35,7 @@ from swapserve.metrics import Metrics
 from swapserve.node import handlers
 from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
-from swapserve.node.dispatch import Dispatcher, reply_error
+from swapserve.node.dispatch import Dispatcher, OutputSink, reply_error
 from swapserve.node.messages import AddModel, MeasureCopy, Prepare, RemoveModel, RunResult
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
@@ -501,7 +501,7 @@ class Node:
         return fn
 
     async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None) -> InferResult:
+                    parameters: dict[str, Any] | None = None, sink: OutputSink | None = None) -> InferResult:
         fn = self._serving(name)
         if fn.pool is not None:
             return await self._handle(fn, inputs, parameters)
@@ -509,7 +509,7 @@ class Node:
         assert m is not None  # READY, no handler: one model
         tensors, items = _check_inputs(fn.spec, m.artifact.manifest, inputs)
         now = self.clock()
-        return await self.dispatch.run(m.entity, tensors, items, now, now + fn.spec.slo_ms / 1e3, request_id)
+        return await self.dispatch.run(m.entity, tensors, items, now, now + fn.spec.slo_ms / 1e3, request_id, sink)
 
     async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:
         fn = self._serving(name)

@@ -38,8 +38,40 @@ PREFETCH_WANTED_S = 1.0
 """How long a prefetch that found every first lane busy is retried (as runs end) before it is dropped."""
 
 
-def _clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.clone() for t in tensors]
+def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for dest, src in copies:
+        dest.copy_(src)
+
+
+class OutputSink(Protocol):
+    """Where one request's outputs go when they leave the IO slab — memory they are bound for anyway (an HTTP
+    front's shared arena) — so that they are copied once, not into a private tensor and again from there."""
+
+    def place(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """Memory shaped and typed as ``like`` for output ``name``, or None: a private copy is made."""
+        ...
+
+    def discard(self) -> None:
+        """The request will not be answered (its caller gave up): take back what :meth:`place` gave."""
+        ...
+
+
+def _answers(fl: _InFlight, outs: list[torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]],
+                                                              list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each request's outputs — its rows of the run's — in memory of their own (where its sink says, else new),
+    and the copies that fill them from ``outs``."""
+    answers, copies, row = [], [], 0
+    for p in fl.pending:
+        n = p.request.items
+        result = {}
+        for name, o in zip(fl.outputs, outs):
+            src = o[row:row + n] if o.dim() else o
+            dest = p.sink.place(name, src) if p.sink is not None and not p.future.done() else None
+            result[name] = dest if dest is not None else torch.empty_like(src)
+            copies.append((result[name], src))
+        row += n
+        answers.append(result)
+    return answers, copies
 
 
 class Served(Protocol):
@@ -56,6 +88,7 @@ class _Pending:
     inputs: list[torch.Tensor]
     future: asyncio.Future[InferResult]
     started: float
+    sink: OutputSink | None = None
 
 
 @dataclass
@@ -140,8 +173,8 @@ class Dispatcher:
             self._fail(p, error)
 
     async def run(self, entity: str, tensors: list[torch.Tensor], items: int, now: float, deadline: float,
-                  request_id: str | None) -> InferResult:
-        """Queue one request of a model entity and wait for its outputs."""
+                  request_id: str | None, sink: OutputSink | None = None) -> InferResult:
+        """Queue one request of a model entity and wait for its outputs (written where ``sink`` says, if given)."""
         req = Request(request_id or f"r{next(self._ids)}", entity, now, deadline, items)
         if req.id in self._pending:  # a client reused an id while its first request is still queued
             req.id = f"{req.id}-{next(self._ids)}"
@@ -150,7 +183,7 @@ class Dispatcher:
             self.metrics.count_slo_miss(entity)
             raise OverloadedError(reject.reason, reject.retry_after, reject.status)
         fut: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
-        self._pending[req.id] = _Pending(req, tensors, fut, now)
+        self._pending[req.id] = _Pending(req, tensors, fut, now, sink)
         self.pump()
         self._keep_hot()
         try:
@@ -287,34 +320,37 @@ class Dispatcher:
         """A run ended (called straight from the worker's reply). Large outputs are first copied out of the
         lane's slab region on a thread (the lane stays busy meanwhile: the region is still being read)."""
         if isinstance(outcome, BaseException) or not (outcome.ok and isinstance(outcome.result, RunResult)):
-            self._finish(w, fl, outcome, [], private=False)
+            self._finish(w, fl, outcome, [], None)
             return
         outs = [w.slab.tensor(r) for r in outcome.result.outputs]
         if sum(o.nbytes for o in outs) <= OFF_LOOP_COPY_BYTES:
-            self._finish(w, fl, outcome, outs, private=False)
+            self._finish(w, fl, outcome, outs, None)
             return
         if self._copier is None:
             self._copier = ThreadPoolExecutor(1, thread_name_prefix="swapserve-outputs")
-        copied = asyncio.wrap_future(self._copier.submit(_clone_all, outs))
-        copied.add_done_callback(functools.partial(self._copied, w, fl, outcome))
+        answers, copies = _answers(fl, outs)
+        copied = asyncio.wrap_future(self._copier.submit(_copy_all, copies))
+        copied.add_done_callback(functools.partial(self._copied, w, fl, outcome, answers))
 
-    def _copied(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any, copied: asyncio.Future[list[torch.Tensor]]) -> None:
+    def _copied(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any, answers: list[dict[str, torch.Tensor]],
+                copied: asyncio.Future[None]) -> None:
         try:
-            outs = copied.result()
+            copied.result()
         except Exception as e:  # noqa: BLE001 - the requests fail, the node goes on
-            self._finish(w, fl, BackendError(f"copying the outputs out of the IO slab failed: {e}"), [], False)
+            self._finish(w, fl, BackendError(f"copying the outputs out of the IO slab failed: {e}"), [], None)
             return
-        self._finish(w, fl, outcome, outs, private=True)
+        self._finish(w, fl, outcome, [], answers)
 
-    def _finish(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any, outs: list[torch.Tensor], private: bool) -> None:
-        """Answer a finished run's requests from ``outs`` (``private`` copies, or views of its slab region,
-        cloned per request here) and free its place in the lane. Runs of one lane are answered in the order
-        they were sent: one whose reply overtook the answer of the run ahead of it (still copying large
-        outputs, say) waits for that answer."""
+    def _finish(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any, outs: list[torch.Tensor],
+                answers: list[dict[str, torch.Tensor]] | None) -> None:
+        """Answer a finished run's requests — with ``answers`` (copied out of the slab already), or copied here
+        from ``outs`` (views of its slab region) — and free its place in the lane. Runs of one lane are
+        answered in the order they were sent: one whose reply overtook the answer of the run ahead of it (still
+        copying large outputs, say) waits for that answer."""
         lane = fl.dispatch.lane
         queue = self._inflight[w.index, lane]
         if queue[0] is not fl:
-            fl.deferred = functools.partial(self._finish, w, fl, outcome, outs, private)
+            fl.deferred = functools.partial(self._finish, w, fl, outcome, outs, answers)
             return
         queue.pop(0)
         reply = None if isinstance(outcome, BaseException) else outcome
@@ -331,14 +367,10 @@ class Dispatcher:
         self._key_users[fl.key] -= 1
         if reply is not None and reply.ok and isinstance(reply.result, RunResult):
             res = reply.result
-            row = 0
-            names = fl.outputs
-            for p in fl.pending:
-                n = p.request.items
-                result = {nm: (o[row:row + n] if o.dim() else o) for nm, o in zip(names, outs)}
-                if not private:  # views of the slab: the next run of this lane overwrites it
-                    result = {nm: t.clone() for nm, t in result.items()}
-                row += n
+            if answers is None:  # views of the slab: the next run of this lane overwrites it
+                answers, copies = _answers(fl, outs)
+                _copy_all(copies)
+            for p, result in zip(fl.pending, answers):
                 total = (now - p.started) * 1e3
                 late = now > p.request.deadline
                 if late:
@@ -348,6 +380,8 @@ class Dispatcher:
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
                                                     res.wall_ms, total, dispatch_ms=(fl.sent - fl.started) * 1e3,
                                                     worker_ms=res.handled_ms, lane=res.lane, phases_ms=res.phases_ms))
+                elif p.sink is not None:
+                    p.sink.discard()
             if fl.batch:  # a run, not a copy with no run (a prefetch or a piece of a swap)
                 self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
                 if res.swapped:

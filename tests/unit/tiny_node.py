@@ -117,7 +117,7 @@ class TinyNode:
         return {"got": value, "parameters": parameters}
 
     async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None) -> InferResult:
+                    parameters: dict[str, Any] | None = None, sink: Any = None) -> InferResult:
         info, run = self.functions[self.get_function(name).spec.name]
         if info.state is not FunctionState.READY:
             raise UnavailableError(f"function {name!r} is {info.state.value}")
