@@ -541,9 +541,10 @@ class Node:
         return now - started
 
     async def _call_model(self, function: str, model: str, inputs: dict[str, torch.Tensor],
-                          deadline: float) -> dict[str, torch.Tensor]:
+                          deadline: float, sink: OutputSink | None = None) -> dict[str, torch.Tensor]:
         """A handler's model call (the sandboxes' ``call_model``): queued like any request of that model, due
-        by the handler's request's deadline. ``inputs`` are checked against the model already."""
+        by the handler's request's deadline, its outputs written where ``sink`` says (the sandbox's arena).
+        ``inputs`` are checked against the model already."""
         fn = self._functions.get(function)
         m = fn.models.get(model) if fn is not None and fn.state is FunctionState.READY else None
         if m is None:
@@ -554,7 +555,7 @@ class Node:
             if (why := t.index_error(x)) is not None:
                 raise InvalidInputError(f"model {model!r} input {t.name!r}: {why}")
         items = tensors[0].shape[0] if manifest.dynamic_batch else 1
-        return (await self.dispatch.run(m.entity, tensors, items, self.clock(), deadline, None)).outputs
+        return (await self.dispatch.run(m.entity, tensors, items, self.clock(), deadline, None, sink)).outputs
 
     def _live_workers(self) -> list[wk.WorkerHandle]:
         return [w for w in self._workers if not w.dead]

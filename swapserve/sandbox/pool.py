@@ -37,8 +37,8 @@ from swapserve.sandbox.errors import (HandlerError, HandlerLoadError, HandlerOut
                                       SandboxCrashedError, SandboxMemoryError, SandboxProtocolError, SandboxStartError)
 from swapserve.sandbox.isolation import describe
 from swapserve.sandbox.launcher import Launcher, SandboxProcess, sandbox_env
-from swapserve.sandbox.protocol import (HEADER, Call, Failure, Hello, LoadFailed, ProtocolViolation, Response,
-                                        check_json, encode_tensors, pack, parse_child_message, unpack)
+from swapserve.sandbox.protocol import (HEADER, Bump, Call, Failure, Hello, LoadFailed, ProtocolViolation,
+                                        Response, check_json, encode_tensors, pack, parse_child_message, unpack)
 from swapserve.sandbox.types import CallModel, ColdStart, HandlerResult, PoolStats, SandboxEvent
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,26 @@ class _Sandbox:
         self.down = self.proc.arena.parent_side()
 
 
+class _ArenaSink:
+    """A model call's outputs straight into the parent's half of the sandbox's arena (an OutputSink)."""
+
+    def __init__(self, down: Bump):
+        self.down = down
+
+    def place(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        return self.down.alloc(like)
+
+    def discard(self) -> None:
+        pass  # the half starts over at the next request
+
+
 class SandboxPool:
     """Handler sandboxes of one function version.
 
-    ``call_model(function, model, inputs, deadline)`` is the controller's: schedule one call of ``model``
-    (a key of ``models``) for ``function`` and return its outputs by name. ``inputs`` are checked against
+    ``call_model(function, model, inputs, deadline, sink)`` is the controller's: schedule one call of ``model``
+    (a key of ``models``) for ``function`` and return its outputs by name — written, where it can, into the
+    memory ``sink.place(name, like)`` gives (the sandbox's shared memory: they are then passed to the sandbox
+    where they lie, not copied again; a :class:`swapserve.node.dispatch.OutputSink`). ``inputs`` are checked against
     the model's signature, in declared order; they are views of the sandbox's shared memory, valid until
     the call returns — copy them (the controller does, into the worker's slab) and keep no reference.
     ``deadline`` is the request's, on ``clock``: the SLO covers the whole handler run. Raise a
@@ -420,12 +435,12 @@ class SandboxPool:
 
     async def _call(self, sb: _Sandbox, active: _Active, cid: int, model: str, inputs: dict[str, torch.Tensor]) -> None:
         try:
-            outputs = await self.call_model(self.function, model, inputs, active.deadline)
+            outputs = await self.call_model(self.function, model, inputs, active.deadline, _ArenaSink(sb.down))
             if not isinstance(outputs, Mapping) or not all(isinstance(v, torch.Tensor) for v in outputs.values()):
                 raise SwapserveError(f"call_model returned {type(outputs).__name__}, not a dict of tensors")
             if sb.dead or sb.writer.is_closing():
                 return
-            refs = sb.down.write(dict(outputs), f"outputs of model {model!r}")
+            refs = sb.down.place(dict(outputs), f"outputs of model {model!r}")
             active.done_calls += 1
             self._send(sb, {"t": "ret", "id": cid, "tensors": encode_tensors(refs)})
         except asyncio.CancelledError:

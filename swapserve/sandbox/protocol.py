@@ -188,6 +188,18 @@ class Bump:
     def reset(self) -> None:
         self.top = self.lo
 
+    def alloc(self, like: torch.Tensor) -> torch.Tensor | None:
+        """Room for a tensor shaped and typed as ``like`` (a model call's output, which the controller's
+        dispatcher writes there straight from the worker's slab), or None if this half is full."""
+        dtype = dtype_name(like.dtype)
+        shape = tuple(int(d) for d in like.shape)
+        start = self.top
+        end = start + _nbytes(dtype, shape)
+        if end > self.hi:
+            return None
+        self.top = -(-end // ALIGN) * ALIGN
+        return self.arena.view(dtype, shape, start)
+
     def write(self, tensors: Mapping[str, torch.Tensor], what: str) -> list[WireTensor]:
         refs = []
         for name, t in tensors.items():

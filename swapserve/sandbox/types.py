@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 import torch
 
-CallModel = Callable[[str, str, dict[str, torch.Tensor], float], Awaitable[dict[str, torch.Tensor]]]
-"""``call_model(function, model, inputs, deadline) -> outputs``: see :class:`swapserve.sandbox.SandboxPool`."""
+CallModel = Callable[[str, str, dict[str, torch.Tensor], float, Any], Awaitable[dict[str, torch.Tensor]]]
+"""``call_model(function, model, inputs, deadline, sink) -> outputs``: see :class:`swapserve.sandbox.SandboxPool`."""
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,15 @@ class TwoModels:
         self.max_in_flight = 0
         self.deadlines: list[float] = []
         self.fail_with: Exception | None = None
+        self.placed = 0
+        """Outputs written into the sandbox's arena through the pool's sink."""
 
     def expected(self, name: str, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.nets[name](x)
 
-    async def __call__(self, function: str, model: str, inputs: dict[str, torch.Tensor], deadline: float) -> dict[str, torch.Tensor]:
+    async def __call__(self, function: str, model: str, inputs: dict[str, torch.Tensor], deadline: float,
+                       sink: Any = None) -> dict[str, torch.Tensor]:
         self.deadlines.append(deadline)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -61,7 +64,11 @@ class TwoModels:
             await asyncio.sleep(self.delay_s)
             if self.fail_with is not None:
                 raise self.fail_with
-            return {"y": self.expected(model, inputs["x"].clone())}
+            y = self.expected(model, inputs["x"].clone())
+            # As the node's dispatcher does: the output written where the pool's sink says (its arena).
+            dest = sink.place("y", y) if sink is not None else None
+            self.placed += dest is not None
+            return {"y": dest.copy_(y) if dest is not None else y}
         finally:
             self.in_flight -= 1
 
@@ -269,8 +276,10 @@ def test_handler_calls_two_models_and_combines_them(manager: SandboxManager, mod
     pool = pool_for(manager, fn_dir(COMBINE))
     x = torch.randn(3, 4)
     models.max_in_flight = 0
+    placed = models.placed
     deadline = time.monotonic() + 5.0
     r = run(pool.infer({"x": x}, deadline=deadline))
+    assert models.placed == placed + 2  # both calls' outputs went straight into the sandbox's arena
     ya, yb = models.expected("encoder", x), models.expected("scorer", x)
     torch.testing.assert_close(r.outputs["sum"], ya + 2.0 * yb)
     torch.testing.assert_close(r.outputs["max"], torch.maximum(ya, yb))
