@@ -1,10 +1,11 @@
 """The controller's side of the HTTP fronts: it starts ``count`` front processes, answers their ``NodeAPI`` calls
 on the node, pushes them the catalog, gathers their metrics, and replaces a front that dies.
 
-With fronts, the controller itself serves no HTTP: each front listens on the node's address (``SO_REUSEPORT``:
-the kernel spreads connections over them), runs the whole gateway (HTTP parsing, OIP decoding and encoding,
-tokens, uploads) and sends the controller one frame per call (:mod:`swapserve.fronts.peer`). The controller keeps
-admission, scheduling, dispatch and the only metrics registry.
+With fronts, the controller itself serves no HTTP: it binds the node's address and hands the listening socket to
+every front, which accept connections from it, run the whole gateway (HTTP parsing, OIP decoding and encoding,
+tokens, uploads) and send the controller one frame per call (:mod:`swapserve.fronts.peer`); large outputs come
+back through shared memory (:mod:`swapserve.fronts.arena`). The controller keeps admission, scheduling, dispatch
+and the only metrics registry.
 """
 
 from __future__ import annotations
