@@ -9,6 +9,8 @@
 # PIECE_MS sets serve --swap-piece-ms (0: swaps in one go); MAX_BATCH=1 (development runs) captures a third
 # of the graphs at start; REPEATS=3 replays each point three times (the point: the median run);
 # QUEUE_AHEAD_AB=1 also runs the swapserve sweep with serve --no-queue-ahead (into RESULTS_DIR/no_queue_ahead);
+# FRONTS=K runs every node with K HTTP front processes (serve --fronts K); FRONTS_AB=K also runs the swapserve
+# sweep with K fronts after the one without (into RESULTS_DIR/fronts_K; overhead.py with K fronts likewise);
 # SIDE_FETCH_AB=1 also runs an interleaved A/B of side fetches on one node (trace.py --alternate; each point
 # replayed 2 x REPEATS times, into RESULTS_DIR/side_fetch_ab/side_fetch_true and .../side_fetch_false).
 # SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
@@ -37,7 +39,10 @@ esac
 
 if [ "${OVERHEAD:-1}" = 1 ]; then
   step overhead
-  python3 bench/overhead.py --out "$R" --requests 2000 --warmup 200 --seconds 5
+  python3 bench/overhead.py --out "$R" --requests 2000 --warmup 200 --seconds 5 --fronts "${FRONTS:-0}"
+  if [ -n "${FRONTS_AB:-}" ]; then
+    python3 bench/overhead.py --out "$R/fronts_$FRONTS_AB" --requests 2000 --warmup 200 --seconds 5 --fronts "$FRONTS_AB"
+  fi
 fi
 
 step "handler overhead"
@@ -63,9 +68,14 @@ LANE_ARGS=()
 [ -n "${PIECE_MS:-}" ] && LANE_ARGS+=(--swap-piece-ms "$PIECE_MS")
 [ -n "${MAX_BATCH:-}" ] && LANE_ARGS+=(--max-batch "$MAX_BATCH")
 [ -n "${REPEATS:-}" ] && LANE_ARGS+=(--repeats "$REPEATS")
+[ -n "${FRONTS:-}" ] && LANE_ARGS+=(--fronts "$FRONTS")
 step "trace swapserve $SWEEP"
 python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"
 SLO=(--slo-from "$R/trace.json")  # the table the first run used (measured there if no file had it)
+if [ -n "${FRONTS_AB:-}" ]; then
+  step "trace swapserve $SWEEP with $FRONTS_AB HTTP fronts (the A/B, in $R/fronts_$FRONTS_AB)"
+  python3 bench/trace.py --out "$R/fronts_$FRONTS_AB" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}" --fronts "$FRONTS_AB"
+fi
 if [ "${QUEUE_AHEAD_AB:-0}" = 1 ]; then
   step "trace swapserve $SWEEP without queue-ahead (the A/B, in $R/no_queue_ahead)"
   python3 bench/trace.py --out "$R/no_queue_ahead" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}" --no-queue-ahead

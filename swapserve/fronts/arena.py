@@ -18,7 +18,8 @@ from swapserve.config import env
 
 ALIGN = 64
 ARENA_BYTES = 256 << 20
-"""Per front. tmpfs gives pages only as they are written: this bounds the large outputs in flight to one front."""
+"""Per front: the large outputs in flight to one front at once. tmpfs gives the file memory only as it is written,
+and keeps what was written until the file is gone (when the front's connection closes)."""
 PLACE_MIN_BYTES = 64 << 10
 """Outputs at least this large go through the arena; smaller ones inline (a copy is cheaper than the notices)."""
 
