@@ -1,5 +1,5 @@
-"""A node with HTTP fronts (``serve --fronts 2``): every OIP and bad-input test again, through the fronts, and
-what only fronts have — processes of their own, a dead front replaced, the port refused to a second node, a
+"""A node with HTTP fronts (``serve --fronts 2``): every OIP, bad-input and handler test again, through the
+fronts, and what only fronts have — processes of their own, a dead front replaced, the port refused to a second node, a
 clean stop with requests in flight."""
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import torch
 from .harness import (Functions, Server, assert_serves, assert_stopped_cleanly, cmdline, concurrently, descendants,
                       metric, new_server, serve_mlp_and_pair)
 from .test_bad_input import *  # noqa: F401,F403 - collected again here, against the fronted node
+from .test_handlers import *  # noqa: F401,F403
 from .test_oip import *  # noqa: F401,F403
+
+del test_models_come_in_while_the_sandbox_starts  # noqa: F821 - starts a node of its own, without fronts
 
 pytestmark = pytest.mark.integration
 
