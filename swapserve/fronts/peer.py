@@ -302,8 +302,12 @@ class Peer(asyncio.BufferedProtocol):
             head = {"r": i, "v": value}
         finally:
             self._serving.pop(i, None)
-        if not self.closed:
+        if self.closed:
+            return
+        try:
             self._send(head, tensors)
+        except Exception as e:  # noqa: BLE001 - an answer that cannot be sent (a tensor of no wire dtype) fails
+            self._send({"r": i, "e": error_value(e)})
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -319,3 +319,20 @@ def test_large_answers_come_through_shared_memory_and_their_space_comes_back() -
             await service.close()
 
     asyncio.run(main())
+
+
+def test_an_answer_that_cannot_be_sent_fails_the_call_instead_of_hanging() -> None:
+    class Complex(Echo):
+        async def call(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> Answer:
+            return None, {"z": torch.zeros(2, dtype=torch.complex64)}  # no dtype of the wire
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        _, caller = await loop.create_unix_connection(lambda: Peer(Echo()), sock=a)
+        await loop.create_unix_connection(lambda: Peer(Complex()), sock=b)
+        with pytest.raises(RemoteError) as e:
+            await asyncio.wait_for(caller.call("anything"), 5)
+        assert e.value.http_status == 400 and "complex64" in str(e.value)
+
+    asyncio.run(main())
