@@ -66,6 +66,19 @@ class Server:
             time.sleep(0.5)
         raise TimeoutError(f"server not ready after {timeout:.0f} s; log:\n{self.tail()}")
 
+    def front_pids(self) -> list[int]:
+        """The node's HTTP front processes (serve --fronts)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid and b"swapserve.fronts.front" in cmd:
+                found.append(int(entry))
+        return sorted(found)
+
     def tail(self, n: int = 40) -> str:
         self.log.flush()
         lines = (self.home / "serve.log").read_text(errors="replace").splitlines()

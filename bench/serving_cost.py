@@ -132,21 +132,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def front_pids(pid: int) -> list[int]:
-    """The node's HTTP front processes (serve --fronts)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"swapserve.fronts.front" in cmd:
-            found.append(int(entry))
-    return found
-
-
-async def measure(url: str, pid: int, name: str, n: int, warmup: int) -> dict:
+async def measure(url: str, pid: int, fronts: list[int], name: str, n: int, warmup: int) -> dict:
     from http1 import Client  # the traces' client (bench/http1.py)
     from trace import _parameters
 
@@ -157,7 +143,6 @@ async def measure(url: str, pid: int, name: str, n: int, warmup: int) -> dict:
     try:
         for i in range(warmup + n):
             if i == warmup:
-                fronts = front_pids(pid)
                 cpu0, wall0 = cpu_seconds(pid), time.perf_counter()
                 fronts0 = sum(cpu_seconds(f) for f in fronts)
             t = time.perf_counter()
@@ -205,7 +190,8 @@ def main() -> None:
         gpu = client.status()["devices"][0]["name"]
         shapes = {}
         for name in SHAPES:
-            shapes[name] = asyncio.run(measure(srv.url, srv.proc.pid, name, args.requests, args.warmup))
+            shapes[name] = asyncio.run(measure(srv.url, srv.proc.pid, srv.front_pids(), name, args.requests,
+                                                args.warmup))
             print(name, json.dumps({k: round(v, 3) for k, v in shapes[name].items()}), flush=True)
     result = {"gpu": gpu, "date": date.today().isoformat(), "fronts": args.fronts, "shapes": shapes}
     (args.out / "serving_cost.json").write_text(json.dumps(result, indent=1))

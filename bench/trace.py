@@ -35,6 +35,7 @@ import multiprocessing as mp
 import re
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -352,13 +353,43 @@ def loop_lag(before: dict[str, float], after: dict[str, float],
             "mean_ms": d.get(f"{name}_sum", 0.0) / ticks * 1e3}
 
 
+def start_profiles(srv: Server, prefix: Path, seconds: float) -> list[tuple[subprocess.Popen, Path]]:
+    """py-spy (where installed) sampling the controller and each HTTP front for ``seconds``, without pausing
+    them, into ``PREFIX_controller.txt``, ``PREFIX_front<i>.txt`` (raw stacks)."""
+    if shutil.which("py-spy") is None:
+        print("trace: --profile needs py-spy (pip install py-spy); not profiling", flush=True)
+        return []
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    targets = [("controller", srv.proc.pid)] + [(f"front{i}", pid) for i, pid in enumerate(srv.front_pids())]
+    spies = []
+    for name, pid in targets:
+        out = prefix.parent / f"{prefix.name}_{name}.txt"
+        cmd = ["py-spy", "record", "--nonblocking", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-f", "raw",
+               "-o", str(out)]
+        spies.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out))
+    return spies
+
+
+def finish_profiles(spies: list[tuple[subprocess.Popen, Path]]) -> None:
+    """Wait for the samplers and write each profile's summary beside it (bench/profile_summary.py)."""
+    from profile_summary import summarize
+
+    for proc, out in spies:
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if out.exists():
+            out.with_suffix(".md").write_text(summarize(out))
+
+
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
               "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
               bodies: dict[str, tuple[bytes, int]], raw: Path | None = None, clients: int = 8,
-              large: frozenset[str] = frozenset()) -> dict:
+              large: frozenset[str] = frozenset(), profile: Path | None = None) -> dict:
     names, models = [f.name for f in fns], [f.model for f in fns]
     ctx = mp.get_context("spawn")
 
@@ -375,8 +406,10 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         p.start()
     time.sleep(max(0.0, start_at + warmup - time.perf_counter()))
     before, t0 = scrape(srv.url), time.time()
+    spies = start_profiles(srv, profile, duration) if profile is not None else []
     res = [r for _ in procs for r in q.get(timeout=duration + warmup + 600)]
     after, elapsed = scrape(srv.url), time.time() - t0
+    finish_profiles(spies)
     for p in procs:
         p.join()
     res = [(r[0], r[1] - warmup, *r[2:]) for r in res if r[1] >= warmup]
@@ -547,6 +580,9 @@ def main() -> None:
                     help="serve --queue-ahead / --no-queue-ahead (default: on, the node's default)")
     ap.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=False,
                     help="serve --side-fetch / --no-side-fetch (default: off, the node's default)")
+    ap.add_argument("--profile", action="store_true", help="sample the controller and each HTTP front with py-spy "
+                                                            "through each measured point (OUT/profiles/, with a "
+                                                            "summary of each)")
     ap.add_argument("--fronts", type=int, default=0, help="serve --fronts: HTTP front processes (default 0: the "
                                                           "controller serves HTTP itself)")
     ap.add_argument("--alternate", metavar="SETTING=A,B",
@@ -624,7 +660,7 @@ def main() -> None:
                     tag = f"{label}_{n}" + (f"_r{k // len(variants)}" if args.repeats > len(variants) else "")
                     raw = out / "trace_raw" / f"{tag}.jsonl.gz" if args.raw else None
                     runs[v].append(run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw,
-                                             args.clients, large))
+                                             args.clients, large, out / "profiles" / tag if args.profile else None))
                 for (out, settings), result, vruns, vpoints in zip(variants, results, runs, points):
                     if not vruns:
                         continue
