@@ -9,6 +9,7 @@
 # PIECE_MS sets serve --swap-piece-ms (0: swaps in one go); MAX_BATCH=1 (development runs) captures a third
 # of the graphs at start; REPEATS=3 replays each point three times (the point: the median run);
 # QUEUE_AHEAD_AB=1 also runs the swapserve sweep with serve --no-queue-ahead (into RESULTS_DIR/no_queue_ahead);
+# PROFILE=1 samples the controller and fronts with py-spy through every swapserve point (trace.py --profile);
 # FRONTS=K runs every node with K HTTP front processes (serve --fronts K); FRONTS_AB=K also runs the swapserve
 # sweep with K fronts after the one without (into RESULTS_DIR/fronts_K; overhead.py with K fronts likewise);
 # SIDE_FETCH_AB=1 also runs an interleaved A/B of side fetches on one node (trace.py --alternate; each point
@@ -69,12 +70,14 @@ LANE_ARGS=()
 [ -n "${MAX_BATCH:-}" ] && LANE_ARGS+=(--max-batch "$MAX_BATCH")
 [ -n "${REPEATS:-}" ] && LANE_ARGS+=(--repeats "$REPEATS")
 [ -n "${FRONTS:-}" ] && LANE_ARGS+=(--fronts "$FRONTS")
+PROFILE_ARGS=()
+[ "${PROFILE:-0}" = 1 ] && PROFILE_ARGS+=(--profile)
 step "trace swapserve $SWEEP"
-python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"
+python3 bench/trace.py --out "$R" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}" "${PROFILE_ARGS[@]}"
 SLO=(--slo-from "$R/trace.json")  # the table the first run used (measured there if no file had it)
 if [ -n "${FRONTS_AB:-}" ]; then
   step "trace swapserve $SWEEP with $FRONTS_AB HTTP fronts (the A/B, in $R/fronts_$FRONTS_AB)"
-  python3 bench/trace.py --out "$R/fronts_$FRONTS_AB" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}" --fronts "$FRONTS_AB"
+  python3 bench/trace.py --out "$R/fronts_$FRONTS_AB" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}" "${PROFILE_ARGS[@]}" --fronts "$FRONTS_AB"
 fi
 if [ "${QUEUE_AHEAD_AB:-0}" = 1 ]; then
   step "trace swapserve $SWEEP without queue-ahead (the A/B, in $R/no_queue_ahead)"
