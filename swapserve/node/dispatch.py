@@ -358,15 +358,17 @@ class Dispatcher:
             self._copier = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="swapserve-outputs")
         answers, copies = _answers(fl, outs)
         copied = asyncio.gather(*(asyncio.wrap_future(self._copier.submit(_copy_all, part))
-                                  for part in _pieces(copies, COPY_THREADS)))
+                                  for part in _pieces(copies, COPY_THREADS)), return_exceptions=True)  # all ended
         copied.add_done_callback(functools.partial(self._copied, w, fl, outcome, answers))
 
     def _copied(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any, answers: list[dict[str, torch.Tensor]],
                 copied: asyncio.Future[Any]) -> None:
-        try:
-            copied.result()
-        except Exception as e:  # noqa: BLE001 - the requests fail, the node goes on
-            self._finish(w, fl, BackendError(f"copying the outputs out of the IO slab failed: {e}"), [], None)
+        failed = next((e for e in copied.result() if isinstance(e, BaseException)), None)
+        if failed is not None:  # the requests fail (their placed memory given back), the node goes on
+            for p in fl.pending:
+                if p.sink is not None:
+                    p.sink.discard()
+            self._finish(w, fl, BackendError(f"copying the outputs out of the IO slab failed: {failed}"), [], None)
             return
         self._finish(w, fl, outcome, [], answers)
 
