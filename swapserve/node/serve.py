@@ -65,13 +65,21 @@ def _token(config: ServeConfig) -> str:
     path = config.home / "token"
     if path.is_file():
         return path.read_text().strip()
-    token = secrets.token_urlsafe(24)
+    token = new_token()
     config.home.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     print(f"generated a management token (saved in {path}); use it with:\n  export SWAPSERVE_TOKEN={token}",
           flush=True)
+    return token
+
+
+def new_token() -> str:
+    """A random management token that never starts with '-' (one that did was taken for a flag when given
+    back as ``--token TOKEN``: base64url draws '-' a 64th of the time)."""
+    while (token := secrets.token_urlsafe(24)).startswith("-"):
+        pass
     return token
 
 

@@ -54,3 +54,13 @@ def test_spin_within_bounds(tmp_path: Path, spin_ms: float) -> None:
                                            ("cpu:0, cpu:1", ("cpu:0", "cpu:1")), ("cuda:3", ("cuda:3",))])
 def test_parse_devices(text: str, devices: tuple[str, ...]) -> None:
     assert parse_devices(text) == devices
+
+
+def test_a_generated_token_can_be_given_back_as_a_flag(tmp_path: Path) -> None:
+    from swapserve.node.serve import new_token
+
+    tokens = [new_token() for _ in range(2000)]  # base64url starts with '-' a 64th of the time
+    assert len(set(tokens)) == len(tokens) and not any(t.startswith("-") for t in tokens)
+    for token in tokens[:50]:
+        args = build_parser().parse_args(["serve", "--home", str(tmp_path), "--token", token])
+        assert serve_config(args).token == token
