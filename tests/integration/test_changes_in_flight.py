@@ -48,7 +48,10 @@ def _join(threads: list[threading.Thread]) -> None:
     assert not any(t.is_alive() for t in threads), "a request hung"
 
 
-def _check(results: list[Any], inputs: list[torch.Tensor], functions: Functions, refused: str) -> list[int]:
+def _check(results: list[Any], inputs: list[torch.Tensor], functions: Functions, refused: str,
+           gone: str | None = None) -> list[int]:
+    """Each request served right, or refused (503, ``refused``) — or, given ``gone``, answered 404 with it: a
+    request that reached the node only after the function was deleted."""
     codes = []
     for i, r in enumerate(results):
         assert isinstance(r, Response), f"request {i} got no HTTP answer: {r!r}"
@@ -56,6 +59,8 @@ def _check(results: list[Any], inputs: list[torch.Tensor], functions: Functions,
         if r.status == 200:
             torch.testing.assert_close(outputs_of(r.json())["y"], functions.heavy.expected(inputs[i])[0],
                                        rtol=1e-4, atol=1e-5)
+        elif r.status == 404 and gone is not None:
+            assert gone in r.error(404), f"request {i}: {r.body[:300]!r}"
         else:
             assert refused in r.error(503), f"request {i}: HTTP {r.status} {r.body[:300]!r}"
     return codes
@@ -85,7 +90,7 @@ def test_delete_with_a_request_in_flight(server: Server, functions: Functions, t
     assert r.status == 200, r.body
     _join(threads)
     try:
-        codes = _check(results, inputs, functions, "deleted")
+        codes = _check(results, inputs, functions, "deleted", gone="no function 'doomed'")
         assert codes.count(503) >= 1, f"queued requests of a deleted function were served: {codes}"
     finally:
         assert_serves(server, functions.pair)
