@@ -33,7 +33,7 @@ from swapserve.fronts.remote import info_to_wire, result_to_wire
 from swapserve.gateway.config import GatewayConfig
 from swapserve.metrics import Metrics
 from swapserve.node.api import NodeAPI
-from swapserve.node.dispatch import OFF_LOOP_COPY_BYTES
+from swapserve.node.dispatch import OFF_LOOP_COPY_BYTES, copy_all
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,7 @@ class FrontService:
             arena = self._arenas.get(peer)
             sink = _ArenaSink(arena) if arena is not None else None
             result = await self.node.infer(name, tensors, request_id, parameters, sink=sink)
-            if arena is None:
-                return result_to_wire(result), result.outputs
-            assert sink is not None
-            return result_to_wire(result), await _place(arena, result.outputs, sink.placed)
+            return result_to_wire(result), await _place(sink, result.outputs) if sink else result.outputs
         if op == "hello":
             index, pid = args
             self._peers.add(peer)
@@ -307,36 +304,21 @@ class _ArenaSink:
         self.placed.clear()
 
 
-async def _place(arena: Arena, outputs: dict[str, torch.Tensor],
-                 placed_already: dict[str, Placed]) -> dict[str, torch.Tensor | Placed]:
+async def _place(sink: _ArenaSink, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Placed]:
     """``outputs`` with the large ones in the front's arena, sent by reference: those the dispatcher wrote there
-    (``placed_already``), the others copied now (a handler's answer; inline where the arena is full). More than
-    ``OFF_LOOP_COPY_BYTES`` are copied on a thread, off the loop every request shares."""
-    placed: dict[str, torch.Tensor | Placed] = {**outputs, **placed_already}
-    copies = []
-    for name, t in outputs.items():
-        nbytes = t.numel() * t.element_size()
-        if name in placed_already or nbytes < PLACE_MIN_BYTES or (offset := arena.alloc(nbytes)) is None:
-            continue
-        dest = view_of(arena.map, dtype_name(t.dtype), list(t.shape), offset)
-        placed[name] = Placed(dest, offset)
-        copies.append((dest, t))
-    if not copies:
-        return placed
-
-    def copy() -> None:
-        for dest, t in copies:
-            dest.copy_(t)
-
+    already (``sink.placed``), the others copied now through the same sink (a handler's answer; inline where the
+    arena is full). More than ``OFF_LOOP_COPY_BYTES`` are copied on a thread, off the loop every request shares."""
+    copies = [(dest, t) for name, t in outputs.items()
+              if name not in sink.placed and (dest := sink.place(name, t)) is not None]
+    placed: dict[str, torch.Tensor | Placed] = {**outputs, **sink.placed}
     if sum(t.numel() * t.element_size() for _, t in copies) <= OFF_LOOP_COPY_BYTES:
-        copy()
+        copy_all(copies)
         return placed
-    done = asyncio.ensure_future(asyncio.to_thread(copy))
+    done = asyncio.ensure_future(asyncio.to_thread(copy_all, copies))
     try:
         await asyncio.shield(done)
     except BaseException:  # cancelled (the front gave up) or failed: the space comes back once the copy ends
-        offsets = [p.offset for p in placed.values() if isinstance(p, Placed)]  # the sink's too: not sent
-        done.add_done_callback(lambda _: [arena.free(o) for o in offsets])
+        done.add_done_callback(lambda _: sink.discard())
         raise
     return placed
 

@@ -43,7 +43,7 @@ PREFETCH_WANTED_S = 1.0
 """How long a prefetch that found every first lane busy is retried (as runs end) before it is dropped."""
 
 
-def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for dest, src in copies:
         dest.copy_(src)
 
@@ -357,7 +357,7 @@ class Dispatcher:
         if self._copier is None:
             self._copier = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="swapserve-outputs")
         answers, copies = _answers(fl, outs)
-        copied = asyncio.gather(*(asyncio.wrap_future(self._copier.submit(_copy_all, part))
+        copied = asyncio.gather(*(asyncio.wrap_future(self._copier.submit(copy_all, part))
                                   for part in _pieces(copies, COPY_THREADS)), return_exceptions=True)  # all ended
         copied.add_done_callback(functools.partial(self._copied, w, fl, outcome, answers))
 
@@ -400,7 +400,7 @@ class Dispatcher:
             res = reply.result
             if answers is None:  # views of the slab: the next run of this lane overwrites it
                 answers, copies = _answers(fl, outs)
-                _copy_all(copies)
+                copy_all(copies)
             for p, result in zip(fl.pending, answers):
                 total = (now - p.started) * 1e3
                 late = now > p.request.deadline

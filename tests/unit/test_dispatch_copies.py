@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from swapserve.node.dispatch import _copy_all, _pieces
+from swapserve.node.dispatch import copy_all, _pieces
 
 
 def test_pieces_balance_bytes_and_copy_every_byte_once() -> None:
@@ -20,7 +20,7 @@ def test_pieces_balance_bytes_and_copy_every_byte_once() -> None:
     loads = [sum(d.numel() * d.element_size() for d, _ in p) for p in parts]
     assert max(loads) - min(loads) <= (1 << 20) + 64, loads  # about equal: pieces of ~6 MB spread evenly
     for p in parts:
-        _copy_all(p)
+        copy_all(p)
     assert torch.equal(rows, batch)
     assert all(torch.equal(d, s) for d, s in copies[4:])  # small, empty and non-contiguous ones whole
 
@@ -31,6 +31,6 @@ def test_one_large_output_is_cut_for_several_threads_and_a_small_one_is_not() ->
     parts = _pieces([(dest, big)], 4, min_bytes=4 << 20)
     assert len(parts) == 4  # 32 MB in four 8 MB pieces
     for p in parts:
-        _copy_all(p)
+        copy_all(p)
     assert torch.equal(dest, big)
     assert len(_pieces([(torch.empty(10), torch.arange(10.0))], 4)) == 1
