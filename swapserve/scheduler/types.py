@@ -138,9 +138,9 @@ class DeviceState:
     side_running: str | None = None
     side_fetching: bool = False
     """Whether the side lane's run brings its model in first (the model is there when it ends)."""
-    value_memo: dict[str, tuple[float, tuple[float, ...], float]] = field(default_factory=dict)
-    """The scheduler's last eviction value of each function here: (computed at, what it rests on, value)
-    (see ``Scheduler.values``)."""
+    value_memo: dict[str, tuple[float, float, float, float, float]] = field(default_factory=dict)
+    """The scheduler's last eviction value of each function here: (computed at, and what it rests on — its
+    share here, last use or arrival, copy-back GB/s — then the value) (see ``Scheduler.values``)."""
 
     @property
     def idle(self) -> bool:
