@@ -32,7 +32,7 @@ from swapserve.fronts.peer import Answer, Peer, Placed, Tensors, view_of
 from swapserve.fronts.remote import info_to_wire, result_to_wire
 from swapserve.gateway.config import GatewayConfig
 from swapserve.metrics import Metrics
-from swapserve.node.api import NodeAPI
+from swapserve.node.api import FunctionInfo, NodeAPI
 from swapserve.node.dispatch import OFF_LOOP_COPY_BYTES, copy_all
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class FrontService:
         self._stopping = False
         self._changed: set[str] = set()
         self._node_changed = False
+        self._known: set[str] | None = None
+        """Names of the node's functions (None: to be read again; a function changed since)."""
         self._flush_due = False
         watch = getattr(node, "watch", None)
         if watch is not None:
@@ -167,6 +169,7 @@ class FrontService:
     # -- the catalog ----------------------------------------------------------------------------------------
 
     def _on_change(self, name: str | None) -> None:
+        self._known = None
         if name is None:
             self._node_changed = True
         else:
@@ -186,12 +189,20 @@ class FrontService:
             if not peer.closed:
                 peer.notice("catalog", update)
 
+    def _info(self, name: str) -> FunctionInfo | None:
+        try:
+            return self.node.get_function(name)
+        except NotFoundError:
+            return None
+
     def _catalog(self, names: set[str] | None) -> dict[str, Any]:
         """The node's flags and the given functions (None: all of them, replacing the front's catalog)."""
-        known = {i.spec.name: i for i in self.node.list_functions()}
-        chosen = known if names is None else {n: known[n] for n in names if n in known}
+        if names is None:
+            known = {i.spec.name: i for i in self.node.list_functions()}
+        else:  # one function's change need not list every function (O(N) at each push)
+            known = {n: i for n in names if (i := self._info(n)) is not None}
         update: dict[str, Any] = {"ready": self.node.is_ready(), "live": self.node.is_live(),
-                                  "set": [info_to_wire(i) for i in chosen.values()]}
+                                  "set": [info_to_wire(i) for i in known.values()]}
         if names is None:
             update["all"] = True
         else:
@@ -271,9 +282,10 @@ class FrontService:
             m.observe_http(route, method, code, seconds)
         for seconds in batch.get("lag", ()):
             m.observe_front_loop_lag(seconds)
-        known = {i.spec.name for i in self.node.list_functions()} if batch["requests"] else set()
+        if batch["requests"] and self._known is None:  # (not per batch: a list of every function is O(N))
+            self._known = {i.spec.name for i in self.node.list_functions()}
         for function, code, seconds in batch["requests"]:
-            if function in known:  # not a function deleted since (its series are gone)
+            if function in self._known:  # not a function deleted since (its series are gone)
                 m.observe_request(function, code, seconds)
 
     def lost(self, peer: Peer) -> None:
