@@ -1,10 +1,12 @@
-"""Shared memory between the controller and one front, for large outputs: the controller writes an answer's
-large tensors here and sends only where they lie; the front encodes its HTTP response from them in place and
-says when it is done with them (:mod:`swapserve.fronts.peer`, ``Placed``).
+"""Shared memory between the controller and one front, one file each way, for large tensors: the sender writes
+them into its arena and sends only where they lie; the receiver uses them in place and says when it is done with
+them (:mod:`swapserve.fronts.peer`, ``Placed``). The controller's arena carries answers' outputs (the front
+encodes its HTTP response from them), the front's carries requests' inputs (the controller's dispatcher copies
+them into a worker's IO slab from there).
 
-One file per front connection under the node's shared-memory directory, mapped by both processes and unlinked
-as soon as the front mapped it (nothing is left behind if either dies). The controller allocates from it (first
-fit, 64-byte aligned); an answer that does not fit goes inline, as small ones do.
+The sender creates the file under the node's shared-memory directory and allocates from it (first fit, 64-byte
+aligned); the receiver maps it, and the file is unlinked as soon as both have (nothing is left behind if either
+dies). A tensor that does not fit goes inline, as small ones do.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from swapserve.config import env
 
 ALIGN = 64
 ARENA_BYTES = 256 << 20
-"""Per front: the large outputs in flight to one front at once. tmpfs gives the file memory only as it is written,
-and keeps what was written until the file is gone (when the front's connection closes)."""
+"""Per front and direction: the large tensors in flight to or from one front at once. tmpfs gives the file memory
+only as it is written, and keeps what was written until the file is gone (when the front's connection closes)."""
 PLACE_MIN_BYTES = 64 << 10
-"""Outputs at least this large go through the arena; smaller ones inline (a copy is cheaper than the notices)."""
+"""Tensors at least this large go through an arena; smaller ones inline (a copy is cheaper than the notices)."""
 
 
 class Arena:
-    """The controller's side: creates the file and allocates from it."""
+    """The sender's side: creates the file and allocates from it."""
 
     def __init__(self, nbytes: int = ARENA_BYTES, directory: Path | None = None):
         directory = directory or env().shm_dir
@@ -90,7 +92,7 @@ class Arena:
 
 
 def open_arena(path: str, nbytes: int) -> mmap.mmap:
-    """The front's side: map the controller's file."""
+    """The receiver's side: map the sender's file."""
     fd = os.open(path, os.O_RDWR)
     try:
         return mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

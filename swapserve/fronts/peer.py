@@ -10,9 +10,9 @@ aligned offset in it. Heads:
 - a caller that gave up (its request timed out): ``{"x": id}``: the callee's task is cancelled.
 
 A tensor meta is ``[name, dtype, shape, offset, nbytes]`` (dtypes named as in manifests), or with a sixth
-element ``1`` for a tensor the sender ``Placed`` in the receiver's shared memory (:mod:`swapserve.fronts.arena`)
-at that offset instead of the body: the receiver's view of it is released (a ``free`` notice) once it is no
-longer referenced. Received tensors are views of the frame's own buffer, which a large frame is read into
+element ``1`` for a tensor the sender ``Placed`` in its shared memory, which the receiver mapped
+(:mod:`swapserve.fronts.arena`), at that offset instead of the body: the receiver sends a ``free`` notice once
+its view of it is no longer referenced. Received tensors are views of the frame's own buffer, which a large frame is read into
 directly: one kernel copy per side, nothing pickled. Both processes are ours, so frames are trusted (the sandboxes' wire, which is not, checks every field).
 """
 
@@ -51,7 +51,8 @@ Answer = tuple[Any, Mapping[str, "torch.Tensor | Placed"]]
 
 @dataclass(frozen=True)
 class Placed:
-    """An answer's tensor already written to the receiver's shared memory at ``offset`` (sent by reference)."""
+    """A tensor already written at ``offset`` of the sender's arena, which the receiver mapped (sent by
+    reference)."""
 
     tensor: torch.Tensor
     offset: int
@@ -182,7 +183,7 @@ class Peer(asyncio.BufferedProtocol):
         self._big: bytearray | None = None
         self._big_head = self._big_got = 0
         self.shared: Any = None
-        """The receiver's shared memory (a front's arena map), where placed tensors arrive."""
+        """The other side's arena, mapped here: where the tensors it places arrive."""
 
     # -- sending ------------------------------------------------------------------------------------------
 
@@ -198,7 +199,8 @@ class Peer(asyncio.BufferedProtocol):
             parts.insert(0, _PAD[:-len(packed) % ALIGN])
         self.transport.writelines([PREFIX.pack(len(packed), body), packed, *parts])
 
-    async def call(self, op: str, args: Any = None, tensors: Mapping[str, torch.Tensor] | None = None) -> Answer:
+    async def call(self, op: str, args: Any = None,
+                   tensors: Mapping[str, torch.Tensor | Placed] | None = None) -> Answer:
         """The other side's answer: (value, tensors). Raises its error (RemoteError, OverloadedError), or
         UnavailableError if the connection closes first. Cancelling the call cancels it there."""
         i = next(self._ids)

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from swapserve.errors import NotFoundError
-from swapserve.fronts.arena import open_arena
-from swapserve.fronts.peer import Answer, Peer, Tensors
+from swapserve.artifact.manifest import dtype_name
+from swapserve.fronts.arena import PLACE_MIN_BYTES, Arena, open_arena
+from swapserve.fronts.peer import Answer, Peer, Placed, Tensors, view_of
 from swapserve.functions.spec import FunctionSpec
 from swapserve.instruments import CONTENT_TYPE
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
@@ -61,6 +62,8 @@ class RemoteNode:
         self.peer: Peer | None = None
         self.metrics = RelayMetrics(self)
         """What the gateway records into (``make_app(node, config, node.metrics)``)."""
+        self.inputs: Arena | None = None
+        """Where large inputs go to the controller (made at connect)."""
         self._functions: dict[str, FunctionInfo] = {}
         self._ready = False
         self._live = True
@@ -76,7 +79,8 @@ class RemoteNode:
         value, _ = await self.peer.call("hello", [index, pid])
         arena_path, arena_bytes = value["arena"]
         self.peer.shared = open_arena(arena_path, arena_bytes)
-        self.peer.notice("mapped")
+        self.inputs = Arena(directory=Path(arena_path).parent)
+        self.peer.notice("mapped", [str(self.inputs.path), self.inputs.nbytes])
         self._apply(value)
 
     async def call(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> Answer:
@@ -86,7 +90,9 @@ class RemoteNode:
         raise NotFoundError(f"a front answers no call {op!r}")
 
     def notice(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> None:
-        if op == "catalog":
+        if op == "free" and self.inputs is not None:  # the controller let go of inputs we placed
+            self.inputs.free(args)
+        elif op == "catalog":
             self._apply(args)
         elif op == "drain":
             self.drain.set()
@@ -94,6 +100,8 @@ class RemoteNode:
     def lost(self, peer: Peer) -> None:
         self._live = self._ready = False
         self.drain.set()
+        if self.inputs is not None:
+            self.inputs.close()  # (the file, if the controller did not live to unlink it)
 
     def _apply(self, update: dict[str, Any]) -> None:
         """A catalog update: the node's flags, and the functions that changed (or, with ``all``, every one)."""
@@ -129,8 +137,25 @@ class RemoteNode:
 
     async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
                     parameters: dict[str, Any] | None = None, sink: Any = None) -> InferResult:
-        value, outputs = await self._peer().call("infer", [name, request_id, parameters], inputs)
+        value, outputs = await self._peer().call("infer", [name, request_id, parameters], self._place(inputs))
         return InferResult(outputs, **value)
+
+    def _place(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Placed]:
+        """``inputs`` with the large ones copied into our arena, sent by reference: a frame of a few hundred bytes
+        instead of one the controller's loop reads in pieces (a 294 KiB image is more than a Unix socket's buffer).
+        The controller frees each once its last view of it goes (after the dispatcher copied it into a slab, or
+        the request ended); inline where the arena is full."""
+        arena = self.inputs
+        out: dict[str, torch.Tensor | Placed] = {}
+        for name, t in inputs.items():
+            nbytes = t.numel() * t.element_size()
+            if arena is not None and nbytes >= PLACE_MIN_BYTES and (offset := arena.alloc(nbytes)) is not None:
+                view = view_of(arena.map, dtype_name(t.dtype), list(t.shape), offset)
+                view.copy_(t)
+                out[name] = Placed(view, offset)
+            else:
+                out[name] = t
+        return out
 
     async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:
         answer, _ = await self._peer().call("infer_json", [name, value, parameters])

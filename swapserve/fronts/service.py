@@ -27,7 +27,7 @@ import torch
 
 from swapserve.artifact.manifest import dtype_name
 from swapserve.errors import NotFoundError, SwapserveError
-from swapserve.fronts.arena import PLACE_MIN_BYTES, Arena
+from swapserve.fronts.arena import PLACE_MIN_BYTES, Arena, open_arena
 from swapserve.fronts.peer import Answer, Peer, Placed, Tensors, view_of
 from swapserve.fronts.remote import info_to_wire, result_to_wire
 from swapserve.gateway.config import GatewayConfig
@@ -268,8 +268,11 @@ class FrontService:
             self._arenas[peer].free(args)
         elif op == "observe":
             self._observe(args)
-        elif op == "mapped":  # the front mapped its arena: the file can go (the mappings stay)
+        elif op == "mapped":  # the front mapped our arena and made its own (for inputs): both files can go
             self._arenas[peer].unlink()
+            path, nbytes = args
+            peer.shared = open_arena(path, nbytes)  # before any call that places inputs: frames arrive in order
+            Path(path).unlink(missing_ok=True)
         elif op == "serving":
             front = self._fronts.get(args)
             if front is not None and not front.serving.done():

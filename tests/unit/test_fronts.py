@@ -16,7 +16,7 @@ import torch
 
 from swapserve.errors import NotFoundError, OverloadedError, UnavailableError
 from swapserve.fronts.arena import Arena
-from swapserve.fronts.peer import SCRATCH_BYTES, Answer, Peer, RemoteError, Tensors
+from swapserve.fronts.peer import SCRATCH_BYTES, Answer, Peer, Placed, RemoteError, Tensors
 from swapserve.fronts.remote import RemoteNode
 from swapserve.fronts.service import FrontService
 from swapserve.gateway import GatewayConfig
@@ -315,6 +315,36 @@ def test_large_answers_come_through_shared_memory_and_their_space_comes_back() -
             result = await front.infer("wide", {"x": x})
             assert torch.equal(result.outputs["big"], want["big"])
             arena.free(hog)
+        finally:
+            await service.close()
+
+    asyncio.run(main())
+
+
+def test_large_inputs_go_through_the_fronts_arena_and_come_back_when_the_controller_lets_go() -> None:
+    async def main() -> None:
+        node = TinyNode()
+        service, (front,) = await relay(node, Metrics(), fronts=1)
+        try:
+            assert front.inputs is not None
+            await eventually(lambda: not front.inputs.path.exists())  # unlinked once the controller mapped it
+            x = torch.randn(2, 65536)
+            sent = front._place({"x": x, "small": torch.ones(3)})
+            assert isinstance(sent["x"], Placed) and torch.equal(sent["x"].tensor, x)  # by reference
+            assert isinstance(sent["small"], torch.Tensor)  # small ones inline
+            front.inputs.free(sent["x"].offset)
+            result = await front.infer("rowsum", {"x": x})
+            assert torch.equal(result.outputs["y"], x.sum(dim=1))
+            await eventually(lambda: front.inputs.used_bytes == 0)  # the controller let go: a notice freed it
+            # A call given up while the controller holds its inputs: they come back once its task is cancelled.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(front.infer("hang", {"x": x}), 0.2)
+            await eventually(lambda: front.inputs.used_bytes == 0)
+            # A full arena: inputs go inline, as small ones do.
+            hog = front.inputs.alloc(front.inputs.nbytes - 4096)
+            result = await front.infer("rowsum", {"x": x})
+            assert torch.equal(result.outputs["y"], x.sum(dim=1))
+            front.inputs.free(hog)
         finally:
             await service.close()
 

@@ -59,6 +59,10 @@ class TinyNode:
                   lambda i: {"big": torch.arange(786432, dtype=torch.float16).repeat(i["x"].shape[0], 1) * i["x"][:, :1].half(),
                              "small": self.linear(i["x"])})
 
+        # Inputs over PLACE_MIN_BYTES (256 KiB per row): a front sends them through its arena.
+        self._add(make_spec("rowsum", [("x", "FP32", [-1, 65536])], [("y", "FP32", [-1])]),
+                  lambda i: {"y": i["x"].sum(dim=1)})
+
     def watch(self, changed: Callable[[str | None], None]) -> None:
         self._watchers.append(changed)
 
