@@ -157,7 +157,8 @@ def over_http(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 async def in_process(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """The redirection alone (an echo ``call_model``), and cold starts, on the node's own sandbox code.
-    This process stands in for the controller, so it copies as the controller does: with one torch thread
+    This process stands in for the controller, so it runs the controller's event loop (uvloop) and copies as the
+    controller does: with one torch thread
     (``swapserve serve`` sets that; with torch's pool, each 1 MiB arena copy wakes its threads: 3.5× slower
     on the CI VM)."""
     torch.set_num_threads(1)
@@ -225,6 +226,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"gpu": gpu, "date": date.today().isoformat(), "devices": devices,
                               "requests": args.requests, "tensor_bytes": int(torch.randn(SHAPE).numel() * 4)}
     result.update(over_http(args, root))
+    try:  # the event loop the controller runs (swapserve.node.serve)
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     result.update(asyncio.run(in_process(args, root)))
     return result
 
