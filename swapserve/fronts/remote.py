@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from swapserve.errors import NotFoundError
 from swapserve.artifact.manifest import dtype_name
+from swapserve.errors import NotFoundError
 from swapserve.fronts.arena import PLACE_MIN_BYTES, Arena, open_arena
 from swapserve.fronts.peer import Answer, Peer, Placed, Tensors, view_of
 from swapserve.functions.spec import FunctionSpec

@@ -285,11 +285,16 @@ class FrontService:
             m.observe_http(route, method, code, seconds)
         for seconds in batch.get("lag", ()):
             m.observe_front_loop_lag(seconds)
-        if batch["requests"] and self._known is None:  # (not per batch: a list of every function is O(N))
-            self._known = {i.spec.name for i in self.node.list_functions()}
+        known = self._known_names() if batch["requests"] else set()
         for function, code, seconds in batch["requests"]:
-            if function in self._known:  # not a function deleted since (its series are gone)
+            if function in known:  # not a function deleted since (its series are gone)
                 m.observe_request(function, code, seconds)
+
+    def _known_names(self) -> set[str]:
+        """The node's functions, listed again only after one changed (a list of every function is O(N))."""
+        if self._known is None:
+            self._known = {i.spec.name for i in self.node.list_functions()}
+        return self._known
 
     def lost(self, peer: Peer) -> None:
         self._peers.discard(peer)

@@ -336,7 +336,10 @@ def test_large_inputs_go_through_the_fronts_arena_and_come_back_when_the_control
             result = await front.infer("rowsum", {"x": x})
             assert torch.equal(result.outputs["y"], x.sum(dim=1))
             await eventually(lambda: front.inputs.used_bytes == 0)  # the controller let go: a notice freed it
-            # A call given up while the controller holds its inputs: they come back once its task is cancelled.
+            # A call that fails, and one given up while the controller holds its inputs: theirs come back too.
+            with pytest.raises(RemoteError, match="no function"):
+                await front.infer("nosuch", {"x": x})
+            await eventually(lambda: front.inputs.used_bytes == 0)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(front.infer("hang", {"x": x}), 0.2)
             await eventually(lambda: front.inputs.used_bytes == 0)
