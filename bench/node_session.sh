@@ -14,6 +14,8 @@
 # sweep with K fronts after the one without (into RESULTS_DIR/fronts_K; overhead.py with K fronts likewise);
 # SIDE_FETCH_AB=1 also runs an interleaved A/B of side fetches on one node (trace.py --alternate; each point
 # replayed 2 x REPEATS times, into RESULTS_DIR/side_fetch_ab/side_fetch_true and .../side_fetch_false).
+# WITHIN_AB=MS likewise alternates queue-ahead with no limit and only within MS of the run ahead's end
+# (queue_ahead_within_ms; into RESULTS_DIR/within_ab/queue_ahead_within_ms_none and ..._MS).
 # SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
 # trace.py measures them first. Sweeps default to one GPU's (100..400 swapserve-style; 25..200 on-demand).
 set -u
@@ -90,6 +92,14 @@ if [ "${SIDE_FETCH_AB:-0}" = 1 ]; then
   [ -n "${PIECE_MS:-}" ] && AB_ARGS+=(--swap-piece-ms "$PIECE_MS")
   [ -n "${MAX_BATCH:-}" ] && AB_ARGS+=(--max-batch "$MAX_BATCH")
   python3 bench/trace.py --out "$R/side_fetch_ab" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${AB_ARGS[@]}" --repeats $((2 * ${REPEATS:-1})) --alternate side_fetch=true,false
+fi
+if [ -n "${WITHIN_AB:-}" ]; then
+  step "trace swapserve $SWEEP, queue-ahead with no limit and within $WITHIN_AB ms alternately on one node (in $R/within_ab)"
+  AB_ARGS=()
+  [ -n "${LANES:-}" ] && AB_ARGS+=(--lanes "$LANES")
+  [ -n "${PIECE_MS:-}" ] && AB_ARGS+=(--swap-piece-ms "$PIECE_MS")
+  [ -n "${MAX_BATCH:-}" ] && AB_ARGS+=(--max-batch "$MAX_BATCH")
+  python3 bench/trace.py --out "$R/within_ab" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${AB_ARGS[@]}" --repeats $((2 * ${REPEATS:-1})) --alternate "queue_ahead_within_ms=null,$WITHIN_AB"
 fi
 step "trace lru_ondemand $ONDEMAND_SWEEP"
 python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"

@@ -132,12 +132,14 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/status": {"get": _op("Node status", "management", _json(_ref("NodeStatus"), "Status"), auth=True)},
         "/api/v1/scheduling": {
             "get": _op("The scheduler's settings", "management", _json(_ref("Scheduling"), "Settings"), auth=True),
-            "patch": _op("Change side_fetch and/or swap_piece_ms now (all or nothing)", "management",
-                         _json(_ref("Scheduling"), "The settings after the change"), (400,), auth=True, body={
-                             "required": True, "content": {"application/json": {"schema": {
-                                 "type": "object", "properties": {
-                                     "side_fetch": {"type": "boolean"},
-                                     "swap_piece_ms": {"type": "number", "minimum": 0, "maximum": 1000}}}}}}),
+            "patch": _op("Change side_fetch, swap_piece_ms and/or queue_ahead_within_ms now (all or nothing)",
+                         "management", _json(_ref("Scheduling"), "The settings after the change"), (400,), auth=True,
+                         body={"required": True, "content": {"application/json": {"schema": {
+                             "type": "object", "properties": {
+                                 "side_fetch": {"type": "boolean"},
+                                 "swap_piece_ms": {"type": "number", "minimum": 0, "maximum": 1000},
+                                 "queue_ahead_within_ms": {"type": ["number", "null"], "minimum": 0,
+                                                           "maximum": 1000}}}}}}),
         },
         "/metrics": {"get": _op("Prometheus metrics", "observability", {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})},
@@ -191,7 +193,9 @@ OPENAPI: dict[str, Any] = {
             "Scheduling": {"type": "object", "properties": {
                 "policy": {"type": "string", "enum": ["swapserve", "fifo_lru", "dedicated"]},
                 "queue_ahead": {"type": "boolean", "description": "fixed at start"},
-                "side_fetch": {"type": "boolean"}, "swap_piece_ms": {"type": "number"}}},
+                "side_fetch": {"type": "boolean"}, "swap_piece_ms": {"type": "number"},
+                "queue_ahead_within_ms": {"type": ["number", "null"],
+                                          "description": "queue ahead only this close to the run's end (null: always)"}}},
             "NodeStatus": {"type": "object", "properties": {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},

@@ -469,14 +469,16 @@ class Dispatcher:
         # Pool, host-store and queue gauges are set from status() when /metrics is scraped.
 
     def _arm_timer(self, now: float) -> None:
-        """Wake up when the earliest queued request would expire, so hopeless work is refused promptly."""
+        """Wake up when the earliest queued request would expire, so hopeless work is refused promptly, or
+        when the scheduler says a decision may change (:meth:`Scheduler.wake_at`), whichever comes first."""
         deadlines = [self.state.queues[n].requests[0].deadline for n in self.state.nonempty()]
         if not deadlines:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             return
-        at = min(deadlines)
+        wake = self.scheduler.wake_at(self.state, now)
+        at = min(deadlines) if wake is None else min(min(deadlines), wake)
         if self._timer is not None and self._timer_at == at:
             return  # already set for that deadline
         if self._timer is not None:

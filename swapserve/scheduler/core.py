@@ -37,6 +37,11 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
   pieces exist to leave room for what arrives meanwhile). Otherwise every swap that waits
   for the first lane also waits for the run's reply to reach the controller, the next decision and its
   message to reach the worker (1.5–3 ms per swap in the H200 traces, with the GPU's copy engine idle).
+  ``queue_ahead_within_ms`` (a running node's setting; None, the default: no limit) sends one only when the
+  run ahead is expected to end within that many ms: a run queued in a worker's lane can no longer go
+  elsewhere, nor yield to a request with an earlier deadline that arrives meanwhile, and on one H200 at N=400
+  such waits were a third to a half of the late requests (2026-11-28, seventh session). The controller
+  decides again when a busy first lane comes within that of its end (:meth:`Scheduler.wake_at`).
 * Eviction values rank by expected reuse (see :meth:`Scheduler.values`).
 
 Cold-start grace: a request is refused (or dropped) for lateness caused by *waiting*, not for the time its
@@ -124,21 +129,26 @@ class Scheduler:
     """Decisions for one node. Holds only its policy and constants; all state lives in ``NodeState``."""
 
     def __init__(self, policy: Policy = "swapserve", rate_halflife_s: float = 60.0,
-                 swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False, side_fetch: bool = False):
+                 swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False, side_fetch: bool = False,
+                 queue_ahead_within_ms: float | None = None):
         """``swap_piece_ms``: the length of a swap's pieces (0: swaps in one go). ``queue_ahead``: under
-        ``swapserve``, a device's first lane may take one more dispatch behind the one it runs. ``side_fetch``:
-        under ``swapserve``, a side lane may bring a small model in itself (:meth:`may_fetch`)."""
+        ``swapserve``, a device's first lane may take one more dispatch behind the one it runs
+        (``queue_ahead_within_ms``: only when that is expected to end within so many ms; None: whenever).
+        ``side_fetch``: under ``swapserve``, a side lane may bring a small model in itself (:meth:`may_fetch`)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
             raise ValueError("rate_halflife_s must be positive")
         if not swap_piece_ms >= 0:
             raise ValueError("swap_piece_ms must be 0 (off) or positive")
+        if queue_ahead_within_ms is not None and not queue_ahead_within_ms >= 0:
+            raise ValueError("queue_ahead_within_ms must be None (no limit) or ≥ 0")
         self.policy: Policy = policy
         self.rate_halflife_s = rate_halflife_s
         self.swap_piece_ms = swap_piece_ms
         self.queue_ahead = queue_ahead and policy == "swapserve"
         self.side_fetch = side_fetch and policy == "swapserve"
+        self.queue_ahead_within_ms = queue_ahead_within_ms
 
     # --- admission ---------------------------------------------------------------------------------
 
@@ -304,7 +314,8 @@ class Scheduler:
                     cands.append((se.key(d in side), d, 1))
                 if d in free and not (no_new_copy and not view.holds(name, d, now)):
                     e = view.estimate(name, prof, items, d, now)
-                elif d in ahead and not (no_new_copy and not view.holds(name, d, view.free_at[d])):
+                elif (d in ahead and self._ahead_now(view, d)
+                      and not (no_new_copy and not view.holds(name, d, view.free_at[d]))):
                     # Behind the run there: it starts when that ends, wherever its bytes come from.
                     e = view.estimate(name, prof, items, d, view.free_at[d])
                 elif view.holds(name, d, view.free_at[d]):
@@ -352,10 +363,11 @@ class Scheduler:
     def settings(self) -> dict[str, Any]:
         """The settings a running node may change (:meth:`configure`), and the ones fixed at its start."""
         return {"policy": self.policy, "queue_ahead": self.queue_ahead, "side_fetch": self.side_fetch,
-                "swap_piece_ms": self.swap_piece_ms}
+                "swap_piece_ms": self.swap_piece_ms, "queue_ahead_within_ms": self.queue_ahead_within_ms}
 
     def configure(self, state: NodeState, changes: dict[str, Any]) -> dict[str, Any]:
-        """Change ``side_fetch`` (bool) and ``swap_piece_ms`` (≥ 0) on a running node — so that a benchmark
+        """Change ``side_fetch`` (bool), ``swap_piece_ms`` (≥ 0) and ``queue_ahead_within_ms`` (≥ 0, or None: no
+        limit) on a running node — so that a benchmark
         can compare them on one node, and an operator tune a live one — all or nothing, checked first.
         Returns :meth:`settings`. Raises ValueError naming what is wrong."""
         problems = []
@@ -370,16 +382,25 @@ class Scheduler:
             elif key == "swap_piece_ms":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1000:
                     problems.append(f"swap_piece_ms must be a number of ms in [0, 1000], not {value!r}")
+            elif key == "queue_ahead_within_ms":
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not 0 <= value <= 1000):
+                    problems.append(f"queue_ahead_within_ms must be null (no limit) or a number of ms in [0, 1000], "
+                                    f"not {value!r}")
             elif key in ("policy", "queue_ahead"):
                 problems.append(f"{key} is fixed when the node starts (swapserve serve)")
             else:
-                problems.append(f"unknown setting {key!r}: a running node changes side_fetch and swap_piece_ms")
+                problems.append(f"unknown setting {key!r}: a running node changes side_fetch, swap_piece_ms and "
+                                "queue_ahead_within_ms")
         if problems:
             raise ValueError("; ".join(problems))
         if "side_fetch" in changes:
             self.side_fetch = changes["side_fetch"]
         if "swap_piece_ms" in changes:
             self.swap_piece_ms = float(changes["swap_piece_ms"])
+        if "queue_ahead_within_ms" in changes:
+            within = changes["queue_ahead_within_ms"]
+            self.queue_ahead_within_ms = None if within is None else float(within)
         return self.settings()
 
     def may_fetch(self, state: NodeState, function: str) -> bool:
@@ -388,6 +409,22 @@ class Scheduler:
         gbps = state.link.fetch_GBps
         return (self.side_fetch and gbps is not None
                 and self._profile(state, function).nbytes <= FETCH_MAX_MS * gbps * 1e6)
+
+    def _ahead_now(self, view: View, device: int) -> bool:
+        """Whether a run may be queued behind ``device``'s first lane now: the run there is expected to end
+        within ``queue_ahead_within_ms``."""
+        within = self.queue_ahead_within_ms
+        return within is None or view.free_at[device] - view.now <= within / 1000.0
+
+    def wake_at(self, state: NodeState, now: float) -> float | None:
+        """When a decision may change with no event before it (None: only events change it): a busy first lane
+        coming within ``queue_ahead_within_ms`` of its end, while requests are queued and it has none behind."""
+        within = self.queue_ahead_within_ms
+        if within is None or not self.queue_ahead or not state.waiting:
+            return None
+        at = [d.busy_until - within / 1000.0 for d in state.devices
+              if d.busy_until is not None and d.queued is None and d.busy_until - within / 1000.0 > now]
+        return min(at, default=None)
 
     def _take_first_lane(self, device: int, free: set[int], ahead: set[int]) -> None:
         """A dispatch went to ``device``'s first lane: an idle one may still take one behind it."""

@@ -73,10 +73,12 @@ def test_list_describe_and_status(server: Server):
 def test_scheduling_settings_change_on_the_running_node(server: Server, functions: Functions):
     client = server.client()
     before = client.scheduling()
-    assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": False, "swap_piece_ms": 3.0}
+    assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": False, "swap_piece_ms": 3.0,
+                      "queue_ahead_within_ms": None}
     try:
-        after = client.configure_scheduling(side_fetch=True, swap_piece_ms=5)
-        assert after == {**before, "side_fetch": True, "swap_piece_ms": 5.0} == client.scheduling()
+        after = client.configure_scheduling(side_fetch=True, swap_piece_ms=5, queue_ahead_within_ms=2)
+        assert after == {**before, "side_fetch": True, "swap_piece_ms": 5.0, "queue_ahead_within_ms": 2.0}
+        assert after == client.scheduling()
         for bad, why in (({"swap_piece_ms": 1, "bogus": 1}, "unknown setting 'bogus'"),
                          ({"side_fetch": "yes"}, "side_fetch must be true or false"),
                          ({"swap_piece_ms": -1}, "swap_piece_ms must be a number"),
@@ -89,7 +91,8 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
         assert "JSON object" in r.error(400)
         assert_serves(server, functions.mlp, 1)  # and it serves on
     finally:
-        client.configure_scheduling(side_fetch=before["side_fetch"], swap_piece_ms=before["swap_piece_ms"])
+        client.configure_scheduling(side_fetch=before["side_fetch"], swap_piece_ms=before["swap_piece_ms"],
+                                    queue_ahead_within_ms=None)
 
 
 def test_deploy_describe_delete_redeploy(server: Server, functions: Functions, tmp_path: Path):

@@ -12,15 +12,18 @@ from .harness import assert_stopped_cleanly, deploy, metric
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("ahead", [True, False, "within"])
 def test_swaps_queued_behind_a_run_answer_right(server_factory, functions, tmp_path, ahead):
     """Two compute-bound models that cannot both stay on the device (a one-page pool): requests for both at
     once, so that one swap is sent while the other runs. Every answer is its own model's on its own input (the
     queued run's inputs and outputs use a slab region of their own). A resident run in the side lane pins the
-    only page the other model's swap needs: the swap waits for it (it failed with 503 before)."""
-    flag = "--queue-ahead" if ahead else "--no-queue-ahead"
+    only page the other model's swap needs: the swap waits for it (it failed with 503 before). "within": queued
+    ahead only within 1 ms of the run's expected end (the controller wakes for it), set on the running node."""
+    flag = "--no-queue-ahead" if ahead is False else "--queue-ahead"
     s = server_factory(extra=("--no-prepare", "--pool", "32MiB", flag)).start()
     s.wait_ready()
+    if ahead == "within":
+        assert s.client().configure_scheduling(queue_ahead_within_ms=1)["queue_ahead_within_ms"] == 1.0
     for name in ("heavy-a", "heavy-b"):
         assert deploy(s, functions.heavy.variant(tmp_path, name=name))["state"] == "READY"
     xs = [torch.randn(1, 1024) for _ in range(6)]
@@ -33,5 +36,8 @@ def test_swaps_queued_behind_a_run_answer_right(server_factory, functions, tmp_p
         torch.testing.assert_close(y, functions.heavy.expected(x)[0])
     queued = metric(after, "swapserve_queued_ahead_total", device="cpu") - metric(
         before, "swapserve_queued_ahead_total", device="cpu")
-    assert (queued >= 1) if ahead else (queued == 0), s.log()
+    if ahead is True:
+        assert queued >= 1, s.log()
+    elif ahead is False:
+        assert queued == 0, s.log()
     assert_stopped_cleanly(s, s.stop())

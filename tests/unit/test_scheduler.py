@@ -706,6 +706,24 @@ def test_queue_ahead_sends_the_next_swap_behind_the_run_in_progress():
     assert dev.idle and dev.first_lane == ()
 
 
+def test_queue_ahead_within_a_limit_waits_until_the_run_ahead_is_that_close_to_its_end():
+    """With queue_ahead_within_ms=3, a request is queued behind a run only once the run is expected to end
+    within 3 ms; until then it stays in the controller's queue (where a later, more urgent request or another
+    lane could still take the place), and the scheduler names when to decide again."""
+    s = node(1)
+    fn(s, "cold", nbytes=100 * MB, exec_ms={1: 1.0})
+    busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
+    enqueue(s, "cold", "r1")
+    sched = Scheduler(swap_piece_ms=0, queue_ahead=True, queue_ahead_within_ms=3.0)
+    assert sched.decide(s, T0).dispatches == ()  # 20 ms to go: not yet
+    assert sched.wake_at(s, T0) == pytest.approx(T0 + 0.017)
+    d = only(sched.decide(s, T0 + 0.017))  # 3 ms to go: behind the run, as without a limit
+    assert (d.function, d.request_ids, d.lane) == ("cold", ("r1",), 0)
+    sched.apply(s, Decision((d,)), T0 + 0.017)
+    assert sched.wake_at(s, T0 + 0.017) is None  # one behind the run already: nothing to wake for
+    assert Scheduler(swap_piece_ms=0, queue_ahead=True).wake_at(s, T0) is None  # no limit: events only
+
+
 def test_queue_ahead_fills_an_idle_lane_and_its_queue_in_one_decision():
     s = node(1)
     for name in ("a", "b", "c"):
@@ -986,7 +1004,12 @@ def test_settings_a_running_node_may_change():
     s = side_node()
     sched = Scheduler(swap_piece_ms=3.0, queue_ahead=True)
     assert sched.configure(s, {"side_fetch": True, "swap_piece_ms": 0}) == {
-        "policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 0.0}
+        "policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 0.0,
+        "queue_ahead_within_ms": None}
+    assert sched.configure(s, {"queue_ahead_within_ms": 2})["queue_ahead_within_ms"] == 2.0
+    assert sched.configure(s, {"queue_ahead_within_ms": None})["queue_ahead_within_ms"] is None
+    with pytest.raises(ValueError, match="queue_ahead_within_ms must be"):
+        sched.configure(s, {"queue_ahead_within_ms": -1})
     fn(s, "f", nbytes=40 * MB)
     assert sched.may_fetch(s, "f")
     with pytest.raises(ValueError, match="second lane"):
