@@ -110,7 +110,7 @@ def phases_table(r: dict) -> list[str]:
 
 def causes_table(r: dict) -> list[str]:
     """Why functions missed, at every point that says (runs before 2026-11-28 do not)."""
-    parts = ("client", "gateway", "controller", "queue", "place", "swap", "refused")
+    parts = ("client", "gateway", "controller", "queue", "lane", "place", "swap", "refused")
     lines = []
     for label, p in r["policies"].items():
         for pt in p["sweep"]:
@@ -122,9 +122,10 @@ def causes_table(r: dict) -> list[str]:
     if not lines:
         return []
     return ["", "Why functions missed: the largest part of each missing function's worst request (client side "
-            "= client latency − the gateway handler; controller = node − worker − queue; place = the worker's "
-            "pages phase; swap = a swapped run's device phase), and the attainment with every request's "
-            "queueing removed.", "",
+            "= client latency − the gateway handler; controller = node − worker − queue; queue = in the "
+            "controller; lane = in the worker's lane, behind a run queued ahead (runs before 2026-11-28's seventh "
+            "session count it under queue); place = the worker's pages phase; swap = a swapped run's device "
+            "phase), and the attainment with every request's queueing (both kinds) removed.", "",
             "| policy | N | missed | " + " | ".join(parts) + " | attainment without queueing |",
             "|---|---:|---:|" + "---:|" * (len(parts) + 1), *lines]
 

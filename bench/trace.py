@@ -465,28 +465,33 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
     }
 
 
-MISS_PARTS = ("client", "gateway", "controller", "queue", "place", "swap")
+MISS_PARTS = ("client", "gateway", "controller", "queue", "lane", "place", "swap")
 
 
 def request_parts(r: dict) -> dict[str, float]:
     """Where a completed request's time went (ms, from its raw record): ``client`` = client latency − the
     gateway handler's time (HTTP both ways, the server's loop before the handler runs, the client's reading);
     ``gateway`` = handler − node; ``controller`` = node − worker − queue (admission, dispatch, the way back);
-    ``queue`` (in the controller, and in the worker's lane behind a run queued ahead of it); ``place``
-    (pinning, evictions, remaps in the worker); ``swap`` = the device phase of a swapped run."""
+    ``queue`` in the controller; ``lane`` in the worker, behind a run queued ahead of it (:func:`lane_ms`);
+    ``place`` (pinning, evictions, remaps in the worker); ``swap`` = the device phase of a swapped run."""
     ph = r.get("phases_ms") or {}
     return {"client": r["latency_ms"] - r["server_ms"], "gateway": r["server_ms"] - r["node_ms"],
-            "controller": r["node_ms"] - r["worker_ms"] - r["queue_ms"], "queue": queued_ms(r),
+            "controller": r["node_ms"] - r["worker_ms"] - r["queue_ms"], "queue": r["queue_ms"], "lane": lane_ms(r),
             "place": ph.get("place", 0.0), "swap": ph.get("device", 0.0) if r["swapped"] else 0.0}
 
 
-def queued_ms(r: dict) -> float:
-    """A completed request's waiting for its turn (ms): in the controller's queue, plus in the worker what its
-    phases do not cover (its lane's queue, behind a run sent ahead of it; ~0.1 ms of bookkeeping otherwise)."""
+def lane_ms(r: dict) -> float:
+    """What of a completed request's time in the worker its run's phases do not cover: its wait in the lane's
+    queue, behind a run sent ahead of it (~0.1–0.3 ms of bookkeeping otherwise)."""
     ph = r.get("phases_ms") or {}
     if not ph or r.get("worker_ms", -1.0) < 0:
-        return r["queue_ms"]
-    return r["queue_ms"] + max(0.0, r["worker_ms"] - sum(ph.get(k, 0.0) for k in PHASES))
+        return 0.0
+    return max(0.0, r["worker_ms"] - sum(ph.get(k, 0.0) for k in PHASES))
+
+
+def queued_ms(r: dict) -> float:
+    """A completed request's waiting for its turn (ms): in the controller's queue and in the worker's lane."""
+    return r["queue_ms"] + lane_ms(r)
 
 
 def miss_causes(records: list[dict], slo_ms: dict[str, float]) -> dict:

@@ -118,13 +118,16 @@ def test_each_missing_function_counts_under_its_worst_requests_largest_part(trac
     assert got["attainment_without_queueing"] == 0.4  # without queueing f1 would have met its SLO too
 
 
-def test_a_wait_in_the_workers_lane_counts_as_queueing(trace_module):
+def test_a_wait_in_the_workers_lane_counts_as_queueing_in_the_lane(trace_module):
     """Queued ahead behind another run, a request waits in the worker: what its phases do not cover of the
-    worker's time (the place parts are inside place, not added again)."""
+    worker's time (the place parts are inside place, not added again). It is queueing (removed for the
+    attainment without queueing) and a part of its own, ``lane``."""
     r = _rec("f0-small", 14.0, server=13.0, node=12.5, worker=9.0, device=0.5)
     r["phases_ms"].update(place_lock=0.01, place_remap=0.03)
-    assert trace_module.queued_ms(r) == pytest.approx(9.0 - 0.55)
-    assert trace_module.miss_causes([r], {"f0-small": 10.0})["worst_part"] == {"queue": 1}
+    assert trace_module.lane_ms(r) == pytest.approx(9.0 - 0.55)
+    assert trace_module.queued_ms(r) == pytest.approx(9.0 - 0.55)  # (queue_ms 0 in this record)
+    got = trace_module.miss_causes([r], {"f0-small": 10.0})
+    assert got["worst_part"] == {"lane": 1} and got["attainment_without_queueing"] == 1.0
 
 
 def test_miss_causes_cli_reads_a_runs_raw_records(tmp_path):
