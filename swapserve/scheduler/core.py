@@ -40,8 +40,9 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
   ``queue_ahead_within_ms`` (a running node's setting; None, the default: no limit) sends one only when the
   run ahead is expected to end within that many ms: a run queued in a worker's lane can no longer go
   elsewhere, nor yield to a request with an earlier deadline that arrives meanwhile, and on one H200 at N=400
-  such waits were a third to a half of the late requests (2026-11-28, seventh session). The controller
-  decides again when a busy first lane comes within that of its end (:meth:`Scheduler.wake_at`).
+  such a wait was the largest part of 11–26 of 39–87 missing functions' worst requests (2026-11-28, seventh
+  session). The controller decides again when a busy first lane comes within that of its end
+  (:meth:`Scheduler.wake_at`).
 * Eviction values rank by expected reuse (see :meth:`Scheduler.values`).
 
 Cold-start grace: a request is refused (or dropped) for lateness caused by *waiting*, not for the time its
