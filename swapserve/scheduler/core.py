@@ -331,7 +331,8 @@ class Scheduler:
             if not cands:
                 continue
             best = ests[min(cands)[1:]]
-            if best.device not in (side if best.lane else free | ahead):
+            if not (best.device in side if best.lane else
+                    best.device in free or (best.device in ahead and self._ahead_now(view, best.device))):
                 continue  # it finishes sooner in a lane that frees soon: leave it queued for that one
             piece = 0 if best.lane else self._piece_bytes(view, prof, best, batch[0].deadline, name)
             if piece and best.device not in free:

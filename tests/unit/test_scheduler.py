@@ -722,6 +722,14 @@ def test_queue_ahead_within_a_limit_waits_until_the_run_ahead_is_that_close_to_i
     sched.apply(s, Decision((d,)), T0 + 0.017)
     assert sched.wake_at(s, T0 + 0.017) is None  # one behind the run already: nothing to wake for
     assert Scheduler(swap_piece_ms=0, queue_ahead=True).wake_at(s, T0) is None  # no limit: events only
+    # A model already on the busy device waits for the window too (it would start there only when the run ends).
+    s = node(1)
+    fn(s, "warm", nbytes=100 * MB, exec_ms={1: 1.0})
+    s.devices[0].resident.add("warm")
+    busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
+    enqueue(s, "warm", "r2")
+    assert sched.decide(s, T0).dispatches == ()
+    assert only(sched.decide(s, T0 + 0.018)).request_ids == ("r2",)
 
 
 def test_queue_ahead_fills_an_idle_lane_and_its_queue_in_one_decision():
