@@ -224,6 +224,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "devices": parse_devices(args.devices) if args.devices is not None else None,
         "pool_bytes": args.pool, "workspace_bytes": args.workspace, "lanes": args.lanes,
         "swap_piece_ms": args.swap_piece_ms, "queue_ahead": args.queue_ahead,
+        "queue_ahead_within_ms": args.queue_ahead_within_ms,
         "side_fetch": args.side_fetch, "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
@@ -353,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-ahead", action=argparse.BooleanOptionalAction, default=None,
                    help="a device's first lane takes one more run behind the one it runs, started by the worker "
                         "when that ends, with no round trip through the controller (default: on)")
+    s.add_argument("--queue-ahead-within-ms", type=float, metavar="MS",
+                   help="queue ahead only when the run ahead is expected to end within MS (default: whenever; "
+                        "PATCH /api/v1/scheduling changes it on a running node)")
     s.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=None,
                    help="a device's second lane may bring a model in by kernel beside the first lane's swap and "
                         "run it, when that finishes first (default: off; needs two lanes)")

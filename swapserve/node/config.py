@@ -58,6 +58,9 @@ class ServeConfig:
     """A device's first lane takes one more run (or piece of a swap) behind the one it runs, started by the
     worker as soon as that ends, instead of waiting for the reply, the next decision and its message to pass
     through the controller (``swapserve`` policy only)."""
+    queue_ahead_within_ms: float | None = None
+    """Queue ahead only when the run ahead is expected to end within this many ms (None: whenever); a running
+    node changes it with ``PATCH /api/v1/scheduling``."""
     side_fetch: bool = False
     """A device's second lane may bring a model in itself (by kernel, sharing the host link with the first
     lane's copies instead of queueing behind them) and run it there, when that finishes first — a small
@@ -126,6 +129,8 @@ class ServeConfig:
             problems.append(f"lanes must be 1 or 2, not {self.lanes}")
         if not 0 <= self.swap_piece_ms <= 1000:
             problems.append(f"swap_piece_ms must be in [0, 1000], not {self.swap_piece_ms}")
+        if self.queue_ahead_within_ms is not None and not 0 <= self.queue_ahead_within_ms <= 1000:
+            problems.append(f"queue_ahead_within_ms must be in [0, 1000], not {self.queue_ahead_within_ms}")
         if not 0 <= self.spin_ms <= 1000:
             problems.append(f"spin_ms must be in [0, 1000], not {self.spin_ms}")
         if self.token is not None and not self.token.strip():

@@ -70,6 +70,8 @@ class NodeConfig:
     """See :class:`swapserve.scheduler.Scheduler` (0: swaps in one go)."""
     queue_ahead: bool = True
     """See :class:`swapserve.scheduler.Scheduler`."""
+    queue_ahead_within_ms: float | None = None
+    """See :class:`swapserve.scheduler.Scheduler`."""
     side_fetch: bool = False
     """See :class:`swapserve.scheduler.Scheduler` (needs two lanes)."""
     host_store_bytes: int = 64 << 30
@@ -138,7 +140,7 @@ class Node:
         self.shm_root = env().shm_dir / f"swapserve-{self.run_id}"
         self.store = HostStore(self.shm_root / "store", cfg.host_store_bytes)
         self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms, queue_ahead=cfg.queue_ahead,
-                                   side_fetch=cfg.side_fetch)
+                                   side_fetch=cfg.side_fetch, queue_ahead_within_ms=cfg.queue_ahead_within_ms)
         self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}

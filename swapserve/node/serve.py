@@ -101,7 +101,7 @@ async def _main(config: ServeConfig) -> int:
     node = Node(NodeConfig(home=config.home, devices=devices, pool_bytes=config.pool_bytes,
                            workspace_bytes=config.workspace_bytes, lanes=config.lanes,
                            swap_piece_ms=config.swap_piece_ms, queue_ahead=config.queue_ahead,
-                           side_fetch=config.side_fetch,
+                           queue_ahead_within_ms=config.queue_ahead_within_ms, side_fetch=config.side_fetch,
                            host_store_bytes=_host_store_bytes(config),
                            mode=config.mode, policy=config.policy, prepare_on_deploy=config.prepare,
                            spin_s=config.spin_ms / 1e3,
