@@ -16,7 +16,11 @@ import os
 import uuid
 from pathlib import Path
 
+import torch
+
+from swapserve.artifact.manifest import dtype_name
 from swapserve.config import env
+from swapserve.fronts.peer import Placed, view_of
 
 ALIGN = 64
 ARENA_BYTES = 256 << 20
@@ -64,6 +68,14 @@ class Arena:
                 self._used[start] = start + size
                 return start
         return None
+
+    def place(self, like: torch.Tensor) -> Placed | None:
+        """Room shaped and typed as ``like``, to be sent by reference; None for a tensor under
+        :data:`PLACE_MIN_BYTES` (it goes inline) or when no free range is large enough."""
+        nbytes = like.numel() * like.element_size()
+        if nbytes < PLACE_MIN_BYTES or (offset := self.alloc(nbytes)) is None:
+            return None
+        return Placed(view_of(self.map, dtype_name(like.dtype), list(like.shape), offset), offset)
 
     def free(self, offset: int) -> None:
         """Give back what :meth:`alloc` returned at ``offset`` (an unknown offset is an error: KeyError)."""

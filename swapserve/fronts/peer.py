@@ -12,8 +12,9 @@ aligned offset in it. Heads:
 A tensor meta is ``[name, dtype, shape, offset, nbytes]`` (dtypes named as in manifests), or with a sixth
 element ``1`` for a tensor the sender ``Placed`` in its shared memory, which the receiver mapped
 (:mod:`swapserve.fronts.arena`), at that offset instead of the body: the receiver sends a ``free`` notice once
-its view of it is no longer referenced. Received tensors are views of the frame's own buffer, which a large frame is read into
-directly: one kernel copy per side, nothing pickled. Both processes are ours, so frames are trusted (the sandboxes' wire, which is not, checks every field).
+its view of it is no longer referenced. Received tensors are views of the frame's own buffer, which a large
+frame is read into directly: one kernel copy per side, nothing pickled. Both processes are ours, so frames are
+trusted (the sandboxes' wire, which is not, checks every field).
 """
 
 from __future__ import annotations

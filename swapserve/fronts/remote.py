@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from swapserve.artifact.manifest import dtype_name
 from swapserve.errors import NotFoundError
-from swapserve.fronts.arena import PLACE_MIN_BYTES, Arena, open_arena
-from swapserve.fronts.peer import Answer, Peer, Placed, Tensors, view_of
+from swapserve.fronts.arena import Arena, open_arena
+from swapserve.fronts.peer import Answer, Peer, Placed, Tensors
 from swapserve.functions.spec import FunctionSpec
 from swapserve.instruments import CONTENT_TYPE
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
@@ -145,16 +144,12 @@ class RemoteNode:
         instead of one the controller's loop reads in pieces (a 294 KiB image is more than a Unix socket's buffer).
         The controller frees each once its last view of it goes (after the dispatcher copied it into a slab, or
         the request ended); inline where the arena is full."""
-        arena = self.inputs
         out: dict[str, torch.Tensor | Placed] = {}
         for name, t in inputs.items():
-            nbytes = t.numel() * t.element_size()
-            if arena is not None and nbytes >= PLACE_MIN_BYTES and (offset := arena.alloc(nbytes)) is not None:
-                view = view_of(arena.map, dtype_name(t.dtype), list(t.shape), offset)
-                view.copy_(t)
-                out[name] = Placed(view, offset)
-            else:
-                out[name] = t
+            p = self.inputs.place(t) if self.inputs is not None else None
+            if p is not None:
+                p.tensor.copy_(t)
+            out[name] = t if p is None else p
         return out
 
     async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:

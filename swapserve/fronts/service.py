@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from swapserve.artifact.manifest import dtype_name
 from swapserve.errors import NotFoundError, SwapserveError
-from swapserve.fronts.arena import PLACE_MIN_BYTES, Arena, open_arena
-from swapserve.fronts.peer import Answer, Peer, Placed, Tensors, view_of
+from swapserve.fronts.arena import Arena, open_arena
+from swapserve.fronts.peer import Answer, Peer, Placed, Tensors
 from swapserve.fronts.remote import info_to_wire, result_to_wire
 from swapserve.gateway.config import GatewayConfig
 from swapserve.metrics import Metrics
@@ -311,12 +310,10 @@ class _ArenaSink:
         self.placed: dict[str, Placed] = {}
 
     def place(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        nbytes = like.numel() * like.element_size()
-        if nbytes < PLACE_MIN_BYTES or (offset := self.arena.alloc(nbytes)) is None:
+        if (p := self.arena.place(like)) is None:
             return None
-        dest = view_of(self.arena.map, dtype_name(like.dtype), list(like.shape), offset)
-        self.placed[name] = Placed(dest, offset)
-        return dest
+        self.placed[name] = p
+        return p.tensor
 
     def discard(self) -> None:
         for p in self.placed.values():

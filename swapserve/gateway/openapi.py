@@ -195,7 +195,8 @@ OPENAPI: dict[str, Any] = {
                 "queue_ahead": {"type": "boolean", "description": "fixed at start"},
                 "side_fetch": {"type": "boolean"}, "swap_piece_ms": {"type": "number"},
                 "queue_ahead_within_ms": {"type": ["number", "null"],
-                                          "description": "queue ahead only this close to the run's end (null: always)"}}},
+                                          "description": "queue ahead only this close to the run's end "
+                                                         "(null: always)"}}},
             "NodeStatus": {"type": "object", "properties": {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},

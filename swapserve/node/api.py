@@ -131,8 +131,9 @@ class NodeAPI(Protocol):
                     parameters: dict[str, Any] | None = None, sink: Any = None) -> InferResult:
         """Run one request (any batch size up to the function's max_batch): its model, or its handler (which
         sees ``parameters``). ``sink`` (a :class:`swapserve.node.dispatch.OutputSink`) says where the outputs
-        may be written straight from the worker's slab; implementations may ignore it. Raises InvalidInputError (400), NotFoundError (404), UnavailableError (503),
-        OverloadedError (429/503 + retry_after); a handler's failures carry their own status (500, 504)."""
+        may be written straight from the worker's slab; implementations may ignore it. Raises InvalidInputError
+        (400), NotFoundError (404), UnavailableError (503), OverloadedError (429/503 + retry_after); a handler's
+        failures carry their own status (500, 504)."""
         ...
 
     async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:

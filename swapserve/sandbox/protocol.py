@@ -188,31 +188,31 @@ class Bump:
     def reset(self) -> None:
         self.top = self.lo
 
+    def _take(self, nbytes: int) -> int | None:
+        """The offset of ``nbytes`` more of this half (the top moves past them, aligned), or None if full."""
+        start, end = self.top, self.top + nbytes
+        if end > self.hi:
+            return None
+        self.top = -(-end // ALIGN) * ALIGN
+        return start
+
     def alloc(self, like: torch.Tensor) -> torch.Tensor | None:
         """Room for a tensor shaped and typed as ``like`` (a model call's output, which the controller's
         dispatcher writes there straight from the worker's slab), or None if this half is full."""
         dtype = dtype_name(like.dtype)
         shape = tuple(int(d) for d in like.shape)
-        start = self.top
-        end = start + _nbytes(dtype, shape)
-        if end > self.hi:
-            return None
-        self.top = -(-end // ALIGN) * ALIGN
-        return self.arena.view(dtype, shape, start)
+        start = self._take(_nbytes(dtype, shape))
+        return None if start is None else self.arena.view(dtype, shape, start)
 
     def write(self, tensors: Mapping[str, torch.Tensor], what: str) -> list[WireTensor]:
         refs = []
         for name, t in tensors.items():
             dtype = dtype_name(t.dtype)
             shape = tuple(int(d) for d in t.shape)
-            n = _nbytes(dtype, shape)
-            start = self.top
-            end = start + n
-            if end > self.hi:
+            if (start := self._take(_nbytes(dtype, shape))) is None:
                 raise PayloadTooLargeError(f"{what} need more than the sandbox's {self.hi - self.lo} bytes of "
                                            f"shared memory this way; raise slab_bytes")
             self.arena.view(dtype, shape, start).copy_(t)
-            self.top = -(-end // ALIGN) * ALIGN
             refs.append((name, dtype, shape, start))
         return refs
 
