@@ -93,6 +93,8 @@ class Metrics:
                                     "the one it runs (the worker starts them when that ends).", ["device"])
         self.side_fetches = counter("side_fetches", "Runs in a device's second lane that brought their model in "
                                     "first (by kernel, beside the first lane's copies).", ["device"])
+        self.peer_copies = counter("peer_copies", "Runs that copied their model from another device that held it "
+                                   "(device to device: NVLink on GPUs) instead of from host memory.", ["device"])
         self.prefetches = counter("prefetches", "Models copied onto a device ahead of their requests (a handler's "
                                   "sandbox starting while its model comes in).", ["device"])
         self.slo_misses = counter("slo_misses", "Requests that finished after, or were refused for, their SLO.",
@@ -171,6 +173,9 @@ class Metrics:
 
     def count_side_fetch(self, device: str) -> None:
         self.side_fetches.labels(device).inc()
+
+    def count_peer_copy(self, device: str) -> None:
+        self.peer_copies.labels(device).inc()
 
     def count_slo_miss(self, function: str, n: int = 1) -> None:
         self.slo_misses.labels(function).inc(n)

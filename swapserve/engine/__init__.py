@@ -1,7 +1,7 @@
 """The swap engine: host store, device page pool, pipelined swap-in execution."""
 
-from swapserve.engine.engine import EngineStats, SwapEngine
+from swapserve.engine.engine import EngineStats, PeerSource, SwapEngine
 from swapserve.engine.pages import Residency
 from swapserve.engine.store import HostState, HostStore
 
-__all__ = ["EngineStats", "HostState", "HostStore", "Residency", "SwapEngine"]
+__all__ = ["EngineStats", "HostState", "HostStore", "PeerSource", "Residency", "SwapEngine"]

@@ -139,6 +139,15 @@ class _Gate:
                 self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class PeerSource:
+    """Where a run copies its missing bytes from instead of host memory: a device that lent the model
+    (:meth:`SwapEngine.lend`), whose page ``pages[s]`` holds the model's slot s."""
+
+    device: int
+    pages: tuple[int, ...]
+
+
 class _NeedsCapture(Exception):
     """Raised (before anything is launched) by a run that found it must capture while sharing the device."""
 
@@ -250,6 +259,24 @@ class SwapEngine:
             m.activation[batch] = m.program.activation_bytes(batch)
         return m.activation[batch]
 
+    def lend(self, name: str) -> tuple[int, ...] | None:
+        """Pin a wholly resident model for a peer device to copy from, and say which page holds each of its
+        slots; None (nothing pinned) if it is not wholly here. Its pages stay as they are until :meth:`unlend`."""
+        with self._lock:
+            self._get(name)
+            p = self.pool.placements[name]
+            if p.state is not Residency.RESIDENT:
+                return None
+            p.pins += 1
+            return tuple(pg for pg in p.slots if pg is not None)
+
+    def unlend(self, name: str) -> None:
+        """End a :meth:`lend`."""
+        with self._lock:
+            self._get(name)
+            self.pool.release(name)
+            self._unpinned.notify_all()
+
     def evict(self, name: str) -> None:
         """Drop the model's device copy (the host copy stays)."""
         with self._lock:
@@ -268,7 +295,7 @@ class SwapEngine:
         return getattr(self._local, "last_run", RunInfo())
 
     def infer(self, name: str, inputs: Sequence[torch.Tensor], value: Value | None = None,
-              lane: int = 0, fetch: bool = False) -> list[torch.Tensor]:
+              lane: int = 0, fetch: bool = False, peer: PeerSource | None = None) -> list[torch.Tensor]:
         """Run ``name`` on ``inputs`` in ``lane``, swapping it in if needed. Returns outputs on the device.
 
         Lane 0 swaps pipelined (copy engine copies, compute waiting per chunk). Elsewhere a model not wholly
@@ -276,7 +303,11 @@ class SwapEngine:
         kernel on the lane's stream (:meth:`Backend.fetch`), sharing the host link with lane 0's copies
         instead of queueing behind them, and it runs as a resident model does — the same graph, so the same
         bits. A fetch still raises :class:`NotResidentError` for a model another lane has in flight, or one
-        that would need a graph captured first."""
+        that would need a graph captured first.
+
+        With ``peer`` (a device that lent it whole, :meth:`lend`), the missing bytes come from that device's
+        pages (:meth:`Backend.fetch_peer`, NVLink on GPUs) on the lane's stream first, and it runs as a
+        resident model does, in any lane; a run that must capture a graph first swaps from host instead."""
         if not 0 <= lane < len(self.lanes):
             raise ValueError(f"lane {lane} does not exist on {self.config.device} ({len(self.lanes)} lanes)")
         entered = time.perf_counter()
@@ -292,22 +323,24 @@ class SwapEngine:
         with ln.lock:
             try:
                 with self._gate.exclusive() if capture else self._gate.shared():
-                    return self._infer(m, inputs, batch, run_batch, ln, value, capture, entered, fetch)
+                    return self._infer(m, inputs, batch, run_batch, ln, value, capture, entered, fetch,
+                                       None if capture else peer)
             except _NeedsCapture:  # the host buffer moved (reloaded after a spill): capture the swap graph anew
                 with self._gate.exclusive():
-                    return self._infer(m, inputs, batch, run_batch, ln, value, True, entered, fetch)
+                    return self._infer(m, inputs, batch, run_batch, ln, value, True, entered, fetch, None)
 
     def _infer(self, m: _Model, inputs: list[torch.Tensor], batch: int, run_batch: int, ln: _Lane,
-               value: Value | None, exclusive: bool, entered: float, fetch: bool) -> list[torch.Tensor]:
+               value: Value | None, exclusive: bool, entered: float, fetch: bool,
+               peer: PeerSource | None) -> list[torch.Tensor]:
         started = time.perf_counter()
         with self.backend.compute(ln.stream):
             inputs = [self.backend.upload(x) for x in inputs]
             if run_batch != batch:  # graphs exist per bucket (1, 2, 4, ...): pad up to it
                 inputs = [torch.cat([x, x.new_zeros((run_batch - batch, *x.shape[1:]))]) for x in inputs]
             uploaded = time.perf_counter()
-            with self._placed(m, value, lane=ln.index, fetch=fetch) as (host, plan):
+            with self._placed(m, value, lane=ln.index, fetch=fetch or peer is not None) as (host, plan):
                 placed = time.perf_counter()
-                outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive)
+                outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive, peer)
         lock_ms, remap_ms, remap_cpu_ms = self._local.place_parts
         self._local.last_run = replace(self._local.last_run, wait_ms=(started - entered) * 1e3,
                                        upload_ms=(uploaded - started) * 1e3, place_ms=(placed - uploaded) * 1e3,
@@ -409,15 +442,17 @@ class SwapEngine:
                 self._unpinned.wait(left)
 
     def _run(self, m: _Model, host: HostEntry, plan: PlacementPlan, inputs: list[torch.Tensor],
-             batch: int, ln: _Lane, exclusive: bool) -> list[torch.Tensor]:
+             batch: int, ln: _Lane, exclusive: bool, peer: PeerSource | None = None) -> list[torch.Tensor]:
         """Launch on the lane's stream, then wait once for it; pages count as loaded only once their copies
         landed."""
         assert host.buffer is not None
         copy = self._copy_mask(m, plan.load)
         wall0, cpu0 = time.perf_counter(), time.thread_time()
-        if plan.load and ln.index:  # a side lane's fetch: the bytes first, then the run of a resident model
+        if plan.load and peer is not None:  # from a peer's pages: the bytes first, then a resident model's run
+            self.backend.fetch_peer(m.va, peer.device, peer.pages, m.chunks, copy)
+        elif plan.load and ln.index:  # a side lane's fetch: likewise, from host
             self.backend.fetch(m.va, host.buffer, m.chunks, copy)
-        piped = bool(plan.load) and not ln.index
+        piped = bool(plan.load) and not ln.index and peer is None
         if self.mode == "graph" and batch not in m.graphs:
             if not exclusive:
                 raise _NeedsCapture

@@ -132,14 +132,16 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/status": {"get": _op("Node status", "management", _json(_ref("NodeStatus"), "Status"), auth=True)},
         "/api/v1/scheduling": {
             "get": _op("The scheduler's settings", "management", _json(_ref("Scheduling"), "Settings"), auth=True),
-            "patch": _op("Change side_fetch, swap_piece_ms and/or queue_ahead_within_ms now (all or nothing)",
+            "patch": _op("Change side_fetch, swap_piece_ms, queue_ahead_within_ms and/or peer_copies now (all or "
+                         "nothing)",
                          "management", _json(_ref("Scheduling"), "The settings after the change"), (400,), auth=True,
                          body={"required": True, "content": {"application/json": {"schema": {
                              "type": "object", "properties": {
                                  "side_fetch": {"type": "boolean"},
                                  "swap_piece_ms": {"type": "number", "minimum": 0, "maximum": 1000},
                                  "queue_ahead_within_ms": {"type": ["number", "null"], "minimum": 0,
-                                                           "maximum": 1000}}}}}}),
+                                                           "maximum": 1000},
+                                 "peer_copies": {"type": "boolean"}}}}}}),
         },
         "/metrics": {"get": _op("Prometheus metrics", "observability", {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})},
@@ -196,7 +198,9 @@ OPENAPI: dict[str, Any] = {
                 "side_fetch": {"type": "boolean"}, "swap_piece_ms": {"type": "number"},
                 "queue_ahead_within_ms": {"type": ["number", "null"],
                                           "description": "queue ahead only this close to the run's end "
-                                                         "(null: always)"}}},
+                                                         "(null: always)"},
+                "peer_copies": {"type": "boolean",
+                                "description": "copy a model from another device that holds it (NVLink)"}}},
             "NodeStatus": {"type": "object", "properties": {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},

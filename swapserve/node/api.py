@@ -161,11 +161,11 @@ class NodeAPI(Protocol):
 
     async def scheduling(self) -> dict[str, Any]:
         """The scheduler's settings: ``policy``, ``queue_ahead`` (fixed at start), ``side_fetch``,
-        ``swap_piece_ms`` (changeable)."""
+        ``swap_piece_ms``, ``queue_ahead_within_ms``, ``peer_copies`` (changeable)."""
         ...
 
     async def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
-        """Change ``side_fetch`` and/or ``swap_piece_ms`` now (all or nothing); the settings after. Raises
+        """Change any of the changeable settings now (all or nothing); the settings after. Raises
         InvalidInputError (400) naming what is wrong."""
         ...
 

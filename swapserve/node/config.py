@@ -66,6 +66,10 @@ class ServeConfig:
     lane's copies instead of queueing behind them) and run it there, when that finishes first — a small
     model's request need not wait for a large model's swap (``swapserve`` policy, two lanes). Off by default
     until a trace shows it helps (see docs/design.md, "Side fetches")."""
+    peer_copies: bool = False
+    """A model another device holds whole may be copied from there (device to device: NVLink on GPUs) instead
+    of from host memory, when the scheduler expects that to finish first (``swapserve`` policy, two or more
+    devices). Off by default until a trace on the GPUs shows it helps (see docs/design.md, "Peer copies")."""
     host_store_bytes: int | None = None
     """Capacity of the pinned host store shared by all workers; beyond it models spill to their
     safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``."""

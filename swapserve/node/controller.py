@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -29,14 +30,15 @@ from swapserve.artifact import Artifact, load_artifact
 from swapserve.artifact.manifest import dtype_from_name
 from swapserve.config import EngineConfig, MiB, env
 from swapserve.engine import HostStore
-from swapserve.errors import InvalidInputError, NotFoundError, SwapserveError, UnavailableError
+from swapserve.errors import BackendError, InvalidInputError, NotFoundError, SwapserveError, UnavailableError
 from swapserve.functions.spec import FunctionSpec, artifact_dir, load_spec
 from swapserve.metrics import Metrics
 from swapserve.node import handlers
 from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
 from swapserve.node.dispatch import Dispatcher, OutputSink, reply_error
-from swapserve.node.messages import AddModel, MeasureCopy, Prepare, RemoveModel, RunResult
+from swapserve.node.messages import (AddModel, Exported, ExportPages, ImportPeer, MeasureCopy, PeerResult, Prepare,
+                                     RemoveModel, RunResult, allow_open_files)
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
 from swapserve.sandbox.types import PoolStats, SandboxEvent
@@ -74,6 +76,8 @@ class NodeConfig:
     """See :class:`swapserve.scheduler.Scheduler`."""
     side_fetch: bool = False
     """See :class:`swapserve.scheduler.Scheduler` (needs two lanes)."""
+    peer_copies: bool = False
+    """See :class:`swapserve.scheduler.Scheduler` (needs two or more devices)."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB
     slab_bytes: int = 256 * MiB
@@ -140,7 +144,8 @@ class Node:
         self.shm_root = env().shm_dir / f"swapserve-{self.run_id}"
         self.store = HostStore(self.shm_root / "store", cfg.host_store_bytes)
         self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms, queue_ahead=cfg.queue_ahead,
-                                   side_fetch=cfg.side_fetch, queue_ahead_within_ms=cfg.queue_ahead_within_ms)
+                                   side_fetch=cfg.side_fetch, queue_ahead_within_ms=cfg.queue_ahead_within_ms,
+                                   peer_copies=cfg.peer_copies)
         self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}
@@ -195,7 +200,8 @@ class Node:
         for w in self._workers:
             wk.watch(w, self._on_worker_dead)
         self.state.devices = [DeviceState(i, h.pool_bytes, side_lane=self.cfg.lanes > 1) for i, h in enumerate(hellos)]
-        self.state.link = await self._profile_link([h.h2d_GBps for h in hellos], [h.fetch_GBps for h in hellos])
+        link = await self._profile_link([h.h2d_GBps for h in hellos], [h.fetch_GBps for h in hellos])
+        self.state.link = replace(link, d2d_GBps=await self._share_pages())
         log.info("workers up: %s; link %s", [f"{h.device} ({h.name})" for h in hellos], self.state.link)
         records = []
         for r in self.registry.list():
@@ -267,6 +273,35 @@ class Node:
         if probe.ok and res is not None and getattr(res, "exec_ms", 0):
             slowdown = max(1.0, res.exec_copying_ms / res.exec_ms)  # type: ignore[union-attr]
         return LinkProfile(tuple(h2d), None, slowdown, fetch_GBps=fetch_GBps)
+
+    async def _share_pages(self) -> float | None:
+        """Every worker maps every other's pages, so that a run may copy a model from a device that lent it;
+        returns the slowest pair's copy bandwidth, or None where devices cannot (one device, or a driver that
+        cannot share pages: then the scheduler never copies from a peer)."""
+        if len(self._workers) < 2:
+            return None
+        allow_open_files()
+        speeds = []
+        try:
+            for src in self._workers:
+                exported = await wk.call(src, ExportPages(wk.next_id()))
+                if not exported.ok or not isinstance(exported.result, Exported):
+                    raise BackendError(exported.error)
+                fds = exported.result.fds
+                try:
+                    replies = await asyncio.gather(*(wk.call(w, ImportPeer(wk.next_id(), src.index, len(fds)), fds)
+                                                     for w in self._workers if w is not src))
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                for r in replies:
+                    if not r.ok or not isinstance(r.result, PeerResult):
+                        raise BackendError(r.error)
+                    speeds.append(r.result.d2d_GBps)
+        except (BackendError, OSError) as e:
+            log.warning("devices cannot copy from each other (%s): peer copies are off", e)
+            return None
+        return min(speeds)
 
     def is_live(self) -> bool:
         return self._live
@@ -584,6 +619,7 @@ class Node:
                           {"h2d_GBps": self.state.link.h2d_GBps[0],
                            "h2d_GBps_all_copying": self.state.link.h2d_GBps[-1],
                            "exec_slowdown_copying": self.state.link.exec_slowdown_copying,
+                           **({"d2d_GBps": d2d} if (d2d := self.state.link.d2d_GBps) is not None else {}),
                            **{f"busy_seconds_{w.index}": self.dispatch.busy_s[w.index] for w in self._workers}},
                           tuple(_sandbox_status(p) for _, p in sorted(self.sandboxes.stats().items())))
 

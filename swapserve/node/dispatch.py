@@ -14,7 +14,7 @@ import itertools
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -24,7 +24,7 @@ from swapserve.errors import BackendError, OverloadedError, SwapserveError, Unav
 from swapserve.metrics import Metrics
 from swapserve.node import workers as wk
 from swapserve.node.api import InferResult
-from swapserve.node.messages import Prefetch, Run, RunResult
+from swapserve.node.messages import Lend, Lent, Prefetch, Reply, Run, RunResult, Unlend
 from swapserve.scheduler.core import Scheduler
 from swapserve.scheduler.types import Decision, Dispatch, NodeState, Request
 
@@ -137,6 +137,12 @@ class _InFlight:
     """When its lane took it up: ``started``, or the end of the run it was queued behind."""
     deferred: Callable[[], None] | None = None
     """Its answer, held while a run ahead of it in the same lane is still being answered."""
+    unsent: Run | Prefetch | None = None
+    """Its message, held until the run ahead of it in the lane is sent (a lane's runs are sent in order)."""
+    lending: bool = False
+    """Waiting for the device its model is copied from to lend it (then sent)."""
+    lent_from: int = -1
+    """The device that lent the model, which the run copies it from (-1: from host)."""
 
 
 class Dispatcher:
@@ -310,8 +316,44 @@ class Dispatcher:
         # evicted it since (the worker reports residency with its replies), and fetching beats waiting for
         # that swap to end (the worker hands the run to the first lane only if the model is in flight there).
         fetch = bool(d.lane) and self.scheduler.may_fetch(self.state, d.function)
-        self._launch(d, m, Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit, fetch), batch,
-                     sum(p.request.items for p in batch), now, region)
+        run = Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit, fetch)
+        items = sum(p.request.items for p in batch)
+        if d.source == "peer" and d.peer is not None and not self._workers[d.peer].dead:
+            self._lend(self._launch(d, m, run, batch, items, now, region, lend=True), d.peer)
+        else:
+            self._launch(d, m, run, batch, items, now, region)
+
+    def _lend(self, fl: _InFlight, peer: int) -> None:
+        """Ask ``peer`` to lend ``fl``'s model (pin it whole and say where its pages are); the run goes out with
+        the answer — from host memory if the peer no longer holds it whole."""
+        try:
+            wk.send(self._workers[peer], Lend(wk.next_id(), fl.key), functools.partial(self._lent, fl, peer))
+        except (BackendError, OSError) as e:
+            self._lent(fl, peer, e)
+
+    def _lent(self, fl: _InFlight, peer: int, outcome: Any) -> None:
+        lent = outcome.result if isinstance(outcome, Reply) and outcome.ok else None
+        fl.lending = False
+        if isinstance(lent, Lent) and lent.pages is not None and isinstance(fl.unsent, Run):
+            fl.lent_from = peer
+            fl.unsent = replace(fl.unsent, peer=peer, peer_pages=lent.pages)
+        d = fl.dispatch
+        w = self._workers[d.device]
+        for f in list(self._inflight.get((d.device, d.lane), ())):  # it, and what queued behind it meanwhile
+            if f.lending:
+                break
+            if f.unsent is not None:
+                msg, f.unsent = f.unsent, None
+                self._send(w, f, msg)
+
+    def _unlend(self, fl: _InFlight) -> None:
+        """The run that copied from a lender ended: it may let its pages go."""
+        src = self._workers[fl.lent_from]
+        if not src.dead:
+            try:
+                wk.send(src, Unlend(wk.next_id(), fl.key), _ignore)
+            except (BackendError, OSError):
+                pass  # gone: its pins went with it
 
     def _behind(self, d: Dispatch) -> bool:
         """Whether ``d`` goes behind a run in flight in its lane (the first lane, queued ahead)."""
@@ -330,15 +372,24 @@ class Dispatcher:
         return {self._models[f].key: v for f, v in d.values.items() if f in self._models}
 
     def _launch(self, d: Dispatch, m: Served, msg: Run | Prefetch, batch: list[_Pending], items: int,
-                now: float, region: int = -1) -> None:
-        """Send a run or prefetch to its lane; its reply (or the worker's failure) completes it."""
+                now: float, region: int = -1, lend: bool = False) -> _InFlight:
+        """Send a run or prefetch to its lane (held while its model is being lent, ``lend``, or while a run
+        ahead of it in the lane is held); its reply (or the worker's failure) completes it."""
         w = self._workers[d.device]
         self._key_users[m.key] = self._key_users.get(m.key, 0) + 1
         queue = self._inflight.setdefault((d.device, d.lane), [])
         if queue:
             self.metrics.count_queued_ahead(w.device)
-        fl = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock(), region, begun=now)
+        fl = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock(), region, begun=now, lending=lend)
+        held = lend or any(f.unsent is not None for f in queue)
         queue.append(fl)
+        if held:
+            fl.unsent = msg
+        else:
+            self._send(w, fl, msg)
+        return fl
+
+    def _send(self, w: wk.WorkerHandle, fl: _InFlight, msg: Run | Prefetch) -> None:
         try:
             wk.send(w, msg, functools.partial(self._complete, w, fl))
         except (BackendError, OSError) as e:
@@ -347,6 +398,8 @@ class Dispatcher:
     def _complete(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any) -> None:
         """A run ended (called straight from the worker's reply). Large outputs are first copied out of the
         lane's slab region on a thread (the lane stays busy meanwhile: the region is still being read)."""
+        if fl.lent_from >= 0:
+            self._unlend(fl)
         if isinstance(outcome, BaseException) or not (outcome.ok and isinstance(outcome.result, RunResult)):
             self._finish(w, fl, outcome, [], None)
             return
@@ -423,9 +476,15 @@ class Dispatcher:
                 self.metrics.count_swap_bytes(w.device, res.bytes_copied)
             if res.pages_taken:
                 self.metrics.count_eviction(w.device, res.pages_taken)
+            if fl.lent_from >= 0 and res.swapped:
+                self.metrics.count_peer_copy(w.device)
+            # A run from a lender copies, then runs (as a side lane's fetch); one whose lender no longer held
+            # the model swapped from host, where the dispatch did not expect it to.
+            from_host = fl.dispatch.source == "peer" and fl.lent_from < 0
             self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
-                                              (now - fl.begun) * 1e3, now, copy_ms=fl.dispatch.copy_ms,
-                                              fetched=bool(res.lane))
+                                              (now - fl.begun) * 1e3, now,
+                                              copy_ms=None if from_host else fl.dispatch.copy_ms,
+                                              fetched=bool(res.lane) or fl.lent_from >= 0)
         else:
             err = error or reply_error(reply)
             for p in fl.pending:
@@ -505,6 +564,10 @@ class Dispatcher:
     def _fail(p: _Pending, error: BaseException) -> None:
         if not p.future.done():
             p.future.set_exception(error)
+
+
+def _ignore(outcome: Any) -> None:
+    """The reply to a command whose outcome changes nothing here (an unlend)."""
 
 
 def reply_error(reply: Any) -> SwapserveError:

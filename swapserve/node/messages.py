@@ -8,7 +8,12 @@ in the worker's shared-memory IO slab (:mod:`swapserve.node.slab`) and messages 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
+import resource
+import socket
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -65,6 +70,10 @@ class Run:
     """End of the lane's slab region: outputs must end before it (None: the slab's end)."""
     fetch: bool = False
     """A side lane brings the model's missing bytes in by kernel before it runs (``SwapEngine.infer``)."""
+    peer: int = -1
+    """The device that lent the model (:class:`Lend`) to copy its missing bytes from; -1: from host."""
+    peer_pages: tuple[int, ...] = ()
+    """The lender's page for each of the model's slots."""
 
 
 @dataclass(frozen=True)
@@ -106,11 +115,46 @@ class MeasureCopy:
 
 
 @dataclass(frozen=True)
+class ExportPages:
+    """Answer with :class:`Exported`, then send the device's page descriptors (:func:`send_fds`) for peers to
+    map (answered on the worker's receiving thread, as are the peer commands below)."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class ImportPeer:
+    """Followed by ``count`` descriptors (:func:`send_fds`): map peer device ``peer``'s pages, time a copy from
+    them and answer with :class:`PeerResult`."""
+
+    id: int
+    peer: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Lend:
+    """Pin a wholly resident model for a peer to copy from (answered with :class:`Lent`) until :class:`Unlend`."""
+
+    id: int
+    key: str
+
+
+@dataclass(frozen=True)
+class Unlend:
+    id: int
+    key: str
+
+
+@dataclass(frozen=True)
 class Stop:
     id: int
 
 
-Command = AddModel | RemoveModel | Prepare | Run | Prefetch | DropHost | Evict | MeasureCopy | Stop
+Command = (AddModel | RemoveModel | Prepare | Run | Prefetch | DropHost | Evict | MeasureCopy | ExportPages
+           | ImportPeer | Lend | Unlend | Stop)
+PEER_COMMANDS = (ExportPages, ImportPeer, Lend, Unlend)
+"""Handled on the worker's receiving thread, not behind its lanes' runs."""
 
 
 # --- worker → controller ------------------------------------------------------------------------
@@ -151,10 +195,30 @@ class CopyResult:
 
 
 @dataclass(frozen=True)
+class Exported:
+    count: int
+    """Descriptors that follow the reply."""
+    fds: tuple[int, ...] = ()
+    """The descriptors as received (filled in by the controller's reader)."""
+
+
+@dataclass(frozen=True)
+class PeerResult:
+    d2d_GBps: float
+    """Copy bandwidth from the imported peer's pages into this device's memory (one model-sized copy)."""
+
+
+@dataclass(frozen=True)
+class Lent:
+    pages: tuple[int, ...] | None
+    """The lender's page per slot of the model; None: not wholly resident there (nothing pinned)."""
+
+
+@dataclass(frozen=True)
 class Reply:
     id: int
     ok: bool
-    result: RunResult | CopyResult | None = None
+    result: RunResult | CopyResult | Exported | PeerResult | Lent | None = None
     residency: Residency | None = None
     error: str = ""
     error_type: str = ""
@@ -185,3 +249,55 @@ def send(conn: Connection, msg: Any) -> None:
 
 def recv(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
+
+
+def allow_open_files() -> None:
+    """Raise this process's limit on open descriptors to the most it may: a GPU's pages pass between workers
+    as one descriptor each (512 for a 16 GiB pool, thousands for a whole H200), beyond a usual limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+FD_BATCH = 250
+"""Descriptors per message (the kernel passes at most 253 in one)."""
+
+
+FD_WAIT_S = 10.0
+"""How long the receiving end waits for descriptors announced by a message it has read."""
+
+
+@contextlib.contextmanager
+def _socket_of(conn: Connection) -> Iterator[socket.socket]:
+    """``conn``'s Unix socket as a socket object that waits up to :data:`FD_WAIT_S` for each call, whatever the
+    descriptor's blocking mode (an event loop may have made it non-blocking: uvloop does), which is restored
+    after (it belongs to the descriptor both share)."""
+    blocking = os.get_blocking(conn.fileno())
+    try:
+        with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(FD_WAIT_S)
+            yield s
+    finally:
+        os.set_blocking(conn.fileno(), blocking)
+
+
+def send_fds(conn: Connection, fds: Sequence[int]) -> None:
+    """Pass ``fds`` over ``conn`` (a Unix socket) right after a message that announces them; the other end
+    calls :func:`recv_fds` right after reading that message."""
+    with _socket_of(conn) as s:
+        for i in range(0, len(fds), FD_BATCH):
+            part = list(fds[i:i + FD_BATCH])
+            socket.send_fds(s, [len(part).to_bytes(2, "little")], part)
+
+
+def recv_fds(conn: Connection, count: int) -> list[int]:
+    out: list[int] = []
+    with _socket_of(conn) as s:
+        while len(out) < count:
+            msg, fds, _, _ = socket.recv_fds(s, 2, min(FD_BATCH, count - len(out)))
+            out += fds
+            if len(msg) != 2 or int.from_bytes(msg, "little") != len(fds):
+                for fd in out:
+                    os.close(fd)
+                raise OSError(f"expected {count} descriptors, the stream had {len(out)} and {msg!r}")
+    return out

@@ -127,7 +127,7 @@ class Worker:
         send(conn, Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid(), fetch))
 
     def serve(self) -> None:
-        from swapserve.node.messages import Run, Stop, recv
+        from swapserve.node.messages import PEER_COMMANDS, Run, Stop, recv
 
         spin = self.cfg.spin_s
         lanes = [threading.Thread(target=self._lane_loop, args=(i,), name=f"swapserve-lane{i}", daemon=True)
@@ -146,6 +146,9 @@ class Worker:
                 received = time.perf_counter()
                 if isinstance(msg, Stop):
                     break
+                if isinstance(msg, PEER_COMMANDS):
+                    self._peer_command(msg, received)
+                    continue
                 lane = msg.lane if isinstance(msg, Run) and 0 < msg.lane < len(self._queues) else 0
                 self._queues[lane].put((msg, received))
         finally:
@@ -240,12 +243,69 @@ class Worker:
             return self._measure(msg)
         return None
 
+    def _peer_command(self, msg: Any, received: float) -> None:
+        """Sharing pages with the other workers (at start) and lending models to them: on the receiving
+        thread, so that a peer's run never waits behind this device's own."""
+        from swapserve.node import messages as m
+
+        if isinstance(msg, m.ImportPeer):
+            m.allow_open_files()
+            fds = m.recv_fds(self.conn, msg.count)  # right behind the message in the stream
+            try:
+                outcome: Any = self._import_peer(msg.peer, fds)
+            except BaseException as e:  # noqa: BLE001 - answered
+                outcome = e
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        elif isinstance(msg, m.ExportPages):
+            m.allow_open_files()
+            try:
+                fds = self.engine.backend.export_pages()
+            except BaseException as e:  # noqa: BLE001 - answered
+                self._answer(msg, received, e)
+                return
+            try:
+                with self._send_lock:  # the descriptors right behind their announcement
+                    m.send(self.conn, m.Reply(msg.id, True, m.Exported(len(fds))))
+                    m.send_fds(self.conn, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            return
+        else:
+            try:
+                if isinstance(msg, m.Lend):
+                    outcome = m.Lent(self.engine.lend(msg.key))
+                else:
+                    outcome = self.engine.unlend(msg.key)
+            except BaseException as e:  # noqa: BLE001 - answered
+                outcome = e
+        self._answer(msg, received, outcome)
+
+    def _import_peer(self, peer: int, fds: list[int]) -> Any:
+        """Map a peer's pages; time copying one of them here (GB/s), as a peer-sourced run copies."""
+        from swapserve.engine.layout import Chunk
+        from swapserve.node.messages import PeerResult
+
+        backend = self.engine.backend
+        backend.import_peer(peer, fds)
+        page = backend.page_bytes
+        dst = self.torch.empty(page, dtype=self.torch.uint8, device=backend.device)
+        whole = [Chunk(0, page)]
+        with backend.compute():
+            return PeerResult(self._best_GBps(page, 5, lambda: backend.fetch_peer(dst.data_ptr(), peer, (0,), whole,
+                                                                                    [True])))
+
     def _run(self, msg: Any, lane: int) -> Any:
+        from swapserve.engine import PeerSource
         from swapserve.node.messages import RunResult
 
         inputs = [self.slab.tensor(r) for r in msg.inputs]
         t0 = time.perf_counter()
-        outs = self.engine.infer(msg.key, inputs, value=_value_of(msg.values), lane=lane, fetch=msg.fetch)
+        peer = PeerSource(msg.peer, msg.peer_pages) if msg.peer >= 0 else None
+        outs = self.engine.infer(msg.key, inputs, value=_value_of(msg.values), lane=lane, fetch=msg.fetch,
+                                 peer=peer)
         t1 = time.perf_counter()
         with self.engine.backend.compute(self.engine.lanes[lane].stream):  # the lane's stream, not the device's
             refs = self.slab.write(outs, msg.out_offset, msg.out_limit)

@@ -6,14 +6,14 @@ import asyncio
 import itertools
 import logging
 import multiprocessing as mp
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from swapserve.errors import BackendError
-from swapserve.node.messages import Hello, Reply, Residency, Stop, recv
+from swapserve.node.messages import Exported, Hello, Reply, Residency, Stop, recv, recv_fds, send_fds
 from swapserve.node.messages import send as send_msg
 from swapserve.node.slab import Slab
 from swapserve.node.worker import WorkerConfig, worker_main
@@ -85,6 +85,9 @@ def watch(w: WorkerHandle, on_dead: Any) -> None:
         try:
             while w.conn.poll():
                 reply = recv(w.conn)
+                if isinstance(reply.result, Exported):  # its descriptors are right behind it
+                    fds = recv_fds(w.conn, reply.result.count)
+                    reply = replace(reply, result=Exported(len(fds), tuple(fds)))
                 waiter = w.pending.pop(reply.id, None)
                 if reply.residency is not None:
                     w.residency = reply.residency
@@ -118,12 +121,15 @@ def send(w: WorkerHandle, msg: Any, on_reply: Callable[[Reply | BaseException], 
     send_msg(w.conn, msg)
 
 
-async def call(w: WorkerHandle, msg: Any) -> Reply:
+async def call(w: WorkerHandle, msg: Any, fds: Sequence[int] = ()) -> Reply:
+    """Send ``msg`` (followed by descriptors ``fds``, if any) and wait for its reply."""
     if w.dead:
         raise BackendError(f"worker {w.index} ({w.device}) is not running")
     fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
     w.pending[msg.id] = fut
     send_msg(w.conn, msg)
+    if fds:
+        send_fds(w.conn, fds)
     return await fut
 
 

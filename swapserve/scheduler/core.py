@@ -131,11 +131,13 @@ class Scheduler:
 
     def __init__(self, policy: Policy = "swapserve", rate_halflife_s: float = 60.0,
                  swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False, side_fetch: bool = False,
-                 queue_ahead_within_ms: float | None = None):
+                 queue_ahead_within_ms: float | None = None, peer_copies: bool = False):
         """``swap_piece_ms``: the length of a swap's pieces (0: swaps in one go). ``queue_ahead``: under
         ``swapserve``, a device's first lane may take one more dispatch behind the one it runs
         (``queue_ahead_within_ms``: only when that is expected to end within so many ms; None: whenever).
-        ``side_fetch``: under ``swapserve``, a side lane may bring a small model in itself (:meth:`may_fetch`)."""
+        ``side_fetch``: under ``swapserve``, a side lane may bring a small model in itself (:meth:`may_fetch`).
+        ``peer_copies``: under ``swapserve``, a model may be copied from another device that holds it, where the
+        node measured ``LinkProfile.d2d_GBps`` (faster than from host: NVLink)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
@@ -150,6 +152,7 @@ class Scheduler:
         self.queue_ahead = queue_ahead and policy == "swapserve"
         self.side_fetch = side_fetch and policy == "swapserve"
         self.queue_ahead_within_ms = queue_ahead_within_ms
+        self.peer_copies = peer_copies and policy == "swapserve"
 
     # --- admission ---------------------------------------------------------------------------------
 
@@ -206,7 +209,7 @@ class Scheduler:
         Stop simulating once no device frees before the deadline (it is late whatever follows) and
         extrapolate the finish, for Retry-After, from the best-case work still ahead spread over the devices.
         """
-        view = View(state, now)
+        view = View(state, now, self.peer_copies)
         prof_own = self._profile(state, request.function)
         grace_s = self._grace_s(view, request.function, prof_own, request.items)
         limit = request.deadline + grace_s
@@ -275,7 +278,7 @@ class Scheduler:
             return self._decide_fifo(state, now)
         if self.policy == "dedicated":
             return self._decide_dedicated(state, now)
-        view = View(state, now)
+        view = View(state, now, self.peer_copies)
         rejects: list[Reject] = []
         pending: dict[str, list[Request]] = {}
         for name in state.nonempty():
@@ -365,11 +368,12 @@ class Scheduler:
     def settings(self) -> dict[str, Any]:
         """The settings a running node may change (:meth:`configure`), and the ones fixed at its start."""
         return {"policy": self.policy, "queue_ahead": self.queue_ahead, "side_fetch": self.side_fetch,
-                "swap_piece_ms": self.swap_piece_ms, "queue_ahead_within_ms": self.queue_ahead_within_ms}
+                "swap_piece_ms": self.swap_piece_ms, "queue_ahead_within_ms": self.queue_ahead_within_ms,
+                "peer_copies": self.peer_copies}
 
     def configure(self, state: NodeState, changes: dict[str, Any]) -> dict[str, Any]:
-        """Change ``side_fetch`` (bool), ``swap_piece_ms`` (≥ 0) and ``queue_ahead_within_ms`` (≥ 0, or None: no
-        limit) on a running node — so that a benchmark
+        """Change ``side_fetch`` (bool), ``swap_piece_ms`` (≥ 0), ``queue_ahead_within_ms`` (≥ 0, or None: no
+        limit) and ``peer_copies`` (bool) on a running node — so that a benchmark
         can compare them on one node, and an operator tune a live one — all or nothing, checked first.
         Returns :meth:`settings`. Raises ValueError naming what is wrong."""
         problems = []
@@ -389,11 +393,19 @@ class Scheduler:
                                           or not 0 <= value <= 1000):
                     problems.append(f"queue_ahead_within_ms must be null (no limit) or a number of ms in [0, 1000], "
                                     f"not {value!r}")
+            elif key == "peer_copies":
+                if not isinstance(value, bool):
+                    problems.append(f"peer_copies must be true or false, not {value!r}")
+                elif value and self.policy != "swapserve":
+                    problems.append(f"peer copies exist only under the swapserve policy (this node: {self.policy})")
+                elif value and state.link.d2d_GBps is None:
+                    problems.append("peer copies need two or more devices that can map each other's pages "
+                                    "(none measured at start)")
             elif key in ("policy", "queue_ahead"):
                 problems.append(f"{key} is fixed when the node starts (swapserve serve)")
             else:
-                problems.append(f"unknown setting {key!r}: a running node changes side_fetch, swap_piece_ms and "
-                                "queue_ahead_within_ms")
+                problems.append(f"unknown setting {key!r}: a running node changes side_fetch, swap_piece_ms, "
+                                "queue_ahead_within_ms and peer_copies")
         if problems:
             raise ValueError("; ".join(problems))
         if "side_fetch" in changes:
@@ -403,6 +415,8 @@ class Scheduler:
         if "queue_ahead_within_ms" in changes:
             within = changes["queue_ahead_within_ms"]
             self.queue_ahead_within_ms = None if within is None else float(within)
+        if "peer_copies" in changes:
+            self.peer_copies = changes["peer_copies"]
         return self.settings()
 
     def may_fetch(self, state: NodeState, function: str) -> bool:
@@ -464,7 +478,7 @@ class Scheduler:
             return None
         if any(function in d.resident or function in d.partial or function in d.first_lane for d in state.devices):
             return None
-        view = View(state, now)
+        view = View(state, now, self.peer_copies)
         ests = [e for d in state.devices if d.idle and view.fits(prof, d.index)
                 if (e := view.estimate(function, prof, 1, d.index, now, allow_peer=False)) is not None]
         if not ests:
@@ -505,7 +519,7 @@ class Scheduler:
         """The baseline: requests in arrival order across functions (ties: function name, then queue
         order), one per dispatch, each on the lowest-index idle device that can hold it, bytes from host
         unless resident; never dropped for lateness."""
-        view = View(state, now)
+        view = View(state, now, self.peer_copies)
         free = sorted(d.index for d in state.devices if d.idle)
         order = sorted(((r.arrival, name, i), r) for name in state.nonempty()
                        for i, r in enumerate(state.queues[name].requests))
@@ -532,7 +546,7 @@ class Scheduler:
     def _decide_dedicated(self, state: NodeState, now: float) -> Decision:
         """The dedicated baseline: each idle device serves the function pinned to it whose head request is
         due first, a batch of its queue up to max_batch; nothing moves between devices."""
-        view = View(state, now)
+        view = View(state, now, self.peer_copies)
         dispatches: list[Dispatch] = []
         for dev in state.devices:
             if not dev.idle:
@@ -587,7 +601,7 @@ class Scheduler:
         # Per call, not per model (this runs for every swap and every piece of one, over every model on the
         # device): the link's figures and which models a peer holds whole.
         link = state.link
-        h2d, d2d, slowdown = link.h2d(1), link.d2d_GBps, link.exec_slowdown_copying
+        h2d, d2d, slowdown = link.h2d(1), link.d2d_GBps if self.peer_copies else None, link.exec_slowdown_copying
         peer_held = (set().union(*(d.resident for d in state.devices if d.index != device)) if d2d is not None
                      else set())
         fast = max(d2d, h2d) if d2d is not None else h2d

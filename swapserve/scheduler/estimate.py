@@ -15,7 +15,9 @@ The model of a run (times in ms, all inputs measured by profiling, none assumed)
   copying at each moment of the copy (this one included): the copy is integrated piecewise over the other
   copies' lifetimes, so a copy that overlaps another only for its first millisecond is not charged the
   contended bandwidth throughout.
-* copy from a peer (NVLink): the missing bytes at ``d2d_GBps``, from a device that holds the model whole.
+* copied from a peer (NVLink): ``copy + exec_at(n) + swap_overhead_ms`` with the copy at ``d2d_GBps``, from a
+  device that holds the model whole (lent to the run) — the bytes first, then the resident run (not
+  pipelined); it does not load the host link. Chosen only where it finishes before the copy from host.
 * fetched by a side lane: ``copy + exec_at(n) + swap_overhead_ms`` with the copy at ``fetch_GBps`` — not
   pipelined (the bytes come first, by kernel, then the resident run), and not queued behind the first
   lane's copies: a kernel's reads share the host link with them (on an H200, 100 MiB took 2.7 ms beside a
@@ -120,8 +122,10 @@ class View:
     """A planning copy of the node's devices: when each is free, what each holds or is receiving, and
     which host copies are in flight (for contention)."""
 
-    def __init__(self, state: NodeState, now: float):
+    def __init__(self, state: NodeState, now: float, peers: bool = False):
+        """``peers``: a model may be copied from a device that holds it (where ``link.d2d_GBps`` is measured)."""
         self.link = state.link
+        self.d2d_GBps = state.link.d2d_GBps if peers else None
         self.now = now
         self.pool = [d.pool_bytes for d in state.devices]
         self.idle = [d.idle for d in state.devices]
@@ -186,7 +190,7 @@ class View:
     def peer_for(self, function: str, device: int, at: float) -> int | None:
         """A device that holds the whole model at ``at`` to copy from: idle ones first (a busy peer's run
         competes for its memory bandwidth), then the lowest index."""
-        if self.link.d2d_GBps is None:
+        if self.d2d_GBps is None:
             return None
         peers = [p for p in range(self.n) if p != device and self.holds(function, p, at)]
         return min(peers, key=lambda p: (not self.idle[p], p), default=None)
@@ -203,15 +207,15 @@ class View:
         frac = self.partial_fraction(function, device)
         missing = prof.nbytes * (1.0 - frac)
         source: Source = "partial" if frac > 0.0 else "host"
-        peer = None
         copy = self.host_copy_ms(device, missing, start)
         p = self.peer_for(function, device, start) if allow_peer else None
         if p is not None:
-            assert self.link.d2d_GBps is not None
-            via_peer = copy_ms(missing, self.link.d2d_GBps)
-            if via_peer <= copy:
-                source, peer, copy = "peer", p, via_peer
-        return Estimate(device, source, peer, start, copy, swapped_ms(copy, exec_ms, self.link, prof))
+            assert self.d2d_GBps is not None
+            via_peer = copy_ms(missing, self.d2d_GBps)
+            if via_peer + exec_ms <= swapped_ms(copy, exec_ms, self.link, prof) - prof.swap_overhead_ms:
+                # From a peer the bytes come first, then the run (not pipelined; no copy beside it).
+                return Estimate(device, "peer", p, start, via_peer, via_peer + exec_ms + prof.swap_overhead_ms)
+        return Estimate(device, source, None, start, copy, swapped_ms(copy, exec_ms, self.link, prof))
 
     def side_estimate(self, function: str, prof: ModelProfile, items: int, device: int,
                       start: float, fetch: bool = False) -> Estimate | None:

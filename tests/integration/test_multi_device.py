@@ -17,6 +17,7 @@ def test_one_worker_per_device_and_work_spreads(server_factory, functions, tmp_p
     assert len(workers) == 3, (s.children, s.log())
     status = s.client().status()
     assert [d["device"] for d in status["devices"]] == ["cpu:0", "cpu:1", "cpu:2"]
+    assert status["extra"]["d2d_GBps"] > 0  # every worker mapped the others' pages at start (peer copies)
     info = deploy(s, functions.heavy.archive(tmp_path))
     assert info["state"] == "READY"
     x = torch.randn(1, 1024)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 import torch
 
-from swapserve.engine import Residency
+from swapserve.engine import PeerSource, Residency
 from swapserve.engine.layout import Layout
-from swapserve.errors import CapacityError, InvalidInputError, NotFoundError, NotResidentError, WorkspaceError
+from swapserve.errors import (CapacityError, InvalidInputError, NotFoundError, NotResidentError, PoolBusyError,
+                              WorkspaceError)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -383,3 +385,47 @@ def test_a_swap_waits_for_a_side_lane_run_to_unpin_the_pages_it_needs(make_artif
     t.join()
     assert same(eng.infer("b", xb), ref_b)  # nothing was left half done
     eng.pool.check()
+
+
+def test_a_run_copies_its_model_from_a_lending_peer_and_gives_the_same_bits(make_artifact, make_engine):
+    """Two CPU engines, as two workers: the borrower maps the lender's pages (its pool's descriptor), the lender
+    lends a resident model (pinned, its pages named), and the borrower's runs copy it from there — in either
+    lane, whole or only what is missing — answering bit for bit as the lender's resident run."""
+    art, _, x = make_artifact("tied", seed=11)
+    lender = make_engine("cpu", pool_mib=12, page_mib=2)  # the model is 4 pages: several pages, in order
+    borrower = make_engine("cpu", pool_mib=12, page_mib=2, store=lender.store)
+    fds = lender.backend.export_pages()
+    try:
+        borrower.backend.import_peer(0, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    lender.add("m", art)
+    borrower.add("m", art)
+    assert lender.lend("m") is None  # not on the lender yet: nothing pinned
+    ref = lender.infer("m", x)
+    pages = lender.lend("m")
+    assert pages is not None and len(pages) == lender.placement("m").n_slots
+    with pytest.raises(PoolBusyError):
+        lender.evict("m")  # lent: its pages stay as they are
+
+    out = borrower.infer("m", x, peer=PeerSource(0, pages))
+    assert same(out, ref)
+    assert borrower.residency("m") is Residency.RESIDENT
+    assert borrower.last_run().swapped and borrower.last_run().bytes_copied == borrower._models["m"].layout.nbytes
+    borrower.evict("m")
+    assert same(borrower.infer("m", x, lane=1, peer=PeerSource(0, pages)), ref)  # a side lane copies from it too
+    b, _, xb = make_artifact("mlp", seed=12, name="b")
+    borrower.add("b", b)
+    borrower.infer("b", xb)  # takes the tail of m (6 pages, 4 each)
+    assert borrower.residency("m") is Residency.PARTIAL
+    copied = borrower.stats.bytes_copied
+    assert same(borrower.infer("m", x, peer=PeerSource(0, pages)), ref)  # only the tail comes
+    assert borrower.stats.bytes_copied - copied == borrower.last_run().bytes_copied
+    assert 0 < borrower.last_run().bytes_copied < borrower._models["m"].layout.nbytes
+
+    lender.unlend("m")
+    lender.evict("m")
+    assert lender.residency("m") is Residency.ABSENT
+    lender.pool.check()
+    borrower.pool.check()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -78,21 +79,36 @@ def test_partial_residency_copies_only_missing_bytes():
     assert d.copy_ms == pytest.approx(250 * MB / (50 * 1e6))  # 5 ms, not 20
 
 
-@pytest.mark.parametrize("d2d", [300.0, None])
-def test_peer_copy_preferred_over_host_when_nvlink(d2d):
+@pytest.mark.parametrize("d2d, on", [(300.0, True), (300.0, False), (None, True)])
+def test_peer_copy_preferred_over_host_when_nvlink(d2d, on):
+    """A copy-bound model (20 ms from host, 1 ms of compute) that a busy device holds: from that device over
+    NVLink where peer copies are on and the link was measured, else from host."""
     s = node(2, LinkProfile(h2d_GBps=(50.0,), d2d_GBps=d2d))
     fn(s, "f", nbytes=1 * GB, exec_ms={1: 1.0})
     s.devices[0].resident.add("f")
     busy(s, 0, T0 + 10.0)
     enqueue(s, "f", "r1")
-    d = only(Scheduler(swap_piece_ms=0).decide(s, T0))
+    d = only(Scheduler(swap_piece_ms=0, peer_copies=on).decide(s, T0))
     assert d.device == 1
-    if d2d:
+    if d2d and on:
         assert (d.source, d.peer) == ("peer", 0)
-        assert d.expected_ms == pytest.approx(1e9 / 300e6 + 0.3)
+        assert d.copy_ms == pytest.approx(1e9 / 300e6)
+        assert d.expected_ms == pytest.approx(1e9 / 300e6 + 1.0 + 0.3)  # the bytes, then the run
     else:
         assert (d.source, d.peer) == ("host", None)
         assert d.expected_ms == pytest.approx(20.0 + 0.3)
+
+
+def test_a_peer_copy_only_where_it_beats_the_pipelined_copy_from_host():
+    """Compute-bound (30 ms of compute hide a 20 ms copy from host): a peer's copy, then the run, would end
+    later than the host copy pipelined with the run."""
+    s = node(2, LinkProfile(h2d_GBps=(50.0,), d2d_GBps=300.0))
+    fn(s, "f", nbytes=1 * GB, exec_ms={1: 30.0}, slo_ms=1000.0)
+    s.devices[0].resident.add("f")
+    busy(s, 0, T0 + 10.0)
+    enqueue(s, "f", "r1")
+    d = only(Scheduler(swap_piece_ms=0, peer_copies=True).decide(s, T0))
+    assert (d.device, d.source, d.peer) == (1, "host", None)
 
 
 def test_host_copy_goes_to_least_contended_link():
@@ -445,10 +461,11 @@ def test_values_per_byte_and_cheaper_when_a_peer_holds_it():
         fq = fn(s, name, nbytes=nbytes, exec_ms={1: exec_ms})
         fq.rate, fq.last_arrival = 1.0, T0
         s.devices[0].resident.add(name)
-    v = Scheduler().values(s, 0, T0)
+    v = Scheduler(peer_copies=True).values(s, 0, T0)
     assert v["big"] == pytest.approx(v["small"] / 2)
     s.devices[1].resident.add("small")
-    assert Scheduler().values(s, 0, T0)["small"] < v["small"]  # a copy on device 1 is an NVLink hop away
+    assert Scheduler(peer_copies=True).values(s, 0, T0)["small"] < v["small"]  # an NVLink hop away on device 1
+    assert Scheduler().values(s, 0, T0)["small"] == v["small"]  # not where peer copies are off
 
 
 def test_values_are_reused_briefly_until_what_they_rest_on_changes():
@@ -1013,7 +1030,7 @@ def test_settings_a_running_node_may_change():
     sched = Scheduler(swap_piece_ms=3.0, queue_ahead=True)
     assert sched.configure(s, {"side_fetch": True, "swap_piece_ms": 0}) == {
         "policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 0.0,
-        "queue_ahead_within_ms": None}
+        "queue_ahead_within_ms": None, "peer_copies": False}
     assert sched.configure(s, {"queue_ahead_within_ms": 2})["queue_ahead_within_ms"] == 2.0
     assert sched.configure(s, {"queue_ahead_within_ms": None})["queue_ahead_within_ms"] is None
     with pytest.raises(ValueError, match="queue_ahead_within_ms must be"):
@@ -1027,3 +1044,11 @@ def test_settings_a_running_node_may_change():
     with pytest.raises(ValueError, match="swap_piece_ms must be"):
         sched.configure(s, {"side_fetch": False, "swap_piece_ms": True})
     assert sched.side_fetch and sched.swap_piece_ms == 0.0  # all or nothing
+    with pytest.raises(ValueError, match="two or more devices"):
+        sched.configure(s, {"peer_copies": True})  # no device-to-device bandwidth measured
+    s.link = replace(s.link, d2d_GBps=300.0)
+    assert sched.configure(s, {"peer_copies": True})["peer_copies"] is True
+    with pytest.raises(ValueError, match="peer_copies must be"):
+        sched.configure(s, {"peer_copies": 1})
+    with pytest.raises(ValueError, match="only under the swapserve policy"):
+        Scheduler("fifo_lru").configure(s, {"peer_copies": True})

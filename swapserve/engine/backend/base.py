@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from swapserve.engine.layout import Chunk
+from swapserve.errors import BackendError
 
 
 class Waiter(ABC):
@@ -102,6 +103,33 @@ class Backend(ABC):
         stream: a side lane bringing a model in beside the first lane's swap (see ``CudaBackend.fetch``)."""
         for a, b in copy_runs(chunks, copy):
             self.view(dst_va + a, b - a).copy_(host[a:b])
+
+    def export_pages(self) -> list[int]:
+        """File descriptors through which another process can map this device's pages (see
+        :meth:`import_peer`); the caller closes them. Raises :class:`BackendError` where pages cannot be shared."""
+        raise BackendError(f"{self.device} cannot share its pages")
+
+    def import_peer(self, peer: int, fds: Sequence[int]) -> None:
+        """Map the pages a peer device exported (:meth:`export_pages`, in its order), read-only in use, so that
+        :meth:`fetch_peer` can copy from them. The caller closes ``fds``."""
+        raise BackendError(f"{self.device} cannot map a peer's pages")
+
+    def peer_view(self, peer: int, page: int, offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of an imported peer's page ``page`` from ``offset``, as a uint8 tensor on this device."""
+        raise BackendError(f"{self.device} has no pages of peer {peer}")
+
+    def fetch_peer(self, dst_va: int, peer: int, pages: Sequence[int], chunks: Sequence[Chunk],
+                   copy: Sequence[bool]) -> None:
+        """Copy the chunks with ``copy[i]`` of a model from a peer that holds it whole — its slot s in the
+        peer's page ``pages[s]`` — to ``dst_va``, in the order of the calling thread's current compute stream
+        (what it launches next sees the bytes). A model's range is whole pages, so chunks split at slots."""
+        page = self.page_bytes
+        for a, b in copy_runs(chunks, copy):
+            while a < b:
+                slot, off = divmod(a, page)
+                n = min(b, (slot + 1) * page) - a
+                self.view(dst_va + a, n).copy_(self.peer_view(peer, pages[slot], off, n))
+                a += n
 
     @abstractmethod
     def start_copies(self, dst_va: int, host: torch.Tensor, chunks: Sequence[Chunk], copy: Sequence[bool],

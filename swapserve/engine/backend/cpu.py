@@ -76,6 +76,8 @@ class CpuBackend(Backend):
         self.page_bytes = page_bytes
         self._fd = -1
         self._num_pages = 0
+        self._peers: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}
+        """Imported peers' pools: the mapping and a uint8 tensor over it."""
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._copy_loop, name="swapserve-copy", daemon=True)
         self._thread.start()
@@ -116,6 +118,26 @@ class CpuBackend(Backend):
     def unpin(self, host: torch.Tensor) -> None:
         pass
 
+    def export_pages(self) -> list[int]:
+        """One descriptor: the pool's memfd (page p at offset p × page_bytes)."""
+        if self._fd < 0:
+            raise BackendError("no pages to share yet")
+        return [os.dup(self._fd)]
+
+    def import_peer(self, peer: int, fds: Sequence[int]) -> None:
+        if len(fds) != 1:
+            raise BackendError(f"a CPU peer shares its pool as one descriptor, not {len(fds)}")
+        if peer in self._peers:
+            raise BackendError(f"peer {peer} is imported already")
+        mm = mmap.mmap(fds[0], 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._peers[peer] = mm, torch.frombuffer(mm, dtype=torch.uint8)
+
+    def peer_view(self, peer: int, page: int, offset: int, nbytes: int) -> torch.Tensor:
+        if peer not in self._peers:
+            raise BackendError(f"peer {peer}'s pages are not imported here")
+        start = page * self.page_bytes + offset
+        return self._peers[peer][1][start:start + nbytes]
+
     def new_events(self, count: int) -> None:
         return None
 
@@ -153,6 +175,12 @@ class CpuBackend(Backend):
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=5)
+        for mm, _ in self._peers.values():
+            try:
+                mm.close()
+            except BufferError:  # a view still alive somewhere: the mapping goes with the last of them
+                pass
+        self._peers.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,6 +22,8 @@ import torch
 from swapserve.engine.backend.base import Backend, Waiter, copy_runs, effective_chunks
 from swapserve.engine.layout import Chunk
 from swapserve.errors import BackendError, CapacityError
+
+log = logging.getLogger(__name__)
 
 
 def _driver() -> Any:
@@ -113,7 +117,10 @@ class CudaBackend(Backend):
         prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         prop.location.id = self.index
+        prop.requestedHandleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
         self._prop = prop
+        self.shareable = True
+        """Pages made exportable as file descriptors (for peers' copies); False where the driver refused."""
         gran = check(cu.cuMemGetAllocationGranularity(
             prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM))
         if page_bytes % int(gran):
@@ -124,6 +131,8 @@ class CudaBackend(Backend):
         acc.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access = [acc]
         self._pages: list[Any] = []
+        self._peers: dict[int, tuple[int, int, torch.Tensor]] = {}
+        """Imported peers' pools: (reserved address, bytes, a tensor over them on this device)."""
         self._mapped: dict[tuple[int, int], torch.Tensor] = {}
         """Device views of registered host buffers, by (host base, device address): made once, then sliced
         for each upload (wrapping memory through ``__cuda_array_interface__`` is a slow Python call)."""
@@ -137,7 +146,14 @@ class CudaBackend(Backend):
 
     def create_pages(self, count: int) -> None:
         self._ensure_ctx()
-        for i in range(count):
+        if count:
+            try:
+                self._pages.append(check(self._cu.cuMemCreate(self.page_bytes, self._prop, 0)))
+            except BackendError as e:  # no shareable pages here: plain ones (peers then copy through the host)
+                log.warning("%s: pages cannot be made shareable (%s); peer copies are off", self.device, e)
+                self.shareable = False
+                self._prop.requestedHandleTypes = self._cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
+        for i in range(len(self._pages), count):
             try:
                 self._pages.append(check(self._cu.cuMemCreate(self.page_bytes, self._prop, 0)))
             except BackendError as e:
@@ -238,6 +254,54 @@ class CudaBackend(Backend):
             return None
         return whole[ptr - base:ptr - base + nbytes]
 
+    def export_pages(self) -> list[int]:
+        if not self.shareable:
+            raise BackendError(f"{self.device}'s pages are not shareable")
+        self._ensure_ctx()
+        fd_type = self._cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        fds: list[int] = []
+        try:
+            for h in self._pages:
+                fds.append(int(check(self._cu.cuMemExportToShareableHandle(h, fd_type, 0))))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def import_peer(self, peer: int, fds: Sequence[int]) -> None:
+        """Import each page, map them side by side into one reserved range (page p at p × page_bytes) and grant
+        this device access; the range holds the allocations (the handles are released at once)."""
+        if peer in self._peers:
+            raise BackendError(f"peer {peer} is imported already")
+        self._ensure_ctx()
+        cu = self._cu
+        fd_type = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        size = len(fds) * self.page_bytes
+        va = int(check(cu.cuMemAddressReserve(size, self.page_bytes, 0, 0)))
+        mapped = 0
+        try:
+            for fd in fds:
+                h = check(cu.cuMemImportFromShareableHandle(fd, fd_type))
+                try:
+                    check(cu.cuMemMap(va + mapped * self.page_bytes, self.page_bytes, 0, h, 0))
+                finally:
+                    check(cu.cuMemRelease(h))
+                mapped += 1
+            check(cu.cuMemSetAccess(va, size, self._access, 1))
+        except BaseException:
+            for i in range(mapped):
+                check(cu.cuMemUnmap(va + i * self.page_bytes, self.page_bytes))
+            check(cu.cuMemAddressFree(va, size))
+            raise
+        self._peers[peer] = va, size, wrap_device_memory(va, size, self.device)
+
+    def peer_view(self, peer: int, page: int, offset: int, nbytes: int) -> torch.Tensor:
+        if peer not in self._peers:
+            raise BackendError(f"peer {peer}'s pages are not imported here")
+        start = page * self.page_bytes + offset
+        return self._peers[peer][2][start:start + nbytes]
+
     def new_events(self, count: int) -> list[torch.cuda.Event]:
         return [torch.cuda.Event() for _ in range(count)]
 
@@ -278,6 +342,11 @@ class CudaBackend(Backend):
     def close(self) -> None:
         self._ensure_ctx()
         self.synchronize()
+        for va, size, _ in self._peers.values():
+            for off in range(0, size, self.page_bytes):
+                check(self._cu.cuMemUnmap(va + off, self.page_bytes))
+            check(self._cu.cuMemAddressFree(va, size))
+        self._peers.clear()
         for h in self._pages:
             check(self._cu.cuMemRelease(h))
         self._pages.clear()
