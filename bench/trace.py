@@ -325,12 +325,13 @@ def p98(xs: list[float]) -> float:
 
 def scrape(url: str) -> dict[str, float]:
     families = ("swapserve_swap_seconds", "swapserve_compute_seconds", "swapserve_event_loop_lag_seconds",
-                "swapserve_front_event_loop_lag_seconds")
+                "swapserve_front_event_loop_lag_seconds", "swapserve_peer_copies")
     query = "&".join(f"name[]={f}" for f in families)  # only these: a cheap scrape, mid-trace
     text = urllib.request.urlopen(f"{url}/metrics?{query}", timeout=10).read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("swapserve_swap_seconds_count") or line.startswith("swapserve_compute_seconds_sum"):
+        if line.startswith(("swapserve_swap_seconds_count", "swapserve_compute_seconds_sum",
+                            "swapserve_peer_copies_total")):
             key = line.split("{")[0]
             out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         elif line.startswith(("swapserve_event_loop_lag_seconds", "swapserve_front_event_loop_lag_seconds")):
@@ -442,6 +443,8 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "p99_ms": float(np.percentile(ok, 99)) if ok else None,
         "throughput_rps": len(ok) / duration,
         "swaps_per_s": swaps / elapsed,
+        "peer_copies_per_s": (after.get("swapserve_peer_copies_total", 0) - before.get("swapserve_peer_copies_total", 0))
+        / elapsed,
         "loop_lag": loop_lag(before, after),
         "front_loop_lag": loop_lag(before, after, "swapserve_front_event_loop_lag_seconds"),
         "busy_fraction": busy / elapsed / srv_devices(srv),
