@@ -74,7 +74,7 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
     client = server.client()
     before = client.scheduling()
     assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": False, "swap_piece_ms": 3.0,
-                      "queue_ahead_within_ms": None}
+                      "queue_ahead_within_ms": None, "peer_copies": False}
     try:
         after = client.configure_scheduling(side_fetch=True, swap_piece_ms=5, queue_ahead_within_ms=2)
         assert after == {**before, "side_fetch": True, "swap_piece_ms": 5.0, "queue_ahead_within_ms": 2.0}
@@ -82,7 +82,8 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
         for bad, why in (({"swap_piece_ms": 1, "bogus": 1}, "unknown setting 'bogus'"),
                          ({"side_fetch": "yes"}, "side_fetch must be true or false"),
                          ({"swap_piece_ms": -1}, "swap_piece_ms must be a number"),
-                         ({"queue_ahead": False}, "queue_ahead is fixed")):
+                         ({"queue_ahead": False}, "queue_ahead is fixed"),
+                         ({"peer_copies": True}, "two or more devices")):  # one device: no peers
             r = server.request("PATCH", "/api/v1/scheduling", json.dumps(bad).encode(),
                                {"Content-Type": "application/json"}, token=True)
             assert why in r.error(400)

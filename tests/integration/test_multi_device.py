@@ -1,7 +1,8 @@
 """A node with several workers (CPU stand-ins for GPUs: ``--devices cpu:0,cpu:1,cpu:2``): one worker process
 per device, every device in the status, and work spread over them — with the controller and workers
-busy-polling between messages (``--spin-ms``), which must change nothing but timing, and one lane per device
-(``--lanes 1``; every other integration test runs the default two)."""
+busy-polling between messages (``--spin-ms``), which must change nothing but timing, one lane per device
+(``--lanes 1``; every other integration test runs the default two) and peer copies allowed (``--peer-copies``:
+the workers map each other's pages at start)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from .harness import assert_stopped_cleanly, concurrently, deploy
 
 
 def test_one_worker_per_device_and_work_spreads(server_factory, functions, tmp_path):
-    s = server_factory(devices="cpu:0,cpu:1,cpu:2", extra=("--spin-ms", "1", "--lanes", "1")).start()
+    s = server_factory(devices="cpu:0,cpu:1,cpu:2", extra=("--spin-ms", "1", "--lanes", "1", "--peer-copies")).start()
     s.wait_ready()
     workers = [pid for pid in s.children if "spawn_main" in _cmdline(pid) and "resource_tracker" not in _cmdline(pid)]
     assert len(workers) == 3, (s.children, s.log())
     status = s.client().status()
     assert [d["device"] for d in status["devices"]] == ["cpu:0", "cpu:1", "cpu:2"]
     assert status["extra"]["d2d_GBps"] > 0  # every worker mapped the others' pages at start (peer copies)
+    assert s.client().scheduling()["peer_copies"] is True  # as the flag asked
     info = deploy(s, functions.heavy.archive(tmp_path))
     assert info["state"] == "READY"
     x = torch.randn(1, 1024)
