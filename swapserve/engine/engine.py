@@ -72,6 +72,8 @@ class RunInfo:
     bytes_copied: int = 0
     pages_taken: int = 0
     """Pages taken from other models."""
+    from_peer: bool = False
+    """Its bytes came from a peer device that lent the model, not from host."""
     wait_ms: float = 0.0
     """Waiting for the lane (a run before it) or for a graph capture to end."""
     upload_ms: float = 0.0
@@ -474,7 +476,7 @@ class SwapEngine:
             outs = self._swap_eager(m, host, copy, inputs)
         cpu = time.thread_time() - cpu0
         self.backend.synchronize(ln.stream)
-        self._landed(m, plan, copy)
+        self._landed(m, plan, copy, from_peer=bool(plan.load) and peer is not None)
         with self._lock:
             self._count(plan, time.perf_counter() - wall0, cpu)
         return outs
@@ -597,14 +599,14 @@ class SwapEngine:
         want = set(load)
         return [c.start // page in want for c in m.chunks]
 
-    def _landed(self, m: _Model, plan: PlacementPlan, copy: list[bool]) -> int:
+    def _landed(self, m: _Model, plan: PlacementPlan, copy: list[bool], from_peer: bool = False) -> int:
         """The plan's copies landed: its pages count as loaded, and the calling thread's :meth:`last_run`
         says what it did. Returns the bytes copied."""
         copied = sum(c.nbytes for c, k in zip(m.chunks, copy) if k) if plan.load else 0
         with self._lock:
             self.pool.loaded(m.name, plan.load)
             self.stats.bytes_copied += copied
-        self._local.last_run = RunInfo(bool(plan.load), copied, sum(len(t) for _, t in plan.taken))
+        self._local.last_run = RunInfo(bool(plan.load), copied, sum(len(t) for _, t in plan.taken), from_peer)
         return copied
 
     def _count(self, plan: PlacementPlan, wall: float, cpu: float) -> None:

@@ -476,15 +476,15 @@ class Dispatcher:
                 self.metrics.count_swap_bytes(w.device, res.bytes_copied)
             if res.pages_taken:
                 self.metrics.count_eviction(w.device, res.pages_taken)
-            if fl.lent_from >= 0 and res.swapped:
+            if res.from_peer:
                 self.metrics.count_peer_copy(w.device)
-            # A run from a lender copies, then runs (as a side lane's fetch); one whose lender no longer held
-            # the model swapped from host, where the dispatch did not expect it to.
-            from_host = fl.dispatch.source == "peer" and fl.lent_from < 0
+            # A run from a lender copies, then runs (as a side lane's fetch); one that copied from host instead
+            # (the lender no longer held the model whole) is not what its dispatch expected.
+            from_host = fl.dispatch.source == "peer" and not res.from_peer
             self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
                                               (now - fl.begun) * 1e3, now,
                                               copy_ms=None if from_host else fl.dispatch.copy_ms,
-                                              fetched=bool(res.lane) or fl.lent_from >= 0)
+                                              fetched=bool(res.lane) or res.from_peer)
         else:
             err = error or reply_error(reply)
             for p in fl.pending:

@@ -185,6 +185,9 @@ class RunResult:
     (pinning, evictions, remaps), ``device`` (launch to landed), ``output`` (into the IO slab)."""
     lane: int = 0
     """The lane it ran in (a side lane's run the worker handed to the first lane says 0)."""
+    from_peer: bool = False
+    """Its missing bytes came from the device that lent the model (not from host: it was resident, or the run
+    had to capture a graph first)."""
 
 
 @dataclass(frozen=True)

@@ -315,7 +315,7 @@ class Worker:
                   "output": (t2 - t1) * 1e3, "place_lock": run.place_lock_ms, "place_remap": run.place_remap_ms,
                   "place_remap_cpu": run.place_remap_cpu_ms}
         return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases,
-                         lane=lane)
+                         lane=lane, from_peer=run.from_peer)
 
     def _residency_if_changed(self) -> Any:
         """The pool's residency, only when it changed since last sent (it grows with the models here)."""

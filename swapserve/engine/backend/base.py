@@ -124,11 +124,12 @@ class Backend(ABC):
         peer's page ``pages[s]`` — to ``dst_va``, in the order of the calling thread's current compute stream
         (what it launches next sees the bytes). A model's range is whole pages, so chunks split at slots."""
         page = self.page_bytes
+        dst = self.view(dst_va, chunks[-1].end)  # the model's range, viewed once
         for a, b in copy_runs(chunks, copy):
             while a < b:
                 slot, off = divmod(a, page)
                 n = min(b, (slot + 1) * page) - a
-                self.view(dst_va + a, n).copy_(self.peer_view(peer, pages[slot], off, n))
+                dst[a:a + n].copy_(self.peer_view(peer, pages[slot], off, n))
                 a += n
 
     @abstractmethod
