@@ -443,8 +443,8 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "p99_ms": float(np.percentile(ok, 99)) if ok else None,
         "throughput_rps": len(ok) / duration,
         "swaps_per_s": swaps / elapsed,
-        "peer_copies_per_s": (after.get("swapserve_peer_copies_total", 0) - before.get("swapserve_peer_copies_total", 0))
-        / elapsed,
+        "peer_copies_per_s": (after.get("swapserve_peer_copies_total", 0)
+                              - before.get("swapserve_peer_copies_total", 0)) / elapsed,
         "loop_lag": loop_lag(before, after),
         "front_loop_lag": loop_lag(before, after, "swapserve_front_event_loop_lag_seconds"),
         "busy_fraction": busy / elapsed / srv_devices(srv),

@@ -414,7 +414,8 @@ def test_a_run_copies_its_model_from_a_lending_peer_and_gives_the_same_bits(make
     assert borrower.residency("m") is Residency.RESIDENT
     run = borrower.last_run()
     assert run.swapped and run.from_peer and run.bytes_copied == borrower._models["m"].layout.nbytes
-    assert same(borrower.infer("m", x, peer=PeerSource(0, pages)), ref) and not borrower.last_run().from_peer  # resident
+    assert same(borrower.infer("m", x, peer=PeerSource(0, pages)), ref)
+    assert not borrower.last_run().from_peer  # resident now: nothing copied
     borrower.evict("m")
     assert same(borrower.infer("m", x, lane=1, peer=PeerSource(0, pages)), ref)  # a side lane copies from it too
     b, _, xb = make_artifact("mlp", seed=12, name="b")
