@@ -16,6 +16,8 @@
 # replayed 2 x REPEATS times, into RESULTS_DIR/side_fetch_ab/side_fetch_true and .../side_fetch_false).
 # WITHIN_AB=MS likewise alternates queue-ahead with no limit and only within MS of the run ahead's end
 # (queue_ahead_within_ms; into RESULTS_DIR/within_ab/queue_ahead_within_ms_none and ..._MS).
+# PEER_COPIES=1 runs every swapserve node with serve --peer-copies (several GPUs); PEER_AB=1 also runs an
+# interleaved A/B of peer copies on one node (into RESULTS_DIR/peer_ab/peer_copies_false and ..._true).
 # SLOs come from the card's committed swap_latency.json when there is one (bench/results/<gpu>_*/), else
 # trace.py measures them first. Sweeps default to one GPU's (100..400 swapserve-style; 25..200 on-demand).
 set -u
@@ -66,12 +68,14 @@ if [ "$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)" -ge 2 ]; the
 fi
 
 WORK=$(mktemp -d /tmp/trace-work-XXXX)  # one artifact cache (the zoo exported once) for every trace run
-LANE_ARGS=()
-[ -n "${LANES:-}" ] && LANE_ARGS+=(--lanes "$LANES")
-[ -n "${PIECE_MS:-}" ] && LANE_ARGS+=(--swap-piece-ms "$PIECE_MS")
-[ -n "${MAX_BATCH:-}" ] && LANE_ARGS+=(--max-batch "$MAX_BATCH")
+AB_ARGS=()  # the node's settings; the A/Bs on one node replay with these (each alternates one setting itself)
+[ -n "${LANES:-}" ] && AB_ARGS+=(--lanes "$LANES")
+[ -n "${PIECE_MS:-}" ] && AB_ARGS+=(--swap-piece-ms "$PIECE_MS")
+[ -n "${MAX_BATCH:-}" ] && AB_ARGS+=(--max-batch "$MAX_BATCH")
+[ -n "${FRONTS:-}" ] && AB_ARGS+=(--fronts "$FRONTS")
+LANE_ARGS=("${AB_ARGS[@]}")  # the sweeps: the same, and their replays and peer copies
 [ -n "${REPEATS:-}" ] && LANE_ARGS+=(--repeats "$REPEATS")
-[ -n "${FRONTS:-}" ] && LANE_ARGS+=(--fronts "$FRONTS")
+[ "${PEER_COPIES:-0}" = 1 ] && LANE_ARGS+=(--peer-copies)
 PROFILE_ARGS=()
 [ "${PROFILE:-0}" = 1 ] && PROFILE_ARGS+=(--profile)
 step "trace swapserve $SWEEP"
@@ -87,19 +91,15 @@ if [ "${QUEUE_AHEAD_AB:-0}" = 1 ]; then
 fi
 if [ "${SIDE_FETCH_AB:-0}" = 1 ]; then
   step "trace swapserve $SWEEP, side fetches on and off alternately on one node (in $R/side_fetch_ab)"
-  AB_ARGS=()
-  [ -n "${LANES:-}" ] && AB_ARGS+=(--lanes "$LANES")
-  [ -n "${PIECE_MS:-}" ] && AB_ARGS+=(--swap-piece-ms "$PIECE_MS")
-  [ -n "${MAX_BATCH:-}" ] && AB_ARGS+=(--max-batch "$MAX_BATCH")
   python3 bench/trace.py --out "$R/side_fetch_ab" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${AB_ARGS[@]}" --repeats $((2 * ${REPEATS:-1})) --alternate side_fetch=true,false
 fi
 if [ -n "${WITHIN_AB:-}" ]; then
   step "trace swapserve $SWEEP, queue-ahead with no limit and within $WITHIN_AB ms alternately on one node (in $R/within_ab)"
-  AB_ARGS=()
-  [ -n "${LANES:-}" ] && AB_ARGS+=(--lanes "$LANES")
-  [ -n "${PIECE_MS:-}" ] && AB_ARGS+=(--swap-piece-ms "$PIECE_MS")
-  [ -n "${MAX_BATCH:-}" ] && AB_ARGS+=(--max-batch "$MAX_BATCH")
   python3 bench/trace.py --out "$R/within_ab" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${AB_ARGS[@]}" --repeats $((2 * ${REPEATS:-1})) --alternate "queue_ahead_within_ms=null,$WITHIN_AB"
+fi
+if [ "${PEER_AB:-0}" = 1 ]; then
+  step "trace swapserve $SWEEP, peer copies off and on alternately on one node (in $R/peer_ab)"
+  python3 bench/trace.py --out "$R/peer_ab" --policies swapserve --sweep "$SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${AB_ARGS[@]}" --repeats $((2 * ${REPEATS:-1})) --alternate peer_copies=false,true
 fi
 step "trace lru_ondemand $ONDEMAND_SWEEP"
 python3 bench/trace.py --out "$R" --policies lru_ondemand --sweep "$ONDEMAND_SWEEP" --duration "$DURATION" --warmup "$WARMUP" --raw --work "$WORK" "${SLO[@]}" "${LANE_ARGS[@]}"

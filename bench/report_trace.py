@@ -41,6 +41,7 @@ def _settings(r: dict) -> str:
     """The node's settings that differ from its defaults, where the result records them."""
     said = [f"serve --fronts {r['fronts']}" if r.get("fronts") else "",
             "side fetches on" if r.get("side_fetch") else "",
+            "peer copies on" if r.get("peer_copies") else "",
             f"lanes {r['lanes']}" if r.get("lanes", 2) != 2 else "",
             "no queue-ahead" if r.get("queue_ahead") is False else ""]
     said = [s for s in said if s]

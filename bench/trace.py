@@ -588,6 +588,8 @@ def main() -> None:
                     help="serve --queue-ahead / --no-queue-ahead (default: on, the node's default)")
     ap.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=False,
                     help="serve --side-fetch / --no-side-fetch (default: off, the node's default)")
+    ap.add_argument("--peer-copies", action=argparse.BooleanOptionalAction, default=False,
+                    help="serve --peer-copies / --no-peer-copies (default: off, the node's default; several GPUs)")
     ap.add_argument("--profile", action="store_true", help="sample the controller and each HTTP front with py-spy "
                                                             "through each measured point (OUT/profiles/, with a "
                                                             "summary of each)")
@@ -614,7 +616,8 @@ def main() -> None:
               "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": args.max_batch,
               "client_processes": args.clients, "lanes": args.lanes or 2,
               "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS,
-              "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch, "fronts": args.fronts}
+              "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch, "peer_copies": args.peer_copies,
+              "fronts": args.fronts}
     variants = alternates(args.alternate, args.out)  # (directory, settings): the runs of each go there
     results = []
     for out, settings in variants:
@@ -638,6 +641,7 @@ def main() -> None:
                  + (("--swap-piece-ms", str(args.swap_piece_ms)) if args.swap_piece_ms is not None else ())
                  + ("--queue-ahead" if args.queue_ahead else "--no-queue-ahead",)
                  + ("--side-fetch" if args.side_fetch else "--no-side-fetch",)
+                 + ("--peer-copies" if args.peer_copies else "--no-peer-copies",)
                  + ("--fronts", str(args.fronts)))
         srv = Server(home, args.devices or "all", pool=args.pool, host_store=f"{int(total_bytes * 1.05) + (1 << 30)}",
                      workspace="2GiB", extra=extra)
