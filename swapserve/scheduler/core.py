@@ -379,12 +379,12 @@ class Scheduler:
         problems = []
         for key, value in changes.items():
             if key == "side_fetch":
-                if not isinstance(value, bool):
-                    problems.append(f"side_fetch must be true or false, not {value!r}")
-                elif value and self.policy != "swapserve":
-                    problems.append(f"side fetches exist only under the swapserve policy (this node: {self.policy})")
-                elif value and state.link.fetch_GBps is None:
-                    problems.append("side fetches need a second lane per device (serve --lanes 2)")
+                problems += self._switch_problems(key, value, "side fetches", state.link.fetch_GBps is not None,
+                                                  "need a second lane per device (serve --lanes 2)")
+            elif key == "peer_copies":
+                problems += self._switch_problems(key, value, "peer copies", state.link.d2d_GBps is not None,
+                                                  "need two or more devices that can map each other's pages "
+                                                  "(none measured at start)")
             elif key == "swap_piece_ms":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1000:
                     problems.append(f"swap_piece_ms must be a number of ms in [0, 1000], not {value!r}")
@@ -393,14 +393,6 @@ class Scheduler:
                                           or not 0 <= value <= 1000):
                     problems.append(f"queue_ahead_within_ms must be null (no limit) or a number of ms in [0, 1000], "
                                     f"not {value!r}")
-            elif key == "peer_copies":
-                if not isinstance(value, bool):
-                    problems.append(f"peer_copies must be true or false, not {value!r}")
-                elif value and self.policy != "swapserve":
-                    problems.append(f"peer copies exist only under the swapserve policy (this node: {self.policy})")
-                elif value and state.link.d2d_GBps is None:
-                    problems.append("peer copies need two or more devices that can map each other's pages "
-                                    "(none measured at start)")
             elif key in ("policy", "queue_ahead"):
                 problems.append(f"{key} is fixed when the node starts (swapserve serve)")
             else:
@@ -418,6 +410,17 @@ class Scheduler:
         if "peer_copies" in changes:
             self.peer_copies = changes["peer_copies"]
         return self.settings()
+
+    def _switch_problems(self, key: str, value: Any, what: str, possible: bool, needs: str) -> list[str]:
+        """What is wrong with turning ``key`` (a feature of the swapserve policy, ``what``) to ``value``: not a
+        bool, the wrong policy, or (``possible`` false) the node lacks what it ``needs``."""
+        if not isinstance(value, bool):
+            return [f"{key} must be true or false, not {value!r}"]
+        if value and self.policy != "swapserve":
+            return [f"{what} exist only under the swapserve policy (this node: {self.policy})"]
+        if value and not possible:
+            return [f"{what} {needs}"]
+        return []
 
     def may_fetch(self, state: NodeState, function: str) -> bool:
         """Whether a side lane may bring ``function``'s model in itself: side fetches on, their bandwidth

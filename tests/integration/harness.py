@@ -13,6 +13,7 @@ forward pass on a CPU, with 4 MiB of weights) used where work must stay in fligh
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import importlib.util
 import json
@@ -28,7 +29,7 @@ import tempfile
 import time
 import uuid
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ import yaml
 
 from swapserve.client import Client
 from swapserve.functions.bundle import pack
+from swapserve.node.controller import Node, NodeConfig
 
 READY_TIMEOUT_S = 120.0
 """Start to readiness: ~10 s on 2 idle cores (torch imports, the worker's copy probes); generous for busy CI."""
@@ -532,6 +534,26 @@ def deploy(server: Server, archive: Path) -> dict[str, Any]:
 
 def shm_root() -> Path:
     return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def in_node(monkeypatch: pytest.MonkeyPatch, cfg: NodeConfig, body: Callable[[Node], Awaitable[None]]) -> None:
+    """Run ``body`` against a real Node in this process (its workers real processes, its shared memory in a
+    directory of its own), started before and stopped after."""
+    shm = shm_root() / f"swapserve-it-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("SWAPSERVE_SHM_DIR", str(shm))
+
+    async def main() -> None:
+        node = Node(cfg)
+        await node.start()
+        try:
+            await body(node)
+        finally:
+            await node.stop(5.0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 def new_server(tmp: Path) -> Server:

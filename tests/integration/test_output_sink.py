@@ -6,8 +6,6 @@ placed gives the memory back (``discard``) and is never answered."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import torch
 
 from swapserve.node.controller import Node, NodeConfig
 
-from .harness import Function, Functions, shm_root
+from .harness import Function, Functions, in_node
 
 pytestmark = pytest.mark.integration
 
@@ -41,33 +39,22 @@ class Sink:
 
 def test_outputs_land_where_the_sink_says_and_a_cancelled_request_gives_them_back(
         functions: Functions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    shm = shm_root() / f"swapserve-it-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("SWAPSERVE_SHM_DIR", str(shm))
+    async def body(node: Node) -> None:
+        for fn in (functions.mlp, functions.wide):
+            await node.deploy(fn.bundle)
+        for fn in (functions.mlp, functions.wide):
+            x = torch.randn(2, 16)
+            (want,) = fn.expected(x)
+            sink = Sink()
+            result = await node.infer(fn.name, {"x": x}, sink=sink)
+            (got,) = result.outputs.values()
+            assert got.data_ptr() == sink.given["y"].data_ptr(), fn.name  # written there, not copied after
+            torch.testing.assert_close(got, want)
+            assert sink.discarded == 0
+            await cancelled_after_placing(node, fn)
 
-    async def main() -> None:
-        node = Node(NodeConfig(home=tmp_path / "home", devices=("cpu",), pool_bytes=128 << 20,
-                               workspace_bytes=128 << 20, host_store_bytes=256 << 20))
-        await node.start()
-        try:
-            for fn in (functions.mlp, functions.wide):
-                await node.deploy(fn.bundle)
-            for fn in (functions.mlp, functions.wide):
-                x = torch.randn(2, 16)
-                (want,) = fn.expected(x)
-                sink = Sink()
-                result = await node.infer(fn.name, {"x": x}, sink=sink)
-                (got,) = result.outputs.values()
-                assert got.data_ptr() == sink.given["y"].data_ptr(), fn.name  # written there, not copied after
-                torch.testing.assert_close(got, want)
-                assert sink.discarded == 0
-                await cancelled_after_placing(node, fn)
-        finally:
-            await node.stop(5.0)
-
-    try:
-        asyncio.run(main())
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
+    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=("cpu",), pool_bytes=128 << 20,
+                                    workspace_bytes=128 << 20, host_store_bytes=256 << 20), body)
 
 
 async def cancelled_after_placing(node: Node, fn: Function) -> None:

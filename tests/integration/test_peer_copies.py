@@ -22,7 +22,7 @@ from swapserve.node import workers as wk
 from swapserve.node.controller import Node, NodeConfig
 from swapserve.node.messages import Evict
 
-from .harness import Functions, shm_root
+from .harness import Functions, in_node
 
 pytestmark = pytest.mark.integration
 
@@ -53,77 +53,55 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two G
 def test_a_run_copies_its_model_from_the_device_that_lent_it_and_answers_as_a_resident_run(
         functions: Functions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """On two CPU workers here, and on two GPUs (NVLink where they have it) on the lent machine."""
-    shm = shm_root() / f"swapserve-it-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("SWAPSERVE_SHM_DIR", str(shm))
     devices = (f"{kind}:0", f"{kind}:1")
 
-    async def main() -> None:
-        node = Node(NodeConfig(home=tmp_path / "home", devices=devices, pool_bytes=128 << 20,
-                               workspace_bytes=128 << 20, host_store_bytes=256 << 20, lanes=1,
-                               prepare_on_deploy=False, peer_copies=True, queue_ahead=False, swap_piece_ms=0))
-        await node.start()
-        try:
-            measured = node.state.link.d2d_GBps
-            assert measured is not None and measured > 0  # the workers mapped each other's pages at start
-            node.state.link = replace(node.state.link, **FAST_PEERS)
-            await node.deploy(_one_per_batch(functions, tmp_path))
-            x = torch.randn(1, 1024)
-            first = await node.infer("heavy", {"x": x})  # from host onto one device: the lender to be
-            lender = devices.index(first.device)
-            before = _peer_copies(node, devices)
+    async def body(node: Node) -> None:
+        measured = node.state.link.d2d_GBps
+        assert measured is not None and measured > 0  # the workers mapped each other's pages at start
+        node.state.link = replace(node.state.link, **FAST_PEERS)
+        await node.deploy(_one_per_batch(functions, tmp_path))
+        x = torch.randn(1, 1024)
+        first = await node.infer("heavy", {"x": x})  # from host onto one device: the lender to be
+        lender = devices.index(first.device)
+        before = _peer_copies(node, devices)
 
-            # Three at once: one runs on the lender; the two behind it are a queue longer than a batch, so one
-            # goes to the other device, copied from the lender, while the lender runs.
-            results = await asyncio.gather(*(node.infer("heavy", {"x": x}) for _ in range(3)))
-            (want,) = first.outputs.values()
-            for r in results:
-                (got,) = r.outputs.values()
-                assert torch.equal(got, want), r.device  # bit for bit: the same bytes, the same program
-            borrower = 1 - lender
-            on_borrower = [r for r in results if r.device == devices[borrower]]
-            assert on_borrower and on_borrower[0].swapped, [(r.device, r.swapped) for r in results]
-            after = _peer_copies(node, devices)
-            assert after[borrower] - before[borrower] >= 1 and after[lender] == before[lender], (before, after)
+        # Three at once: one runs on the lender; the two behind it are a queue longer than a batch, so one
+        # goes to the other device, copied from the lender, while the lender runs.
+        results = await asyncio.gather(*(node.infer("heavy", {"x": x}) for _ in range(3)))
+        (want,) = first.outputs.values()
+        for r in results:
+            (got,) = r.outputs.values()
+            assert torch.equal(got, want), r.device  # bit for bit: the same bytes, the same program
+        borrower = 1 - lender
+        on_borrower = [r for r in results if r.device == devices[borrower]]
+        assert on_borrower and on_borrower[0].swapped, [(r.device, r.swapped) for r in results]
+        after = _peer_copies(node, devices)
+        assert after[borrower] - before[borrower] >= 1 and after[lender] == before[lender], (before, after)
 
-            # Every loan ended with its run: the lender's copy can go.
-            key = node._models["heavy"].key
-            reply = await wk.call(node._workers[lender], Evict(wk.next_id(), key))
-            assert reply.ok, reply.error
+        # Every loan ended with its run: the lender's copy can go.
+        key = node._models["heavy"].key
+        reply = await wk.call(node._workers[lender], Evict(wk.next_id(), key))
+        assert reply.ok, reply.error
 
-            # With peer copies off, the same spread swaps from host.
-            await node.configure_scheduling({"peer_copies": False})
-            before = after
-            await node.infer("heavy", {"x": x})
-            results = await asyncio.gather(*(node.infer("heavy", {"x": x}) for _ in range(3)))
-            for r in results:
-                assert torch.equal(next(iter(r.outputs.values())), want)
-            assert _peer_copies(node, devices) == before
-        finally:
-            await node.stop(5.0)
+        # With peer copies off, the same spread swaps from host.
+        await node.configure_scheduling({"peer_copies": False})
+        await node.infer("heavy", {"x": x})
+        results = await asyncio.gather(*(node.infer("heavy", {"x": x}) for _ in range(3)))
+        for r in results:
+            assert torch.equal(next(iter(r.outputs.values())), want)
+        assert _peer_copies(node, devices) == after
 
-    try:
-        asyncio.run(main())
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
+    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=devices, pool_bytes=128 << 20,
+                                    workspace_bytes=128 << 20, host_store_bytes=256 << 20, lanes=1,
+                                    prepare_on_deploy=False, peer_copies=True, queue_ahead=False,
+                                    swap_piece_ms=0), body)
 
 
-def test_one_device_has_no_peers_and_refuses_the_setting(functions: Functions, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    shm = shm_root() / f"swapserve-it-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("SWAPSERVE_SHM_DIR", str(shm))
+def test_one_device_has_no_peers_and_refuses_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(node: Node) -> None:
+        assert node.state.link.d2d_GBps is None
+        with pytest.raises(InvalidInputError, match="two or more devices"):
+            await node.configure_scheduling({"peer_copies": True})
 
-    async def main() -> None:
-        node = Node(NodeConfig(home=tmp_path / "home", devices=("cpu",), pool_bytes=64 << 20,
-                               workspace_bytes=64 << 20, host_store_bytes=128 << 20))
-        await node.start()
-        try:
-            assert node.state.link.d2d_GBps is None
-            with pytest.raises(InvalidInputError, match="two or more devices"):
-                await node.configure_scheduling({"peer_copies": True})
-        finally:
-            await node.stop(5.0)
-
-    try:
-        asyncio.run(main())
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
+    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=("cpu",), pool_bytes=64 << 20,
+                                    workspace_bytes=64 << 20, host_store_bytes=128 << 20), body)
