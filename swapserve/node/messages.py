@@ -294,13 +294,23 @@ def send_fds(conn: Connection, fds: Sequence[int]) -> None:
 
 
 def recv_fds(conn: Connection, count: int) -> list[int]:
+    """The ``count`` descriptors :func:`send_fds` sent. Every batch is read even when some of its descriptors did
+    not arrive (the kernel drops those past this process's open-file limit), so that the messages after them
+    are read as messages; then OSError, with nothing left open."""
     out: list[int] = []
+    short = 0
     with _socket_of(conn) as s:
-        while len(out) < count:
-            msg, fds, _, _ = socket.recv_fds(s, 2, min(FD_BATCH, count - len(out)))
+        for i in range(0, count, FD_BATCH):
+            want = min(FD_BATCH, count - i)
+            msg, fds, _, _ = socket.recv_fds(s, 2, want)
             out += fds
-            if len(msg) != 2 or int.from_bytes(msg, "little") != len(fds):
-                for fd in out:
-                    os.close(fd)
-                raise OSError(f"expected {count} descriptors, the stream had {len(out)} and {msg!r}")
+            short += want - len(fds)
+            if len(msg) != 2 or int.from_bytes(msg, "little") != want:
+                short = count  # not a batch of ours: the stream is out of step
+                break
+    if short:
+        for fd in out:
+            os.close(fd)
+        raise OSError(f"received {len(out)} of {count} descriptors (open-file limit "
+                      f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]})")
     return out

@@ -250,8 +250,9 @@ class Worker:
 
         if isinstance(msg, m.ImportPeer):
             m.allow_open_files()
-            fds = m.recv_fds(self.conn, msg.count)  # right behind the message in the stream
+            fds: list[int] = []
             try:
+                fds = m.recv_fds(self.conn, msg.count)  # right behind the message in the stream
                 outcome: Any = self._import_peer(msg.peer, fds)
             except BaseException as e:  # noqa: BLE001 - answered
                 outcome = e

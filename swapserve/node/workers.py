@@ -86,8 +86,12 @@ def watch(w: WorkerHandle, on_dead: Any) -> None:
             while w.conn.poll():
                 reply = recv(w.conn)
                 if isinstance(reply.result, Exported):  # its descriptors are right behind it
-                    fds = recv_fds(w.conn, reply.result.count)
-                    reply = replace(reply, result=Exported(len(fds), tuple(fds)))
+                    try:
+                        fds = recv_fds(w.conn, reply.result.count)
+                    except OSError as e:  # read to their end: the worker is fine, its pages are not ours
+                        reply = Reply(reply.id, False, error=f"its pages' descriptors: {e}", error_type="BackendError")
+                    else:
+                        reply = replace(reply, result=Exported(len(fds), tuple(fds)))
                 waiter = w.pending.pop(reply.id, None)
                 if reply.residency is not None:
                     w.residency = reply.residency

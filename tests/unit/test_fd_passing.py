@@ -1,0 +1,95 @@
+"""Descriptors between the controller and its workers (a GPU's pages, one descriptor each, for peer copies): over a
+real socket pair, in batches, with the messages around them intact, whatever the descriptor's blocking mode."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+
+from swapserve.node.messages import FD_BATCH, recv, recv_fds, send, send_fds
+
+
+def _files(n: int) -> list[int]:
+    fds = []
+    for i in range(n):
+        fd, path = tempfile.mkstemp()
+        os.unlink(path)
+        os.write(fd, str(i).encode())
+        fds.append(fd)
+    return fds
+
+
+def _same_file(a: int, b: int) -> bool:
+    return os.fstat(a).st_ino == os.fstat(b).st_ino
+
+
+def test_many_descriptors_cross_in_batches_between_messages() -> None:
+    left, right = mp.Pipe(duplex=True)
+    fds = _files(FD_BATCH * 2 + 17)
+    try:
+        send(left, "before")
+        send_fds(left, fds)
+        send(left, "after")
+        assert recv(right) == "before"
+        got = recv_fds(right, len(fds))
+        try:
+            assert len(got) == len(fds) and all(_same_file(a, b) for a, b in zip(fds, got))
+        finally:
+            for fd in got:
+                os.close(fd)
+        assert recv(right) == "after"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_a_short_batch_fails_cleanly_and_the_stream_stays_in_step() -> None:
+    """Descriptors the kernel dropped (past the receiver's open-file limit) leave a batch short: the receiver
+    reads every batch, closes what came and raises; the next message is read as a message."""
+    left, right = mp.Pipe(duplex=True)
+    fds = _files(FD_BATCH + 3)
+    open_before = len(os.listdir("/proc/self/fd"))
+    try:
+        with socket.fromfd(left.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            socket.send_fds(s, [FD_BATCH.to_bytes(2, "little")], fds[:FD_BATCH - 1])  # one missing
+            socket.send_fds(s, [(3).to_bytes(2, "little")], fds[FD_BATCH:])
+        send(left, "next")
+        with pytest.raises(OSError, match=f"received {FD_BATCH + 2} of {FD_BATCH + 3}"):
+            recv_fds(right, FD_BATCH + 3)
+        assert len(os.listdir("/proc/self/fd")) == open_before  # nothing received was left open
+        assert recv(right) == "next"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_a_non_blocking_end_waits_for_the_descriptors_and_stays_non_blocking() -> None:
+    """An event loop (uvloop) makes the controller's ends non-blocking: the descriptors behind a reply it just read
+    may still be on their way."""
+    left, right = mp.Pipe(duplex=True)
+    os.set_blocking(right.fileno(), False)
+    fds = _files(2)
+    sender = threading.Thread(target=lambda: (time.sleep(0.2), send_fds(left, fds)))
+    try:
+        sender.start()
+        got = recv_fds(right, 2)
+        assert all(_same_file(a, b) for a, b in zip(fds, got))
+        assert not os.get_blocking(right.fileno())
+        for fd in got:
+            os.close(fd)
+    finally:
+        sender.join()
+        for fd in fds:
+            os.close(fd)
+        left.close()
+        right.close()
