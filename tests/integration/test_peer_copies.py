@@ -59,10 +59,15 @@ def test_a_run_copies_its_model_from_the_device_that_lent_it_and_answers_as_a_re
         measured = node.state.link.d2d_GBps
         assert measured is not None and measured > 0  # the workers mapped each other's pages at start
         node.state.link = replace(node.state.link, **FAST_PEERS)
-        await node.deploy(_one_per_batch(functions, tmp_path))
+        await node.deploy(_one_per_batch(functions, tmp_path))  # prepared on both: on both, graphs captured
+        key = node._models["heavy"].key
+        lender, borrower = 0, 1
+        reply = await wk.call(node._workers[borrower], Evict(wk.next_id(), key))  # now on the lender only
+        assert reply.ok, reply.error
+        node.dispatch.refresh_residency()
         x = torch.randn(1, 1024)
-        first = await node.infer("heavy", {"x": x})  # from host onto one device: the lender to be
-        lender = devices.index(first.device)
+        first = await node.infer("heavy", {"x": x})  # a resident run, on the lender
+        assert first.device == devices[lender] and not first.swapped
         before = _peer_copies(node, devices)
 
         # Three at once: one runs on the lender; the two behind it are a queue longer than a batch, so one
@@ -72,14 +77,12 @@ def test_a_run_copies_its_model_from_the_device_that_lent_it_and_answers_as_a_re
         for r in results:
             (got,) = r.outputs.values()
             assert torch.equal(got, want), r.device  # bit for bit: the same bytes, the same program
-        borrower = 1 - lender
         on_borrower = [r for r in results if r.device == devices[borrower]]
         assert on_borrower and on_borrower[0].swapped, [(r.device, r.swapped) for r in results]
         after = _peer_copies(node, devices)
         assert after[borrower] - before[borrower] >= 1 and after[lender] == before[lender], (before, after)
 
         # Every loan ended with its run: the lender's copy can go.
-        key = node._models["heavy"].key
         reply = await wk.call(node._workers[lender], Evict(wk.next_id(), key))
         assert reply.ok, reply.error
 
@@ -93,7 +96,7 @@ def test_a_run_copies_its_model_from_the_device_that_lent_it_and_answers_as_a_re
 
     in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=devices, pool_bytes=128 << 20,
                                     workspace_bytes=128 << 20, host_store_bytes=256 << 20, lanes=1,
-                                    prepare_on_deploy=False, peer_copies=True, queue_ahead=False,
+                                    peer_copies=True, queue_ahead=False,
                                     swap_piece_ms=0), body)
 
 
