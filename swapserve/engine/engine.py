@@ -266,11 +266,7 @@ class SwapEngine:
         slots; None (nothing pinned) if it is not wholly here. Its pages stay as they are until :meth:`unlend`."""
         with self._lock:
             self._get(name)
-            p = self.pool.placements[name]
-            if p.state is not Residency.RESIDENT:
-                return None
-            p.pins += 1
-            return tuple(pg for pg in p.slots if pg is not None)
+            return self.pool.lend(name)
 
     def unlend(self, name: str) -> None:
         """End a :meth:`lend`."""

@@ -220,6 +220,15 @@ class PagePool:
             Residency.PARTIAL if p.valid_count else Residency.ABSENT)
         self._holds(p)
 
+    def lend(self, model: str) -> tuple[int, ...] | None:
+        """Pin a wholly resident model for another device to read, and return the page of each slot; None
+        (nothing pinned) if it is not wholly here. :meth:`release` ends it."""
+        p = self.placements[model]
+        if p.state is not Residency.RESIDENT:
+            return None
+        p.pins += 1
+        return tuple(pg for pg in p.slots if pg is not None)  # every slot: all are valid
+
     def release(self, model: str) -> None:
         """End of an in-flight use (after :meth:`acquire`, once the device is done with it)."""
         p = self.placements[model]

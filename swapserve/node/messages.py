@@ -208,7 +208,7 @@ class Exported:
 @dataclass(frozen=True)
 class PeerResult:
     d2d_GBps: float
-    """Copy bandwidth from the imported peer's pages into this device's memory (one model-sized copy)."""
+    """Copy bandwidth from the imported peer's pages into this device's memory (one page, best of five)."""
 
 
 @dataclass(frozen=True)
