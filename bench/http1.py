@@ -1,5 +1,6 @@
-"""A lean asyncio HTTP/1.1 client for the benchmarks' load generators: keep-alive connections, one request
-at a time on each, responses received straight into a reusable buffer.
+"""A lean HTTP/1.1 client for the benchmarks' load generators: keep-alive connections, one request at a time on
+each, responses received straight into a reusable buffer — on asyncio (:class:`Client`), or on one blocking
+socket (:class:`BlockingConnection`) for a sequential client that measures a server's per-request overhead.
 
 It exists so that the client does not weigh on what a benchmark measures. aiohttp's client, on the 2-core CI
 box, took 13–17 ms to receive GPT-2's 12.9 MB answer from a local aiohttp server, where a plain socket took
@@ -14,6 +15,7 @@ Supports what the benchmarks need: any method, a bytes body, ``Content-Length`` 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -39,16 +41,14 @@ class Response:
     body_bytes: int
 
 
-class _Conn(asyncio.BufferedProtocol):
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray(READ_BYTES)
-        self.view = memoryview(self.buf)
-        self.lost: Exception | None = None
-        self._reset(None, None)
+class _Parser:
+    """One response at a time, fed as its bytes arrive (from a protocol or a blocking socket)."""
 
-    def _reset(self, waiter: asyncio.Future | None, keep_header: str | None) -> None:
-        self.waiter, self.keep_header, self.keep = waiter, keep_header, None
+    def __init__(self) -> None:
+        self.reset(None)
+
+    def reset(self, keep_header: str | None) -> None:
+        self.keep_header, self.keep = keep_header, None
         self.head = bytearray()
         self.status, self.headers, self.head_at = 0, {}, 0.0
         self.in_head = True
@@ -57,34 +57,11 @@ class _Conn(asyncio.BufferedProtocol):
         self.chunk_tail = bytearray()  # chunked: undecoded framing carried between reads
         self.body = bytearray()
         self.body_bytes = 0
+        self.response: Response | None = None
 
-    # -- asyncio.BufferedProtocol --
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.waiter is None or self.waiter.done():
-            self.lost = HTTPError("data outside a response")
-            self.transport.close()
-            return
-        try:
-            self._feed(self.view[:nbytes])
-        except HTTPError as e:
-            self.waiter.set_exception(e)
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = HTTPError(f"connection lost: {exc}" if exc else "connection closed")
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(self.lost)
-
-    # -- parsing --
-
-    def _feed(self, data: memoryview) -> None:
+    def feed(self, data: memoryview) -> Response | None:
+        """Take the next bytes; the response once it is whole (bytes past its end are not expected: one request
+        at a time on a connection)."""
         if self.in_head:
             seen = len(self.head)
             self.head += data[:MAX_HEAD]  # never the body: a first read may bring megabytes of it
@@ -92,7 +69,7 @@ class _Conn(asyncio.BufferedProtocol):
             if end < 0:
                 if len(self.head) >= MAX_HEAD:
                     raise HTTPError("response head too large")
-                return
+                return None
             self._parse_head(bytes(self.head[:end]))
             self.in_head, self.head_at = False, time.perf_counter()
             data = data[end + 4 - seen:]
@@ -103,6 +80,7 @@ class _Conn(asyncio.BufferedProtocol):
             self.remaining -= len(data)
             if self.remaining <= 0:
                 self._done()
+        return self.response
 
     def _parse_head(self, head: bytes) -> None:
         lines = head.decode("latin-1").split("\r\n")
@@ -161,8 +139,55 @@ class _Conn(asyncio.BufferedProtocol):
             self.body += data[:self.keep - len(self.body)]
 
     def _done(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        waiter.set_result(Response(self.status, self.headers, bytes(self.body), self.head_at, self.body_bytes))
+        self.response = Response(self.status, self.headers, bytes(self.body), self.head_at, self.body_bytes)
+
+
+def _request_head(method: str, path: str, host: str, port: int, body: bytes, headers: dict[str, str] | None) -> bytes:
+    head = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+
+
+def _keeps_alive(response: Response) -> bool:
+    return response.headers.get("connection", "").lower() != "close"
+
+
+class _Conn(asyncio.BufferedProtocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray(READ_BYTES)
+        self.view = memoryview(self.buf)
+        self.lost: Exception | None = None
+        self.parser = _Parser()
+        self.waiter: asyncio.Future | None = None
+
+    # -- asyncio.BufferedProtocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.waiter is None or self.waiter.done():
+            self.lost = HTTPError("data outside a response")
+            self.transport.close()
+            return
+        try:
+            response = self.parser.feed(self.view[:nbytes])
+        except HTTPError as e:
+            self.waiter.set_exception(e)
+            self.transport.close()
+            return
+        if response is not None:
+            waiter, self.waiter = self.waiter, None
+            waiter.set_result(response)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = HTTPError(f"connection lost: {exc}" if exc else "connection closed")
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(self.lost)
 
 
 class Client:
@@ -184,17 +209,15 @@ class Client:
         carries that header keeps only as many bytes of its body as it says (OIP's
         ``Inference-Header-Content-Length``: the JSON head); the rest is received and counted, not stored."""
         conn = self._idle.pop() if self._idle else await self._open()
-        head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}"]
-        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        waiter = asyncio.get_running_loop().create_future()
-        conn._reset(waiter, keep_header)
-        conn.transport.writelines([("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), body])
+        conn.waiter = asyncio.get_running_loop().create_future()
+        conn.parser.reset(keep_header)
+        conn.transport.writelines([_request_head(method, path, self.host, self.port, body, headers), body])
         try:
-            response = await waiter
+            response = await conn.waiter
         except BaseException:
             conn.transport.close()
             raise
-        if conn.lost is None and response.headers.get("connection", "").lower() != "close":
+        if conn.lost is None and _keeps_alive(response):
             self._idle.append(conn)
         else:
             conn.transport.close()
@@ -208,3 +231,43 @@ class Client:
         for conn in self._idle:
             conn.transport.close()
         self._idle.clear()
+
+
+class BlockingConnection:
+    """One keep-alive connection on a blocking socket: for a sequential client whose own cost per request
+    should be as small as it can be (no event loop between the socket and the response), as a C client's
+    would. Reopens the connection when the server closed it."""
+
+    def __init__(self, host: str, port: int, timeout: float = 60.0) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.buf = bytearray(READ_BYTES)
+        self.view = memoryview(self.buf)
+        self.parser = _Parser()
+        self.sock: socket.socket | None = None
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+                keep_header: str | None = None) -> Response:
+        """As :meth:`Client.request`, blocking."""
+        if self.sock is None:
+            self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.parser.reset(keep_header)
+        try:
+            self.sock.sendall(_request_head(method, path, self.host, self.port, body, headers) + body)
+            while True:
+                n = self.sock.recv_into(self.view)
+                if not n:
+                    raise HTTPError("connection closed")
+                if (response := self.parser.feed(self.view[:n])) is not None:
+                    break
+        except BaseException:
+            self.close()
+            raise
+        if not _keeps_alive(response):
+            self.close()
+        return response
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None

@@ -4,8 +4,10 @@ Starts a real ``swapserve serve`` (its own processes), deploys a tiny MLP, then 
 
   * sequential requests over one keep-alive connection: overhead = HTTP round trip − the model's run as
     its worker timed it (``compute_ms`` in the response), p50/p99; also split into gateway+transport
-    (round trip − node time) and controller (node time − compute);
-  * concurrent clients for a fixed time: max requests/s (batching on, max_batch 8).
+    (round trip − node time) and controller (node time − compute). The client is a blocking socket
+    (``bench/http1.py``), so that the client's own Python costs as little of the round trip as it can;
+    Python's ``http.client`` is measured beside it (``p50_overhead_ms_stdlib_client``);
+  * concurrent clients for a fixed time: max requests/s (batching on, max_batch 8), from ``http1`` clients.
 
     python bench/overhead.py --out bench/results/<gpu>_<yyyymmdd> [--devices cuda:0] [--requests 3000]
 
@@ -24,17 +26,22 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from http1 import BlockingConnection, Client  # noqa: E402
 from node_harness import Server, tiny_function  # noqa: E402
 
 NAME = "tiny"
 BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}).encode()
 PATH = f"/v2/models/{NAME}/infer"
+HEADERS = {"Content-Type": "application/json"}
+STDLIB_REQUESTS = 1000
+"""Sequential requests from Python's http.client, after the lean client's: how much a heavier client adds."""
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -42,42 +49,57 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
-def sequential(port: int, n: int, warmup: int) -> dict[str, list[float]]:
+def _lean_post(port: int) -> Callable[[], tuple[int, bytes]]:
+    conn = BlockingConnection("127.0.0.1", port)
+
+    def post() -> tuple[int, bytes]:
+        r = conn.request("POST", PATH, BODY, HEADERS)
+        return r.status, r.body
+    return post
+
+
+def _stdlib_post(port: int) -> Callable[[], tuple[int, bytes]]:
     conn = http.client.HTTPConnection("127.0.0.1", port)
+
+    def post() -> tuple[int, bytes]:
+        conn.request("POST", PATH, BODY, HEADERS)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    return post
+
+
+def sequential(post: Callable[[], tuple[int, bytes]], n: int, warmup: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"rtt": [], "compute": [], "node": []}
     for i in range(warmup + n):
         t0 = time.perf_counter()
-        conn.request("POST", PATH, BODY, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = resp.read()
+        status, data = post()
         rtt = (time.perf_counter() - t0) * 1e3
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {data[:200]!r}")
         if i >= warmup:
             p = json.loads(data)["parameters"]
             out["rtt"].append(rtt)
             out["compute"].append(p["compute_ms"])
             out["node"].append(p["total_ms"])
-    conn.close()
     return out
 
 
 def _load_client(port: int, seconds: float, concurrency: int, q: mp.Queue) -> None:
-    import aiohttp
-
     async def main() -> tuple[int, int]:
         ok = bad = 0
         stop = time.perf_counter() + seconds
-        conn = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=conn) as s:
-            async def loop() -> None:
-                nonlocal ok, bad
-                while time.perf_counter() < stop:
-                    async with s.post(PATH, data=BODY, headers={"Content-Type": "application/json"}) as r:
-                        await r.read()
-                        ok, bad = (ok + 1, bad) if r.status == 200 else (ok, bad + 1)
+        client = Client("127.0.0.1", port)
 
+        async def loop() -> None:
+            nonlocal ok, bad
+            while time.perf_counter() < stop:
+                r = await client.request("POST", PATH, BODY, HEADERS)
+                ok, bad = (ok + 1, bad) if r.status == 200 else (ok, bad + 1)
+
+        try:
             await asyncio.gather(*(loop() for _ in range(concurrency)))
+        finally:
+            client.close()
         return ok, bad
 
     q.put(asyncio.run(main()))
@@ -138,7 +160,8 @@ def main() -> None:
         status = client.status()
         gpu = status["devices"][0]["name"]
         print(f"server up on {gpu}; sequential requests ...", flush=True)
-        seq = sequential(srv.port, args.requests, args.warmup)
+        seq = sequential(_lean_post(srv.port), args.requests, args.warmup)
+        std = sequential(_stdlib_post(srv.port), STDLIB_REQUESTS, args.warmup)
         over = [r - c for r, c in zip(seq["rtt"], seq["compute"])]
         gateway = [r - n for r, n in zip(seq["rtt"], seq["node"])]
         controller = [n - c for n, c in zip(seq["node"], seq["compute"])]
@@ -158,6 +181,8 @@ def main() -> None:
         "p50_gateway_ms": percentile(gateway, 50),
         "p50_controller_ms": percentile(controller, 50),
         "mean_overhead_ms": statistics.fmean(over),
+        "client": "blocking socket (bench/http1.py)",
+        "p50_overhead_ms_stdlib_client": percentile([r - c for r, c in zip(std["rtt"], std["compute"])], 50),
         "throughput_clients": args.clients * args.concurrency,
         "throughput_errors": errors,
         "spin_ms": args.spin_ms,
@@ -169,7 +194,9 @@ def main() -> None:
         f"# Request overhead — {gpu}, {result['date']}\n\n"
         + (f"Through {args.fronts} HTTP front processes (serve --fronts {args.fronts}). " if args.fronts else "")
         + f"Tiny resident MLP, {args.requests} sequential JSON requests over one keep-alive connection after "
-        f"{args.warmup} warm-up; overhead = HTTP round trip − the worker's run (compute_ms).\n\n"
+        f"{args.warmup} warm-up, from a blocking socket (bench/http1.py); overhead = HTTP round trip − the worker's "
+        f"run (compute_ms). From Python's http.client ({STDLIB_REQUESTS} requests): "
+        f"{result['p50_overhead_ms_stdlib_client']:.3f} ms p50.\n\n"
         "| p50 overhead | p99 overhead | p50 round trip | p50 compute | p50 gateway+HTTP | p50 controller+IPC | max req/s |\n"
         "|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {result['p50_overhead_ms']:.3f} ms | {result['p99_overhead_ms']:.3f} ms | {result['p50_rtt_ms']:.3f} ms "

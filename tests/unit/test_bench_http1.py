@@ -11,7 +11,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from http1 import Client, HTTPError  # noqa: E402
+from http1 import BlockingConnection, Client, HTTPError  # noqa: E402
 
 BIG = bytes(range(256)) * (3 << 12)  # 3 MiB: several reads
 
@@ -118,6 +118,54 @@ def test_a_malformed_head_fails_that_request():
                 await client.request("GET", "/")
         finally:
             client.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_the_blocking_connection_reads_what_the_asyncio_client_reads_and_reconnects_after_a_close():
+    def use(port: int) -> None:
+        conn = BlockingConnection("127.0.0.1", port)
+        try:
+            r = conn.request("POST", "/plain", b"hello", {"X-Any": "1"})
+            assert (r.status, r.headers["x-method"], r.body, r.body_bytes) == (201, "POST", b"hello" + BIG,
+                                                                              len(BIG) + 5)
+            first = conn.sock
+            r = conn.request("GET", "/chunked", b"abc")
+            assert (r.headers["x-got"], r.body) == ("3", BIG) and conn.sock is first  # kept alive
+            r = conn.request("GET", "/oip", keep_header="inference-header-content-length")
+            assert (r.body, r.body_bytes) == (b'{"head":1}', len(BIG) + 10)
+            assert conn.request("GET", "/close").body == b"bye" and conn.sock is None
+            assert conn.request("GET", "/plain").body == BIG  # on a new connection
+        finally:
+            conn.close()
+
+    async def main():
+        runner, port = await _serve(_echo)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, use, port)  # the server stays on this loop
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def test_the_blocking_connection_fails_a_request_whose_connection_is_lost_mid_response():
+    async def main():
+        async def cut(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(cut, "127.0.0.1", 0)
+        conn = BlockingConnection("127.0.0.1", server.sockets[0].getsockname()[1], timeout=10)
+        try:
+            with pytest.raises(HTTPError, match="connection closed"):
+                await asyncio.get_running_loop().run_in_executor(None, conn.request, "GET", "/")
+            assert conn.sock is None
+        finally:
             server.close()
             await server.wait_closed()
 
