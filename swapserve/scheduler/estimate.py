@@ -133,8 +133,10 @@ class View:
         # When each side lane frees (None: the device has none).
         self.side_free_at: list[float | None] = [None if not d.side_lane else now if d.side_until is None
                                                  else max(now, d.side_until) for d in state.devices]
-        self.resident = [set(d.resident) for d in state.devices]
-        self.partial = [dict(d.partial) for d in state.devices]
+        # The devices' own sets, not copies (hundreds of models each, on every request): a plan never
+        # changes what is partly resident, and :meth:`commit` replaces a device's resident set, never adds to it.
+        self.resident: list[set[str]] = [d.resident for d in state.devices]
+        self.partial: list[dict[str, float]] = [d.partial for d in state.devices]
         # The models a busy first lane runs are on the device once it frees (the worker keeps what it
         # loaded), except those of pieces of a swap; a side lane's fetch is there once that lane frees.
         self.incoming: list[set[str]] = [_incoming(d) for d in state.devices]
@@ -293,7 +295,8 @@ class View:
             if est.source != "resident":
                 self.side_incoming[d] = function
             return
-        self.resident[d] |= self.incoming[d]  # the runs before this one have ended by the time this starts
+        if self.incoming[d]:  # the runs before this one have ended by the time this starts (a new set: see __init__)
+            self.resident[d] = self.resident[d] | self.incoming[d]
         self.incoming[d] = {function} if est.source != "resident" and whole else set()
         self.free_at[d] = est.finish
         self.idle[d] = False
