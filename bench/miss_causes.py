@@ -1,6 +1,7 @@
 """Why functions missed their SLO in a trace run, from the raw per-request records of ``bench/trace.py --raw``:
 for each function whose P98 is over its SLO, the largest part of its worst request (client side, gateway,
-controller, queue, pages, swap, or a refusal), and the attainment the run would have had with every
+controller, queue, dispatch, pipes, lane, pages, swap, or a refusal), the medians of the parts outside the
+worker, and the attainment the run would have had with every
 request's queueing removed (``trace.miss_causes``; runs since 2026-11-28 carry the same in trace.json).
 
     python bench/miss_causes.py bench/results/<gpu>_<date>/trace.json [raw.jsonl.gz ...]
@@ -17,7 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace import MISS_PARTS, miss_causes, request_parts  # noqa: E402  (bench/trace.py)
+from trace import miss_causes, request_parts  # noqa: E402  (bench/trace.py)
+
+OUTSIDE = ("client", "gateway", "controller", "dispatch", "pipes")
+"""The parts of a request's time outside the worker and its queues, whose medians are printed."""
 
 
 def main() -> None:
@@ -32,7 +36,7 @@ def main() -> None:
             records = [json.loads(line) for line in fh]
         got = miss_causes(records, {r["function"]: slo[r["function"].split("-", 1)[1]] for r in records})
         done = [request_parts(r) for r in records if r["status"] == 200]
-        got["median_ms"] = {k: round(statistics.median(p[k] for p in done), 2) for k in MISS_PARTS[:3]} if done else {}
+        got["median_ms"] = {k: round(statistics.median(p[k] for p in done), 2) for k in OUTSIDE} if done else {}
         got["functions"] = len({r["function"] for r in records})
         print(f.name.removesuffix(".jsonl.gz"), json.dumps(got))
 

@@ -63,10 +63,11 @@ def _front_lag(lag: dict | None) -> str:
 
 def breakdown_table(r: dict) -> list[str]:
     """Where completed requests' time went (medians), per model, at each policy's largest N."""
-    keys = ("latency_ms", "headers_ms", "server_ms", "node_ms", "queue_ms", "dispatch_ms", "worker_ms", "compute_ms")
+    keys = ("latency_ms", "headers_ms", "server_ms", "node_ms", "queue_ms", "dispatch_ms", "to_worker_ms", "worker_ms",
+            "from_worker_ms", "compute_ms")
     lines = ["", "Medians of completed requests at each policy's largest N: client latency, until the response "
              "head, the gateway's handler, the node (admission to answer), queued, dispatching (decision to message "
-             "sent), the worker (message to reply), its run (swap + execution); late = completed after the SLO.", "",
+             "sent), the message's way to the worker, the worker (message to reply), the reply's way back, its run (swap + execution); late = completed after the SLO.", "",
              "| policy | N | model | SLO ms | requests | " + " | ".join(k.removesuffix("_ms") for k in keys)
              + " | swapped |", "|---|---:|---|---:|---:|" + "---:|" * (len(keys) + 1)]
     fmt = (lambda v: f"{v:.2f}" if isinstance(v, float | int) and v >= 0 else "-")
@@ -111,7 +112,7 @@ def phases_table(r: dict) -> list[str]:
 
 def causes_table(r: dict) -> list[str]:
     """Why functions missed, at every point that says (runs before 2026-11-28 do not)."""
-    parts = ("client", "gateway", "controller", "queue", "lane", "place", "swap", "refused")
+    parts = ("client", "gateway", "controller", "queue", "dispatch", "pipes", "lane", "place", "swap", "refused")
     lines = []
     for label, p in r["policies"].items():
         for pt in p["sweep"]:
@@ -123,8 +124,9 @@ def causes_table(r: dict) -> list[str]:
     if not lines:
         return []
     return ["", "Why functions missed: the largest part of each missing function's worst request (client side "
-            "= client latency − the gateway handler; controller = node − worker − queue; queue = in the "
-            "controller; lane = in the worker's lane, behind a run queued ahead (runs before 2026-11-28's seventh "
+            "= client latency − the gateway handler; controller = node − worker − queue − dispatch − pipes; queue = in "
+            "the controller; dispatch = decision to message sent; pipes = the messages' way to the worker and "
+            "back (runs before 2026-11-28's ninth session count dispatch and pipes under controller); lane = in the worker's lane, behind a run queued ahead (runs before 2026-11-28's seventh "
             "session count it under queue); place = the worker's pages phase; swap = a swapped run's device "
             "phase), and the attainment with every request's queueing (both kinds) removed.", "",
             "| policy | N | missed | " + " | ".join(parts) + " | attainment without queueing |",

@@ -151,7 +151,8 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
             results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
                             bool(params.get("swapped", False)), params.get("server_ms", -1.0),
                             params.get("total_ms", -1.0), headers_ms, reason, params.get("dispatch_ms", -1.0),
-                            params.get("worker_ms", -1.0), params.get("lane", -1), params.get("phases_ms", {})))
+                            params.get("worker_ms", -1.0), params.get("lane", -1), params.get("phases_ms", {}),
+                            params.get("to_worker_ms", -1.0), params.get("from_worker_ms", -1.0)))
 
         tasks = []
         for t, i in trace:
@@ -385,7 +386,7 @@ def finish_profiles(spies: list[tuple[subprocess.Popen, Path]]) -> None:
 
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
-              "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms")
+              "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms", "to_worker_ms", "from_worker_ms")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
@@ -468,18 +469,22 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
     }
 
 
-MISS_PARTS = ("client", "gateway", "controller", "queue", "lane", "place", "swap")
-
-
 def request_parts(r: dict) -> dict[str, float]:
     """Where a completed request's time went (ms, from its raw record): ``client`` = client latency − the
     gateway handler's time (HTTP both ways, the server's loop before the handler runs, the client's reading);
-    ``gateway`` = handler − node; ``controller`` = node − worker − queue (admission, dispatch, the way back);
-    ``queue`` in the controller; ``lane`` in the worker, behind a run queued ahead of it (:func:`lane_ms`);
-    ``place`` (pinning, evictions, remaps in the worker); ``swap`` = the device phase of a swapped run."""
+    ``gateway`` = handler − node; ``queue`` in the controller; ``dispatch`` = the decision to its message sent
+    (with the inputs written); ``pipes`` = the message's way to the worker and the reply's back, each until
+    the other end's loop or thread took it up; ``controller`` = the rest of node − worker (admission, the reply's
+    handling); ``lane`` in the worker, behind a run queued ahead of it (:func:`lane_ms`); ``place`` (pinning,
+    evictions, remaps in the worker); ``swap`` = the device phase of a swapped run. Records from before the
+    pipes were timed (2026-11-28's ninth session) count dispatch and pipes under controller."""
     ph = r.get("phases_ms") or {}
+    timed = r.get("to_worker_ms", -1.0) >= 0 and r.get("from_worker_ms", -1.0) >= 0
+    dispatch = r["dispatch_ms"] if timed else 0.0
+    pipes = r["to_worker_ms"] + r["from_worker_ms"] if timed else 0.0
     return {"client": r["latency_ms"] - r["server_ms"], "gateway": r["server_ms"] - r["node_ms"],
-            "controller": r["node_ms"] - r["worker_ms"] - r["queue_ms"], "queue": r["queue_ms"], "lane": lane_ms(r),
+            "controller": r["node_ms"] - r["worker_ms"] - r["queue_ms"] - dispatch - pipes, "queue": r["queue_ms"],
+            "dispatch": dispatch, "pipes": pipes, "lane": lane_ms(r),
             "place": ph.get("place", 0.0), "swap": ph.get("device", 0.0) if r["swapped"] else 0.0}
 
 
@@ -524,14 +529,15 @@ def miss_causes(records: list[dict], slo_ms: dict[str, float]) -> dict:
 def breakdown(rows: list[tuple]) -> dict | None:
     """Medians of where completed requests' time went: the client's whole latency, its response head,
     the gateway's handler (``server_ms``), the node (``node_ms``: admission to answer), the queue, the
-    dispatch (decision to message sent), the worker (message to reply) and its run (swap + execution);
+    dispatch (decision to message sent), the message's way to the worker, the worker (message to reply), the
+    reply's way back and the run (swap + execution);
     with the fraction swapped."""
     if not rows:
         return None
     med = lambda k: float(np.median([r[k] for r in rows]))  # noqa: E731
     return {"requests": len(rows), "latency_ms": med(2), "headers_ms": med(9), "server_ms": med(7),
-            "node_ms": med(8), "queue_ms": med(4), "dispatch_ms": med(11), "worker_ms": med(12),
-            "compute_ms": med(5), "swapped_fraction": sum(r[6] for r in rows) / len(rows)}
+            "node_ms": med(8), "queue_ms": med(4), "dispatch_ms": med(11), "to_worker_ms": med(15),
+            "worker_ms": med(12), "from_worker_ms": med(16), "compute_ms": med(5), "swapped_fraction": sum(r[6] for r in rows) / len(rows)}
 
 
 PHASES = ("wait", "upload", "place", "device", "output")

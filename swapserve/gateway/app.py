@@ -205,6 +205,7 @@ async def infer(request: web.Request) -> web.Response:
     params = {**result.parameters, "device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
               "compute_ms": result.compute_ms, "total_ms": result.total_ms, "dispatch_ms": result.dispatch_ms,
               "worker_ms": result.worker_ms, "lane": result.lane, "phases_ms": result.phases_ms,
+              "to_worker_ms": result.to_worker_ms, "from_worker_ms": result.from_worker_ms,
               "server_ms": (time.perf_counter() - entered) * 1e3}  # handler entry → result, before encoding
     json_bytes = sum(result.outputs[o.name].nbytes for o in req.outputs if not o.binary and o.name in result.outputs)
     encoded = await _maybe_thread(json_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,

@@ -70,6 +70,12 @@ class InferResult:
     to the first lane, its model being swapped in there)."""
     phases_ms: dict[str, float] = field(default_factory=dict)
     """Where the worker's run went (:attr:`swapserve.node.messages.RunResult.phases_ms`)."""
+    to_worker_ms: float = 0.0
+    """From handing the run's message to the worker's pipe to the worker having read it."""
+    from_worker_ms: float = 0.0
+    """From the worker sending its reply to the controller's loop taking it up. With these two,
+    ``total_ms - queue_ms - dispatch_ms - to_worker_ms - worker_ms - from_worker_ms`` is the controller's
+    own work on the reply before answering."""
 
 
 @dataclass(frozen=True)

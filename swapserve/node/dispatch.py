@@ -143,6 +143,10 @@ class _InFlight:
     """Waiting for the device its model is copied from to lend it (then sent)."""
     lent_from: int = -1
     """The device that lent the model, which the run copies it from (-1: from host)."""
+    piped_at: float = 0.0
+    read_at: float = 0.0
+    """``time.perf_counter()`` when its message went into the worker's pipe and when its reply was taken up
+    (the worker stamps its side on the same clock: :attr:`RunResult.received_at`)."""
 
 
 class Dispatcher:
@@ -390,6 +394,7 @@ class Dispatcher:
         return fl
 
     def _send(self, w: wk.WorkerHandle, fl: _InFlight, msg: Run | Prefetch) -> None:
+        fl.piped_at = time.perf_counter()
         try:
             wk.send(w, msg, functools.partial(self._complete, w, fl))
         except (BackendError, OSError) as e:
@@ -398,6 +403,7 @@ class Dispatcher:
     def _complete(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any) -> None:
         """A run ended (called straight from the worker's reply). Large outputs are first copied out of the
         lane's slab region on a thread (the lane stays busy meanwhile: the region is still being read)."""
+        fl.read_at = time.perf_counter()
         if fl.lent_from >= 0:
             self._unlend(fl)
         if isinstance(outcome, BaseException) or not (outcome.ok and isinstance(outcome.result, RunResult)):
@@ -463,7 +469,9 @@ class Dispatcher:
                 if not p.future.done():
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
                                                     res.wall_ms, total, dispatch_ms=(fl.sent - fl.started) * 1e3,
-                                                    worker_ms=res.handled_ms, lane=res.lane, phases_ms=res.phases_ms))
+                                                    worker_ms=res.handled_ms, lane=res.lane, phases_ms=res.phases_ms,
+                                                    to_worker_ms=(res.received_at - fl.piped_at) * 1e3,
+                                                    from_worker_ms=(fl.read_at - res.answered_at) * 1e3))
                 elif p.sink is not None:
                     p.sink.discard()
             if fl.batch:  # a run, not a copy with no run (a prefetch or a piece of a swap)

@@ -188,6 +188,10 @@ class RunResult:
     from_peer: bool = False
     """Its missing bytes came from the device that lent the model (not from host: it was resident, or the run
     had to capture a graph first)."""
+    received_at: float = 0.0
+    answered_at: float = 0.0
+    """``time.perf_counter()`` in the worker when its message had been read and when the reply went out — the
+    host's monotonic clock, which the controller shares, so that it can time the messages' way each way."""
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,9 @@ class Worker:
         if isinstance(outcome, BaseException) and not isinstance(outcome, SwapserveError):
             log.error("command %s failed", type(msg).__name__, exc_info=outcome)
         if isinstance(outcome, RunResult):
-            outcome = replace(outcome, handled_ms=(time.perf_counter() - received) * 1e3)
+            answered = time.perf_counter()
+            outcome = replace(outcome, handled_ms=(answered - received) * 1e3, received_at=received,
+                              answered_at=answered)
         # Residency is read and sent under one lock: lanes answering at once must not deliver an older
         # residency after a newer one.
         with self._send_lock:

@@ -112,6 +112,11 @@ def test_a_resident_model_runs_in_the_side_lane(server: Server, functions: Funct
     assert sum(phases[k] for k in top) <= params["compute_ms"] + 1e-3, phases
     assert phases["place_lock"] + phases["place_remap"] <= phases["place"] + 1e-3, phases
     assert phases["place_remap_cpu"] <= phases["place_remap"] + 0.1, phases  # CPU time (coarser clock) in wall time
+    # The node's time in parts, each timed on its own: the messages' ways each way are on the clock the worker
+    # and the controller share, so they are neither negative nor more than what is left of the node's time.
+    parts = ("queue_ms", "dispatch_ms", "to_worker_ms", "worker_ms", "from_worker_ms")
+    assert all(params[k] >= 0 for k in parts), params
+    assert sum(params[k] for k in parts) <= params["total_ms"] + 1e-3, params
 
 
 def test_token_ids_past_the_table_are_a_400_and_the_function_goes_on(server: Server, functions: Functions):

@@ -130,6 +130,19 @@ def test_a_wait_in_the_workers_lane_counts_as_queueing_in_the_lane(trace_module)
     assert got["worst_part"] == {"lane": 1} and got["attainment_without_queueing"] == 1.0
 
 
+def test_the_way_to_the_worker_and_back_and_the_dispatch_are_parts_of_their_own(trace_module):
+    """Records that time the messages' ways (since the ninth session) split what was the controller's part:
+    the decision and inputs (dispatch), the pipes both ways, and the rest (admission, the reply's handling)."""
+    r = _rec("f0-small", 14.0, server=13.0, node=12.5, worker=2.0)
+    r.update(dispatch_ms=0.5, to_worker_ms=6.0, from_worker_ms=1.5)
+    parts = trace_module.request_parts(r)
+    assert (parts["dispatch"], parts["pipes"]) == (0.5, 7.5)
+    assert parts["controller"] == pytest.approx(12.5 - 2.0 - 0.5 - 7.5)
+    assert trace_module.miss_causes([r], {"f0-small": 10.0})["worst_part"] == {"pipes": 1}
+    old = _rec("f0-small", 14.0, server=13.0, node=12.5, worker=2.0) | {"dispatch_ms": 0.5}  # before: untimed
+    assert (trace_module.request_parts(old)["pipes"], trace_module.request_parts(old)["controller"]) == (0.0, 10.5)
+
+
 def test_miss_causes_cli_reads_a_runs_raw_records(tmp_path):
     import gzip
     import json
