@@ -385,6 +385,10 @@ def finish_profiles(spies: list[tuple[subprocess.Popen, Path]]) -> None:
             out.with_suffix(".md").write_text(summarize(out))
 
 
+NODE_OPTIONS = ("duration_s", "max_batch", "client_processes", "lanes", "swap_piece_ms", "queue_ahead", "side_fetch",
+                "peer_copies", "fronts", "gpus")
+"""What each policy's entry in trace.json records of how its node and trace ran."""
+
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
               "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms", "to_worker_ms", "from_worker_ms")
 
@@ -689,8 +693,11 @@ def main() -> None:
                           f"{pt['throughput_rps']:.1f} req/s, {pt['swaps_per_s']:.1f} swaps/s, busy "
                           f"{pt['busy_fraction']:.2f}, codes {pt['status_codes']}", flush=True)
                     ok_ns = [p["n"] for p in vpoints if p["attainment"] >= 0.98]
+                    # The node's options with each policy: policies run by separate invocations share the file,
+                    # whose top-level options are the last invocation's.
                     result["policies"][label] = {"max_functions": max(ok_ns, default=0), "sweep": vpoints,
-                                                 "scheduler": policy, "engine_mode": mode}
+                                                 "scheduler": policy, "engine_mode": mode,
+                                                 "options": {k: result[k] for k in NODE_OPTIONS} | settings}
                     (out / "trace.json").write_text(json.dumps(result, indent=1))
         finally:
             stopped = time.time()
