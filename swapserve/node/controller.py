@@ -458,6 +458,9 @@ class Node:
         self.state.profiles.pop(name, None)
         if (m := self._models.pop(name, None)) is not None:
             self._entities.pop(m.key, None)
+        for d in self.state.devices:  # the workers' later reports of its key no longer name it
+            d.resident.discard(name)
+            d.partial.pop(name, None)
         if "/" in name:  # a handler's model: its series are not the function's (the gateway forgets those)
             self.metrics.forget_function(name)
 
@@ -608,11 +611,10 @@ class Node:
         devices = []
         for w in self._workers:
             r = w.residency
-            present = r.present if r else {}
             devices.append(DeviceStatus(
-                w.device, w.hello.name if w.hello else "?", r.pool_bytes if r else 0, r.used_bytes if r else 0,
-                tuple(sorted(by_key[k] for k, f in present.items() if f >= 1.0 and k in by_key)),
-                tuple(sorted(by_key[k] for k, f in present.items() if f < 1.0 and k in by_key)),
+                w.device, w.hello.name if w.hello else "?", r.pool_bytes, r.used_bytes,
+                tuple(sorted(by_key[k] for k, f in r.present.items() if f >= 1.0 and k in by_key)),
+                tuple(sorted(by_key[k] for k, f in r.present.items() if f < 1.0 and k in by_key)),
                 self.dispatch.busy(w.index)))
         return NodeStatus(self._ready, tuple(devices), len(self._functions), self.store.used_bytes,
                           self.store.capacity, self.state.queued,

@@ -525,14 +525,29 @@ class Dispatcher:
             self._spinning = False
 
     def refresh_residency(self, everything: bool = False) -> None:
-        """Copy what workers reported into the scheduler's view (only where it changed, unless asked)."""
+        """Bring what workers reported into the scheduler's view: the models whose share changed since last
+        time, or (``everything``: the entities' keys changed, a deploy or a delete) the whole of it."""
         by_key = self._entities
         for w, dev in zip(self._workers, self.state.devices):
-            if w.residency is None or not (everything or w.residency_changed):
-                continue
-            w.residency_changed = False
-            dev.resident = {by_key[k] for k, frac in w.residency.present.items() if frac >= 1.0 and k in by_key}
-            dev.partial = {by_key[k]: frac for k, frac in w.residency.present.items() if frac < 1.0 and k in by_key}
+            r = w.residency
+            if everything:
+                dev.resident = {by_key[k] for k, frac in r.present.items() if frac >= 1.0 and k in by_key}
+                dev.partial = {by_key[k]: frac for k, frac in r.present.items() if frac < 1.0 and k in by_key}
+            else:
+                for k in r.changed:
+                    if (entity := by_key.get(k)) is None:
+                        continue
+                    frac = r.present.get(k)
+                    if frac is not None and frac >= 1.0:
+                        dev.resident.add(entity)
+                        dev.partial.pop(entity, None)
+                    elif frac is not None:
+                        dev.partial[entity] = frac
+                        dev.resident.discard(entity)
+                    else:
+                        dev.resident.discard(entity)
+                        dev.partial.pop(entity, None)
+            r.changed.clear()
         # Pool, host-store and queue gauges are set from status() when /metrics is scraped.
 
     def _arm_timer(self, now: float) -> None:

@@ -161,12 +161,23 @@ PEER_COMMANDS = (ExportPages, ImportPeer, Lend, Unlend)
 
 
 @dataclass(frozen=True)
-class Residency:
-    """The device's pool after a command: fraction of each model's pages present (1.0 = resident)."""
+class ResidencyChange:
+    """The device's pool after a command, as a change to the one the worker sent before (the controller applies
+    them in order: :class:`swapserve.node.workers.Residency`)."""
 
-    present: dict[str, float]
+    changed: dict[str, float]
+    """Fraction of each model's pages present (1.0 = resident), for the models whose fraction changed."""
+    gone: tuple[str, ...]
+    """Models the pool no longer holds at all."""
     pool_bytes: int
     used_bytes: int
+
+
+def residency_change(sent: dict[str, float], present: dict[str, float], pool_bytes: int,
+                     used_bytes: int) -> ResidencyChange:
+    """What turns ``sent`` (the fractions the controller has) into ``present``."""
+    return ResidencyChange({m: f for m, f in present.items() if sent.get(m) != f},
+                           tuple(m for m in sent if m not in present), pool_bytes, used_bytes)
 
 
 @dataclass(frozen=True)
@@ -226,7 +237,7 @@ class Reply:
     id: int
     ok: bool
     result: RunResult | CopyResult | Exported | PeerResult | Lent | None = None
-    residency: Residency | None = None
+    residency: ResidencyChange | None = None
     error: str = ""
     error_type: str = ""
     http_status: int = 500

@@ -119,6 +119,7 @@ class Worker:
         self.engine.backend.pin(self.slab.buffer)
         self.torch = torch
         self._sent_version = -1
+        self._sent_present: dict[str, float] = {}
         self._queues: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in self.engine.lanes]
         self._send_lock = threading.Lock()
         name = torch.cuda.get_device_name(0) if engine_cfg.device.startswith("cuda") else "cpu"
@@ -189,21 +190,21 @@ class Worker:
 
         if isinstance(outcome, BaseException) and not isinstance(outcome, SwapserveError):
             log.error("command %s failed", type(msg).__name__, exc_info=outcome)
-        if isinstance(outcome, RunResult):
-            answered = time.perf_counter()
-            outcome = replace(outcome, handled_ms=(answered - received) * 1e3, received_at=received,
-                              answered_at=answered)
-        # Residency is read and sent under one lock: lanes answering at once must not deliver an older
-        # residency after a newer one.
+        # Residency is read and sent under one lock: lanes answering at once must not deliver their changes
+        # out of order (each is relative to the one sent before).
         with self._send_lock:
+            change = self._residency_change()
+            if isinstance(outcome, RunResult):
+                answered = time.perf_counter()
+                outcome = replace(outcome, handled_ms=(answered - received) * 1e3, received_at=received,
+                                  answered_at=answered)
             if isinstance(outcome, SwapserveError):
-                reply = Reply(msg.id, False, None, self._residency(), str(outcome), type(outcome).__name__,
-                              outcome.http_status)
+                reply = Reply(msg.id, False, None, change, str(outcome), type(outcome).__name__, outcome.http_status)
             elif isinstance(outcome, BaseException):
-                reply = Reply(msg.id, False, None, self._residency(), f"{type(outcome).__name__}: {outcome}",
+                reply = Reply(msg.id, False, None, change, f"{type(outcome).__name__}: {outcome}",
                               type(outcome).__name__, 500)
             else:
-                reply = Reply(msg.id, True, outcome, self._residency_if_changed())
+                reply = Reply(msg.id, True, outcome, change)
             send(self.conn, reply)
 
     def handle(self, msg: Any, lane: int = 0) -> Any:
@@ -320,22 +321,22 @@ class Worker:
         return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases,
                          lane=lane, from_peer=run.from_peer)
 
-    def _residency_if_changed(self) -> Any:
-        """The pool's residency, only when it changed since last sent (it grows with the models here)."""
-        with self.engine.locked():
-            if self.engine.pool.version == self._sent_version:
-                return None
-            self._sent_version = self.engine.pool.version
-            return self._residency()
-
-    def _residency(self) -> Any:
-        from swapserve.node.messages import Residency
+    def _residency_change(self) -> Any:
+        """What changed in the pool since the last change sent (None if nothing): only the models whose share
+        moved, and those it no longer holds — not the whole pool, which holds hundreds of models on a node of
+        many functions, with every swap's reply (the controller applies the changes in order)."""
+        from swapserve.node.messages import residency_change
 
         with self.engine.locked():
             pool = self.engine.pool
+            if pool.version == self._sent_version:
+                return None
+            self._sent_version = pool.version
             present = {m: (p := pool.placements[m]).valid_count / p.n_slots for m in pool.holding}
-            return Residency(present, pool.num_pages * pool.page_bytes,
-                             (pool.num_pages - pool.free_pages) * pool.page_bytes)
+            change = residency_change(self._sent_present, present, pool.num_pages * pool.page_bytes,
+                                      (pool.num_pages - pool.free_pages) * pool.page_bytes)
+            self._sent_present = present
+            return change
 
     def _h2d(self, nbytes: int, runs: int = 3) -> float:
         """Pinned host→device bandwidth of this device alone (GB/s)."""

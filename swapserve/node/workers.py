@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from swapserve.errors import BackendError
-from swapserve.node.messages import Exported, Hello, Reply, Residency, Stop, recv, recv_fds, send_fds
+from swapserve.node.messages import Exported, Hello, Reply, ResidencyChange, Stop, recv, recv_fds, send_fds
 from swapserve.node.messages import send as send_msg
 from swapserve.node.slab import Slab
 from swapserve.node.worker import WorkerConfig, worker_main
@@ -28,6 +28,25 @@ def next_id() -> int:
 
 
 @dataclass
+class Residency:
+    """A worker's pool as the controller knows it: the changes it reported (with its replies), applied in order."""
+
+    present: dict[str, float] = field(default_factory=dict)
+    """Fraction of each model's pages present (1.0 = resident), by host-store key."""
+    pool_bytes: int = 0
+    used_bytes: int = 0
+    changed: set[str] = field(default_factory=set)
+    """Keys whose fraction changed (or that left) since the dispatcher last read them."""
+
+    def apply(self, change: ResidencyChange) -> None:
+        self.present.update(change.changed)
+        for key in change.gone:
+            self.present.pop(key, None)
+        self.changed.update(change.changed, change.gone)
+        self.pool_bytes, self.used_bytes = change.pool_bytes, change.used_bytes
+
+
+@dataclass
 class WorkerHandle:
     index: int
     config: WorkerConfig
@@ -35,12 +54,11 @@ class WorkerHandle:
     conn: Connection
     slab: Slab
     hello: Hello | None = None
-    residency: Residency | None = None
+    residency: Residency = field(default_factory=Residency)
     pending: dict[int, asyncio.Future[Reply] | Callable[[Reply | BaseException], None]] = field(default_factory=dict)
     """Per command id: a future to resolve, or (hot path) a callback called with the reply right away."""
     dead: bool = False
     stopping: bool = False
-    residency_changed: bool = False
 
     @property
     def device(self) -> str:
@@ -94,8 +112,7 @@ def watch(w: WorkerHandle, on_dead: Any) -> None:
                         reply = replace(reply, result=Exported(len(fds), tuple(fds)))
                 waiter = w.pending.pop(reply.id, None)
                 if reply.residency is not None:
-                    w.residency = reply.residency
-                    w.residency_changed = True
+                    w.residency.apply(reply.residency)
                 if callable(waiter):
                     waiter(reply)
                 elif waiter is not None and not waiter.done():
