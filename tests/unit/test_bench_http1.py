@@ -83,15 +83,17 @@ def test_concurrent_requests_open_connections_of_their_own():
     asyncio.run(main())
 
 
+async def _cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A server that closes the connection in the middle of its response."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
+    await writer.drain()
+    writer.close()
+
+
 def test_a_connection_lost_mid_response_fails_that_request():
     async def main():
-        async def cut(reader, writer):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(cut, "127.0.0.1", 0)
+        server = await asyncio.start_server(_cut, "127.0.0.1", 0)
         client = Client("127.0.0.1", server.sockets[0].getsockname()[1])
         try:
             with pytest.raises(HTTPError, match="connection"):
@@ -153,13 +155,7 @@ def test_the_blocking_connection_reads_what_the_asyncio_client_reads_and_reconne
 
 def test_the_blocking_connection_fails_a_request_whose_connection_is_lost_mid_response():
     async def main():
-        async def cut(reader, writer):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(cut, "127.0.0.1", 0)
+        server = await asyncio.start_server(_cut, "127.0.0.1", 0)
         conn = BlockingConnection("127.0.0.1", server.sockets[0].getsockname()[1], timeout=10)
         try:
             with pytest.raises(HTTPError, match="connection closed"):
