@@ -444,6 +444,7 @@ class Node:
         else:
             q.slo_ms, q.max_batch, q.max_queue, q.late_policy = spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy
         self.state.profiles.setdefault(name, ModelProfile(nbytes)).nbytes = nbytes
+        self.state.touch(name)
         if self.cfg.policy == "dedicated" and name not in self.state.dedicated:
             self._dedicate(name, nbytes)
         for d in self.state.devices:

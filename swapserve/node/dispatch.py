@@ -450,6 +450,7 @@ class Dispatcher:
         dev = self.state.devices[w.index]
         dev.release(lane, now)
         dev.last_used[fn_name] = now
+        self.state.touch(fn_name)
         self.busy_s[w.index] += now - fl.begun
         if queue:
             queue[0].begun = max(queue[0].begun, now)
@@ -533,10 +534,12 @@ class Dispatcher:
             if everything:
                 dev.resident = {by_key[k] for k, frac in r.present.items() if frac >= 1.0 and k in by_key}
                 dev.partial = {by_key[k]: frac for k, frac in r.present.items() if frac < 1.0 and k in by_key}
+                self.state.forget_values()
             else:
                 for k in r.changed:
                     if (entity := by_key.get(k)) is None:
                         continue
+                    self.state.touch(entity)  # its value here, and on the others (a peer holds it, or not)
                     frac = r.present.get(k)
                     if frac is not None and frac >= 1.0:
                         dev.resident.add(entity)

@@ -72,12 +72,12 @@ RECENCY_FLOOR_S = 1.0
 NOFIT_RETRY_S = 60.0
 """Retry-After for a model larger than every device's pool (retrying will not help until one is added)."""
 VALUE_REUSE_S = 0.25
-"""How long a function's eviction value is reused while what it rests on stays the same (its share on the
-device, its last use or arrival, where it could be copied back from; its size and run time change only with a
-redeploy or a run of its own, which moves its last use): what moves it meanwhile is the decay of its rate
-estimate (half-life 60 s) and of its recency (seconds), too slow to reorder models within this. On the CI box
-a value costs ~2.7 µs to compute and ~0.5 µs to reuse: with 200 models on a device, 0.54 → 0.11 ms of every
-swap decision and of every piece of a swap."""
+"""How long a device's eviction values are reused, computed again only for the functions touched meanwhile
+(:meth:`NodeState.touch`: a use, an arrival, a change of residency, a new profile): what moves the others is
+the decay of their rate estimates (half-life 60 s) and of their recency (seconds), too slow to reorder models
+within this. Checking each model's inputs instead (the eighth session's memo) cost ~0.8 µs a model on the CI
+box — 0.12 ms of a swap decision on one device holding 144 models, most of the decision — where reusing the
+values whole costs a dict copy."""
 
 SWAP_PIECE_MS = 3.0
 """Default length of a swap's pieces. A swap whose copy would hold the first lane longer than two pieces
@@ -191,6 +191,7 @@ class Scheduler:
                               f"cannot meet the deadline: expected {1000 * (finish - request.deadline):.1f} ms late")
         fq.rate = update_rate(fq.rate, fq.last_arrival, now, self.rate_halflife_s)
         fq.last_arrival = now
+        state.touch(request.function)
         insort_right(fq.requests, request, key=lambda r: r.deadline)
         state.mark_waiting(request.function)
         return None
@@ -608,35 +609,34 @@ class Scheduler:
         peer_held = (set().union(*(d.resident for d in state.devices if d.index != device)) if d2d is not None
                      else set())
         fast = max(d2d, h2d) if d2d is not None else h2d
-        out: dict[str, float] = {}
-        memo = dev.value_memo
+        cache = dev.value_cache
+        if now - dev.value_cache_at >= VALUE_REUSE_S or dev.value_peers != self.peer_copies:
+            cache.clear()
+            todo: set[str] = names
+            dev.value_cache_at, dev.value_peers = now, self.peer_copies
+        else:
+            todo = (names - cache.keys()) | (dev.value_touched & names)
+            for f in cache.keys() - names:  # gone from the device: forget
+                del cache[f]
+        dev.value_touched.clear()
         queues, resident, partial, last_used, halflife = (state.queues, dev.resident, dev.partial, dev.last_used,
                                                           self.rate_halflife_s)
-        for f in names:
-            if f in hot:
-                out[f] = math.inf
-                continue
+        for f in todo:
             frac = 1.0 if f in resident else min(max(partial.get(f, 0.0), 0.0), 1.0)
             last = last_used.get(f, -math.inf)
             fq = queues.get(f)
             arrived = fq.last_arrival if fq is not None else None
             if arrived is not None and arrived > last:
                 last = arrived
-            gbps = fast if f in peer_held else h2d
-            # Its size and run time change only with a redeploy or a run of its own, which moves ``last``.
-            m = memo.get(f)
-            if m is not None and now - m[0] < VALUE_REUSE_S and m[1] == frac and m[2] == last and m[3] == gbps:
-                out[f] = m[4]
-                continue
             prof = self._profile(state, f)
             held_gb = max(prof.nbytes * frac, 1.0) / 1e9
-            rate = rate_at(fq.rate, arrived, now, halflife) if arrived is not None else 0.0
+            rate = rate_at(fq.rate, arrived, now, halflife) if fq is not None and arrived is not None else 0.0
             recency = 1.0 / (max(0.0, now - last) + RECENCY_FLOOR_S) if math.isfinite(last) else 0.0
-            out[f] = v = (rate + recency) * _penalty_ms(prof, gbps * 1e6, slowdown, frac) / held_gb
-            memo[f] = (now, frac, last, gbps, v)
-        if len(memo) > len(names):
-            for f in [f for f in memo if f not in names]:  # gone from the device: forget
-                del memo[f]
+            gbps = fast if f in peer_held else h2d
+            cache[f] = (rate + recency) * _penalty_ms(prof, gbps * 1e6, slowdown, frac) / held_gb
+        out = dict(cache)  # the device's models, each once
+        for f in hot & cache.keys():
+            out[f] = math.inf
         return out
 
     # --- bookkeeping helpers for the controller ----------------------------------------------------
@@ -659,6 +659,7 @@ class Scheduler:
         for dsp in decision.dispatches:
             dev = state.devices[dsp.device]
             dev.last_used[dsp.function] = now
+            state.touch(dsp.function)
             if dsp.lane:
                 dev.side_until = now + dsp.expected_ms / 1000.0
                 dev.side_running = dsp.function
@@ -690,6 +691,7 @@ class Scheduler:
         clamped to within ``OUTLIER_FACTOR`` of the current value (exec) or to [0, total] (overhead).
         """
         prof = state.profiles.get(function)
+        state.touch(function)  # its use, and its profile below
         if 0 <= device < len(state.devices):
             dev = state.devices[device]
             dev.last_used[function] = max(now, dev.last_used.get(function, now))

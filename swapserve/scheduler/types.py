@@ -7,6 +7,7 @@ the same core with a fake clock. Times are in seconds (``now``, deadlines) excep
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -138,9 +139,15 @@ class DeviceState:
     side_running: str | None = None
     side_fetching: bool = False
     """Whether the side lane's run brings its model in first (the model is there when it ends)."""
-    value_memo: dict[str, tuple[float, float, float, float, float]] = field(default_factory=dict)
-    """The scheduler's last eviction value of each function here: (computed at, and what it rests on — its
-    share here, last use or arrival, copy-back GB/s — then the value) (see ``Scheduler.values``)."""
+    # The scheduler's cache of eviction values (``Scheduler.values``): not the device's state, so not compared.
+    value_cache: dict[str, float] = field(default_factory=dict, compare=False)
+    """The eviction value of each function here, as last computed."""
+    value_cache_at: float = field(default=-math.inf, compare=False)
+    """When the cache was last computed whole (since then only for the functions touched)."""
+    value_touched: set[str] = field(default_factory=set, compare=False)
+    """Functions whose value here may have changed since (:meth:`NodeState.touch`)."""
+    value_peers: bool = field(default=False, compare=False)
+    """The peer-copy setting the cache was computed under."""
 
     @property
     def idle(self) -> bool:
@@ -193,6 +200,18 @@ class NodeState:
 
     def mark_waiting(self, function: str) -> None:
         self.waiting.add(function)
+
+    def touch(self, function: str) -> None:
+        """What a function's eviction values rest on changed — its use or arrival, its share of a device (on
+        any: a copy from a peer is cheaper), its profile: whoever changes those calls this, so that the
+        values are computed again for it, not for every model on a device at every swap."""
+        for d in self.devices:
+            d.value_touched.add(function)
+
+    def forget_values(self) -> None:
+        """Every device's eviction values are computed whole at the next swap (the models changed)."""
+        for d in self.devices:
+            d.value_cache_at = -math.inf
 
     def nonempty(self) -> list[str]:
         """Names of the functions with queued requests, sorted."""

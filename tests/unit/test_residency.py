@@ -1,7 +1,7 @@
 """Residency travels from the workers as changes (the models whose share moved, those gone), which the
 controller applies in order and brings into the scheduler's view model by model: after any sequence of
-pools, what the controller holds is what the worker has, and the scheduler's view is what a full rebuild
-from it would give."""
+pools, what the controller holds is what the worker has, the scheduler's view is what a full rebuild from it
+would give, and the models that moved are touched (their eviction values computed again)."""
 
 from __future__ import annotations
 
@@ -46,10 +46,13 @@ def test_changes_applied_in_order_give_the_workers_pool_and_the_scheduler_the_sa
         change = residency_change(sent, present, 1 << 30, 123)
         sent = present
         assert len(change.changed) + len(change.gone) <= 3  # a change names only what moved
+        state.devices[0].value_touched.clear()
         worker.residency.apply(change)
         dispatch.refresh_residency()
         assert worker.residency.present == present and not worker.residency.changed
         assert (state.devices[0].resident, state.devices[0].partial) == _full(present, by_key)
+        # each entity whose share moved has its eviction values computed again (Scheduler.values)
+        assert state.devices[0].value_touched == {by_key[k] for k in (*change.changed, *change.gone) if k in by_key}
     assert (worker.residency.pool_bytes, worker.residency.used_bytes) == (1 << 30, 123)
 
 

@@ -464,15 +464,18 @@ def test_values_per_byte_and_cheaper_when_a_peer_holds_it():
     v = Scheduler(peer_copies=True).values(s, 0, T0)
     assert v["big"] == pytest.approx(v["small"] / 2)
     s.devices[1].resident.add("small")
+    s.touch("small")  # as the controller does when a worker reports it
     assert Scheduler(peer_copies=True).values(s, 0, T0)["small"] < v["small"]  # an NVLink hop away on device 1
     assert Scheduler().values(s, 0, T0)["small"] == v["small"]  # not where peer copies are off
 
 
-def test_values_are_reused_briefly_until_what_they_rest_on_changes():
+def test_values_are_reused_briefly_and_computed_again_for_what_was_touched():
+    """A device's values are reused for VALUE_REUSE_S, except for the functions touched meanwhile (whoever
+    changes a use, an arrival, a share of a device or a profile says so: NodeState.touch), computed at once."""
     from swapserve.scheduler.core import VALUE_REUSE_S
 
     s = node(1)
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         fq = fn(s, name, nbytes=GB, exec_ms={1: 1.0})
         fq.rate, fq.last_arrival = 1.0, T0
         s.devices[0].resident.add(name)
@@ -483,16 +486,38 @@ def test_values_are_reused_briefly_until_what_they_rest_on_changes():
     assert sch.values(s, 0, T0 + VALUE_REUSE_S * 2)["a"] > v["a"]  # then computed anew
     now = T0 + VALUE_REUSE_S * 2
     before = sch.values(s, 0, now)
-    s.devices[0].last_used["b"] = now  # a use: at once
-    assert sch.values(s, 0, now)["b"] > before["b"]
+    s.devices[0].last_used["b"] = s.devices[0].last_used["c"] = now  # two uses, one of them said
+    s.touch("b")
+    after = sch.values(s, 0, now)
+    assert after["b"] > before["b"] and after["c"] == before["c"]  # c's until the next whole computation
     s.devices[0].resident.discard("b")
-    s.devices[0].partial["b"] = 0.5  # pages taken: at once
-    assert sch.values(s, 0, now)["b"] != before["b"]
+    s.devices[0].partial["b"] = 0.5  # pages taken
+    s.touch("b")
+    assert sch.values(s, 0, now)["b"] != after["b"]
     enqueue(s, "a", "r1")  # queued: never a victim, whatever was computed before
     assert sch.values(s, 0, now)["a"] == math.inf
     s.devices[0].partial.pop("b")
-    sch.values(s, 0, now)
-    assert "b" not in s.devices[0].value_memo  # gone from the device: forgotten
+    assert "b" not in sch.values(s, 0, now) and "b" not in s.devices[0].value_cache  # gone from the device
+    s.devices[0].partial["d"] = 0.25  # a model new here is valued at once, untouched
+    fn(s, "d", nbytes=GB)
+    assert "d" in sch.values(s, 0, now)
+
+
+def test_the_scheduler_and_controller_touch_what_they_change():
+    """Arrivals, dispatches and completions touch their function (every device: a peer's holding counts)."""
+    s = node(2)
+    fn(s, "f")
+    sch = Scheduler()
+    assert sch.admit(s, req(s, "f", "r1"), T0) is None
+    assert all(d.value_touched == {"f"} for d in s.devices)
+    for d in s.devices:
+        d.value_touched.clear()
+    sch.apply(s, sch.decide(s, T0), T0)
+    assert all(d.value_touched == {"f"} for d in s.devices)
+    for d in s.devices:
+        d.value_touched.clear()
+    sch.observe_completion(s, "f", 0, 1, 1.0, True, 5.0, T0 + 0.01)
+    assert all(d.value_touched == {"f"} for d in s.devices)
 
 
 def test_dispatch_carries_values_for_its_device():
