@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,7 +236,10 @@ def test_deploy_bundle_with_path_traversal(server: Server, functions: Functions)
         archive = _tar_gz({"function.yaml": spec, bad: b"pwned"})
         message = _upload(server, archive).error(400)
         assert marker in message
-    escaped = [p for p in (server.home, server.home.parent, Path("/tmp")) for p in p.rglob(marker)]
+    # os.walk, not Path.rglob: other processes come and go under /tmp meanwhile (a directory removed during
+    # the walk is skipped, not an error).
+    escaped = [Path(d) / marker for top in (server.home, server.home.parent, Path("/tmp"))
+               for d, _, files in os.walk(top) if marker in files]
     assert not escaped, escaped
     server.request("GET", "/v2/models/evil").error(404)
 
