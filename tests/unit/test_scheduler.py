@@ -503,7 +503,7 @@ def test_values_are_reused_briefly_and_computed_again_for_what_was_touched():
     assert "d" in sch.values(s, 0, now)
 
 
-def test_the_scheduler_and_controller_touch_what_they_change():
+def test_arrivals_dispatches_and_completions_touch_their_function():
     """Arrivals, dispatches and completions touch their function (every device: a peer's holding counts)."""
     s = node(2)
     fn(s, "f")
