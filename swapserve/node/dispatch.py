@@ -529,12 +529,13 @@ class Dispatcher:
         """Bring what workers reported into the scheduler's view: the models whose share changed since last
         time, or (``everything``: the entities' keys changed, a deploy or a delete) the whole of it."""
         by_key = self._entities
+        if everything:
+            self.state.forget_values()
         for w, dev in zip(self._workers, self.state.devices):
             r = w.residency
             if everything:
                 dev.resident = {by_key[k] for k, frac in r.present.items() if frac >= 1.0 and k in by_key}
                 dev.partial = {by_key[k]: frac for k, frac in r.present.items() if frac < 1.0 and k in by_key}
-                self.state.forget_values()
             else:
                 for k in r.changed:
                     if (entity := by_key.get(k)) is None:

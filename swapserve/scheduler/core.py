@@ -676,7 +676,6 @@ class Scheduler:
             dev.running = dsp.function
             dev.piece = dsp.piece_bytes > 0
             dev.copying_until = now + dsp.copy_ms / 1000.0 if copying else None
-            dev.last_used[dsp.function] = now
 
     def observe_completion(self, state: NodeState, function: str, device: int, batch: int, exec_ms: float,
                            swapped: bool, total_ms: float, now: float, copy_ms: float | None = None,
