@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swapserve.scheduler import (  # noqa: E402
-    DeviceState, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler,
+    DeviceState, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, SideLane,
 )
 
 MB = 10**6
@@ -35,7 +35,7 @@ def node(devices: int, functions: int, resident: int, partial: int, seed: int) -
     rng = random.Random(seed)
     link = LinkProfile(h2d_GBps=(54.0,) * devices, d2d_GBps=210.0 if devices > 1 else None,
                        exec_slowdown_copying=1.01, fetch_GBps=20.0)
-    state = NodeState([DeviceState(i, 16 * GB, side_lane=True) for i in range(devices)], {}, {}, link)
+    state = NodeState([DeviceState(i, 16 * GB, side=[SideLane()]) for i in range(devices)], {}, {}, link)
     names = [f"f{i:04d}" for i in range(functions)]
     now = 0.0
     for name in names:

@@ -587,7 +587,8 @@ def main() -> None:
     ap.add_argument("--raw", action="store_true", help="also write every request of each point to "
                                                         "OUT/trace_raw/<policy>_<N>.jsonl.gz")
     ap.add_argument("--no-prepare", action="store_true", help="capture graphs on first use, not at start")
-    ap.add_argument("--lanes", type=int, choices=(1, 2), help="runs in flight per GPU (serve --lanes; default 2)")
+    ap.add_argument("--lanes", type=int, choices=range(1, 5), metavar="K",
+                    help="runs in flight per GPU, 1 to 4 (serve --lanes; default 2)")
     ap.add_argument("--repeats", type=int, default=1, help="replays of each point on the same node; the point "
                     "is the run of median attainment, every run's attainment listed (the spread: with a few "
                     "requests per function, P98 is the worst one)")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from swapserve.config import MiB, env, parse_bytes
+from swapserve.config import MAX_LANES, MiB, env, parse_bytes
 from swapserve.errors import SwapserveError
 
 if TYPE_CHECKING:
@@ -346,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      '(default: every GPU, else cpu)')
     s.add_argument("--pool", type=_bytes, help="weight pool per device, e.g. 16GiB (default: sized at start)")
     s.add_argument("--workspace", type=_bytes, help="activation workspace per device and lane (default 512MiB)")
-    s.add_argument("--lanes", type=int, choices=(1, 2),
-                   help="runs in flight per device: 2 (default) runs resident models beside a swap, 1 one at a time")
+    s.add_argument("--lanes", type=int, choices=range(1, MAX_LANES + 1), metavar="K",
+                   help=f"runs in flight per device, 1 to {MAX_LANES}: 2 (default) runs resident models beside a "
+                        "swap, 3 or 4 more of them side by side, 1 one thing at a time")
     s.add_argument("--swap-piece-ms", type=float, metavar="MS",
                    help="a long swap with time to spare comes in pieces of about this much copying, serving what "
                         "is due first between them (default 3; 0: in one go)")

@@ -36,6 +36,11 @@ def parse_bytes(text: str | int) -> int:
         raise ValueError(f"not a byte size: {text!r} (use e.g. 512MiB, 16GiB or a number of bytes)") from None
 
 
+MAX_LANES = 4
+"""Most lanes a device may have: each holds a workspace, and in graph mode each side lane a graph of every
+model it may run."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one device's swap engine is set up. Sizes are in bytes."""
@@ -47,9 +52,10 @@ class EngineConfig:
     workspace_bytes: int = 512 * MiB
     """Device memory for activations, per lane, shared by every model that runs in that lane."""
     lanes: int = 2
-    """Runs a device may have in flight at once (1 or 2), each on its own stream with its own workspace.
-    Lane 0 swaps models in (and runs resident ones); lane 1 runs only resident models, beside it — so a
-    resident model's request need not wait behind another model's swap."""
+    """Runs a device may have in flight at once (1 to :data:`MAX_LANES`), each on its own stream with its own
+    workspace. Lane 0 swaps models in (and runs resident ones); the others (side lanes) run only resident
+    models, beside it and each other — so a resident model's request need not wait behind another model's
+    swap, nor behind another resident run."""
     page_bytes: int = 32 * MiB
     """Unit of the weight pool. Remapping a page costs ~60 µs on an H200 whatever its size, so pages
     are large; a model's last page is partly empty."""
@@ -77,8 +83,8 @@ class EngineConfig:
             raise ValueError(f"pool_bytes ({self.pool_bytes}) is smaller than one page ({self.page_bytes})")
         if self.align <= 0 or self.align & (self.align - 1):
             raise ValueError("align must be a power of two")
-        if self.lanes not in (1, 2):
-            raise ValueError(f"lanes must be 1 or 2, not {self.lanes}")
+        if not 1 <= self.lanes <= MAX_LANES:
+            raise ValueError(f"lanes must be 1 to {MAX_LANES}, not {self.lanes}")
         if self.mode == "graph" and self.device == "cpu":
             raise ValueError("graph mode needs a CUDA device")
 

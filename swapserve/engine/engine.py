@@ -6,10 +6,10 @@ page changed, starts the chunked host→device copies and runs the forward pass,
 chunk only at its first use. A resident model runs with no copy and no wait. In graph mode both
 paths are single CUDA graph replays.
 
-A device has one or two *lanes* (``EngineConfig.lanes``), each with its own stream and activation
-workspace: lane 0 swaps models in and runs resident ones; lane 1 runs resident models concurrently with
-lane 0, so that a hit need not wait behind another model's swap, and may bring a model in first by kernel
-copies beside lane 0's swap (``fetch``). Each lane runs one request at a time
+A device has one to four *lanes* (``EngineConfig.lanes``), each with its own stream and activation
+workspace: lane 0 swaps models in and runs resident ones; the side lanes (1, 2, ...) run resident models
+concurrently with lane 0 and each other, so that a hit need not wait behind another model's swap, and may
+bring a model in first by kernel copies beside lane 0's swap (``fetch``). Each lane runs one request at a time
 (its caller's thread blocks until the device is done); a graph capture has the device to itself.
 """
 
@@ -362,7 +362,7 @@ class SwapEngine:
     def prefetch(self, name: str, max_bytes: int | None = None, value: Value | None = None) -> int:
         """Copy the model's missing pages without running it — all of them, or only as many of the first
         missing pages (in first-use order) as ``max_bytes`` needs, rounded up to whole pages (a piece of
-        a swap) — as a run of lane 0 (lane 1 goes on serving resident models meanwhile). Returns the bytes
+        a swap) — as a run of lane 0 (the side lanes go on serving resident models meanwhile). Returns the bytes
         copied."""
         ln = self.lanes[0]
         with ln.lock, self._gate.shared():
@@ -514,7 +514,7 @@ class SwapEngine:
         before = [self._workspace_bytes(ln) for ln in self.lanes]
         with torch.no_grad():
             graphs.capture(inputs, m.va, host.buffer, m.chunks, m.events)
-        self.stats.graph_captures += 2
+        self.stats.graph_captures += graphs.count
         for ln, was in zip(self.lanes, before):
             used = self._workspace_bytes(ln)
             if used > self.config.workspace_bytes:

@@ -8,10 +8,11 @@ buffer (a reload from disk moves it: the swap graph is then captured again). For
 model the swap graph runs with the copy nodes of valid chunks disabled (``cudaGraphNodeSetEnabled``),
 so only missing bytes move.
 
-Lanes: the swap graph belongs to lane 0 (its stream and workspace), the plain graph to the last lane.
-With one lane both live there and a resident run replays the plain graph; with two, lane 1 replays the
-plain graph while lane 0 may be swapping another model in, and a resident run in lane 0 replays the swap
-graph with every copy disabled — the same kernels on the same weights, so the same bits.
+Lanes: the swap graph belongs to lane 0 (its stream and workspace), and each side lane (1, 2, ...) has a
+plain graph of its own (its activations in that lane's workspace: side lanes run at once). With one lane
+both live in lane 0 and a resident run replays the plain graph; with more, each side lane replays its plain
+graph while lane 0 may be swapping another model in, and a resident run in lane 0 replays the swap graph
+with every copy disabled — the same kernels on the same weights, so the same bits.
 """
 
 from __future__ import annotations
@@ -73,18 +74,26 @@ class _Placed:
         self.pool: torch.cuda.MemPool = lane.workspace
 
 
+class _Plain:
+    """A lane's plain graph (a resident run), with its static inputs and outputs."""
+
+    def __init__(self, lane: _Placed):
+        self.lane = lane
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+
+
 class ModelGraphs:
     def __init__(self, backend: CudaBackend, program: Program, lanes: Sequence[Any]):
         """``lanes``: the engine's lanes (each with ``stream`` and ``workspace``)."""
         self.backend = backend
         self.program = program
         self.swap_lane = _Placed(lanes[0])
-        self.plain_lane = _Placed(lanes[-1])
         self.shared = len(lanes) == 1
         """One lane: a resident run in lane 0 replays the plain graph (it lives there too)."""
-        self.plain: torch.cuda.CUDAGraph | None = None
-        self.plain_in: list[torch.Tensor] = []
-        self.plain_out: list[torch.Tensor] = []
+        self.plain: list[_Plain] = [_Plain(_Placed(ln)) for ln in (lanes if self.shared else lanes[1:])]
+        """The plain graph of each side lane (of lane 0 when it is the only one)."""
         self.swap: torch.cuda.CUDAGraph | None = None
         self.swap_in: list[torch.Tensor] = []
         self.swap_out: list[torch.Tensor] = []
@@ -92,19 +101,25 @@ class ModelGraphs:
         self._nodes: list[Any] | None = None
         self._enabled: list[bool] = []
 
+    @property
+    def count(self) -> int:
+        """Graphs captured per batch size: the plain ones and the swap one."""
+        return len(self.plain) + 1
+
     def capture(self, example: Sequence[torch.Tensor], va: int, host: torch.Tensor, chunks: Sequence[Chunk],
                 events: list[torch.cuda.Event]) -> None:
-        """Capture both graphs, each with its static inputs and outputs in its lane's workspace (then
+        """Capture every graph, each with its static inputs and outputs in its lane's workspace (then
         borrowed)."""
-        at = self.plain_lane
-        with torch.cuda.use_mem_pool(at.pool), torch.cuda.stream(at.stream):
-            inputs = [torch.empty_like(x, device=self.backend.device) for x in example]
-        at.stream.wait_stream(torch.cuda.current_stream(self.backend.device))
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=at.pool.id, stream=at.stream):
-            out = self.program.run(inputs)
-        self.plain, self.plain_in, self.plain_out = g, [_borrow(t) for t in inputs], [_borrow(t) for t in out]
-        del inputs, out
+        for p in self.plain:
+            at = p.lane
+            with torch.cuda.use_mem_pool(at.pool), torch.cuda.stream(at.stream):
+                inputs = [torch.empty_like(x, device=self.backend.device) for x in example]
+            at.stream.wait_stream(torch.cuda.current_stream(self.backend.device))
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=at.pool.id, stream=at.stream):
+                out = self.program.run(inputs)
+            p.graph, p.inputs, p.outputs = g, [_borrow(t) for t in inputs], [_borrow(t) for t in out]
+            del inputs, out
         self.capture_swap(va, host, chunks, events, example)
 
     def capture_swap(self, va: int, host: torch.Tensor, chunks: Sequence[Chunk], events: list[torch.cuda.Event],
@@ -140,7 +155,8 @@ class ModelGraphs:
             self._set_enabled(copy if copy is not None else [False] * len(self._enabled))
         else:
             assert copy is None, "only lane 0 swaps"
-            graph, static_in, static_out, at = self.plain, self.plain_in, self.plain_out, self.plain_lane
+            p = self.plain[0 if self.shared else lane - 1]
+            graph, static_in, static_out, at = p.graph, p.inputs, p.outputs, p.lane
         assert graph is not None
         with self.backend.compute(at.stream):
             for dst, x in zip(static_in, inputs):

@@ -10,6 +10,7 @@ import html
 from typing import Any
 
 from swapserve import __version__
+from swapserve.config import MAX_LANES
 from swapserve.tensors import DATATYPES
 
 
@@ -132,8 +133,8 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/status": {"get": _op("Node status", "management", _json(_ref("NodeStatus"), "Status"), auth=True)},
         "/api/v1/scheduling": {
             "get": _op("The scheduler's settings", "management", _json(_ref("Scheduling"), "Settings"), auth=True),
-            "patch": _op("Change side_fetch, swap_piece_ms, queue_ahead_within_ms and/or peer_copies now (all or "
-                         "nothing)",
+            "patch": _op("Change side_fetch, swap_piece_ms, queue_ahead_within_ms, peer_copies and/or side_lanes "
+                         "now (all or nothing)",
                          "management", _json(_ref("Scheduling"), "The settings after the change"), (400,), auth=True,
                          body={"required": True, "content": {"application/json": {"schema": {
                              "type": "object", "properties": {
@@ -141,7 +142,9 @@ OPENAPI: dict[str, Any] = {
                                  "swap_piece_ms": {"type": "number", "minimum": 0, "maximum": 1000},
                                  "queue_ahead_within_ms": {"type": ["number", "null"], "minimum": 0,
                                                            "maximum": 1000},
-                                 "peer_copies": {"type": "boolean"}}}}}}),
+                                 "peer_copies": {"type": "boolean"},
+                                 "side_lanes": {"type": ["integer", "null"], "minimum": 0,
+                                                "maximum": MAX_LANES - 1}}}}}}),
         },
         "/metrics": {"get": _op("Prometheus metrics", "observability", {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})},
@@ -200,7 +203,9 @@ OPENAPI: dict[str, Any] = {
                                           "description": "queue ahead only this close to the run's end "
                                                          "(null: always)"},
                 "peer_copies": {"type": "boolean",
-                                "description": "copy a model from another device that holds it (NVLink)"}}},
+                                "description": "copy a model from another device that holds it (NVLink)"},
+                "side_lanes": {"type": ["integer", "null"],
+                               "description": "how many of each device's side lanes new runs take (null: all)"}}},
             "NodeStatus": {"type": "object", "properties": {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},

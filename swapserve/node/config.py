@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from swapserve.config import GiB, MiB, env
+from swapserve.config import MAX_LANES, GiB, MiB, env
 from swapserve.scheduler.core import SWAP_PIECE_MS
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
@@ -49,8 +49,9 @@ class ServeConfig:
     workspace_bytes: int = 512 * MiB
     """Activation workspace per device and lane, shared by the models that run in that lane."""
     lanes: int = 2
-    """Runs each device may have in flight: 2 runs a resident model beside another model's swap (the
-    second lane has its own stream and workspace); 1 runs one thing at a time."""
+    """Runs each device may have in flight (1 to 4): 2 runs a resident model beside another model's swap
+    (each lane has its own stream and workspace), 3 or 4 more resident models beside those; 1 runs one thing
+    at a time."""
     swap_piece_ms: float = SWAP_PIECE_MS
     """A long swap with time to spare before its deadline comes in pieces of about this many ms of copying,
     serving what is due first between them (the first lane is the only one that swaps); 0: in one go."""
@@ -129,8 +130,8 @@ class ServeConfig:
             problems.append(f"sandbox_isolation {self.sandbox_isolation!r} is not strict, best_effort or off")
         if not self.sandbox_idle_s > 0:
             problems.append(f"sandbox_idle_s must be positive, not {self.sandbox_idle_s}")
-        if self.lanes not in (1, 2):
-            problems.append(f"lanes must be 1 or 2, not {self.lanes}")
+        if not 1 <= self.lanes <= MAX_LANES:
+            problems.append(f"lanes must be 1 to {MAX_LANES}, not {self.lanes}")
         if not 0 <= self.swap_piece_ms <= 1000:
             problems.append(f"swap_piece_ms must be in [0, 1000], not {self.swap_piece_ms}")
         if self.queue_ahead_within_ms is not None and not 0 <= self.queue_ahead_within_ms <= 1000:

@@ -37,14 +37,15 @@ from swapserve.node import handlers
 from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
 from swapserve.node.dispatch import Dispatcher, OutputSink, reply_error
-from swapserve.node.messages import (AddModel, Exported, ExportPages, ImportPeer, MeasureCopy, PeerResult, Prepare,
-                                     RemoveModel, RunResult, allow_open_files)
+from swapserve.node.messages import (AddModel, CopyResult, Exported, ExportPages, ImportPeer, MeasureCopy, PeerResult,
+                                     Prepare, RemoveModel, RunResult, allow_open_files)
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
 from swapserve.sandbox.types import PoolStats, SandboxEvent
 from swapserve.scheduler.core import SWAP_PIECE_MS, Scheduler
 from swapserve.scheduler.types import (
     DeviceState,
+    SideLane,
     FunctionQueue,
     LinkProfile,
     ModelProfile,
@@ -199,7 +200,8 @@ class Node:
         hellos = await asyncio.gather(*(wk.wait_hello(w, self.cfg.start_timeout_s) for w in self._workers))
         for w in self._workers:
             wk.watch(w, self._on_worker_dead)
-        self.state.devices = [DeviceState(i, h.pool_bytes, side_lane=self.cfg.lanes > 1) for i, h in enumerate(hellos)]
+        self.state.devices = [DeviceState(i, h.pool_bytes, side=[SideLane() for _ in range(self.cfg.lanes - 1)])
+                              for i, h in enumerate(hellos)]
         link = await self._profile_link([h.h2d_GBps for h in hellos], [h.fetch_GBps for h in hellos])
         self.state.link = replace(link, d2d_GBps=await self._share_pages())
         log.info("workers up: %s; link %s", [f"{h.device} ({h.name})" for h in hellos], self.state.link)
@@ -268,11 +270,11 @@ class Node:
             together = min(r.result.h2d_GBps for r in replies if r.ok and r.result)  # type: ignore[union-attr]
             h2d += [together] * (n - 1)
         probe = await wk.call(self._workers[0], MeasureCopy(wk.next_id(), 1 << 30, 0.0, exec_probe=True))
-        slowdown = 1.0
+        slowdown, beside = 1.0, ()
         res = probe.result
-        if probe.ok and res is not None and getattr(res, "exec_ms", 0):
-            slowdown = max(1.0, res.exec_copying_ms / res.exec_ms)  # type: ignore[union-attr]
-        return LinkProfile(tuple(h2d), None, slowdown, fetch_GBps=fetch_GBps)
+        if probe.ok and isinstance(res, CopyResult) and res.exec_ms:
+            slowdown, beside = max(1.0, res.exec_copying_ms / res.exec_ms), res.exec_beside
+        return LinkProfile(tuple(h2d), None, slowdown, beside, fetch_GBps=fetch_GBps)
 
     async def _share_pages(self) -> float | None:
         """Every worker maps every other's pages, so that a run may copy a model from a device that lent it;
@@ -622,6 +624,8 @@ class Node:
                           {"h2d_GBps": self.state.link.h2d_GBps[0],
                            "h2d_GBps_all_copying": self.state.link.h2d_GBps[-1],
                            "exec_slowdown_copying": self.state.link.exec_slowdown_copying,
+                           **{f"exec_slowdown_beside_{k + 1}": x
+                              for k, x in enumerate(self.state.link.exec_slowdown_beside)},
                            **({"d2d_GBps": d2d} if (d2d := self.state.link.d2d_GBps) is not None else {}),
                            **{f"busy_seconds_{w.index}": self.dispatch.busy_s[w.index] for w in self._workers}},
                           tuple(_sandbox_status(p) for _, p in sorted(self.sandboxes.stats().items())))

@@ -106,7 +106,8 @@ class Prefetch:
 @dataclass(frozen=True)
 class MeasureCopy:
     """Time ``nbytes`` of pinned host→device copies starting at wall-clock ``start_at`` (so that several
-    workers copy at once), and execution of a fixed kernel with and without a concurrent copy."""
+    workers copy at once); with ``exec_probe``, execution of a fixed kernel with and without a concurrent
+    copy, and of runs side by side in the device's lanes."""
 
     id: int
     nbytes: int
@@ -210,6 +211,8 @@ class CopyResult:
     h2d_GBps: float
     exec_ms: float = 0.0
     exec_copying_ms: float = 0.0
+    exec_beside: tuple[float, ...] = ()
+    """A run's time with k others beside it (index k-1) over its time alone, up to the device's lanes."""
 
 
 @dataclass(frozen=True)

@@ -406,4 +406,46 @@ class Worker:
                 dst.copy_(host, non_blocking=True)
             copying.append(kernels())
         torch.cuda.synchronize(dev)
-        return CopyResult(bw, alone, min(copying))
+        return CopyResult(bw, alone, min(copying), slowdown_beside(dev, len(self.engine.lanes)))
+
+
+def slowdown_beside(dev: Any, lanes: int, rounds: int = 5) -> tuple[float, ...]:
+    """How much runs side by side slow each other on CUDA device ``dev``: a batch-1-like graph (a chain of
+    256×1024 fp16 matmuls, ~1 ms on an H200, leaving most of the GPU's SMs idle as a small model's kernels
+    do) replayed on k streams at once against one alone, for k up to ``lanes``: the time of k together over
+    one alone, at index k-2 (k-1 runs beside). ``bench/lanes.py`` sets it beside real models'."""
+    import torch
+
+    streams = [torch.cuda.Stream(dev) for _ in range(lanes)]
+    graphs = []
+    for st in streams:
+        x = torch.randn(256, 1024, device=dev, dtype=torch.float16)
+        w = torch.randn(1024, 1024, device=dev, dtype=torch.float16) / 32
+        with torch.cuda.stream(st):
+            for _ in range(3):
+                _chain(x, w)
+        st.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=st):
+            _chain(x, w)
+        graphs.append(g)
+
+    def together(k: int) -> float:
+        torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        for g, st in zip(graphs[:k], streams):
+            with torch.cuda.stream(st):
+                g.replay()
+        torch.cuda.synchronize(dev)
+        return time.perf_counter() - t
+
+    together(lanes)
+    alone = min(together(1) for _ in range(rounds))
+    return tuple(max(1.0, min(together(k) for _ in range(rounds)) / alone) for k in range(2, lanes + 1))
+
+
+def _chain(x: Any, w: Any, length: int = 200) -> Any:
+    """The kernels of :func:`slowdown_beside`."""
+    for _ in range(length):
+        x = x @ w
+    return x

@@ -9,10 +9,10 @@ from swapserve.scheduler.core import Scheduler
 from swapserve.scheduler.estimate import Estimate, View, rate_at, update_rate
 from swapserve.scheduler.types import (
     Decision, DeviceState, Dispatch, FunctionQueue, LinkProfile, ModelProfile, NodeState, Policy, Queued,
-    Reject, Request, Source,
+    Reject, Request, SideLane, Source,
 )
 
 __all__ = [
     "Decision", "DeviceState", "Dispatch", "Estimate", "FunctionQueue", "LinkProfile", "ModelProfile",
-    "NodeState", "Policy", "Queued", "Reject", "Request", "Scheduler", "Source", "View", "rate_at", "update_rate",
+    "NodeState", "Policy", "Queued", "Reject", "Request", "Scheduler", "SideLane", "Source", "View", "rate_at", "update_rate",
 ]

@@ -21,11 +21,14 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
 * Swaps in pieces: a first-lane swap whose copy is long (over two ``swap_piece_ms``) and whose deadline has
   room is dispatched as a piece (part of its missing bytes, no run; its requests stay queued); the next
   decision, after the piece, serves whatever is due first, then the next piece or the run with what is left.
-* Side lanes: a device with a second lane (``DeviceState.side_lane``) runs a model that is wholly there in
-  it, beside whatever its first lane does (a swap of another model, say), when that finishes first; the
-  first lane is the only one that swaps pipelined. A busy side lane counts from when it frees (a resident
-  model's request may wait a moment for it rather than queue behind a swap in the first lane). Admission and
-  triage count side lanes the same way.
+* Side lanes: a device with side lanes (``DeviceState.side``; ``serve --lanes K`` gives K - 1) runs a model
+  that is wholly there in one of them, beside whatever its other lanes do (a swap of another model, say),
+  when that finishes first; the first lane is the only one that swaps pipelined. Of a device's side lanes the
+  one that frees first is evaluated (they are alike), and a busy one counts from when it frees (a resident
+  model's request may wait a moment for it rather than queue behind a swap in the first lane). A run is
+  slowed by the runs beside it as measured at start (``LinkProfile.exec_slowdown_beside``). Admission and
+  triage count side lanes the same way. ``side_lanes`` (a running node's setting) limits how many of each
+  device's side lanes new runs take (None: all).
 * Side fetches (``side_fetch``, with a measured ``LinkProfile.fetch_GBps``): a side lane may also bring a
   model in itself — its missing bytes by kernel, then the run — when that finishes first, typically a
   small model's request arriving during a large model's swap, which would otherwise wait for all of it
@@ -59,7 +62,7 @@ from typing import Any
 
 from swapserve.scheduler.estimate import Estimate, View, rate_at, update_rate
 from swapserve.scheduler.types import (
-    Decision, Dispatch, FunctionQueue, ModelProfile, NodeState, Policy, Queued, Reject, Request,
+    Decision, Dispatch, FunctionQueue, ModelProfile, NodeState, Policy, Queued, Reject, Request, SideLane,
 )
 
 EXEC_WEIGHT = 0.2
@@ -131,13 +134,15 @@ class Scheduler:
 
     def __init__(self, policy: Policy = "swapserve", rate_halflife_s: float = 60.0,
                  swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False, side_fetch: bool = False,
-                 queue_ahead_within_ms: float | None = None, peer_copies: bool = False):
+                 queue_ahead_within_ms: float | None = None, peer_copies: bool = False,
+                 side_lanes: int | None = None):
         """``swap_piece_ms``: the length of a swap's pieces (0: swaps in one go). ``queue_ahead``: under
         ``swapserve``, a device's first lane may take one more dispatch behind the one it runs
         (``queue_ahead_within_ms``: only when that is expected to end within so many ms; None: whenever).
         ``side_fetch``: under ``swapserve``, a side lane may bring a small model in itself (:meth:`may_fetch`).
         ``peer_copies``: under ``swapserve``, a model may be copied from another device that holds it, where the
-        node measured ``LinkProfile.d2d_GBps`` (faster than from host: NVLink)."""
+        node measured ``LinkProfile.d2d_GBps`` (faster than from host: NVLink). ``side_lanes``: how many of each
+        device's side lanes new runs may take (None: every one the device has)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
@@ -146,6 +151,8 @@ class Scheduler:
             raise ValueError("swap_piece_ms must be 0 (off) or positive")
         if queue_ahead_within_ms is not None and not queue_ahead_within_ms >= 0:
             raise ValueError("queue_ahead_within_ms must be None (no limit) or ≥ 0")
+        if side_lanes is not None and not side_lanes >= 0:
+            raise ValueError("side_lanes must be None (all) or ≥ 0")
         self.policy: Policy = policy
         self.rate_halflife_s = rate_halflife_s
         self.swap_piece_ms = swap_piece_ms
@@ -153,6 +160,7 @@ class Scheduler:
         self.side_fetch = side_fetch and policy == "swapserve"
         self.queue_ahead_within_ms = queue_ahead_within_ms
         self.peer_copies = peer_copies and policy == "swapserve"
+        self.side_lanes = side_lanes
 
     # --- admission ---------------------------------------------------------------------------------
 
@@ -210,7 +218,7 @@ class Scheduler:
         Stop simulating once no device frees before the deadline (it is late whatever follows) and
         extrapolate the finish, for Retry-After, from the best-case work still ahead spread over the devices.
         """
-        view = View(state, now, self.peer_copies)
+        view = self._view(state, now)
         prof_own = self._profile(state, request.function)
         grace_s = self._grace_s(view, request.function, prof_own, request.items)
         limit = request.deadline + grace_s
@@ -279,7 +287,7 @@ class Scheduler:
             return self._decide_fifo(state, now)
         if self.policy == "dedicated":
             return self._decide_dedicated(state, now)
-        view = View(state, now, self.peer_copies)
+        view = self._view(state, now)
         rejects: list[Reject] = []
         pending: dict[str, list[Request]] = {}
         for name in state.nonempty():
@@ -291,9 +299,10 @@ class Scheduler:
                     pending[name] = keep
         queued_items = {name: sum(r.items for r in reqs) for name, reqs in pending.items()}
         active = {f for d in state.devices for f in d.first_lane}
-        active |= {d.side_running for d in state.devices if d.side_running is not None}
+        active.update(f for d in state.devices for f in d.side_running)
         free = {d.index for d in state.devices if d.idle}
-        side = {d.index for d in state.devices if d.side_free}
+        # Side lanes free now, as (device, lane).
+        side = {(d, ln) for d in range(view.n) for ln in range(1, view.side_lanes[d] + 1) if view.side_idle_now(d, ln)}
         # First lanes that would take one more dispatch behind the one they run.
         ahead = {d.index for d in state.devices if self.queue_ahead and not d.idle and d.queued is None}
         values: dict[int, dict[str, float]] = {}
@@ -315,8 +324,8 @@ class Scheduler:
                 # A busy side lane counts too, from when it frees: waiting for it may beat the first lane.
                 if (se := view.side_estimate(name, prof, items, d, now,
                                              self.may_fetch(state, name) and name not in active)) is not None:
-                    ests[d, 1] = se
-                    cands.append((se.key(d in side), d, 1))
+                    ests[d, se.lane] = se
+                    cands.append((se.key((d, se.lane) in side), d, se.lane))
                 if d in free and not (no_new_copy and not view.holds(name, d, now)):
                     e = view.estimate(name, prof, items, d, now)
                 elif (d in ahead and self._ahead_now(view, d)
@@ -335,7 +344,7 @@ class Scheduler:
             if not cands:
                 continue
             best = ests[min(cands)[1:]]
-            if not (best.device in side if best.lane else
+            if not ((best.device, best.lane) in side if best.lane else
                     best.device in free or (best.device in ahead and self._ahead_now(view, best.device))):
                 continue  # it finishes sooner in a lane that frees soon: leave it queued for that one
             piece = 0 if best.lane else self._piece_bytes(view, prof, best, batch[0].deadline, name)
@@ -356,7 +365,7 @@ class Scheduler:
             dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), best.source, best.total_ms,
                                        peer=best.peer, copy_ms=best.copy_ms, values=evict, lane=best.lane))
             if best.lane:
-                side.discard(best.device)
+                side.discard((best.device, best.lane))
             else:
                 self._take_first_lane(best.device, free, ahead)
             view.commit(best, name)
@@ -370,11 +379,12 @@ class Scheduler:
         """The settings a running node may change (:meth:`configure`), and the ones fixed at its start."""
         return {"policy": self.policy, "queue_ahead": self.queue_ahead, "side_fetch": self.side_fetch,
                 "swap_piece_ms": self.swap_piece_ms, "queue_ahead_within_ms": self.queue_ahead_within_ms,
-                "peer_copies": self.peer_copies}
+                "peer_copies": self.peer_copies, "side_lanes": self.side_lanes}
 
     def configure(self, state: NodeState, changes: dict[str, Any]) -> dict[str, Any]:
         """Change ``side_fetch`` (bool), ``swap_piece_ms`` (≥ 0), ``queue_ahead_within_ms`` (≥ 0, or None: no
-        limit) and ``peer_copies`` (bool) on a running node — so that a benchmark
+        limit), ``peer_copies`` (bool) and ``side_lanes`` (0 up to the devices' side lanes, or None: all) on a
+        running node — so that a benchmark
         can compare them on one node, and an operator tune a live one — all or nothing, checked first.
         Returns :meth:`settings`. Raises ValueError naming what is wrong."""
         problems = []
@@ -394,11 +404,17 @@ class Scheduler:
                                           or not 0 <= value <= 1000):
                     problems.append(f"queue_ahead_within_ms must be null (no limit) or a number of ms in [0, 1000], "
                                     f"not {value!r}")
+            elif key == "side_lanes":
+                most = max((len(d.side) for d in state.devices), default=0)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                          or not 0 <= value <= most):
+                    problems.append(f"side_lanes must be null (all) or a whole number in [0, {most}] (the "
+                                    f"devices' side lanes: serve --lanes {most + 1}), not {value!r}")
             elif key in ("policy", "queue_ahead"):
                 problems.append(f"{key} is fixed when the node starts (swapserve serve)")
             else:
                 problems.append(f"unknown setting {key!r}: a running node changes side_fetch, swap_piece_ms, "
-                                "queue_ahead_within_ms and peer_copies")
+                                "queue_ahead_within_ms, peer_copies and side_lanes")
         if problems:
             raise ValueError("; ".join(problems))
         if "side_fetch" in changes:
@@ -410,6 +426,8 @@ class Scheduler:
             self.queue_ahead_within_ms = None if within is None else float(within)
         if "peer_copies" in changes:
             self.peer_copies = changes["peer_copies"]
+        if "side_lanes" in changes:
+            self.side_lanes = changes["side_lanes"]
         return self.settings()
 
     def _switch_problems(self, key: str, value: Any, what: str, possible: bool, needs: str) -> list[str]:
@@ -482,7 +500,7 @@ class Scheduler:
             return None
         if any(function in d.resident or function in d.partial or function in d.first_lane for d in state.devices):
             return None
-        view = View(state, now, self.peer_copies)
+        view = self._view(state, now)
         ests = [e for d in state.devices if d.idle and view.fits(prof, d.index)
                 if (e := view.estimate(function, prof, 1, d.index, now, allow_peer=False)) is not None]
         if not ests:
@@ -523,7 +541,7 @@ class Scheduler:
         """The baseline: requests in arrival order across functions (ties: function name, then queue
         order), one per dispatch, each on the lowest-index idle device that can hold it, bytes from host
         unless resident; never dropped for lateness."""
-        view = View(state, now, self.peer_copies)
+        view = self._view(state, now)
         free = sorted(d.index for d in state.devices if d.idle)
         order = sorted(((r.arrival, name, i), r) for name in state.nonempty()
                        for i, r in enumerate(state.queues[name].requests))
@@ -550,7 +568,7 @@ class Scheduler:
     def _decide_dedicated(self, state: NodeState, now: float) -> Decision:
         """The dedicated baseline: each idle device serves the function pinned to it whose head request is
         due first, a batch of its queue up to max_batch; nothing moves between devices."""
-        view = View(state, now, self.peer_copies)
+        view = self._view(state, now)
         dispatches: list[Dispatch] = []
         for dev in state.devices:
             if not dev.idle:
@@ -594,13 +612,13 @@ class Scheduler:
         the bytes makes it the right greedy order for freeing space.
         """
         dev = state.devices[device]
-        names = set(dev.resident) | set(dev.partial) | set(dev.first_lane) | ({dev.side_running} - {None})
+        names = set(dev.resident) | set(dev.partial) | set(dev.first_lane) | set(dev.side_running)
         if self.policy == "fifo_lru":
             return {f: dev.last_used.get(f, -math.inf) for f in sorted(names)}
         if self.policy == "dedicated":
             return {f: math.inf if state.dedicated.get(f) == device else -math.inf for f in sorted(names)}
         # In flight anywhere, or queued: never a victim.
-        hot = {f for d in state.devices for f in (*d.first_lane, d.side_running) if f is not None}
+        hot = {f for d in state.devices for f in (*d.first_lane, *d.side_running)}
         hot.update(state.nonempty())
         # Per call, not per model (this runs for every swap and every piece of one, over every model on the
         # device): the link's figures and which models a peer holds whole.
@@ -661,9 +679,8 @@ class Scheduler:
             dev.last_used[dsp.function] = now
             state.touch(dsp.function)
             if dsp.lane:
-                dev.side_until = now + dsp.expected_ms / 1000.0
-                dev.side_running = dsp.function
-                dev.side_fetching = dsp.source != "resident"
+                dev.side[dsp.lane - 1] = SideLane(now + dsp.expected_ms / 1000.0, dsp.function,
+                                                  dsp.source != "resident")
                 continue
             copying = dsp.source in ("host", "partial") and dsp.copy_ms > 0
             if dev.busy_until is not None:  # behind the run there (queue_ahead): it starts when that ends
@@ -716,6 +733,9 @@ class Scheduler:
         prof.swap_overhead_ms += EXEC_WEIGHT * (sample - prof.swap_overhead_ms)
 
     # --- small helpers -----------------------------------------------------------------------------
+
+    def _view(self, state: NodeState, now: float) -> View:
+        return View(state, now, self.peer_copies, self.side_lanes)
 
     @staticmethod
     def _profile(state: NodeState, function: str) -> ModelProfile:

@@ -18,6 +18,9 @@ The model of a run (times in ms, all inputs measured by profiling, none assumed)
 * copied from a peer (NVLink): ``copy + exec_at(n) + swap_overhead_ms`` with the copy at ``d2d_GBps``, from a
   device that holds the model whole (lent to the run) — the bytes first, then the resident run (not
   pipelined); it does not load the host link. Chosen only where it finishes before the copy from host.
+* side by side: a run with k others running in the device's other lanes at its start takes
+  ``exec_at(n) × beside(k)`` (and × ``exec_slowdown_copying`` while the first lane swaps), both measured at
+  start.
 * fetched by a side lane: ``copy + exec_at(n) + swap_overhead_ms`` with the copy at ``fetch_GBps`` — not
   pipelined (the bytes come first, by kernel, then the resident run), and not queued behind the first
   lane's copies: a kernel's reads share the host link with them (on an H200, 100 MiB took 2.7 ms beside a
@@ -89,7 +92,7 @@ class Estimate:
     total_ms: float
     """Expected time from start to completion."""
     lane: int = 0
-    """1: the device's side lane (a resident run beside whatever its first lane does)."""
+    """1, 2, ...: one of the device's side lanes (a resident run beside whatever its other lanes do)."""
 
     @property
     def finish(self) -> float:
@@ -122,17 +125,25 @@ class View:
     """A planning copy of the node's devices: when each is free, what each holds or is receiving, and
     which host copies are in flight (for contention)."""
 
-    def __init__(self, state: NodeState, now: float, peers: bool = False):
-        """``peers``: a model may be copied from a device that holds it (where ``link.d2d_GBps`` is measured)."""
+    def __init__(self, state: NodeState, now: float, peers: bool = False, side_lanes: int | None = None):
+        """``peers``: a model may be copied from a device that holds it (where ``link.d2d_GBps`` is measured);
+        ``side_lanes``: how many of each device's side lanes new runs may take (None: all); the others still
+        count as runs beside."""
         self.link = state.link
         self.d2d_GBps = state.link.d2d_GBps if peers else None
         self.now = now
         self.pool = [d.pool_bytes for d in state.devices]
         self.idle = [d.idle for d in state.devices]
         self.free_at = [now if d.busy_until is None else max(now, d.busy_until) for d in state.devices]
-        # When each side lane frees (None: the device has none).
-        self.side_free_at: list[float | None] = [None if not d.side_lane else now if d.side_until is None
-                                                 else max(now, d.side_until) for d in state.devices]
+        # When each side lane frees, whether it is free now, and the model its run brings in (if any): per
+        # device, per side lane (lane i at i - 1).
+        self.side_free_at: list[list[float]] = [[now if ln.until is None else max(now, ln.until) for ln in d.side]
+                                                for d in state.devices]
+        self.side_idle: list[list[bool]] = [[ln.until is None for ln in d.side] for d in state.devices]
+        self.side_incoming: list[list[str | None]] = [[ln.running if ln.fetching else None for ln in d.side]
+                                                      for d in state.devices]
+        self.side_lanes = [len(d.side) if side_lanes is None else min(side_lanes, len(d.side))
+                           for d in state.devices]
         # The devices' own sets, not copies (hundreds of models each, on every request): a plan never
         # changes what is partly resident, and :meth:`commit` replaces a device's resident set, never adds to it.
         self.resident: list[set[str]] = [d.resident for d in state.devices]
@@ -140,7 +151,6 @@ class View:
         # The models a busy first lane runs are on the device once it frees (the worker keeps what it
         # loaded), except those of pieces of a swap; a side lane's fetch is there once that lane frees.
         self.incoming: list[set[str]] = [_incoming(d) for d in state.devices]
-        self.side_incoming: list[str | None] = [d.side_running if d.side_fetching else None for d in state.devices]
         # ``copying_until`` is the end of a host→device copy (peer copies do not use the host link); a
         # dispatch queued behind the first lane's run copies after it.
         self.copies = [_Copy(d.index, now, d.copying_until) for d in state.devices
@@ -160,9 +170,16 @@ class View:
         """Whether the whole model is on ``device`` at time ``at`` (or will be, once its current run ends)."""
         if function in self.resident[device]:
             return True
-        if function == self.side_incoming[device] and at >= (self.side_free_at[device] or self.now):
+        if any(f == function and at >= t for f, t in zip(self.side_incoming[device], self.side_free_at[device])):
             return True
         return function in self.incoming[device] and at >= self.free_at[device]
+
+    def beside(self, device: int, at: float, lane: int) -> float:
+        """The execution slowdown of a run starting at ``at`` in ``lane`` of ``device``: the runs of its other
+        lanes still going then (measured per count), and a first lane's copy."""
+        first = lane != 0 and self.free_at[device] > at
+        others = first + sum(1 for i, t in enumerate(self.side_free_at[device]) if i + 1 != lane and t > at)
+        return self.link.beside(others) * (self.link.exec_slowdown_copying if first else 1.0)
 
     def partial_fraction(self, function: str, device: int) -> float:
         """The share of a partly resident model's bytes on ``device`` (0 for none), in [0, 1]."""
@@ -203,7 +220,7 @@ class View:
         cannot fit the device's pool at all."""
         if not self.fits(prof, device):
             return None
-        exec_ms = prof.exec_at(items)
+        exec_ms = prof.exec_at(items) * self.beside(device, start, 0)
         if self.holds(function, device, start):
             return Estimate(device, "resident", None, start, 0.0, exec_ms)
         frac = self.partial_fraction(function, device)
@@ -219,35 +236,46 @@ class View:
                 return Estimate(device, "peer", p, start, via_peer, via_peer + exec_ms + prof.swap_overhead_ms)
         return Estimate(device, source, None, start, copy, swapped_ms(copy, exec_ms, self.link, prof))
 
+    def side_lane(self, device: int) -> int | None:
+        """The side lane a run on ``device`` would take: the earliest to free (a free one before one whose run
+        is overdue), then the lowest; None if the device has none (the lanes of a device are alike)."""
+        n = self.side_lanes[device]
+        if not n:
+            return None
+        at, idle = self.side_free_at[device], self.side_idle[device]
+        return 1 + min(range(n), key=lambda i: (at[i], not idle[i], i))
+
+    def side_idle_now(self, device: int, lane: int) -> bool:
+        """Whether side ``lane`` of ``device`` is free now (no run of the node's nor of this plan)."""
+        return self.side_idle[device][lane - 1]
+
     def side_estimate(self, function: str, prof: ModelProfile, items: int, device: int,
                       start: float, fetch: bool = False) -> Estimate | None:
-        """A run of ``items`` in ``device``'s side lane, from ``start`` or when the lane frees: a resident
-        run, or with ``fetch`` (and a measured ``fetch_GBps``) one that brings its missing bytes in first;
-        None if the device has no side lane or the model is not wholly there by then (and may not be
-        fetched). Beside a busy first lane it runs at the measured execution slowdown under a copy (the
-        profile's contention figure)."""
-        free = self.side_free_at[device]
-        if free is None:
+        """A run of ``items`` in one of ``device``'s side lanes (:meth:`side_lane`), from ``start`` or when the
+        lane frees: a resident run, or with ``fetch`` (and a measured ``fetch_GBps``) one that brings its
+        missing bytes in first; None if the device has no side lane or the model is not wholly there by then
+        (and may not be fetched). It runs at the measured slowdown of the runs beside it (:meth:`beside`)."""
+        lane = self.side_lane(device)
+        if lane is None:
             return None
-        at = max(start, free)
-        slowed = self.free_at[device] > at
-        exec_ms = prof.exec_at(items) * (self.link.exec_slowdown_copying if slowed else 1.0)
+        at = max(start, self.side_free_at[device][lane - 1])
+        exec_ms = prof.exec_at(items) * self.beside(device, at, lane)
         if self.holds(function, device, at):
-            return Estimate(device, "resident", None, at, 0.0, exec_ms, lane=1)
+            return Estimate(device, "resident", None, at, 0.0, exec_ms, lane=lane)
         if not fetch or self.link.fetch_GBps is None or not self.fits(prof, device):
             return None
         frac = self.partial_fraction(function, device)
         copy = copy_ms(prof.nbytes * (1.0 - frac), self.link.fetch_GBps)
         return Estimate(device, "partial" if frac > 0.0 else "host", None, at, copy,
-                        copy + exec_ms + prof.swap_overhead_ms, lane=1)
+                        copy + exec_ms + prof.swap_overhead_ms, lane=lane)
 
     def side_estimates(self, function: str, prof: ModelProfile, items: int, start: float,
                        fetch: bool = False) -> list[Estimate]:
         return [e for d in range(self.n) if (e := self.side_estimate(function, prof, items, d, start, fetch))]
 
     def earliest_free(self) -> float:
-        """When the first lane of any device frees."""
-        return min([*self.free_at, *(t for t in self.side_free_at if t is not None)])
+        """When the first lane of any device, or a side lane new runs may take, frees."""
+        return min([*self.free_at, *(t for d, ts in enumerate(self.side_free_at) for t in ts[:self.side_lanes[d]])])
 
     def candidates(self, function: str, prof: ModelProfile) -> list[int]:
         """The devices worth evaluating for a batch started when each frees: those holding the model whole
@@ -291,9 +319,11 @@ class View:
         a piece of a swap); a host copy joins the copies that later plans share the link with."""
         d = est.device
         if est.lane:
-            self.side_free_at[d] = est.finish
-            if est.source != "resident":
-                self.side_incoming[d] = function
+            i = est.lane - 1
+            if (came := self.side_incoming[d][i]) is not None:  # the lane's fetch ahead has ended by then
+                self.resident[d] = self.resident[d] | {came}
+            self.side_free_at[d][i], self.side_idle[d][i] = est.finish, False
+            self.side_incoming[d][i] = function if est.source != "resident" else None
             return
         if self.incoming[d]:  # the runs before this one have ended by the time this starts (a new set: see __init__)
             self.resident[d] = self.resident[d] | self.incoming[d]

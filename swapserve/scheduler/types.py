@@ -33,6 +33,10 @@ class LinkProfile:
     """Device→device bandwidth between peers (NVLink), None where peers cannot copy directly."""
     exec_slowdown_copying: float = 1.0
     """Execution time multiplier while the same device copies (measured; ≥ 1)."""
+    exec_slowdown_beside: tuple[float, ...] = ()
+    """Execution time multiplier of a run with k others running beside it on the same device (its other
+    lanes): index k-1 (measured at start for as many lanes as the devices have; ≥ 1; beyond the last, the
+    last). Empty: not measured, 1."""
     fetch_GBps: float | None = None
     """Host→device bandwidth of a side lane's fetch (a copy by kernel, which shares the host link with the
     first lane's copy engine copies instead of queueing behind them), alone; None: side lanes run resident
@@ -46,6 +50,12 @@ class LinkProfile:
         """Per-device bandwidth with ``concurrent`` devices copying (this one included)."""
         k = max(1, concurrent)
         return self.h2d_GBps[min(k, len(self.h2d_GBps)) - 1]
+
+    def beside(self, others: int) -> float:
+        """Execution time multiplier with ``others`` runs beside (0: alone)."""
+        if others <= 0 or not self.exec_slowdown_beside:
+            return 1.0
+        return self.exec_slowdown_beside[min(others, len(self.exec_slowdown_beside)) - 1]
 
 
 @dataclass
@@ -112,6 +122,17 @@ class Queued:
 
 
 @dataclass
+class SideLane:
+    """One of a device's side lanes (1, 2, ...): resident models' runs, beside the first lane and each other."""
+
+    until: float | None = None
+    """Expected end of its run; None when it is free."""
+    running: str | None = None
+    fetching: bool = False
+    """Whether its run brings its model in first (the model is there when it ends)."""
+
+
+@dataclass
 class DeviceState:
     index: int
     pool_bytes: int
@@ -131,14 +152,10 @@ class DeviceState:
     """The dispatch waiting behind ``running`` in the first lane, if any (``Scheduler(queue_ahead=True)``)."""
     last_used: dict[str, float] = field(default_factory=dict)
     """When each function last ran here (for LRU)."""
-    side_lane: bool = False
-    """Whether the device has a second lane, which runs resident models beside the first (the first is
-    the only one that swaps models in; ``busy_until``, ``running`` and ``copying_until`` are its state)."""
-    side_until: float | None = None
-    """Expected end of the run in the side lane; None when it is free."""
-    side_running: str | None = None
-    side_fetching: bool = False
-    """Whether the side lane's run brings its model in first (the model is there when it ends)."""
+    side: list[SideLane] = field(default_factory=list)
+    """The device's side lanes (lane i is ``side[i - 1]``), which run resident models beside the first lane
+    (the only one that swaps models in; ``busy_until``, ``running`` and ``copying_until`` are its state) and
+    each other. Empty: one lane."""
     # The scheduler's cache of eviction values (``Scheduler.values``): not the device's state, so not compared.
     value_cache: dict[str, float] = field(default_factory=dict, compare=False)
     """The eviction value of each function here, as last computed."""
@@ -154,8 +171,9 @@ class DeviceState:
         return self.busy_until is None
 
     @property
-    def side_free(self) -> bool:
-        return self.side_lane and self.side_until is None
+    def side_running(self) -> tuple[str, ...]:
+        """The functions its side lanes run."""
+        return tuple(ln.running for ln in self.side if ln.running is not None)
 
     @property
     def first_lane(self) -> tuple[str, ...]:
@@ -163,11 +181,10 @@ class DeviceState:
         return tuple(f for f in (self.running, self.queued.function if self.queued else None) if f is not None)
 
     def release(self, lane: int, now: float, queued: bool = False) -> None:
-        """A lane's dispatch ended: the side lane's; the first lane's running one, whose queued successor (if
+        """A lane's dispatch ended: a side lane's; the first lane's running one, whose queued successor (if
         any) starts now; or, with ``queued``, the successor itself (it failed before it ran)."""
         if lane:
-            self.side_until = self.side_running = None
-            self.side_fetching = False
+            self.side[lane - 1] = SideLane()
             return
         q = self.queued
         self.queued = None
@@ -241,8 +258,8 @@ class Dispatch:
     values: dict[str, float] = field(default_factory=dict)
     """Eviction values for the worker's page pool (functions on that device; lowest evicted first)."""
     lane: int = 0
-    """0: the device's first lane (swaps and resident runs); 1: its side lane (resident runs, and fetches:
-    a model brought in by kernel and then run, when ``source`` is not ``"resident"``)."""
+    """0: the device's first lane (swaps and resident runs); 1, 2, ...: a side lane (resident runs, and
+    fetches: a model brought in by kernel and then run, when ``source`` is not ``"resident"``)."""
     piece_bytes: int = 0
     """A piece of a swap: copy about this many of the model's missing bytes (whole pages, in first-use
     order) and run nothing; the requests stay queued (``request_ids`` is empty). 0: a run, or a whole

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from swapserve.config import EngineConfig
 from swapserve.engine import PeerSource, Residency
 from swapserve.engine.layout import Layout
 from swapserve.errors import (CapacityError, InvalidInputError, NotFoundError, NotResidentError, PoolBusyError,
@@ -144,7 +145,7 @@ def test_concurrent_swaps_do_not_corrupt_each_other(make_artifact, make_engine, 
 
 
 @pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("lanes", [1, 2])
+@pytest.mark.parametrize("lanes", [1, 2, 4])
 def test_every_lane_gives_the_same_bits(make_artifact, make_engine, device, mode, lanes):
     art, _, x = make_artifact("mlp", seed=3)
     eng = make_engine(device, mode, lanes=lanes)
@@ -152,8 +153,15 @@ def test_every_lane_gives_the_same_bits(make_artifact, make_engine, device, mode
     cold = eng.infer("m", x)  # swapped in (lane 0)
     runs = [eng.infer("m", x, lane=lane) for lane in range(lanes) for _ in range(2)]
     assert all(same(r, cold) for r in runs)
-    with pytest.raises(ValueError, match="lane 2"):
-        eng.infer("m", x, lane=2)
+    with pytest.raises(ValueError, match=f"lane {lanes}"):
+        eng.infer("m", x, lane=lanes)
+
+
+def test_lanes_are_one_to_four():
+    with pytest.raises(ValueError, match="lanes must be 1 to 4"):
+        EngineConfig(lanes=5)
+    with pytest.raises(ValueError, match="lanes must be 1 to 4"):
+        EngineConfig(lanes=0)
 
 
 @pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
@@ -243,36 +251,45 @@ def test_a_side_lane_fetch_refuses_a_model_in_flight_in_lane_0(make_artifact, ma
 
 
 @pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
-def test_side_lane_runs_while_lane_0_swaps(make_artifact, make_engine, device, mode):
-    """Lane 1 serves a resident model over and over while lane 0 swaps two others in and out of a pool too
-    small for both: every answer is the resident one's, and the resident model is never evicted under it."""
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_side_lanes_run_while_lane_0_swaps(make_artifact, make_engine, device, mode, lanes):
+    """Every side lane serves a resident model over and over (with three lanes, two of them at once, each
+    its own model) while lane 0 swaps two others in and out of a pool too small for both: every answer is
+    the resident one's, and the resident models are never evicted under them."""
     hot, _, xh = make_artifact("mlp", seed=5, name="hot")
+    warm, _, xw = make_artifact("mlp", seed=12, name="warm")
     b, _, xb = make_artifact("tied", seed=6, name="b")
     c, _, xc = make_artifact("mlp", seed=7, name="c")
-    eng = make_engine(device, mode, pool_mib=16, page_mib=2)  # hot + one of b, c (4 + 4 or 3 of 8 pages)
-    for name, art in (("hot", hot), ("b", b), ("c", c)):
+    # hot + warm + one of b, c (4 + 4 + 4 or 3 of 12 pages)
+    eng = make_engine(device, mode, pool_mib=24, page_mib=2, lanes=lanes)
+    for name, art in (("hot", hot), ("warm", warm), ("b", b), ("c", c)):
         eng.add(name, art)
-    ref = {"b": eng.infer("b", xb), "c": eng.infer("c", xc), "hot": eng.infer("hot", xh)}
-    keep_hot = lambda p: (float("inf") if p.model == "hot" else 0.0, p.last_used)  # noqa: E731 - the scheduler's job
+    ref = {"b": eng.infer("b", xb), "c": eng.infer("c", xc), "hot": eng.infer("hot", xh),
+           "warm": eng.infer("warm", xw)}
+    keep = lambda p: (float("inf") if p.model in ("hot", "warm") else 0.0, p.last_used)  # noqa: E731 - the scheduler's job
     errors: list[str] = []
     done = threading.Event()
+    sides = [(lane, *(("hot", xh) if lane % 2 else ("warm", xw))) for lane in range(1, lanes)]
 
-    def side() -> None:
+    def side(lane: int, name: str, x: tuple[torch.Tensor, ...]) -> None:
         while not done.is_set():
-            if not same(eng.infer("hot", xh, lane=1), ref["hot"]):
-                errors.append("hot")
+            if not same(eng.infer(name, x, lane=lane), ref[name]):
+                errors.append(name)
 
-    t = threading.Thread(target=side)
-    t.start()
+    threads = [threading.Thread(target=side, args=a) for a in sides]
+    for t in threads:
+        t.start()
     try:
         for _ in range(10):
             for name, x in (("b", xb), ("c", xc)):
-                if not same(eng.infer(name, x, value=keep_hot), ref[name]):
+                if not same(eng.infer(name, x, value=keep), ref[name]):
                     errors.append(name)
     finally:
         done.set()
-        t.join()
+        for t in threads:
+            t.join()
     assert not errors
+    assert eng.residency("warm") is Residency.RESIDENT
     assert eng.residency("hot") is Residency.RESIDENT
     assert eng.stats.swaps >= 20
     eng.pool.check()

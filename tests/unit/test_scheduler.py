@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from swapserve.scheduler import (
-    Decision, DeviceState, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, View, rate_at,
-    update_rate,
+    Decision, DeviceState, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, SideLane, View,
+    rate_at, update_rate,
 )
 
 GB = 10**9
@@ -647,9 +647,9 @@ def test_dedicated_never_moves_a_function_to_another_idle_device():
 
 # --- side lanes ----------------------------------------------------------------------------------------
 
-def lanes(s: NodeState) -> NodeState:
+def lanes(s: NodeState, side: int = 1) -> NodeState:
     for d in s.devices:
-        d.side_lane = True
+        d.side = [SideLane() for _ in range(side)]
     return s
 
 
@@ -667,11 +667,11 @@ def test_resident_request_runs_in_the_side_lane_beside_a_swap():
     assert d.expected_ms == pytest.approx(2.5)
     sched.apply(s, Decision((d,)), T0)
     dev = s.devices[0]
-    assert (dev.side_running, dev.side_until) == ("hit", pytest.approx(T0 + 0.0025))
+    assert dev.side == [SideLane(pytest.approx(T0 + 0.0025), "hit")]
     assert (dev.running, dev.busy_until) == ("big", T0 + 0.020)  # the first lane's state is untouched
     assert sched.values(s, 0, T0)["hit"] == math.inf  # in flight: never evicted under it
     dev.release(1, T0)
-    assert dev.side_free and not dev.idle
+    assert dev.side == [SideLane()] and not dev.idle
 
 
 def test_side_lane_never_swaps():
@@ -714,6 +714,71 @@ def test_admission_counts_the_side_lane():
         s.devices[0].resident.add("hit")
         busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
         assert (Scheduler().admit(s, req(s, "hit", "r1"), T0) is not None) is refused
+
+
+def test_several_side_lanes_run_resident_models_side_by_side():
+    """Three lanes: two resident models' requests during a swap run at once, one in each side lane, each
+    slowed by what runs beside it as measured (the first lane's swap counts as a run beside, and its copy)."""
+    link = LinkProfile(h2d_GBps=(50.0,), exec_slowdown_copying=1.1, exec_slowdown_beside=(1.2, 1.5))
+    s = lanes(node(1, link), side=2)
+    for f in ("a", "b", "c"):
+        fn(s, f, exec_ms={1: 2.0}, slo_ms=20.0)
+        s.devices[0].resident.add(f)
+    busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
+    for i, f in enumerate(("a", "b", "c")):
+        enqueue(s, f, f"r{i}", at=T0 + i * 1e-6)
+    sched = Scheduler()
+    ds = sched.decide(s, T0).dispatches
+    assert [(d.function, d.lane) for d in ds] == [("a", 1), ("b", 2)]  # c waits: every lane is taken
+    # a: the first lane beside it (1.2 × 1.1); b: the first lane and a (1.5 × 1.1).
+    assert [d.expected_ms for d in ds] == [pytest.approx(2.0 * 1.2 * 1.1), pytest.approx(2.0 * 1.5 * 1.1)]
+    sched.apply(s, Decision(ds), T0)
+    assert [ln.running for ln in s.devices[0].side] == ["a", "b"]
+    assert "c" in s.queues and [r.id for r in s.queues["c"].requests] == ["r2"]
+    s.devices[0].release(2, T0 + 0.003)  # b's lane frees first: c takes it
+    d = only(sched.decide(s, T0 + 0.003))
+    assert (d.function, d.lane) == ("c", 2)
+    assert sched.values(s, 0, T0)["a"] == math.inf and s.devices[0].side_running == ("a",)
+
+
+def test_a_side_lane_that_frees_first_is_the_one_waited_for():
+    s = lanes(node(1), side=3)
+    fn(s, "hot", exec_ms={1: 1.0})
+    s.devices[0].resident.add("hot")
+    busy(s, 0, until=T0 + 0.012, running="big", copying_until=T0 + 0.012)
+    s.devices[0].side = [SideLane(T0 + 0.004, "x"), SideLane(T0 + 0.002, "y"), SideLane(T0 + 0.003, "z")]
+    v = View(s, T0)
+    assert v.side_lane(0) == 2
+    e = v.side_estimate("hot", s.profiles["hot"], 1, 0, T0)
+    assert (e.lane, e.start) == (2, T0 + 0.002)
+    s.devices[0].side[2] = SideLane(T0 - 0.001, "z")  # overdue: frees "now", but a free lane goes first
+    s.devices[0].side[0] = SideLane()
+    assert View(s, T0).side_lane(0) == 1
+
+
+def test_side_lanes_setting_limits_the_lanes_new_runs_take():
+    s = lanes(node(1), side=2)
+    for f in ("a", "b"):
+        fn(s, f, exec_ms={1: 2.0}, slo_ms=20.0)
+        s.devices[0].resident.add(f)
+    busy(s, 0, until=T0 + 0.020, running="big", copying_until=T0 + 0.020)
+    enqueue(s, "a", "r0")
+    enqueue(s, "b", "r1", at=T0 + 1e-6)
+    assert [(d.function, d.lane) for d in Scheduler(side_lanes=1).decide(s, T0).dispatches] == [("a", 1)]
+    assert [d.lane for d in Scheduler(side_lanes=0).decide(s, T0).dispatches] == []
+    assert [d.lane for d in Scheduler().decide(s, T0).dispatches] == [1, 2]
+    # A run in a lane beyond the limit still slows the others.
+    s.link = replace(s.link, exec_slowdown_beside=(1.5, 2.0))
+    s.devices[0].side[1] = SideLane(T0 + 0.010, "b")
+    s.queues["b"].requests.clear()
+    d = only(Scheduler(side_lanes=1).decide(s, T0))
+    assert (d.lane, d.expected_ms) == (1, pytest.approx(2.0 * 2.0))
+
+
+def test_link_profile_slowdown_beside():
+    link = LinkProfile((50.0,), exec_slowdown_beside=(1.1, 1.3))
+    assert [link.beside(k) for k in range(5)] == [1.0, 1.1, 1.3, 1.3, 1.3]
+    assert LinkProfile((50.0,)).beside(3) == 1.0
 
 
 # --- queue-ahead ----------------------------------------------------------------------------------------
@@ -922,8 +987,7 @@ def test_a_swap_runs_whole_when_short_late_or_off_or_not_swapserve():
 
 
 def test_pieces_are_never_in_the_side_lane_and_resident_runs_go_on_beside_them():
-    s = node(1)
-    s.devices[0].side_lane = True
+    s = lanes(node(1))
     fn(s, "big", nbytes=750 * MB, exec_ms={1: 3.0}, slo_ms=60.0)
     fn(s, "hit", nbytes=50 * MB, exec_ms={1: 1.0}, slo_ms=10.0)
     s.devices[0].resident.add("hit")
@@ -938,9 +1002,7 @@ def test_pieces_are_never_in_the_side_lane_and_resident_runs_go_on_beside_them()
 # --- side fetches ---------------------------------------------------------------------------------------
 
 def side_node(fetch_GBps: float | None = 40.0) -> NodeState:
-    s = node(1, link=LinkProfile(h2d_GBps=(50.0,), fetch_GBps=fetch_GBps))
-    s.devices[0].side_lane = True
-    return s
+    return lanes(node(1, link=LinkProfile(h2d_GBps=(50.0,), fetch_GBps=fetch_GBps)))
 
 
 def test_a_side_lane_fetches_a_small_model_rather_than_wait_for_a_long_swap():
@@ -960,11 +1022,11 @@ def test_a_side_lane_fetches_a_small_model_rather_than_wait_for_a_long_swap():
     assert set(d.values) == {"hot", "hot2", "big"}  # it may evict: the pool's order comes with it
     sched.apply(s, Decision((d,)), T0)
     dev = s.devices[0]
-    assert (dev.side_running, dev.side_fetching) == ("small", True)
-    assert View(s, T0).holds("small", 0, dev.side_until) and not View(s, T0).holds("small", 0, T0)
+    assert (dev.side[0].running, dev.side[0].fetching) == ("small", True)
+    assert View(s, T0).holds("small", 0, dev.side[0].until) and not View(s, T0).holds("small", 0, T0)
     assert sched.values(s, 0, T0)["small"] == math.inf  # in flight: never evicted under it
     dev.release(1, T0 + 0.0023)
-    assert (dev.side_running, dev.side_fetching, dev.side_until) == (None, False, None)
+    assert dev.side == [SideLane()]
     # Off, or with no fetch bandwidth measured: it waits behind the swap (queued ahead of the first lane).
     for sched in (Scheduler(swap_piece_ms=0, queue_ahead=True),
                   Scheduler(swap_piece_ms=0, queue_ahead=True, side_fetch=True)):
@@ -1000,9 +1062,9 @@ def test_no_side_fetch_of_a_model_on_its_way_or_running_elsewhere():
     s.devices[0].running = "big"
     enqueue(s, "next", "r2")
     sched.apply(s, Decision((only(sched.decide(s, T0)),)), T0)
-    assert (s.devices[0].side_running, s.devices[0].side_fetching) == ("next", True)
+    assert (s.devices[0].side[0].running, s.devices[0].side[0].fetching) == ("next", True)
     enqueue(s, "next", "r3", at=T0 + 0.0005)
-    assert View(s, T0).holds("next", 0, s.devices[0].side_until)
+    assert View(s, T0).holds("next", 0, s.devices[0].side[0].until)
     assert sched.decide(s, T0 + 0.0005).dispatches == ()
     s.devices[0].release(1, T0 + 0.0023)
     s.devices[0].resident.add("next")  # as the worker reports it
@@ -1015,7 +1077,7 @@ def test_a_resident_model_waits_for_a_busy_side_lane_rather_than_queue_behind_a_
     fn(s, "hot", nbytes=40 * MB, exec_ms={1: 1.0})
     s.devices[0].resident.add("hot")
     busy(s, 0, until=T0 + 0.012, running="big", copying_until=T0 + 0.012)
-    s.devices[0].side_until, s.devices[0].side_running = T0 + 0.001, "other"
+    s.devices[0].side[0] = SideLane(T0 + 0.001, "other")
     enqueue(s, "hot", "r1")
     sched = Scheduler(swap_piece_ms=0, queue_ahead=True)
     assert sched.decide(s, T0).dispatches == ()  # the side lane frees in 1 ms, the first lane in 12
@@ -1055,7 +1117,7 @@ def test_settings_a_running_node_may_change():
     sched = Scheduler(swap_piece_ms=3.0, queue_ahead=True)
     assert sched.configure(s, {"side_fetch": True, "swap_piece_ms": 0}) == {
         "policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 0.0,
-        "queue_ahead_within_ms": None, "peer_copies": False}
+        "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None}
     assert sched.configure(s, {"queue_ahead_within_ms": 2})["queue_ahead_within_ms"] == 2.0
     assert sched.configure(s, {"queue_ahead_within_ms": None})["queue_ahead_within_ms"] is None
     with pytest.raises(ValueError, match="queue_ahead_within_ms must be"):
@@ -1077,3 +1139,8 @@ def test_settings_a_running_node_may_change():
         sched.configure(s, {"peer_copies": 1})
     with pytest.raises(ValueError, match="only under the swapserve policy"):
         Scheduler("fifo_lru").configure(s, {"peer_copies": True})
+    assert sched.configure(s, {"side_lanes": 0})["side_lanes"] == 0  # one side lane per device here
+    assert sched.configure(s, {"side_lanes": None})["side_lanes"] is None
+    for bad in (2, -1, True, 1.0):
+        with pytest.raises(ValueError, match=r"side_lanes must be null \(all\) or a whole number in \[0, 1\]"):
+            sched.configure(s, {"side_lanes": bad})

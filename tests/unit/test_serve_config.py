@@ -18,11 +18,11 @@ def test_defaults_are_valid(tmp_path: Path) -> None:
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as e:
         ServeConfig(home=tmp_path, token=" ", port=70000, devices=("cpu", "cuda:0", "gpu1"), policy="lifo",
-                    mode="turbo", pool_bytes=0, spin_ms=-1.0, sandbox_isolation="maybe", lanes=3, fronts=65)
+                    mode="turbo", pool_bytes=0, spin_ms=-1.0, sandbox_isolation="maybe", lanes=5, fronts=65)
     message = str(e.value)
     for part in ("port 70000", "'gpu1'", "cannot be mixed", "policy 'lifo'", "mode 'turbo'", "pool_bytes must be "
                  "positive", "spin_ms must be in [0, 1000]", "token must not be empty", "sandbox_isolation 'maybe'",
-                 "lanes must be 1 or 2", "fronts must be in 0..64"):
+                 "lanes must be 1 to 4, not 5", "fronts must be in 0..64"):
         assert part in message, (part, message)
 
 
