@@ -684,6 +684,9 @@ def main() -> None:
                     raw = out / "trace_raw" / f"{tag}.jsonl.gz" if args.raw else None
                     runs[v].append(run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw,
                                              args.clients, large, out / "profiles" / tag if args.profile else None))
+                    # What the node has learned by the run's end (the slowdown of runs side by side).
+                    runs[v][-1]["link_profile_after"] = {k: x for k, x in (client.status().get("extra") or {}).items()
+                                                         if k.startswith("exec_slowdown")}
                 for (out, settings), result, vruns, vpoints in zip(variants, results, runs, points):
                     if not vruns:
                         continue

@@ -493,7 +493,7 @@ class Dispatcher:
             self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
                                               (now - fl.begun) * 1e3, now,
                                               copy_ms=None if from_host else fl.dispatch.copy_ms,
-                                              fetched=bool(res.lane) or res.from_peer)
+                                              fetched=bool(res.lane) or res.from_peer, beside=fl.dispatch.beside)
         else:
             err = error or reply_error(reply)
             for p in fl.pending:

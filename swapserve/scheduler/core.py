@@ -58,6 +58,7 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import insort_right
+from dataclasses import replace
 from typing import Any
 
 from swapserve.scheduler.estimate import Estimate, View, rate_at, update_rate
@@ -67,6 +68,9 @@ from swapserve.scheduler.types import (
 
 EXEC_WEIGHT = 0.2
 """Weight of a new observation in the exponentially weighted profile (about the last 5 runs count)."""
+BESIDE_WEIGHT = 0.05
+"""Weight of a run's observed slowdown beside others in the node's figure (about the last 20 such runs of any
+function count)."""
 OUTLIER_FACTOR = 4.0
 """A single observation moves a profile at most by this factor (a GC pause or preemption is not a new
 normal); a real change still gets there in a few runs."""
@@ -363,7 +367,8 @@ class Scheduler:
                             whole=False)
                 continue  # its requests stay queued: the decision after the piece places them (or another piece)
             dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), best.source, best.total_ms,
-                                       peer=best.peer, copy_ms=best.copy_ms, values=evict, lane=best.lane))
+                                       peer=best.peer, copy_ms=best.copy_ms, values=evict, lane=best.lane,
+                                       beside=best.beside))
             if best.lane:
                 side.discard((best.device, best.lane))
             else:
@@ -696,15 +701,20 @@ class Scheduler:
 
     def observe_completion(self, state: NodeState, function: str, device: int, batch: int, exec_ms: float,
                            swapped: bool, total_ms: float, now: float, copy_ms: float | None = None,
-                           fetched: bool = False) -> None:
-        """Refine ``function``'s profile from a finished run and note its use on ``device``.
+                           fetched: bool = False, beside: int = 0) -> None:
+        """Refine ``function``'s profile, or the node's slowdown of runs side by side, from a finished run and
+        note its use on ``device``.
 
-        Resident runs update ``exec_ms[batch]`` (exponentially weighted, weight 0.2; the first run at a new
-        batch size replaces the interpolation). Swapped runs update ``swap_overhead_ms`` toward
-        ``total_ms - max(copy, exec × slowdown)`` (``fetched`` by a side lane: ``total_ms - (copy + exec ×
-        slowdown)``), with ``copy_ms`` as the dispatch expected it (pass ``Dispatch.copy_ms``; default: the
-        whole model over an uncontended host link). Each observation is
-        clamped to within ``OUTLIER_FACTOR`` of the current value (exec) or to [0, total] (overhead).
+        Resident runs alone (``beside`` 0: no run expected in the device's other lanes at its start; pass
+        ``Dispatch.beside``) update ``exec_ms[batch]`` (exponentially weighted, weight 0.2; the first run at a
+        new batch size replaces the interpolation). Resident runs beside k others update instead the node's
+        ``LinkProfile.exec_slowdown_beside[k-1]`` toward ``exec_ms / exec_at(batch)`` (weight
+        :data:`BESIDE_WEIGHT`: every function's runs teach it), so that a model's own time stays its time alone
+        and the slowdown is counted once. Swapped runs update ``swap_overhead_ms`` toward ``total_ms -
+        max(copy, exec × slowdown)`` (``fetched`` by a side lane: ``total_ms - (copy + exec × slowdown)``), with
+        ``copy_ms`` as the dispatch expected it (pass ``Dispatch.copy_ms``; default: the whole model over an
+        uncontended host link). Each observation is clamped to within ``OUTLIER_FACTOR`` of the current value
+        (exec, slowdown) or to [0, total] (overhead).
         """
         prof = state.profiles.get(function)
         state.touch(function)  # its use, and its profile below
@@ -715,6 +725,9 @@ class Scheduler:
             return
         if not swapped:
             if not (exec_ms > 0 and math.isfinite(exec_ms)):
+                return
+            if beside > 0 and prof.exec_ms:
+                self._learn_beside(state, beside, exec_ms / prof.exec_at(batch))
                 return
             old = prof.exec_ms.get(batch)
             if old is None:
@@ -727,10 +740,23 @@ class Scheduler:
         if not (total_ms >= 0 and math.isfinite(total_ms)):
             return
         c = copy_ms if copy_ms is not None else prof.nbytes / (state.link.h2d(1) * 1e6)
-        slowed = prof.exec_at(batch) * state.link.exec_slowdown_copying
+        slowed = prof.exec_at(batch) * state.link.exec_slowdown_copying * state.link.beside(beside)
         sample = total_ms - (c + slowed if fetched else max(c, slowed))  # a side lane's fetch: copy, then run
         sample = min(max(sample, 0.0), total_ms)
         prof.swap_overhead_ms += EXEC_WEIGHT * (sample - prof.swap_overhead_ms)
+
+    @staticmethod
+    def _learn_beside(state: NodeState, others: int, ratio: float) -> None:
+        """Move the slowdown of a run beside ``others`` toward ``ratio`` (its time over its time alone); counts
+        never measured start from the nearest below (1 for none)."""
+        link = state.link
+        table = list(link.exec_slowdown_beside)
+        while len(table) < others:
+            table.append(table[-1] if table else 1.0)
+        old = table[others - 1]
+        obs = min(max(ratio, old / OUTLIER_FACTOR), old * OUTLIER_FACTOR)
+        table[others - 1] = max(1.0, old + BESIDE_WEIGHT * (obs - old))
+        state.link = replace(link, exec_slowdown_beside=tuple(table))
 
     # --- small helpers -----------------------------------------------------------------------------
 

@@ -93,6 +93,8 @@ class Estimate:
     """Expected time from start to completion."""
     lane: int = 0
     """1, 2, ...: one of the device's side lanes (a resident run beside whatever its other lanes do)."""
+    beside: int = 0
+    """Runs in the device's other lanes at its start (what slows it: :meth:`View.beside`)."""
 
     @property
     def finish(self) -> float:
@@ -174,12 +176,12 @@ class View:
             return True
         return function in self.incoming[device] and at >= self.free_at[device]
 
-    def beside(self, device: int, at: float, lane: int) -> float:
-        """The execution slowdown of a run starting at ``at`` in ``lane`` of ``device``: the runs of its other
-        lanes still going then (measured per count), and a first lane's copy."""
+    def beside(self, device: int, at: float, lane: int) -> tuple[int, float]:
+        """The runs of ``device``'s other lanes still going at ``at`` beside a run in ``lane``, and the
+        execution slowdown they cause (measured per count), with a first lane's copy."""
         first = lane != 0 and self.free_at[device] > at
         others = first + sum(1 for i, t in enumerate(self.side_free_at[device]) if i + 1 != lane and t > at)
-        return self.link.beside(others) * (self.link.exec_slowdown_copying if first else 1.0)
+        return others, self.link.beside(others) * (self.link.exec_slowdown_copying if first else 1.0)
 
     def partial_fraction(self, function: str, device: int) -> float:
         """The share of a partly resident model's bytes on ``device`` (0 for none), in [0, 1]."""
@@ -220,9 +222,10 @@ class View:
         cannot fit the device's pool at all."""
         if not self.fits(prof, device):
             return None
-        exec_ms = prof.exec_at(items) * self.beside(device, start, 0)
+        others, slowdown = self.beside(device, start, 0)
+        exec_ms = prof.exec_at(items) * slowdown
         if self.holds(function, device, start):
-            return Estimate(device, "resident", None, start, 0.0, exec_ms)
+            return Estimate(device, "resident", None, start, 0.0, exec_ms, beside=others)
         frac = self.partial_fraction(function, device)
         missing = prof.nbytes * (1.0 - frac)
         source: Source = "partial" if frac > 0.0 else "host"
@@ -233,8 +236,9 @@ class View:
             via_peer = copy_ms(missing, self.d2d_GBps)
             if via_peer + exec_ms <= swapped_ms(copy, exec_ms, self.link, prof) - prof.swap_overhead_ms:
                 # From a peer the bytes come first, then the run (not pipelined; no copy beside it).
-                return Estimate(device, "peer", p, start, via_peer, via_peer + exec_ms + prof.swap_overhead_ms)
-        return Estimate(device, source, None, start, copy, swapped_ms(copy, exec_ms, self.link, prof))
+                return Estimate(device, "peer", p, start, via_peer, via_peer + exec_ms + prof.swap_overhead_ms,
+                                beside=others)
+        return Estimate(device, source, None, start, copy, swapped_ms(copy, exec_ms, self.link, prof), beside=others)
 
     def side_lane(self, device: int) -> int | None:
         """The side lane a run on ``device`` would take: the earliest to free (a free one before one whose run
@@ -259,15 +263,16 @@ class View:
         if lane is None:
             return None
         at = max(start, self.side_free_at[device][lane - 1])
-        exec_ms = prof.exec_at(items) * self.beside(device, at, lane)
+        others, slowdown = self.beside(device, at, lane)
+        exec_ms = prof.exec_at(items) * slowdown
         if self.holds(function, device, at):
-            return Estimate(device, "resident", None, at, 0.0, exec_ms, lane=lane)
+            return Estimate(device, "resident", None, at, 0.0, exec_ms, lane=lane, beside=others)
         if not fetch or self.link.fetch_GBps is None or not self.fits(prof, device):
             return None
         frac = self.partial_fraction(function, device)
         copy = copy_ms(prof.nbytes * (1.0 - frac), self.link.fetch_GBps)
         return Estimate(device, "partial" if frac > 0.0 else "host", None, at, copy,
-                        copy + exec_ms + prof.swap_overhead_ms, lane=lane)
+                        copy + exec_ms + prof.swap_overhead_ms, lane=lane, beside=others)
 
     def side_estimates(self, function: str, prof: ModelProfile, items: int, start: float,
                        fetch: bool = False) -> list[Estimate]:

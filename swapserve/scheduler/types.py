@@ -260,6 +260,9 @@ class Dispatch:
     lane: int = 0
     """0: the device's first lane (swaps and resident runs); 1, 2, ...: a side lane (resident runs, and
     fetches: a model brought in by kernel and then run, when ``source`` is not ``"resident"``)."""
+    beside: int = 0
+    """Runs expected in the device's other lanes when it starts (its estimate counted their slowdown;
+    :meth:`Scheduler.observe_completion` learns the slowdown from what it took)."""
     piece_bytes: int = 0
     """A piece of a swap: copy about this many of the model's missing bytes (whole pages, in first-use
     order) and run nothing; the requests stay queued (``request_ids`` is empty). 0: a run, or a whole

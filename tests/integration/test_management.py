@@ -74,7 +74,7 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
     client = server.client()
     before = client.scheduling()
     assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": False, "swap_piece_ms": 3.0,
-                      "queue_ahead_within_ms": None, "peer_copies": False}
+                      "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None}
     try:
         after = client.configure_scheduling(side_fetch=True, swap_piece_ms=5, queue_ahead_within_ms=2)
         assert after == {**before, "side_fetch": True, "swap_piece_ms": 5.0, "queue_ahead_within_ms": 2.0}
@@ -83,7 +83,8 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
                          ({"side_fetch": "yes"}, "side_fetch must be true or false"),
                          ({"swap_piece_ms": -1}, "swap_piece_ms must be a number"),
                          ({"queue_ahead": False}, "queue_ahead is fixed"),
-                         ({"peer_copies": True}, "two or more devices")):  # one device: no peers
+                         ({"peer_copies": True}, "two or more devices"),  # one device: no peers
+                         ({"side_lanes": 2}, "side_lanes must be null (all) or a whole number in [0, 1]")):
             r = server.request("PATCH", "/api/v1/scheduling", json.dumps(bad).encode(),
                                {"Content-Type": "application/json"}, token=True)
             assert why in r.error(400)

@@ -775,6 +775,32 @@ def test_side_lanes_setting_limits_the_lanes_new_runs_take():
     assert (d.lane, d.expected_ms) == (1, pytest.approx(2.0 * 2.0))
 
 
+def test_runs_beside_others_teach_the_slowdown_not_the_profile():
+    """A model's own time stays its time alone; what runs beside others took over that teaches the node's
+    slowdown for that many (every function's runs count), and the estimates use it."""
+    s = lanes(node(1, LinkProfile(h2d_GBps=(50.0,), exec_slowdown_beside=(2.0,))), side=2)
+    fn(s, "a", exec_ms={1: 2.0}, slo_ms=50.0)
+    s.devices[0].resident.add("a")
+    s.devices[0].side[0] = SideLane(T0 + 0.010, "other")
+    enqueue(s, "a", "r1")
+    sched = Scheduler()
+    d = only(sched.decide(s, T0))
+    assert (d.lane, d.beside, d.expected_ms) == (2, 1, pytest.approx(4.0))
+    for _ in range(200):  # it took 2.6 ms beside one other: 1.3×
+        sched.observe_completion(s, "a", 0, 1, 2.6, False, 2.6, T0, beside=1)
+    assert s.profiles["a"].exec_ms == {1: 2.0}
+    assert s.link.exec_slowdown_beside == (pytest.approx(1.3, abs=1e-3),)
+    assert only(sched.decide(s, T0)).expected_ms == pytest.approx(2.6, abs=1e-2)
+    sched.observe_completion(s, "a", 0, 1, 10.0, False, 10.0, T0, beside=3)  # three beside: never seen before
+    assert len(s.link.exec_slowdown_beside) == 3 and s.link.exec_slowdown_beside[1] == pytest.approx(1.3, abs=1e-3)
+    assert s.link.exec_slowdown_beside[2] > 1.3
+    sched.observe_completion(s, "a", 0, 1, 1.0, False, 1.0, T0)  # alone: the profile, as before
+    assert s.profiles["a"].exec_ms[1] == pytest.approx(2.0 + 0.2 * (1.0 - 2.0))
+    for _ in range(500):  # faster than alone beside one (noise): the figure never drops below 1
+        sched.observe_completion(s, "a", 0, 1, 0.5, False, 0.5, T0, beside=1)
+    assert s.link.exec_slowdown_beside[0] == 1.0
+
+
 def test_link_profile_slowdown_beside():
     link = LinkProfile((50.0,), exec_slowdown_beside=(1.1, 1.3))
     assert [link.beside(k) for k in range(5)] == [1.0, 1.1, 1.3, 1.3, 1.3]
