@@ -326,13 +326,13 @@ def p98(xs: list[float]) -> float:
 
 def scrape(url: str) -> dict[str, float]:
     families = ("swapserve_swap_seconds", "swapserve_compute_seconds", "swapserve_event_loop_lag_seconds",
-                "swapserve_front_event_loop_lag_seconds", "swapserve_peer_copies")
+                "swapserve_front_event_loop_lag_seconds", "swapserve_peer_copies", "swapserve_placed_ahead")
     query = "&".join(f"name[]={f}" for f in families)  # only these: a cheap scrape, mid-trace
     text = urllib.request.urlopen(f"{url}/metrics?{query}", timeout=10).read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(("swapserve_swap_seconds_count", "swapserve_compute_seconds_sum",
-                            "swapserve_peer_copies_total")):
+                            "swapserve_peer_copies_total", "swapserve_placed_ahead_total")):
             key = line.split("{")[0]
             out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         elif line.startswith(("swapserve_event_loop_lag_seconds", "swapserve_front_event_loop_lag_seconds")):
@@ -386,7 +386,7 @@ def finish_profiles(spies: list[tuple[subprocess.Popen, Path]]) -> None:
 
 
 NODE_OPTIONS = ("duration_s", "max_batch", "client_processes", "lanes", "swap_piece_ms", "queue_ahead", "side_fetch",
-                "peer_copies", "fronts", "gpus")
+                "peer_copies", "place_ahead", "fronts", "gpus")
 """What each policy's entry in trace.json records of how its node and trace ran."""
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
@@ -450,6 +450,8 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "swaps_per_s": swaps / elapsed,
         "peer_copies_per_s": (after.get("swapserve_peer_copies_total", 0)
                               - before.get("swapserve_peer_copies_total", 0)) / elapsed,
+        "placed_ahead_per_s": (after.get("swapserve_placed_ahead_total", 0)
+                               - before.get("swapserve_placed_ahead_total", 0)) / elapsed,
         "loop_lag": loop_lag(before, after),
         "front_loop_lag": loop_lag(before, after, "swapserve_front_event_loop_lag_seconds"),
         "busy_fraction": busy / elapsed / srv_devices(srv),
@@ -599,6 +601,8 @@ def main() -> None:
                     help="serve --queue-ahead / --no-queue-ahead (default: on, the node's default)")
     ap.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=False,
                     help="serve --side-fetch / --no-side-fetch (default: off, the node's default)")
+    ap.add_argument("--place-ahead", action=argparse.BooleanOptionalAction, default=False,
+                    help="serve --place-ahead / --no-place-ahead (default: off, the node's default)")
     ap.add_argument("--peer-copies", action=argparse.BooleanOptionalAction, default=False,
                     help="serve --peer-copies / --no-peer-copies (default: off, the node's default; several GPUs)")
     ap.add_argument("--profile", action="store_true", help="sample the controller and each HTTP front with py-spy "
@@ -628,6 +632,7 @@ def main() -> None:
               "client_processes": args.clients, "lanes": args.lanes or 2,
               "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS,
               "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch, "peer_copies": args.peer_copies,
+              "place_ahead": args.place_ahead,
               "fronts": args.fronts}
     variants = alternates(args.alternate, args.out)  # (directory, settings): the runs of each go there
     results = []
@@ -653,6 +658,7 @@ def main() -> None:
                  + ("--queue-ahead" if args.queue_ahead else "--no-queue-ahead",)
                  + ("--side-fetch" if args.side_fetch else "--no-side-fetch",)
                  + ("--peer-copies" if args.peer_copies else "--no-peer-copies",)
+                 + ("--place-ahead" if args.place_ahead else "--no-place-ahead",)
                  + ("--fronts", str(args.fronts)))
         srv = Server(home, args.devices or "all", pool=args.pool, host_store=f"{int(total_bytes * 1.05) + (1 << 30)}",
                      workspace="2GiB", extra=extra)

@@ -225,7 +225,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "pool_bytes": args.pool, "workspace_bytes": args.workspace, "lanes": args.lanes,
         "swap_piece_ms": args.swap_piece_ms, "queue_ahead": args.queue_ahead,
         "queue_ahead_within_ms": args.queue_ahead_within_ms,
-        "side_fetch": args.side_fetch, "peer_copies": args.peer_copies, "host_store_bytes": args.host_store,
+        "side_fetch": args.side_fetch, "peer_copies": args.peer_copies, "place_ahead": args.place_ahead,
+        "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
         "spin_ms": args.spin_ms, "sandbox_isolation": args.sandbox_isolation, "sandbox_idle_s": args.sandbox_idle_s,
@@ -365,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model another device holds may be copied from there (NVLink) instead of from host "
                         "memory, when that finishes first (default: off; needs two or more devices; PATCH "
                         "/api/v1/scheduling changes it on a running node)")
+    s.add_argument("--place-ahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="a run queued behind another in a device's first lane has its pages placed (evictions, "
+                        "remaps) while the run before it executes (default: off; PATCH /api/v1/scheduling "
+                        "changes it on a running node)")
     s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
     s.add_argument("--token", default=argparse.SUPPRESS,
                    help="token the management API requires (default: $SWAPSERVE_TOKEN)")

@@ -95,6 +95,8 @@ class Metrics:
                                     "first (by kernel, beside the first lane's copies).", ["device"])
         self.peer_copies = counter("peer_copies", "Runs that copied their model from another device that held it "
                                    "(device to device: NVLink on GPUs) instead of from host memory.", ["device"])
+        self.placed_ahead = counter("placed_ahead", "Runs whose pages were placed (evictions, remaps) while the "
+                                    "run before them in the device's first lane executed.", ["device"])
         self.prefetches = counter("prefetches", "Models copied onto a device ahead of their requests (a handler's "
                                   "sandbox starting while its model comes in).", ["device"])
         self.slo_misses = counter("slo_misses", "Requests that finished after, or were refused for, their SLO.",
@@ -176,6 +178,9 @@ class Metrics:
 
     def count_peer_copy(self, device: str) -> None:
         self.peer_copies.labels(device).inc()
+
+    def count_placed_ahead(self, device: str) -> None:
+        self.placed_ahead.labels(device).inc()
 
     def count_slo_miss(self, function: str, n: int = 1) -> None:
         self.slo_misses.labels(function).inc(n)

@@ -15,6 +15,7 @@ bring a model in first by kernel copies beside lane 0's swap (``fetch``). Each l
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -53,6 +54,8 @@ class EngineStats:
     pages_taken: int = 0
     """Pages taken from other models (partial evictions)."""
     evictions: int = 0
+    placed_ahead: int = 0
+    """Runs whose pages were placed while the run before them executed (:meth:`SwapEngine.place_ahead`)."""
     graph_captures: int = 0
     swap_seconds: list[float] = field(default_factory=list)
     """Wall time of recent swapped runs (the last 1000)."""
@@ -89,6 +92,21 @@ class RunInfo:
     the GIL, which each driver call gives up, or in the driver) rather than work."""
     device_ms: float = 0.0
     """Launch to the copies and compute landing (waited for)."""
+    placed_ahead: bool = False
+    """Its pages were placed while the run before it executed (its ``place_ms`` is what was left to do)."""
+
+
+@dataclass
+class _Ahead:
+    """Pages placed for lane 0's next run of a model while the run before it executes
+    (:meth:`SwapEngine.place_ahead`)."""
+
+    ticket: int
+    """The run it is for (its :meth:`SwapEngine.infer` passes the same)."""
+    done: threading.Event = field(default_factory=threading.Event)
+    host: HostEntry | None = None
+    plan: PlacementPlan | None = None
+    """None once done: placing failed (the run places as usual)."""
 
 
 @dataclass
@@ -166,6 +184,7 @@ class _Model:
     pinned_ptr: int = 0
     graphs: dict[int, object] = field(default_factory=dict)
     activation: dict[int, int | None] = field(default_factory=dict)
+    ahead: _Ahead | None = None
 
 
 class SwapEngine:
@@ -188,6 +207,8 @@ class SwapEngine:
         """Notified whenever a run unpins its model (a swap may be waiting for those pages)."""
         self._gate = _Gate()
         self._local = threading.local()
+        self._placer: concurrent.futures.ThreadPoolExecutor | None = None
+        """Places pages ahead of lane 0's next run (:meth:`place_ahead`); started with the first."""
         streams = [getattr(self.backend, "compute_stream", None)] + [self.backend.new_stream()
                                                                       for _ in range(config.lanes - 1)]
         self.lanes = [_Lane(i, st, self._reserve_workspace(st) if self.mode == "graph" else None)
@@ -230,6 +251,8 @@ class SwapEngine:
         """Forget a model on this device (its host copy stays in the store)."""
         with self._lock:
             m = self._get(name)
+        self._drop_ahead(m)
+        with self._lock:
             for slot, _page in self.pool.unregister(name):
                 self.backend.unmap(m.va + slot * self.config.page_bytes)
             m.graphs.clear()
@@ -282,6 +305,78 @@ class SwapEngine:
             if self.pool.evict(name):
                 self.stats.evictions += 1
 
+    # --- placing ahead ------------------------------------------------------------------------
+
+    def place_ahead(self, name: str, value: Value | None, ticket: int) -> None:
+        """Start placing the pages lane 0's next run of ``name`` needs — evictions, and the remaps, whose driver
+        calls burn ~0.05–1 ms of CPU a page (``bench/remap_cost.py``) — on a thread of the engine's own, now,
+        while the run before it executes, instead of when it starts. ``ticket`` names that run: its
+        :meth:`infer` passes the same and finds the pages placed (waiting for the placing to end, if need be).
+        Call it from lane 0's thread between launching a run and waiting for it (``infer(launched=...)``), so
+        that it precedes the next run's infer. The pages stay pinned until that run ends; a run that does not
+        come (its infer failed first, or another run of the model in lane 0 came first) lets them go. Does
+        nothing if the model is already being placed ahead."""
+        with self._lock:
+            m = self._get(name)
+            if m.ahead is not None:
+                return
+            m.ahead = a = _Ahead(ticket)
+            if self._placer is None:
+                self._placer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swapserve-placer")
+        self._placer.submit(self._place_ahead, m, value, a)
+
+    def _place_ahead(self, m: _Model, value: Value | None, a: _Ahead) -> None:
+        try:
+            with self._gate.shared():  # never remapping during a capture
+                with self._lock:
+                    host = self.store.acquire(m.name)
+                    try:
+                        self._pin_host(m, host)
+                        plan = self._acquire_pages(m, value, None)
+                    except BaseException:
+                        self.store.release(m.name)
+                        raise
+                    self.stats.remaps += len(plan.remaps)
+                    self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
+                try:
+                    self._remap(m, plan)
+                except BaseException:
+                    self._release(m)
+                    raise
+            a.host, a.plan = host, plan
+        except Exception:  # noqa: BLE001 - the run places its pages itself
+            log.debug("placing %s ahead failed; its run will", m.name, exc_info=True)
+        finally:
+            a.done.set()
+
+    def _settle_ahead(self, m: _Model, ticket: int | None) -> None:
+        """Before lane 0's run ``ticket`` of ``m`` takes the gate (which placing ahead takes too): wait for
+        placing ahead to end, and let go of what was placed for another run."""
+        a = m.ahead
+        if a is None:
+            return
+        a.done.wait()
+        if a.ticket != ticket or a.plan is None:
+            self._drop_ahead(m)
+
+    def _drop_ahead(self, m: _Model, ticket: int | None = None) -> None:
+        """Let go of the pages placed ahead for ``m`` (for the run ``ticket`` only, if given)."""
+        with self._lock:
+            a = m.ahead
+            if a is None or (ticket is not None and a.ticket != ticket):
+                return
+            m.ahead = None
+        a.done.wait()
+        if a.plan is not None:
+            self._release(m)
+
+    def _release(self, m: _Model) -> None:
+        """Unpin the model's pages and host buffer (one pin of each)."""
+        with self._lock:
+            self.pool.release(m.name)
+            self.store.release(m.name)
+            self._unpinned.notify_all()
+
     # --- running ------------------------------------------------------------------------------
 
     def locked(self) -> contextlib.AbstractContextManager[bool]:
@@ -293,7 +388,8 @@ class SwapEngine:
         return getattr(self._local, "last_run", RunInfo())
 
     def infer(self, name: str, inputs: Sequence[torch.Tensor], value: Value | None = None,
-              lane: int = 0, fetch: bool = False, peer: PeerSource | None = None) -> list[torch.Tensor]:
+              lane: int = 0, fetch: bool = False, peer: PeerSource | None = None, ticket: int | None = None,
+              launched: Callable[[], None] | None = None) -> list[torch.Tensor]:
         """Run ``name`` on ``inputs`` in ``lane``, swapping it in if needed. Returns outputs on the device.
 
         Lane 0 swaps pipelined (copy engine copies, compute waiting per chunk). Elsewhere a model not wholly
@@ -305,46 +401,60 @@ class SwapEngine:
 
         With ``peer`` (a device that lent it whole, :meth:`lend`), the missing bytes come from that device's
         pages (:meth:`Backend.fetch_peer`, NVLink on GPUs) on the lane's stream first, and it runs as a
-        resident model does, in any lane; a run that must capture a graph first swaps from host instead."""
+        resident model does, in any lane; a run that must capture a graph first swaps from host instead.
+
+        In lane 0, ``ticket`` names the run for :meth:`place_ahead` (its pages may have been placed while the
+        run before it executed), and ``launched`` is called once the run is launched, before waiting for it
+        (where the next run's pages may be placed ahead)."""
         if not 0 <= lane < len(self.lanes):
             raise ValueError(f"lane {lane} does not exist on {self.config.device} ({len(self.lanes)} lanes)")
         entered = time.perf_counter()
         ln = self.lanes[lane]
-        with self._lock:
-            m = self._get(name)
-            inputs, batch = self._check_inputs(m, inputs)
-            run_batch = self._bucket(m, batch)
-            self._check_workspace(m, run_batch)
-            capture = self.mode == "graph" and run_batch not in m.graphs
-            if lane and capture and self.pool.state(m.name) is not Residency.RESIDENT:
-                raise NotResidentError(f"{m.name} has no graph at batch {run_batch} yet: lane 0 captures it")
-        with ln.lock:
-            try:
-                with self._gate.exclusive() if capture else self._gate.shared():
-                    return self._infer(m, inputs, batch, run_batch, ln, value, capture, entered, fetch,
-                                       None if capture else peer)
-            except _NeedsCapture:  # the host buffer moved (reloaded after a spill): capture the swap graph anew
-                with self._gate.exclusive():
-                    return self._infer(m, inputs, batch, run_batch, ln, value, True, entered, fetch, None)
+        try:
+            with self._lock:
+                m = self._get(name)
+                inputs, batch = self._check_inputs(m, inputs)
+                run_batch = self._bucket(m, batch)
+                self._check_workspace(m, run_batch)
+                capture = self.mode == "graph" and run_batch not in m.graphs
+                if lane and capture and self.pool.state(m.name) is not Residency.RESIDENT:
+                    raise NotResidentError(f"{m.name} has no graph at batch {run_batch} yet: lane 0 captures it")
+            with ln.lock:
+                if lane == 0:
+                    self._settle_ahead(m, ticket)
+                try:
+                    with self._gate.exclusive() if capture else self._gate.shared():
+                        return self._infer(m, inputs, batch, run_batch, ln, value, capture, entered, fetch,
+                                           None if capture else peer, ticket, launched)
+                except _NeedsCapture:  # the host buffer moved (reloaded after a spill): capture the swap graph anew
+                    with self._gate.exclusive():
+                        return self._infer(m, inputs, batch, run_batch, ln, value, True, entered, fetch, None,
+                                           None, launched)
+        except BaseException:
+            if lane == 0 and ticket is not None and (gone := self._models.get(name)) is not None:
+                self._drop_ahead(gone, ticket)  # its pages placed ahead, if it failed before taking them
+            raise
 
     def _infer(self, m: _Model, inputs: list[torch.Tensor], batch: int, run_batch: int, ln: _Lane,
                value: Value | None, exclusive: bool, entered: float, fetch: bool,
-               peer: PeerSource | None) -> list[torch.Tensor]:
+               peer: PeerSource | None, ticket: int | None,
+               launched: Callable[[], None] | None) -> list[torch.Tensor]:
         started = time.perf_counter()
         with self.backend.compute(ln.stream):
             inputs = [self.backend.upload(x) for x in inputs]
             if run_batch != batch:  # graphs exist per bucket (1, 2, 4, ...): pad up to it
                 inputs = [torch.cat([x, x.new_zeros((run_batch - batch, *x.shape[1:]))]) for x in inputs]
             uploaded = time.perf_counter()
-            with self._placed(m, value, lane=ln.index, fetch=fetch or peer is not None) as (host, plan):
+            with self._placed(m, value, lane=ln.index, fetch=fetch or peer is not None, ticket=ticket) as (host, plan):
                 placed = time.perf_counter()
-                outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive, peer)
+                outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive, peer, launched)
         lock_ms, remap_ms, remap_cpu_ms = self._local.place_parts
         self._local.last_run = replace(self._local.last_run, wait_ms=(started - entered) * 1e3,
                                        upload_ms=(uploaded - started) * 1e3, place_ms=(placed - uploaded) * 1e3,
                                        place_lock_ms=lock_ms, place_remap_ms=remap_ms,
                                        place_remap_cpu_ms=remap_cpu_ms,
-                                       device_ms=(time.perf_counter() - placed) * 1e3)
+                                       device_ms=(time.perf_counter() - placed) * 1e3,
+                                       placed_ahead=self._local.placed_ahead)
         if run_batch != batch:
             outs = [o[:batch] if spec.shape[:1] == (-1,) else o for o, spec in zip(outs, m.artifact.manifest.outputs)]
         return outs
@@ -378,7 +488,7 @@ class SwapEngine:
 
     @contextlib.contextmanager
     def _placed(self, m: _Model, value: Value | None, limit: int | None = None, lane: int = 0,
-                fetch: bool = False) -> Iterator[tuple[HostEntry, PlacementPlan]]:
+                fetch: bool = False, ticket: int | None = None) -> Iterator[tuple[HostEntry, PlacementPlan]]:
         """Pin the host buffer and the model's pages, remapped where the plan says; unpin after. Outside
         lane 0 the model must already be wholly on the device (checked with the pool locked, so that no
         swap takes its pages between the check and the pin), unless the run ``fetch``es it: then it must not
@@ -387,8 +497,23 @@ class SwapEngine:
         The remaps run outside the engine's lock: they change only this model's range, onto pages the plan
         gave it (pinned, so nothing takes them back), and they can be slow — ~1 ms a page beside a swap's
         queued copies on a two-H200 machine, 0.17 ms on a one-H200 one (``bench/remap_cost.py``), more when the
-        other lane's thread holds the GIL (``bench/worker_gil.py``) — which the other lane must not wait for."""
+        other lane's thread holds the GIL (``bench/worker_gil.py``) — which the other lane must not wait for.
+
+        Lane 0's run ``ticket`` takes the pages placed for it ahead (:meth:`place_ahead`), if any."""
         asked = time.perf_counter()
+        self._local.placed_ahead = False
+        if lane == 0 and limit is None and ticket is not None and (a := m.ahead) is not None and a.ticket == ticket:
+            assert a.host is not None and a.plan is not None and a.done.is_set()  # settled by infer
+            with self._lock:
+                m.ahead = None
+                self.stats.placed_ahead += 1
+            self._local.placed_ahead = True
+            self._local.place_parts = ((time.perf_counter() - asked) * 1e3, 0.0, 0.0)
+            try:
+                yield a.host, a.plan
+            finally:
+                self._release(m)
+            return
         with self._lock:
             locked = time.perf_counter()
             if lane and self.pool.state(m.name) is not Residency.RESIDENT:
@@ -410,19 +535,14 @@ class SwapEngine:
         try:
             self._remap(m, plan)
         except BaseException:
-            with self._lock:
-                self.pool.release(m.name)
-                self.store.release(m.name)
+            self._release(m)
             raise
         self._local.place_parts = ((locked - asked) * 1e3, (time.perf_counter() - remap) * 1e3,
                                    (time.thread_time() - remap_cpu) * 1e3)
         try:
             yield host, plan
         finally:
-            with self._lock:
-                self.pool.release(m.name)
-                self.store.release(m.name)
-                self._unpinned.notify_all()
+            self._release(m)
 
     def _acquire_pages(self, m: _Model, value: Value | None, limit: int | None) -> PlacementPlan:
         """``pool.acquire`` (lock held), waiting while the pages it needs are pinned by a run in another lane:
@@ -440,7 +560,8 @@ class SwapEngine:
                 self._unpinned.wait(left)
 
     def _run(self, m: _Model, host: HostEntry, plan: PlacementPlan, inputs: list[torch.Tensor],
-             batch: int, ln: _Lane, exclusive: bool, peer: PeerSource | None = None) -> list[torch.Tensor]:
+             batch: int, ln: _Lane, exclusive: bool, peer: PeerSource | None = None,
+             launched: Callable[[], None] | None = None) -> list[torch.Tensor]:
         """Launch on the lane's stream, then wait once for it; pages count as loaded only once their copies
         landed."""
         assert host.buffer is not None
@@ -471,6 +592,8 @@ class SwapEngine:
         else:
             outs = self._swap_eager(m, host, copy, inputs)
         cpu = time.thread_time() - cpu0
+        if launched is not None:
+            launched()
         self.backend.synchronize(ln.stream)
         self._landed(m, plan, copy, from_peer=bool(plan.load) and peer is not None)
         with self._lock:
@@ -636,6 +759,8 @@ class SwapEngine:
         return sum(seg["total_size"] for seg in lane.workspace.snapshot())  # type: ignore[attr-defined]
 
     def close(self) -> None:
+        if self._placer is not None:
+            self._placer.shutdown(wait=True)
         with self._lock:
             for name in list(self._models):
                 self.remove(name)

@@ -133,8 +133,8 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/status": {"get": _op("Node status", "management", _json(_ref("NodeStatus"), "Status"), auth=True)},
         "/api/v1/scheduling": {
             "get": _op("The scheduler's settings", "management", _json(_ref("Scheduling"), "Settings"), auth=True),
-            "patch": _op("Change side_fetch, swap_piece_ms, queue_ahead_within_ms, peer_copies and/or side_lanes "
-                         "now (all or nothing)",
+            "patch": _op("Change side_fetch, swap_piece_ms, queue_ahead_within_ms, peer_copies, side_lanes and/or "
+                         "place_ahead now (all or nothing)",
                          "management", _json(_ref("Scheduling"), "The settings after the change"), (400,), auth=True,
                          body={"required": True, "content": {"application/json": {"schema": {
                              "type": "object", "properties": {
@@ -144,7 +144,8 @@ OPENAPI: dict[str, Any] = {
                                                            "maximum": 1000},
                                  "peer_copies": {"type": "boolean"},
                                  "side_lanes": {"type": ["integer", "null"], "minimum": 0,
-                                                "maximum": MAX_LANES - 1}}}}}}),
+                                                "maximum": MAX_LANES - 1},
+                                 "place_ahead": {"type": "boolean"}}}}}}),
         },
         "/metrics": {"get": _op("Prometheus metrics", "observability", {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})},
@@ -205,7 +206,9 @@ OPENAPI: dict[str, Any] = {
                 "peer_copies": {"type": "boolean",
                                 "description": "copy a model from another device that holds it (NVLink)"},
                 "side_lanes": {"type": ["integer", "null"],
-                               "description": "how many of each device's side lanes new runs take (null: all)"}}},
+                               "description": "how many of each device's side lanes new runs take (null: all)"},
+                "place_ahead": {"type": "boolean",
+                                "description": "place a queued run's pages while the run before it executes"}}},
             "NodeStatus": {"type": "object", "properties": {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},

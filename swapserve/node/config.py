@@ -71,6 +71,10 @@ class ServeConfig:
     """A model another device holds whole may be copied from there (device to device: NVLink on GPUs) instead
     of from host memory, when the scheduler expects that to finish first (``swapserve`` policy, two or more
     devices). Off by default until a trace on the GPUs shows it helps (see docs/design.md, "Peer copies")."""
+    place_ahead: bool = False
+    """A run queued behind another in a device's first lane has its pages placed (evictions, remaps) while
+    the run before it executes, not when it starts (``swapserve`` policy; see docs/design.md, "Placing
+    ahead")."""
     host_store_bytes: int | None = None
     """Capacity of the pinned host store shared by all workers; beyond it models spill to their
     safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``."""

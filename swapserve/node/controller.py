@@ -79,6 +79,8 @@ class NodeConfig:
     """See :class:`swapserve.scheduler.Scheduler` (needs two lanes)."""
     peer_copies: bool = False
     """See :class:`swapserve.scheduler.Scheduler` (needs two or more devices)."""
+    place_ahead: bool = False
+    """See :class:`swapserve.scheduler.Scheduler`."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB
     slab_bytes: int = 256 * MiB
@@ -146,7 +148,7 @@ class Node:
         self.store = HostStore(self.shm_root / "store", cfg.host_store_bytes)
         self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms, queue_ahead=cfg.queue_ahead,
                                    side_fetch=cfg.side_fetch, queue_ahead_within_ms=cfg.queue_ahead_within_ms,
-                                   peer_copies=cfg.peer_copies)
+                                   peer_copies=cfg.peer_copies, place_ahead=cfg.place_ahead)
         self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}

@@ -320,7 +320,8 @@ class Dispatcher:
         # evicted it since (the worker reports residency with its replies), and fetching beats waiting for
         # that swap to end (the worker hands the run to the first lane only if the model is in flight there).
         fetch = bool(d.lane) and self.scheduler.may_fetch(self.state, d.function)
-        run = Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit, fetch)
+        run = Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit, fetch,
+                  place_ahead=self.scheduler.place_ahead and not d.lane)
         items = sum(p.request.items for p in batch)
         if d.source == "peer" and d.peer is not None and not self._workers[d.peer].dead:
             self._lend(self._launch(d, m, run, batch, items, now, region, lend=True), d.peer)
@@ -487,6 +488,8 @@ class Dispatcher:
                 self.metrics.count_eviction(w.device, res.pages_taken)
             if res.from_peer:
                 self.metrics.count_peer_copy(w.device)
+            if res.placed_ahead:
+                self.metrics.count_placed_ahead(w.device)
             # A run from a lender copies, then runs (as a side lane's fetch); one that copied from host instead
             # (the lender no longer held the model whole) is not what its dispatch expected.
             from_host = fl.dispatch.source == "peer" and not res.from_peer

@@ -74,6 +74,9 @@ class Run:
     """The device that lent the model (:class:`Lend`) to copy its missing bytes from; -1: from host."""
     peer_pages: tuple[int, ...] = ()
     """The lender's page for each of the model's slots."""
+    place_ahead: bool = False
+    """Lane 0 may place its pages (evictions, remaps) while the run before it executes
+    (``SwapEngine.place_ahead``)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,8 @@ class RunResult:
     from_peer: bool = False
     """Its missing bytes came from the device that lent the model (not from host: it was resident, or the run
     had to capture a graph first)."""
+    placed_ahead: bool = False
+    """Its pages were placed while the run before it executed (``Run.place_ahead``)."""
     received_at: float = 0.0
     answered_at: float = 0.0
     """``time.perf_counter()`` in the worker when its message had been read and when the reply went out — the

@@ -121,6 +121,8 @@ class Worker:
         self._sent_version = -1
         self._sent_present: dict[str, float] = {}
         self._queues: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in self.engine.lanes]
+        self._stash: list[Any] = []
+        """Lane 0's next command, taken from its queue while the run before it executes (:meth:`_place_next`)."""
         self._send_lock = threading.Lock()
         name = torch.cuda.get_device_name(0) if engine_cfg.device.startswith("cuda") else "cpu"
         bw = self._h2d(256 << 20)
@@ -172,7 +174,7 @@ class Worker:
     def _serve_lane(self, lane: int) -> None:
         from swapserve.errors import NotResidentError
 
-        while (item := self._queues[lane].get()) is not None:
+        while (item := self._next(lane)) is not None:
             msg, received = item
             try:
                 result = self.handle(msg, lane)
@@ -183,6 +185,32 @@ class Worker:
                 self._answer(msg, received, e)
                 continue
             self._answer(msg, received, result)
+
+    def _next(self, lane: int) -> Any:
+        """The lane's next command: lane 0's taken already by :meth:`_place_next`, or from its queue."""
+        if lane == 0 and self._stash:
+            return self._stash.pop()
+        return self._queues[lane].get()
+
+    def _place_next(self) -> None:
+        """Lane 0 has launched a run: take its next command now, and if it is a run that may be placed ahead
+        (``Run.place_ahead``), start placing its pages while this run executes (``SwapEngine.place_ahead``)."""
+        from swapserve.errors import SwapserveError
+        from swapserve.node.messages import Run
+
+        if self._stash:
+            return
+        try:
+            item = self._queues[0].get_nowait()
+        except queue.Empty:
+            return
+        self._stash.append(item)
+        nxt = item[0] if item is not None else None
+        if isinstance(nxt, Run) and nxt.place_ahead and nxt.peer < 0 and not nxt.fetch:
+            try:
+                self.engine.place_ahead(nxt.key, _value_of(nxt.values), nxt.id)
+            except SwapserveError:  # removed meanwhile: its run says so
+                pass
 
     def _answer(self, msg: Any, received: float, outcome: Any) -> None:
         from swapserve.errors import SwapserveError
@@ -308,8 +336,10 @@ class Worker:
         inputs = [self.slab.tensor(r) for r in msg.inputs]
         t0 = time.perf_counter()
         peer = PeerSource(msg.peer, msg.peer_pages) if msg.peer >= 0 else None
+        first = lane == 0 and self.engine.mode != "ondemand"  # the baseline places nothing ahead
         outs = self.engine.infer(msg.key, inputs, value=_value_of(msg.values), lane=lane, fetch=msg.fetch,
-                                 peer=peer)
+                                 peer=peer, ticket=msg.id if first else None,
+                                 launched=self._place_next if first else None)
         t1 = time.perf_counter()
         with self.engine.backend.compute(self.engine.lanes[lane].stream):  # the lane's stream, not the device's
             refs = self.slab.write(outs, msg.out_offset, msg.out_limit)
@@ -319,7 +349,7 @@ class Worker:
                   "output": (t2 - t1) * 1e3, "place_lock": run.place_lock_ms, "place_remap": run.place_remap_ms,
                   "place_remap_cpu": run.place_remap_cpu_ms}
         return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases,
-                         lane=lane, from_peer=run.from_peer)
+                         lane=lane, from_peer=run.from_peer, placed_ahead=run.placed_ahead)
 
     def _residency_change(self) -> Any:
         """What changed in the pool since the last change sent (None if nothing): only the models whose share

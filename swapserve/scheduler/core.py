@@ -139,14 +139,16 @@ class Scheduler:
     def __init__(self, policy: Policy = "swapserve", rate_halflife_s: float = 60.0,
                  swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False, side_fetch: bool = False,
                  queue_ahead_within_ms: float | None = None, peer_copies: bool = False,
-                 side_lanes: int | None = None):
+                 side_lanes: int | None = None, place_ahead: bool = False):
         """``swap_piece_ms``: the length of a swap's pieces (0: swaps in one go). ``queue_ahead``: under
         ``swapserve``, a device's first lane may take one more dispatch behind the one it runs
         (``queue_ahead_within_ms``: only when that is expected to end within so many ms; None: whenever).
         ``side_fetch``: under ``swapserve``, a side lane may bring a small model in itself (:meth:`may_fetch`).
         ``peer_copies``: under ``swapserve``, a model may be copied from another device that holds it, where the
         node measured ``LinkProfile.d2d_GBps`` (faster than from host: NVLink). ``side_lanes``: how many of each
-        device's side lanes new runs may take (None: every one the device has)."""
+        device's side lanes new runs may take (None: every one the device has). ``place_ahead``: under
+        ``swapserve``, a run queued behind another in a first lane has its pages placed while the run before
+        it executes (the workers do it; the scheduler only carries the setting)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
@@ -165,6 +167,7 @@ class Scheduler:
         self.queue_ahead_within_ms = queue_ahead_within_ms
         self.peer_copies = peer_copies and policy == "swapserve"
         self.side_lanes = side_lanes
+        self.place_ahead = place_ahead and policy == "swapserve"
 
     # --- admission ---------------------------------------------------------------------------------
 
@@ -384,12 +387,12 @@ class Scheduler:
         """The settings a running node may change (:meth:`configure`), and the ones fixed at its start."""
         return {"policy": self.policy, "queue_ahead": self.queue_ahead, "side_fetch": self.side_fetch,
                 "swap_piece_ms": self.swap_piece_ms, "queue_ahead_within_ms": self.queue_ahead_within_ms,
-                "peer_copies": self.peer_copies, "side_lanes": self.side_lanes}
+                "peer_copies": self.peer_copies, "side_lanes": self.side_lanes, "place_ahead": self.place_ahead}
 
     def configure(self, state: NodeState, changes: dict[str, Any]) -> dict[str, Any]:
         """Change ``side_fetch`` (bool), ``swap_piece_ms`` (≥ 0), ``queue_ahead_within_ms`` (≥ 0, or None: no
-        limit), ``peer_copies`` (bool) and ``side_lanes`` (0 up to the devices' side lanes, or None: all) on a
-        running node — so that a benchmark
+        limit), ``peer_copies`` (bool), ``side_lanes`` (0 up to the devices' side lanes, or None: all) and
+        ``place_ahead`` (bool) on a running node — so that a benchmark
         can compare them on one node, and an operator tune a live one — all or nothing, checked first.
         Returns :meth:`settings`. Raises ValueError naming what is wrong."""
         problems = []
@@ -409,6 +412,8 @@ class Scheduler:
                                           or not 0 <= value <= 1000):
                     problems.append(f"queue_ahead_within_ms must be null (no limit) or a number of ms in [0, 1000], "
                                     f"not {value!r}")
+            elif key == "place_ahead":
+                problems += self._switch_problems(key, value, "pages placed ahead", True, "")
             elif key == "side_lanes":
                 most = max((len(d.side) for d in state.devices), default=0)
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -419,7 +424,7 @@ class Scheduler:
                 problems.append(f"{key} is fixed when the node starts (swapserve serve)")
             else:
                 problems.append(f"unknown setting {key!r}: a running node changes side_fetch, swap_piece_ms, "
-                                "queue_ahead_within_ms, peer_copies and side_lanes")
+                                "queue_ahead_within_ms, peer_copies, side_lanes and place_ahead")
         if problems:
             raise ValueError("; ".join(problems))
         if "side_fetch" in changes:
@@ -433,6 +438,8 @@ class Scheduler:
             self.peer_copies = changes["peer_copies"]
         if "side_lanes" in changes:
             self.side_lanes = changes["side_lanes"]
+        if "place_ahead" in changes:
+            self.place_ahead = changes["place_ahead"]
         return self.settings()
 
     def _switch_problems(self, key: str, value: Any, what: str, possible: bool, needs: str) -> list[str]:

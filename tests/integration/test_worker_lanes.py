@@ -63,3 +63,50 @@ def test_side_lane_serves_resident_models_and_hands_the_rest_to_lane_0(make_arti
         asyncio.run(main())
     finally:
         store.close()
+
+
+def test_lane_0_places_the_next_runs_pages_while_a_run_executes(make_artifact, shm_dir: Path) -> None:
+    """Runs of a and b, sent back to back to lane 0 through a pool that holds one of them: each next run's
+    pages are placed while the one before it executes (``Run.place_ahead``), and every answer is its model's."""
+    a, module_a, (xa,) = make_artifact("mlp", seed=31, name="a")
+    b, module_b, (xb,) = make_artifact("tied", seed=32, name="b")
+    store = HostStore(shm_dir / "store", 256 * MiB)
+    for key, art in (("a", a), ("b", b)):
+        store.add(key, art)
+    cfg = WorkerConfig(0, "cpu", EngineConfig(device="cpu", pool_bytes=12 * MiB, page_bytes=2 * MiB, lanes=2),
+                       str(store.root), str(shm_dir / "io-0.bin"), 16 * MiB)
+
+    async def main() -> None:
+        w = wk.spawn(cfg)
+        try:
+            await wk.wait_hello(w, 120)
+            wk.watch(w, lambda _w: None)
+            for key, art in (("a", a), ("b", b)):
+                assert (await wk.call(w, AddModel(wk.next_id(), key, str(art.path)))).ok
+            with torch.no_grad():
+                want = {"a": module_a(xa), "b": module_b(xb)}
+            ahead = 0
+            for _ in range(3):
+                runs = []
+                for i, (key, x) in enumerate((("a", xa), ("b", xb), ("a", xa), ("b", xb))):
+                    start, limit = w.slab.region(i, 4)
+                    refs, end = w.slab.write_batch([[x]], start, limit)
+                    runs.append(wk.call(w, Run(wk.next_id(), key, refs, end, {}, 0, limit, place_ahead=True)))
+                replies = await asyncio.gather(*runs)
+                for i, (reply, key) in enumerate(zip(replies, "abab")):
+                    assert reply.ok, reply.error
+                    assert reply.result.swapped
+                    out = w.slab.tensor(reply.result.outputs[0])
+                    torch.testing.assert_close(out, want[key], rtol=1e-5, atol=1e-5)
+                assert not replies[0].result.placed_ahead  # nothing ran before it
+                ahead += sum(r.result.placed_ahead for r in replies)
+            # Sent together: the next run is there when the one before it launches (but for a slow receiver).
+            assert ahead >= 1
+        finally:
+            await wk.stop(w, 30)
+        assert w.process.exitcode == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()

@@ -449,3 +449,80 @@ def test_a_run_copies_its_model_from_a_lending_peer_and_gives_the_same_bits(make
     assert lender.residency("m") is Residency.ABSENT
     lender.pool.check()
     borrower.pool.check()
+
+
+# --- placing ahead ------------------------------------------------------------------------------------------
+
+AHEAD_MODES = [(d, m) for d, m in MODES if m != "ondemand"]  # the baseline places nothing ahead
+
+
+@pytest.mark.parametrize(("device", "mode"), AHEAD_MODES, ids=[f"{d}-{m}" for d, m in AHEAD_MODES])
+def test_pages_placed_while_the_run_before_executes_give_the_same_bits(make_artifact, make_engine, device, mode):
+    """Lane 0 swaps a and b in turn through a pool that holds one of them: each run, once launched, has the
+    next one's pages placed (evicting the other model's, never its own: pinned) — the next run finds them
+    there, copies and computes exactly as one that placed them itself."""
+    a, _, xa = make_artifact("mlp", seed=21, name="a")
+    b, _, xb = make_artifact("tied", seed=22, name="b")
+    eng = make_engine(device, mode, pool_mib=12, page_mib=2)  # 6 pages: a (4) and b (4) do not both fit
+    eng.add("a", a)
+    eng.add("b", b)
+    ref = {"a": eng.infer("a", xa), "b": eng.infer("b", xb)}
+    order = [("a", xa), ("b", xb)] * 5
+    called = []
+
+    def place(i: int) -> None:
+        called.append(i)
+        if i + 1 < len(order):
+            eng.place_ahead(order[i + 1][0], None, ticket=i + 1)
+
+    for i, (name, x) in enumerate(order):
+        out = eng.infer(name, x, ticket=i, launched=lambda i=i: place(i))
+        assert same(out, ref[name]), (i, name)
+        run = eng.last_run()
+        assert run.swapped and run.placed_ahead == (i > 0), (i, run)
+        assert run.place_remap_ms == 0.0 or i == 0
+    assert called == list(range(len(order)))
+    assert eng.stats.placed_ahead == len(order) - 1
+    assert all(not p.pins for p in eng.pool.placements.values())  # every pin let go
+    eng.pool.check()
+
+
+def test_pages_placed_for_a_run_that_does_not_come_are_let_go(make_artifact, make_engine):
+    a, _, xa = make_artifact("mlp", seed=23, name="a")
+    b, _, xb = make_artifact("tied", seed=24, name="b")
+    eng = make_engine(pool_mib=12, page_mib=2)
+    eng.add("a", a)
+    eng.add("b", b)
+    ref = eng.infer("b", xb)
+    eng.infer("a", xa)  # b partly evicted
+    # Placed for run 7, but run 8 of b comes first: its pages let go, and run 8 places its own.
+    eng.place_ahead("b", None, ticket=7)
+    eng.place_ahead("b", None, ticket=9)  # one at a time: ignored
+    assert same(eng.infer("b", xb, ticket=8), ref) and not eng.last_run().placed_ahead
+    assert not eng.pool.placements["b"].pins
+    # Placed for a run that fails before it runs (bad inputs): let go with its failure.
+    eng.infer("a", xa)
+    eng.place_ahead("b", None, ticket=10)
+    with pytest.raises(InvalidInputError):
+        eng.infer("b", [torch.randn(1, 3)], ticket=10)
+    assert not eng.pool.placements["b"].pins and eng._models["b"].ahead is None
+    # Placed, then the model removed: let go with it.
+    eng.infer("a", xa)
+    eng.place_ahead("b", None, ticket=11)
+    eng.remove("b")
+    assert "b" not in eng.pool.placements
+    eng.pool.check()
+    with pytest.raises(NotFoundError):
+        eng.place_ahead("b", None, ticket=12)
+
+
+def test_a_run_without_a_ticket_lets_pages_placed_ahead_go(make_artifact, make_engine):
+    a, _, xa = make_artifact("mlp", seed=25, name="a")
+    eng = make_engine(pool_mib=12, page_mib=2)
+    eng.add("a", a)
+    ref = eng.infer("a", xa)
+    eng.evict("a")
+    eng.place_ahead("a", None, ticket=1)
+    assert same(eng.infer("a", xa), ref) and not eng.last_run().placed_ahead
+    assert not eng.pool.placements["a"].pins
+    eng.pool.check()
