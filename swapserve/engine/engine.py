@@ -308,14 +308,15 @@ class SwapEngine:
     # --- placing ahead ------------------------------------------------------------------------
 
     def place_ahead(self, name: str, value: Value | None, ticket: int) -> None:
-        """Start placing the pages lane 0's next run of ``name`` needs — evictions, and the remaps, whose driver
-        calls burn ~0.05–1 ms of CPU a page (``bench/remap_cost.py``) — on a thread of the engine's own, now,
-        while the run before it executes, instead of when it starts. ``ticket`` names that run: its
+        """Start placing the pages a coming lane-0 run of ``name`` needs — evictions, and the remaps, whose
+        driver calls burn ~0.05–1 ms of CPU a page (``bench/remap_cost.py``) — on a thread of the engine's own,
+        now, while the runs before it execute, instead of when it starts. ``ticket`` names that run: its
         :meth:`infer` passes the same and finds the pages placed (waiting for the placing to end, if need be).
-        Call it from lane 0's thread between launching a run and waiting for it (``infer(launched=...)``), so
-        that it precedes the next run's infer. The pages stay pinned until that run ends; a run that does not
-        come (its infer failed first, or another run of the model in lane 0 came first) lets them go. Does
-        nothing if the model is already being placed ahead."""
+        Only for the run right behind the one lane 0 has launched (``infer(launched=...)``: its pages are
+        pinned), never further back: pages pinned for a later run could be what an earlier one needs, and it
+        would wait for them forever. Call it before that run can reach its infer. The pages stay pinned until
+        that run ends; a run that does not come (its infer failed first, or another run of the model in lane 0
+        came first) lets them go. Does nothing if the model is already being placed ahead."""
         with self._lock:
             m = self._get(name)
             if m.ahead is not None:
@@ -329,20 +330,8 @@ class SwapEngine:
         try:
             with self._gate.shared():  # never remapping during a capture
                 with self._lock:
-                    host = self.store.acquire(m.name)
-                    try:
-                        self._pin_host(m, host)
-                        plan = self._acquire_pages(m, value, None)
-                    except BaseException:
-                        self.store.release(m.name)
-                        raise
-                    self.stats.remaps += len(plan.remaps)
-                    self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
-                try:
-                    self._remap(m, plan)
-                except BaseException:
-                    self._release(m)
-                    raise
+                    host, plan = self._take_pages(m, value, None)
+                self._remap_taken(m, plan)
             a.host, a.plan = host, plan
         except Exception:  # noqa: BLE001 - the run places its pages itself
             log.debug("placing %s ahead failed; its run will", m.name, exc_info=True)
@@ -404,8 +393,8 @@ class SwapEngine:
         resident model does, in any lane; a run that must capture a graph first swaps from host instead.
 
         In lane 0, ``ticket`` names the run for :meth:`place_ahead` (its pages may have been placed while the
-        run before it executed), and ``launched`` is called once the run is launched, before waiting for it
-        (where the next run's pages may be placed ahead)."""
+        run before it executed), and ``launched`` is called once the run is placed and launched, before
+        waiting for it (the run behind it may be placed ahead from then on)."""
         if not 0 <= lane < len(self.lanes):
             raise ValueError(f"lane {lane} does not exist on {self.config.device} ({len(self.lanes)} lanes)")
         entered = time.perf_counter()
@@ -522,27 +511,37 @@ class SwapEngine:
                                            "resident models only")
                 if self.pool.placements[m.name].pins:
                     raise NotResidentError(f"{m.name} is on its way to {self.config.device} in another lane")
-            host = self.store.acquire(m.name)
-            try:
-                self._pin_host(m, host)
-                plan = self._acquire_pages(m, value, limit)
-            except BaseException:
-                self.store.release(m.name)
-                raise
-            self.stats.remaps += len(plan.remaps)
-            self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
+            host, plan = self._take_pages(m, value, limit)
         remap, remap_cpu = time.perf_counter(), time.thread_time()
-        try:
-            self._remap(m, plan)
-        except BaseException:
-            self._release(m)
-            raise
+        self._remap_taken(m, plan)
         self._local.place_parts = ((locked - asked) * 1e3, (time.perf_counter() - remap) * 1e3,
                                    (time.thread_time() - remap_cpu) * 1e3)
         try:
             yield host, plan
         finally:
             self._release(m)
+
+    def _take_pages(self, m: _Model, value: Value | None, limit: int | None) -> tuple[HostEntry, PlacementPlan]:
+        """Pin the model's host buffer and its pages, taking others' where it needs them (lock held): the
+        plan says which slots to remap and load."""
+        host = self.store.acquire(m.name)
+        try:
+            self._pin_host(m, host)
+            plan = self._acquire_pages(m, value, limit)
+        except BaseException:
+            self.store.release(m.name)
+            raise
+        self.stats.remaps += len(plan.remaps)
+        self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
+        return host, plan
+
+    def _remap_taken(self, m: _Model, plan: PlacementPlan) -> None:
+        """Remap the slots :meth:`_take_pages` moved (lock not held); if that fails, unpin."""
+        try:
+            self._remap(m, plan)
+        except BaseException:
+            self._release(m)
+            raise
 
     def _acquire_pages(self, m: _Model, value: Value | None, limit: int | None) -> PlacementPlan:
         """``pool.acquire`` (lock held), waiting while the pages it needs are pinned by a run in another lane:

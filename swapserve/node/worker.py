@@ -121,8 +121,14 @@ class Worker:
         self._sent_version = -1
         self._sent_present: dict[str, float] = {}
         self._queues: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in self.engine.lanes]
+        # Placing ahead (``Run.place_ahead``) only for the run right behind the one lane 0 has launched: the
+        # receiver, for a run that arrives then with nothing queued before it; lane 0, at the launch, for the
+        # run already queued behind (taken from the queue into ``_stash``). Both under ``_ahead_lock``.
+        self._ahead_lock = threading.Lock()
+        self._launched0 = False
+        """Lane 0 has launched its run (its pages pinned) and not yet finished with it."""
         self._stash: list[Any] = []
-        """Lane 0's next command, taken from its queue while the run before it executes (:meth:`_place_next`)."""
+        """Lane 0's next command, taken from its queue at a launch (:meth:`_launched`)."""
         self._send_lock = threading.Lock()
         name = torch.cuda.get_device_name(0) if engine_cfg.device.startswith("cuda") else "cpu"
         bw = self._h2d(256 << 20)
@@ -153,7 +159,13 @@ class Worker:
                     self._peer_command(msg, received)
                     continue
                 lane = msg.lane if isinstance(msg, Run) and 0 < msg.lane < len(self._queues) else 0
-                self._queues[lane].put((msg, received))
+                if lane == 0:
+                    with self._ahead_lock:
+                        if self._launched0 and not self._stash and self._queues[0].empty():
+                            self._place_ahead(msg)
+                        self._queues[0].put((msg, received))
+                else:
+                    self._queues[lane].put((msg, received))
         finally:
             # Side lanes first: a run they hand back to lane 0 must reach it before lane 0's end.
             for q, t in reversed(list(zip(self._queues, lanes))):
@@ -172,45 +184,65 @@ class Worker:
             os._exit(1)
 
     def _serve_lane(self, lane: int) -> None:
-        from swapserve.errors import NotResidentError
-
         while (item := self._next(lane)) is not None:
-            msg, received = item
             try:
-                result = self.handle(msg, lane)
-            except NotResidentError if lane else ():  # evicted since the scheduler looked: lane 0 swaps it in
-                self._queues[0].put(item)
-                continue
-            except BaseException as e:  # noqa: BLE001 - answered below
-                self._answer(msg, received, e)
-                continue
-            self._answer(msg, received, result)
+                self._serve(item, lane)
+            finally:
+                if lane == 0:
+                    with self._ahead_lock:
+                        self._launched0 = False
 
     def _next(self, lane: int) -> Any:
-        """The lane's next command: lane 0's taken already by :meth:`_place_next`, or from its queue."""
-        if lane == 0 and self._stash:
-            return self._stash.pop()
+        """The lane's next command: lane 0's taken at the last launch, if any, else from its queue."""
+        with self._ahead_lock:
+            if lane == 0 and self._stash:
+                return self._stash.pop()
         return self._queues[lane].get()
 
-    def _place_next(self) -> None:
-        """Lane 0 has launched a run: take its next command now, and if it is a run that may be placed ahead
-        (``Run.place_ahead``), start placing its pages while this run executes (``SwapEngine.place_ahead``)."""
+    def _launched(self) -> None:
+        """Lane 0 has launched a run: the run right behind it (queued already, or arriving from now on) may
+        have its pages placed while this one executes."""
+        with self._ahead_lock:
+            self._launched0 = True
+            if self._stash:
+                return
+            try:
+                item = self._queues[0].get_nowait()
+            except queue.Empty:
+                return
+            self._stash.append(item)
+            if item is not None:
+                self._place_ahead(item[0])
+
+    def _serve(self, item: tuple[Any, float], lane: int) -> None:
+        from swapserve.errors import NotResidentError
+
+        msg, received = item
+        try:
+            result = self.handle(msg, lane)
+        except NotResidentError if lane else ():  # evicted since the scheduler looked: lane 0 swaps it in
+            with self._ahead_lock:  # never between the receiver's look at lane 0's queue and its put
+                self._queues[0].put(item)
+            return
+        except BaseException as e:  # noqa: BLE001 - answered below
+            self._answer(msg, received, e)
+            return
+        self._answer(msg, received, result)
+
+    def _place_ahead(self, msg: Any) -> None:
+        """Start placing the pages of lane 0's next command (``SwapEngine.place_ahead``) if it is a run that may
+        be (``Run.place_ahead``): not for the on-demand baseline, a peer's copy or a fetch."""
         from swapserve.errors import SwapserveError
         from swapserve.node.messages import Run
 
-        if self._stash:
+        if (not isinstance(msg, Run) or not msg.place_ahead or self.engine.mode == "ondemand" or msg.peer >= 0
+                or msg.fetch):
             return
+        run = msg
         try:
-            item = self._queues[0].get_nowait()
-        except queue.Empty:
-            return
-        self._stash.append(item)
-        nxt = item[0] if item is not None else None
-        if isinstance(nxt, Run) and nxt.place_ahead and nxt.peer < 0 and not nxt.fetch:
-            try:
-                self.engine.place_ahead(nxt.key, _value_of(nxt.values), nxt.id)
-            except SwapserveError:  # removed meanwhile: its run says so
-                pass
+            self.engine.place_ahead(run.key, _value_of(run.values), run.id)
+        except SwapserveError:  # not on this worker (removed meanwhile): its run says so
+            pass
 
     def _answer(self, msg: Any, received: float, outcome: Any) -> None:
         from swapserve.errors import SwapserveError
@@ -336,10 +368,9 @@ class Worker:
         inputs = [self.slab.tensor(r) for r in msg.inputs]
         t0 = time.perf_counter()
         peer = PeerSource(msg.peer, msg.peer_pages) if msg.peer >= 0 else None
-        first = lane == 0 and self.engine.mode != "ondemand"  # the baseline places nothing ahead
         outs = self.engine.infer(msg.key, inputs, value=_value_of(msg.values), lane=lane, fetch=msg.fetch,
-                                 peer=peer, ticket=msg.id if first else None,
-                                 launched=self._place_next if first else None)
+                                 peer=peer, ticket=msg.id if lane == 0 else None,
+                                 launched=self._launched if lane == 0 else None)
         t1 = time.perf_counter()
         with self.engine.backend.compute(self.engine.lanes[lane].stream):  # the lane's stream, not the device's
             refs = self.slab.write(outs, msg.out_offset, msg.out_limit)

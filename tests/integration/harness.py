@@ -499,6 +499,20 @@ def outputs_of(doc: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {o["name"]: torch.tensor(o["data"], dtype=torch.float32).reshape(o["shape"]) for o in doc["outputs"]}
 
 
+def second_while_first_runs(server: Server, first: Callable[[], None], second: Callable[[], None]) -> None:
+    """``first`` on a thread; once the node's device is busy with it, ``second`` on another; both joined."""
+    a = threading.Thread(target=first)
+    a.start()
+    until = time.monotonic() + 30
+    while not server.client().status()["devices"][0]["busy"]:
+        assert time.monotonic() < until, "the first request never started"
+        time.sleep(0.002)
+    b = threading.Thread(target=second)
+    b.start()
+    a.join(60)
+    b.join(60)
+
+
 def assert_serves(server: Server, fn: Function, seed: int = 0, name: str | None = None) -> None:
     """``name`` (default ``fn.name``) answers a fresh request exactly as the model computes it here."""
     g = torch.Generator().manual_seed(seed)

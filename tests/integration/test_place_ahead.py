@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 
-from .harness import Server, assert_stopped_cleanly, deploy, metric
+from .harness import Server, assert_stopped_cleanly, deploy, metric, second_while_first_runs
 
 pytestmark = pytest.mark.integration
 
@@ -20,16 +17,7 @@ def _b_behind_a(s: Server, x: torch.Tensor) -> dict[str, torch.Tensor]:
     def infer(name: str) -> None:
         out[name] = s.client().infer(name, {"x": x})["y"]
 
-    a = threading.Thread(target=infer, args=("heavy-a",))
-    a.start()
-    until = time.monotonic() + 30
-    while not s.client().status()["devices"][0]["busy"]:
-        assert time.monotonic() < until, "heavy-a's request never started"
-        time.sleep(0.002)
-    b = threading.Thread(target=infer, args=("heavy-b",))
-    b.start()
-    a.join(60)
-    b.join(60)
+    second_while_first_runs(s, lambda: infer("heavy-a"), lambda: infer("heavy-b"))
     return out
 
 

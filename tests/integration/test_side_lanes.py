@@ -3,13 +3,10 @@ side by side, each in a lane of its own, and ``side_lanes`` limits how many of t
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 
-from .harness import Server, assert_stopped_cleanly, deploy, infer_json, outputs_of
+from .harness import Server, assert_stopped_cleanly, deploy, infer_json, outputs_of, second_while_first_runs
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +22,7 @@ def _two_at_once(s: Server, x: torch.Tensor, want: torch.Tensor) -> dict[str, di
         torch.testing.assert_close(outputs_of(r.json())["y"], want)
         params[name] = r.json()["parameters"]
 
-    a = threading.Thread(target=infer, args=("heavy-a",))
-    a.start()
-    until = time.monotonic() + 30
-    while not s.client().status()["devices"][0]["busy"]:
-        assert time.monotonic() < until, "heavy-a's request never started"
-        time.sleep(0.002)
-    b = threading.Thread(target=infer, args=("heavy-b",))
-    b.start()
-    a.join(60)
-    b.join(60)
+    second_while_first_runs(s, lambda: infer("heavy-a"), lambda: infer("heavy-b"))
     assert set(params) == {"heavy-a", "heavy-b"}, params
     return params
 

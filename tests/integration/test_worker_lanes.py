@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,13 +19,14 @@ from swapserve.node.worker import WorkerConfig
 pytestmark = pytest.mark.integration
 
 
-def test_side_lane_serves_resident_models_and_hands_the_rest_to_lane_0(make_artifact, shm_dir: Path) -> None:
-    a, module_a, (xa,) = make_artifact("mlp", seed=11, name="a")
-    b, module_b, (xb,) = make_artifact("tied", seed=12, name="b")
+def _with_worker(shm_dir: Path, arts: dict[str, Any], pool_mib: int,
+                 body: Callable[[wk.WorkerHandle], Awaitable[None]]) -> None:
+    """A CPU worker of two lanes holding ``arts`` (by key) in a pool of ``pool_mib``: ``body`` talks to it, then
+    it stops cleanly."""
     store = HostStore(shm_dir / "store", 256 * MiB)
-    for key, art in (("a", a), ("b", b)):
+    for key, art in arts.items():
         store.add(key, art)
-    cfg = WorkerConfig(0, "cpu", EngineConfig(device="cpu", pool_bytes=64 * MiB, page_bytes=2 * MiB, lanes=2),
+    cfg = WorkerConfig(0, "cpu", EngineConfig(device="cpu", pool_bytes=pool_mib * MiB, page_bytes=2 * MiB, lanes=2),
                        str(store.root), str(shm_dir / "io-0.bin"), 16 * MiB)
 
     async def main() -> None:
@@ -31,30 +34,9 @@ def test_side_lane_serves_resident_models_and_hands_the_rest_to_lane_0(make_arti
         try:
             await wk.wait_hello(w, 120)
             wk.watch(w, lambda _w: None)
-            for key, art in (("a", a), ("b", b)):
+            for key, art in arts.items():
                 assert (await wk.call(w, AddModel(wk.next_id(), key, str(art.path)))).ok
-
-            async def run(key: str, x: torch.Tensor, lane: int) -> tuple[torch.Tensor, bool]:
-                start, limit = w.slab.region(lane, 2)
-                refs, end = w.slab.write_batch([[x]], start, limit)
-                reply = await wk.call(w, Run(wk.next_id(), key, refs, end, {}, lane, limit))
-                assert reply.ok, reply.error
-                out = reply.result.outputs[0]
-                assert start <= out.offset < limit  # the answer stayed in the lane's region
-                return w.slab.tensor(out).clone(), reply.result.swapped
-
-            with torch.no_grad():
-                want_a, want_b = module_a(xa), module_b(xb)
-            out, swapped = await run("a", xa, lane=1)  # not on the device: lane 0 swaps it in instead
-            assert swapped and torch.allclose(out, want_a, rtol=1e-5, atol=1e-5)
-            first = out
-            out, swapped = await run("a", xa, lane=1)  # now resident: lane 1 runs it
-            assert not swapped and torch.equal(out, first)
-            # Both lanes at once: b swaps in on lane 0 while lane 1 answers a, over and over.
-            for _ in range(5):
-                (ra, sa), (rb, _) = await asyncio.gather(run("a", xa, 1), run("b", xb, 0))
-                assert not sa and torch.equal(ra, first)
-                assert torch.allclose(rb, want_b, rtol=1e-5, atol=1e-5)
+            await body(w)
         finally:
             await wk.stop(w, 30)
         assert w.process.exitcode == 0
@@ -63,6 +45,36 @@ def test_side_lane_serves_resident_models_and_hands_the_rest_to_lane_0(make_arti
         asyncio.run(main())
     finally:
         store.close()
+
+
+def test_side_lane_serves_resident_models_and_hands_the_rest_to_lane_0(make_artifact, shm_dir: Path) -> None:
+    a, module_a, (xa,) = make_artifact("mlp", seed=11, name="a")
+    b, module_b, (xb,) = make_artifact("tied", seed=12, name="b")
+
+    async def body(w: wk.WorkerHandle) -> None:
+        async def run(key: str, x: torch.Tensor, lane: int) -> tuple[torch.Tensor, bool]:
+            start, limit = w.slab.region(lane, 2)
+            refs, end = w.slab.write_batch([[x]], start, limit)
+            reply = await wk.call(w, Run(wk.next_id(), key, refs, end, {}, lane, limit))
+            assert reply.ok, reply.error
+            out = reply.result.outputs[0]
+            assert start <= out.offset < limit  # the answer stayed in the lane's region
+            return w.slab.tensor(out).clone(), reply.result.swapped
+
+        with torch.no_grad():
+            want_a, want_b = module_a(xa), module_b(xb)
+        out, swapped = await run("a", xa, lane=1)  # not on the device: lane 0 swaps it in instead
+        assert swapped and torch.allclose(out, want_a, rtol=1e-5, atol=1e-5)
+        first = out
+        out, swapped = await run("a", xa, lane=1)  # now resident: lane 1 runs it
+        assert not swapped and torch.equal(out, first)
+        # Both lanes at once: b swaps in on lane 0 while lane 1 answers a, over and over.
+        for _ in range(5):
+            (ra, sa), (rb, _) = await asyncio.gather(run("a", xa, 1), run("b", xb, 0))
+            assert not sa and torch.equal(ra, first)
+            assert torch.allclose(rb, want_b, rtol=1e-5, atol=1e-5)
+
+    _with_worker(shm_dir, {"a": a, "b": b}, 64, body)
 
 
 def test_lane_0_places_the_next_runs_pages_while_a_run_executes(make_artifact, shm_dir: Path) -> None:
@@ -70,43 +82,26 @@ def test_lane_0_places_the_next_runs_pages_while_a_run_executes(make_artifact, s
     pages are placed while the one before it executes (``Run.place_ahead``), and every answer is its model's."""
     a, module_a, (xa,) = make_artifact("mlp", seed=31, name="a")
     b, module_b, (xb,) = make_artifact("tied", seed=32, name="b")
-    store = HostStore(shm_dir / "store", 256 * MiB)
-    for key, art in (("a", a), ("b", b)):
-        store.add(key, art)
-    cfg = WorkerConfig(0, "cpu", EngineConfig(device="cpu", pool_bytes=12 * MiB, page_bytes=2 * MiB, lanes=2),
-                       str(store.root), str(shm_dir / "io-0.bin"), 16 * MiB)
+    with torch.no_grad():
+        want = {"a": module_a(xa), "b": module_b(xb)}
 
-    async def main() -> None:
-        w = wk.spawn(cfg)
-        try:
-            await wk.wait_hello(w, 120)
-            wk.watch(w, lambda _w: None)
-            for key, art in (("a", a), ("b", b)):
-                assert (await wk.call(w, AddModel(wk.next_id(), key, str(art.path)))).ok
-            with torch.no_grad():
-                want = {"a": module_a(xa), "b": module_b(xb)}
-            ahead = 0
-            for _ in range(3):
-                runs = []
-                for i, (key, x) in enumerate((("a", xa), ("b", xb), ("a", xa), ("b", xb))):
-                    start, limit = w.slab.region(i, 4)
-                    refs, end = w.slab.write_batch([[x]], start, limit)
-                    runs.append(wk.call(w, Run(wk.next_id(), key, refs, end, {}, 0, limit, place_ahead=True)))
-                replies = await asyncio.gather(*runs)
-                for i, (reply, key) in enumerate(zip(replies, "abab")):
-                    assert reply.ok, reply.error
-                    assert reply.result.swapped
-                    out = w.slab.tensor(reply.result.outputs[0])
-                    torch.testing.assert_close(out, want[key], rtol=1e-5, atol=1e-5)
-                assert not replies[0].result.placed_ahead  # nothing ran before it
-                ahead += sum(r.result.placed_ahead for r in replies)
-            # Sent together: the next run is there when the one before it launches (but for a slow receiver).
-            assert ahead >= 1
-        finally:
-            await wk.stop(w, 30)
-        assert w.process.exitcode == 0
+    async def body(w: wk.WorkerHandle) -> None:
+        ahead = 0
+        for _ in range(3):
+            runs = []
+            for i, (key, x) in enumerate((("a", xa), ("b", xb), ("a", xa), ("b", xb))):
+                start, limit = w.slab.region(i, 4)
+                refs, end = w.slab.write_batch([[x]], start, limit)
+                runs.append(wk.call(w, Run(wk.next_id(), key, refs, end, {}, 0, limit, place_ahead=True)))
+            replies = await asyncio.gather(*runs)
+            for reply, key in zip(replies, "abab"):
+                assert reply.ok, reply.error
+                assert reply.result.swapped
+                out = w.slab.tensor(reply.result.outputs[0])
+                torch.testing.assert_close(out, want[key], rtol=1e-5, atol=1e-5)
+            assert not replies[0].result.placed_ahead  # nothing ran before it
+            ahead += sum(r.result.placed_ahead for r in replies)
+        # Sent together: the next run is there when the one before it launches (but for a slow receiver).
+        assert ahead >= 1
 
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
+    _with_worker(shm_dir, {"a": a, "b": b}, 12, body)

@@ -458,9 +458,10 @@ AHEAD_MODES = [(d, m) for d, m in MODES if m != "ondemand"]  # the baseline plac
 
 @pytest.mark.parametrize(("device", "mode"), AHEAD_MODES, ids=[f"{d}-{m}" for d, m in AHEAD_MODES])
 def test_pages_placed_while_the_run_before_executes_give_the_same_bits(make_artifact, make_engine, device, mode):
-    """Lane 0 swaps a and b in turn through a pool that holds one of them: each run, once launched, has the
-    next one's pages placed (evicting the other model's, never its own: pinned) — the next run finds them
-    there, copies and computes exactly as one that placed them itself."""
+    """Lane 0 swaps a and b in turn through a pool that holds one of them; once each run is launched, the next
+    one's pages are placed (as the worker does for the run right behind) — evicting the other model's pages
+    once the launched run lets them go, never before: pinned. The next run finds them there, and copies and
+    computes exactly as one that placed them itself."""
     a, _, xa = make_artifact("mlp", seed=21, name="a")
     b, _, xb = make_artifact("tied", seed=22, name="b")
     eng = make_engine(device, mode, pool_mib=12, page_mib=2)  # 6 pages: a (4) and b (4) do not both fit
@@ -468,20 +469,20 @@ def test_pages_placed_while_the_run_before_executes_give_the_same_bits(make_arti
     eng.add("b", b)
     ref = {"a": eng.infer("a", xa), "b": eng.infer("b", xb)}
     order = [("a", xa), ("b", xb)] * 5
-    called = []
+    launched = []
 
-    def place(i: int) -> None:
-        called.append(i)
+    def place_next(i: int) -> None:
+        launched.append(i)
         if i + 1 < len(order):
             eng.place_ahead(order[i + 1][0], None, ticket=i + 1)
 
     for i, (name, x) in enumerate(order):
-        out = eng.infer(name, x, ticket=i, launched=lambda i=i: place(i))
+        out = eng.infer(name, x, ticket=i, launched=lambda i=i: place_next(i))
         assert same(out, ref[name]), (i, name)
         run = eng.last_run()
         assert run.swapped and run.placed_ahead == (i > 0), (i, run)
         assert run.place_remap_ms == 0.0 or i == 0
-    assert called == list(range(len(order)))
+    assert launched == list(range(len(order)))
     assert eng.stats.placed_ahead == len(order) - 1
     assert all(not p.pins for p in eng.pool.placements.values())  # every pin let go
     eng.pool.check()
