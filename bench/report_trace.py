@@ -14,13 +14,16 @@ def table(r: dict) -> str:
     lines = [f"# Trace — {r.get('gpu', '?')} × {r.get('gpus', '?')}, {r.get('date', '')}", "",
              f"{r.get('duration_s')} s of trace per point, seed {r.get('seed')}, SLO = max(10 ms, 3 × (native graph + "
              f"floor)) of each fp16 model ({r.get('slo_source', '')}). Attainment = fraction of called functions whose "
-             "P98 ≤ SLO (refused or failed = miss)." + _settings(r), "",
-             "| policy | N | attainment | P50 ms | P99 ms | req/s | swaps/s | busy | loop late | requests | codes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "P98 ≤ SLO (refused or failed = miss); requests in SLO = share of all requests answered within their "
+             "function's SLO." + _settings(r), "",
+             "| policy | N | attainment | requests in SLO | P50 ms | P99 ms | req/s | swaps/s | busy | loop late "
+             "| requests | codes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, p in r["policies"].items():
         for pt in p["sweep"]:
             fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
-            lines.append(f"| {label} | {pt['n']} | {_attainment(pt)} | {fmt(pt['p50_ms'])} | {fmt(pt['p99_ms'])} "
+            lines.append(f"| {label} | {pt['n']} | {_attainment(pt)} | {_in_slo(pt)} | {fmt(pt['p50_ms'])} "
+                         f"| {fmt(pt['p99_ms'])} "
                          f"| {pt['throughput_rps']:.1f} | {pt['swaps_per_s']:.1f} | {pt['busy_fraction']:.2f} "
                          f"| {_lag(pt.get('loop_lag'))}{_front_lag(pt.get('front_loop_lag'))} | {pt['requests']} "
                          f"| {pt['status_codes']} |")
@@ -46,6 +49,14 @@ def _settings(r: dict) -> str:
             "no queue-ahead" if r.get("queue_ahead") is False else ""]
     said = [s for s in said if s]
     return f" Node: {', '.join(said)}." if said else ""
+
+
+def _in_slo(pt: dict) -> str:
+    """The share of requests in their SLO, every replay's in brackets ('-' where the run predates it)."""
+    if pt.get("requests_in_slo") is None:
+        return "-"
+    runs = [x for x in pt.get("requests_in_slo_runs") or () if x is not None]
+    return f"{pt['requests_in_slo']:.3f}" + (f" ({', '.join(f'{x:.3f}' for x in runs)})" if len(runs) > 1 else "")
 
 
 def _attainment(pt: dict) -> str:

@@ -238,9 +238,8 @@ class Worker:
         if (not isinstance(msg, Run) or not msg.place_ahead or self.engine.mode == "ondemand" or msg.peer >= 0
                 or msg.fetch):
             return
-        run = msg
         try:
-            self.engine.place_ahead(run.key, _value_of(run.values), run.id)
+            self.engine.place_ahead(msg.key, _value_of(msg.values), msg.id)
         except SwapserveError:  # not on this worker (removed meanwhile): its run says so
             pass
 

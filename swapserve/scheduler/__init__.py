@@ -14,5 +14,6 @@ from swapserve.scheduler.types import (
 
 __all__ = [
     "Decision", "DeviceState", "Dispatch", "Estimate", "FunctionQueue", "LinkProfile", "ModelProfile",
-    "NodeState", "Policy", "Queued", "Reject", "Request", "Scheduler", "SideLane", "Source", "View", "rate_at", "update_rate",
+    "NodeState", "Policy", "Queued", "Reject", "Request", "Scheduler", "SideLane", "Source", "View", "rate_at",
+    "update_rate",
 ]

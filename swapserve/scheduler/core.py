@@ -26,7 +26,8 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
   when that finishes first; the first lane is the only one that swaps pipelined. Of a device's side lanes the
   one that frees first is evaluated (they are alike), and a busy one counts from when it frees (a resident
   model's request may wait a moment for it rather than queue behind a swap in the first lane). A run is
-  slowed by the runs beside it as measured at start (``LinkProfile.exec_slowdown_beside``). Admission and
+  slowed by the runs beside it (``LinkProfile.exec_slowdown_beside``: probed at start, then learned from the
+  runs, :meth:`Scheduler.observe_completion`). Admission and
   triage count side lanes the same way. ``side_lanes`` (a running node's setting) limits how many of each
   device's side lanes new runs take (None: all).
 * Side fetches (``side_fetch``, with a measured ``LinkProfile.fetch_GBps``): a side lane may also bring a
@@ -147,8 +148,8 @@ class Scheduler:
         ``peer_copies``: under ``swapserve``, a model may be copied from another device that holds it, where the
         node measured ``LinkProfile.d2d_GBps`` (faster than from host: NVLink). ``side_lanes``: how many of each
         device's side lanes new runs may take (None: every one the device has). ``place_ahead``: under
-        ``swapserve``, a run queued behind another in a first lane has its pages placed while the run before
-        it executes (the workers do it; the scheduler only carries the setting)."""
+        ``swapserve``, the run right behind the one a first lane has launched has its pages placed meanwhile
+        (the workers do it; the scheduler only carries the setting)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:

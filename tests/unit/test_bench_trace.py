@@ -74,10 +74,11 @@ def test_large_responses_get_client_processes_of_their_own(trace_module):
 
 
 def test_a_point_replayed_is_its_median_run_with_every_attainment(trace_module):
-    runs = [{"attainment": a, "p50_ms": i} for i, a in enumerate((0.5, 0.3, 0.4, 0.6))]
+    runs = [{"attainment": a, "p50_ms": i, "requests_in_slo": 0.9 + a / 10} for i, a in enumerate((0.5, 0.3, 0.4, 0.6))]
     point = trace_module.median_run(runs)
     assert (point["attainment"], point["p50_ms"]) == (0.4, 2)  # the lower middle, all of its numbers
     assert point["attainment_runs"] == [0.5, 0.3, 0.4, 0.6]
+    assert point["requests_in_slo_runs"] == pytest.approx([0.95, 0.93, 0.94, 0.96])
     assert "attainment_runs" not in trace_module.median_run(runs[:1])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -266,7 +267,10 @@ def test_side_lanes_run_while_lane_0_swaps(make_artifact, make_engine, device, m
         eng.add(name, art)
     ref = {"b": eng.infer("b", xb), "c": eng.infer("c", xc), "hot": eng.infer("hot", xh),
            "warm": eng.infer("warm", xw)}
-    keep = lambda p: (float("inf") if p.model in ("hot", "warm") else 0.0, p.last_used)  # noqa: E731 - the scheduler's job
+
+    def keep(p: Any) -> tuple[float, float]:  # the scheduler's job
+        return (float("inf") if p.model in ("hot", "warm") else 0.0, p.last_used)
+
     errors: list[str] = []
     done = threading.Event()
     sides = [(lane, *(("hot", xh) if lane % 2 else ("warm", xw))) for lane in range(1, lanes)]
