@@ -499,14 +499,19 @@ def outputs_of(doc: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {o["name"]: torch.tensor(o["data"], dtype=torch.float32).reshape(o["shape"]) for o in doc["outputs"]}
 
 
+def wait_busy(server: Server, what: str, timeout_s: float = 30.0, poll_s: float = 0.005) -> None:
+    """Return once the node's (first) device is busy; fail with ``what`` never got in flight."""
+    until = time.monotonic() + timeout_s
+    while not server.client().status()["devices"][0]["busy"]:
+        assert time.monotonic() < until, f"{what} never got in flight"
+        time.sleep(poll_s)
+
+
 def second_while_first_runs(server: Server, first: Callable[[], None], second: Callable[[], None]) -> None:
     """``first`` on a thread; once the node's device is busy with it, ``second`` on another; both joined."""
     a = threading.Thread(target=first)
     a.start()
-    until = time.monotonic() + 30
-    while not server.client().status()["devices"][0]["busy"]:
-        assert time.monotonic() < until, "the first request never started"
-        time.sleep(0.002)
+    wait_busy(server, "the first request", poll_s=0.002)
     b = threading.Thread(target=second)
     b.start()
     a.join(60)

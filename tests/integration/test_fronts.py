@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from .harness import (Functions, Server, assert_serves, assert_stopped_cleanly, cmdline, concurrently, descendants,
-                      metric, new_server, serve_mlp_and_pair)
+                      metric, new_server, serve_mlp_and_pair, wait_busy)
 from .test_bad_input import *  # noqa: F401,F403 - collected again here, against the fronted node
 from .test_handlers import *  # noqa: F401,F403
 from .test_oip import *  # noqa: F401,F403
@@ -111,10 +111,7 @@ def test_stop_finishes_requests_in_flight_then_leaves_nothing(server_factory: Ca
 
     t = threading.Thread(target=lambda: results.extend(concurrently(4, slow_call)))
     t.start()
-    deadline = time.monotonic() + 30
-    while not s.client().status()["devices"][0]["busy"]:  # heavy runs
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_busy(s, "heavy's request", poll_s=0.01)
     s.signal_stop()
     t.join(60)
     assert len(results) == 4

@@ -22,7 +22,7 @@ from swapserve.functions.build import build_bundle
 from swapserve.functions.bundle import pack
 
 from .harness import (MLP_PY, MLP_SPEC, Functions, Response, Server, assert_serves, assert_stopped_cleanly, cmdline,
-                      infer_json, outputs_of, still_running, write_function_dir)
+                      infer_json, outputs_of, still_running, wait_busy, write_function_dir)
 
 pytestmark = pytest.mark.integration
 
@@ -112,10 +112,7 @@ def test_sigterm_with_requests_in_flight(node: Node, functions: Functions):
     threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 20
-    while not s.client().status()["devices"][0]["busy"]:
-        assert time.monotonic() < deadline, "no request got in flight"
-        time.sleep(0.01)
+    wait_busy(s, "no request", timeout_s=20, poll_s=0.01)
 
     t0 = time.monotonic()
     s.signal_stop()
@@ -220,10 +217,7 @@ def test_worker_death_is_reported_not_hung(restarted: Server, functions: Functio
 
     t = threading.Thread(target=call)
     t.start()
-    deadline = time.monotonic() + 20
-    while not s.client().status()["devices"][0]["busy"]:
-        assert time.monotonic() < deadline, "the request never got in flight"
-        time.sleep(0.01)
+    wait_busy(s, "the request", timeout_s=20, poll_s=0.01)
     os.kill(worker, signal.SIGKILL)
     t.join(30)
     assert not t.is_alive(), "the request in flight hung when its worker died"

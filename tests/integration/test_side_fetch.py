@@ -4,12 +4,11 @@ real node."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 
-from .harness import assert_serves, assert_stopped_cleanly, deploy, metric
+from .harness import assert_serves, assert_stopped_cleanly, deploy, metric, wait_busy
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +31,7 @@ def test_small_models_come_in_by_the_side_lane_while_the_first_lane_swaps(server
     heavy: list[torch.Tensor] = []
     t = threading.Thread(target=lambda: heavy.append(s.client().infer("heavy", {"x": x})["y"]))
     t.start()
-    until = time.monotonic() + 30
-    while not s.client().status()["devices"][0]["busy"]:  # heavy's swap is under way
-        assert time.monotonic() < until, "heavy's request never started"
-        time.sleep(0.005)
+    wait_busy(s, "heavy's request")  # heavy's swap is under way
     smalls = [threading.Thread(target=assert_serves, args=(s, functions.mlp, i, name))
               for i, name in enumerate(("small-a", "small-b"))]
     for th in smalls:
