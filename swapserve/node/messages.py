@@ -12,7 +12,9 @@ import contextlib
 import os
 import pickle
 import resource
+import select
 import socket
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -275,6 +277,43 @@ def send(conn: Connection, msg: Any) -> None:
 
 def recv(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
+
+
+def recv_nowait(conn: Connection) -> Any | None:
+    """The next message if one has begun to arrive, else None at once — for an event loop's reader, on a
+    non-blocking descriptor. ``Connection.poll`` builds and tears down a selector on every call (two per reply:
+    the one that finds it, the one that finds nothing more); this is one read that fails. Reads exactly one
+    message in ``Connection``'s framing (a 4-byte big-endian length, or -1 and an 8-byte one), never past it:
+    descriptors may follow it in the stream (:func:`recv_fds`)."""
+    fd = conn.fileno()
+    try:
+        head = os.read(fd, 4)
+    except BlockingIOError:
+        return None
+    if not head:
+        raise EOFError
+    (size,) = struct.unpack("!i", _read_exact(fd, 4, head))
+    if size == -1:
+        (size,) = struct.unpack("!Q", _read_exact(fd, 8))
+    return pickle.loads(_read_exact(fd, size))
+
+
+def _read_exact(fd: int, n: int, start: bytes = b"") -> bytes:
+    """``n`` bytes (``start`` being the first of them) from non-blocking ``fd``, waiting up to :data:`FD_WAIT_S`
+    for each part: a message that has begun arrives whole at once."""
+    parts, got = [start], len(start)
+    while got < n:
+        try:
+            part = os.read(fd, n - got)
+        except BlockingIOError:
+            if not select.select([fd], [], [], FD_WAIT_S)[0]:
+                raise OSError(f"a message stopped arriving after {got} of {n} bytes") from None
+            continue
+        if not part:
+            raise EOFError
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def allow_open_files() -> None:

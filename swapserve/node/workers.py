@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing as mp
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from swapserve.errors import BackendError
-from swapserve.node.messages import Exported, Hello, Reply, ResidencyChange, Stop, recv, recv_fds, send_fds
+from swapserve.node.messages import (Exported, Hello, Reply, ResidencyChange, Stop, recv, recv_fds, recv_nowait,
+                                     send_fds)
 from swapserve.node.messages import send as send_msg
 from swapserve.node.slab import Slab
 from swapserve.node.worker import WorkerConfig, worker_main
@@ -98,11 +100,11 @@ async def wait_hello(w: WorkerHandle, timeout: float) -> Hello:
 def watch(w: WorkerHandle, on_dead: Any) -> None:
     """Read the worker's replies as they arrive, from the event loop."""
     loop = asyncio.get_running_loop()
+    os.set_blocking(w.conn.fileno(), False)  # as uvloop's reader leaves it; asyncio's would not
 
     def readable() -> None:
         try:
-            while w.conn.poll():
-                reply = recv(w.conn)
+            while (reply := recv_nowait(w.conn)) is not None:
                 if isinstance(reply.result, Exported):  # its descriptors are right behind it
                     try:
                         fds = recv_fds(w.conn, reply.result.count)

@@ -1,5 +1,6 @@
-"""Descriptors between the controller and its workers (a GPU's pages, one descriptor each, for peer copies): over a
-real socket pair, in batches, with the messages around them intact, whatever the descriptor's blocking mode."""
+"""The wire between the controller and its workers over a real socket pair: messages read without waiting (as the
+controller's event loop reads replies), and descriptors (a GPU's pages, one descriptor each, for peer copies) in
+batches, with the messages around them intact, whatever the descriptor's blocking mode."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from multiprocessing.connection import Connection
 
 import pytest
 
-from swapserve.node.messages import FD_BATCH, recv, recv_fds, send, send_fds
+from swapserve.node.messages import FD_BATCH, recv, recv_fds, recv_nowait, send, send_fds
 
 
 @pytest.fixture
@@ -95,3 +96,46 @@ def test_a_non_blocking_end_waits_for_the_descriptors_and_stays_non_blocking(pip
     assert not os.get_blocking(right.fileno())
     for fd in got:
         os.close(fd)
+
+
+def test_recv_nowait_reads_whole_messages_in_order_then_says_none(pipe) -> None:
+    left, right = pipe
+    os.set_blocking(right.fileno(), False)
+    assert recv_nowait(right) is None
+    big = b"x" * (1 << 20)  # larger than the socket's buffer: it arrives in parts while being read
+    sender = threading.Thread(target=lambda: [send(left, m) for m in ("first", big, {"third": 3})])
+    sender.start()
+    got = []
+    while len(got) < 3:
+        if (m := recv_nowait(right)) is not None:
+            got.append(m)
+    sender.join()
+    assert got == ["first", big, {"third": 3}]
+    assert recv_nowait(right) is None
+
+
+def test_recv_nowait_leaves_the_descriptors_behind_a_message_to_recv_fds(pipe, files) -> None:
+    left, right = pipe
+    os.set_blocking(right.fileno(), False)
+    fds = files(3)
+    send(left, "three follow")
+    send_fds(left, fds)
+    send(left, "after")
+    assert recv_nowait(right) == "three follow"
+    got = recv_fds(right, 3)
+    try:
+        assert all(_same_file(a, b) for a, b in zip(fds, got))
+    finally:
+        for fd in got:
+            os.close(fd)
+    assert recv_nowait(right) == "after"
+
+
+def test_recv_nowait_at_the_other_end_closing(pipe) -> None:
+    left, right = pipe
+    os.set_blocking(right.fileno(), False)
+    send(left, "last")
+    left.close()
+    assert recv_nowait(right) == "last"
+    with pytest.raises(EOFError):
+        recv_nowait(right)
