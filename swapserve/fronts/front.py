@@ -50,6 +50,7 @@ async def _serve(config: dict[str, Any]) -> int:
 
     from swapserve.fronts.remote import RemoteNode
     from swapserve.gateway import GatewayConfig, make_app
+    from swapserve.gateway.fast import listen
     from swapserve.metrics import watch_loop
 
     gateway = GatewayConfig(**{**config["gateway"], "uploads_dir": config["gateway"]["uploads_dir"]
@@ -61,13 +62,14 @@ async def _serve(config: dict[str, Any]) -> int:
     runner = web.AppRunner(make_app(node, gateway, node.metrics), handle_signals=False, access_log=None,
                            shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
-    await web.SockSite(runner, listener).start()
+    fast = await listen(runner, node, gateway, node.metrics, sock=listener)
     node.peer.notice("serving", config["index"])
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, node.drain.set)
     lag = asyncio.ensure_future(watch_loop(node.metrics.observe_loop_lag))
     await node.drain.wait()
     lag.cancel()
-    await runner.cleanup()  # stops accepting, closes idle connections, waits for the requests in flight
+    await fast.close(SHUTDOWN_S)  # stops accepting, closes idle connections, waits for the requests in flight
+    await runner.cleanup()  # likewise for the connections handed to the app
     node.metrics.flush()
     node.peer.close()
     return 0

@@ -15,6 +15,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -122,7 +123,8 @@ def _request_id(request: web.Request) -> str | None:
     return request.get(REQUEST_ID_KEY) or safe_request_id(request.headers.get(REQUEST_ID_HEADER))
 
 
-def _error(e: SwapserveError) -> web.Response:
+def error_answer(e: SwapserveError) -> tuple[int, str, dict[str, str]]:
+    """A failure's status, message and headers (whatever carries the answer: this app, the fast path)."""
     headers: dict[str, str] = {}
     if isinstance(e, OverloadedError | PoolBusyError):
         # Whole seconds, rounded up, and at least 1 so that clients back off rather than spin.
@@ -131,13 +133,23 @@ def _error(e: SwapserveError) -> web.Response:
         headers["WWW-Authenticate"] = 'Bearer realm="swapserve management"'
     if e.http_status >= 500 and e.http_status != 503:  # 503s are overload and readiness: routine, not news
         log.warning("%s: %s", type(e).__name__, e)
-    return error_response(e.http_status, str(e) or type(e).__name__, headers)
+    return e.http_status, str(e) or type(e).__name__, headers
+
+
+def internal_error_message(method: str, path: str) -> str:
+    """Log the exception being handled under a new incident id; the message that names it."""
+    incident = uuid.uuid4().hex[:12]
+    log.exception("unexpected error in %s %s (incident %s)", method, path, incident)
+    return f"internal server error (incident {incident}; see the server log)"
+
+
+def _error(e: SwapserveError) -> web.Response:
+    status, message, headers = error_answer(e)
+    return error_response(status, message, headers)
 
 
 def _internal_error(request: web.Request) -> web.Response:
-    incident = uuid.uuid4().hex[:12]
-    log.exception("unexpected error in %s %s (incident %s)", request.method, request.path, incident)
-    return error_response(500, f"internal server error (incident {incident}; see the server log)")
+    return error_response(500, internal_error_message(request.method, request.path))
 
 
 # -- OIP: health and metadata -------------------------------------------------------------------------------
@@ -160,9 +172,12 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 def _function(request: web.Request) -> FunctionInfo:
-    """The function the path names, at the version it names (only the serving version exists)."""
-    info = request.app[NODE].get_function(request.match_info["name"])
-    version = request.match_info.get("version")
+    return function_at(request.app[NODE], request.match_info["name"], request.match_info.get("version"))
+
+
+def function_at(node: NodeAPI, name: str, version: str | None) -> FunctionInfo:
+    """The function a path names, at the version it names (only the serving version exists)."""
+    info = node.get_function(name)
     if version is not None and version != str(info.version):
         raise NotFoundError(f"function {info.spec.name!r} has no version {version!r} (it serves version "
                             f"{info.version})")
@@ -192,24 +207,15 @@ async def model_ready(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     entered = time.perf_counter()
     info = _function(request)
-    name, node, config = info.spec.name, request.app[NODE], request.app[CONFIG]
-    request[FUNCTION_KEY] = name
-    body = await read_body(request, config.max_body_bytes)
-    req = await _maybe_thread(len(body), oip.decode_infer_request, body, info.spec,
-                              request.headers.get(oip.HEADER_LENGTH))
-    if (body_id := safe_request_id(req.id)) is not None:
-        request[REQUEST_ID_KEY] = body_id
-    result = await node.infer(name, req.inputs, req.id or safe_request_id(request.headers.get(REQUEST_ID_HEADER)),
-                              req.parameters)
-    # A handler's own parameters first: ours (timings) describe the run and are never shadowed.
-    params = {**result.parameters, "device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
-              "compute_ms": result.compute_ms, "total_ms": result.total_ms, "dispatch_ms": result.dispatch_ms,
-              "worker_ms": result.worker_ms, "lane": result.lane, "phases_ms": result.phases_ms,
-              "to_worker_ms": result.to_worker_ms, "from_worker_ms": result.from_worker_ms,
-              "server_ms": (time.perf_counter() - entered) * 1e3}  # handler entry → result, before encoding
-    json_bytes = sum(result.outputs[o.name].nbytes for o in req.outputs if not o.binary and o.name in result.outputs)
-    encoded = await _maybe_thread(json_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,
-                                  req.outputs, req.id, params)
+    request[FUNCTION_KEY] = info.spec.name
+    body = await read_body(request, request.app[CONFIG].max_body_bytes)
+    call = InferCall()
+    try:
+        encoded = await answer_infer(request.app[NODE], info, body, request.headers.get(oip.HEADER_LENGTH),
+                                     request.headers.get(REQUEST_ID_HEADER), entered, call)
+    finally:
+        if call.request_id is not None:  # echoed by the middleware, on success or failure
+            request[REQUEST_ID_KEY] = call.request_id
     headers = {oip.HEADER_LENGTH: str(encoded.header_length)} if encoded.header_length is not None else {}
     if encoded.nbytes <= STREAM_BYTES:
         return web.Response(body=encoded.body, content_type=encoded.content_type, headers=headers)
@@ -224,6 +230,34 @@ async def infer(request: web.Request) -> web.Response:
         await response.write(part)
     await response.write_eof()
     return response
+
+
+@dataclass
+class InferCall:
+    """What an infer request learned on its way, for its answer's headers whether it succeeds or fails."""
+
+    request_id: str | None = None
+    """The body's ``id``, if valid (echoed in X-Request-ID before the header's)."""
+
+
+async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes, header_length: str | None,
+                       header_request_id: str | None, entered: float, call: InferCall) -> oip.EncodedBody:
+    """An infer request's answer, whatever carries it (this app's route, :mod:`swapserve.gateway.fast`): decode
+    and check the body, run it, encode the response. ``entered``: ``time.perf_counter()`` when the request
+    was taken up (the response's ``server_ms`` counts from it)."""
+    name = info.spec.name
+    req = await _maybe_thread(len(body), oip.decode_infer_request, body, info.spec, header_length)
+    call.request_id = safe_request_id(req.id)
+    result = await node.infer(name, req.inputs, req.id or safe_request_id(header_request_id), req.parameters)
+    # A handler's own parameters first: ours (timings) describe the run and are never shadowed.
+    params = {**result.parameters, "device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
+              "compute_ms": result.compute_ms, "total_ms": result.total_ms, "dispatch_ms": result.dispatch_ms,
+              "worker_ms": result.worker_ms, "lane": result.lane, "phases_ms": result.phases_ms,
+              "to_worker_ms": result.to_worker_ms, "from_worker_ms": result.from_worker_ms,
+              "server_ms": (time.perf_counter() - entered) * 1e3}  # request taken up → result, before encoding
+    json_bytes = sum(result.outputs[o.name].nbytes for o in req.outputs if not o.binary and o.name in result.outputs)
+    return await _maybe_thread(json_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,
+                               req.outputs, req.id, params)
 
 
 async def invoke(request: web.Request) -> web.Response:

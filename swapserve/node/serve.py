@@ -28,6 +28,7 @@ from swapserve.gateway.config import GatewayConfig
 from swapserve.node.config import ServeConfig
 
 if TYPE_CHECKING:
+    from swapserve.gateway.fast import Listener
     from swapserve.metrics import Metrics
     from swapserve.node.controller import Node
 
@@ -158,15 +159,18 @@ class _Listener(Protocol):
 
 
 class _Gateway:
-    """The gateway in this process (no fronts)."""
+    """The gateway in this process (no fronts): the aiohttp app behind its fast path
+    (:mod:`swapserve.gateway.fast`)."""
 
-    def __init__(self, runner: web.AppRunner):
+    def __init__(self, runner: web.AppRunner, listener: Listener):
         self.runner = runner
+        self.listener = listener
 
     def drain(self) -> None:
-        pass  # the node answers 503 once it stops; the runner closes the listener after it
+        pass  # the node answers 503 once it stops; the listener closes after it
 
     async def close(self) -> None:
+        await self.listener.close(GRACE_S)
         await self.runner.cleanup()
 
 
@@ -178,15 +182,16 @@ async def _listen(config: ServeConfig, node: Node, gateway: GatewayConfig, metri
         await service.start()
         return service
     from swapserve.gateway import make_app
+    from swapserve.gateway.fast import listen
 
     runner = web.AppRunner(make_app(node, gateway, metrics), handle_signals=False, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.host, config.port).start()
+        listener = await listen(runner, node, gateway, metrics, host=config.host, port=config.port)
     except OSError:
         await runner.cleanup()
         raise
-    return _Gateway(runner)
+    return _Gateway(runner, listener)
 
 
 async def _start(node: Node, config: ServeConfig) -> None:

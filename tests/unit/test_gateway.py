@@ -25,7 +25,7 @@ from swapserve.gateway import GatewayConfig, make_app, oip
 from swapserve.gateway.openapi import OPENAPI
 from swapserve.metrics import Metrics
 from swapserve.node.api import FunctionState
-from tiny_node import TinyNode
+from tiny_node import FastTestServer, TinyNode
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -33,18 +33,20 @@ GZIP = {"Content-Type": "application/gzip"}
 
 Scenario = Callable[[atu.TestClient, TinyNode], Awaitable[None]]
 
-RELAYED = False
-"""Whether ``run`` serves through an HTTP front's relay (set per test by the ``relay`` fixture)."""
+MODE = "direct"
+"""How ``run`` serves (set per test by the ``mode`` fixture)."""
 
 
-@pytest.fixture(autouse=True, params=["direct", "relayed"])
-def relay(request: pytest.FixtureRequest) -> Any:
-    """Every scenario twice: the gateway over the node in its own process, and over a RemoteNode — the way an
-    HTTP front (``serve --fronts K``) reaches the node — through a real Unix socket to a FrontService."""
-    global RELAYED
-    RELAYED = request.param == "relayed"
+@pytest.fixture(autouse=True, params=["direct", "fast", "relayed"])
+def mode(request: pytest.FixtureRequest) -> Any:
+    """Every scenario three times: the aiohttp app over the node in its own process; the same behind the fast
+    path (:mod:`swapserve.gateway.fast`), as ``serve`` listens, which answers infer requests itself and hands
+    every other connection to the app; and the app over a RemoteNode — the way an HTTP front (``serve --fronts
+    K``) reaches the node — through a real Unix socket to a FrontService."""
+    global MODE
+    MODE = request.param
     yield
-    RELAYED = False
+    MODE = "direct"
 
 
 def run(scenario: Scenario, metrics: Metrics | None = None, **config: Any) -> TinyNode:
@@ -53,8 +55,10 @@ def run(scenario: Scenario, metrics: Metrics | None = None, **config: Any) -> Ti
     async def main() -> TinyNode:
         node = TinyNode()
         gateway = GatewayConfig(**({"token": TOKEN} | config))
-        if not RELAYED:
-            async with atu.TestClient(atu.TestServer(make_app(node, gateway, metrics))) as client:
+        if MODE != "relayed":
+            app = make_app(node, gateway, metrics)
+            server = atu.TestServer(app) if MODE == "direct" else FastTestServer(app, node, gateway)
+            async with atu.TestClient(server) as client:
                 await scenario(client, node)
             return node
         service = FrontService(node, metrics or Metrics(), "127.0.0.1", 0, 0, gateway)

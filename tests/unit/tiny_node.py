@@ -8,11 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp.test_utils as atu
+
 import torch
 from torch import nn
+from yarl import URL
 
 from swapserve.errors import ConflictError, InvalidInputError, NotFoundError, OverloadedError, UnavailableError
 from swapserve.functions.spec import FunctionSpec, load_spec
+from swapserve.gateway.common import METRICS
+from swapserve.gateway.config import GatewayConfig
+from swapserve.gateway.fast import Listener, listen
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus
 
 Decl = list[tuple[str, str, list[int]]]
@@ -181,3 +187,25 @@ class TinyNode:
             raise InvalidInputError(f"cannot change {sorted(changes)}")
         self.side_fetch = changes.get("side_fetch", self.side_fetch)
         return await self.scheduling()
+
+
+class FastTestServer(atu.TestServer):
+    """The app behind the fast path (as ``serve`` listens) on a port of its own, which the test client talks to."""
+
+    def __init__(self, app: Any, node: Any, gateway: GatewayConfig):
+        super().__init__(app)
+        self._node, self._gateway = node, gateway
+        self._fast: Listener | None = None
+
+    async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
+        await super().start_server(loop, **kwargs)
+        assert self.runner is not None
+        self._fast = await listen(self.runner, self._node, self._gateway, self.app[METRICS], host="127.0.0.1", port=0)
+        self.port = self._fast.server.sockets[0].getsockname()[1]
+        self._root = URL(f"http://127.0.0.1:{self.port}")
+
+    async def close(self) -> None:
+        if self._fast is not None:
+            fast, self._fast = self._fast, None
+            await fast.close(1.0)
+        await super().close()

@@ -1,0 +1,319 @@
+"""The OIP infer route without aiohttp's per-request machinery: a plain protocol in front of the aiohttp app.
+
+Every connection starts here. A request that is a plain ``POST /v2/models/{name}[/versions/{v}]/infer`` over
+HTTP/1.1 with a ``Content-Length`` body — what OIP clients send — is answered here: parsed, run and written with
+the app's own code (:func:`swapserve.gateway.app.answer_infer`) and with the same answers, errors, headers,
+time limit and metrics as the app's route, without aiohttp's request and response objects, middleware and router
+(~0.2 ms of the ~1.3 ms a request spent outside its model on an H200 node). Anything else — another route,
+another method or version, ``Transfer-Encoding``, ``Expect``, ``Upgrade``, percent-encoded paths, a head larger
+than aiohttp takes, a body over the limit — hands the connection, with every byte read so far, to aiohttp's own
+handler, which serves it from then on (and answers what is wrong with it as it always did).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+
+from swapserve.errors import SwapserveError
+from swapserve.gateway import oip
+from swapserve.gateway.app import InferCall, answer_infer, error_answer, function_at, internal_error_message
+from swapserve.gateway.common import REQUEST_ID_HEADER, GatewayMetrics, safe_request_id
+from swapserve.gateway.config import GatewayConfig
+from swapserve.node.api import NodeAPI
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 8190
+"""The longest request head answered here (aiohttp's limit of a request line and of a header line)."""
+
+_TARGET = re.compile(rb"/v2/models/([A-Za-z0-9_.-]+)(?:/versions/([A-Za-z0-9_.-]+))?/infer")
+ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+"""The metrics' route labels, as the app's router names the two infer routes."""
+
+_HANDED_OVER = (b"transfer-encoding", b"expect", b"upgrade")
+"""Headers whose request aiohttp serves (chunked bodies, 100-continue, protocol switches)."""
+
+
+@dataclass(frozen=True)
+class _Head:
+    name: str
+    version: str | None
+    length: int
+    header_length: str | None
+    request_id: str | None
+    close: bool
+    """``Connection: close``: close once answered."""
+
+
+def parse_head(head: bytes) -> _Head | None:
+    """The infer request a head (up to, not including, its blank line) asks for, or None when it is anything
+    this path leaves to aiohttp."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
+        return None
+    m = _TARGET.fullmatch(parts[1])
+    if m is None:
+        return None
+    length: int | None = None
+    header_length = request_id = None
+    close = False
+    for line in lines[1:]:
+        key, sep, value = line.partition(b":")
+        if not sep or not key or line[:1] in b" \t" or key[-1:] in b" \t":  # folded or malformed: aiohttp's 400
+            return None
+        key, value = key.lower(), value.strip(b" \t")
+        if key == b"content-length":
+            if length is not None or not value.isdigit() or len(value) > 18:
+                return None
+            length = int(value)
+        elif key == b"connection":
+            token = value.lower()
+            if token == b"close":
+                close = True
+            elif token != b"keep-alive":
+                return None
+        elif key == b"inference-header-content-length":
+            if header_length is not None:
+                return None
+            header_length = value.decode("latin-1")
+        elif key == b"x-request-id":
+            request_id = value.decode("latin-1")
+        elif key in _HANDED_OVER:
+            return None
+    if length is None:
+        return None
+    version = m.group(2)
+    return _Head(m.group(1).decode(), version.decode() if version is not None else None, length, header_length,
+                 request_id, close)
+
+
+class FastGateway:
+    """What the connections share: the node, the limits, the metrics, aiohttp's handler factory for what they
+    hand over, and the connections themselves (for a clean stop)."""
+
+    def __init__(self, node: NodeAPI, config: GatewayConfig, metrics: GatewayMetrics, server: web.Server):
+        self.node = node
+        self.config = config
+        self.metrics = metrics
+        self.server = server
+        self.connections: set[FastHTTP] = set()
+        self._date = (0, "")
+
+    def protocol(self) -> FastHTTP:
+        return FastHTTP(self)
+
+    def date(self) -> str:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, formatdate(now, usegmt=True))
+        return self._date[1]
+
+    async def close(self, timeout: float) -> None:
+        """Close idle connections now and busy ones once answered (within ``timeout`` seconds)."""
+        busy = []
+        for c in list(self.connections):
+            if c.task is None:
+                c.close()
+            else:
+                c.closing = True
+                busy.append(c.task)
+        if busy:
+            await asyncio.wait(busy, timeout=timeout)
+        for c in list(self.connections):
+            c.close()
+
+
+class Listener:
+    """A listening fast path in front of an aiohttp app (:func:`listen`)."""
+
+    def __init__(self, gateway: FastGateway, server: asyncio.base_events.Server):
+        self.gateway = gateway
+        self.server = server
+
+    async def close(self, timeout: float) -> None:
+        """Stop listening; close idle connections now, busy ones once answered (within ``timeout`` s). The app's
+        runner closes the connections handed to it (``runner.cleanup()``, after this)."""
+        self.server.close()
+        await self.gateway.close(timeout)
+
+
+async def listen(runner: web.AppRunner, node: NodeAPI, config: GatewayConfig, metrics: GatewayMetrics, *,
+                 host: str | None = None, port: int | None = None, sock: Any = None) -> Listener:
+    """Serve ``runner``'s app (set up already) behind the fast path, on ``host``:``port`` or on the listening
+    socket ``sock``. Raises OSError if it cannot listen."""
+    assert runner.server is not None, "set the runner up first"
+    gateway = FastGateway(node, config, metrics, runner.server)
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        server = await loop.create_server(gateway.protocol, sock=sock)
+    else:
+        server = await loop.create_server(gateway.protocol, host, port, backlog=128)
+    return Listener(gateway, server)
+
+
+class FastHTTP(asyncio.Protocol):
+    """One connection, until it is handed to aiohttp."""
+
+    def __init__(self, gateway: FastGateway):
+        self.g = gateway
+        self.transport: asyncio.Transport | None = None
+        self.chunks: list[bytes] = []
+        """What was read and not yet taken up (joined only when needed: a large body arrives in many chunks)."""
+        self.size = 0
+        self.head: _Head | None = None
+        """The head of the request whose body is arriving, once parsed."""
+        self.body_at = 0
+        """Where that body starts in the chunks joined."""
+        self.task: asyncio.Task[None] | None = None
+        """The request being answered (requests of a connection are answered one at a time, in order)."""
+        self.closing = False
+        self._drained: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.g.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A request in flight goes on (as aiohttp's handlers do); its answer has nowhere to go.
+        self.g.connections.discard(self)
+        self.transport = None
+        self.chunks, self.size = [], 0
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.task is None:
+            self._next()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _next(self) -> None:
+        """Take up the next whole request read, if any (or hand the connection over)."""
+        if not self.size or self.transport is None:
+            return
+        if self.head is None:
+            buf = self._joined()
+            end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    self._hand_over()
+                return
+            head = parse_head(buf[:end])
+            if head is None or head.length > self.g.config.max_body_bytes:
+                self._hand_over()
+                return
+            self.head, self.body_at = head, end + 4
+        end = self.body_at + self.head.length
+        if self.size < end:
+            return  # the body is on its way
+        buf = self._joined()
+        head, body, rest = self.head, buf[self.body_at:end], buf[end:]
+        self.head, self.chunks, self.size = None, [rest] if rest else [], len(rest)
+        self.task = asyncio.get_running_loop().create_task(self._serve(head, body))
+
+    def _joined(self) -> bytes:
+        if len(self.chunks) > 1:
+            self.chunks = [b"".join(self.chunks)]
+        return self.chunks[0]
+
+    def _hand_over(self) -> None:
+        """From now on aiohttp serves this connection, starting with what was read of it."""
+        transport, chunks = self.transport, self.chunks
+        assert transport is not None
+        self.g.connections.discard(self)
+        self.transport, self.chunks, self.size = None, [], 0
+        handler = self.g.server()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        for chunk in chunks:
+            handler.data_received(chunk)
+
+    async def _serve(self, head: _Head, body: bytes) -> None:
+        entered = time.perf_counter()
+        status, parts, headers, function = await self._answer(head, body, entered)
+        elapsed = time.perf_counter() - entered
+        route = ROUTES[head.version is not None]
+        self.g.metrics.observe_http(route, "POST", status, elapsed)
+        if function is not None:
+            self.g.metrics.observe_request(function, status, elapsed)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+            lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Content-Length: {size}",
+                     f"Date: {self.g.date()}"]
+            lines += [f"{k}: {v}" for k, v in headers.items()]
+            if head.close or self.closing:
+                lines.append("Connection: close")
+            transport.writelines([("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), *parts])
+            if self._drained is not None:
+                await self._drained
+        self.task = None
+        if head.close or self.closing:
+            self.close()
+        else:
+            self._next()
+
+    async def _answer(self, head: _Head, body: bytes,
+                      entered: float) -> tuple[int, tuple[bytes | memoryview, ...], dict[str, str], str | None]:
+        """(status, body parts, headers, the function if it exists) — as the app's middleware and route answer."""
+        limit = self.g.config.request_timeout_s
+        path = f"/v2/models/{head.name}/infer" if head.version is None else \
+            f"/v2/models/{head.name}/versions/{head.version}/infer"
+        call = InferCall()
+        function = None
+        headers: dict[str, str] = {}
+        timeout = asyncio.timeout(limit)
+        try:
+            async with timeout:
+                info = function_at(self.g.node, head.name, head.version)
+                function = info.spec.name
+                encoded = await answer_infer(self.g.node, info, body, head.header_length, head.request_id, entered,
+                                             call)
+            status, parts = 200, encoded.parts
+            headers["Content-Type"] = encoded.content_type
+            if encoded.header_length is not None:
+                headers[oip.HEADER_LENGTH] = str(encoded.header_length)
+        except TimeoutError:
+            message = (f"request timed out after {limit:g} s (cancelled)" if timeout.expired() else
+                       internal_error_message("POST", path))  # raised by the node, not our deadline: a bug
+            status, parts = (504 if timeout.expired() else 500), _error_body(message)
+        except SwapserveError as e:
+            status, message, headers = error_answer(e)
+            parts = _error_body(message)
+        except Exception:
+            status, parts = 500, _error_body(internal_error_message("POST", path))
+        if status != 200:
+            headers["Content-Type"] = oip.JSON_CONTENT_TYPE
+        if (rid := call.request_id or safe_request_id(head.request_id)) is not None:
+            headers[REQUEST_ID_HEADER] = rid
+        return status, parts, headers, function
+
+
+def _error_body(message: str) -> tuple[bytes]:
+    return (json.dumps({"error": message}, separators=(",", ":")).encode(),)
+
+
+__all__ = ["FastGateway", "FastHTTP", "Listener", "MAX_HEAD", "ROUTES", "listen", "parse_head"]

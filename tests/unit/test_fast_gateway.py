@@ -1,0 +1,196 @@
+"""The gateway's fast path (:mod:`swapserve.gateway.fast`) over raw sockets: which heads it answers itself, requests
+pipelined and arriving byte by byte, connections handed to aiohttp mid-stream, ``Connection: close``.
+
+Answers served by the fast path carry no ``Server`` header; aiohttp's do: that is how these tests tell which
+of the two answered. (``test_gateway.py`` runs every gateway scenario through the fast path as well.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import torch
+
+from swapserve.gateway import GatewayConfig, make_app
+from swapserve.gateway.fast import MAX_HEAD, parse_head
+from tiny_node import FastTestServer, TinyNode
+
+X = [[0.5, -1.0, 2.0, 0.25]]
+BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": X[0]}]}).encode()
+
+
+def infer_head(name: str = "linear", body: bytes = BODY, extra: str = "") -> bytes:
+    return (f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+            .encode() + body)
+
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ")[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+    return status, headers, await reader.readexactly(int(headers["content-length"]))
+
+
+def serve(scenario: Callable[[int, TinyNode], Awaitable[None]], **config: Any) -> None:
+    async def main() -> None:
+        node = TinyNode()
+        gateway = GatewayConfig(**({"token": "t"} | config))
+        server = FastTestServer(make_app(node, gateway), node, gateway)
+        await server.start_server()
+        try:
+            await scenario(server.port, node)
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+def output(node: TinyNode, body: bytes) -> bool:
+    got = json.loads(body)["outputs"][0]
+    expected = node.linear(torch.tensor(X)).detach()
+    assert got["shape"] == [1, 3]
+    return torch.equal(torch.tensor(got["data"], dtype=torch.float32).reshape(1, 3), expected)
+
+
+# -- heads ----------------------------------------------------------------------------------------------------
+
+
+def test_parse_head_takes_plain_infer_requests() -> None:
+    head = parse_head(b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n"
+                      b"Inference-Header-Content-Length: 7\r\nX-Request-ID: abc\r\ncOnNeCtIoN: Keep-Alive")
+    assert head is not None
+    assert (head.name, head.version, head.length, head.header_length, head.request_id, head.close) == \
+        ("linear", None, 12, "7", "abc", False)
+    versioned = parse_head(b"POST /v2/models/m-1_a/versions/3/infer HTTP/1.1\r\nContent-Length:0\r\nConnection: close")
+    assert versioned is not None and (versioned.name, versioned.version, versioned.close) == ("m-1_a", "3", True)
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /v2/models/linear/infer HTTP/1.1\r\nContent-Length: 1",
+    b"POST /v2/models/linear/infer HTTP/1.0\r\nContent-Length: 1",
+    b"POST /v2/models/linear/ready HTTP/1.1\r\nContent-Length: 1",
+    b"POST /v2/models/lin%65ar/infer HTTP/1.1\r\nContent-Length: 1",
+    b"POST /v2/models/linear/infer?x=1 HTTP/1.1\r\nContent-Length: 1",
+    b"POST /v2/models/linear/infer HTTP/1.1\r\nTransfer-Encoding: chunked",
+    b"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length: 1\r\nExpect: 100-continue",
+    b"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length: 1\r\nConnection: upgrade\r\nUpgrade: h2c",
+    b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x",
+    b"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1",
+    b"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length: +1",
+    b"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length: 1\r\nX-A: b\r\n continued",
+    b"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length : 1",
+    b"POST  /v2/models/linear/infer HTTP/1.1\r\nContent-Length: 1",
+])
+def test_parse_head_leaves_the_rest_to_aiohttp(head: bytes) -> None:
+    assert parse_head(head) is None
+
+
+# -- connections ----------------------------------------------------------------------------------------------
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    async def scenario(port: int, node: TinyNode) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(infer_head(extra="X-Request-ID: first\r\n") + infer_head("nope")
+                     + infer_head(extra="X-Request-ID: third\r\n"))
+        first, missing, third = [await read_response(reader) for _ in range(3)]
+        assert first[0] == 200 and first[1]["x-request-id"] == "first" and output(node, first[2])
+        assert "server" not in first[1]  # the fast path's
+        assert missing[0] == 404 and "nope" in json.loads(missing[2])["error"]
+        assert third[0] == 200 and third[1]["x-request-id"] == "third" and output(node, third[2])
+        writer.close()
+
+    serve(scenario)
+
+
+def test_a_connection_goes_to_aiohttp_at_its_first_other_request() -> None:
+    async def scenario(port: int, node: TinyNode) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(infer_head())
+        status, headers, body = await read_response(reader)
+        assert status == 200 and "server" not in headers and output(node, body)
+        # The health probe and the infer behind it, in one write: both go to aiohttp, in order.
+        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n" + infer_head())
+        status, headers, body = await read_response(reader)
+        assert status == 200 and json.loads(body) == {"live": True} and "aiohttp" in headers["server"]
+        status, headers, body = await read_response(reader)
+        assert status == 200 and "aiohttp" in headers["server"] and output(node, body)
+        writer.close()
+
+    serve(scenario)
+
+
+def test_requests_arriving_in_pieces() -> None:
+    async def scenario(port: int, node: TinyNode) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        padded = BODY + b" " * (512 << 10)  # JSON allows the whitespace: a large body in many reads
+        for request, piece in ((infer_head(), 1), (infer_head(body=padded), 1000)):
+            for i in range(0, len(request), piece):
+                writer.write(request[i:i + piece])
+                await writer.drain()
+                await asyncio.sleep(0)
+            status, headers, body = await read_response(reader)
+            assert status == 200 and "server" not in headers and output(node, body)
+        writer.close()
+
+    serve(scenario)
+
+
+def test_connection_close_is_honoured() -> None:
+    async def scenario(port: int, node: TinyNode) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(infer_head(extra="Connection: close\r\n"))
+        status, headers, body = await read_response(reader)
+        assert status == 200 and headers["connection"] == "close" and output(node, body)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        writer.close()
+
+    serve(scenario)
+
+
+def test_chunked_bodies_and_long_heads_are_served_by_aiohttp() -> None:
+    async def scenario(port: int, node: TinyNode) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        half = len(BODY) // 2
+        writer.write(b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, BODY[:half], len(BODY) - half, BODY[half:]))
+        status, headers, body = await read_response(reader)
+        assert status == 200 and "aiohttp" in headers["server"] and output(node, body)
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(infer_head(extra=f"X-Long: {'a' * (MAX_HEAD + 10)}\r\n"))
+        status, headers, _ = await read_response(reader)
+        assert status in (400, 431) and "aiohttp" in headers["server"]
+        writer.close()
+
+    serve(scenario)
+
+
+def test_a_body_over_the_limit_gets_413() -> None:
+    async def scenario(port: int, node: TinyNode) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(infer_head(body=b" " * 2048))
+        status, _, body = await read_response(reader)
+        assert status == 413 and "limit" in json.loads(body)["error"]
+        writer.close()
+
+    serve(scenario, max_body_bytes=1024)
+
+
+def test_overload_answers_carry_retry_after() -> None:
+    async def scenario(port: int, node: TinyNode) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(infer_head("busy"))
+        status, headers, body = await read_response(reader)
+        assert status == 429 and headers["retry-after"] == "3" and "server" not in headers
+        assert headers["content-type"] == "application/json" and json.loads(body)["error"] == "queue full"
+        writer.close()
+
+    serve(scenario)
