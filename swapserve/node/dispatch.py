@@ -463,40 +463,17 @@ class Dispatcher:
                 answers, copies = _answers(fl, outs)
                 copy_all(copies)
             for p, result in zip(fl.pending, answers):
-                total = (now - p.started) * 1e3
-                late = now > p.request.deadline
-                if late:
-                    self.metrics.count_slo_miss(fn_name)
-                self.metrics.observe_node_request(fn_name, total / 1e3)
                 if not p.future.done():
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
-                                                    res.wall_ms, total, dispatch_ms=(fl.sent - fl.started) * 1e3,
+                                                    res.wall_ms, (now - p.started) * 1e3,
+                                                    dispatch_ms=(fl.sent - fl.started) * 1e3,
                                                     worker_ms=res.handled_ms, lane=res.lane, phases_ms=res.phases_ms,
                                                     to_worker_ms=(res.received_at - fl.piped_at) * 1e3,
                                                     from_worker_ms=(fl.read_at - res.answered_at) * 1e3))
                 elif p.sink is not None:
                     p.sink.discard()
-            if fl.batch:  # a run, not a copy with no run (a prefetch or a piece of a swap)
-                self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
-                if res.swapped:
-                    self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)
-                    if res.lane:
-                        self.metrics.count_side_fetch(w.device)
-            else:
-                self.metrics.count_swap_bytes(w.device, res.bytes_copied)
-            if res.pages_taken:
-                self.metrics.count_eviction(w.device, res.pages_taken)
-            if res.from_peer:
-                self.metrics.count_peer_copy(w.device)
-            if res.placed_ahead:
-                self.metrics.count_placed_ahead(w.device)
-            # A run from a lender copies, then runs (as a side lane's fetch); one that copied from host instead
-            # (the lender no longer held the model whole) is not what its dispatch expected.
-            from_host = fl.dispatch.source == "peer" and not res.from_peer
-            self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
-                                              (now - fl.begun) * 1e3, now,
-                                              copy_ms=None if from_host else fl.dispatch.copy_ms,
-                                              fetched=bool(res.lane) or res.from_peer, beside=fl.dispatch.beside)
+            # The answers go out first: their tasks run before this (queued after them), the next decision after.
+            asyncio.get_running_loop().call_soon(self._account, w, fl, res, now)
         else:
             err = error or reply_error(reply)
             for p in fl.pending:
@@ -511,6 +488,35 @@ class Dispatcher:
         self._keep_hot()
         if queue and queue[0].deferred is not None:
             queue[0].deferred()
+
+    def _account(self, w: wk.WorkerHandle, fl: _InFlight, res: RunResult, now: float) -> None:
+        """A finished run's metrics, and what the scheduler learns from it."""
+        fn_name = fl.dispatch.function
+        for p in fl.pending:
+            if now > p.request.deadline:
+                self.metrics.count_slo_miss(fn_name)
+            self.metrics.observe_node_request(fn_name, now - p.started)
+        if fl.batch:  # a run, not a copy with no run (a prefetch or a piece of a swap)
+            self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
+            if res.swapped:
+                self.metrics.observe_swap(w.device, res.wall_ms / 1e3, res.bytes_copied)
+                if res.lane:
+                    self.metrics.count_side_fetch(w.device)
+        else:
+            self.metrics.count_swap_bytes(w.device, res.bytes_copied)
+        if res.pages_taken:
+            self.metrics.count_eviction(w.device, res.pages_taken)
+        if res.from_peer:
+            self.metrics.count_peer_copy(w.device)
+        if res.placed_ahead:
+            self.metrics.count_placed_ahead(w.device)
+        # A run from a lender copies, then runs (as a side lane's fetch); one that copied from host instead
+        # (the lender no longer held the model whole) is not what its dispatch expected.
+        from_host = fl.dispatch.source == "peer" and not res.from_peer
+        self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
+                                          (now - fl.begun) * 1e3, now,
+                                          copy_ms=None if from_host else fl.dispatch.copy_ms,
+                                          fetched=bool(res.lane) or res.from_peer, beside=fl.dispatch.beside)
 
     def _keep_hot(self) -> None:
         """Keep the event loop polling (not sleeping) while runs are in flight and ``spin_s`` after."""
