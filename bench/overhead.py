@@ -44,6 +44,23 @@ STDLIB_REQUESTS = 1000
 """Sequential requests from Python's http.client, after the lean client's: how much a heavier client adds."""
 
 
+PARTS: dict[str, Callable[[float, dict], float]] = {
+    "http": lambda rtt, p: rtt - p["server_ms"],
+    "gateway": lambda rtt, p: p["server_ms"] - p["total_ms"],
+    "queue": lambda rtt, p: p["queue_ms"],
+    "dispatch": lambda rtt, p: p["dispatch_ms"],
+    "to_worker": lambda rtt, p: p["to_worker_ms"],
+    "worker": lambda rtt, p: p["worker_ms"] - p["compute_ms"],
+    "from_worker": lambda rtt, p: p["from_worker_ms"],
+    "controller": lambda rtt, p: p["total_ms"] - p["queue_ms"] - p["dispatch_ms"] - p["to_worker_ms"] - p["worker_ms"]
+    - p["from_worker_ms"],
+}
+"""Where a request's round trip went outside its run, from the response's timings (ms): the client, HTTP and
+the encoding of the response (round trip − ``server_ms``); the gateway's decoding and checks before the node took
+it (``server_ms − total_ms``); the node's queue and dispatch (the decision, inputs into the IO slab); the message's
+way to the worker; the worker's own work besides the run; the reply's way back; the controller's work on the reply."""
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
@@ -69,7 +86,8 @@ def _stdlib_post(port: int) -> Callable[[], tuple[int, bytes]]:
 
 
 def sequential(post: Callable[[], tuple[int, bytes]], n: int, warmup: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"rtt": [], "compute": [], "node": []}
+    out: dict[str, list[float]] = {"rtt": [], "compute": [], "node": [], **{k: [] for k in PARTS}}
+    phases: dict[str, list[float]] = {}
     for i in range(warmup + n):
         t0 = time.perf_counter()
         status, data = post()
@@ -81,6 +99,11 @@ def sequential(post: Callable[[], tuple[int, bytes]], n: int, warmup: int) -> di
             out["rtt"].append(rtt)
             out["compute"].append(p["compute_ms"])
             out["node"].append(p["total_ms"])
+            for k, f in PARTS.items():
+                out[k].append(f(rtt, p))
+            for k, v in p["phases_ms"].items():
+                phases.setdefault(f"phase_{k}", []).append(v)
+    out.update(phases)
     return out
 
 
@@ -181,6 +204,9 @@ def main() -> None:
         "p50_gateway_ms": percentile(gateway, 50),
         "p50_controller_ms": percentile(controller, 50),
         "mean_overhead_ms": statistics.fmean(over),
+        "p50_parts_ms": {k: percentile(seq[k], 50) for k in PARTS},
+        "p50_run_phases_ms": {k.removeprefix("phase_"): percentile(v, 50) for k, v in seq.items()
+                              if k.startswith("phase_")},
         "client": "blocking socket (bench/http1.py)",
         "p50_overhead_ms_stdlib_client": percentile([r - c for r, c in zip(std["rtt"], std["compute"])], 50),
         "throughput_clients": args.clients * args.concurrency,
@@ -201,7 +227,10 @@ def main() -> None:
         "|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {result['p50_overhead_ms']:.3f} ms | {result['p99_overhead_ms']:.3f} ms | {result['p50_rtt_ms']:.3f} ms "
         f"| {result['p50_compute_ms']:.3f} ms | {result['p50_gateway_ms']:.3f} ms | {result['p50_controller_ms']:.3f} ms "
-        f"| {rps:.0f} ({args.clients}×{args.concurrency} connections, {errors} errors) |\n")
+        f"| {rps:.0f} ({args.clients}×{args.concurrency} connections, {errors} errors) |\n\n"
+        "Where the overhead went (p50 of each part, ms; see PARTS in bench/overhead.py):\n\n"
+        "| " + " | ".join(PARTS) + " |\n|" + "---:|" * len(PARTS) + "\n"
+        "| " + " | ".join(f"{result['p50_parts_ms'][k]:.3f}" for k in PARTS) + " |\n")
     print(json.dumps(result, indent=1))
     print(log_tail)
 
