@@ -91,7 +91,7 @@ class RunInfo:
     """The calling thread's CPU time in those remaps: well under ``place_remap_ms`` when the calls wait (for
     the GIL, which each driver call gives up, or in the driver) rather than work."""
     device_ms: float = 0.0
-    """Launch to the copies and compute landing (waited for)."""
+    """Launch to the copies and compute landing (waited for), with the copies ``infer(output=...)`` enqueued."""
     placed_ahead: bool = False
     """Its pages were placed while the run before it executed (its ``place_ms`` is what was left to do)."""
 
@@ -378,8 +378,14 @@ class SwapEngine:
 
     def infer(self, name: str, inputs: Sequence[torch.Tensor], value: Value | None = None,
               lane: int = 0, fetch: bool = False, peer: PeerSource | None = None, ticket: int | None = None,
-              launched: Callable[[], None] | None = None) -> list[torch.Tensor]:
+              launched: Callable[[], None] | None = None,
+              output: Callable[[list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
         """Run ``name`` on ``inputs`` in ``lane``, swapping it in if needed. Returns outputs on the device.
+
+        ``output``, if given, is called with the outputs right after the run is launched, in the lane's stream
+        (under :meth:`Backend.compute`), before the one wait for the run: copies it enqueues there (the outputs
+        into host memory, ``non_blocking``) have landed when this returns — one wait for the run and its
+        output, not two. Whatever it raises is raised once the run has landed.
 
         Lane 0 swaps pipelined (copy engine copies, compute waiting per chunk). Elsewhere a model not wholly
         resident raises :class:`NotResidentError` unless ``fetch``: then its missing bytes come first, by
@@ -414,11 +420,11 @@ class SwapEngine:
                 try:
                     with self._gate.exclusive() if capture else self._gate.shared():
                         return self._infer(m, inputs, batch, run_batch, ln, value, capture, entered, fetch,
-                                           None if capture else peer, ticket, launched)
+                                           None if capture else peer, ticket, launched, output)
                 except _NeedsCapture:  # the host buffer moved (reloaded after a spill): capture the swap graph anew
                     with self._gate.exclusive():
                         return self._infer(m, inputs, batch, run_batch, ln, value, True, entered, fetch, None,
-                                           None, launched)
+                                           None, launched, output)
         except BaseException:
             if lane == 0 and ticket is not None and (gone := self._models.get(name)) is not None:
                 self._drop_ahead(gone, ticket)  # its pages placed ahead, if it failed before taking them
@@ -426,9 +432,16 @@ class SwapEngine:
 
     def _infer(self, m: _Model, inputs: list[torch.Tensor], batch: int, run_batch: int, ln: _Lane,
                value: Value | None, exclusive: bool, entered: float, fetch: bool,
-               peer: PeerSource | None, ticket: int | None,
-               launched: Callable[[], None] | None) -> list[torch.Tensor]:
+               peer: PeerSource | None, ticket: int | None, launched: Callable[[], None] | None,
+               output: Callable[[list[torch.Tensor]], None] | None) -> list[torch.Tensor]:
         started = time.perf_counter()
+
+        def unpad(outs: list[torch.Tensor]) -> list[torch.Tensor]:
+            if run_batch == batch:
+                return outs
+            return [o[:batch] if spec.shape[:1] == (-1,) else o for o, spec in zip(outs, m.artifact.manifest.outputs)]
+
+        emit = (lambda outs: output(unpad(outs))) if output is not None else None
         with self.backend.compute(ln.stream):
             inputs = [self.backend.upload(x) for x in inputs]
             if run_batch != batch:  # graphs exist per bucket (1, 2, 4, ...): pad up to it
@@ -436,7 +449,7 @@ class SwapEngine:
             uploaded = time.perf_counter()
             with self._placed(m, value, lane=ln.index, fetch=fetch or peer is not None, ticket=ticket) as (host, plan):
                 placed = time.perf_counter()
-                outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive, peer, launched)
+                outs = self._run(m, host, plan, inputs, run_batch, ln, exclusive, peer, launched, emit)
         lock_ms, remap_ms, remap_cpu_ms = self._local.place_parts
         self._local.last_run = replace(self._local.last_run, wait_ms=(started - entered) * 1e3,
                                        upload_ms=(uploaded - started) * 1e3, place_ms=(placed - uploaded) * 1e3,
@@ -444,9 +457,7 @@ class SwapEngine:
                                        place_remap_cpu_ms=remap_cpu_ms,
                                        device_ms=(time.perf_counter() - placed) * 1e3,
                                        placed_ahead=self._local.placed_ahead)
-        if run_batch != batch:
-            outs = [o[:batch] if spec.shape[:1] == (-1,) else o for o, spec in zip(outs, m.artifact.manifest.outputs)]
-        return outs
+        return unpad(outs)
 
     def _bucket(self, m: _Model, batch: int) -> int:
         """The batch size a request runs at: a power of two (at most max_batch) in graph mode, so that a
@@ -560,9 +571,10 @@ class SwapEngine:
 
     def _run(self, m: _Model, host: HostEntry, plan: PlacementPlan, inputs: list[torch.Tensor],
              batch: int, ln: _Lane, exclusive: bool, peer: PeerSource | None = None,
-             launched: Callable[[], None] | None = None) -> list[torch.Tensor]:
-        """Launch on the lane's stream, then wait once for it; pages count as loaded only once their copies
-        landed."""
+             launched: Callable[[], None] | None = None,
+             emit: Callable[[list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
+        """Launch on the lane's stream (and ``emit`` the outputs there), then wait once for it; pages count as
+        loaded only once their copies landed."""
         assert host.buffer is not None
         copy = self._copy_mask(m, plan.load)
         wall0, cpu0 = time.perf_counter(), time.thread_time()
@@ -591,12 +603,20 @@ class SwapEngine:
         else:
             outs = self._swap_eager(m, host, copy, inputs)
         cpu = time.thread_time() - cpu0
+        failed: BaseException | None = None
+        if emit is not None:
+            try:
+                emit(outs)
+            except BaseException as e:  # noqa: BLE001 - raised below, once what was launched has landed
+                failed = e
         if launched is not None:
             launched()
         self.backend.synchronize(ln.stream)
         self._landed(m, plan, copy, from_peer=bool(plan.load) and peer is not None)
         with self._lock:
             self._count(plan, time.perf_counter() - wall0, cpu)
+        if failed is not None:
+            raise failed
         return outs
 
     def _load_then_run(self, m: _Model, host: HostEntry, plan: PlacementPlan,

@@ -79,9 +79,11 @@ class Slab:
             offset = _round(end)
         return tuple(refs), offset
 
-    def write(self, tensors: Sequence[torch.Tensor], offset: int, limit: int | None = None) -> tuple[TensorRef, ...]:
+    def write(self, tensors: Sequence[torch.Tensor], offset: int, limit: int | None = None,
+              non_blocking: bool = False) -> tuple[TensorRef, ...]:
         """Write whole tensors (a worker's outputs) from ``offset``, ending before ``limit`` (default: the
-        slab's end)."""
+        slab's end); ``non_blocking``: device tensors' copies are only enqueued on the current stream (the
+        caller waits for it before the slab is read). Checks that they fit before copying any."""
         limit = self.nbytes if limit is None else limit
         start = offset
         refs = []
@@ -91,9 +93,10 @@ class Slab:
             if end > limit:
                 raise PayloadTooLargeError(f"outputs need {end - start} bytes, more than the IO slab's region has "
                                            f"left ({limit - start}); raise the slab size or lower max_batch")
-            self.tensor(ref).copy_(t)
             refs.append(ref)
             offset = _round(end)
+        for ref, t in zip(refs, tensors):
+            self.tensor(ref).copy_(t, non_blocking=non_blocking)
         return tuple(refs)
 
     def close(self) -> None:

@@ -312,6 +312,36 @@ def test_dynamic_batch(make_artifact, make_engine, device, mode):
         eng.infer("m", (torch.randn(5, 512),))
 
 
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_outputs_copied_out_with_the_run_land_with_it(make_artifact, make_engine, device, mode):
+    """``infer(output=...)`` gets the request's rows (not the padded bucket's) right after the launch; copies it
+    enqueues non-blocking into pinned host memory have landed when ``infer`` returns, swapped or resident; what it
+    raises comes after the run, and the engine goes on."""
+    art, _module, _x = make_artifact("mlp", max_batch=4)
+    eng = make_engine(device, mode)
+    eng.add("m", art)
+    xb = torch.randn(3, 512)
+    for _ in range(2):  # swapped in, then resident
+        host: list[list[torch.Tensor]] = []
+
+        def into_host(outs: list[torch.Tensor]) -> None:
+            assert [o.shape[0] for o in outs] == [3]
+            dst = [torch.empty(o.shape, dtype=o.dtype, pin_memory=o.is_cuda) for o in outs]
+            for d, o in zip(dst, outs):
+                d.copy_(o, non_blocking=True)
+            host.append(dst)
+
+        outs = eng.infer("m", (xb,), output=into_host)
+        assert len(host) == 1 and same(host[0], outs)
+
+    def broken(outs: list[torch.Tensor]) -> None:
+        raise RuntimeError("no room for the outputs")
+
+    with pytest.raises(RuntimeError, match="no room"):
+        eng.infer("m", (xb,), output=broken)
+    assert same(eng.infer("m", (xb,)), outs)
+
+
 def test_bad_inputs_get_clear_errors(make_artifact, make_engine):
     art, _, x = make_artifact("mlp")
     eng = make_engine()
