@@ -5,8 +5,8 @@ HTTP/1.1 with a ``Content-Length`` body — what OIP clients send — is answere
 the app's own code (:func:`swapserve.gateway.app.answer_infer`) and with the same answers, errors, headers,
 time limit and metrics as the app's route, without aiohttp's request and response objects, middleware and router
 (~0.2 ms of the ~1.3 ms a request spent outside its model on an H200 node). Anything else — another route,
-another method or version, ``Transfer-Encoding``, ``Expect``, ``Upgrade``, percent-encoded paths, a head larger
-than aiohttp takes, a body over the limit — hands the connection, with every byte read so far, to aiohttp's own
+another method or version, ``Transfer-Encoding``, ``Expect``, ``Upgrade``, percent-encoded paths, a head over
+:data:`MAX_HEAD` bytes, a body over the limit — hands the connection, with every byte read so far, to aiohttp's own
 handler, which serves it from then on (and answers what is wrong with it as it always did).
 """
 
@@ -34,7 +34,7 @@ from swapserve.node.api import NodeAPI
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 8190
-"""The longest request head answered here (aiohttp's limit of a request line and of a header line)."""
+"""The longest request head answered here (aiohttp's limit of one line; infer heads are a few hundred bytes)."""
 
 _TARGET = re.compile(rb"/v2/models/([A-Za-z0-9_.-]+)(?:/versions/([A-Za-z0-9_.-]+))?/infer")
 ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
@@ -252,6 +252,18 @@ class FastHTTP(asyncio.Protocol):
             handler.data_received(chunk)
 
     async def _serve(self, head: _Head, body: bytes) -> None:
+        try:
+            await self._respond(head, body)
+        except BaseException:  # a bug past _answer's handlers, or cancelled at exit: end the connection, not hang it
+            self.close()
+            raise
+        self.task = None
+        if head.close or self.closing:
+            self.close()
+        else:
+            self._next()
+
+    async def _respond(self, head: _Head, body: bytes) -> None:
         entered = time.perf_counter()
         status, parts, headers, function = await self._answer(head, body, entered)
         elapsed = time.perf_counter() - entered
@@ -270,11 +282,6 @@ class FastHTTP(asyncio.Protocol):
             transport.writelines([("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), *parts])
             if self._drained is not None:
                 await self._drained
-        self.task = None
-        if head.close or self.closing:
-            self.close()
-        else:
-            self._next()
 
     async def _answer(self, head: _Head, body: bytes,
                       entered: float) -> tuple[int, tuple[bytes | memoryview, ...], dict[str, str], str | None]:
