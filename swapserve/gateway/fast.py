@@ -40,6 +40,10 @@ _TARGET = re.compile(rb"/v2/models/([A-Za-z0-9_.-]+)(?:/versions/([A-Za-z0-9_.-]
 ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 """The metrics' route labels, as the app's router names the two infer routes."""
 
+KEEPALIVE_S = 75.0
+"""A connection that says nothing for this long while no request of it is being answered is closed (aiohttp's
+keep-alive timeout for the connections it serves)."""
+
 _HANDED_OVER = (b"transfer-encoding", b"expect", b"upgrade")
 """Headers whose request aiohttp serves (chunked bodies, 100-continue, protocol switches)."""
 
@@ -179,16 +183,19 @@ class FastHTTP(asyncio.Protocol):
         """The request being answered (requests of a connection are answered one at a time, in order)."""
         self.closing = False
         self._drained: asyncio.Future[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.g.connections.add(self)
+        self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A request in flight goes on (as aiohttp's handlers do); its answer has nowhere to go.
         self.g.connections.discard(self)
         self.transport = None
         self.chunks, self.size = [], 0
+        self._disarm_idle()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -204,7 +211,22 @@ class FastHTTP(asyncio.Protocol):
         self.chunks.append(data)
         self.size += len(data)
         if self.task is None:
+            self._arm_idle()
             self._next()
+
+    def _arm_idle(self) -> None:
+        self._disarm_idle()
+        self._idle = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._idle_out)
+
+    def _disarm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _idle_out(self) -> None:
+        self._idle = None
+        if self.task is None:
+            self.close()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -232,6 +254,7 @@ class FastHTTP(asyncio.Protocol):
         buf = self._joined()
         head, body, rest = self.head, buf[self.body_at:end], buf[end:]
         self.head, self.chunks, self.size = None, [rest] if rest else [], len(rest)
+        self._disarm_idle()
         self.task = asyncio.get_running_loop().create_task(self._serve(head, body))
 
     def _joined(self) -> bytes:
@@ -245,6 +268,7 @@ class FastHTTP(asyncio.Protocol):
         assert transport is not None
         self.g.connections.discard(self)
         self.transport, self.chunks, self.size = None, [], 0
+        self._disarm_idle()  # aiohttp keeps its own
         handler = self.g.server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -261,6 +285,7 @@ class FastHTTP(asyncio.Protocol):
         if head.close or self.closing:
             self.close()
         else:
+            self._arm_idle()
             self._next()
 
     async def _respond(self, head: _Head, body: bytes) -> None:
@@ -323,4 +348,4 @@ def _error_body(message: str) -> tuple[bytes]:
     return (json.dumps({"error": message}, separators=(",", ":")).encode(),)
 
 
-__all__ = ["FastGateway", "FastHTTP", "Listener", "MAX_HEAD", "ROUTES", "listen", "parse_head"]
+__all__ = ["FastGateway", "FastHTTP", "KEEPALIVE_S", "Listener", "MAX_HEAD", "ROUTES", "listen", "parse_head"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from swapserve.gateway import GatewayConfig, make_app
+from swapserve.gateway import fast
 from swapserve.gateway.fast import MAX_HEAD, parse_head
 from tiny_node import FastTestServer, TinyNode
 
@@ -194,3 +195,24 @@ def test_overload_answers_carry_retry_after() -> None:
         writer.close()
 
     serve(scenario)
+
+
+def test_idle_connections_are_closed_busy_ones_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast, "KEEPALIVE_S", 0.2)
+
+    async def scenario(port: int, node: TinyNode) -> None:
+        silent = await asyncio.open_connection("127.0.0.1", port)
+        served = await asyncio.open_connection("127.0.0.1", port)
+        busy = await asyncio.open_connection("127.0.0.1", port)
+        served[1].write(infer_head())
+        status, _, body = await read_response(served[0])
+        assert status == 200 and output(node, body)
+        busy[1].write(infer_head("hang"))  # answered at the request timeout (1 s), long after 0.2 s of silence
+        assert await asyncio.wait_for(silent[0].read(), 5) == b""
+        assert await asyncio.wait_for(served[0].read(), 5) == b""
+        status, _, body = await read_response(busy[0])
+        assert status == 504 and "timed out" in json.loads(body)["error"]
+        for _, writer in (silent, served, busy):
+            writer.close()
+
+    serve(scenario, request_timeout_s=1.0)
