@@ -39,6 +39,22 @@ async def read_response(reader: asyncio.StreamReader) -> Response:
     return status, headers, await reader.readexactly(int(headers["content-length"]))
 
 
+LOOP = "asyncio"
+"""The event loop ``serve`` runs on (set per test by the ``loop`` fixture)."""
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> Any:
+    """Every connection test on asyncio's loop and on uvloop's (the node's, where installed): a hand-over swaps the
+    transport's protocol, which each loop implements on its own."""
+    global LOOP
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+    LOOP = request.param
+    yield
+    LOOP = "asyncio"
+
+
 def serve(scenario: Callable[[int, TinyNode], Awaitable[None]], **config: Any) -> None:
     async def main() -> None:
         node = TinyNode()
@@ -50,7 +66,12 @@ def serve(scenario: Callable[[int, TinyNode], Awaitable[None]], **config: Any) -
         finally:
             await server.close()
 
-    asyncio.run(main())
+    if LOOP == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 def output(node: TinyNode, body: bytes) -> bool:
@@ -96,6 +117,7 @@ def test_parse_head_leaves_the_rest_to_aiohttp(head: bytes) -> None:
 # -- connections ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("loop")
 def test_pipelined_requests_are_answered_in_order() -> None:
     async def scenario(port: int, node: TinyNode) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -111,6 +133,7 @@ def test_pipelined_requests_are_answered_in_order() -> None:
     serve(scenario)
 
 
+@pytest.mark.usefixtures("loop")
 def test_a_connection_goes_to_aiohttp_at_its_first_other_request() -> None:
     async def scenario(port: int, node: TinyNode) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -128,6 +151,7 @@ def test_a_connection_goes_to_aiohttp_at_its_first_other_request() -> None:
     serve(scenario)
 
 
+@pytest.mark.usefixtures("loop")
 def test_requests_arriving_in_pieces() -> None:
     async def scenario(port: int, node: TinyNode) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -144,6 +168,7 @@ def test_requests_arriving_in_pieces() -> None:
     serve(scenario)
 
 
+@pytest.mark.usefixtures("loop")
 def test_connection_close_is_honoured() -> None:
     async def scenario(port: int, node: TinyNode) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -156,6 +181,7 @@ def test_connection_close_is_honoured() -> None:
     serve(scenario)
 
 
+@pytest.mark.usefixtures("loop")
 def test_chunked_bodies_and_long_heads_are_served_by_aiohttp() -> None:
     async def scenario(port: int, node: TinyNode) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -174,6 +200,7 @@ def test_chunked_bodies_and_long_heads_are_served_by_aiohttp() -> None:
     serve(scenario)
 
 
+@pytest.mark.usefixtures("loop")
 def test_a_body_over_the_limit_gets_413() -> None:
     async def scenario(port: int, node: TinyNode) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -185,6 +212,7 @@ def test_a_body_over_the_limit_gets_413() -> None:
     serve(scenario, max_body_bytes=1024)
 
 
+@pytest.mark.usefixtures("loop")
 def test_overload_answers_carry_retry_after() -> None:
     async def scenario(port: int, node: TinyNode) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -197,6 +225,7 @@ def test_overload_answers_carry_retry_after() -> None:
     serve(scenario)
 
 
+@pytest.mark.usefixtures("loop")
 def test_idle_connections_are_closed_busy_ones_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fast, "KEEPALIVE_S", 0.2)
 
