@@ -199,8 +199,8 @@ class RunResult:
     """The worker's time for the command: message received to reply ready."""
     phases_ms: dict[str, float] = field(default_factory=dict)
     """Where a run's ``wall_ms`` went: ``wait`` (for the lane or a capture), ``upload`` (inputs), ``place``
-    (pinning, evictions, remaps), ``device`` (launch to landed, the outputs' copies into the IO slab included),
-    ``output`` (enqueuing those copies, within ``device``)."""
+    (pinning, evictions, remaps), ``device`` (launch to landed, the outputs' copies into the IO slab landing with
+    the run), ``output`` (enqueuing those copies)."""
     lane: int = 0
     """The lane it ran in (a side lane's run the worker handed to the first lane says 0)."""
     from_peer: bool = False

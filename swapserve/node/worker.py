@@ -380,8 +380,9 @@ class Worker:
                           output=into_slab)
         t2 = time.perf_counter()
         run = self.engine.last_run()
-        phases = {"wait": run.wait_ms, "upload": run.upload_ms, "place": run.place_ms, "device": run.device_ms,
-                  "output": enqueued[0], "place_lock": run.place_lock_ms, "place_remap": run.place_remap_ms,
+        phases = {"wait": run.wait_ms, "upload": run.upload_ms, "place": run.place_ms,
+                  "device": run.device_ms - enqueued[0], "output": enqueued[0],  # parts of the engine's device_ms
+                  "place_lock": run.place_lock_ms, "place_remap": run.place_remap_ms,
                   "place_remap_cpu": run.place_remap_cpu_ms}
         return RunResult(written[0], (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases,
                          lane=lane, from_peer=run.from_peer, placed_ahead=run.placed_ahead)
