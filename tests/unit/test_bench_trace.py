@@ -160,6 +160,27 @@ def test_miss_causes_cli_reads_a_runs_raw_records(tmp_path):
     assert name == "swapserve_5" and got["functions"] == 5 and got["missed"] == 4 and got["worst_part"]["queue"] == 1
 
 
+def test_outside_run_cli_pools_replays_and_splits_resident_from_swapped(tmp_path):
+    import gzip
+    import json
+    import subprocess
+
+    (tmp_path / "trace_raw").mkdir()
+    replays = [[_rec("f0-small", 5.0) | {"compute_ms": 1.0}, _rec("f4-big", 50.0, swapped=True) | {"compute_ms": 40.0}],
+               [_rec("f0-small", 7.0) | {"compute_ms": 1.0}, _rec("f1-small", 0.0, status=503),
+                _rec("f2-gpt2", 90.0) | {"compute_ms": 2.0}]]
+    for i, records in enumerate(replays):
+        with gzip.open(tmp_path / "trace_raw" / f"swapserve_5_r{i}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    out = subprocess.run([sys.executable, str(BENCH / "outside_run.py"), str(tmp_path), "--exclude", "gpt2"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    resident, swapped = (line.split(" | ") for line in out[2:])
+    # Two answered resident requests (the refusal and the excluded model left out): 4 and 6 ms outside, median 5.
+    assert resident[0].endswith("resident") and (resident[1], resident[2]) == ("2", "5.00")
+    assert swapped[0].endswith("swapped") and (swapped[1], swapped[2]) == ("1", "10.00")
+    assert len(out) == 4
+
+
 def test_an_alternate_setting_gives_each_value_its_directory(trace_module, tmp_path):
     assert trace_module.alternates(None, tmp_path) == [(tmp_path, {})]
     assert trace_module.alternates("side_fetch=true,false", tmp_path) == [
