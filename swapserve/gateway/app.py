@@ -96,7 +96,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
             response = _internal_error(request)
         else:
             what = "the deploy goes on in the background; check GET /api/v1/functions" if deploying else "cancelled"
-            response = error_response(504, f"request timed out after {limit:g} s ({what})")
+            response = error_response(504, timed_out_message(limit, what))
     except web.HTTPException as e:  # the router's 404/405 (405 keeps its Allow header)
         headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
         message = (f"method {request.method} not allowed on {request.path} (allowed: {headers['Allow']})"
@@ -121,6 +121,11 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
 def _request_id(request: web.Request) -> str | None:
     """The id echoed in the response: the body's (OIP ``id``) if valid, else the request header's."""
     return request.get(REQUEST_ID_KEY) or safe_request_id(request.headers.get(REQUEST_ID_HEADER))
+
+
+def timed_out_message(limit: float, what: str = "cancelled") -> str:
+    """The 504's message for a request past its time limit (``limit`` seconds)."""
+    return f"request timed out after {limit:g} s ({what})"
 
 
 def error_answer(e: SwapserveError) -> tuple[int, str, dict[str, str]]:

@@ -59,13 +59,22 @@ def safe_request_id(value: object) -> str | None:
     return value if isinstance(value, str) and _SAFE_ID.fullmatch(value) else None
 
 
+def json_bytes(data: Any) -> bytes:
+    """A JSON body, compact."""
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def error_body(message: str) -> bytes:
+    """The JSON body of every error answer."""
+    return json_bytes({"error": message})
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=json.dumps(data, separators=(",", ":")).encode(), status=status,
-                        content_type="application/json", headers=headers)
+    return web.Response(body=json_bytes(data), status=status, content_type="application/json", headers=headers)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return json_response({"error": message}, status, headers)
+    return web.Response(body=error_body(message), status=status, content_type="application/json", headers=headers)
 
 
 def too_large(limit: int, what: str = "request body") -> PayloadTooLargeError:

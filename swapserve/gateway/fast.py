@@ -13,7 +13,6 @@ handler, which serves it from then on (and answers what is wrong with it as it a
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -26,8 +25,9 @@ from aiohttp import web
 
 from swapserve.errors import SwapserveError
 from swapserve.gateway import oip
-from swapserve.gateway.app import InferCall, answer_infer, error_answer, function_at, internal_error_message
-from swapserve.gateway.common import REQUEST_ID_HEADER, GatewayMetrics, safe_request_id
+from swapserve.gateway.app import (InferCall, answer_infer, error_answer, function_at, internal_error_message,
+                                   timed_out_message)
+from swapserve.gateway.common import REQUEST_ID_HEADER, GatewayMetrics, error_body, safe_request_id
 from swapserve.gateway.config import GatewayConfig
 from swapserve.node.api import NodeAPI
 
@@ -312,8 +312,6 @@ class FastHTTP(asyncio.Protocol):
                       entered: float) -> tuple[int, tuple[bytes | memoryview, ...], dict[str, str], str | None]:
         """(status, body parts, headers, the function if it exists) — as the app's middleware and route answer."""
         limit = self.g.config.request_timeout_s
-        path = f"/v2/models/{head.name}/infer" if head.version is None else \
-            f"/v2/models/{head.name}/versions/{head.version}/infer"
         call = InferCall()
         function = None
         headers: dict[str, str] = {}
@@ -329,14 +327,14 @@ class FastHTTP(asyncio.Protocol):
             if encoded.header_length is not None:
                 headers[oip.HEADER_LENGTH] = str(encoded.header_length)
         except TimeoutError:
-            message = (f"request timed out after {limit:g} s (cancelled)" if timeout.expired() else
-                       internal_error_message("POST", path))  # raised by the node, not our deadline: a bug
-            status, parts = (504 if timeout.expired() else 500), _error_body(message)
+            message = (timed_out_message(limit) if timeout.expired() else
+                       internal_error_message("POST", _path(head)))  # raised by the node, not our deadline: a bug
+            status, parts = (504 if timeout.expired() else 500), (error_body(message),)
         except SwapserveError as e:
             status, message, headers = error_answer(e)
-            parts = _error_body(message)
+            parts = (error_body(message),)
         except Exception:
-            status, parts = 500, _error_body(internal_error_message("POST", path))
+            status, parts = 500, (error_body(internal_error_message("POST", _path(head))),)
         if status != 200:
             headers["Content-Type"] = oip.JSON_CONTENT_TYPE
         if (rid := call.request_id or safe_request_id(head.request_id)) is not None:
@@ -344,8 +342,10 @@ class FastHTTP(asyncio.Protocol):
         return status, parts, headers, function
 
 
-def _error_body(message: str) -> tuple[bytes]:
-    return (json.dumps({"error": message}, separators=(",", ":")).encode(),)
+def _path(head: _Head) -> str:
+    """The request's path, for the log of a failure."""
+    version = f"/versions/{head.version}" if head.version is not None else ""
+    return f"/v2/models/{head.name}{version}/infer"
 
 
 __all__ = ["FastGateway", "FastHTTP", "KEEPALIVE_S", "Listener", "MAX_HEAD", "ROUTES", "listen", "parse_head"]

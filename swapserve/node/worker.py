@@ -367,13 +367,14 @@ class Worker:
         inputs = [self.slab.tensor(r) for r in msg.inputs]
         t0 = time.perf_counter()
         peer = PeerSource(msg.peer, msg.peer_pages) if msg.peer >= 0 else None
-        written: list[tuple[TensorRef, ...]] = []
-        enqueued = [0.0]
+        refs: tuple[TensorRef, ...] = ()
+        enqueued_ms = 0.0
 
         def into_slab(outs: list[Any]) -> None:  # on the lane's stream, landing with the run (one wait)
+            nonlocal refs, enqueued_ms
             t = time.perf_counter()
-            written.append(self.slab.write(outs, msg.out_offset, msg.out_limit, non_blocking=True))
-            enqueued[0] = (time.perf_counter() - t) * 1e3
+            refs = self.slab.write(outs, msg.out_offset, msg.out_limit, non_blocking=True)
+            enqueued_ms = (time.perf_counter() - t) * 1e3
 
         self.engine.infer(msg.key, inputs, value=_value_of(msg.values), lane=lane, fetch=msg.fetch, peer=peer,
                           ticket=msg.id if lane == 0 else None, launched=self._launched if lane == 0 else None,
@@ -381,10 +382,10 @@ class Worker:
         t2 = time.perf_counter()
         run = self.engine.last_run()
         phases = {"wait": run.wait_ms, "upload": run.upload_ms, "place": run.place_ms,
-                  "device": run.device_ms - enqueued[0], "output": enqueued[0],  # parts of the engine's device_ms
+                  "device": run.device_ms - enqueued_ms, "output": enqueued_ms,  # parts of the engine's device_ms
                   "place_lock": run.place_lock_ms, "place_remap": run.place_remap_ms,
                   "place_remap_cpu": run.place_remap_cpu_ms}
-        return RunResult(written[0], (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases,
+        return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases,
                          lane=lane, from_peer=run.from_peer, placed_ahead=run.placed_ahead)
 
     def _residency_change(self) -> Any:
