@@ -245,7 +245,7 @@ class InferCall:
     """The body's ``id``, if valid (echoed in X-Request-ID before the header's)."""
 
 
-async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes, header_length: str | None,
+async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes | memoryview, header_length: str | None,
                        header_request_id: str | None, entered: float, call: InferCall) -> oip.EncodedBody:
     """An infer request's answer, whatever carries it (this app's route, :mod:`swapserve.gateway.fast`): decode
     and check the body, run it, encode the response. ``entered``: ``time.perf_counter()`` when the request

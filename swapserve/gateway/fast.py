@@ -243,7 +243,7 @@ class FastHTTP(asyncio.Protocol):
                 if len(buf) > MAX_HEAD:
                     self._hand_over()
                 return
-            head = parse_head(buf[:end])
+            head = parse_head(bytes(buf[:end]))
             if head is None or head.length > self.g.config.max_body_bytes:
                 self._hand_over()
                 return
@@ -252,14 +252,16 @@ class FastHTTP(asyncio.Protocol):
         if self.size < end:
             return  # the body is on its way
         buf = self._joined()
-        head, body, rest = self.head, buf[self.body_at:end], buf[end:]
+        head, body, rest = self.head, memoryview(buf)[self.body_at:end], buf[end:]
         self.head, self.chunks, self.size = None, [rest] if rest else [], len(rest)
         self._disarm_idle()
         self.task = asyncio.get_running_loop().create_task(self._serve(head, body))
 
-    def _joined(self) -> bytes:
+    def _joined(self) -> bytes | bytearray:
+        """What was read, as one buffer: joined into a bytearray when it came in several reads, whose binary
+        tensors the request then decodes in place (writable: no copy of their bytes, see ``oip._from_bytes``)."""
         if len(self.chunks) > 1:
-            self.chunks = [b"".join(self.chunks)]
+            self.chunks = [bytearray().join(self.chunks)]
         return self.chunks[0]
 
     def _hand_over(self) -> None:
@@ -275,7 +277,7 @@ class FastHTTP(asyncio.Protocol):
         for chunk in chunks:
             handler.data_received(chunk)
 
-    async def _serve(self, head: _Head, body: bytes) -> None:
+    async def _serve(self, head: _Head, body: memoryview) -> None:
         try:
             await self._respond(head, body)
         except BaseException:  # a bug past _answer's handlers, or cancelled at exit: end the connection, not hang it
@@ -288,7 +290,7 @@ class FastHTTP(asyncio.Protocol):
             self._arm_idle()
             self._next()
 
-    async def _respond(self, head: _Head, body: bytes) -> None:
+    async def _respond(self, head: _Head, body: memoryview) -> None:
         entered = time.perf_counter()
         status, parts, headers, function = await self._answer(head, body, entered)
         elapsed = time.perf_counter() - entered
@@ -308,7 +310,7 @@ class FastHTTP(asyncio.Protocol):
             if self._drained is not None:
                 await self._drained
 
-    async def _answer(self, head: _Head, body: bytes,
+    async def _answer(self, head: _Head, body: memoryview,
                       entered: float) -> tuple[int, tuple[bytes | memoryview, ...], dict[str, str], str | None]:
         """(status, body parts, headers, the function if it exists) — as the app's middleware and route answer."""
         limit = self.g.config.request_timeout_s

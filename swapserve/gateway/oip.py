@@ -103,9 +103,12 @@ class _Tensor:
 # -- requests -----------------------------------------------------------------------------------------------
 
 
-def decode_infer_request(body: bytes, spec: FunctionSpec, header_length: str | int | None = None) -> InferRequest:
+def decode_infer_request(body: bytes | memoryview, spec: FunctionSpec,
+                         header_length: str | int | None = None) -> InferRequest:
     """Decode and check an infer request for ``spec``: names, datatypes and shapes as declared (-1 = any
-    batch >= 1, the same for every input, at most ``spec.max_batch``), data consistent with the shapes."""
+    batch >= 1, the same for every input, at most ``spec.max_batch``), data consistent with the shapes.
+    Binary tensors of a writable ``body`` are its own bytes (the caller gives the buffer up); of a read-only
+    one, copies."""
     doc, rest = _split(body, header_length)
     problems: list[str] = []
     request_id = doc.get("id")
@@ -201,7 +204,7 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _split(body: bytes, header_length: str | int | None) -> tuple[dict[str, Any], memoryview]:
+def _split(body: bytes | memoryview, header_length: str | int | None) -> tuple[dict[str, Any], memoryview]:
     """The JSON header as an object, and the binary bytes after it."""
     if header_length is None:
         n = len(body)
@@ -219,7 +222,7 @@ def _split(body: bytes, header_length: str | int | None) -> tuple[dict[str, Any]
     if n == 0:
         _fail("malformed JSON: the body is empty")
     try:
-        doc = json.loads(body[:n])
+        doc = json.loads(bytes(body[:n]) if isinstance(body, memoryview) else body[:n])
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         where = "JSON header" if header_length is not None else "JSON"
         _fail(f"malformed {where}: {e}")
@@ -421,15 +424,18 @@ def _from_bytes(t: _Tensor, raw: memoryview) -> torch.Tensor:
     dtype = torch_dtype(t.datatype)
     if len(raw) == 0:
         return torch.empty(t.shape, dtype=dtype)
-    # One copy: the tensor owns writable memory (torch.frombuffer warns on the request's read-only bytes)
-    # and outlives the request body.
-    buf = bytearray(raw)
+    # torch.frombuffer wants writable memory (it warns on read-only bytes): a writable body's own bytes, else
+    # one copy — also where the bytes do not start at a multiple of their element size. Either way the tensor
+    # keeps its memory alive.
     if t.datatype == "BOOL":
-        u8 = torch.frombuffer(buf, dtype=torch.uint8)
+        u8 = torch.frombuffer(bytearray(raw) if raw.readonly else raw, dtype=torch.uint8)
         if int(u8.max()) > 1:
             _fail(f"{t.where}: BOOL bytes must be 0 or 1")
         return u8.view(torch.bool).reshape(t.shape)
-    return torch.frombuffer(buf, dtype=dtype).reshape(t.shape)
+    if raw.readonly:
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(t.shape)
+    x = torch.frombuffer(raw, dtype=dtype)
+    return (x.clone() if x.data_ptr() % x.element_size() else x).reshape(t.shape)
 
 
 # -- encoding -----------------------------------------------------------------------------------------------

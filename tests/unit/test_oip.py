@@ -242,6 +242,23 @@ def test_decoded_tensors_own_their_memory() -> None:
     assert torch.equal(x, torch.arange(4, dtype=torch.float32).reshape(2, 2) + 1)
 
 
+@pytest.mark.parametrize("pad", [0, 1], ids=["aligned", "misaligned"])
+def test_a_writable_body_lends_its_bytes_to_aligned_tensors(pad: int) -> None:
+    # The fast path hands a request's own buffer over (a bytearray, as a view): its binary tensors are decoded
+    # in place, no copy, unless their bytes do not start at a multiple of the element size.
+    spec = make_spec([("x", "FP32", [-1, 2])])
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2],
+                                     "parameters": {"binary_data_size": 16}}]}).encode()
+    header += b" " * ((-len(header)) % 4 + pad)  # JSON may end in blanks: the tensor starts where we want
+    buf = bytearray(b"junk" + header + X_BYTES + b"tail")
+    body = memoryview(buf)[4:-4]
+    x = oip.decode_infer_request(body, spec, len(header)).inputs["x"]
+    assert torch.equal(x, torch.arange(4, dtype=torch.float32).reshape(2, 2))
+    assert (x.data_ptr() % 4 == 0)
+    buf[4 + len(header)] ^= 0xFF  # the first byte of the tensor's bytes in the body
+    assert torch.equal(x, torch.arange(4, dtype=torch.float32).reshape(2, 2)) == bool(pad)
+
+
 def test_fp16_json_overflow_becomes_inf_like_a_cast() -> None:
     spec = make_spec([("x", "FP16", [-1, 2])])
     req = oip.decode_infer_request(_body({"name": "x", "datatype": "FP16", "shape": [1, 2], "data": [1e6, 1]}), spec)
