@@ -64,7 +64,8 @@ class Run:
     out_offset: int
     """Where in the slab the worker may write outputs."""
     values: dict[str, float] = field(default_factory=dict)
-    """Eviction values for the models on this device (the scheduler's expected reuse)."""
+    """Eviction values for the models on this device (the scheduler's expected reuse): those that changed since
+    the messages before, which the worker keeps (a model never sent one counts 0.0)."""
     lane: int = 0
     """The engine lane to run in (1: beside lane 0, for a model wholly on the device — or, with ``fetch``,
     one it brings in first; the worker moves it to lane 0 if the side lane cannot run it)."""

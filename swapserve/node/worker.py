@@ -130,13 +130,16 @@ class Worker:
         self._stash: list[Any] = []
         """Lane 0's next command, taken from its queue at a launch (:meth:`_launched`)."""
         self._send_lock = threading.Lock()
+        self._values: dict[str, float] = {}
+        """Eviction values by model key, as the controller sent them (each run or prefetch carries what changed,
+        applied on arrival, in order): every eviction uses the latest."""
         name = torch.cuda.get_device_name(0) if engine_cfg.device.startswith("cuda") else "cpu"
         bw = self._h2d(256 << 20)
         fetch = self._fetch_GBps(64 << 20) if engine_cfg.lanes > 1 else 0.0  # only side lanes fetch
         send(conn, Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid(), fetch))
 
     def serve(self) -> None:
-        from swapserve.node.messages import PEER_COMMANDS, Run, Stop, recv
+        from swapserve.node.messages import PEER_COMMANDS, Prefetch, Run, Stop, recv
 
         spin = self.cfg.spin_s
         lanes = [threading.Thread(target=self._lane_loop, args=(i,), name=f"swapserve-lane{i}", daemon=True)
@@ -158,6 +161,8 @@ class Worker:
                 if isinstance(msg, PEER_COMMANDS):
                     self._peer_command(msg, received)
                     continue
+                if isinstance(msg, (Run, Prefetch)) and msg.values:
+                    self._values.update(msg.values)
                 lane = msg.lane if isinstance(msg, Run) and 0 < msg.lane < len(self._queues) else 0
                 if lane == 0:
                     with self._ahead_lock:
@@ -239,7 +244,7 @@ class Worker:
                 or msg.fetch):
             return
         try:
-            self.engine.place_ahead(msg.key, _value_of(msg.values), msg.id)
+            self.engine.place_ahead(msg.key, _value_of(self._values), msg.id)
         except SwapserveError:  # not on this worker (removed meanwhile): its run says so
             pass
 
@@ -278,6 +283,7 @@ class Worker:
                 self.store.add(msg.key, art, load=False)
             self.engine.add(msg.key, art)
         elif isinstance(msg, m.RemoveModel):
+            self._values.pop(msg.key, None)
             if msg.key in self.engine.models():
                 self.engine.remove(msg.key)
             if self.store.has(msg.key):
@@ -296,7 +302,7 @@ class Worker:
                 self.store.spill(msg.key)
         elif isinstance(msg, m.Prefetch):
             t0 = time.perf_counter()
-            self.engine.prefetch(msg.key, msg.max_bytes, value=_value_of(msg.values))
+            self.engine.prefetch(msg.key, msg.max_bytes, value=_value_of(self._values))
             run = self.engine.last_run()
             return m.RunResult((), (time.perf_counter() - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken)
         elif isinstance(msg, m.Evict):
@@ -376,7 +382,7 @@ class Worker:
             refs = self.slab.write(outs, msg.out_offset, msg.out_limit, non_blocking=True)
             enqueued_ms = (time.perf_counter() - t) * 1e3
 
-        self.engine.infer(msg.key, inputs, value=_value_of(msg.values), lane=lane, fetch=msg.fetch, peer=peer,
+        self.engine.infer(msg.key, inputs, value=_value_of(self._values), lane=lane, fetch=msg.fetch, peer=peer,
                           ticket=msg.id if lane == 0 else None, launched=self._launched if lane == 0 else None,
                           output=into_slab)
         t2 = time.perf_counter()

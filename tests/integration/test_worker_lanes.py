@@ -105,3 +105,26 @@ def test_lane_0_places_the_next_runs_pages_while_a_run_executes(make_artifact, s
         assert ahead >= 1
 
     _with_worker(shm_dir, {"a": a, "b": b}, 12, body)
+
+
+def test_the_worker_keeps_the_eviction_values_sent_before(make_artifact, shm_dir: Path) -> None:
+    """Each run carries only the values that changed (Dispatcher._values): the worker keeps the rest, so a swap
+    evicts the least valuable model even when its message values only itself."""
+    arts = {k: make_artifact("mlp", seed=s, name=k)[0] for k, s in (("a", 1), ("b", 2), ("c", 3))}
+    x = torch.randn(1, 512)
+
+    async def body(w: wk.WorkerHandle) -> None:
+        async def run(key: str, values: dict[str, float]) -> None:
+            start, limit = w.slab.region(0, 2)
+            refs, end = w.slab.write_batch([[x]], start, limit)
+            reply = await wk.call(w, Run(wk.next_id(), key, refs, end, values, 0, limit))
+            assert reply.ok, reply.error
+
+        await run("a", {"a": 5.0})
+        await run("b", {"b": 1.0})  # the pool holds two of the three
+        assert w.residency.present == {"a": 1.0, "b": 1.0}
+        await run("c", {"c": 2.0})  # a was used first, but is worth more than b: b goes
+        assert w.residency.present.get("a") == 1.0 and w.residency.present.get("c") == 1.0
+        assert w.residency.present.get("b", 0.0) < 1.0
+
+    _with_worker(shm_dir, arts, 16, body)

@@ -1,4 +1,5 @@
-"""How the dispatcher spreads a run's large output copies over its copy threads."""
+"""The dispatcher: how it spreads a run's large output copies over its copy threads, and what of the eviction
+values it sends a worker."""
 
 from __future__ import annotations
 
@@ -34,3 +35,32 @@ def test_one_large_output_is_cut_for_several_threads_and_a_small_one_is_not() ->
         copy_all(p)
     assert torch.equal(dest, big)
     assert len(_pieces([(torch.empty(10), torch.arange(10.0))], 4)) == 1
+
+
+def test_value_changes_bring_a_receiver_to_the_table_and_send_only_what_differs() -> None:
+    import math
+    import random
+
+    from swapserve.node.dispatch import value_changes
+
+    rng = random.Random(0)
+    sent: dict[str, float] = {}
+    worker: dict[str, float] = {}  # what the worker keeps: updated with each message's changes
+    names = [f"f{i}" for i in range(40)]
+    table: dict[str, float] = {}
+    for step in range(300):
+        if step % 50 == 0:  # a whole computation: every value moves
+            table = {n: rng.random() for n in rng.sample(names, 25)}
+        else:  # a few touched, one gone, one new, one turned hot
+            for n in rng.sample(sorted(table), 3):
+                table[n] = rng.random()
+            table.pop(rng.choice(sorted(table)))
+            table[rng.choice(names)] = rng.random()
+            table[rng.choice(sorted(table))] = math.inf
+        changes = value_changes(sent, table)
+        worker.update(changes)
+        assert sent == table
+        assert all(worker.get(n, 0.0) == table.get(n, 0.0) for n in names)
+        if step % 50:
+            assert len(changes) <= 6  # only what moved, not the table
+    assert value_changes(sent, dict(table)) == {}  # nothing moved: nothing to send
