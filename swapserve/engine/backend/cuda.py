@@ -54,6 +54,10 @@ _pin_bases: list[int] = []
 """The registered buffers' (bytes, device address) by base address, and their bases sorted (to find the one
 holding a tensor)."""
 
+INLINE_BYTES = 4096
+"""Inputs this small go by ``tensor.to``: the driver writes them into the command stream rather than queueing
+them on a copy engine (a 4 KiB one took 0.12 ms beside a 640 MiB swap on the H200), and it is the cheaper call."""
+
 _DEVICEMAP = 0x02
 """CU_MEMHOSTREGISTER_DEVICEMAP: kernels may read the buffer over the bus."""
 
@@ -210,11 +214,9 @@ class CudaBackend(Backend):
         """A request's input on the device. From registered host memory (a worker's IO slab) a kernel reads
         it over the bus instead of a copy engine copying it: the copy engines work through their queue in
         order, so behind a swap's queued copies in another lane a 64 KiB-1.2 MiB input waited 8-10 ms on an
-        H200, where the kernel took 0.25-0.4 ms (bench/copy_queue.py). The bytes are the same either way.
-        Small inputs too: ``tensor.to`` from memory torch does not know is pinned waits for the device before
-        it returns (0.12-0.16 ms per run on an H200), where the kernel is queued on the lane's stream and the
-        run's one wait covers it."""
-        if x.device.type != "cpu" or not x.is_contiguous() or not x.numel():
+        H200, where the kernel took 0.25-0.4 ms (bench/copy_queue.py). The bytes are the same either way."""
+        nbytes = x.numel() * x.element_size()
+        if x.device.type != "cpu" or not x.is_contiguous() or nbytes <= INLINE_BYTES:
             return x.to(self.device)
         src = self._mapped_view(x)
         if src is None:
