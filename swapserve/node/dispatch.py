@@ -188,9 +188,10 @@ class Dispatcher:
         self._lanes = lanes
         self._regions = lanes + (1 if scheduler.queue_ahead else 0)
         self._inflight: dict[tuple[int, int], list[_InFlight]] = {}
-        self._sent_values: list[dict[str, float]] = [{} for _ in workers]
-        """Per worker, the eviction values (by function) it holds from the messages sent it (:meth:`_values`)."""
         """By (device, lane), in the order sent (the worker runs a lane's messages in that order)."""
+        self._sent_values: dict[int, dict[str, float]] = {}
+        """By device, the eviction values (by function) its worker holds from the messages sent it
+        (:meth:`_values`)."""
         self._key_users: dict[str, int] = {}
         self._copier: ThreadPoolExecutor | None = None
         self._wanted: dict[str, float] = {}
@@ -397,8 +398,8 @@ class Dispatcher:
         if not d.values:  # a resident run evicts nothing
             return {}
         models = self._models
-        return {models[f].key: v for f, v in value_changes(self._sent_values[d.device], d.values).items()
-                if f in models}
+        changes = value_changes(self._sent_values.setdefault(d.device, {}), d.values)
+        return {models[f].key: v for f, v in changes.items() if f in models}
 
     def _launch(self, d: Dispatch, m: Served, msg: Run | Prefetch, batch: list[_Pending], items: int,
                 now: float, region: int = -1, lend: bool = False) -> _InFlight:
@@ -564,7 +565,7 @@ class Dispatcher:
         by_key = self._entities
         if everything:
             self.state.forget_values()
-            for sent in self._sent_values:  # the workers hold values by model key: send them under the new keys
+            for sent in self._sent_values.values():  # the workers hold them by model key: send them anew
                 sent.clear()
         for w, dev in zip(self._workers, self.state.devices):
             r = w.residency
