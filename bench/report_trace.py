@@ -17,15 +17,16 @@ def table(r: dict) -> str:
              "P98 ≤ SLO (refused or failed = miss); requests in SLO = share of all requests answered within their "
              "function's SLO." + _settings(r), "",
              "| policy | N | attainment | requests in SLO | P50 ms | P99 ms | req/s | swaps/s | busy | loop late "
-             "| requests | codes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| CPU steal | requests | codes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, p in r["policies"].items():
         for pt in p["sweep"]:
             fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
             lines.append(f"| {label} | {pt['n']} | {_attainment(pt)} | {_in_slo(pt)} | {fmt(pt['p50_ms'])} "
                          f"| {fmt(pt['p99_ms'])} "
                          f"| {pt['throughput_rps']:.1f} | {pt['swaps_per_s']:.1f} | {pt['busy_fraction']:.2f} "
-                         f"| {_lag(pt.get('loop_lag'))}{_front_lag(pt.get('front_loop_lag'))} | {pt['requests']} "
+                         f"| {_lag(pt.get('loop_lag'))}{_front_lag(pt.get('front_loop_lag'))} "
+                         f"| {_steal(pt.get('cpu_steal'))} | {pt['requests']} "
                          f"| {pt['status_codes']} |")
     if any("attainment_runs" in pt for p in r["policies"].values() for pt in p["sweep"]):
         lines += ["", "Replayed points: the run of median attainment, every run's in brackets (same trace, same node)."]
@@ -33,7 +34,8 @@ def table(r: dict) -> str:
               + ", ".join(f"{k} {v['max_functions']}" for k, v in r["policies"].items())]
     lines += ["", "loop late: share of the node's 10 ms event-loop probe ticks that ran over 2.5 ms late (CPU work or "
               "collection pauses holding the gateway and controller; '-' where the run predates the probe); with HTTP "
-              "fronts, the fronts' own in brackets."]
+              "fronts, the fronts' own in brackets. CPU steal: share of the machine's CPU time the hypervisor took "
+              "while the point was measured, and in its worst second (bench/steal.py; '-' where not recorded)."]
     lines += breakdown_table(r)
     lines += phases_table(r)
     lines += causes_table(r)
@@ -66,6 +68,10 @@ def _attainment(pt: dict) -> str:
 
 def _lag(lag: dict | None) -> str:
     return f"{lag['over_2.5ms'] / lag['ticks']:.1%}" if lag and lag.get("ticks") else "-"
+
+
+def _steal(steal: dict | None) -> str:
+    return f"{steal['fraction']:.1%} (max {steal['max_window']:.1%})" if steal else "-"
 
 
 def _front_lag(lag: dict | None) -> str:

@@ -188,3 +188,42 @@ def test_an_alternate_setting_gives_each_value_its_directory(trace_module, tmp_p
     assert trace_module.alternates("swap_piece_ms=3,0", tmp_path)[1] == (tmp_path / "swap_piece_ms_0", {"swap_piece_ms": 0})
     with pytest.raises(SystemExit, match="SETTING=A,B"):
         trace_module.alternates("side_fetch", tmp_path)
+
+
+def test_cpu_steal_is_the_share_of_all_cpu_time_the_hypervisor_took(trace_module, tmp_path):
+    import steal  # bench/steal.py, on the path with trace.py
+
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice (guest counted in user already)
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 7 0\ncpu0 1 2 3 4 5 6 7 8 9 10\nintr 1\n")
+    assert steal.read(stat) == (40, 1000)
+    meter = steal.StealMeter(interval_s=60, stat=stat)
+    meter.start()
+    stat.write_text("cpu  300 0 150 1250 10 0 0 290 7 0\n")  # 1000 jiffies more, 250 of them stolen
+    got = meter.stop()
+    assert got == {"fraction": 0.25, "max_window": 0.25, "windows": 1, "window_s": 60}
+    stat.write_text("cpu  1 2 3 4 5 6 7\n")  # a kernel that counts no steal
+    assert steal.read(stat) is None
+    assert steal.read(tmp_path / "missing") is None
+    quiet = steal.StealMeter(stat=stat)
+    quiet.start()
+    assert quiet.stop() is None  # nothing to say, nothing made up
+    if Path("/proc/stat").exists():  # this machine's own count, sampled on a thread
+        real = steal.StealMeter(interval_s=0.05)
+        real.start()
+        sum(i * i for i in range(200_000))
+        got = real.stop()
+        assert got is not None and 0.0 <= got["fraction"] <= got["max_window"] + 1e-9 <= 1.0 + 1e-9
+
+
+def test_the_table_says_the_cpu_steal_of_each_point(trace_module):
+    import report_trace
+
+    point = {"n": 400, "attainment": 0.8, "requests_in_slo": 0.95, "p50_ms": 7.0, "p99_ms": 40.0,
+             "throughput_rps": 60.0, "swaps_per_s": 20.0, "busy_fraction": 0.2, "requests": 1200,
+             "status_codes": {"200": 1200}}
+    result = {"gpu": "H200", "gpus": 1, "policies": {"swapserve": {"max_functions": 0, "sweep": [
+        {**point, "cpu_steal": {"fraction": 0.031, "max_window": 0.2, "windows": 20, "window_s": 1.0}},
+        {**point, "n": 200}]}}}
+    rows = [line for line in report_trace.table(result).splitlines() if line.startswith("| swapserve |")]
+    assert "| 3.1% (max 20.0%) |" in rows[0] and "| - | 1200 |" in rows[1]
