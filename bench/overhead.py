@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from http1 import BlockingConnection, Client  # noqa: E402
 from node_harness import Server, tiny_function  # noqa: E402
+from steal import StealMeter  # noqa: E402
 
 NAME = "tiny"
 BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}).encode()
@@ -183,7 +184,10 @@ def main() -> None:
         status = client.status()
         gpu = status["devices"][0]["name"]
         print(f"server up on {gpu}; sequential requests ...", flush=True)
+        steal = StealMeter()
+        steal.start()
         seq = sequential(_lean_post(srv.port), args.requests, args.warmup)
+        cpu_steal = steal.stop()
         std = sequential(_stdlib_post(srv.port), STDLIB_REQUESTS, args.warmup)
         over = [r - c for r, c in zip(seq["rtt"], seq["compute"])]
         gateway = [r - n for r, n in zip(seq["rtt"], seq["node"])]
@@ -213,6 +217,7 @@ def main() -> None:
         "throughput_errors": errors,
         "spin_ms": args.spin_ms,
         "fronts": args.fronts,
+        "cpu_steal": cpu_steal,  # while the sequential requests ran (bench/steal.py)
     }
     (args.out / "overhead.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out)
@@ -222,7 +227,9 @@ def main() -> None:
         + f"Tiny resident MLP, {args.requests} sequential JSON requests over one keep-alive connection after "
         f"{args.warmup} warm-up, from a blocking socket (bench/http1.py); overhead = HTTP round trip − the worker's "
         f"run (compute_ms). From Python's http.client ({STDLIB_REQUESTS} requests): "
-        f"{result['p50_overhead_ms_stdlib_client']:.3f} ms p50.\n\n"
+        f"{result['p50_overhead_ms_stdlib_client']:.3f} ms p50."
+        + (f" CPU steal while the sequential requests ran: {cpu_steal['fraction']:.1%} (worst second "
+           f"{cpu_steal['max_window']:.1%}; bench/steal.py)." if cpu_steal else "") + "\n\n"
         "| p50 overhead | p99 overhead | p50 round trip | p50 compute | p50 gateway+HTTP | p50 controller+IPC | max req/s |\n"
         "|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {result['p50_overhead_ms']:.3f} ms | {result['p99_overhead_ms']:.3f} ms | {result['p50_rtt_ms']:.3f} ms "
