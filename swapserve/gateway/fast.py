@@ -275,7 +275,7 @@ class FastHTTP(asyncio.Protocol):
         transport.set_protocol(handler)
         handler.connection_made(transport)
         for chunk in chunks:
-            handler.data_received(chunk)
+            handler.data_received(bytes(chunk))  # as a transport gives them (a joined read is a bytearray here)
 
     async def _serve(self, head: _Head, body: memoryview) -> None:
         try:
