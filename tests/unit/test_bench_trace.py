@@ -227,3 +227,41 @@ def test_the_table_says_the_cpu_steal_of_each_point(trace_module):
         {**point, "n": 200}]}}}
     rows = [line for line in report_trace.table(result).splitlines() if line.startswith("| swapserve |")]
     assert "| 3.1% (max 20.0%) |" in rows[0] and "| - | 1200 |" in rows[1]
+
+
+def test_paired_compares_each_request_with_itself_in_the_other_trace(trace_module, tmp_path):
+    import gzip
+    import json
+    import subprocess
+
+    import paired  # bench/paired.py, on the path with trace.py
+
+    def write(d, replays):
+        (d / "trace_raw").mkdir(parents=True)
+        (d / "trace.json").write_text(json.dumps({"slo_ms": {"small": 10.0, "gpt2": 50.0}}))
+        for i, records in enumerate(replays):
+            with gzip.open(d / "trace_raw" / f"swapserve_3_r{i}.jsonl.gz", "wt") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+
+    def rec(fn, at, latency, compute=1.0, status=200):
+        return {"function": fn, "at_s": at, "latency_ms": latency, "compute_ms": compute, "status": status}
+
+    lat = [4.0 + 0.5 * i for i in range(13)]  # 4.0 .. 10.0 ms
+    a = [[rec(f"f{i % 3}-small", 0.1 * i, x) for i, x in enumerate(lat)] + [rec("f9-gpt2", 5.0, 30.0)]]
+    # B: every request 0.5 ms sooner outside its run, the last one of f0 refused, the GPT-2 one left out.
+    b = [[rec(f"f{i % 3}-small", 0.1 * i + 0.01, x - 0.5, status=503 if i == 12 else 200)
+          for i, x in enumerate(lat)] + [rec("f9-gpt2", 5.0, 99.0)] + [rec("f5-small", 0.0, 1.0)]]  # f5: not in A
+    write(tmp_path / "a", a)
+    write(tmp_path / "b", b)
+    got = paired.compare(tmp_path / "a", tmp_path / "b", {"gpt2"}, resamples=200)
+    assert (got["pairs"], got["answered"]) == (13, 12)  # f5's request has no partner, f0's 5th was refused in B
+    assert got["measures"]["latency"]["median"] == pytest.approx(-0.5)
+    assert got["measures"]["outside the run"]["low"] == pytest.approx(-0.5)  # every pair moved alike
+    assert got["measures"]["the run"]["median"] == 0.0
+    # 10.0 ms met the SLO in A and was refused in B.
+    assert got["in_slo"] | {"p": 0} == {"a": 13, "b": 12, "only_a": 1, "only_b": 0, "p": 0}
+    assert paired.sign_test(1, 0) == 1.0 and paired.sign_test(0, 10) == pytest.approx(2 / 1024)
+    out = subprocess.run([sys.executable, str(BENCH / "paired.py"), str(tmp_path / "a"), str(tmp_path / "b"),
+                          "--exclude", "gpt2", "--resamples", "100"], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    assert "| latency | -0.500 |" in out and "in A's only 1, in B's only 0" in out
