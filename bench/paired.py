@@ -6,7 +6,9 @@ summed up:
   * the median of B − A over the pairs both answered, with a 95 % bootstrap interval, for the latency, the
     time outside the run (latency − ``compute_ms``) and the run itself;
   * the requests in their SLO in one trace and not the other (refused or failed: not in SLO), with the
-    two-sided sign test's p-value on those flips.
+    two-sided sign test's p-value on those flips;
+  * both per replay: requests of one replay share its machine's moments, so a difference is as sure as the
+    replays agree on it (the pooled p-value takes the requests as independent, which they are not quite).
 
 Attainment moves by whole functions (N=400, 20 s: ~2 requests each) and by ±0.1–0.2 between replays of one
 node; a change of a few hundred µs per request does not show in it, and does in the median of a thousand paired
@@ -55,13 +57,13 @@ def keyed(records: list[dict]) -> dict[tuple[str, int], dict]:
     return out
 
 
-def pairs(a: Path, b: Path, exclude: set[str]) -> list[tuple[dict, dict]]:
-    """(A's record, B's) of every request both traces sent, replays matched by name."""
+def pairs(a: Path, b: Path, exclude: set[str]) -> dict[str, list[tuple[dict, dict]]]:
+    """By replay (matched by name), (A's record, B's) of every request both traces sent."""
     ra, rb = replays(a), replays(b)
-    out = []
+    out = {}
     for name in sorted(ra.keys() & rb.keys()):
         ka, kb = keyed(ra[name]), keyed(rb[name])
-        out += [(ka[k], kb[k]) for k in sorted(ka.keys() & kb.keys()) if _model(k[0]) not in exclude]
+        out[name] = [(ka[k], kb[k]) for k in sorted(ka.keys() & kb.keys()) if _model(k[0]) not in exclude]
     return out
 
 
@@ -86,8 +88,17 @@ def sign_test(wins: int, losses: int) -> float:
 
 
 def compare(a: Path, b: Path, exclude: set[str], resamples: int = 2000) -> dict:
+    """The paired comparison over all replays, and per replay (``by_replay``): requests of one replay share its
+    machine's moments (a slowed stretch moves them together), so a difference is only as sure as its replays
+    agree."""
     slo = {**json.loads((a / "trace.json").read_text())["slo_ms"]}
-    matched = pairs(a, b, exclude)
+    by_replay = pairs(a, b, exclude)
+    result = _summary([p for ps in by_replay.values() for p in ps], slo, resamples)
+    result["by_replay"] = {name: _summary(ps, slo, resamples) for name, ps in by_replay.items()}
+    return result
+
+
+def _summary(matched: list[tuple[dict, dict]], slo: dict[str, float], resamples: int) -> dict:
     answered = [(x, y) for x, y in matched if x["status"] == 200 and y["status"] == 200]
     result: dict = {"pairs": len(matched), "answered": len(answered), "measures": {}}
     for name, value in MEASURES.items():
@@ -114,7 +125,12 @@ def table(a: Path, b: Path, result: dict) -> str:
         lines.append(f"| {name} | {m['median']:+.3f} | [{m['low']:+.3f}, {m['high']:+.3f}] | {m['b_lower']:.0%} |")
     s = result["in_slo"]
     lines += ["", f"In SLO: A {s['a']}, B {s['b']} of {result['pairs']}; in A's only {s['only_a']}, in B's only "
-              f"{s['only_b']} (sign test p = {s['p']:.3g})."]
+              f"{s['only_b']} (sign test p = {s['p']:.3g}).", "",
+              "| replay | pairs | latency, median B − A (ms) | in A's SLO only | in B's only |", "|---|---:|---|---:|---:|"]
+    for name, r in result["by_replay"].items():
+        m = r["measures"].get("latency")
+        lat = f"{m['median']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]" if m else "-"
+        lines.append(f"| {name} | {r['pairs']} | {lat} | {r['in_slo']['only_a']} | {r['in_slo']['only_b']} |")
     return "\n".join(lines)
 
 

@@ -260,8 +260,10 @@ def test_paired_compares_each_request_with_itself_in_the_other_trace(trace_modul
     assert got["measures"]["the run"]["median"] == 0.0
     # 10.0 ms met the SLO in A and was refused in B.
     assert got["in_slo"] | {"p": 0} == {"a": 13, "b": 12, "only_a": 1, "only_b": 0, "p": 0}
+    assert got["by_replay"]["swapserve_3_r0.jsonl.gz"]["in_slo"]["only_a"] == 1  # the one replay, on its own
     assert paired.sign_test(1, 0) == 1.0 and paired.sign_test(0, 10) == pytest.approx(2 / 1024)
     out = subprocess.run([sys.executable, str(BENCH / "paired.py"), str(tmp_path / "a"), str(tmp_path / "b"),
                           "--exclude", "gpt2", "--resamples", "100"], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     assert "| latency | -0.500 |" in out and "in A's only 1, in B's only 0" in out
+    assert "| swapserve_3_r0.jsonl.gz | 13 | -0.500 [-0.500, -0.500] | 1 | 0 |" in out
