@@ -91,7 +91,7 @@ def compare(a: Path, b: Path, exclude: set[str], resamples: int = 2000) -> dict:
     """The paired comparison over all replays, and per replay (``by_replay``): requests of one replay share its
     machine's moments (a slowed stretch moves them together), so a difference is only as sure as its replays
     agree."""
-    slo = {**json.loads((a / "trace.json").read_text())["slo_ms"]}
+    slo = json.loads((a / "trace.json").read_text())["slo_ms"]
     by_replay = pairs(a, b, exclude)
     result = _summary([p for ps in by_replay.values() for p in ps], slo, resamples)
     result["by_replay"] = {name: _summary(ps, slo, resamples) for name, ps in by_replay.items()}

@@ -190,12 +190,7 @@ class Worker:
 
     def _serve_lane(self, lane: int) -> None:
         while (item := self._next(lane)) is not None:
-            try:
-                self._serve(item, lane)
-            finally:
-                if lane == 0:
-                    with self._ahead_lock:
-                        self._launched0 = False
+            self._serve(item, lane)
 
     def _next(self, lane: int) -> Any:
         """The lane's next command: lane 0's taken at the last launch, if any, else from its queue."""
@@ -224,7 +219,12 @@ class Worker:
 
         msg, received = item
         try:
-            result = self.handle(msg, lane)
+            try:
+                result = self.handle(msg, lane)
+            finally:
+                if lane == 0:  # landed or failed, before it is answered: what arrives after is not placed ahead
+                    with self._ahead_lock:
+                        self._launched0 = False
         except NotResidentError if lane else ():  # evicted since the scheduler looked: lane 0 swaps it in
             with self._ahead_lock:  # never between the receiver's look at lane 0's queue and its put
                 self._queues[0].put(item)
