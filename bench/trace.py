@@ -624,7 +624,8 @@ def main() -> None:
     ap.add_argument("--alternate", metavar="SETTING=A,B",
                     help="an A/B on one node: replays alternate a scheduling setting the running node changes "
                          "(PATCH /api/v1/scheduling), e.g. side_fetch=true,false or swap_piece_ms=3,0; each value's "
-                         "runs are a trace of their own, in OUT/SETTING_VALUE/ (give --repeats a multiple)")
+                         "runs are a trace of their own, in OUT/SETTING_VALUE/ (give --repeats a multiple); with "
+                         "--raw, OUT/paired.md compares them request by request (bench/paired.py)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sweep = [int(x) for x in args.sweep.split(",")]
@@ -730,6 +731,19 @@ def main() -> None:
 
     for (out, _), result in zip(variants, results):
         render(result, out)
+    if args.raw and len(variants) > 1:
+        print(paired_report(args.alternate, [out for out, _ in variants], args.out))
+
+
+def paired_report(setting: str, dirs: list[Path], out: Path) -> str:
+    """An A/B alternating on one node, request by request (``bench/paired.py``): the first value's replays
+    against each other's, written to ``out/paired.md``; replay ``r<i>`` of each value ran one after the other."""
+    from paired import compare, table
+
+    a, *others = dirs
+    text = f"# {setting}: request by request\n\n" + "\n\n".join(table(a, b, compare(a, b, set())) for b in others)
+    (out / "paired.md").write_text(text + "\n")
+    return text
 
 
 def alternates(spec: str | None, out: Path) -> list[tuple[Path, dict]]:

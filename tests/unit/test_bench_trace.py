@@ -267,3 +267,20 @@ def test_paired_compares_each_request_with_itself_in_the_other_trace(trace_modul
                          check=True).stdout
     assert "| latency | -0.500 |" in out and "in A's only 1, in B's only 0" in out
     assert "| swapserve_3_r0.jsonl.gz | 13 | -0.500 [-0.500, -0.500] | 1 | 0 |" in out
+
+
+def test_an_alternating_ab_is_reported_request_by_request(trace_module, tmp_path):
+    import gzip
+    import json
+
+    dirs = [tmp_path / "side_fetch_true", tmp_path / "side_fetch_false"]
+    for d, shift in zip(dirs, (0.0, 1.0)):
+        (d / "trace_raw").mkdir(parents=True)
+        (d / "trace.json").write_text(json.dumps({"slo_ms": {"small": 10.0}}))
+        with gzip.open(d / "trace_raw" / "swapserve_2_r0.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({"function": f"f{i}-small", "at_s": i, "latency_ms": 5.0 + shift,
+                                     "compute_ms": 1.0, "status": 200}) + "\n" for i in range(4))
+    text = trace_module.paired_report("side_fetch=true,false", dirs, tmp_path)
+    assert (tmp_path / "paired.md").read_text() == text + "\n"
+    assert text.startswith("# side_fetch=true,false: request by request")
+    assert "| latency | +1.000 |" in text and "| swapserve_2_r0.jsonl.gz | 4 |" in text
