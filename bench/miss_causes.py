@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace import miss_causes, request_parts  # noqa: E402  (bench/trace.py)
+from trace import miss_causes, model_of, request_parts  # noqa: E402  (bench/trace.py)
 
 OUTSIDE = ("client", "gateway", "controller", "dispatch", "pipes")
 """The parts of a request's time outside the worker and its queues, whose medians are printed."""
@@ -34,7 +34,7 @@ def main() -> None:
     for f in files:
         with gzip.open(f, "rt") as fh:
             records = [json.loads(line) for line in fh]
-        got = miss_causes(records, {r["function"]: slo[r["function"].split("-", 1)[1]] for r in records})
+        got = miss_causes(records, {r["function"]: slo[model_of(r["function"])] for r in records})
         done = [request_parts(r) for r in records if r["status"] == 200]
         got["median_ms"] = {k: round(statistics.median(p[k] for p in done), 2) for k in OUTSIDE} if done else {}
         got["functions"] = len({r["function"] for r in records})

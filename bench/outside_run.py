@@ -12,26 +12,21 @@ Prints one markdown row per directory and kind of request.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace import request_parts  # noqa: E402  (bench/trace.py)
+from trace import model_of, read_raw, request_parts  # noqa: E402  (bench/trace.py)
 
 PARTS = ("client", "gateway", "controller", "queue", "dispatch", "pipes")
 
 
 def answered(directory: Path, exclude: set[str]) -> list[dict]:
     """Every answered request of every replay in ``directory/trace_raw``, less the excluded zoo models."""
-    records = []
-    for f in sorted((directory / "trace_raw").glob("*.jsonl.gz")):
-        with gzip.open(f, "rt") as fh:
-            records += [json.loads(line) for line in fh if line.strip()]
-    return [r for r in records if r["status"] == 200 and r["function"].split("-", 1)[1] not in exclude]
+    return [r for records in read_raw(directory).values() for r in records
+            if r["status"] == 200 and model_of(r["function"]) not in exclude]
 
 
 def row(label: str, records: list[dict]) -> str:

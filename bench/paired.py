@@ -23,7 +23,6 @@ Each directory holds trace_raw/ and trace.json (for the SLOs). Prints a markdown
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import sys
@@ -31,20 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trace import model_of, read_raw  # noqa: E402  (bench/trace.py)
+
 MEASURES = {  # name → value of an answered request (ms)
     "latency": lambda r: r["latency_ms"],
     "outside the run": lambda r: r["latency_ms"] - r["compute_ms"],
     "the run": lambda r: r["compute_ms"],
 }
-
-
-def replays(directory: Path) -> dict[str, list[dict]]:
-    """Each replay's records (by file name), in send order."""
-    out = {}
-    for f in sorted((directory / "trace_raw").glob("*.jsonl.gz")):
-        with gzip.open(f, "rt") as fh:
-            out[f.name] = sorted((json.loads(line) for line in fh if line.strip()), key=lambda r: r["at_s"])
-    return out
 
 
 def keyed(records: list[dict]) -> dict[tuple[str, int], dict]:
@@ -59,16 +53,12 @@ def keyed(records: list[dict]) -> dict[tuple[str, int], dict]:
 
 def pairs(a: Path, b: Path, exclude: set[str]) -> dict[str, list[tuple[dict, dict]]]:
     """By replay (matched by name), (A's record, B's) of every request both traces sent."""
-    ra, rb = replays(a), replays(b)
+    ra, rb = read_raw(a), read_raw(b)
     out = {}
     for name in sorted(ra.keys() & rb.keys()):
         ka, kb = keyed(ra[name]), keyed(rb[name])
-        out[name] = [(ka[k], kb[k]) for k in sorted(ka.keys() & kb.keys()) if _model(k[0]) not in exclude]
+        out[name] = [(ka[k], kb[k]) for k in sorted(ka.keys() & kb.keys()) if model_of(k[0]) not in exclude]
     return out
-
-
-def _model(function: str) -> str:
-    return function.split("-", 1)[1] if "-" in function else function
 
 
 def median_interval(diffs: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float, float]:
@@ -108,7 +98,7 @@ def _summary(matched: list[tuple[dict, dict]], slo: dict[str, float], resamples:
             result["measures"][name] = {"median": med, "low": low, "high": high, "b_lower": float(np.mean(d < 0))}
 
     def in_slo(r: dict) -> bool:
-        return r["status"] == 200 and r["latency_ms"] <= slo[_model(r["function"])]
+        return r["status"] == 200 and r["latency_ms"] <= slo[model_of(r["function"])]
 
     only_a = sum(in_slo(x) and not in_slo(y) for x, y in matched)
     only_b = sum(in_slo(y) and not in_slo(x) for x, y in matched)

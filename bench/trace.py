@@ -392,6 +392,21 @@ NODE_OPTIONS = ("duration_s", "max_batch", "client_processes", "lanes", "swap_pi
                 "peer_copies", "place_ahead", "fronts", "gpus")
 """What each policy's entry in trace.json records of how its node and trace ran."""
 
+def model_of(function: str) -> str:
+    """The zoo model a trace's function serves (``f0012-resnet50`` → ``resnet50``; :func:`make_functions`)."""
+    return function.split("-", 1)[1]
+
+
+def read_raw(directory: Path) -> dict[str, list[dict]]:
+    """Each replay's records in ``directory/trace_raw`` (``--raw``), by file name, in send order (as
+    :func:`run_point` writes them)."""
+    out = {}
+    for f in sorted((directory / "trace_raw").glob("*.jsonl.gz")):
+        with gzip.open(f, "rt") as fh:
+            out[f.name] = [json.loads(line) for line in fh if line.strip()]
+    return out
+
+
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
               "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms", "to_worker_ms", "from_worker_ms")
 

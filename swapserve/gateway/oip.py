@@ -427,15 +427,14 @@ def _from_bytes(t: _Tensor, raw: memoryview) -> torch.Tensor:
     # torch.frombuffer wants writable memory (it warns on read-only bytes): a writable body's own bytes, else
     # one copy — also where the bytes do not start at a multiple of their element size. Either way the tensor
     # keeps its memory alive.
+    x = torch.frombuffer(bytearray(raw) if raw.readonly else raw, dtype=torch.uint8 if t.datatype == "BOOL" else dtype)
+    if x.data_ptr() % x.element_size():
+        x = x.clone()
     if t.datatype == "BOOL":
-        u8 = torch.frombuffer(bytearray(raw) if raw.readonly else raw, dtype=torch.uint8)
-        if int(u8.max()) > 1:
+        if int(x.max()) > 1:
             _fail(f"{t.where}: BOOL bytes must be 0 or 1")
-        return u8.view(torch.bool).reshape(t.shape)
-    if raw.readonly:
-        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(t.shape)
-    x = torch.frombuffer(raw, dtype=dtype)
-    return (x.clone() if x.data_ptr() % x.element_size() else x).reshape(t.shape)
+        x = x.view(torch.bool)
+    return x.reshape(t.shape)
 
 
 # -- encoding -----------------------------------------------------------------------------------------------
