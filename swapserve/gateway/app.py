@@ -9,7 +9,6 @@ every request.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from swapserve import __version__
+from swapserve import __version__, jsonio
 from swapserve.errors import AuthError, InvalidInputError, NotFoundError, OverloadedError, PoolBusyError, SwapserveError
 from swapserve.gateway import management, oip
 from swapserve.gateway.common import (CONFIG, FUNCTION_KEY, METRICS, NODE, REQUEST_ID_HEADER, REQUEST_ID_KEY,
@@ -272,7 +271,7 @@ async def invoke(request: web.Request) -> web.Response:
     request[FUNCTION_KEY] = name
     body = await read_body(request, config.max_body_bytes)
     try:
-        value = json.loads(body) if body.strip() else None
+        value = jsonio.loads(body) if body.strip() else None
     except (ValueError, RecursionError) as e:
         raise InvalidInputError(f"malformed JSON: {e}") from None
     answer = await request.app[NODE].infer_json(name, value, dict(request.query))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from swapserve import jsonio
 from swapserve.errors import InvalidInputError, PayloadTooLargeError
 from swapserve.gateway.config import GatewayConfig
 from swapserve.node.api import FunctionInfo, NodeAPI
@@ -61,7 +61,7 @@ def safe_request_id(value: object) -> str | None:
 
 def json_bytes(data: Any) -> bytes:
     """A JSON body, compact."""
-    return json.dumps(data, separators=(",", ":")).encode()
+    return jsonio.dumps(data)
 
 
 def error_body(message: str) -> bytes:
@@ -102,7 +102,7 @@ async def read_json_object(request: web.Request, limit: int = SMALL_BODY_BYTES) 
     if not body.strip():
         return {}
     try:
-        doc = json.loads(body)
+        doc = jsonio.loads(body)
     except (ValueError, RecursionError) as e:
         raise InvalidInputError(f"malformed JSON: {e}") from None
     if not isinstance(doc, dict):

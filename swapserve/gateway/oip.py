@@ -14,7 +14,6 @@ wrong; where several are wrong at once, all are listed. BYTES (string) tensors a
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
+from swapserve import jsonio
 from swapserve.errors import InvalidInputError
 from swapserve.functions.spec import FunctionSpec
 from swapserve.tensors import DATATYPES, datatype_of, element_size, numpy_dtype, torch_dtype
@@ -137,11 +137,11 @@ def encode_infer_request(inputs: Mapping[str, torch.Tensor], *, binary_inputs: b
         params["binary_data_output"] = True
     if params:
         doc["parameters"] = params
-    entries, blobs = _encode_tensors(inputs.items(), binary_inputs)
+    entries, blobs, finite = _encode_tensors(inputs.items(), binary_inputs)
     doc["inputs"] = entries
     if outputs is not None:
         doc["outputs"] = [{"name": n, "parameters": {"binary_data": binary_outputs}} for n in outputs]
-    return _join(doc, blobs)
+    return _join(doc, blobs, finite)
 
 
 # -- responses ----------------------------------------------------------------------------------------------
@@ -161,12 +161,14 @@ def encode_infer_response(model_name: str, model_version: str, outputs: Mapping[
         raise RuntimeError(f"the node returned no output {missing} for {model_name!r} (it returned {list(outputs)})")
     entries: list[dict[str, Any]] = []
     blobs: list[memoryview] = []
+    finite = True
     for r in requested:
-        (entry,), blob = _encode_tensors([(r.name, outputs[r.name])], r.binary)
+        (entry,), blob, fin = _encode_tensors([(r.name, outputs[r.name])], r.binary)
         entries.append(entry)
         blobs += blob
+        finite = finite and fin
     doc["outputs"] = entries
-    return _join(doc, blobs)
+    return _join(doc, blobs, finite)
 
 
 def decode_infer_response(body: bytes, header_length: str | int | None = None) -> tuple[dict[str, Any],
@@ -222,7 +224,7 @@ def _split(body: bytes | memoryview, header_length: str | int | None) -> tuple[d
     if n == 0:
         _fail("malformed JSON: the body is empty")
     try:
-        doc = json.loads(bytes(body[:n]) if isinstance(body, memoryview) else body[:n])
+        doc = jsonio.loads(body[:n])
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         where = "JSON header" if header_length is not None else "JSON"
         _fail(f"malformed {where}: {e}")
@@ -407,7 +409,7 @@ def _from_json(t: _Tensor) -> torch.Tensor:
     kind_ok, want = {"BOOL": ("b", "true or false")}.get(
         t.datatype, ("iu", "integers") if t.datatype in _INTS else ("iuf", "numbers"))
     if arr.dtype.kind not in kind_ok:
-        too_big = arr.dtype.kind == "O" and t.datatype in _INTS and all(isinstance(v, int) for v in arr.flat)
+        too_big = t.datatype in _INTS and _beyond_int64(arr)
         _fail(f"{where}: {t.datatype} data must be {want}" + (f" within the range of {t.datatype}" if too_big else ""))
     if t.datatype in _INTS:
         info = np.iinfo(numpy_dtype(t.datatype))
@@ -417,6 +419,14 @@ def _from_json(t: _Tensor) -> torch.Tensor:
         if t.datatype == "BF16":  # numpy has no bfloat16: round through fp32 in torch
             return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16).reshape(t.shape)
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=numpy_dtype(t.datatype))).reshape(t.shape)
+
+
+def _beyond_int64(arr: np.ndarray) -> bool:
+    """Integers too large for any integer datatype: Python ints (``json``) or integral floats of 2**63 or more
+    (orjson reads integers beyond 64 bits as floats)."""
+    if arr.dtype.kind == "O":
+        return all(isinstance(v, int) for v in arr.flat)
+    return arr.dtype.kind == "f" and bool(np.all(np.mod(arr, 1) == 0)) and bool(np.any(np.abs(arr) >= 2.0**63))
 
 
 def _from_bytes(t: _Tensor, raw: memoryview) -> torch.Tensor:
@@ -440,9 +450,11 @@ def _from_bytes(t: _Tensor, raw: memoryview) -> torch.Tensor:
 # -- encoding -----------------------------------------------------------------------------------------------
 
 
-def _encode_tensors(items: Any, binary: bool) -> tuple[list[dict[str, Any]], list[memoryview]]:
+def _encode_tensors(items: Any, binary: bool) -> tuple[list[dict[str, Any]], list[memoryview], bool]:
+    """The tensors' entries, their bytes where binary, and whether every float written as JSON is finite."""
     entries: list[dict[str, Any]] = []
     blobs: list[memoryview] = []
+    finite = True
     for name, tensor in items:
         t = tensor.detach().cpu().contiguous()
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(t.dtype), "shape": list(t.shape)}
@@ -453,13 +465,15 @@ def _encode_tensors(items: Any, binary: bool) -> tuple[list[dict[str, Any]], lis
             blobs.append(blob)
         else:
             # fp16/bf16 → fp32 is exact, and JSON floats parse back to the same half-precision values.
-            entry["data"] = (flat.float() if t.dtype in (torch.float16, torch.bfloat16) else flat).tolist()
+            entry["data"] = data = (flat.float() if t.dtype in (torch.float16, torch.bfloat16) else flat).tolist()
+            if t.is_floating_point() and not math.isfinite(sum(data)):  # ~10× cheaper than torch's isfinite here;
+                finite = False  # a sum that overflows only sends the answer the slower way
         entries.append(entry)
-    return entries, blobs
+    return entries, blobs, finite
 
 
-def _join(doc: dict[str, Any], blobs: list[memoryview]) -> EncodedBody:
-    header = json.dumps(doc, separators=(",", ":")).encode()
+def _join(doc: dict[str, Any], blobs: list[memoryview], finite: bool) -> EncodedBody:
+    header = jsonio.dumps(doc, finite=finite)
     if not blobs:
         return EncodedBody((header,), None)
     return EncodedBody((header, *blobs), len(header))

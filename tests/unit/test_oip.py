@@ -263,3 +263,28 @@ def test_fp16_json_overflow_becomes_inf_like_a_cast() -> None:
     spec = make_spec([("x", "FP16", [-1, 2])])
     req = oip.decode_infer_request(_body({"name": "x", "datatype": "FP16", "shape": [1, 2], "data": [1e6, 1]}), spec)
     assert torch.isinf(req.inputs["x"][0, 0]) and req.inputs["x"][0, 1] == 1
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16"])
+def test_non_finite_json_floats_round_trip_as_python_writes_them(datatype: str) -> None:
+    # Python clients write NaN and Infinity (not JSON, but Python's json reads them); orjson refuses them, so the
+    # codec reads them with json, and writes them as json does, not as orjson's null.
+    x = torch.tensor([[float("nan"), float("inf")], [-float("inf"), 1.5]]).to(torch_dtype(datatype))
+    body = oip.encode_infer_request({"x": x}).body
+    assert b"NaN" in body and b"-Infinity" in body
+    got = oip.decode_infer_request(body, make_spec([("x", datatype, [-1, 2])])).inputs["x"]
+    assert got.dtype == x.dtype and torch.equal(got.isnan(), x.isnan()) and torch.equal(got.nan_to_num(), x.nan_to_num())
+    answer = oip.encode_infer_response("fn", "1", {"y": x}, [OutputRequest("y", False)]).body
+    assert b"NaN" in answer and b"null" not in answer
+    _, outs = oip.decode_infer_response(answer)
+    assert torch.equal(outs["y"].isnan(), x.isnan()) and torch.equal(outs["y"].nan_to_num(), x.nan_to_num())
+
+
+def test_finite_answers_are_the_json_python_reads_back() -> None:
+    y = sample("FP32", (3, 5))
+    answer = oip.encode_infer_response("fn", "1", {"y": y, "z": torch.arange(4)},
+                                       [OutputRequest("y", False), OutputRequest("z", False)], "id-1",
+                                       {"compute_ms": 0.1234567891234, "swapped": True, "lane": 1}).body
+    doc = json.loads(answer)
+    assert doc["outputs"][0]["data"] == y.reshape(-1).tolist() and doc["outputs"][1]["data"] == [0, 1, 2, 3]
+    assert doc["parameters"] == {"compute_ms": 0.1234567891234, "swapped": True, "lane": 1} and doc["id"] == "id-1"
