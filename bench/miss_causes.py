@@ -1,8 +1,10 @@
 """Why functions missed their SLO in a trace run, from the raw per-request records of ``bench/trace.py --raw``:
 for each function whose P98 is over its SLO, the largest part of its worst request (client side, gateway,
 controller, queue, dispatch, pipes, lane, pages, swap, or a refusal), the medians of the parts outside the
-worker, and the attainment the run would have had with every
-request's queueing removed (``trace.miss_causes``; runs since 2026-11-28 carry the same in trace.json).
+worker, the attainment the run would have had with every request's queueing removed, and a burst's followers
+(requests within 10 ms of the one before of their function: batched with it, or alone and then how many late;
+``trace.burst_followers``) — ``trace.miss_causes``; runs since 2026-11-28 carry the same in trace.json, the
+followers since 2026-11-29's thirteenth session.
 
     python bench/miss_causes.py bench/results/<gpu>_<date>/trace.json [raw.jsonl.gz ...]
 """

@@ -137,7 +137,7 @@ def causes_table(r: dict) -> list[str]:
             if mc:
                 lines.append(f"| {label} | {pt['n']} | {mc['missed']} of {pt['functions_called']} | "
                              + " | ".join(str(mc["worst_part"].get(k, 0)) for k in parts)
-                             + f" | {mc['attainment_without_queueing']:.3f} |")
+                             + f" | {mc['attainment_without_queueing']:.3f} | {_followers(mc.get('followers'))} |")
     if not lines:
         return []
     return ["", "Why functions missed: the largest part of each missing function's worst request (client side "
@@ -145,9 +145,18 @@ def causes_table(r: dict) -> list[str]:
             "the controller; dispatch = decision to message sent; pipes = the messages' way to the worker and "
             "back (runs before 2026-11-28's ninth session count dispatch and pipes under controller); lane = in the worker's lane, behind a run queued ahead (runs before 2026-11-28's seventh "
             "session count it under queue); place = the worker's pages phase; swap = a swapped run's device "
-            "phase), and the attainment with every request's queueing (both kinds) removed.", "",
-            "| policy | N | missed | " + " | ".join(parts) + " | attainment without queueing |",
-            "|---|---:|---:|" + "---:|" * (len(parts) + 1), *lines]
+            "phase), and the attainment with every request's queueing (both kinds) removed. Burst followers: requests "
+            "within 10 ms of the one before of their function, batched with it / run alone, and of those alone "
+            "the late or refused against all late or refused requests ('-' where the records have no arrival "
+            "times).", "",
+            "| policy | N | missed | " + " | ".join(parts) + " | attainment without queueing | burst followers |",
+            "|---|---:|---:|" + "---:|" * (len(parts) + 1) + "---|", *lines]
+
+
+def _followers(f: dict | None) -> str:
+    if not f or not f["requests"]:
+        return "-"
+    return f"{f['batched']} / {f['requests'] - f['batched']}, late {f['late_alone']} of {f['late']}"
 
 
 def plots(r: dict, out: Path) -> None:

@@ -555,7 +555,34 @@ def miss_causes(records: list[dict], slo_ms: dict[str, float]) -> dict:
             parts = request_parts(worst)
             causes[max(parts, key=parts.__getitem__)] += 1
     return {"missed": sum(causes.values()), "worst_part": dict(causes.most_common()),
-            "attainment_without_queueing": met_no_queue / max(1, len(by_fn))}
+            "attainment_without_queueing": met_no_queue / max(1, len(by_fn)),
+            "followers": burst_followers(by_fn, slo_ms)}
+
+
+FOLLOWER_MS = 10.0
+"""A request arriving this soon after the one before it of its function is a burst's follower."""
+
+
+def burst_followers(by_fn: dict[str, list[dict]], slo_ms: dict[str, float]) -> dict[str, int]:
+    """Requests that came within :data:`FOLLOWER_MS` of the one before of their function (at CV 2 one in seven
+    does): how many, how many shared that one's run (a batch: the same run time in the same lane), and of
+    the others how many were late or refused, against all late or refused requests. A follower run on its
+    own waits for its leader's swap or run."""
+    n = batched = late_alone = late = 0
+    for fn, rs in by_fn.items():
+        prev = None
+        for r in sorted(rs, key=lambda r: r.get("at_s", 0.0)):
+            bad = r["status"] != 200 or r["latency_ms"] > slo_ms[fn]
+            late += bad
+            if prev is not None and "at_s" in r and (r["at_s"] - prev["at_s"]) * 1e3 < FOLLOWER_MS:
+                n += 1
+                if r["status"] == prev["status"] == 200 and (r.get("compute_ms"), r.get("lane")) == (
+                        prev.get("compute_ms"), prev.get("lane")):
+                    batched += 1
+                else:
+                    late_alone += bad
+            prev = r
+    return {"requests": n, "batched": batched, "late_alone": late_alone, "late": late}
 
 
 def breakdown(rows: list[tuple]) -> dict | None:

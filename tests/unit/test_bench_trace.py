@@ -144,6 +144,21 @@ def test_the_way_to_the_worker_and_back_and_the_dispatch_are_parts_of_their_own(
     assert (trace_module.request_parts(old)["pipes"], trace_module.request_parts(old)["controller"]) == (0.0, 10.5)
 
 
+def test_a_bursts_followers_are_counted_batched_or_alone(trace_module):
+    """Within 10 ms of the request before of their function: batched with it (its run: the same run time in
+    the same lane), or alone — and then late or not."""
+    def at(fn: str, t: float, latency: float, compute: float, lane: int = 0, status: int = 200) -> dict:
+        return _rec(fn, latency, status=status) | {"at_s": t, "compute_ms": compute, "lane": lane}
+
+    records = [at("f0-a", 1.0, 5.0, 2.0), at("f0-a", 1.0001, 5.1, 2.0),  # batched
+               at("f0-a", 1.0002, 12.0, 1.5),  # alone and late
+               at("f0-a", 1.5, 5.0, 2.0),  # not a follower (0.5 s later)
+               at("f1-b", 2.0, 5.0, 2.0), at("f1-b", 2.005, 0.5, -1.0, -1, status=503),  # refused follower
+               at("f1-b", 2.0051, 6.0, 2.0, 1)]  # alone, in time (after a refusal: not its run)
+    got = trace_module.miss_causes(records, {"f0-a": 10.0, "f1-b": 10.0})["followers"]
+    assert got == {"requests": 4, "batched": 1, "late_alone": 2, "late": 2}
+
+
 def test_miss_causes_cli_reads_a_runs_raw_records(tmp_path):
     import gzip
     import json
