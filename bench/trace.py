@@ -153,7 +153,8 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                             bool(params.get("swapped", False)), params.get("server_ms", -1.0),
                             params.get("total_ms", -1.0), headers_ms, reason, params.get("dispatch_ms", -1.0),
                             params.get("worker_ms", -1.0), params.get("lane", -1), params.get("phases_ms", {}),
-                            params.get("to_worker_ms", -1.0), params.get("from_worker_ms", -1.0)))
+                            params.get("to_worker_ms", -1.0), params.get("from_worker_ms", -1.0),
+                            params.get("expected_ms", -1.0)))
 
         tasks = []
         for t, i in trace:
@@ -408,7 +409,8 @@ def read_raw(directory: Path) -> dict[str, list[dict]]:
 
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
-              "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms", "to_worker_ms", "from_worker_ms")
+              "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms", "to_worker_ms", "from_worker_ms",
+              "expected_ms")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,

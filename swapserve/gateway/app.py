@@ -258,6 +258,7 @@ async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes | memoryvi
               "compute_ms": result.compute_ms, "total_ms": result.total_ms, "dispatch_ms": result.dispatch_ms,
               "worker_ms": result.worker_ms, "lane": result.lane, "phases_ms": result.phases_ms,
               "to_worker_ms": result.to_worker_ms, "from_worker_ms": result.from_worker_ms,
+              "expected_ms": result.expected_ms,
               "server_ms": (time.perf_counter() - entered) * 1e3}  # request taken up → result, before encoding
     json_bytes = sum(result.outputs[o.name].nbytes for o in req.outputs if not o.binary and o.name in result.outputs)
     return await _maybe_thread(json_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,

@@ -76,6 +76,9 @@ class InferResult:
     """From the worker sending its reply to the controller's loop taking it up. With these two,
     ``total_ms - queue_ms - dispatch_ms - to_worker_ms - worker_ms - from_worker_ms`` is the controller's
     own work on the reply before answering."""
+    expected_ms: float = 0.0
+    """The scheduler's estimate of the run (its swap and execution, slowed by the runs it expected beside it:
+    ``Dispatch.expected_ms``), against which ``compute_ms`` tells how good its cost model was."""
 
 
 @dataclass(frozen=True)

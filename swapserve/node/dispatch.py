@@ -494,7 +494,8 @@ class Dispatcher:
                                                     dispatch_ms=(fl.sent - fl.started) * 1e3,
                                                     worker_ms=res.handled_ms, lane=res.lane, phases_ms=res.phases_ms,
                                                     to_worker_ms=(res.received_at - fl.piped_at) * 1e3,
-                                                    from_worker_ms=(fl.read_at - res.answered_at) * 1e3))
+                                                    from_worker_ms=(fl.read_at - res.answered_at) * 1e3,
+                                                    expected_ms=fl.dispatch.expected_ms))
                 elif p.sink is not None:
                     p.sink.discard()
             # The answers go out first: their tasks run before this (queued after them), the next decision after.

@@ -117,6 +117,7 @@ def test_a_resident_model_runs_in_the_side_lane(server: Server, functions: Funct
     parts = ("queue_ms", "dispatch_ms", "to_worker_ms", "worker_ms", "from_worker_ms")
     assert all(params[k] >= 0 for k in parts), params
     assert sum(params[k] for k in parts) <= params["total_ms"] + 1e-3, params
+    assert params["expected_ms"] > 0, params  # the scheduler's estimate of the run, to compare with compute_ms
 
 
 def test_token_ids_past_the_table_are_a_400_and_the_function_goes_on(server: Server, functions: Functions):

@@ -175,6 +175,32 @@ def test_miss_causes_cli_reads_a_runs_raw_records(tmp_path):
     assert name == "swapserve_5" and got["functions"] == 5 and got["missed"] == 4 and got["worst_part"]["queue"] == 1
 
 
+def test_estimates_cli_compares_each_run_with_what_the_scheduler_expected(tmp_path):
+    import gzip
+    import json
+    import subprocess
+
+    def run(fn: str, compute: float, expected: float, swapped: bool = False, lane: int = 0) -> dict:
+        return _rec(fn, 5.0, swapped=swapped) | {"compute_ms": compute, "expected_ms": expected, "lane": lane}
+
+    (tmp_path / "trace_raw").mkdir()
+    replays = [[run("f0-small", 1.0, 2.0), run("f0-small", 1.0, 2.0),  # one batch of two: one run
+                run("f0-small", 3.0, 2.0, lane=1), run("f1-big", 30.0, 20.0, swapped=True)],
+               [run("f0-small", 2.0, 2.0), _rec("f0-small", 0.0, status=503),
+                _rec("f0-small", 4.0) | {"compute_ms": 1.0}]]  # a record from before the estimates: left out
+    for i, records in enumerate(replays):
+        with gzip.open(tmp_path / "trace_raw" / f"swapserve_5_r{i}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    out = subprocess.run([sys.executable, str(BENCH / "estimates.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line for line in out.splitlines()
+            if line.startswith("| small") or line.startswith("| big")}
+    assert rows.keys() == {("small", "resident", "3"), ("big", "swapped", "1")}
+    cells = [c.strip() for c in rows["small", "resident", "3"].strip("|").split("|")]
+    assert cells[3:] == ["2.00", "2.00", "0.50", "1.00", "1.50"]  # runs 1, 3, 2 ms against 2 ms expected
+    assert [c.strip() for c in rows["big", "swapped", "1"].strip("|").split("|")][5:] == ["1.50"] * 3
+
+
 def test_outside_run_cli_pools_replays_and_splits_resident_from_swapped(tmp_path):
     import gzip
     import json

@@ -1,0 +1,75 @@
+"""How good the scheduler's cost model was in a trace: each run's time as the worker measured it (``compute_ms``:
+its swap, if any, and execution) against what the scheduler expected when it dispatched it (``expected_ms``,
+the response's parameter since 2026-11-29's thirteenth session), from the raw records of ``bench/trace.py
+--raw``, by model and by resident or swapped, every replay of a trace directory pooled. The estimates decide
+where a request runs and whether it is refused as too late to meet its deadline; a model whose runs take
+longer than expected is placed and admitted too eagerly, one that takes less is refused needlessly.
+
+    python bench/estimates.py TRACE_DIR [TRACE_DIR ...]
+
+Prints one markdown row per model and kind of run: runs, the medians of the run and of the estimate, and the
+10th, 50th and 90th percentiles of run / estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trace import model_of, read_raw  # noqa: E402  (bench/trace.py)
+
+
+def runs(directory: Path) -> list[dict]:
+    """One record per run (a batch's requests share their run: the same function, lane and run time) of every
+    replay in ``directory/trace_raw`` that reported its estimate."""
+    out = []
+    for records in read_raw(directory).values():
+        seen = set()
+        for r in records:
+            key = (r["function"], r.get("lane"), r.get("compute_ms"))
+            if r["status"] == 200 and r.get("expected_ms", -1.0) > 0 and key not in seen:
+                seen.add(key)
+                out.append(r)
+    return out
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def rows(records: list[dict]) -> list[str]:
+    groups: dict[tuple[str, bool], list[dict]] = {}
+    for r in records:
+        groups.setdefault((model_of(r["function"]), bool(r["swapped"])), []).append(r)
+    out = []
+    for (model, swapped), rs in sorted(groups.items()):
+        ratio = [r["compute_ms"] / r["expected_ms"] for r in rs]
+        out.append(f"| {model} | {'swapped' if swapped else 'resident'} | {len(rs)} | "
+                   f"{statistics.median(r['compute_ms'] for r in rs):.2f} | "
+                   f"{statistics.median(r['expected_ms'] for r in rs):.2f} | "
+                   + " | ".join(f"{quantile(ratio, q):.2f}" for q in (0.1, 0.5, 0.9)) + " |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("traces", type=Path, nargs="+", help="directories holding trace_raw/")
+    args = ap.parse_args()
+    for d in args.traces:
+        records = runs(d)
+        print(f"## {d}\n")
+        if not records:
+            print("No run reported its estimate (traces before 2026-11-29's thirteenth session).\n")
+            continue
+        print("| model | run | runs | run ms (median) | expected ms (median) | run / expected p10 | p50 | p90 |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print("\n".join(rows(records)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
