@@ -65,6 +65,9 @@ def run(scenario: Scenario, metrics: Metrics | None = None, **config: Any) -> Ti
         await service.listen()
         front = RemoteNode()
         await front.connect(str(service.socket_path), 0, 0)
+        # A change made on the node is pushed to the front on the next loop turn; a call's reply, on the same
+        # connection, comes after that push.
+        node.synced = front.status  # type: ignore[method-assign]
         try:
             async with atu.TestClient(atu.TestServer(make_app(front, gateway, front.metrics))) as client:
                 await scenario(client, node)
@@ -111,8 +114,10 @@ def test_health_and_server_metadata() -> None:
         assert (await c.get("/v2/health/live")).status == 200
         assert (await c.get("/v2/health/ready")).status == 200
         node.ready = False
+        await node.synced()
         assert "not ready" in await error(await c.get("/v2/health/ready"), 503)
         node.live = False
+        await node.synced()
         assert "not live" in await error(await c.get("/v2/health/live"), 503)
         meta = await (await c.get("/v2")).json()
         assert meta["name"] == "swapserve" and meta["version"] == __version__
@@ -137,6 +142,7 @@ def test_model_metadata_and_readiness() -> None:
         assert (await c.get("/v2/models/mixed/ready")).status == 200
         assert (await c.get("/v2/models/mixed/versions/1/ready")).status == 200
         await node.unload("mixed")
+        await node.synced()
         assert "UNAVAILABLE: unloaded by request" in await error(await c.get("/v2/models/mixed/ready"), 400)
         await error(await c.get("/v2/models/nope/ready"), 404)
         await error(await c.get("/v2/models/mixed/versions/2/ready"), 404)

@@ -72,6 +72,11 @@ class TinyNode:
     def watch(self, changed: Callable[[str | None], None]) -> None:
         self._watchers.append(changed)
 
+    async def synced(self) -> None:
+        """Return once what the gateway sees has caught up with a change made on the node itself (not through
+        the gateway). Served directly it has; a front (``test_gateway.run``, relayed) learns it from the catalog
+        push, and replaces this with a round trip to the node behind that push."""
+
     def _changed(self, name: str | None) -> None:
         for changed in self._watchers:
             changed(name)
