@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from stats import percentile  # noqa: E402
 from trace import model_of, read_raw  # noqa: E402  (bench/trace.py)
 
 
@@ -37,11 +38,6 @@ def runs(directory: Path) -> list[dict]:
     return out
 
 
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def rows(records: list[dict]) -> list[str]:
     groups: dict[tuple[str, bool], list[dict]] = {}
     for r in records:
@@ -52,7 +48,7 @@ def rows(records: list[dict]) -> list[str]:
         out.append(f"| {model} | {'swapped' if swapped else 'resident'} | {len(rs)} | "
                    f"{statistics.median(r['compute_ms'] for r in rs):.2f} | "
                    f"{statistics.median(r['expected_ms'] for r in rs):.2f} | "
-                   + " | ".join(f"{quantile(ratio, q):.2f}" for q in (0.1, 0.5, 0.9)) + " |")
+                   + " | ".join(f"{percentile(ratio, q):.2f}" for q in (10, 50, 90)) + " |")
     return out
 
 

@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from node_harness import Server  # noqa: E402
+from stats import percentile  # noqa: E402
 from swapserve.client import Client  # noqa: E402
 from swapserve.functions.build import build_bundle  # noqa: E402
 from swapserve.functions.bundle import pack  # noqa: E402
@@ -81,11 +82,6 @@ def handle(request, models):
     return {"y": x}
 """
 ECHO_CALLS = CALLS.replace('models["model"]', 'models["echo"]')
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
 def function(root: Path, name: str, handler: str | None) -> Path:
@@ -149,8 +145,8 @@ def over_http(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         by_calls = {k: h.timed(args.requests // 2, args.warmup, "conv1mib-calls", x, {"calls": k}) for k in (0, 1, 8)}
     finally:
         server.stop()
-    return {"direct_p50_ms": med(d), "direct_p99_ms": pct(d, 99), "handler_p50_ms": med(hd),
-            "handler_p99_ms": pct(hd, 99), "handler_added_p50_ms": med(hd) - med(d),
+    return {"direct_p50_ms": med(d), "direct_p99_ms": percentile(d, 99), "handler_p50_ms": med(hd),
+            "handler_p99_ms": percentile(hd, 99), "handler_added_p50_ms": med(hd) - med(d),
             "node_call_p50_ms_1MB": (med(by_calls[8]) - med(by_calls[0])) / 8,
             "handler_p50_ms_by_calls": {str(k): med(v) for k, v in by_calls.items()}}
 

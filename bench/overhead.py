@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from http1 import BlockingConnection, Client  # noqa: E402
 from node_harness import Server, tiny_function  # noqa: E402
+from stats import percentile  # noqa: E402
 from steal import StealMeter  # noqa: E402
 
 NAME = "tiny"
@@ -60,11 +61,6 @@ PARTS: dict[str, Callable[[float, dict], float]] = {
 the encoding of the response (round trip − ``server_ms``); the gateway's decoding and checks before the node took
 it (``server_ms − total_ms``); the node's queue and dispatch (the decision, inputs into the IO slab); the message's
 way to the worker; the worker's own work besides the run; the reply's way back; the controller's work on the reply."""
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
 def _lean_post(port: int) -> Callable[[], tuple[int, bytes]]:
