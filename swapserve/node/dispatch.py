@@ -39,6 +39,14 @@ one thread (this process runs torch with one intra-op thread) took ~28 ms for a 
 COPY_PIECE_BYTES = 4 << 20
 
 
+ARRIVAL_TURNS = 2
+"""Turns of the event loop an arrival's decision waits, so that the requests of a burst that reached the node
+together are all queued when it is taken and leave in one batch. At CV 2 one request in seven comes within
+10 ms of the one before of its function, many within 20 µs (two sends of one client): decided at once, the
+first went alone and the second waited for its run, swap included. Under uvloop a request read while another's
+handler runs has its handler run in the next turn (reads come after the ready callbacks in a turn): two turns
+let it join. A turn of a loop with nothing else ready takes microseconds."""
+
 PREFETCH_WANTED_S = 1.0
 """How long a prefetch that found every first lane busy is retried (as runs end) before it is dropped."""
 
@@ -198,6 +206,8 @@ class Dispatcher:
         """Prefetches that found no idle lane: entity → when asked for (retried as runs end)."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._arrivals: asyncio.Handle | None = None
+        """The decision an arrival asked for (:meth:`_decide_soon`), while it waits its turns."""
         self._hot_until = 0.0
         self._spinning = False
         self._ids = itertools.count()
@@ -239,7 +249,7 @@ class Dispatcher:
             raise OverloadedError(reject.reason, reject.retry_after, reject.status)
         fut: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
         self._pending[req.id] = _Pending(req, tensors, fut, now, sink)
-        self.pump()
+        self._decide_soon()
         self._keep_hot()
         try:
             return await fut
@@ -270,6 +280,18 @@ class Dispatcher:
         for d in decision.dispatches:
             self._dispatch(d, now)
         self._arm_timer(now)
+
+    def _decide_soon(self) -> None:
+        """:meth:`pump` in :data:`ARRIVAL_TURNS` turns of the event loop, once for all the arrivals meanwhile."""
+        if self._arrivals is None:
+            self._arrivals = asyncio.get_running_loop().call_soon(self._turn, ARRIVAL_TURNS - 1)
+
+    def _turn(self, left: int) -> None:
+        if left:
+            self._arrivals = asyncio.get_running_loop().call_soon(self._turn, left - 1)
+        else:
+            self._arrivals = None
+            self.pump()
 
     def prefetch(self, entity: str) -> None:
         """Copy a model entity's weights onto a device ahead of its requests (see :meth:`Scheduler.prefetch`):
