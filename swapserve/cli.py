@@ -368,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "/api/v1/scheduling changes it on a running node)")
     s.add_argument("--place-ahead", action=argparse.BooleanOptionalAction, default=None,
                    help="a run queued behind another in a device's first lane has its pages placed (evictions, "
-                        "remaps) while the run before it executes (default: off; PATCH /api/v1/scheduling "
-                        "changes it on a running node)")
+                        "remaps) and its copies started while the run before it executes (default: off; PATCH "
+                        "/api/v1/scheduling changes it on a running node)")
     s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
     s.add_argument("--token", default=argparse.SUPPRESS,
                    help="token the management API requires (default: $SWAPSERVE_TOKEN)")

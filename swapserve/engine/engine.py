@@ -28,13 +28,13 @@ import torch
 from swapserve.artifact.load import Artifact
 from swapserve.artifact.manifest import dtype_from_name
 from swapserve.config import EngineConfig
-from swapserve.engine.backend import Backend, make_backend
+from swapserve.engine.backend import Backend, Waiter, make_backend
 from swapserve.engine.layout import Chunk, Layout, last_chunk_of
 from swapserve.engine.pages import PagePool, Placement, PlacementPlan, Residency, Value
 from swapserve.engine.program import Program, load_program
 from swapserve.engine.store import HostEntry, HostStore
-from swapserve.errors import (ArtifactError, InvalidInputError, NotFoundError, NotResidentError, PoolBusyError,
-                              WorkspaceError)
+from swapserve.errors import (ArtifactError, BackendError, InvalidInputError, NotFoundError, NotResidentError,
+                              PoolBusyError, WorkspaceError)
 from swapserve.tensors import fits_shape
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ class RunInfo:
     device_ms: float = 0.0
     """Launch to the copies and compute landing (waited for), with the copies ``infer(output=...)`` enqueued."""
     placed_ahead: bool = False
-    """Its pages were placed while the run before it executed (its ``place_ms`` is what was left to do)."""
+    """Its pages were placed, and its copies started, while the run before it executed (its ``place_ms`` is
+    what was left to do; its ``device_ms`` includes waiting for what was left of those copies)."""
 
 
 @dataclass
@@ -107,6 +108,8 @@ class _Ahead:
     host: HostEntry | None = None
     plan: PlacementPlan | None = None
     """None once done: placing failed (the run places as usual)."""
+    copies: Waiter | None = None
+    """The plan's copies, started once the pages were placed (None: nothing to copy)."""
 
 
 @dataclass
@@ -310,13 +313,18 @@ class SwapEngine:
     def place_ahead(self, name: str, value: Value | None, ticket: int) -> None:
         """Start placing the pages a coming lane-0 run of ``name`` needs — evictions, and the remaps, whose
         driver calls burn ~0.05–1 ms of CPU a page (``bench/remap_cost.py``) — on a thread of the engine's own,
-        now, while the runs before it execute, instead of when it starts. ``ticket`` names that run: its
+        now, while the runs before it execute, instead of when it starts; then copying its missing bytes into
+        them, queued on the copy stream behind the copies of the run before (already launched: the copy
+        engine serves them in order, so that run is not slowed), landing during its compute, its answer and
+        the hand-over. The coming run then waits on the device for what is left of them and runs as a
+        resident model does: the same graph, so the same bits. ``ticket`` names that run: its
         :meth:`infer` passes the same and finds the pages placed (waiting for the placing to end, if need be).
         Only for the run right behind the one lane 0 has launched (``infer(launched=...)``: its pages are
         pinned), never further back: pages pinned for a later run could be what an earlier one needs, and it
         would wait for them forever. Call it before that run can reach its infer. The pages stay pinned until
         that run ends; a run that does not come (its infer failed first, or another run of the model in lane 0
-        came first) lets them go. Does nothing if the model is already being placed ahead."""
+        came first) lets them go once the copies landed (and keeps what they brought). Does nothing if the model
+        is already being placed ahead."""
         with self._lock:
             m = self._get(name)
             if m.ahead is not None:
@@ -332,6 +340,14 @@ class SwapEngine:
                 with self._lock:
                     host, plan = self._take_pages(m, value, None)
                 self._remap_taken(m, plan)
+                if plan.load:
+                    assert host.buffer is not None
+                    try:
+                        a.copies = self.backend.start_copies(m.va, host.buffer, m.chunks,
+                                                             self._copy_mask(m, plan.load), m.events)
+                    except BaseException:
+                        self._release(m)
+                        raise
             a.host, a.plan = host, plan
         except Exception:  # noqa: BLE001 - the run places its pages itself
             log.debug("placing %s ahead failed; its run will", m.name, exc_info=True)
@@ -357,7 +373,24 @@ class SwapEngine:
             m.ahead = None
         a.done.wait()
         if a.plan is not None:
+            self._land_ahead(m, a)
             self._release(m)
+
+    def _land_ahead(self, m: _Model, a: _Ahead) -> None:
+        """Wait for the copies started ahead for a run that will not use them (failed or never came) before
+        its pages are let go — a copy must not land in a page another model has taken — and count what they
+        brought as loaded."""
+        if a.copies is None or a.plan is None:
+            return
+        try:
+            a.copies.finish()
+        except BackendError:
+            log.warning("copying %s ahead failed; its next run copies again", m.name, exc_info=True)
+            return
+        finally:
+            a.copies = None
+        with self._lock:
+            self.pool.loaded(m.name, a.plan.load)
 
     def _release(self, m: _Model) -> None:
         """Unpin the model's pages and host buffer (one pin of each)."""
@@ -502,16 +535,22 @@ class SwapEngine:
         Lane 0's run ``ticket`` takes the pages placed for it ahead (:meth:`place_ahead`), if any."""
         asked = time.perf_counter()
         self._local.placed_ahead = False
+        self._local.copies_ahead = None
         if lane == 0 and limit is None and ticket is not None and (a := m.ahead) is not None and a.ticket == ticket:
             assert a.host is not None and a.plan is not None and a.done.is_set()  # settled by infer
             with self._lock:
                 m.ahead = None
                 self.stats.placed_ahead += 1
             self._local.placed_ahead = True
+            self._local.copies_ahead = a.copies  # :meth:`_run` waits for them
             self._local.place_parts = ((time.perf_counter() - asked) * 1e3, 0.0, 0.0)
             try:
                 yield a.host, a.plan
             finally:
+                self._local.copies_ahead = None
+                if a.copies is not None:  # landed, unless the run failed before waiting for them
+                    with contextlib.suppress(BackendError):
+                        a.copies.finish()
                 self._release(m)
             return
         with self._lock:
@@ -577,16 +616,21 @@ class SwapEngine:
         loaded only once their copies landed."""
         assert host.buffer is not None
         copy = self._copy_mask(m, plan.load)
+        launch = copy  # what this launch copies
         wall0, cpu0 = time.perf_counter(), time.thread_time()
+        ahead: Waiter | None = self._local.copies_ahead
+        if ahead is not None:  # started with the placing ahead: the run waits for them, on the device
+            ahead.wait(len(m.chunks) - 1)
+            launch = [False] * len(copy)
         if plan.load and peer is not None:  # from a peer's pages: the bytes first, then a resident model's run
             self.backend.fetch_peer(m.va, peer.device, peer.pages, m.chunks, copy)
         elif plan.load and ln.index:  # a side lane's fetch: likewise, from host
             self.backend.fetch(m.va, host.buffer, m.chunks, copy)
-        piped = bool(plan.load) and not ln.index and peer is None
+        piped = bool(plan.load) and not ln.index and peer is None and ahead is None
         if self.mode == "graph" and batch not in m.graphs:
             if not exclusive:
                 raise _NeedsCapture
-            outs = self._first_run_graph(m, host, plan, copy, inputs, batch, ln.index)
+            outs = self._first_run_graph(m, host, plan, launch, inputs, batch, ln.index)
         elif self.mode == "graph":
             graphs = m.graphs[batch]
             if piped and graphs.swap_host_ptr != host.buffer.data_ptr():

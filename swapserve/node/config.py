@@ -72,9 +72,9 @@ class ServeConfig:
     of from host memory, when the scheduler expects that to finish first (``swapserve`` policy, two or more
     devices). Off by default until a trace on the GPUs shows it helps (see docs/design.md, "Peer copies")."""
     place_ahead: bool = False
-    """A run queued behind another in a device's first lane has its pages placed (evictions, remaps) while
-    the run before it executes, not when it starts (``swapserve`` policy; see docs/design.md, "Placing
-    ahead")."""
+    """A run queued behind another in a device's first lane has its pages placed (evictions, remaps) and its
+    copies started (queued behind the copies of the run before) while the run before it executes, not when
+    it starts (``swapserve`` policy; see docs/design.md, "Placing ahead")."""
     host_store_bytes: int | None = None
     """Capacity of the pinned host store shared by all workers; beyond it models spill to their
     safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``."""

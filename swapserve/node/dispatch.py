@@ -564,7 +564,8 @@ class Dispatcher:
         self.scheduler.observe_completion(self.state, fn_name, w.index, fl.batch, res.wall_ms, res.swapped,
                                           (now - fl.begun) * 1e3, now,
                                           copy_ms=None if from_host else fl.dispatch.copy_ms,
-                                          fetched=bool(res.lane) or res.from_peer, beside=fl.dispatch.beside)
+                                          fetched=bool(res.lane) or res.from_peer, beside=fl.dispatch.beside,
+                                          ahead=res.placed_ahead)
 
     def _keep_hot(self) -> None:
         """Keep the event loop polling (not sleeping) while runs are in flight and ``spin_s`` after."""

@@ -78,7 +78,7 @@ class Run:
     peer_pages: tuple[int, ...] = ()
     """The lender's page for each of the model's slots."""
     place_ahead: bool = False
-    """Lane 0 may place its pages (evictions, remaps) while the run before it executes
+    """Lane 0 may place its pages (evictions, remaps) and start its copies while the run before it executes
     (``SwapEngine.place_ahead``)."""
 
 
@@ -208,7 +208,7 @@ class RunResult:
     """Its missing bytes came from the device that lent the model (not from host: it was resident, or the run
     had to capture a graph first)."""
     placed_ahead: bool = False
-    """Its pages were placed while the run before it executed (``Run.place_ahead``)."""
+    """Its pages were placed, and its copies started, while the run before it executed (``Run.place_ahead``)."""
     received_at: float = 0.0
     answered_at: float = 0.0
     """``time.perf_counter()`` in the worker when its message had been read and when the reply went out — the

@@ -235,8 +235,9 @@ class Worker:
         self._answer(msg, received, result)
 
     def _place_ahead(self, msg: Any) -> None:
-        """Start placing the pages of lane 0's next command (``SwapEngine.place_ahead``) if it is a run that may
-        be (``Run.place_ahead``): not for the on-demand baseline, a peer's copy or a fetch."""
+        """Start placing the pages of lane 0's next command, and copying into them (``SwapEngine.place_ahead``),
+        if it is a run that may be (``Run.place_ahead``): not for the on-demand baseline, a peer's copy or a
+        fetch."""
         from swapserve.errors import SwapserveError
         from swapserve.node.messages import Run
 

@@ -148,8 +148,8 @@ class Scheduler:
         ``peer_copies``: under ``swapserve``, a model may be copied from another device that holds it, where the
         node measured ``LinkProfile.d2d_GBps`` (faster than from host: NVLink). ``side_lanes``: how many of each
         device's side lanes new runs may take (None: every one the device has). ``place_ahead``: under
-        ``swapserve``, the run right behind the one a first lane has launched has its pages placed meanwhile
-        (the workers do it; the scheduler only carries the setting)."""
+        ``swapserve``, the run right behind the one a first lane has launched has its pages placed and its
+        copies started meanwhile (the workers do it; the scheduler only carries the setting)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
@@ -709,7 +709,7 @@ class Scheduler:
 
     def observe_completion(self, state: NodeState, function: str, device: int, batch: int, exec_ms: float,
                            swapped: bool, total_ms: float, now: float, copy_ms: float | None = None,
-                           fetched: bool = False, beside: int = 0) -> None:
+                           fetched: bool = False, beside: int = 0, ahead: bool = False) -> None:
         """Refine ``function``'s profile, or the node's slowdown of runs side by side, from a finished run and
         note its use on ``device``.
 
@@ -722,7 +722,8 @@ class Scheduler:
         max(copy, exec × slowdown)`` (``fetched`` by a side lane: ``total_ms - (copy + exec × slowdown)``), with
         ``copy_ms`` as the dispatch expected it (pass ``Dispatch.copy_ms``; default: the whole model over an
         uncontended host link). Each observation is clamped to within ``OUTLIER_FACTOR`` of the current value
-        (exec, slowdown) or to [0, total] (overhead).
+        (exec, slowdown) or to [0, total] (overhead). A swap placed ahead (``ahead``: its copies started while
+        the run before it executed) teaches nothing: its time is not a swap's.
         """
         prof = state.profiles.get(function)
         state.touch(function)  # its use, and its profile below
@@ -745,7 +746,7 @@ class Scheduler:
                 obs = min(max(exec_ms, old / OUTLIER_FACTOR), old * OUTLIER_FACTOR)
                 prof.exec_ms[batch] = old + EXEC_WEIGHT * (obs - old)
             return
-        if not (total_ms >= 0 and math.isfinite(total_ms)):
+        if ahead or not (total_ms >= 0 and math.isfinite(total_ms)):
             return
         c = copy_ms if copy_ms is not None else prof.nbytes / (state.link.h2d(1) * 1e6)
         slowed = prof.exec_at(batch) * state.link.exec_slowdown_copying * state.link.beside(beside)

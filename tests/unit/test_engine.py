@@ -515,6 +515,7 @@ def test_pages_placed_while_the_run_before_executes_give_the_same_bits(make_arti
         assert same(out, ref[name]), (i, name)
         run = eng.last_run()
         assert run.swapped and run.placed_ahead == (i > 0), (i, run)
+        assert run.bytes_copied > 0  # copied ahead or not, the run's swap counts what was copied
         assert run.place_remap_ms == 0.0 or i == 0
     assert launched == list(range(len(order)))
     assert eng.stats.placed_ahead == len(order) - 1
@@ -549,6 +550,28 @@ def test_pages_placed_for_a_run_that_does_not_come_are_let_go(make_artifact, mak
     eng.pool.check()
     with pytest.raises(NotFoundError):
         eng.place_ahead("b", None, ticket=12)
+
+
+@pytest.mark.parametrize(("device", "mode"), AHEAD_MODES, ids=[f"{d}-{m}" for d, m in AHEAD_MODES])
+def test_copies_started_ahead_are_kept_when_their_run_does_not_come(make_artifact, make_engine, device, mode):
+    """Placing ahead also starts the copies (behind the run before, on the copy stream). A run that then does
+    not come lets the pages go only once those copies landed, and what they brought stays: the next run of
+    the model finds it resident."""
+    a, _, xa = make_artifact("mlp", seed=27, name="a")
+    b, _, xb = make_artifact("tied", seed=28, name="b")
+    eng = make_engine(device, mode, pool_mib=12, page_mib=2)
+    eng.add("a", a)
+    eng.add("b", b)
+    ref = eng.infer("b", xb)
+    eng.infer("a", xa)  # b partly evicted
+    assert eng.residency("b") is not Residency.RESIDENT
+    eng.place_ahead("b", None, ticket=7)
+    ahead = eng._models["b"].ahead
+    assert ahead is not None and ahead.done.wait(10) and ahead.copies is not None
+    assert same(eng.infer("b", xb, ticket=8), ref)  # not run 7: its copies landed, then its pages let go
+    assert not eng.last_run().swapped and not eng.last_run().placed_ahead
+    assert not eng.pool.placements["b"].pins
+    eng.pool.check()
 
 
 def test_a_run_without_a_ticket_lets_pages_placed_ahead_go(make_artifact, make_engine):

@@ -598,6 +598,10 @@ def test_observe_completion_refines_swap_overhead():
     assert s.profiles["f"].swap_overhead_ms == pytest.approx(2.0, rel=1e-3)
     sch.observe_completion(s, "f", 0, 1, 1.0, True, 5.0, T0, copy_ms=20.0)  # faster than the copy: 0
     assert 0.0 <= s.profiles["f"].swap_overhead_ms < 2.0
+    learnt = s.profiles["f"].swap_overhead_ms
+    # A swap placed ahead copied while the run before it executed: its 1 ms says nothing of a swap's overhead.
+    sch.observe_completion(s, "f", 0, 1, 1.0, True, 1.0, T0, copy_ms=20.0, ahead=True)
+    assert s.profiles["f"].swap_overhead_ms == learnt
 
 
 def test_rejects_bad_configuration():
