@@ -175,6 +175,31 @@ def test_miss_causes_cli_reads_a_runs_raw_records(tmp_path):
     assert name == "swapserve_5" and got["functions"] == 5 and got["missed"] == 4 and got["worst_part"]["queue"] == 1
 
 
+def test_followers_cli_says_how_long_after_its_leader_each_follower_finished(tmp_path):
+    """Within 1 ms of the one before of its function: its finish after that one's (latency + gap − the
+    leader's latency), by whether the leader swapped, and how many were late."""
+    import gzip
+    import json
+    import subprocess
+
+    def at(fn: str, t: float, latency: float, swapped: bool = False) -> dict:
+        return _rec(fn, latency, swapped=swapped) | {"at_s": t}
+
+    records = [at("f0-small", 1.0, 6.0, swapped=True), at("f0-small", 1.0005, 5.6),  # batched: +0.1
+               at("f0-small", 2.0, 3.0), at("f0-small", 2.0002, 12.0),  # run apart, late: +9.2
+               at("f0-small", 2.5, 3.0), at("f1-small", 2.5, 3.0),  # neither follows one of its own
+               at("f1-small", 3.0, 3.0), at("f1-small", 3.002, 3.0)]  # 2 ms later: not a follower
+    (tmp_path / "trace.json").write_text(json.dumps({"slo_ms": {"small": 10.0}}))
+    (tmp_path / "trace_raw").mkdir()
+    with gzip.open(tmp_path / "trace_raw" / "swapserve_5.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    out = subprocess.run([sys.executable, str(BENCH / "followers.py"), str(tmp_path / "trace.json")],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[2:]]
+    name = f"{tmp_path.name}/swapserve_5"
+    assert rows == [[name, "swapped", "1", "+0.10", "+0.10", "0"], [name, "resident", "1", "+9.20", "+9.20", "1"]]
+
+
 def test_estimates_cli_compares_each_run_with_what_the_scheduler_expected(tmp_path):
     import gzip
     import json
