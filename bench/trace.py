@@ -668,7 +668,8 @@ def main() -> None:
     ap.add_argument("--alternate", metavar="SETTING=A,B",
                     help="an A/B on one node: replays alternate a scheduling setting the running node changes "
                          "(PATCH /api/v1/scheduling), e.g. side_fetch=true,false or swap_piece_ms=3,0; each value's "
-                         "runs are a trace of their own, in OUT/SETTING_VALUE/ (give --repeats a multiple); with "
+                         "runs are a trace of their own, in OUT/SETTING_VALUE/ (give --repeats a multiple), each "
+                         "round of replays in the order of the round before reversed (A B, B A, A B, ...); with "
                          "--raw, OUT/paired.md compares them request by request (bench/paired.py)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -737,7 +738,7 @@ def main() -> None:
             for n in sweep:
                 runs: list[list[dict]] = [[] for _ in variants]
                 for k in range(args.repeats):
-                    v = k % len(variants)
+                    v = variant_of(k, len(variants))
                     out, settings = variants[v]
                     if settings and any(client.configure_scheduling(**settings).get(key) != value
                                         for key, value in settings.items()):
@@ -781,13 +782,23 @@ def main() -> None:
 
 def paired_report(setting: str, dirs: list[Path], out: Path) -> str:
     """An A/B alternating on one node, request by request (``bench/paired.py``): the first value's replays
-    against each other's, written to ``out/paired.md``; replay ``r<i>`` of each value ran one after the other."""
+    against each other's, written to ``out/paired.md``; replay ``r<i>`` of each value ran one after the other
+    (in round i's order, :func:`variant_of`)."""
     from paired import compare, table
 
     a, *others = dirs
     text = f"# {setting}: request by request\n\n" + "\n\n".join(table(a, b, compare(a, b, set())) for b in others)
     (out / "paired.md").write_text(text + "\n")
     return text
+
+
+def variant_of(k: int, variants: int) -> int:
+    """Which variant replay ``k`` of an alternating A/B runs: rounds of one replay each, every round in the
+    order of the one before reversed (A B, B A, A B, ...), so that neither value always runs first: replays drift
+    as a whole (in both pairs of session 14's A/B of two codes on an H200, the replay run first was the slower,
+    every request in it by ~0.5–1 ms at the median, whichever code it was)."""
+    r, p = divmod(k, variants)
+    return p if r % 2 == 0 else variants - 1 - p
 
 
 def alternates(spec: str | None, out: Path) -> list[tuple[Path, dict]]:

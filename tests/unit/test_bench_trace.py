@@ -247,6 +247,12 @@ def test_outside_run_cli_pools_replays_and_splits_resident_from_swapped(tmp_path
     assert len(out) == 4
 
 
+def test_an_alternating_ab_reverses_its_order_every_round(trace_module):
+    assert [trace_module.variant_of(k, 2) for k in range(6)] == [0, 1, 1, 0, 0, 1]
+    assert [trace_module.variant_of(k, 3) for k in range(6)] == [0, 1, 2, 2, 1, 0]
+    assert [trace_module.variant_of(k, 1) for k in range(3)] == [0, 0, 0]
+
+
 def test_an_alternate_setting_gives_each_value_its_directory(trace_module, tmp_path):
     assert trace_module.alternates(None, tmp_path) == [(tmp_path, {})]
     assert trace_module.alternates("side_fetch=true,false", tmp_path) == [
