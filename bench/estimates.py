@@ -8,7 +8,7 @@ longer than expected is placed and admitted too eagerly, one that takes less is 
     python bench/estimates.py TRACE_DIR [TRACE_DIR ...]
 
 Prints one markdown row per model and kind of run: runs, the medians of the run and of the estimate, and the
-10th, 50th and 90th percentiles of run / estimate.
+10th, 50th and 90th percentiles of run / estimate; then the same for runs of one request against batches.
 """
 
 from __future__ import annotations
@@ -26,30 +26,48 @@ from trace import model_of, read_raw  # noqa: E402  (bench/trace.py)
 
 def runs(directory: Path) -> list[dict]:
     """One record per run (a batch's requests share their run: the same function, lane and run time) of every
-    replay in ``directory/trace_raw`` that reported its estimate."""
+    replay in ``directory/trace_raw`` that reported its estimate, with ``requests``: how many it answered."""
     out = []
     for records in read_raw(directory).values():
-        seen = set()
+        first: dict[tuple, dict] = {}
         for r in records:
             key = (r["function"], r.get("lane"), r.get("compute_ms"))
-            if r["status"] == 200 and r.get("expected_ms", -1.0) > 0 and key not in seen:
-                seen.add(key)
-                out.append(r)
+            if r["status"] != 200 or r.get("expected_ms", -1.0) <= 0:
+                continue
+            if key in first:
+                first[key]["requests"] += 1
+            else:
+                first[key] = r | {"requests": 1}
+        out += first.values()
     return out
 
 
-def rows(records: list[dict]) -> list[str]:
-    groups: dict[tuple[str, bool], list[dict]] = {}
-    for r in records:
-        groups.setdefault((model_of(r["function"]), bool(r["swapped"])), []).append(r)
+def rows(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """A row per group of runs: the group's two labels, runs, median run and estimate, run / estimate p10-p90."""
     out = []
-    for (model, swapped), rs in sorted(groups.items()):
+    for (label, kind), rs in sorted(groups.items()):
         ratio = [r["compute_ms"] / r["expected_ms"] for r in rs]
-        out.append(f"| {model} | {'swapped' if swapped else 'resident'} | {len(rs)} | "
+        out.append(f"| {label} | {kind} | {len(rs)} | "
                    f"{statistics.median(r['compute_ms'] for r in rs):.2f} | "
                    f"{statistics.median(r['expected_ms'] for r in rs):.2f} | "
                    + " | ".join(f"{percentile(ratio, q):.2f}" for q in (10, 50, 90)) + " |")
     return out
+
+
+def by_model(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((model_of(r["function"]), "swapped" if r["swapped"] else "resident"), []).append(r)
+    return groups
+
+
+def by_batch(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Runs of one request and batches, each resident or swapped, every model together."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault(("one request" if r["requests"] == 1 else "a batch",
+                           "swapped" if r["swapped"] else "resident"), []).append(r)
+    return groups
 
 
 def main() -> None:
@@ -64,7 +82,10 @@ def main() -> None:
             continue
         print("| model | run | runs | run ms (median) | expected ms (median) | run / expected p10 | p50 | p90 |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
-        print("\n".join(rows(records)) + "\n")
+        print("\n".join(rows(by_model(records))) + "\n")
+        print("| runs of | run | runs | run ms (median) | expected ms (median) | run / expected p10 | p50 | p90 |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print("\n".join(rows(by_batch(records))) + "\n")
 
 
 if __name__ == "__main__":

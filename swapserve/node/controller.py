@@ -38,7 +38,7 @@ from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
 from swapserve.node.dispatch import Dispatcher, OutputSink, reply_error
 from swapserve.node.messages import (AddModel, CopyResult, Exported, ExportPages, ImportPeer, MeasureCopy, PeerResult,
-                                     Prepare, RemoveModel, RunResult, allow_open_files)
+                                     Prepare, Prepared, RemoveModel, allow_open_files)
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
 from swapserve.sandbox.types import PoolStats, SandboxEvent
@@ -395,11 +395,17 @@ class Node:
         return key
 
     def _seed_profile(self, name: str, replies: list[Any], nbytes: int) -> None:
-        times = [r.result.wall_ms for r in replies if r.ok and isinstance(r.result, RunResult)]
+        """A model's resident run times by batch size from its Prepare on each worker (the fastest of them),
+        replacing what was known of the name's model before (a redeploy may bring another model)."""
+        measured: dict[int, float] = {}
+        for r in replies:
+            if r.ok and isinstance(r.result, Prepared):
+                for b, ms in r.result.exec_ms.items():
+                    measured[b] = min(ms, measured.get(b, ms))
         prof = self.state.profiles.setdefault(name, ModelProfile(nbytes))
         prof.nbytes = nbytes
-        if times:
-            prof.exec_ms[1] = min(times)
+        if measured:
+            prof.exec_ms = measured
 
     async def _unload_everywhere(self, key: str) -> None:
         await asyncio.gather(*(wk.call(w, RemoveModel(wk.next_id(), key)) for w in self._live_workers()),

@@ -49,7 +49,8 @@ class RemoveModel:
 
 @dataclass(frozen=True)
 class Prepare:
-    """Swap the model in once and capture its graphs for ``batches`` (deploy time, off the request path)."""
+    """Swap the model in once, capture its graphs for ``batches`` and time a resident run at each (deploy time,
+    off the request path): answered with :class:`Prepared`."""
 
     id: int
     key: str
@@ -213,6 +214,12 @@ class RunResult:
     answered_at: float = 0.0
     """``time.perf_counter()`` in the worker when its message had been read and when the reply went out — the
     host's monotonic clock, which the controller shares, so that it can time the messages' way each way."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    exec_ms: dict[int, float]
+    """One resident run's time at each batch size prepared (ms), in the lane where resident runs mostly go."""
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ class LinkProfile:
 
 @dataclass
 class ModelProfile:
-    """Per function: what a run costs. Seeded at deploy by a profiling run, refined from completions."""
+    """Per function: what a run costs. Seeded at deploy by a resident run at each batch size the model runs at
+    (the worker's ``Prepare``), refined from completions."""
 
     nbytes: int
     exec_ms: dict[int, float] = field(default_factory=dict)

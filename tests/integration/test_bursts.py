@@ -1,6 +1,7 @@
 """A burst's requests that reach an idle node together leave in one batch (``dispatch.ARRIVAL_TURNS``): the
-first is not sent alone with the others waiting for its run. Through a real Node in this process with a real
-CPU worker."""
+first is not sent alone with the others waiting for its run; and the scheduler knows what a batch costs from
+deploy on (a resident run timed at every batch size the model runs at), rather than the batch-1 time times its
+size. Through a real Node in this process with a real CPU worker."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ async def _runs(node: Node) -> float:
     return metric(node.metrics.render().decode(), "swapserve_compute_seconds_count", device="cpu")
 
 
-def test_requests_arriving_together_run_as_one_batch(functions: Functions, tmp_path: Path,
+def test_requests_arriving_together_run_as_one_batch_timed_at_deploy(functions: Functions, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(node: Node) -> None:
         await node.deploy(functions.mlp.bundle)  # max batch 8
+        timed = node.state.profiles[functions.mlp.name].exec_ms
+        assert sorted(timed) == [1, 2, 4, 8] and all(ms > 0 for ms in timed.values()), timed
         x = torch.randn(1, 16)
         await node.infer(functions.mlp.name, {"x": x})  # resident from here on
         before = await _runs(node)

@@ -224,6 +224,9 @@ def test_estimates_cli_compares_each_run_with_what_the_scheduler_expected(tmp_pa
     cells = [c.strip() for c in rows["small", "resident", "3"].strip("|").split("|")]
     assert cells[3:] == ["2.00", "2.00", "0.50", "1.00", "1.50"]  # runs 1, 3, 2 ms against 2 ms expected
     assert [c.strip() for c in rows["big", "swapped", "1"].strip("|").split("|")][5:] == ["1.50"] * 3
+    by_batch = {tuple(c.strip() for c in line.strip("|").split("|")[:3]) for line in out.splitlines()
+                if line.startswith("| a batch") or line.startswith("| one request")}
+    assert by_batch == {("a batch", "resident", "1"), ("one request", "resident", "2"), ("one request", "swapped", "1")}
 
 
 def test_outside_run_cli_pools_replays_and_splits_resident_from_swapped(tmp_path):
