@@ -291,8 +291,8 @@ class Worker:
                 self.store.remove(msg.key)
         elif isinstance(msg, m.Prepare):
             # Capture now, off the request path; then time one resident run at each batch size to seed the
-            # scheduler's profile: a batch's time is not the batch-1 time times its size (on an H200 a batch of
-            # two DenseNet-201 requests ran 5.9 ms against 5.3 for one, where that estimate said 11.9).
+            # scheduler's profile: a batch's time is not the batch-1 time times its size (on an H200 a swapped
+            # batch of two DenseNet-201 requests ran 5.9 ms against 5.3 for one, where that estimate said 11.9).
             art = self.engine.artifact(msg.key)
             examples = {b: art.examples(b) for b in msg.batches}
             for x in examples.values():
