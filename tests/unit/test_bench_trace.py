@@ -200,6 +200,31 @@ def test_followers_cli_says_how_long_after_its_leader_each_follower_finished(tmp
     assert rows == [[name, "swapped", "1", "+0.10", "+0.10", "0"], [name, "resident", "1", "+9.20", "+9.20", "1"]]
 
 
+def test_late_replies_cli_counts_those_near_a_large_answer(tmp_path):
+    """Replies read late (from_worker_ms over 2.5) and how many ended within 10 ms of another request's end of
+    the large-output model, against every answered request."""
+    import gzip
+    import json
+    import subprocess
+
+    def at(fn: str, t: float, latency: float, from_worker: float = 0.1, status: int = 200) -> dict:
+        return _rec(fn, latency, status=status) | {"at_s": t, "from_worker_ms": from_worker}
+
+    records = [at("f0-gpt2-medium", 1.0, 10.0),  # ends at 1.010
+               at("f1-small", 1.001, 5.0, from_worker=4.0),  # late, ends 1.006: near
+               at("f1-small", 2.0, 5.0, from_worker=4.0),  # late, nothing near
+               at("f1-small", 1.002, 3.0),  # in time, near
+               at("f0-gpt2-medium", 3.0, 10.0, from_worker=3.0),  # late, but only itself near
+               at("f1-small", 1.003, 0.5, from_worker=9.0, status=503)]  # refused: not counted
+    (tmp_path / "trace_raw").mkdir()
+    with gzip.open(tmp_path / "trace_raw" / "swapserve_5.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    out = subprocess.run([sys.executable, str(BENCH / "late_replies.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    row = [c.strip() for c in out.splitlines()[2].strip("|").split("|")]
+    assert row == [f"{tmp_path.name}/swapserve_5", "5", "2 (40%)", "3", "1 (33%)"]
+
+
 def test_estimates_cli_compares_each_run_with_what_the_scheduler_expected(tmp_path):
     import gzip
     import json
