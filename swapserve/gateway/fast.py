@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import select
 import time
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -43,6 +45,17 @@ ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer
 KEEPALIVE_S = 75.0
 """A connection that says nothing for this long while no request of it is being answered is closed (aiohttp's
 keep-alive timeout for the connections it serves)."""
+
+OFF_LOOP_BYTES = 1 << 20
+"""An answer at least this large is written to its socket by a thread, not by the event loop that every request
+shares: the kernel's copy of GPT-2's 12.9 MB of logits into the socket held the loop for milliseconds an answer
+(the socket writes were the largest part of the loop's work for it, py-spy on the CI box), and on an H200 node
+88–100 % of the worker replies the loop took up more than 2.5 ms late came within 10 ms of such an answer
+(``bench/late_replies.py``, 2026-11-29)."""
+
+SEND_STALL_S = 10.0
+"""A client that reads nothing of such an answer for this long loses its connection (the thread writing it is
+not held longer, so a stop never waits more for it)."""
 
 _HANDED_OVER = (b"transfer-encoding", b"expect", b"upgrade")
 """Headers whose request aiohttp serves (chunked bodies, 100-continue, protocol switches)."""
@@ -306,7 +319,16 @@ class FastHTTP(asyncio.Protocol):
             lines += [f"{k}: {v}" for k, v in headers.items()]
             if head.close or self.closing:
                 lines.append("Connection: close")
-            transport.writelines([("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), *parts])
+            message = [("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), *parts]
+            sock = transport.get_extra_info("socket")
+            if size >= OFF_LOOP_BYTES and sock is not None and not transport.get_write_buffer_size():
+                # Nothing else writes to this connection meanwhile: its next request waits for this answer.
+                try:
+                    await asyncio.to_thread(send_all, os.dup(sock.fileno()), message, SEND_STALL_S)
+                except OSError:  # the client went away or stopped reading: the connection ends
+                    self.close()
+                return
+            transport.writelines(message)
             if self._drained is not None:
                 await self._drained
 
@@ -342,6 +364,29 @@ class FastHTTP(asyncio.Protocol):
         if (rid := call.request_id or safe_request_id(head.request_id)) is not None:
             headers[REQUEST_ID_HEADER] = rid
         return status, parts, headers, function
+
+
+def send_all(fd: int, parts: list[bytes | memoryview], timeout_s: float) -> None:
+    """Write ``parts`` to the (non-blocking) socket ``fd``, waiting while it is full, then close ``fd`` (a
+    duplicate: the connection's transport keeps its own). Raises TimeoutError (an OSError) if the peer reads
+    nothing for ``timeout_s``, or the OSError of a broken connection."""
+    try:
+        views = [memoryview(p).cast("B") for p in parts]
+        writable = select.poll()
+        writable.register(fd, select.POLLOUT)
+        while views:
+            try:
+                sent = os.writev(fd, views)
+            except BlockingIOError:
+                if not writable.poll(timeout_s * 1000):
+                    raise TimeoutError(f"the client read nothing for {timeout_s:.0f} s") from None
+                continue
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if views:
+                views[0] = views[0][sent:]
+    finally:
+        os.close(fd)
 
 
 def _path(head: _Head) -> str:

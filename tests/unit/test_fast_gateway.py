@@ -245,3 +245,79 @@ def test_idle_connections_are_closed_busy_ones_are_not(monkeypatch: pytest.Monke
             writer.close()
 
     serve(scenario, request_timeout_s=1.0)
+
+
+# -- large answers --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("loop")
+def test_a_large_answer_is_written_off_the_loop_and_the_connection_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer of at least OFF_LOOP_BYTES (``wide``: 1.5 MiB of fp16 per row) is written by a thread; the
+    bytes arrive whole and in order, the loop answers another connection meanwhile, and the next request on the
+    same connection is answered after it."""
+    from swapserve.gateway import oip
+
+    x = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
+    enc = oip.encode_infer_request({"x": x}, binary_inputs=True, binary_outputs=True)
+    head = (f"POST /v2/models/wide/infer HTTP/1.1\r\nHost: t\r\nContent-Length: {len(enc.body)}\r\n"
+            f"Inference-Header-Content-Length: {enc.header_length}\r\n\r\n").encode()
+
+    threads = []
+    send_all = fast.send_all
+    monkeypatch.setattr(fast, "send_all", lambda *a: (threads.append(1), send_all(*a))[1])
+
+    async def scenario(port: int, node: TinyNode) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        other_r, other_w = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head + enc.body + infer_head())
+        other_w.write(infer_head())
+        status, headers, body = await read_response(other_r)  # while the large answer waits to be read
+        assert status == 200 and output(node, body)
+        status, headers, body = await read_response(reader)
+        assert status == 200 and len(body) >= fast.OFF_LOOP_BYTES
+        _, out = oip.decode_infer_response(body, headers["inference-header-content-length"])
+        assert torch.equal(out["big"], torch.arange(786432, dtype=torch.float16).reshape(1, -1) * 2)
+        status, _, body = await read_response(reader)
+        assert status == 200 and output(node, body)
+        for w in (writer, other_w):
+            w.close()
+
+    serve(scenario)
+    assert threads == [1]  # the large answer only
+
+
+def test_send_all_writes_everything_in_order_to_a_slow_reader() -> None:
+    import os
+    import socket
+    import threading
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    data = [bytes(range(256)) * 20000, memoryview(bytearray(b"\x07" * 3_000_001)), b"end"]
+    got = bytearray()
+
+    def read() -> None:
+        while chunk := b.recv(65536):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    fast.send_all(os.dup(a.fileno()), data, 5.0)
+    a.close()
+    reader.join(10)
+    assert bytes(got) == b"".join(bytes(d) for d in data)
+    b.close()
+
+
+def test_send_all_gives_up_on_a_peer_that_stops_reading_or_goes_away() -> None:
+    import os
+    import socket
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with pytest.raises(TimeoutError):
+        fast.send_all(os.dup(a.fileno()), [bytes(32 << 20)], 0.2)  # more than the socket buffers hold
+    b.close()
+    with pytest.raises(OSError):
+        fast.send_all(os.dup(a.fileno()), [bytes(32 << 20)], 0.2)
+    a.close()
