@@ -51,8 +51,8 @@ def main() -> None:
         for name, records in read_raw(d).items():
             n = near_large(records, args.model, args.late_ms, args.window_ms)
             share = lambda a, b: f"{a} ({a / b:.0%})" if b else "0"  # noqa: E731
-            print(f"| {d.name}/{name.removesuffix('.jsonl.gz')} | {n['answered']} | {share(n['answered_near'], n['answered'])} | {n['late']} | "
-                  f"{share(n['late_near'], n['late'])} |")
+            print(f"| {d.name}/{name.removesuffix('.jsonl.gz')} | {n['answered']} | "
+                  f"{share(n['answered_near'], n['answered'])} | {n['late']} | {share(n['late_near'], n['late'])} |")
 
 
 if __name__ == "__main__":

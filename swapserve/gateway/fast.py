@@ -320,11 +320,10 @@ class FastHTTP(asyncio.Protocol):
             if head.close or self.closing:
                 lines.append("Connection: close")
             message = [("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), *parts]
-            sock = transport.get_extra_info("socket")
-            if size >= OFF_LOOP_BYTES and sock is not None and not transport.get_write_buffer_size():
-                # Nothing else writes to this connection meanwhile: its next request waits for this answer.
+            fd = _own_fd(transport) if size >= OFF_LOOP_BYTES and not transport.get_write_buffer_size() else None
+            if fd is not None:  # nothing else writes to this connection meanwhile: its next request waits
                 try:
-                    await asyncio.to_thread(send_all, os.dup(sock.fileno()), message, SEND_STALL_S)
+                    await asyncio.to_thread(send_all, fd, message, SEND_STALL_S)
                 except OSError:  # the client went away or stopped reading: the connection ends
                     self.close()
                 return
@@ -364,6 +363,18 @@ class FastHTTP(asyncio.Protocol):
         if (rid := call.request_id or safe_request_id(head.request_id)) is not None:
             headers[REQUEST_ID_HEADER] = rid
         return status, parts, headers, function
+
+
+def _own_fd(transport: asyncio.Transport) -> int | None:
+    """A duplicate of the connection's socket descriptor, for a thread to write to (None where there is none,
+    or no descriptor is left: the loop writes then)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        return os.dup(sock.fileno())
+    except OSError:
+        return None
 
 
 def send_all(fd: int, parts: list[bytes | memoryview], timeout_s: float) -> None:
