@@ -16,7 +16,6 @@ Prints a markdown table, one row per raw file beside each trace.json.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import statistics
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stats import percentile  # noqa: E402  (bench/stats.py)
-from trace import model_of  # noqa: E402  (bench/trace.py)
+from trace import model_of, read_raw  # noqa: E402  (bench/trace.py)
 
 
 def finish_after_leader(records: list[dict], slo_ms: dict[str, float], within_ms: float) -> dict[str, dict]:
@@ -58,12 +57,10 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for t in args.traces:
         slo = json.loads(t.read_text())["slo_ms"]
-        for f in sorted((t.parent / "trace_raw").glob("*.jsonl.gz")):
-            with gzip.open(f, "rt") as fh:
-                records = [json.loads(line) for line in fh]
+        for name, records in read_raw(t.parent).items():
             for kind, s in finish_after_leader(records, slo, args.within_ms).items():
                 if s["n"]:
-                    print(f"| {t.parent.name}/{f.name.removesuffix('.jsonl.gz')} | {kind} | {s['n']} | "
+                    print(f"| {t.parent.name}/{name.removesuffix('.jsonl.gz')} | {kind} | {s['n']} | "
                           f"{s['median_ms']:+.2f} | {s['p90_ms']:+.2f} | {s['late']} |")
 
 
