@@ -361,14 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "PATCH /api/v1/scheduling changes it on a running node)")
     s.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=None,
                    help="a device's second lane may bring a model in by kernel beside the first lane's swap and "
-                        "run it, when that finishes first (default: off; needs two lanes)")
+                        "run it, when that finishes first (default: on; needs two lanes)")
     s.add_argument("--peer-copies", action=argparse.BooleanOptionalAction, default=None,
                    help="a model another device holds may be copied from there (NVLink) instead of from host "
                         "memory, when that finishes first (default: off; needs two or more devices; PATCH "
                         "/api/v1/scheduling changes it on a running node)")
     s.add_argument("--place-ahead", action=argparse.BooleanOptionalAction, default=None,
                    help="a run queued behind another in a device's first lane has its pages placed (evictions, "
-                        "remaps) and its copies started while the run before it executes (default: off; PATCH "
+                        "remaps) and its copies started while the run before it executes (default: on; PATCH "
                         "/api/v1/scheduling changes it on a running node)")
     s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
     s.add_argument("--token", default=argparse.SUPPRESS,

@@ -62,19 +62,20 @@ class ServeConfig:
     queue_ahead_within_ms: float | None = None
     """Queue ahead only when the run ahead is expected to end within this many ms (None: whenever); a running
     node changes it with ``PATCH /api/v1/scheduling``."""
-    side_fetch: bool = False
+    side_fetch: bool = True
     """A device's second lane may bring a model in itself (by kernel, sharing the host link with the first
     lane's copies instead of queueing behind them) and run it there, when that finishes first — a small
-    model's request need not wait for a large model's swap (``swapserve`` policy, two lanes). Off by default
-    until a trace shows it helps (see docs/design.md, "Side fetches")."""
+    model's request need not wait for a large model's swap (``swapserve`` policy, two lanes). On by default
+    since order-balanced traces on an H200 showed it helps (see docs/design.md, "Side fetches")."""
     peer_copies: bool = False
     """A model another device holds whole may be copied from there (device to device: NVLink on GPUs) instead
     of from host memory, when the scheduler expects that to finish first (``swapserve`` policy, two or more
     devices). Off by default until a trace on the GPUs shows it helps (see docs/design.md, "Peer copies")."""
-    place_ahead: bool = False
+    place_ahead: bool = True
     """A run queued behind another in a device's first lane has its pages placed (evictions, remaps) and its
     copies started (queued behind the copies of the run before) while the run before it executes, not when
-    it starts (``swapserve`` policy; see docs/design.md, "Placing ahead")."""
+    it starts (``swapserve`` policy; on by default since an order-balanced trace on an H200 showed it helps:
+    see docs/design.md, "Placing ahead")."""
     host_store_bytes: int | None = None
     """Capacity of the pinned host store shared by all workers; beyond it models spill to their
     safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``."""

@@ -75,11 +75,11 @@ class NodeConfig:
     """See :class:`swapserve.scheduler.Scheduler`."""
     queue_ahead_within_ms: float | None = None
     """See :class:`swapserve.scheduler.Scheduler`."""
-    side_fetch: bool = False
+    side_fetch: bool = True
     """See :class:`swapserve.scheduler.Scheduler` (needs two lanes)."""
     peer_copies: bool = False
     """See :class:`swapserve.scheduler.Scheduler` (needs two or more devices)."""
-    place_ahead: bool = False
+    place_ahead: bool = True
     """See :class:`swapserve.scheduler.Scheduler`."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB

@@ -73,12 +73,12 @@ def test_list_describe_and_status(server: Server):
 def test_scheduling_settings_change_on_the_running_node(server: Server, functions: Functions):
     client = server.client()
     before = client.scheduling()
-    assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": False, "swap_piece_ms": 3.0,
+    assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 3.0,
                       "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None,
-                      "place_ahead": False}
+                      "place_ahead": True}
     try:
-        after = client.configure_scheduling(side_fetch=True, swap_piece_ms=5, queue_ahead_within_ms=2)
-        assert after == {**before, "side_fetch": True, "swap_piece_ms": 5.0, "queue_ahead_within_ms": 2.0}
+        after = client.configure_scheduling(side_fetch=False, swap_piece_ms=5, queue_ahead_within_ms=2)
+        assert after == {**before, "side_fetch": False, "swap_piece_ms": 5.0, "queue_ahead_within_ms": 2.0}
         assert after == client.scheduling()
         for bad, why in (({"swap_piece_ms": 1, "bogus": 1}, "unknown setting 'bogus'"),
                          ({"side_fetch": "yes"}, "side_fetch must be true or false"),
