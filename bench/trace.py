@@ -154,7 +154,8 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                             params.get("total_ms", -1.0), headers_ms, reason, params.get("dispatch_ms", -1.0),
                             params.get("worker_ms", -1.0), params.get("lane", -1), params.get("phases_ms", {}),
                             params.get("to_worker_ms", -1.0), params.get("from_worker_ms", -1.0),
-                            params.get("expected_ms", -1.0)))
+                            params.get("expected_ms", -1.0), params.get("answer_ms", -1.0),
+                            params.get("budget_ms", -1.0)))
 
         tasks = []
         for t, i in trace:
@@ -390,7 +391,7 @@ def finish_profiles(spies: list[tuple[subprocess.Popen, Path]]) -> None:
 
 
 NODE_OPTIONS = ("duration_s", "max_batch", "client_processes", "lanes", "swap_piece_ms", "queue_ahead", "side_fetch",
-                "peer_copies", "place_ahead", "fronts", "gpus")
+                "peer_copies", "place_ahead", "gateway_margin", "fronts", "gpus")
 """What each policy's entry in trace.json records of how its node and trace ran."""
 
 def model_of(function: str) -> str:
@@ -410,7 +411,7 @@ def read_raw(directory: Path) -> dict[str, list[dict]]:
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
               "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms", "to_worker_ms", "from_worker_ms",
-              "expected_ms")
+              "expected_ms", "answer_ms", "budget_ms")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
@@ -654,10 +655,12 @@ def main() -> None:
     ap.add_argument("--swap-piece-ms", type=float, help="serve --swap-piece-ms (default: the node's own; 0: off)")
     ap.add_argument("--queue-ahead", action=argparse.BooleanOptionalAction, default=True,
                     help="serve --queue-ahead / --no-queue-ahead (default: on, the node's default)")
-    ap.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=False,
-                    help="serve --side-fetch / --no-side-fetch (default: off, the node's default)")
-    ap.add_argument("--place-ahead", action=argparse.BooleanOptionalAction, default=False,
-                    help="serve --place-ahead / --no-place-ahead (default: off, the node's default)")
+    ap.add_argument("--side-fetch", action=argparse.BooleanOptionalAction, default=True,
+                    help="serve --side-fetch / --no-side-fetch (default: on, the node's default)")
+    ap.add_argument("--place-ahead", action=argparse.BooleanOptionalAction, default=True,
+                    help="serve --place-ahead / --no-place-ahead (default: on, the node's default)")
+    ap.add_argument("--gateway-margin", action=argparse.BooleanOptionalAction, default=True,
+                    help="serve --gateway-margin / --no-gateway-margin (default: on, the node's default)")
     ap.add_argument("--peer-copies", action=argparse.BooleanOptionalAction, default=False,
                     help="serve --peer-copies / --no-peer-copies (default: off, the node's default; several GPUs)")
     ap.add_argument("--profile", action="store_true", help="sample the controller and each HTTP front with py-spy "
@@ -689,7 +692,7 @@ def main() -> None:
               "client_processes": args.clients, "lanes": args.lanes or 2,
               "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS,
               "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch, "peer_copies": args.peer_copies,
-              "place_ahead": args.place_ahead,
+              "place_ahead": args.place_ahead, "gateway_margin": args.gateway_margin,
               "fronts": args.fronts}
     variants = alternates(args.alternate, args.out)  # (directory, settings): the runs of each go there
     results = []
@@ -716,6 +719,7 @@ def main() -> None:
                  + ("--side-fetch" if args.side_fetch else "--no-side-fetch",)
                  + ("--peer-copies" if args.peer_copies else "--no-peer-copies",)
                  + ("--place-ahead" if args.place_ahead else "--no-place-ahead",)
+                 + ("--gateway-margin" if args.gateway_margin else "--no-gateway-margin",)
                  + ("--fronts", str(args.fronts)))
         srv = Server(home, args.devices or "all", pool=args.pool, host_store=f"{int(total_bytes * 1.05) + (1 << 30)}",
                      workspace="2GiB", extra=extra)

@@ -226,6 +226,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "swap_piece_ms": args.swap_piece_ms, "queue_ahead": args.queue_ahead,
         "queue_ahead_within_ms": args.queue_ahead_within_ms,
         "side_fetch": args.side_fetch, "peer_copies": args.peer_copies, "place_ahead": args.place_ahead,
+        "gateway_margin": args.gateway_margin,
         "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
@@ -369,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--place-ahead", action=argparse.BooleanOptionalAction, default=None,
                    help="a run queued behind another in a device's first lane has its pages placed (evictions, "
                         "remaps) and its copies started while the run before it executes (default: on; PATCH "
+                        "/api/v1/scheduling changes it on a running node)")
+    s.add_argument("--gateway-margin", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan each request to finish early enough for its time in the gateway: its decoding, and "
+                        "its answer's way out as learned for the function (default: on; PATCH "
                         "/api/v1/scheduling changes it on a running node)")
     s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
     s.add_argument("--token", default=argparse.SUPPRESS,

@@ -135,8 +135,10 @@ class RemoteNode:
         return info
 
     async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None, sink: Any = None) -> InferResult:
-        value, outputs = await self._peer().call("infer", [name, request_id, parameters], self._place(inputs))
+                    parameters: dict[str, Any] | None = None, sink: Any = None,
+                    margin_ms: float = 0.0) -> InferResult:
+        value, outputs = await self._peer().call("infer", [name, request_id, parameters, margin_ms],
+                                                 self._place(inputs))
         return InferResult(outputs, **value)
 
     def _place(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Placed]:

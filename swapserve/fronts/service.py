@@ -212,10 +212,10 @@ class FrontService:
 
     async def call(self, peer: Peer, op: str, args: Any, tensors: Tensors) -> Answer:
         if op == "infer":
-            name, request_id, parameters = args
+            name, request_id, parameters, margin_ms = args
             arena = self._arenas.get(peer)
             sink = _ArenaSink(arena) if arena is not None else None
-            result = await self.node.infer(name, tensors, request_id, parameters, sink=sink)
+            result = await self.node.infer(name, tensors, request_id, parameters, sink=sink, margin_ms=margin_ms)
             return result_to_wire(result), await _place(sink, result.outputs) if sink else result.outputs
         if op == "hello":
             index, pid = args

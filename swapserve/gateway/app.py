@@ -22,10 +22,11 @@ from aiohttp import web
 from swapserve import __version__, jsonio
 from swapserve.errors import AuthError, InvalidInputError, NotFoundError, OverloadedError, PoolBusyError, SwapserveError
 from swapserve.gateway import management, oip
-from swapserve.gateway.common import (CONFIG, FUNCTION_KEY, METRICS, NODE, REQUEST_ID_HEADER, REQUEST_ID_KEY,
+from swapserve.gateway.common import (CONFIG, FUNCTION_KEY, MARGINS, METRICS, NODE, REQUEST_ID_HEADER, REQUEST_ID_KEY,
                                       GatewayMetrics, error_response, json_response, read_body, read_json_object, repository_entry,
                                       safe_request_id)
 from swapserve.gateway.config import GatewayConfig
+from swapserve.gateway.margin import Margins
 from swapserve.gateway.openapi import OPENAPI, render_docs
 from swapserve.metrics import Metrics
 from swapserve.node.api import FunctionInfo, FunctionState, NodeAPI
@@ -56,6 +57,7 @@ def make_app(node: NodeAPI, config: GatewayConfig, metrics: GatewayMetrics | Non
     app[NODE] = node
     app[CONFIG] = config
     app[METRICS] = metrics if metrics is not None else Metrics()
+    app[MARGINS] = Margins()  # shared with the fast path (swapserve.gateway.fast)
     r = app.router
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)
@@ -214,14 +216,16 @@ async def infer(request: web.Request) -> web.Response:
     request[FUNCTION_KEY] = info.spec.name
     body = await read_body(request, request.app[CONFIG].max_body_bytes)
     call = InferCall()
+    margins = request.app[MARGINS]
     try:
         encoded = await answer_infer(request.app[NODE], info, body, request.headers.get(oip.HEADER_LENGTH),
-                                     request.headers.get(REQUEST_ID_HEADER), entered, call)
+                                     request.headers.get(REQUEST_ID_HEADER), entered, call, margins)
     finally:
         if call.request_id is not None:  # echoed by the middleware, on success or failure
             request[REQUEST_ID_KEY] = call.request_id
     headers = {oip.HEADER_LENGTH: str(encoded.header_length)} if encoded.header_length is not None else {}
     if encoded.nbytes <= STREAM_BYTES:
+        call.learn(margins, info.spec.name)  # (aiohttp writes it after this handler: not counted)
         return web.Response(body=encoded.body, content_type=encoded.content_type, headers=headers)
     # Large binary outputs go out from the tensors themselves, part by part: no joined copy of the body.
     if (rid := _request_id(request)) is not None:
@@ -233,6 +237,7 @@ async def infer(request: web.Request) -> web.Response:
     for part in encoded.parts:
         await response.write(part)
     await response.write_eof()
+    call.learn(margins, info.spec.name)
     return response
 
 
@@ -242,23 +247,38 @@ class InferCall:
 
     request_id: str | None = None
     """The body's ``id``, if valid (echoed in X-Request-ID before the header's)."""
+    answered: float | None = None
+    """``time.perf_counter()`` when the node's result came (None: it did not)."""
+    answer_ms: float = 0.0
+    """The node's own time after the run (:attr:`swapserve.node.api.InferResult.answer_ms`)."""
+
+    def learn(self, margins: Margins, function: str) -> None:
+        """The answer is out (encoded and written): teach ``margins`` its time after the run."""
+        if self.answered is not None:
+            margins.observe(function, self.answer_ms + (time.perf_counter() - self.answered) * 1e3)
 
 
 async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes | memoryview, header_length: str | None,
-                       header_request_id: str | None, entered: float, call: InferCall) -> oip.EncodedBody:
+                       header_request_id: str | None, entered: float, call: InferCall,
+                       margins: Margins) -> oip.EncodedBody:
     """An infer request's answer, whatever carries it (this app's route, :mod:`swapserve.gateway.fast`): decode
     and check the body, run it, encode the response. ``entered``: ``time.perf_counter()`` when the request
-    was taken up (the response's ``server_ms`` counts from it)."""
+    was taken up (the response's ``server_ms`` counts from it). The node is given the request's margin: the
+    time it spent here so far and what its answer is expected to take (``margins``; the caller teaches it,
+    :meth:`InferCall.learn`, once the answer is out)."""
     name = info.spec.name
     req = await _maybe_thread(len(body), oip.decode_infer_request, body, info.spec, header_length)
     call.request_id = safe_request_id(req.id)
-    result = await node.infer(name, req.inputs, req.id or safe_request_id(header_request_id), req.parameters)
+    margin_ms = (time.perf_counter() - entered) * 1e3 + margins.after_ms(name)
+    result = await node.infer(name, req.inputs, req.id or safe_request_id(header_request_id), req.parameters,
+                              margin_ms=margin_ms)
+    call.answered, call.answer_ms = time.perf_counter(), result.answer_ms
     # A handler's own parameters first: ours (timings) describe the run and are never shadowed.
     params = {**result.parameters, "device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
               "compute_ms": result.compute_ms, "total_ms": result.total_ms, "dispatch_ms": result.dispatch_ms,
               "worker_ms": result.worker_ms, "lane": result.lane, "phases_ms": result.phases_ms,
               "to_worker_ms": result.to_worker_ms, "from_worker_ms": result.from_worker_ms,
-              "expected_ms": result.expected_ms,
+              "expected_ms": result.expected_ms, "answer_ms": result.answer_ms, "budget_ms": result.budget_ms,
               "server_ms": (time.perf_counter() - entered) * 1e3}  # request taken up → result, before encoding
     json_bytes = sum(result.outputs[o.name].nbytes for o in req.outputs if not o.binary and o.name in result.outputs)
     return await _maybe_thread(json_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,

@@ -11,6 +11,7 @@ from aiohttp import web
 from swapserve import jsonio
 from swapserve.errors import InvalidInputError, PayloadTooLargeError
 from swapserve.gateway.config import GatewayConfig
+from swapserve.gateway.margin import Margins
 from swapserve.node.api import FunctionInfo, NodeAPI
 
 
@@ -31,6 +32,7 @@ class GatewayMetrics(Protocol):
 NODE = web.AppKey("swapserve.node", NodeAPI)
 CONFIG = web.AppKey("swapserve.config", GatewayConfig)
 METRICS = web.AppKey("swapserve.metrics", GatewayMetrics)
+MARGINS = web.AppKey("swapserve.margins", Margins)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 

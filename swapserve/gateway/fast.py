@@ -29,8 +29,9 @@ from swapserve.errors import SwapserveError
 from swapserve.gateway import oip
 from swapserve.gateway.app import (InferCall, answer_infer, error_answer, function_at, internal_error_message,
                                    timed_out_message)
-from swapserve.gateway.common import REQUEST_ID_HEADER, GatewayMetrics, error_body, safe_request_id
+from swapserve.gateway.common import MARGINS, REQUEST_ID_HEADER, GatewayMetrics, error_body, safe_request_id
 from swapserve.gateway.config import GatewayConfig
+from swapserve.gateway.margin import Margins
 from swapserve.node.api import NodeAPI
 
 log = logging.getLogger(__name__)
@@ -116,13 +117,15 @@ def parse_head(head: bytes) -> _Head | None:
 
 
 class FastGateway:
-    """What the connections share: the node, the limits, the metrics, aiohttp's handler factory for what they
-    hand over, and the connections themselves (for a clean stop)."""
+    """What the connections share: the node, the limits, the metrics, the margins (the app's), aiohttp's handler
+    factory for what they hand over, and the connections themselves (for a clean stop)."""
 
-    def __init__(self, node: NodeAPI, config: GatewayConfig, metrics: GatewayMetrics, server: web.Server):
+    def __init__(self, node: NodeAPI, config: GatewayConfig, metrics: GatewayMetrics, margins: Margins,
+                 server: web.Server):
         self.node = node
         self.config = config
         self.metrics = metrics
+        self.margins = margins
         self.server = server
         self.connections: set[FastHTTP] = set()
         self._date = (0, "")
@@ -170,7 +173,7 @@ async def listen(runner: web.AppRunner, node: NodeAPI, config: GatewayConfig, me
     """Serve ``runner``'s app (set up already) behind the fast path, on ``host``:``port`` or on the listening
     socket ``sock``. Raises OSError if it cannot listen."""
     assert runner.server is not None, "set the runner up first"
-    gateway = FastGateway(node, config, metrics, runner.server)
+    gateway = FastGateway(node, config, metrics, runner.app[MARGINS], runner.server)
     loop = asyncio.get_running_loop()
     if sock is not None:
         server = await loop.create_server(gateway.protocol, sock=sock)
@@ -305,7 +308,8 @@ class FastHTTP(asyncio.Protocol):
 
     async def _respond(self, head: _Head, body: memoryview) -> None:
         entered = time.perf_counter()
-        status, parts, headers, function = await self._answer(head, body, entered)
+        call = InferCall()
+        status, parts, headers, function = await self._answer(head, body, entered, call)
         elapsed = time.perf_counter() - entered
         route = ROUTES[head.version is not None]
         self.g.metrics.observe_http(route, "POST", status, elapsed)
@@ -326,16 +330,18 @@ class FastHTTP(asyncio.Protocol):
                     await asyncio.to_thread(send_all, fd, message, SEND_STALL_S)
                 except OSError:  # the client went away or stopped reading: the connection ends
                     self.close()
-                return
-            transport.writelines(message)
-            if self._drained is not None:
-                await self._drained
+                    return
+            else:
+                transport.writelines(message)
+                if self._drained is not None:
+                    await self._drained
+            if function is not None:
+                call.learn(self.g.margins, function)
 
-    async def _answer(self, head: _Head, body: memoryview,
-                      entered: float) -> tuple[int, tuple[bytes | memoryview, ...], dict[str, str], str | None]:
+    async def _answer(self, head: _Head, body: memoryview, entered: float, call: InferCall,
+                      ) -> tuple[int, tuple[bytes | memoryview, ...], dict[str, str], str | None]:
         """(status, body parts, headers, the function if it exists) — as the app's middleware and route answer."""
         limit = self.g.config.request_timeout_s
-        call = InferCall()
         function = None
         headers: dict[str, str] = {}
         timeout = asyncio.timeout(limit)
@@ -344,7 +350,7 @@ class FastHTTP(asyncio.Protocol):
                 info = function_at(self.g.node, head.name, head.version)
                 function = info.spec.name
                 encoded = await answer_infer(self.g.node, info, body, head.header_length, head.request_id, entered,
-                                             call)
+                                             call, self.g.margins)
             status, parts = 200, encoded.parts
             headers["Content-Type"] = encoded.content_type
             if encoded.header_length is not None:

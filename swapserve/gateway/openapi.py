@@ -133,8 +133,8 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/status": {"get": _op("Node status", "management", _json(_ref("NodeStatus"), "Status"), auth=True)},
         "/api/v1/scheduling": {
             "get": _op("The scheduler's settings", "management", _json(_ref("Scheduling"), "Settings"), auth=True),
-            "patch": _op("Change side_fetch, swap_piece_ms, queue_ahead_within_ms, peer_copies, side_lanes and/or "
-                         "place_ahead now (all or nothing)",
+            "patch": _op("Change side_fetch, swap_piece_ms, queue_ahead_within_ms, peer_copies, side_lanes, "
+                         "place_ahead and/or gateway_margin now (all or nothing)",
                          "management", _json(_ref("Scheduling"), "The settings after the change"), (400,), auth=True,
                          body={"required": True, "content": {"application/json": {"schema": {
                              "type": "object", "properties": {
@@ -145,7 +145,8 @@ OPENAPI: dict[str, Any] = {
                                  "peer_copies": {"type": "boolean"},
                                  "side_lanes": {"type": ["integer", "null"], "minimum": 0,
                                                 "maximum": MAX_LANES - 1},
-                                 "place_ahead": {"type": "boolean"}}}}}}),
+                                 "place_ahead": {"type": "boolean"},
+                                 "gateway_margin": {"type": "boolean"}}}}}}),
         },
         "/metrics": {"get": _op("Prometheus metrics", "observability", {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})},
@@ -175,7 +176,7 @@ OPENAPI: dict[str, Any] = {
                     "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}}}},
             "InferResponse": {"type": "object", "properties": {
                 "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
-                "parameters": {"type": "object", "description": "device, lane, swapped, queue_ms, compute_ms, total_ms, dispatch_ms, worker_ms, to_worker_ms, from_worker_ms, expected_ms, phases_ms, server_ms"},
+                "parameters": {"type": "object", "description": "device, lane, swapped, queue_ms, compute_ms, total_ms, dispatch_ms, worker_ms, to_worker_ms, from_worker_ms, expected_ms, answer_ms, budget_ms, phases_ms, server_ms"},
                 "outputs": {"type": "array", "items": _ref("Tensor")}}},
             "ServerMetadata": {"type": "object", "properties": {
                 "name": {"type": "string"}, "version": {"type": "string"},
@@ -208,7 +209,10 @@ OPENAPI: dict[str, Any] = {
                 "side_lanes": {"type": ["integer", "null"],
                                "description": "how many of each device's side lanes new runs take (null: all)"},
                 "place_ahead": {"type": "boolean",
-                                "description": "place a queued run's pages while the run before it executes"}}},
+                                "description": "place a queued run's pages while the run before it executes"},
+                "gateway_margin": {"type": "boolean",
+                                   "description": "plan each request to leave its SLO room for the gateway's "
+                                                  "part (decoding; the answer's way out, as learned)"}}},
             "NodeStatus": {"type": "object", "properties": {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},

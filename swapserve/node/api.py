@@ -79,6 +79,13 @@ class InferResult:
     expected_ms: float = 0.0
     """The scheduler's estimate of the run (its swap and execution, slowed by the runs it expected beside it:
     ``Dispatch.expected_ms``), against which ``compute_ms`` tells how good its cost model was."""
+    answer_ms: float = 0.0
+    """From the worker sending its reply to the result: the reply's way back and the controller's work on it
+    (large outputs copied out of the worker's slab) — the node's part after the run its scheduler planned.
+    The gateway learns from it how early the node must finish (:class:`swapserve.gateway.margin.Margins`)."""
+    budget_ms: float = 0.0
+    """The part of the SLO the node planned the request to, from its admission: the SLO less the gateway's
+    margin (``NodeAPI.infer(margin_ms=...)``) when the setting ``gateway_margin`` is on."""
 
 
 @dataclass(frozen=True)
@@ -137,10 +144,13 @@ class NodeAPI(Protocol):
         ...
 
     async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None, sink: Any = None) -> InferResult:
+                    parameters: dict[str, Any] | None = None, sink: Any = None,
+                    margin_ms: float = 0.0) -> InferResult:
         """Run one request (any batch size up to the function's max_batch): its model, or its handler (which
         sees ``parameters``). ``sink`` (a :class:`swapserve.node.dispatch.OutputSink`) says where the outputs
-        may be written straight from the worker's slab; implementations may ignore it. Raises InvalidInputError
+        may be written straight from the worker's slab; implementations may ignore it. ``margin_ms``: the
+        request's time outside the node's plan (the gateway's before and, as expected, after), which the node
+        plans to leave free of its SLO (scheduling setting ``gateway_margin``). Raises InvalidInputError
         (400), NotFoundError (404), UnavailableError (503), OverloadedError (429/503 + retry_after); a handler's
         failures carry their own status (500, 504)."""
         ...
@@ -170,7 +180,7 @@ class NodeAPI(Protocol):
 
     async def scheduling(self) -> dict[str, Any]:
         """The scheduler's settings: ``policy``, ``queue_ahead`` (fixed at start), ``side_fetch``,
-        ``swap_piece_ms``, ``queue_ahead_within_ms``, ``peer_copies``, ``side_lanes``, ``place_ahead`` (changeable)."""
+        ``swap_piece_ms``, ``queue_ahead_within_ms``, ``peer_copies``, ``side_lanes``, ``place_ahead``, ``gateway_margin`` (changeable)."""
         ...
 
     async def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:

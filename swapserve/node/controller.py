@@ -56,6 +56,8 @@ from swapserve.tensors import fits_shape, names_differ
 
 log = logging.getLogger(__name__)
 
+MIN_BUDGET = 0.5
+"""The least share of a function's SLO the node plans a request to, whatever the gateway's margin."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class NodeConfig:
     peer_copies: bool = False
     """See :class:`swapserve.scheduler.Scheduler` (needs two or more devices)."""
     place_ahead: bool = True
+    """See :class:`swapserve.scheduler.Scheduler`."""
+    gateway_margin: bool = True
     """See :class:`swapserve.scheduler.Scheduler`."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB
@@ -148,7 +152,8 @@ class Node:
         self.store = HostStore(self.shm_root / "store", cfg.host_store_bytes)
         self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms, queue_ahead=cfg.queue_ahead,
                                    side_fetch=cfg.side_fetch, queue_ahead_within_ms=cfg.queue_ahead_within_ms,
-                                   peer_copies=cfg.peer_copies, place_ahead=cfg.place_ahead)
+                                   peer_copies=cfg.peer_copies, place_ahead=cfg.place_ahead,
+                                   gateway_margin=cfg.gateway_margin)
         self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}
@@ -552,15 +557,27 @@ class Node:
         return fn
 
     async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None, sink: OutputSink | None = None) -> InferResult:
+                    parameters: dict[str, Any] | None = None, sink: OutputSink | None = None,
+                    margin_ms: float = 0.0) -> InferResult:
         fn = self._serving(name)
         if fn.pool is not None:
-            return await self._handle(fn, inputs, parameters)
+            return await self._handle(fn, inputs, parameters, margin_ms)
         m = fn.direct
         assert m is not None  # READY, no handler: one model
         tensors, items = _check_inputs(fn.spec, m.artifact.manifest, inputs)
         now = self.clock()
-        return await self.dispatch.run(m.entity, tensors, items, now, now + fn.spec.slo_ms / 1e3, request_id, sink)
+        slo_s = fn.spec.slo_ms / 1e3
+        return await self.dispatch.run(m.entity, tensors, items, now, now + self._budget_s(fn, margin_ms), request_id,
+                                       sink, due=now + slo_s)
+
+    def _budget_s(self, fn: _Function, margin_ms: float) -> float:
+        """The part of ``fn``'s SLO the node plans its request to: all of it less the gateway's margin (setting
+        ``gateway_margin``), but never less than :data:`MIN_BUDGET` of it — a margin gone wild (a client reading
+        a large answer slowly) must not make every request of the function look late."""
+        slo_ms = fn.spec.slo_ms
+        if self.dispatch.scheduler.gateway_margin:
+            slo_ms -= min(max(margin_ms, 0.0), slo_ms * (1.0 - MIN_BUDGET))
+        return slo_ms / 1e3
 
     async def infer_json(self, name: str, value: Any, parameters: dict[str, Any] | None = None) -> Any:
         fn = self._serving(name)
@@ -573,12 +590,12 @@ class Node:
         return result.json
 
     async def _handle(self, fn: _Function, inputs: dict[str, torch.Tensor],
-                      parameters: dict[str, Any] | None) -> InferResult:
-        """Run the function's handler on a tensor request. The SLO deadline, from now, covers the whole run:
-        every model call the handler makes is scheduled against it."""
+                      parameters: dict[str, Any] | None, margin_ms: float) -> InferResult:
+        """Run the function's handler on a tensor request. The SLO deadline, from now (less the gateway's
+        margin), covers the whole run: every model call the handler makes is scheduled against it."""
         assert fn.pool is not None
         now = self.clock()
-        result = await fn.pool.infer(inputs, parameters, deadline=now + fn.spec.slo_ms / 1e3)
+        result = await fn.pool.infer(inputs, parameters, deadline=now + self._budget_s(fn, margin_ms))
         outputs = handlers.check_outputs(fn.spec, result.outputs)
         total = self._observe_handler(fn.spec.name, now)
         return InferResult(outputs, "", result.wait_ms, False, result.handler_ms, total * 1e3, result.parameters)

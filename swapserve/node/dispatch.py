@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -139,6 +140,8 @@ class _Pending:
     future: asyncio.Future[InferResult]
     started: float
     sink: OutputSink | None = None
+    due: float = math.inf
+    """When its SLO ends (its request's deadline may be earlier: the gateway's margin)."""
 
 
 @dataclass
@@ -238,8 +241,10 @@ class Dispatcher:
             self._fail(p, error)
 
     async def run(self, entity: str, tensors: list[torch.Tensor], items: int, now: float, deadline: float,
-                  request_id: str | None, sink: OutputSink | None = None) -> InferResult:
-        """Queue one request of a model entity and wait for its outputs (written where ``sink`` says, if given)."""
+                  request_id: str | None, sink: OutputSink | None = None, due: float | None = None) -> InferResult:
+        """Queue one request of a model entity and wait for its outputs (written where ``sink`` says, if given).
+        ``deadline``: what the scheduler plans to; ``due``: when the request's SLO ends (default: the deadline),
+        which ``slo_misses`` counts against."""
         req = Request(request_id or f"r{next(self._ids)}", entity, now, deadline, items)
         if req.id in self._pending:  # a client reused an id while its first request is still queued
             req.id = f"{req.id}-{next(self._ids)}"
@@ -248,7 +253,7 @@ class Dispatcher:
             self.metrics.count_slo_miss(entity)
             raise OverloadedError(reject.reason, reject.retry_after, reject.status)
         fut: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
-        self._pending[req.id] = _Pending(req, tensors, fut, now, sink)
+        self._pending[req.id] = _Pending(req, tensors, fut, now, sink, deadline if due is None else due)
         self._decide_soon()
         self._keep_hot()
         try:
@@ -509,6 +514,7 @@ class Dispatcher:
             if answers is None:  # views of the slab: the next run of this lane overwrites it
                 answers, copies = _answers(fl, outs)
                 copy_all(copies)
+            answer_ms = (time.perf_counter() - res.answered_at) * 1e3
             for p, result in zip(fl.pending, answers):
                 if not p.future.done():
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
@@ -517,7 +523,8 @@ class Dispatcher:
                                                     worker_ms=res.handled_ms, lane=res.lane, phases_ms=res.phases_ms,
                                                     to_worker_ms=(res.received_at - fl.piped_at) * 1e3,
                                                     from_worker_ms=(fl.read_at - res.answered_at) * 1e3,
-                                                    expected_ms=fl.dispatch.expected_ms))
+                                                    expected_ms=fl.dispatch.expected_ms, answer_ms=answer_ms,
+                                                    budget_ms=(p.request.deadline - p.started) * 1e3))
                 elif p.sink is not None:
                     p.sink.discard()
             # The answers go out first: their tasks run before this (queued after them), the next decision after.
@@ -541,7 +548,7 @@ class Dispatcher:
         """A finished run's metrics, and what the scheduler learns from it."""
         fn_name = fl.dispatch.function
         for p in fl.pending:
-            if now > p.request.deadline:
+            if now > p.due:
                 self.metrics.count_slo_miss(fn_name)
             self.metrics.observe_node_request(fn_name, now - p.started)
         if fl.batch:  # a run, not a copy with no run (a prefetch or a piece of a swap)

@@ -140,7 +140,7 @@ class Scheduler:
     def __init__(self, policy: Policy = "swapserve", rate_halflife_s: float = 60.0,
                  swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False, side_fetch: bool = False,
                  queue_ahead_within_ms: float | None = None, peer_copies: bool = False,
-                 side_lanes: int | None = None, place_ahead: bool = False):
+                 side_lanes: int | None = None, place_ahead: bool = False, gateway_margin: bool = False):
         """``swap_piece_ms``: the length of a swap's pieces (0: swaps in one go). ``queue_ahead``: under
         ``swapserve``, a device's first lane may take one more dispatch behind the one it runs
         (``queue_ahead_within_ms``: only when that is expected to end within so many ms; None: whenever).
@@ -149,7 +149,10 @@ class Scheduler:
         node measured ``LinkProfile.d2d_GBps`` (faster than from host: NVLink). ``side_lanes``: how many of each
         device's side lanes new runs may take (None: every one the device has). ``place_ahead``: under
         ``swapserve``, the run right behind the one a first lane has launched has its pages placed and its
-        copies started meanwhile (the workers do it; the scheduler only carries the setting)."""
+        copies started meanwhile (the workers do it; the scheduler only carries the setting). ``gateway_margin``:
+        under ``swapserve``, a request's deadline is its SLO less the gateway's time outside the node's plan (its
+        decoding, and its answer's encoding and writing as the gateway learned them for the function: the
+        controller applies it; the scheduler only carries the setting)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
@@ -169,6 +172,7 @@ class Scheduler:
         self.peer_copies = peer_copies and policy == "swapserve"
         self.side_lanes = side_lanes
         self.place_ahead = place_ahead and policy == "swapserve"
+        self.gateway_margin = gateway_margin and policy == "swapserve"
 
     # --- admission ---------------------------------------------------------------------------------
 
@@ -388,12 +392,13 @@ class Scheduler:
         """The settings a running node may change (:meth:`configure`), and the ones fixed at its start."""
         return {"policy": self.policy, "queue_ahead": self.queue_ahead, "side_fetch": self.side_fetch,
                 "swap_piece_ms": self.swap_piece_ms, "queue_ahead_within_ms": self.queue_ahead_within_ms,
-                "peer_copies": self.peer_copies, "side_lanes": self.side_lanes, "place_ahead": self.place_ahead}
+                "peer_copies": self.peer_copies, "side_lanes": self.side_lanes, "place_ahead": self.place_ahead,
+                "gateway_margin": self.gateway_margin}
 
     def configure(self, state: NodeState, changes: dict[str, Any]) -> dict[str, Any]:
         """Change ``side_fetch`` (bool), ``swap_piece_ms`` (≥ 0), ``queue_ahead_within_ms`` (≥ 0, or None: no
-        limit), ``peer_copies`` (bool), ``side_lanes`` (0 up to the devices' side lanes, or None: all) and
-        ``place_ahead`` (bool) on a running node — so that a benchmark
+        limit), ``peer_copies`` (bool), ``side_lanes`` (0 up to the devices' side lanes, or None: all),
+        ``place_ahead`` and ``gateway_margin`` (bools) on a running node — so that a benchmark
         can compare them on one node, and an operator tune a live one — all or nothing, checked first.
         Returns :meth:`settings`. Raises ValueError naming what is wrong."""
         problems = []
@@ -415,6 +420,8 @@ class Scheduler:
                                     f"not {value!r}")
             elif key == "place_ahead":
                 problems += self._switch_problems(key, value, "pages placed ahead", True, "")
+            elif key == "gateway_margin":
+                problems += self._switch_problems(key, value, "gateway margins", True, "")
             elif key == "side_lanes":
                 most = max((len(d.side) for d in state.devices), default=0)
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -425,7 +432,7 @@ class Scheduler:
                 problems.append(f"{key} is fixed when the node starts (swapserve serve)")
             else:
                 problems.append(f"unknown setting {key!r}: a running node changes side_fetch, swap_piece_ms, "
-                                "queue_ahead_within_ms, peer_copies, side_lanes and place_ahead")
+                                "queue_ahead_within_ms, peer_copies, side_lanes, place_ahead and gateway_margin")
         if problems:
             raise ValueError("; ".join(problems))
         if "side_fetch" in changes:
@@ -441,6 +448,8 @@ class Scheduler:
             self.side_lanes = changes["side_lanes"]
         if "place_ahead" in changes:
             self.place_ahead = changes["place_ahead"]
+        if "gateway_margin" in changes:
+            self.gateway_margin = changes["gateway_margin"]
         return self.settings()
 
     def _switch_problems(self, key: str, value: Any, what: str, possible: bool, needs: str) -> list[str]:

@@ -75,7 +75,7 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
     before = client.scheduling()
     assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 3.0,
                       "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None,
-                      "place_ahead": True}
+                      "place_ahead": True, "gateway_margin": True}
     try:
         after = client.configure_scheduling(side_fetch=False, swap_piece_ms=5, queue_ahead_within_ms=2)
         assert after == {**before, "side_fetch": False, "swap_piece_ms": 5.0, "queue_ahead_within_ms": 2.0}
@@ -93,9 +93,19 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
         r = server.request("PATCH", "/api/v1/scheduling", b"[1]", {"Content-Type": "application/json"}, token=True)
         assert "JSON object" in r.error(400)
         assert_serves(server, functions.mlp, 1)  # and it serves on
+        # The gateway's margin: with it, the node plans to less than the SLO (60 s), by the request's decoding
+        # and what the function's answers took after their runs; without, to the SLO.
+        x = {"x": torch.randn(1, 16)}
+        for margin in (True, False):
+            client.configure_scheduling(gateway_margin=margin)
+            for _ in range(2):
+                r = infer_json(server, functions.mlp.name, x)
+                assert r.status == 200, r.body
+            budget = r.json()["parameters"]["budget_ms"]
+            assert (30_000 <= budget < 60_000 - 1e-3) if margin else budget == pytest.approx(60_000, abs=1e-3)
     finally:
         client.configure_scheduling(side_fetch=before["side_fetch"], swap_piece_ms=before["swap_piece_ms"],
-                                    queue_ahead_within_ms=None)
+                                    queue_ahead_within_ms=None, gateway_margin=before["gateway_margin"])
 
 
 def test_deploy_describe_delete_redeploy(server: Server, functions: Functions, tmp_path: Path):

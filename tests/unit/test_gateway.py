@@ -178,6 +178,26 @@ def test_request_parameters_reach_the_node_and_its_answer_carries_the_handlers()
     run(scenario)
 
 
+def test_the_node_is_given_the_margin_the_gateway_learned_from_earlier_answers() -> None:
+    """Each infer call tells the node the request's time outside its plan: the gateway's own so far (decoding)
+    and what the function's answers took after their runs — the node's part (``answer_ms``), then the answer's
+    encoding and writing — as learned from the answers before."""
+    async def scenario(c: atu.TestClient, node: TinyNode) -> None:
+        x = torch.randn(1, 4)
+        node.answer_ms = 40.0
+        assert (await infer(c, "linear", {"x": x}))[0].status == 200
+        assert 0 < node.margins[0] < 40.0, "nothing learned yet: its own decoding only"
+        node.answer_ms = 0.0
+        assert (await infer(c, "linear", {"x": x}))[0].status == 200
+        assert node.margins[1] > 40.0, "the first answer's time after its run, and this one's decoding"
+        assert (await infer(c, "linear", {"x": x}))[0].status == 200
+        assert node.margins[2] < node.margins[1] - 1.0, "a quicker answer brings it down (slowly)"
+        r, _, _ = await infer(c, "nope", {"x": x})
+        assert r.status == 404 and len(node.margins) == 3
+
+    run(scenario)
+
+
 def test_json_route_runs_a_handler_on_any_json_value() -> None:
     async def scenario(c: atu.TestClient, node: TinyNode) -> None:
         r = await c.post("/v1/functions/linear/invoke?lang=en", data=b'[1, "two", {"3": null}]')

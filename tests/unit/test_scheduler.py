@@ -1147,7 +1147,8 @@ def test_settings_a_running_node_may_change():
     sched = Scheduler(swap_piece_ms=3.0, queue_ahead=True)
     assert sched.configure(s, {"side_fetch": True, "swap_piece_ms": 0}) == {
         "policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 0.0,
-        "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None, "place_ahead": False}
+        "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None, "place_ahead": False,
+        "gateway_margin": False}
     assert sched.configure(s, {"queue_ahead_within_ms": 2})["queue_ahead_within_ms"] == 2.0
     assert sched.configure(s, {"queue_ahead_within_ms": None})["queue_ahead_within_ms"] is None
     with pytest.raises(ValueError, match="queue_ahead_within_ms must be"):
@@ -1176,6 +1177,11 @@ def test_settings_a_running_node_may_change():
         sched.configure(s, {"place_ahead": "yes"})
     with pytest.raises(ValueError, match="only under the swapserve policy"):
         Scheduler("fifo_lru").configure(s, {"place_ahead": True})
+    assert sched.configure(s, {"gateway_margin": True})["gateway_margin"] is True
+    with pytest.raises(ValueError, match="gateway_margin must be true or false"):
+        sched.configure(s, {"gateway_margin": 1})
+    with pytest.raises(ValueError, match="only under the swapserve policy"):
+        Scheduler("fifo_lru").configure(s, {"gateway_margin": True})
     for bad in (2, -1, True, 1.0):
         with pytest.raises(ValueError, match=r"side_lanes must be null \(all\) or a whole number in \[0, 1\]"):
             sched.configure(s, {"side_lanes": bad})

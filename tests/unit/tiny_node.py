@@ -49,6 +49,10 @@ class TinyNode:
         }
         self.side_fetch = False
         self.request_ids: list[str | None] = []
+        self.margins: list[float] = []
+        """The gateway's margin given with each infer call."""
+        self.answer_ms = 0.0
+        """What each answer says the node took after its run (``InferResult.answer_ms``)."""
         self.deployed: list[list[str]] = []
         self.cancelled: list[str] = []
         self.release = asyncio.Event()  # (Python ≥ 3.10: no loop bound at construction)
@@ -132,7 +136,8 @@ class TinyNode:
         return {"got": value, "parameters": parameters}
 
     async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,
-                    parameters: dict[str, Any] | None = None, sink: Any = None) -> InferResult:
+                    parameters: dict[str, Any] | None = None, sink: Any = None,
+                    margin_ms: float = 0.0) -> InferResult:
         info, run = self.functions[self.get_function(name).spec.name]
         if info.state is not FunctionState.READY:
             raise UnavailableError(f"function {name!r} is {info.state.value}")
@@ -145,8 +150,10 @@ class TinyNode:
                 self.cancelled.append(name)
                 raise
         self.request_ids.append(request_id)
+        self.margins.append(margin_ms)
         with torch.no_grad():  # parameters come back as a handler's would
-            return InferResult(run(inputs), device="cpu", total_ms=0.1, parameters=dict(parameters or {}))
+            return InferResult(run(inputs), device="cpu", total_ms=0.1, parameters=dict(parameters or {}),
+                               answer_ms=self.answer_ms)
 
     async def deploy(self, bundle: Path) -> FunctionInfo:
         try:

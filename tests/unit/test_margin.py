@@ -1,0 +1,31 @@
+"""The gateway's margin per function (:mod:`swapserve.gateway.margin`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from swapserve.gateway.margin import Margins
+
+
+def test_the_first_answer_sets_it_then_it_moves_up_fast_and_down_slowly() -> None:
+    m = Margins()
+    assert m.after_ms("f") == 0.0
+    m.observe("f", 10.0)
+    assert m.after_ms("f") == 10.0
+    m.observe("f", 20.0)
+    assert m.after_ms("f") == pytest.approx(12.0)  # a fifth of the way up
+    m.observe("f", 0.0)
+    assert m.after_ms("f") == pytest.approx(11.4)  # a twentieth of the way down
+    for bad in (float("nan"), -1.0):
+        m.observe("f", bad)
+    assert m.after_ms("f") == pytest.approx(11.4)
+    assert m.after_ms("g") == 0.0, "each function its own"
+
+
+def test_it_settles_above_the_mean_of_varying_times() -> None:
+    """Answers taking 1 and 9 ms in turn (mean 5): the estimate settles near 7.4, where a fifth of the excess
+    of the slow ones balances a twentieth of the shortfall of the quick ones."""
+    m = Margins()
+    for i in range(2000):
+        m.observe("f", 1.0 if i % 2 else 9.0)
+    assert 6.5 < m.after_ms("f") < 8.5
