@@ -3,9 +3,10 @@ way back, outputs copied out of the worker's slab, the answer encoded and writte
 themselves, so that the node plans each request to finish that much before its SLO ends (with the request's own
 decoding time: ``NodeAPI.infer(margin_ms=...)``, scheduling setting ``gateway_margin``).
 
-Small answers take a fraction of a millisecond; GPT-2's 13 MB of logits took 3–9 ms on an H200 node, which a
-plan to the SLO alone did not leave free, so those requests waited behind others whose deadlines were merely
-earlier and were answered late (``bench/results/h200_20261129/session15/``).
+Small answers take a fraction of a millisecond. GPT-2's 13 MB of logits took 3–9 ms on an H200 node. A plan to
+the SLO alone does not leave that time free, so those requests waited behind others whose deadlines were only
+earlier at the node, and were answered late. Planning for it is off by default until a trace shows it helps
+(docs/design.md, "The gateway's margin").
 """
 
 from __future__ import annotations
