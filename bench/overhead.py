@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from http1 import BlockingConnection, Client  # noqa: E402
 from node_harness import Server, tiny_function  # noqa: E402
 from stats import percentile  # noqa: E402
+from canary import Canary  # noqa: E402
 from steal import StealMeter  # noqa: E402
 
 NAME = "tiny"
@@ -180,10 +181,11 @@ def main() -> None:
         status = client.status()
         gpu = status["devices"][0]["name"]
         print(f"server up on {gpu}; sequential requests ...", flush=True)
-        steal = StealMeter()
+        steal, canary = StealMeter(), Canary()
         steal.start()
+        canary.start()
         seq = sequential(_lean_post(srv.port), args.requests, args.warmup)
-        cpu_steal = steal.stop()
+        cpu_steal, cpu_canary = steal.stop(), canary.stop()
         std = sequential(_stdlib_post(srv.port), STDLIB_REQUESTS, args.warmup)
         over = [r - c for r, c in zip(seq["rtt"], seq["compute"])]
         gateway = [r - n for r, n in zip(seq["rtt"], seq["node"])]
@@ -214,6 +216,7 @@ def main() -> None:
         "spin_ms": args.spin_ms,
         "fronts": args.fronts,
         "cpu_steal": cpu_steal,  # while the sequential requests ran (bench/steal.py)
+        "cpu_canary": cpu_canary,  # the machine's speed at a fixed piece of Python meanwhile (bench/canary.py)
     }
     (args.out / "overhead.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out)
@@ -225,7 +228,9 @@ def main() -> None:
         f"run (compute_ms). From Python's http.client ({STDLIB_REQUESTS} requests): "
         f"{result['p50_overhead_ms_stdlib_client']:.3f} ms p50."
         + (f" CPU steal while the sequential requests ran: {cpu_steal['fraction']:.1%} (worst second "
-           f"{cpu_steal['max_window']:.1%}; bench/steal.py)." if cpu_steal else "") + "\n\n"
+           f"{cpu_steal['max_window']:.1%}; bench/steal.py)." if cpu_steal else "")
+        + (f" The canary's fixed work meanwhile: {cpu_canary['median_ms']:.3f} ms at the median (bench/canary.py)."
+           if cpu_canary else "") + "\n\n"
         "| p50 overhead | p99 overhead | p50 round trip | p50 compute | p50 gateway+HTTP | p50 controller+IPC | max req/s |\n"
         "|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {result['p50_overhead_ms']:.3f} ms | {result['p99_overhead_ms']:.3f} ms | {result['p50_rtt_ms']:.3f} ms "

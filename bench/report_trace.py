@@ -17,8 +17,8 @@ def table(r: dict) -> str:
              "P98 ≤ SLO (refused or failed = miss); requests in SLO = share of all requests answered within their "
              "function's SLO." + _settings(r), "",
              "| policy | N | attainment | requests in SLO | P50 ms | P99 ms | req/s | swaps/s | busy | loop late "
-             "| CPU steal | requests | codes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| CPU steal | canary ms | requests | codes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, p in r["policies"].items():
         for pt in p["sweep"]:
             fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
@@ -26,7 +26,7 @@ def table(r: dict) -> str:
                          f"| {fmt(pt['p99_ms'])} "
                          f"| {pt['throughput_rps']:.1f} | {pt['swaps_per_s']:.1f} | {pt['busy_fraction']:.2f} "
                          f"| {_lag(pt.get('loop_lag'))}{_front_lag(pt.get('front_loop_lag'))} "
-                         f"| {_steal(pt.get('cpu_steal'))} | {pt['requests']} "
+                         f"| {_steal(pt.get('cpu_steal'))} | {_canary(pt.get('cpu_canary'))} | {pt['requests']} "
                          f"| {pt['status_codes']} |")
     if any("attainment_runs" in pt for p in r["policies"].values() for pt in p["sweep"]):
         lines += ["", "Replayed points: the run of median attainment, every run's in brackets (same trace, same node)."]
@@ -35,7 +35,10 @@ def table(r: dict) -> str:
     lines += ["", "loop late: share of the node's 10 ms event-loop probe ticks that ran over 2.5 ms late (CPU work or "
               "collection pauses holding the gateway and controller; '-' where the run predates the probe); with HTTP "
               "fronts, the fronts' own in brackets. CPU steal: share of the machine's CPU time the hypervisor took "
-              "while the point was measured, and in its worst second (bench/steal.py; '-' where not recorded)."]
+              "while the point was measured, and in its worst second (bench/steal.py; '-' where not recorded). canary ms: "
+              "the median time of a fixed piece of Python run every 0.1 s in a process of its own meanwhile, its p90 "
+              "in brackets (bench/canary.py; '-' where not recorded): a replay slower throughout with a slower canary "
+              "ran on a slower machine."]
     lines += breakdown_table(r)
     lines += phases_table(r)
     lines += causes_table(r)
@@ -45,7 +48,9 @@ def table(r: dict) -> str:
 def _settings(r: dict) -> str:
     """The node's settings that differ from its defaults, where the result records them."""
     said = [f"serve --fronts {r['fronts']}" if r.get("fronts") else "",
-            "side fetches on" if r.get("side_fetch") else "",
+            "side fetches off" if r.get("side_fetch") is False else "",
+            "placing ahead off" if r.get("place_ahead") is False else "",
+            "the gateway's margin on" if r.get("gateway_margin") else "",
             "peer copies on" if r.get("peer_copies") else "",
             f"lanes {r['lanes']}" if r.get("lanes", 2) != 2 else "",
             "no queue-ahead" if r.get("queue_ahead") is False else ""]
@@ -72,6 +77,10 @@ def _lag(lag: dict | None) -> str:
 
 def _steal(steal: dict | None) -> str:
     return f"{steal['fraction']:.1%} (max {steal['max_window']:.1%})" if steal else "-"
+
+
+def _canary(c: dict | None) -> str:
+    return f"{c['median_ms']:.2f} ({c['p90_ms']:.2f})" if c else "-"
 
 
 def _front_lag(lag: dict | None) -> str:

@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from node_harness import Server  # noqa: E402
+from canary import Canary  # noqa: E402
 from steal import StealMeter  # noqa: E402
 
 from swapserve.scheduler.core import SWAP_PIECE_MS  # noqa: E402
@@ -433,12 +434,13 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         p.start()
     time.sleep(max(0.0, start_at + warmup - time.perf_counter()))
     before, t0 = scrape(srv.url), time.time()
-    steal = StealMeter()
+    steal, canary = StealMeter(), Canary()
     steal.start()
+    canary.start()
     spies = start_profiles(srv, profile, duration) if profile is not None else []
     res = [r for _ in procs for r in q.get(timeout=duration + warmup + 600)]
     after, elapsed = scrape(srv.url), time.time() - t0
-    cpu_steal = steal.stop()
+    cpu_steal, cpu_canary = steal.stop(), canary.stop()
     finish_profiles(spies)
     for p in procs:
         p.join()
@@ -483,6 +485,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "loop_lag": loop_lag(before, after),
         "front_loop_lag": loop_lag(before, after, "swapserve_front_event_loop_lag_seconds"),
         "cpu_steal": cpu_steal,  # the machine's CPU time the hypervisor took meanwhile (bench/steal.py)
+        "cpu_canary": cpu_canary,  # how fast the machine ran a fixed piece of Python meanwhile (bench/canary.py)
         "busy_fraction": busy / elapsed / srv_devices(srv),
         "latencies_ms": sorted(ok)[:: max(1, len(ok) // 2000)],  # a thinned sample for the CDF plot
         "swapped_fraction": sum(r[6] for r in done) / max(1, len(done)),

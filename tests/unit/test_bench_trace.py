@@ -316,17 +316,44 @@ def test_cpu_steal_is_the_share_of_all_cpu_time_the_hypervisor_took(trace_module
         assert got is not None and 0.0 <= got["fraction"] <= got["max_window"] + 1e-9 <= 1.0 + 1e-9
 
 
-def test_the_table_says_the_cpu_steal_of_each_point(trace_module):
+def test_the_canary_times_a_fixed_work_in_a_process_of_its_own(trace_module):
+    import time
+
+    import canary  # bench/canary.py, on the path with trace.py
+
+    c = canary.Canary(interval_s=0.02)
+    assert c.stop() is None  # never started: nothing to say
+    c.start()
+    time.sleep(1.0)
+    got = c.stop()
+    assert got is not None and got["samples"] >= 5 and got["interval_s"] == 0.02
+    assert 0.0 < got["median_ms"] <= got["p90_ms"] < 1000.0
+    assert c.stop() is None  # once
+
+
+def test_the_table_says_the_cpu_steal_and_canary_of_each_point(trace_module):
     import report_trace
 
     point = {"n": 400, "attainment": 0.8, "requests_in_slo": 0.95, "p50_ms": 7.0, "p99_ms": 40.0,
              "throughput_rps": 60.0, "swaps_per_s": 20.0, "busy_fraction": 0.2, "requests": 1200,
              "status_codes": {"200": 1200}}
     result = {"gpu": "H200", "gpus": 1, "policies": {"swapserve": {"max_functions": 0, "sweep": [
-        {**point, "cpu_steal": {"fraction": 0.031, "max_window": 0.2, "windows": 20, "window_s": 1.0}},
+        {**point, "cpu_steal": {"fraction": 0.031, "max_window": 0.2, "windows": 20, "window_s": 1.0},
+         "cpu_canary": {"median_ms": 1.234, "p90_ms": 1.5, "samples": 200, "interval_s": 0.1}},
         {**point, "n": 200}]}}}
     rows = [line for line in report_trace.table(result).splitlines() if line.startswith("| swapserve |")]
-    assert "| 3.1% (max 20.0%) |" in rows[0] and "| - | 1200 |" in rows[1]
+    assert "| 3.1% (max 20.0%) | 1.23 (1.50) | 1200 |" in rows[0] and "| - | - | 1200 |" in rows[1]
+
+
+def test_the_table_names_the_settings_that_differ_from_the_defaults(trace_module):
+    import report_trace
+
+    base = {"gpu": "H200", "gpus": 1, "policies": {}}
+    assert "Node:" not in report_trace.table(base)  # a result that records no settings
+    assert "Node:" not in report_trace.table({**base, "side_fetch": True, "place_ahead": True,
+                                              "gateway_margin": False})
+    said = report_trace.table({**base, "side_fetch": False, "place_ahead": False, "gateway_margin": True})
+    assert "Node: side fetches off, placing ahead off, the gateway's margin on." in said
 
 
 def test_paired_compares_each_request_with_itself_in_the_other_trace(trace_module, tmp_path):
