@@ -566,9 +566,8 @@ class Node:
         assert m is not None  # READY, no handler: one model
         tensors, items = _check_inputs(fn.spec, m.artifact.manifest, inputs)
         now = self.clock()
-        slo_s = fn.spec.slo_ms / 1e3
         return await self.dispatch.run(m.entity, tensors, items, now, now + self._budget_s(fn, margin_ms), request_id,
-                                       sink, due=now + slo_s)
+                                       sink, due=now + fn.spec.slo_ms / 1e3)
 
     def _budget_s(self, fn: _Function, margin_ms: float) -> float:
         """The part of ``fn``'s SLO the node plans its request to: all of it less the gateway's margin (setting
@@ -595,10 +594,12 @@ class Node:
         margin), covers the whole run: every model call the handler makes is scheduled against it."""
         assert fn.pool is not None
         now = self.clock()
-        result = await fn.pool.infer(inputs, parameters, deadline=now + self._budget_s(fn, margin_ms))
+        budget_s = self._budget_s(fn, margin_ms)
+        result = await fn.pool.infer(inputs, parameters, deadline=now + budget_s)
         outputs = handlers.check_outputs(fn.spec, result.outputs)
         total = self._observe_handler(fn.spec.name, now)
-        return InferResult(outputs, "", result.wait_ms, False, result.handler_ms, total * 1e3, result.parameters)
+        return InferResult(outputs, "", result.wait_ms, False, result.handler_ms, total * 1e3, result.parameters,
+                           budget_ms=budget_s * 1e3)
 
     def _observe_handler(self, name: str, started: float) -> float:
         fn = self._functions.get(name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -139,9 +138,9 @@ class _Pending:
     inputs: list[torch.Tensor]
     future: asyncio.Future[InferResult]
     started: float
-    sink: OutputSink | None = None
-    due: float = math.inf
+    due: float
     """When its SLO ends (its request's deadline may be earlier: the gateway's margin)."""
+    sink: OutputSink | None = None
 
 
 @dataclass
@@ -253,7 +252,7 @@ class Dispatcher:
             self.metrics.count_slo_miss(entity)
             raise OverloadedError(reject.reason, reject.retry_after, reject.status)
         fut: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
-        self._pending[req.id] = _Pending(req, tensors, fut, now, sink, deadline if due is None else due)
+        self._pending[req.id] = _Pending(req, tensors, fut, now, deadline if due is None else due, sink)
         self._decide_soon()
         self._keep_hot()
         try:
