@@ -574,7 +574,7 @@ class Node:
         ``gateway_margin``), but never less than :data:`MIN_BUDGET` of it — a margin gone wild (a client reading
         a large answer slowly) must not make every request of the function look late."""
         slo_ms = fn.spec.slo_ms
-        if self.dispatch.scheduler.gateway_margin:
+        if self.scheduler.gateway_margin:
             slo_ms -= min(max(margin_ms, 0.0), slo_ms * (1.0 - MIN_BUDGET))
         return slo_ms / 1e3
 
