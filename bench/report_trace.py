@@ -32,6 +32,7 @@ def table(r: dict) -> str:
         lines += ["", "Replayed points: the run of median attainment, every run's in brackets (same trace, same node)."]
     lines += ["", "max_functions (largest N with ≥ 98 % attainment): "
               + ", ".join(f"{k} {v['max_functions']}" for k, v in r["policies"].items())]
+    lines += _host_bound(r.get("host_memory"))
     lines += ["", "loop late: share of the node's 10 ms event-loop probe ticks that ran over 2.5 ms late (CPU work or "
               "collection pauses holding the gateway and controller; '-' where the run predates the probe); with HTTP "
               "fronts, the fronts' own in brackets. CPU steal: share of the machine's CPU time the hypervisor took "
@@ -43,6 +44,16 @@ def table(r: dict) -> str:
     lines += phases_table(r)
     lines += causes_table(r)
     return "\n".join(lines) + "\n"
+
+
+def _host_bound(host: dict | None) -> list[str]:
+    """The points the sweep left out because their models would not fit the machine's host memory."""
+    if not host or not host.get("not_run"):
+        return []
+    need = host["needed_bytes"]
+    return ["", "Not run, for host memory (every model stays in page-locked host memory): "
+            + ", ".join(f"N={n} (a host store of {need[str(n)] / 1e9:.1f} GB)" for n in host["not_run"])
+            + f"; this machine had room for {host['available_bytes'] / 1e9:.1f} GB."]
 
 
 def _settings(r: dict) -> str:

@@ -65,6 +65,10 @@ POLICIES = {  # name → (scheduler policy, engine mode)
 MAX_BATCH = 4
 """Each function's max batch size (its artifact exported with a dynamic batch up to it); every power of two
 up to it is a CUDA-graph bucket captured at start (two graphs each), which is most of the node's start."""
+HOST_RESERVE_BYTES = 16 << 30
+"""Host memory the processes beside the node's host store need (its workers' CUDA contexts and torch, the
+controller, the client processes): a point whose host store would leave less of the machine's available memory
+is not run."""
 
 
 @dataclass(frozen=True)
@@ -239,21 +243,55 @@ def request_bodies(models: list[str]) -> dict[str, tuple[bytes, int]]:
 # --- deploying N functions -------------------------------------------------------------------------
 
 
-def build_functions(home: Path, cache: Path, fns: list[Fn], max_batch: int = MAX_BATCH) -> None:
-    """Register every function in a fresh registry (the node loads them all at start)."""
+def export_models(cache: Path, models: list[str], max_batch: int = MAX_BATCH) -> dict[str, int]:
+    """Each zoo model's fp16 artifact in ``cache`` (exported once); returns the bytes of each one's weights."""
     import torch
 
-    from swapserve.artifact import build_artifact, load_artifact, zoo
-    from swapserve.functions.spec import FunctionSpec
-    from swapserve.registry import Registry
+    from swapserve.artifact import build_artifact, zoo
 
-    for m in sorted({f.model for f in fns}):
+    for m in sorted(set(models)):
         if not (cache / m / "manifest.json").exists():
             z = zoo.get(m)
             name = "input_ids" if z.input_kind == "tokens" else "image"
             print(f"  exporting {m} (fp16) ...", flush=True)
             build_artifact(z.build(torch.float16), z.example(1, torch.float16), cache / m, name=m,
                            max_batch=max_batch, input_names=[name], output_names=["output"], overwrite=True)
+    return {m: (cache / m / "weights.safetensors").stat().st_size for m in models}
+
+
+def host_store_bytes(model_bytes: int) -> int:
+    """The node's host store for ``model_bytes`` of weights: their alignment padding, and a margin."""
+    return int(model_bytes * 1.05) + (1 << 30)
+
+
+def host_room() -> int:
+    """Bytes a node's host store can take on this machine: the free space of the shared-memory directory it lives
+    in, and the machine's available memory less what the processes beside it need (``HOST_RESERVE_BYTES``)."""
+    from swapserve.config import env
+
+    shm = env().shm_dir
+    shm.mkdir(parents=True, exist_ok=True)
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+    return min(shutil.disk_usage(shm).free, available - HOST_RESERVE_BYTES)
+
+
+def fit_host(sweep: list[int], fns: list[Fn], sizes: dict[str, int], room: int) -> tuple[list[int], dict]:
+    """The points of ``sweep`` whose functions' models fit ``room`` bytes of host memory (every model stays in
+    page-locked host memory: host memory, not the GPU, bounds N), and what to record of it."""
+    need = {n: host_store_bytes(sum(sizes[f.model] for f in fns[:n])) for n in sweep}
+    fits = [n for n in sweep if need[n] <= room]
+    return fits, {"available_bytes": room, "needed_bytes": {str(n): b for n, b in need.items()},
+                  "not_run": [n for n in sweep if n not in fits]}
+
+
+def build_functions(home: Path, cache: Path, fns: list[Fn], max_batch: int = MAX_BATCH) -> None:
+    """Register every function (its model exported by :func:`export_models`) in a fresh registry (the node
+    loads them all at start)."""
+    from swapserve.artifact import load_artifact
+    from swapserve.functions.spec import FunctionSpec
+    from swapserve.registry import Registry
+
     reg = Registry(home)
     try:
         for f in fns:
@@ -689,6 +727,15 @@ def main() -> None:
     fns = make_functions(max(sweep), zoo_names, slo, args.seed)
     work = args.work or Path(tempfile.mkdtemp(prefix="swapserve-trace-"))
     cache = work / "artifacts" / f"batch{args.max_batch}"
+    sizes = export_models(cache, zoo_names, args.max_batch)
+    sweep, host_memory = fit_host(sweep, fns, sizes, host_room())
+    for n in host_memory["not_run"]:
+        print(f"N={n} not run: its models need a host store of {host_memory['needed_bytes'][str(n)] / 1e9:.1f} GB, "
+              f"this machine has room for {host_memory['available_bytes'] / 1e9:.1f} GB (host memory bounds N here)",
+              flush=True)
+    if not sweep:
+        raise SystemExit("no point of the sweep fits this machine's host memory")
+    fns = fns[:max(sweep)]
     bodies = request_bodies(sorted(set(zoo_names)))
     header = {"date": date.today().isoformat(), "slo_ms": slo, "slo_source": slo_source,
               "duration_s": args.duration, "seed": args.seed, "zoo": zoo_names, "max_batch": args.max_batch,
@@ -696,25 +743,23 @@ def main() -> None:
               "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS,
               "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch, "peer_copies": args.peer_copies,
               "place_ahead": args.place_ahead, "gateway_margin": args.gateway_margin,
-              "fronts": args.fronts}
+              "fronts": args.fronts, "host_memory": host_memory}
     variants = alternates(args.alternate, args.out)  # (directory, settings): the runs of each go there
     results = []
     for out, settings in variants:
         out.mkdir(parents=True, exist_ok=True)
         r = json.loads((out / "trace.json").read_text()) if (out / "trace.json").exists() else {"policies": {}}
         results.append({**r, **header, **settings})
-    total_bytes = None
+    host_store = host_store_bytes(sum(sizes[f.model] for f in fns))
+    large = frozenset(m for m in zoo_names if output_bytes(cache, m) > 1 << 20)
+    for result in results:
+        result["large_output_models"] = sorted(large)
     for label in args.policies.split(","):
         policy, mode = POLICIES[label]
         home = work / f"home-{label}"
         shutil.rmtree(home, ignore_errors=True)
         print(f"[{label}] registering {len(fns)} functions ...", flush=True)
         build_functions(home, cache, fns, args.max_batch)
-        if total_bytes is None:
-            total_bytes = sum((cache / f.model / "weights.safetensors").stat().st_size for f in fns)
-            large = frozenset(m for m in zoo_names if output_bytes(cache, m) > 1 << 20)
-            for result in results:
-                result["large_output_models"] = sorted(large)
         extra = (("--policy", policy, "--mode", mode) + (("--no-prepare",) if args.no_prepare else ())
                  + (("--lanes", str(args.lanes)) if args.lanes else ())
                  + (("--swap-piece-ms", str(args.swap_piece_ms)) if args.swap_piece_ms is not None else ())
@@ -724,7 +769,7 @@ def main() -> None:
                  + ("--place-ahead" if args.place_ahead else "--no-place-ahead",)
                  + ("--gateway-margin" if args.gateway_margin else "--no-gateway-margin",)
                  + ("--fronts", str(args.fronts)))
-        srv = Server(home, args.devices or "all", pool=args.pool, host_store=f"{int(total_bytes * 1.05) + (1 << 30)}",
+        srv = Server(home, args.devices or "all", pool=args.pool, host_store=str(host_store),
                      workspace="2GiB", extra=extra)
         try:
             t0 = time.time()

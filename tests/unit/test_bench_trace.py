@@ -345,6 +345,30 @@ def test_the_table_says_the_cpu_steal_and_canary_of_each_point(trace_module):
     assert "| 3.1% (max 20.0%) | 1.23 (1.50) | 1200 |" in rows[0] and "| - | - | 1200 |" in rows[1]
 
 
+def test_points_whose_models_exceed_host_memory_are_not_run(trace_module):
+    fns = trace_module.make_functions(6, ["a", "b"], {"a": 10.0, "b": 20.0}, seed=0)  # a, b, a, b, a, b
+    sizes = {"a": 1 << 30, "b": 3 << 30}
+    need = {n: trace_module.host_store_bytes(sum(sizes[f.model] for f in fns[:n])) for n in (2, 4, 6)}
+    assert need[2] >= 4 << 30 and need[2] < need[4] < need[6]
+    fits, host = trace_module.fit_host([2, 4, 6], fns, sizes, room=need[4])
+    assert fits == [2, 4] and host["not_run"] == [6]
+    assert host["available_bytes"] == need[4] and host["needed_bytes"]["6"] == need[6]
+    assert trace_module.fit_host([2, 4, 6], fns, sizes, room=need[2] - 1)[0] == []
+    assert trace_module.host_room() > 0  # this machine's: its shared memory and available memory
+
+
+def test_the_table_says_which_points_host_memory_left_out(trace_module):
+    import report_trace
+
+    base = {"gpu": "H200", "gpus": 1, "policies": {}}
+    assert "Not run" not in report_trace.table({**base, "host_memory": {"available_bytes": 9e9, "needed_bytes": {
+        "100": 5e9}, "not_run": []}})
+    said = report_trace.table({**base, "host_memory": {"available_bytes": 117.2e9, "needed_bytes": {
+        "400": 99.1e9, "500": 123.6e9}, "not_run": [500]}})
+    assert ("Not run, for host memory (every model stays in page-locked host memory): N=500 (a host store of "
+            "123.6 GB); this machine had room for 117.2 GB.") in said
+
+
 def test_the_table_names_the_settings_that_differ_from_the_defaults(trace_module):
     import report_trace
 
