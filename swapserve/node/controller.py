@@ -237,6 +237,9 @@ class Node:
                 loading.one_done()
 
         await asyncio.gather(*(bring_up(r) for r in records))
+        dead = [f"worker {w.index} ({w.device})" for w in self._workers if w.dead]
+        if dead:  # a node is ready only with every device (:meth:`_on_worker_dead`): this one never would be
+            raise BackendError(f"{', '.join(dead)} died while the node started (see the log above)")
         self._set_ready(True)
 
     async def stop(self, grace_s: float = 10.0) -> None:
