@@ -268,12 +268,11 @@ def host_room() -> int:
     """Bytes a node's host store can take on this machine: the free space of the shared-memory directory it lives
     in, and the machine's available memory less what the processes beside it need (``HOST_RESERVE_BYTES``)."""
     from swapserve.config import env
+    from swapserve.hostmem import available_memory
 
     shm = env().shm_dir
     shm.mkdir(parents=True, exist_ok=True)
-    with open("/proc/meminfo") as f:
-        available = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
-    return min(shutil.disk_usage(shm).free, available - HOST_RESERVE_BYTES)
+    return min(shutil.disk_usage(shm).free, (available_memory() or 1 << 62) - HOST_RESERVE_BYTES)
 
 
 def fit_host(sweep: list[int], fns: list[Fn], sizes: dict[str, int], room: int) -> tuple[list[int], dict]:

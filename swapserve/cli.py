@@ -375,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan each request to finish early enough for its time in the gateway: its decoding, and "
                         "its answer's way out as learned for the function (default: off; PATCH "
                         "/api/v1/scheduling changes it on a running node)")
-    s.add_argument("--host-store", type=_bytes, help="pinned host store capacity (default: sized at start)")
+    s.add_argument("--host-store", type=_bytes,
+                   help="pinned host store capacity (default: half the free space of the shared-memory directory, "
+                        "within the machine's available memory; more than either is refused)")
     s.add_argument("--token", default=argparse.SUPPRESS,
                    help="token the management API requires (default: $SWAPSERVE_TOKEN)")
     s.add_argument("--demo", action="store_true", help="deploy the example functions from examples/ at start")

@@ -85,7 +85,9 @@ class ServeConfig:
     gateway's margin")."""
     host_store_bytes: int | None = None
     """Capacity of the pinned host store shared by all workers; beyond it models spill to their
-    safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``."""
+    safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``,
+    within what the machine's available memory leaves its processes (:mod:`swapserve.hostmem`); a capacity given
+    that exceeds either is refused at start."""
     shm_dir: Path = field(default_factory=lambda: env().shm_dir)
     """Where the host store's shared-memory buffers live (``SWAPSERVE_SHM_DIR``, default /dev/shm)."""
     token: str | None = field(default_factory=lambda: env().token)

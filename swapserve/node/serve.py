@@ -25,6 +25,7 @@ from aiohttp import web
 from swapserve.config import MiB
 from swapserve.fronts.service import FrontService, FrontStartError
 from swapserve.gateway.config import GatewayConfig
+from swapserve.hostmem import NODE_RESERVE_BYTES, WORKER_RESERVE_BYTES, available_memory, host_store_problem
 from swapserve.node.config import ServeConfig
 
 if TYPE_CHECKING:
@@ -84,11 +85,14 @@ def new_token() -> str:
     return token
 
 
-def _host_store_bytes(config: ServeConfig) -> int:
-    if config.host_store_bytes is not None:
-        return config.host_store_bytes
+def _default_host_store_bytes(config: ServeConfig, workers: int) -> int:
+    """Half the free space of the shared-memory directory, within what the machine's memory leaves the node."""
     config.shm_dir.mkdir(parents=True, exist_ok=True)
-    return max(256 * MiB, shutil.disk_usage(config.shm_dir).free // 2)
+    free = shutil.disk_usage(config.shm_dir).free // 2
+    available = available_memory()
+    if available is not None:
+        free = min(free, available - NODE_RESERVE_BYTES - workers * WORKER_RESERVE_BYTES)
+    return max(256 * MiB, free)
 
 
 async def _main(config: ServeConfig) -> int:
@@ -98,6 +102,12 @@ async def _main(config: ServeConfig) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     devices = config.resolved_devices()
+    host_store_bytes = config.host_store_bytes
+    if host_store_bytes is None:
+        host_store_bytes = _default_host_store_bytes(config, len(devices))
+    elif (problem := host_store_problem(host_store_bytes, config.shm_dir, len(devices))) is not None:
+        print(f"swapserve: {problem}", file=sys.stderr)
+        return 2
     metrics = Metrics()
     node = Node(NodeConfig(home=config.home, devices=devices, pool_bytes=config.pool_bytes,
                            workspace_bytes=config.workspace_bytes, lanes=config.lanes,
@@ -105,7 +115,7 @@ async def _main(config: ServeConfig) -> int:
                            queue_ahead_within_ms=config.queue_ahead_within_ms, side_fetch=config.side_fetch,
                            peer_copies=config.peer_copies, place_ahead=config.place_ahead,
                            gateway_margin=config.gateway_margin,
-                           host_store_bytes=_host_store_bytes(config),
+                           host_store_bytes=host_store_bytes,
                            mode=config.mode, policy=config.policy, prepare_on_deploy=config.prepare,
                            spin_s=config.spin_ms / 1e3,
                            sandbox=SandboxConfig(isolation=config.sandbox_isolation,  # type: ignore[arg-type]

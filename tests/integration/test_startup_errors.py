@@ -87,3 +87,15 @@ def test_port_in_use_leaves_no_shared_memory(refused: dict[str, Refused]):
     r = refused["port"]
     assert r.code == 2
     assert not _leftovers(r.shm), f"left in {r.shm}: {_leftovers(r.shm)}"
+
+
+def test_a_host_store_larger_than_the_machine_can_hold_is_refused(tmp_path: Path):
+    """A store the shared-memory directory cannot hold would fail its loads; one that leaves the node's processes
+    too little memory gets a worker killed as it fills. Either is refused at start, saying what fits."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    p = _serve(tmp_path / "home", free_port(), shm, ["--host-store", "1000TiB"])
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2, (out, err)
+    assert f"does not fit {shm}" in err and "--host-store" in err, err
+    assert not _leftovers(shm), _leftovers(shm)

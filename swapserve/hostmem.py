@@ -1,0 +1,48 @@
+"""How much host memory a node's host store may take on this machine.
+
+Every model stays in page-locked host memory, in files under the node's shared-memory directory
+(``SWAPSERVE_SHM_DIR``, /dev/shm by default): a store larger than that directory's free space fails its loads,
+and one that leaves the node's own processes too little of the machine's memory gets a worker killed by the
+kernel (on a 125 GiB machine, a 124 GB store lost its only worker loading its 481st function, and the node then
+answered every request with an error).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from swapserve.config import GiB
+
+NODE_RESERVE_BYTES = 2 * GiB
+"""Host memory the controller needs beside the host store (its interpreter, torch, request buffers)."""
+WORKER_RESERVE_BYTES = 4 * GiB
+"""Host memory each worker needs beside the host store (its CUDA context, torch, captured graphs)."""
+
+
+def available_memory() -> int | None:
+    """The machine's available memory (``MemAvailable`` of /proc/meminfo) in bytes, or None where it is not
+    known (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return None
+
+
+def host_store_problem(capacity: int, shm_dir: Path, workers: int) -> str | None:
+    """Why a host store of ``capacity`` bytes cannot work for a node of ``workers`` workers here, or None."""
+    free = shutil.disk_usage(shm_dir).free
+    if capacity > free:
+        return (f"a host store of {capacity / 1e9:.1f} GB does not fit {shm_dir}, which has {free / 1e9:.1f} GB "
+                f"free (the store lives there: SWAPSERVE_SHM_DIR); give --host-store less, or enlarge {shm_dir}")
+    available, reserve = available_memory(), NODE_RESERVE_BYTES + workers * WORKER_RESERVE_BYTES
+    if available is not None and capacity + reserve > available:
+        return (f"a host store of {capacity / 1e9:.1f} GB leaves the node's processes less than the "
+                f"{reserve / 1e9:.1f} GB they need of this machine's {available / 1e9:.1f} GB of available memory "
+                f"(every model stays in page-locked host memory); give --host-store at most "
+                f"{max(0, available - reserve) / 1e9:.1f} GB")
+    return None
