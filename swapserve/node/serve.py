@@ -25,7 +25,8 @@ from aiohttp import web
 from swapserve.config import MiB
 from swapserve.fronts.service import FrontService, FrontStartError
 from swapserve.gateway.config import GatewayConfig
-from swapserve.hostmem import NODE_RESERVE_BYTES, WORKER_RESERVE_BYTES, available_memory, host_store_problem
+from swapserve.hostmem import (NODE_RESERVE_BYTES, WORKER_RESERVE_BYTES, available_memory, host_store_problem,
+                               keep_freed_memory)
 from swapserve.node.config import ServeConfig
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ def run(config: ServeConfig) -> int:
     # would wake sleeping threads for each copy above its grain size, which costs more than the copy
     # (milliseconds when the workers hold the cores). Compute happens in the workers.
     torch.set_num_threads(1)
+    keep_freed_memory()  # large answers are copied out of the IO slabs into fresh tensors: no page faults each time
     return asyncio.run(_main(config))
 
 
