@@ -396,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP front processes sharing the port, each running the gateway and passing calls to "
                         "the controller (default 0: the controller serves HTTP itself); for busy multi-GPU nodes")
     s.add_argument("--spin-ms", type=float, metavar="MS",
-                   help="after each request, how long the controller and workers poll before sleeping "
-                        "(default 0: off; each costs up to a core while requests flow)")
+                   help="while runs are in flight and this long after, the controller polls instead of "
+                        "sleeping (default 0: off; costs up to a core while requests flow)")
     s.set_defaults(func=_serve)
     return p
 

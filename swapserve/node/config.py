@@ -104,8 +104,8 @@ class ServeConfig:
     """Swap each function in and capture its graphs on every device at deploy and start (off the request
     path); False defers that to each function's first request."""
     spin_ms: float = 0.0
-    """After each request and completion, how long the controller's event loop and the workers keep
-    polling before they sleep (sparing wake-ups; costing up to a core each while requests flow). 0: off."""
+    """While runs are in flight and this long after each completion, the controller's event loop polls instead
+    of sleeping (sparing the wake-up a worker's reply would cost; up to a core while requests flow). 0: off."""
     sandbox_isolation: str = "best_effort"
     """Handler sandboxes: ``strict`` refuses to run handlers where the kernel lacks Landlock file isolation;
     ``best_effort`` uses what it offers and logs what is missing; ``off``: rlimits only (debugging)."""

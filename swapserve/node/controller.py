@@ -95,10 +95,10 @@ class NodeConfig:
     """Swap each new model in once on every device at deploy, capturing its graphs off the request path."""
     start_timeout_s: float = 300.0
     spin_s: float = 0.0
-    """After each request and each completion, the controller's event loop and every worker keep polling
-    this long before they sleep, sparing the wake-ups of a message's receiver; costs up to a core each
-    while requests flow. Off by default: on the lent H200 (a Firecracker VM) 2 ms of it changed the request
-    overhead by nothing measurable (bench/results/h200_20261127/overhead*.json)."""
+    """While runs are in flight and this long after each completion, the controller's event loop polls
+    instead of sleeping, so that a worker's reply finds it awake (no wake-up on either side); costs up to a
+    core while requests flow. 0: off. The workers never poll: a worker's polling thread held the GIL its lanes
+    needed, and on an H200 that made the request overhead worse (session 11; polling on both sides)."""
     log_level: int = logging.WARNING
     sandbox: SandboxConfig = SandboxConfig()
     """Handler sandboxes (each function's ``sandbox:`` settings override timeout, memory and pool size; the
@@ -201,7 +201,6 @@ class Node:
         for i, dev in enumerate(self.cfg.devices):
             wcfg = WorkerConfig(i, dev, _engine_for(engine, dev, self.cfg.mode), str(self.store.root),
                                 str(self.shm_root / f"io-{i}.bin"), self.cfg.slab_bytes, self.cfg.log_level,
-                                spin_s=self.cfg.spin_s,
                                 auto_pool=self.cfg.pool_bytes is None)
             self._workers.append(wk.spawn(wcfg))
         hellos = await asyncio.gather(*(wk.wait_hello(w, self.cfg.start_timeout_s) for w in self._workers))

@@ -37,9 +37,6 @@ class WorkerConfig:
     slab_path: str
     slab_bytes: int
     log_level: int = logging.WARNING
-    spin_s: float = 0.0
-    """After each reply, poll for the next command this long before blocking (0: block at once). Worth a
-    core per worker on GPU nodes under load; off on CPU nodes, whose cores do the work."""
     auto_pool: bool = False
     """Size the weight pool at start: the device's free memory less the workspace and a margin for the
     CUDA context, library workspaces and eager warm-up runs (1 GiB on the CPU)."""
@@ -141,19 +138,12 @@ class Worker:
     def serve(self) -> None:
         from swapserve.node.messages import PEER_COMMANDS, Prefetch, Run, Stop, recv
 
-        spin = self.cfg.spin_s
         lanes = [threading.Thread(target=self._lane_loop, args=(i,), name=f"swapserve-lane{i}", daemon=True)
                  for i in range(len(self._queues))]
         for t in lanes:
             t.start()
         try:
             while True:
-                if spin and not self.conn.poll(0):
-                    # Busy-wait a little before blocking: a sleeping reader makes every message pay a wake-up
-                    # (a syscall and a reschedule on each side), and requests come back to back under load.
-                    until = time.perf_counter() + spin
-                    while not self.conn.poll(0) and time.perf_counter() < until:
-                        pass
                 msg = recv(self.conn)
                 received = time.perf_counter()
                 if isinstance(msg, Stop):

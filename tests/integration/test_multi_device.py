@@ -1,6 +1,6 @@
 """A node with several workers (CPU stand-ins for GPUs: ``--devices cpu:0,cpu:1,cpu:2``): one worker process
-per device, every device in the status, and work spread over them — with the controller and workers
-busy-polling between messages (``--spin-ms``), which must change nothing but timing, one lane per device
+per device, every device in the status, and work spread over them — with the controller
+busy-polling while runs are in flight (``--spin-ms``), which must change nothing but timing, one lane per device
 (``--lanes 1``; every other integration test runs the default two) and peer copies allowed (``--peer-copies``:
 the workers map each other's pages at start)."""
 
