@@ -1,6 +1,6 @@
 """What copying a run's large outputs out of the IO slab costs the controller, by where they go.
 
-In the one-H200 trace at N = 400 (bench/results/h200_20261129/session16/) a batch of four GPT-2 answers (4 ×
+In the one-H200 trace at N = 400 (the sixteenth session's sweep, bench/results/h200_20261129/) a batch of four GPT-2 answers (4 ×
 12.9 MB of logits) spent 10.5 ms in the controller after its run, most of it copying the outputs out of the
 worker's IO slab into fresh tensors (``Dispatcher._complete``: ``COPY_THREADS`` threads, pieces of
 ``COPY_PIECE_BYTES``). A copy into fresh memory also faults in every page it writes (glibc maps each

@@ -12,14 +12,23 @@ from __future__ import annotations
 import ctypes
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from swapserve.config import GiB, MiB
 
 NODE_RESERVE_BYTES = 2 * GiB
 """Host memory the controller needs beside the host store (its interpreter, torch, request buffers)."""
-WORKER_RESERVE_BYTES = 4 * GiB
-"""Host memory each worker needs beside the host store (its CUDA context, torch, captured graphs)."""
+GPU_WORKER_RESERVE_BYTES = 4 * GiB
+"""Host memory each GPU's worker needs beside the host store (its CUDA context and libraries, captured graphs)."""
+CPU_WORKER_RESERVE_BYTES = 1 * GiB
+"""Host memory a CPU worker needs beside the host store (its interpreter, torch, its models' working memory)."""
+
+
+def reserve_bytes(devices: Sequence[str]) -> int:
+    """Host memory a node of these devices' workers needs beside its host store."""
+    return NODE_RESERVE_BYTES + sum(GPU_WORKER_RESERVE_BYTES if d.startswith("cuda") else CPU_WORKER_RESERVE_BYTES
+                                    for d in devices)
 
 
 def available_memory() -> int | None:
@@ -35,13 +44,13 @@ def available_memory() -> int | None:
     return None
 
 
-def host_store_problem(capacity: int, shm_dir: Path, workers: int) -> str | None:
-    """Why a host store of ``capacity`` bytes cannot work for a node of ``workers`` workers here, or None."""
+def host_store_problem(capacity: int, shm_dir: Path, devices: Sequence[str]) -> str | None:
+    """Why a host store of ``capacity`` bytes cannot work here for a node of ``devices``, or None."""
     free = shutil.disk_usage(shm_dir).free
     if capacity > free:
         return (f"a host store of {capacity / 1e9:.1f} GB does not fit {shm_dir}, which has {free / 1e9:.1f} GB "
                 f"free (the store lives there: SWAPSERVE_SHM_DIR); give --host-store less, or enlarge {shm_dir}")
-    available, reserve = available_memory(), NODE_RESERVE_BYTES + workers * WORKER_RESERVE_BYTES
+    available, reserve = available_memory(), reserve_bytes(devices)
     if available is not None and capacity + reserve > available:
         return (f"a host store of {capacity / 1e9:.1f} GB leaves the node's processes less than the "
                 f"{reserve / 1e9:.1f} GB they need of this machine's {available / 1e9:.1f} GB of available memory "

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,8 +26,7 @@ from aiohttp import web
 from swapserve.config import MiB
 from swapserve.fronts.service import FrontService, FrontStartError
 from swapserve.gateway.config import GatewayConfig
-from swapserve.hostmem import (NODE_RESERVE_BYTES, WORKER_RESERVE_BYTES, available_memory, host_store_problem,
-                               keep_freed_memory)
+from swapserve.hostmem import available_memory, host_store_problem, keep_freed_memory, reserve_bytes
 from swapserve.node.config import ServeConfig
 
 if TYPE_CHECKING:
@@ -87,13 +87,13 @@ def new_token() -> str:
     return token
 
 
-def _default_host_store_bytes(config: ServeConfig, workers: int) -> int:
+def _default_host_store_bytes(config: ServeConfig, devices: Sequence[str]) -> int:
     """Half the free space of the shared-memory directory, within what the machine's memory leaves the node."""
     config.shm_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(config.shm_dir).free // 2
     available = available_memory()
     if available is not None:
-        free = min(free, available - NODE_RESERVE_BYTES - workers * WORKER_RESERVE_BYTES)
+        free = min(free, available - reserve_bytes(devices))
     return max(256 * MiB, free)
 
 
@@ -106,8 +106,8 @@ async def _main(config: ServeConfig) -> int:
     devices = config.resolved_devices()
     host_store_bytes = config.host_store_bytes
     if host_store_bytes is None:
-        host_store_bytes = _default_host_store_bytes(config, len(devices))
-    elif (problem := host_store_problem(host_store_bytes, config.shm_dir, len(devices))) is not None:
+        host_store_bytes = _default_host_store_bytes(config, devices)
+    elif (problem := host_store_problem(host_store_bytes, config.shm_dir, devices)) is not None:
         print(f"swapserve: {problem}", file=sys.stderr)
         return 2
     metrics = Metrics()

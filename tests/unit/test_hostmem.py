@@ -14,19 +14,20 @@ from swapserve.config import GiB
 
 
 def test_a_store_larger_than_the_shared_memory_directory_is_refused(tmp_path: Path):
-    problem = hostmem.host_store_problem(1 << 60, tmp_path, workers=1)
+    problem = hostmem.host_store_problem(1 << 60, tmp_path, ["cpu"])
     assert problem is not None and f"does not fit {tmp_path}" in problem and "--host-store" in problem
 
 
 def test_a_store_that_leaves_the_processes_too_little_memory_is_refused(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(hostmem, "available_memory", lambda: 12 * GiB)
-    reserve = hostmem.NODE_RESERVE_BYTES + 2 * hostmem.WORKER_RESERVE_BYTES  # two workers
-    fits = 12 * GiB - reserve
-    assert hostmem.host_store_problem(fits, tmp_path, workers=2) is None
-    problem = hostmem.host_store_problem(fits + 1, tmp_path, workers=2)
+    gpus = ["cuda:0", "cuda:1"]
+    fits = 12 * GiB - hostmem.NODE_RESERVE_BYTES - 2 * hostmem.GPU_WORKER_RESERVE_BYTES
+    assert hostmem.host_store_problem(fits, tmp_path, gpus) is None
+    problem = hostmem.host_store_problem(fits + 1, tmp_path, gpus)
     assert problem is not None and "page-locked" in problem and f"at most {fits / 1e9:.1f} GB" in problem
-    assert hostmem.host_store_problem(fits, tmp_path, workers=3) is not None  # each worker needs its share
+    assert hostmem.host_store_problem(fits, tmp_path, [*gpus, "cuda:2"]) is not None  # each worker needs its share
+    assert hostmem.host_store_problem(fits, tmp_path, ["cpu"]) is None  # a CPU worker needs less
 
 
 def test_available_memory_is_this_machines():
