@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from swapserve.artifact import Artifact, load_artifact
-from swapserve.artifact.manifest import dtype_from_name
+from swapserve.artifact.manifest import dtype_from_name, itemsize
 from swapserve.config import EngineConfig, MiB, env
 from swapserve.engine import HostStore
 from swapserve.errors import BackendError, InvalidInputError, NotFoundError, SwapserveError, UnavailableError
@@ -37,6 +37,7 @@ from swapserve.node import handlers
 from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
 from swapserve.node.dispatch import Dispatcher, OutputSink, reply_error
+from swapserve.node.slab import aligned
 from swapserve.node.messages import (AddModel, CopyResult, Exported, ExportPages, ImportPeer, MeasureCopy, PeerResult,
                                      Prepare, Prepared, RemoveModel, allow_open_files)
 from swapserve.node.worker import WorkerConfig
@@ -88,6 +89,10 @@ class NodeConfig:
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB
     slab_bytes: int = 256 * MiB
+    """Each worker's IO slab for its lanes' inputs and outputs (one region a lane, two for the first)."""
+    answers_bytes: int = 256 * MiB
+    """Beside it, where each worker writes large answers that are sent from there (:mod:`swapserve.node.answers`):
+    room for 19 of GPT-2's 12.9 MB in flight or being sent; beyond that they are copied out of the regions."""
     mode: str = "auto"
     policy: Policy = "swapserve"
     max_queued: int = 4096
@@ -115,6 +120,16 @@ class _Model:
     """Host-store / worker key of the loaded version."""
     artifact: Artifact
     outputs: tuple[str, ...]
+
+    def answer_bytes(self, items: int) -> int:
+        """The bytes a run of ``items`` rows writes into the IO slab: its outputs, each aligned there."""
+        total = 0
+        for s in self.artifact.manifest.outputs:
+            n = itemsize(s.dtype)
+            for d in s.shape:
+                n *= items if d == -1 else d
+            total += aligned(n)
+        return total
 
 
 @dataclass
@@ -200,7 +215,8 @@ class Node:
                               lanes=self.cfg.lanes)
         for i, dev in enumerate(self.cfg.devices):
             wcfg = WorkerConfig(i, dev, _engine_for(engine, dev, self.cfg.mode), str(self.store.root),
-                                str(self.shm_root / f"io-{i}.bin"), self.cfg.slab_bytes, self.cfg.log_level,
+                                str(self.shm_root / f"io-{i}.bin"), self.cfg.slab_bytes + self.cfg.answers_bytes,
+                                self.cfg.log_level, answers_bytes=self.cfg.answers_bytes,
                                 auto_pool=self.cfg.pool_bytes is None)
             self._workers.append(wk.spawn(wcfg))
         hellos = await asyncio.gather(*(wk.wait_hello(w, self.cfg.start_timeout_s) for w in self._workers))

@@ -30,8 +30,10 @@ from swapserve.scheduler.types import Decision, Dispatch, NodeState, Request
 
 
 OFF_LOOP_COPY_BYTES = 1 << 20
-"""A run whose outputs exceed this is copied out of the IO slab on threads (the copy releases the GIL), not
-on the event loop every request shares: GPT-2's 12.9 MB of logits held it for milliseconds."""
+"""A run whose outputs exceed this has them written to a block of the slab's answers part and answered from there
+(:mod:`swapserve.node.answers`); where none is free, or its requests' outputs go to sinks, they are copied out
+of the IO slab on threads (the copy releases the GIL), not on the event loop every request shares: GPT-2's
+12.9 MB of logits held it for milliseconds."""
 COPY_THREADS = 4
 """Threads copying large outputs out of the IO slabs, in pieces of at least ``COPY_PIECE_BYTES`` side by side:
 one thread (this process runs torch with one intra-op thread) took ~28 ms for a batch of four GPT-2 answers
@@ -106,20 +108,27 @@ class OutputSink(Protocol):
         ...
 
 
+def _rows(fl: _InFlight, outs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Each request's rows of the run's outputs (views of them)."""
+    rows, row = [], 0
+    for p in fl.pending:
+        n = p.request.items
+        rows.append({name: o[row:row + n] if o.dim() else o for name, o in zip(fl.outputs, outs)})
+        row += n
+    return rows
+
+
 def _answers(fl: _InFlight, outs: list[torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]],
                                                               list[tuple[torch.Tensor, torch.Tensor]]]:
     """Each request's outputs — its rows of the run's — in memory of their own (where its sink says, else new),
     and the copies that fill them from ``outs``."""
-    answers, copies, row = [], [], 0
-    for p in fl.pending:
-        n = p.request.items
+    answers, copies = [], []
+    for p, rows in zip(fl.pending, _rows(fl, outs)):
         result = {}
-        for name, o in zip(fl.outputs, outs):
-            src = o[row:row + n] if o.dim() else o
+        for name, src in rows.items():
             dest = p.sink.place(name, src) if p.sink is not None and not p.future.done() else None
             result[name] = dest if dest is not None else torch.empty_like(src)
             copies.append((result[name], src))
-        row += n
         answers.append(result)
     return answers, copies
 
@@ -130,6 +139,10 @@ class Served(Protocol):
     key: str
     """Host-store / worker key of the loaded version."""
     outputs: tuple[str, ...]
+
+    def answer_bytes(self, items: int) -> int:
+        """The bytes a run of ``items`` rows writes into the IO slab (its declared outputs)."""
+        ...
 
 
 @dataclass
@@ -157,6 +170,8 @@ class _InFlight:
     """When its message was handed to the pipe (before pickling and the write)."""
     region: int
     """Its part of the worker's IO slab (-1: none, a copy with no run)."""
+    answers_at: int = -1
+    """The block of the slab's answers part its outputs are written to (-1: none, its region)."""
     begun: float = 0.0
     """When its lane took it up: ``started``, or the end of the run it was queued behind."""
     deferred: Callable[[], None] | None = None
@@ -363,13 +378,27 @@ class Dispatcher:
         # evicted it since (the worker reports residency with its replies), and fetching beats waiting for
         # that swap to end (the worker hands the run to the first lane only if the model is in flight there).
         fetch = bool(d.lane) and self.scheduler.may_fetch(self.state, d.function)
+        items = sum(p.request.items for p in batch)
+        block, size = self._answers_block(w, m, batch, items)
         run = Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit, fetch,
                   place_ahead=self.scheduler.place_ahead and not d.lane)
-        items = sum(p.request.items for p in batch)
+        if block >= 0:
+            run = replace(run, out_offset=block, out_limit=block + size, out_fallback=(end, limit))
         if d.source == "peer" and d.peer is not None and not self._workers[d.peer].dead:
-            self._lend(self._launch(d, m, run, batch, items, now, region, lend=True), d.peer)
+            self._lend(self._launch(d, m, run, batch, items, now, region, lend=True, answers_at=block), d.peer)
         else:
-            self._launch(d, m, run, batch, items, now, region)
+            self._launch(d, m, run, batch, items, now, region, answers_at=block)
+
+    @staticmethod
+    def _answers_block(w: wk.WorkerHandle, m: Served, batch: list[_Pending], items: int) -> tuple[int, int]:
+        """A block of the worker's answers part for a run's large outputs, and its size; (-1, 0) for outputs
+        small enough to copy (:data:`OFF_LOOP_COPY_BYTES`), for requests whose outputs go to a sink anyway, or
+        when no block is free (then copied out of the region, as small ones are)."""
+        size = m.answer_bytes(items)
+        if size <= OFF_LOOP_COPY_BYTES or any(p.sink is not None for p in batch):
+            return -1, 0
+        block = w.slab.answers.take(size)
+        return (-1, 0) if block is None else (block, size)
 
     def _lend(self, fl: _InFlight, peer: int) -> None:
         """Ask ``peer`` to lend ``fl``'s model (pin it whole and say where its pages are); the run goes out with
@@ -428,7 +457,7 @@ class Dispatcher:
         return {models[f].key: v for f, v in changes.items() if f in models}
 
     def _launch(self, d: Dispatch, m: Served, msg: Run | Prefetch, batch: list[_Pending], items: int,
-                now: float, region: int = -1, lend: bool = False) -> _InFlight:
+                now: float, region: int = -1, lend: bool = False, answers_at: int = -1) -> _InFlight:
         """Send a run or prefetch to its lane (held while its model is being lent, ``lend``, or while a run
         ahead of it in the lane is held); its reply (or the worker's failure) completes it."""
         w = self._workers[d.device]
@@ -436,7 +465,8 @@ class Dispatcher:
         queue = self._inflight.setdefault((d.device, d.lane), [])
         if queue:
             self.metrics.count_queued_ahead(w.device)
-        fl = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock(), region, begun=now, lending=lend)
+        fl = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock(), region, answers_at, begun=now,
+                       lending=lend)
         held = lend or any(f.unsent is not None for f in queue)
         queue.append(fl)
         if held:
@@ -453,12 +483,20 @@ class Dispatcher:
             self._complete(w, fl, e if isinstance(e, BackendError) else BackendError(str(e)))
 
     def _complete(self, w: wk.WorkerHandle, fl: _InFlight, outcome: Any) -> None:
-        """A run ended (called straight from the worker's reply). Large outputs are first copied out of the
-        lane's slab region on a thread (the lane stays busy meanwhile: the region is still being read)."""
+        """A run ended (called straight from the worker's reply). Outputs written to a block of the answers part
+        are answered from there; large ones in the lane's slab region are first copied out on a thread (the lane
+        stays busy meanwhile: the region is still being read)."""
         fl.read_at = time.perf_counter()
         if fl.lent_from >= 0:
             self._unlend(fl)
-        if isinstance(outcome, BaseException) or not (outcome.ok and isinstance(outcome.result, RunResult)):
+        ok = not isinstance(outcome, BaseException) and outcome.ok and isinstance(outcome.result, RunResult)
+        if fl.answers_at >= 0:
+            refs = outcome.result.outputs if ok else ()
+            if refs and all(r.offset >= fl.answers_at for r in refs):
+                self._finish(w, fl, outcome, [], _rows(fl, w.slab.answers.views(fl.answers_at, refs)))
+                return
+            w.slab.answers.give(fl.answers_at)  # failed, or written to the region (outputs over their declared size)
+        if not ok:
             self._finish(w, fl, outcome, [], None)
             return
         outs = [w.slab.tensor(r) for r in outcome.result.outputs]

@@ -81,6 +81,9 @@ class Run:
     place_ahead: bool = False
     """Lane 0 may place its pages (evictions, remaps) and start its copies while the run before it executes
     (``SwapEngine.place_ahead``)."""
+    out_fallback: tuple[int, int] | None = None
+    """Where outputs go, ``[offset, limit)``, if they do not fit before ``out_limit`` (a block the controller
+    sized from the model's declared outputs: :mod:`swapserve.node.answers`)."""
 
 
 @dataclass(frozen=True)

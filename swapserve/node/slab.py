@@ -1,9 +1,10 @@
 """A worker's IO slab: one shared-memory file through which request tensors go in and come out.
 
 The controller creates it and writes a batch's inputs; the worker (which page-locks its mapping for
-fast copies) reads them and writes outputs after them. Each lane of the device has a region of its own
-(:meth:`Slab.region`) and runs one dispatch at a time, so the slab needs no allocator: inputs from the
-region's start, outputs from where the controller says, never past the region's end.
+fast copies) reads them and writes outputs where the controller says: after them, or for large outputs in
+a block of the slab's last part (:mod:`swapserve.node.answers`), sent to clients from there. Each lane of the
+device has a region of its own in the rest (:meth:`Slab.region`) and runs one dispatch at a time, so the
+regions need no allocator: inputs from the region's start, outputs never past its end.
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ from swapserve.node.messages import TensorRef
 ALIGN = 256
 
 
-def _round(n: int) -> int:
+def aligned(n: int) -> int:
+    """``n`` rounded up to the slab's alignment (where each tensor in it starts)."""
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 class Slab:
-    def __init__(self, path: Path, nbytes: int, create: bool):
+    def __init__(self, path: Path, nbytes: int, create: bool, answers_bytes: int = 0):
+        """``answers_bytes``: the slab's last part, for large answers (the controller's; a worker writes where
+        it is told)."""
+        from swapserve.node.answers import Answers
+
         self.path = path
         self.nbytes = nbytes
+        self.regions_bytes = nbytes - answers_bytes
         flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
@@ -39,6 +46,7 @@ class Slab:
         finally:
             os.close(fd)
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.answers = Answers(self._map, self.regions_bytes, nbytes)
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
         n = 1
@@ -47,8 +55,8 @@ class Slab:
         return torch.frombuffer(self._map, dtype=dtype_from_name(ref.dtype), count=n, offset=ref.offset).view(ref.shape)
 
     def region(self, lane: int, lanes: int) -> tuple[int, int]:
-        """``[start, end)`` of a lane's part of the slab (equal parts, aligned)."""
-        size = self.nbytes // lanes // ALIGN * ALIGN
+        """``[start, end)`` of a lane's part of the slab (equal parts of all but the answers', aligned)."""
+        size = self.regions_bytes // lanes // ALIGN * ALIGN
         return lane * size, (lane + 1) * size
 
     def write_batch(self, parts: Sequence[Sequence[torch.Tensor]], offset: int = 0,
@@ -76,7 +84,7 @@ class Slab:
                 else:
                     dst.copy_(p)
             refs.append(ref)
-            offset = _round(end)
+            offset = aligned(end)
         return tuple(refs), offset
 
     def write(self, tensors: Sequence[torch.Tensor], offset: int, limit: int | None = None,
@@ -94,7 +102,7 @@ class Slab:
                 raise PayloadTooLargeError(f"outputs need {end - start} bytes, more than the IO slab's region has "
                                            f"left ({limit - start}); raise the slab size or lower max_batch")
             refs.append(ref)
-            offset = _round(end)
+            offset = aligned(end)
         for ref, t in zip(refs, tensors):
             self.tensor(ref).copy_(t, non_blocking=non_blocking)
         return tuple(refs)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from swapserve.config import EngineConfig
+from swapserve.errors import PayloadTooLargeError
 
 log = logging.getLogger("swapserve.worker")
 
@@ -37,6 +38,8 @@ class WorkerConfig:
     slab_path: str
     slab_bytes: int
     log_level: int = logging.WARNING
+    answers_bytes: int = 0
+    """The slab's last part, where the controller has large answers written (:mod:`swapserve.node.answers`)."""
     auto_pool: bool = False
     """Size the weight pool at start: the device's free memory less the workspace and a margin for the
     CUDA context, library workspaces and eager warm-up runs (1 GiB on the CPU)."""
@@ -375,7 +378,12 @@ class Worker:
         def into_slab(outs: list[Any]) -> None:  # on the lane's stream, landing with the run (one wait)
             nonlocal refs, enqueued_ms
             t = time.perf_counter()
-            refs = self.slab.write(outs, msg.out_offset, msg.out_limit, non_blocking=True)
+            try:
+                refs = self.slab.write(outs, msg.out_offset, msg.out_limit, non_blocking=True)
+            except PayloadTooLargeError:  # larger than the model declares: into the lane's region instead
+                if msg.out_fallback is None:
+                    raise
+                refs = self.slab.write(outs, *msg.out_fallback, non_blocking=True)
             enqueued_ms = (time.perf_counter() - t) * 1e3
 
         self.engine.infer(msg.key, inputs, value=_value_of(self._values), lane=lane, fetch=msg.fetch, peer=peer,

@@ -70,7 +70,7 @@ class WorkerHandle:
 def spawn(cfg: WorkerConfig) -> WorkerHandle:
     """Start a worker process (spawned: a fresh interpreter, so CUDA is initialised only there)."""
     ctx = mp.get_context("spawn")
-    slab = Slab(Path(cfg.slab_path), cfg.slab_bytes, create=True)
+    slab = Slab(Path(cfg.slab_path), cfg.slab_bytes, create=True, answers_bytes=cfg.answers_bytes)
     parent, child = ctx.Pipe(duplex=True)
     proc = ctx.Process(target=worker_main, args=(cfg, child), name=f"swapserve-worker{cfg.index}", daemon=True)
     proc.start()
