@@ -12,6 +12,7 @@ are threads). No copy, and the lane is free at the reply.
 
 from __future__ import annotations
 
+import collections
 import math
 import mmap
 import threading
@@ -35,17 +36,22 @@ class Answers:
         """Free ``(offset, size)`` runs, by offset, never two adjacent."""
         self._held: dict[int, int] = {}
         """Size of each block taken, by offset."""
+        self._returned: collections.deque[int] = collections.deque()
+        """Blocks given back and not yet merged into ``_free``: a finalizer may run on any thread, even on one
+        that holds ``_lock`` (a collection can run it anywhere), so it only appends here."""
         self._lock = threading.Lock()
 
     @property
     def held_bytes(self) -> int:
         with self._lock:
+            self._reclaim()
             return sum(self._held.values())
 
     def take(self, nbytes: int) -> int | None:
         """The offset of a free block of at least ``nbytes``, now held; None if none is free."""
         size = aligned(max(nbytes, 1))
         with self._lock:
+            self._reclaim()
             for i, (offset, free) in enumerate(self._free):
                 if free >= size:
                     if free == size:
@@ -57,8 +63,13 @@ class Answers:
         return None
 
     def give(self, offset: int) -> None:
-        """Free the block at ``offset`` (merged with its free neighbours)."""
-        with self._lock:
+        """Give the block at ``offset`` back (from any thread, a finalizer's included)."""
+        self._returned.append(offset)
+
+    def _reclaim(self) -> None:
+        """Merge the blocks given back into the free runs (under the lock)."""
+        while self._returned:
+            offset = self._returned.popleft()
             size = self._held.pop(offset)
             i = 0
             while i < len(self._free) and self._free[i][0] < offset:

@@ -62,3 +62,19 @@ def test_a_view_outside_its_block_is_refused() -> None:
     block = a.take(ALIGN)
     with pytest.raises(ValueError, match="not in the block"):
         a.views(block, [TensorRef(block, "float32", (ALIGN,))])  # 4 × ALIGN bytes in a block of ALIGN
+
+
+def test_a_block_given_back_while_the_arena_is_busy_does_not_wait_for_it() -> None:
+    """A collection can run a block's finalizer on a thread that holds the arena's lock (in ``take``, say):
+    giving back must not take the lock."""
+    a = Answers(mmap.mmap(-1, 1 << 20), 0, 1 << 20)
+    block = a.take(ALIGN)
+
+    def busy() -> None:
+        with a._lock:
+            a.give(block)
+
+    t = threading.Thread(target=busy, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive() and a.held_bytes == 0 and a.take(1 << 20) == 0
