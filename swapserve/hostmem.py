@@ -68,7 +68,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 def keep_freed_memory() -> bool:
     """Make this process reuse freed memory for its large allocations (glibc; elsewhere nothing changes): the
-    controller's copies of large answers out of the IO slabs go into fresh tensors, which glibc maps anew
+    outputs the controller still copies out of the IO slabs (where no block of the answers part is free,
+    :mod:`swapserve.node.answers`, and small ones) go into fresh tensors, which glibc maps anew
     (above its adaptive threshold, or once more is free than its trim threshold) and unmaps when freed, so every
     copy also faulted in every page it wrote. A batch of four GPT-2 answers (52 MB) took 9.1 ms to copy that way
     on an H200 machine and 3.5 ms on memory the heap kept (29 and 8 ms on the CI box; ``bench/copy_out.py``). The

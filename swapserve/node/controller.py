@@ -37,9 +37,9 @@ from swapserve.node import handlers
 from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
 from swapserve.node.dispatch import Dispatcher, OutputSink, reply_error
-from swapserve.node.slab import aligned
 from swapserve.node.messages import (AddModel, CopyResult, Exported, ExportPages, ImportPeer, MeasureCopy, PeerResult,
                                      Prepare, Prepared, RemoveModel, allow_open_files)
+from swapserve.node.slab import aligned
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
 from swapserve.sandbox.types import PoolStats, SandboxEvent

@@ -58,7 +58,7 @@ def run(config: ServeConfig) -> int:
     # would wake sleeping threads for each copy above its grain size, which costs more than the copy
     # (milliseconds when the workers hold the cores). Compute happens in the workers.
     torch.set_num_threads(1)
-    keep_freed_memory()  # large answers are copied out of the IO slabs into fresh tensors: no page faults each time
+    keep_freed_memory()  # outputs still copied out of the IO slabs go into fresh tensors: no page faults each time
     return asyncio.run(_main(config))
 
 
