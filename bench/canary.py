@@ -8,15 +8,25 @@ down, the canary's work takes longer in that replay too. If the code did it, the
 Its work is interpreted Python, which is what bounds the node's request path. It runs in its own process so
 that no lock of the benchmark delays it. It uses about 1 % of one core.
 
-    canary = Canary(); canary.start(); ...; canary.stop()  # {"median_ms", "p90_ms", "samples", "interval_s"}
+Start it before what it watches, and :meth:`Canary.mark` the moment the measurement begins: the process is
+this file run by the interpreter (the standard library only), yet starting it still takes tens of milliseconds
+of a core. Started with multiprocessing's ``spawn``, as it first was, it re-imported the benchmark's own
+module (numpy, swapserve) at the start of every trace point, and the requests of the first second were
+disturbed 2–10× as often as the rest (2026-11-29, the seventeenth session).
+
+    canary = Canary(); canary.start(); ...; canary.mark(); ...; canary.stop()
+    # {"median_ms", "p90_ms", "samples", "interval_s"}
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import select
 import statistics
+import subprocess
+import sys
 import time
-from multiprocessing.connection import Connection
+from pathlib import Path
 
 WORK = 10_000
 """Iterations of the loop timed: ~1.2 ms of interpreted Python on the CI box."""
@@ -31,40 +41,61 @@ def work(n: int = WORK) -> float:
     return time.perf_counter() - t
 
 
-def _loop(conn: Connection, interval_s: float) -> None:
-    """In the canary process: time :func:`work` every ``interval_s`` until told to stop; send the times."""
-    times = []
-    while not conn.poll(interval_s):
-        times.append(work())
-    conn.send(times)
+def _loop(interval_s: float) -> None:
+    """In the canary process: time :func:`work` every ``interval_s`` until stdin says ``stop`` (``mark``: forget
+    the times so far); then write the times (seconds) to stdout as one JSON list."""
+    times: list[float] = []
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], interval_s)
+        if not ready:
+            times.append(work())
+            continue
+        line = sys.stdin.readline().strip()
+        if line == "mark":
+            times.clear()
+            continue
+        break  # "stop", or the benchmark went away (end of input)
+    sys.stdout.write(json.dumps(times) + "\n")
+    sys.stdout.flush()
 
 
 class Canary:
-    """:func:`work` timed every ``interval_s`` in a process of its own, from :meth:`start` to :meth:`stop`."""
+    """:func:`work` timed every ``interval_s`` in a process of its own, from :meth:`start` (or the last
+    :meth:`mark`) to :meth:`stop`."""
 
     def __init__(self, interval_s: float = 0.1):
         self.interval_s = interval_s
-        self._conn: Connection | None = None
-        self._proc: mp.process.BaseProcess | None = None
+        self._proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, theirs = ctx.Pipe()
-        self._proc = ctx.Process(target=_loop, args=(theirs, self.interval_s), name="canary", daemon=True)
-        self._proc.start()
-        theirs.close()
+        self._proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(self.interval_s)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def mark(self) -> None:
+        """The measurement begins now: only the times from here on count."""
+        if self._proc is not None and self._proc.stdin is not None:
+            self._proc.stdin.write("mark\n")
+            self._proc.stdin.flush()
 
     def stop(self) -> dict[str, float] | None:
-        """The median and 90th percentile of the work's time (ms) since :meth:`start`; None if it never ran."""
-        if self._conn is None or self._proc is None:
+        """The median and 90th percentile of the work's time (ms) since :meth:`start` or the last :meth:`mark`;
+        None if it never ran."""
+        if self._proc is None:
             return None
-        self._conn.send(None)
-        times = self._conn.recv() if self._conn.poll(30.0) else []
-        self._proc.join(10.0)
-        self._conn.close()
-        self._conn = self._proc = None
+        proc, self._proc = self._proc, None
+        try:
+            out, _ = proc.communicate("stop\n", timeout=30.0)
+            times = json.loads(out) if out.strip() else []
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            times = []
         if not times:
             return None
         ms = sorted(t * 1e3 for t in times)
         return {"median_ms": statistics.median(ms), "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))],
                 "samples": len(ms), "interval_s": self.interval_s}
+
+
+if __name__ == "__main__":
+    _loop(float(sys.argv[1]))

@@ -83,10 +83,15 @@ def _stdlib_post(port: int) -> Callable[[], tuple[int, bytes]]:
     return post
 
 
-def sequential(post: Callable[[], tuple[int, bytes]], n: int, warmup: int) -> dict[str, list[float]]:
+def sequential(post: Callable[[], tuple[int, bytes]], n: int, warmup: int,
+               measuring: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """``n`` requests after ``warmup`` more, one at a time; ``measuring()`` is called as the first measured
+    one leaves."""
     out: dict[str, list[float]] = {"rtt": [], "compute": [], "node": [], **{k: [] for k in PARTS}}
     phases: dict[str, list[float]] = {}
     for i in range(warmup + n):
+        if i == warmup:
+            measuring()
         t0 = time.perf_counter()
         status, data = post()
         rtt = (time.perf_counter() - t0) * 1e3
@@ -182,9 +187,12 @@ def main() -> None:
         gpu = status["devices"][0]["name"]
         print(f"server up on {gpu}; sequential requests ...", flush=True)
         steal, canary = StealMeter(), Canary()
-        steal.start()
-        canary.start()
-        seq = sequential(_lean_post(srv.port), args.requests, args.warmup)
+        canary.start()  # a process: started before the warm-up, so that its start is not measured
+
+        def measuring() -> None:
+            steal.start()
+            canary.mark()
+        seq = sequential(_lean_post(srv.port), args.requests, args.warmup, measuring)
         cpu_steal, cpu_canary = steal.stop(), canary.stop()
         std = sequential(_stdlib_post(srv.port), STDLIB_REQUESTS, args.warmup)
         over = [r - c for r, c in zip(seq["rtt"], seq["compute"])]

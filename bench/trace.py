@@ -467,13 +467,14 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
     owner = client_of([f.model in large for f in fns], clients)
     parts = [[(t, i) for t, i in trace if owner[i] == k] for k in range(clients)]
     procs = [ctx.Process(target=_client, args=(srv.url, part, names, bodies, models, start_at, q)) for part in parts]
+    steal, canary = StealMeter(), Canary()
+    canary.start()  # a process: started with the clients, before the trace, not at the measurement's start
     for p in procs:
         p.start()
     time.sleep(max(0.0, start_at + warmup - time.perf_counter()))
     before, t0 = scrape(srv.url), time.time()
-    steal, canary = StealMeter(), Canary()
     steal.start()
-    canary.start()
+    canary.mark()
     spies = start_profiles(srv, profile, duration) if profile is not None else []
     res = [r for _ in procs for r in q.get(timeout=duration + warmup + 600)]
     after, elapsed = scrape(srv.url), time.time() - t0
@@ -712,8 +713,9 @@ def main() -> None:
                     help="an A/B on one node: replays alternate a scheduling setting the running node changes "
                          "(PATCH /api/v1/scheduling), e.g. side_fetch=true,false or swap_piece_ms=3,0; each value's "
                          "runs are a trace of their own, in OUT/SETTING_VALUE/ (give --repeats a multiple), each "
-                         "round of replays in the order of the round before reversed (A B, B A, A B, ...); with "
-                         "--raw, OUT/paired.md compares them request by request (bench/paired.py)")
+                         "round of replays in the order of the round before reversed (A B, B A, A B, ..., from "
+                         "point to point too); with --raw, OUT/paired.md compares them request by request "
+                         "(bench/paired.py)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sweep = [int(x) for x in args.sweep.split(",")]
@@ -786,10 +788,11 @@ def main() -> None:
                 result["link_profile"] = {k: v for k, v in (st.get("extra") or {}).items()
                                           if not k.startswith("busy_")}
             points: list[list[dict]] = [[] for _ in variants]
-            for n in sweep:
+            for i, n in enumerate(sweep):
                 runs: list[list[dict]] = [[] for _ in variants]
                 for k in range(args.repeats):
-                    v = variant_of(k, len(variants))
+                    # The alternation goes on from point to point: with two replays a point, A B, then B A, ...
+                    v = variant_of(i * args.repeats + k, len(variants))
                     out, settings = variants[v]
                     if settings and any(client.configure_scheduling(**settings).get(key) != value
                                         for key, value in settings.items()):

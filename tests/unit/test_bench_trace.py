@@ -329,6 +329,13 @@ def test_the_canary_times_a_fixed_work_in_a_process_of_its_own(trace_module):
     assert got is not None and got["samples"] >= 5 and got["interval_s"] == 0.02
     assert 0.0 < got["median_ms"] <= got["p90_ms"] < 1000.0
     assert c.stop() is None  # once
+    c = canary.Canary(interval_s=0.02)
+    c.start()
+    time.sleep(1.0)
+    c.mark()  # the measurement begins: the second before it no longer counts
+    time.sleep(0.2)
+    got = c.stop()
+    assert got is not None and 1 <= got["samples"] <= 20  # ~10 in 0.2 s (the second before held ~40)
 
 
 def test_the_table_says_the_cpu_steal_and_canary_of_each_point(trace_module):
