@@ -134,7 +134,7 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/scheduling": {
             "get": _op("The scheduler's settings", "management", _json(_ref("Scheduling"), "Settings"), auth=True),
             "patch": _op("Change side_fetch, swap_piece_ms, queue_ahead_within_ms, peer_copies, side_lanes, "
-                         "place_ahead and/or gateway_margin now (all or nothing)",
+                         "place_ahead, gateway_margin and/or spin_ms now (all or nothing)",
                          "management", _json(_ref("Scheduling"), "The settings after the change"), (400,), auth=True,
                          body={"required": True, "content": {"application/json": {"schema": {
                              "type": "object", "properties": {
@@ -146,7 +146,8 @@ OPENAPI: dict[str, Any] = {
                                  "side_lanes": {"type": ["integer", "null"], "minimum": 0,
                                                 "maximum": MAX_LANES - 1},
                                  "place_ahead": {"type": "boolean"},
-                                 "gateway_margin": {"type": "boolean"}}}}}}),
+                                 "gateway_margin": {"type": "boolean"},
+                                 "spin_ms": {"type": "number", "minimum": 0, "maximum": 1000}}}}}}),
         },
         "/metrics": {"get": _op("Prometheus metrics", "observability", {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})},
@@ -212,7 +213,10 @@ OPENAPI: dict[str, Any] = {
                                 "description": "place a queued run's pages while the run before it executes"},
                 "gateway_margin": {"type": "boolean",
                                    "description": "plan each request to leave its SLO room for the gateway's "
-                                                  "part (decoding; the answer's way out, as learned)"}}},
+                                                  "part (decoding; the answer's way out, as learned)"},
+                "spin_ms": {"type": "number",
+                            "description": "how long after the last run in flight the controller polls rather "
+                                           "than sleeps (0: off; costs up to a core while requests flow)"}}},
             "NodeStatus": {"type": "object", "properties": {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},

@@ -103,7 +103,8 @@ class NodeConfig:
     """While runs are in flight and this long after each completion, the controller's event loop polls
     instead of sleeping, so that a worker's reply finds it awake (no wake-up on either side); costs up to a
     core while requests flow. 0: off. The workers never poll: a worker's polling thread held the GIL its lanes
-    needed, and on an H200 that made the request overhead worse (session 11; polling on both sides)."""
+    needed, and on an H200 that made the request overhead worse (session 11; polling on both sides). A running
+    node changes it as the scheduling setting ``spin_ms``."""
     log_level: int = logging.WARNING
     sandbox: SandboxConfig = SandboxConfig()
     """Handler sandboxes (each function's ``sandbox:`` settings override timeout, memory and pool size; the
@@ -168,7 +169,7 @@ class Node:
         self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms, queue_ahead=cfg.queue_ahead,
                                    side_fetch=cfg.side_fetch, queue_ahead_within_ms=cfg.queue_ahead_within_ms,
                                    peer_copies=cfg.peer_copies, place_ahead=cfg.place_ahead,
-                                   gateway_margin=cfg.gateway_margin)
+                                   gateway_margin=cfg.gateway_margin, spin_ms=cfg.spin_s * 1e3)
         self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}
@@ -182,7 +183,7 @@ class Node:
         self._live = True
         self._watchers: list[Callable[[str | None], None]] = []
         self.dispatch = Dispatcher(self.state, self.scheduler, self._workers, self.store, self._models,
-                                   self._entities, self.metrics, clock, cfg.spin_s, self._released,
+                                   self._entities, self.metrics, clock, self._released,
                                    len(cfg.devices), cfg.lanes)
         # The zygote starts with the first handler (a node without handlers never imports torch twice).
         self.sandboxes = SandboxManager(self._call_model, replace(cfg.sandbox, deny_paths=(

@@ -191,7 +191,7 @@ class _InFlight:
 class Dispatcher:
     def __init__(self, state: NodeState, scheduler: Scheduler, workers: list[wk.WorkerHandle], store: HostStore,
                  models: Mapping[str, Served], entities: Mapping[str, str], metrics: Metrics,
-                 clock: Callable[[], float], spin_s: float, on_released: Callable[[str], None], devices: int,
+                 clock: Callable[[], float], on_released: Callable[[str], None], devices: int,
                  lanes: int = 1):
         """``workers``, ``models`` (serving entities by name) and ``entities`` (their names by model key) are
         the node's own, read as they change;
@@ -206,7 +206,6 @@ class Dispatcher:
         self._entities = entities
         self.metrics = metrics
         self.clock = clock
-        self._spin_s = spin_s
         self._on_released = on_released
         self.live = True
         self._pending: dict[str, _Pending] = {}
@@ -612,17 +611,19 @@ class Dispatcher:
                                           ahead=res.placed_ahead)
 
     def _keep_hot(self) -> None:
-        """Keep the event loop polling (not sleeping) while runs are in flight and ``spin_s`` after."""
-        if not self._spin_s:
+        """Keep the event loop polling (not sleeping) while runs are in flight and the scheduler's ``spin_ms``
+        after."""
+        if not self.scheduler.spin_ms:
             return
-        self._hot_until = time.perf_counter() + self._spin_s
+        self._hot_until = time.perf_counter() + self.scheduler.spin_ms / 1e3
         if not self._spinning:
             self._spinning = True
             asyncio.get_running_loop().call_soon(self._spin)
 
     def _spin(self) -> None:
         # A ready callback makes the loop poll its sockets and pipes with a zero timeout instead of sleeping.
-        if self.live and (any(self._inflight.values()) or time.perf_counter() < self._hot_until):
+        if self.live and self.scheduler.spin_ms and (any(self._inflight.values())
+                                                     or time.perf_counter() < self._hot_until):
             asyncio.get_running_loop().call_soon(self._spin)
         else:
             self._spinning = False

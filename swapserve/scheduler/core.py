@@ -140,7 +140,8 @@ class Scheduler:
     def __init__(self, policy: Policy = "swapserve", rate_halflife_s: float = 60.0,
                  swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False, side_fetch: bool = False,
                  queue_ahead_within_ms: float | None = None, peer_copies: bool = False,
-                 side_lanes: int | None = None, place_ahead: bool = False, gateway_margin: bool = False):
+                 side_lanes: int | None = None, place_ahead: bool = False, gateway_margin: bool = False,
+                 spin_ms: float = 0.0):
         """``swap_piece_ms``: the length of a swap's pieces (0: swaps in one go). ``queue_ahead``: under
         ``swapserve``, a device's first lane may take one more dispatch behind the one it runs
         (``queue_ahead_within_ms``: only when that is expected to end within so many ms; None: whenever).
@@ -152,7 +153,9 @@ class Scheduler:
         copies started meanwhile (the workers do it; the scheduler only carries the setting). ``gateway_margin``:
         under ``swapserve``, a request's deadline is its SLO less the gateway's time outside the node's plan (its
         decoding, and its answer's encoding and writing as the gateway learned them for the function: the
-        controller applies it; the scheduler only carries the setting)."""
+        controller applies it; the scheduler only carries the setting). ``spin_ms``: how long after the last run
+        in flight the controller's event loop keeps polling rather than sleeping, under any policy (0: it sleeps;
+        the dispatcher applies it; the scheduler only carries the setting)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
@@ -163,6 +166,8 @@ class Scheduler:
             raise ValueError("queue_ahead_within_ms must be None (no limit) or ≥ 0")
         if side_lanes is not None and not side_lanes >= 0:
             raise ValueError("side_lanes must be None (all) or ≥ 0")
+        if not 0 <= spin_ms <= 1000:
+            raise ValueError("spin_ms must be in [0, 1000]")
         self.policy: Policy = policy
         self.rate_halflife_s = rate_halflife_s
         self.swap_piece_ms = swap_piece_ms
@@ -173,6 +178,7 @@ class Scheduler:
         self.side_lanes = side_lanes
         self.place_ahead = place_ahead and policy == "swapserve"
         self.gateway_margin = gateway_margin and policy == "swapserve"
+        self.spin_ms = float(spin_ms)
 
     # --- admission ---------------------------------------------------------------------------------
 
@@ -393,12 +399,12 @@ class Scheduler:
         return {"policy": self.policy, "queue_ahead": self.queue_ahead, "side_fetch": self.side_fetch,
                 "swap_piece_ms": self.swap_piece_ms, "queue_ahead_within_ms": self.queue_ahead_within_ms,
                 "peer_copies": self.peer_copies, "side_lanes": self.side_lanes, "place_ahead": self.place_ahead,
-                "gateway_margin": self.gateway_margin}
+                "gateway_margin": self.gateway_margin, "spin_ms": self.spin_ms}
 
     def configure(self, state: NodeState, changes: dict[str, Any]) -> dict[str, Any]:
         """Change ``side_fetch`` (bool), ``swap_piece_ms`` (≥ 0), ``queue_ahead_within_ms`` (≥ 0, or None: no
         limit), ``peer_copies`` (bool), ``side_lanes`` (0 up to the devices' side lanes, or None: all),
-        ``place_ahead`` and ``gateway_margin`` (bools) on a running node — so that a benchmark
+        ``place_ahead`` and ``gateway_margin`` (bools), ``spin_ms`` (≥ 0) on a running node — so that a benchmark
         can compare them on one node, and an operator tune a live one — all or nothing, checked first.
         Returns :meth:`settings`. Raises ValueError naming what is wrong."""
         problems = []
@@ -413,6 +419,9 @@ class Scheduler:
             elif key == "swap_piece_ms":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1000:
                     problems.append(f"swap_piece_ms must be a number of ms in [0, 1000], not {value!r}")
+            elif key == "spin_ms":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1000:
+                    problems.append(f"spin_ms must be a number of ms in [0, 1000], not {value!r}")
             elif key == "queue_ahead_within_ms":
                 if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                           or not 0 <= value <= 1000):
@@ -432,7 +441,8 @@ class Scheduler:
                 problems.append(f"{key} is fixed when the node starts (swapserve serve)")
             else:
                 problems.append(f"unknown setting {key!r}: a running node changes side_fetch, swap_piece_ms, "
-                                "queue_ahead_within_ms, peer_copies, side_lanes, place_ahead and gateway_margin")
+                                "queue_ahead_within_ms, peer_copies, side_lanes, place_ahead, gateway_margin and "
+                                "spin_ms")
         if problems:
             raise ValueError("; ".join(problems))
         if "side_fetch" in changes:
@@ -450,6 +460,8 @@ class Scheduler:
             self.place_ahead = changes["place_ahead"]
         if "gateway_margin" in changes:
             self.gateway_margin = changes["gateway_margin"]
+        if "spin_ms" in changes:
+            self.spin_ms = float(changes["spin_ms"])
         return self.settings()
 
     def _switch_problems(self, key: str, value: Any, what: str, possible: bool, needs: str) -> list[str]:

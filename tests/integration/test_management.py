@@ -75,14 +75,16 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
     before = client.scheduling()
     assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 3.0,
                       "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None,
-                      "place_ahead": True, "gateway_margin": False}
+                      "place_ahead": True, "gateway_margin": False, "spin_ms": 0.0}
     try:
-        after = client.configure_scheduling(side_fetch=False, swap_piece_ms=5, queue_ahead_within_ms=2)
-        assert after == {**before, "side_fetch": False, "swap_piece_ms": 5.0, "queue_ahead_within_ms": 2.0}
+        after = client.configure_scheduling(side_fetch=False, swap_piece_ms=5, queue_ahead_within_ms=2, spin_ms=1)
+        assert after == {**before, "side_fetch": False, "swap_piece_ms": 5.0, "queue_ahead_within_ms": 2.0,
+                         "spin_ms": 1.0}
         assert after == client.scheduling()
         for bad, why in (({"swap_piece_ms": 1, "bogus": 1}, "unknown setting 'bogus'"),
                          ({"side_fetch": "yes"}, "side_fetch must be true or false"),
                          ({"swap_piece_ms": -1}, "swap_piece_ms must be a number"),
+                         ({"spin_ms": 2000}, "spin_ms must be a number"),
                          ({"queue_ahead": False}, "queue_ahead is fixed"),
                          ({"peer_copies": True}, "two or more devices"),  # one device: no peers
                          ({"side_lanes": 2}, "side_lanes must be null (all) or a whole number in [0, 1]")):
@@ -92,7 +94,7 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
         assert client.scheduling() == after  # all or nothing: a refused change changed nothing
         r = server.request("PATCH", "/api/v1/scheduling", b"[1]", {"Content-Type": "application/json"}, token=True)
         assert "JSON object" in r.error(400)
-        assert_serves(server, functions.mlp, 1)  # and it serves on
+        assert_serves(server, functions.mlp, 1)  # and it serves on (its loop polling after each run)
         # The gateway's margin: with it, the node plans to less than the SLO (60 s), by the request's decoding
         # and what the function's answers took after their runs; without, to the SLO.
         x = {"x": torch.randn(1, 16)}
@@ -105,7 +107,8 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
             assert (30_000 <= budget < 60_000 - 1e-3) if margin else budget == pytest.approx(60_000, abs=1e-3)
     finally:
         client.configure_scheduling(side_fetch=before["side_fetch"], swap_piece_ms=before["swap_piece_ms"],
-                                    queue_ahead_within_ms=None, gateway_margin=before["gateway_margin"])
+                                    queue_ahead_within_ms=None, gateway_margin=before["gateway_margin"],
+                                    spin_ms=before["spin_ms"])
 
 
 def test_deploy_describe_delete_redeploy(server: Server, functions: Functions, tmp_path: Path):

@@ -40,7 +40,7 @@ def test_changes_applied_in_order_give_the_workers_pool_and_the_scheduler_the_sa
     by_key = {k: k.split("@")[0] for k in keys[:10]}  # two keys no longer serve an entity (an old version)
     worker = SimpleNamespace(residency=Residency())
     state = NodeState([DeviceState(0, 1 << 30)], {}, {}, LinkProfile((50.0,)))
-    dispatch = Dispatcher(state, Scheduler(), [worker], None, {}, by_key, None, lambda: 0.0, 0.0, lambda k: None, 1)
+    dispatch = Dispatcher(state, Scheduler(), [worker], None, {}, by_key, None, lambda: 0.0, lambda k: None, 1)
     sent: dict[str, float] = {}
     for present in _pools(rng, keys, 200):
         change = residency_change(sent, present, 1 << 30, 123)

@@ -1148,7 +1148,7 @@ def test_settings_a_running_node_may_change():
     assert sched.configure(s, {"side_fetch": True, "swap_piece_ms": 0}) == {
         "policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 0.0,
         "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None, "place_ahead": False,
-        "gateway_margin": False}
+        "gateway_margin": False, "spin_ms": 0.0}
     assert sched.configure(s, {"queue_ahead_within_ms": 2})["queue_ahead_within_ms"] == 2.0
     assert sched.configure(s, {"queue_ahead_within_ms": None})["queue_ahead_within_ms"] is None
     with pytest.raises(ValueError, match="queue_ahead_within_ms must be"):
@@ -1182,6 +1182,13 @@ def test_settings_a_running_node_may_change():
         sched.configure(s, {"gateway_margin": 1})
     with pytest.raises(ValueError, match="only under the swapserve policy"):
         Scheduler("fifo_lru").configure(s, {"gateway_margin": True})
+    assert sched.configure(s, {"spin_ms": 1})["spin_ms"] == 1.0
+    assert Scheduler("fifo_lru").configure(s, {"spin_ms": 0.5})["spin_ms"] == 0.5  # the loop's, any policy
+    for bad in (-1, 1001, True, "1"):
+        with pytest.raises(ValueError, match=r"spin_ms must be a number of ms in \[0, 1000\]"):
+            sched.configure(s, {"spin_ms": bad})
+    with pytest.raises(ValueError, match="spin_ms must be in"):
+        Scheduler(spin_ms=-1.0)
     for bad in (2, -1, True, 1.0):
         with pytest.raises(ValueError, match=r"side_lanes must be null \(all\) or a whole number in \[0, 1\]"):
             sched.configure(s, {"side_lanes": bad})
