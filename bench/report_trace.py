@@ -61,7 +61,7 @@ def _settings(r: dict) -> str:
     said = [f"serve --fronts {r['fronts']}" if r.get("fronts") else "",
             "side fetches off" if r.get("side_fetch") is False else "",
             "placing ahead off" if r.get("place_ahead") is False else "",
-            "the gateway's margin on" if r.get("gateway_margin") else "",
+            "the gateway's margin off" if r.get("gateway_margin") is False else "",
             "peer copies on" if r.get("peer_copies") else "",
             f"lanes {r['lanes']}" if r.get("lanes", 2) != 2 else "",
             "no queue-ahead" if r.get("queue_ahead") is False else ""]

@@ -700,8 +700,8 @@ def main() -> None:
                     help="serve --side-fetch / --no-side-fetch (default: on, the node's default)")
     ap.add_argument("--place-ahead", action=argparse.BooleanOptionalAction, default=True,
                     help="serve --place-ahead / --no-place-ahead (default: on, the node's default)")
-    ap.add_argument("--gateway-margin", action=argparse.BooleanOptionalAction, default=False,
-                    help="serve --gateway-margin / --no-gateway-margin (default: off, the node's default)")
+    ap.add_argument("--gateway-margin", action=argparse.BooleanOptionalAction, default=True,
+                    help="serve --gateway-margin / --no-gateway-margin (default: on, the node's default)")
     ap.add_argument("--peer-copies", action=argparse.BooleanOptionalAction, default=False,
                     help="serve --peer-copies / --no-peer-copies (default: off, the node's default; several GPUs)")
     ap.add_argument("--profile", action="store_true", help="sample the controller and each HTTP front with py-spy "

@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "/api/v1/scheduling changes it on a running node)")
     s.add_argument("--gateway-margin", action=argparse.BooleanOptionalAction, default=None,
                    help="plan each request to finish early enough for its time in the gateway: its decoding, and "
-                        "its answer's way out as learned for the function (default: off; PATCH "
+                        "its answer's way out as learned for the function (default: on; PATCH "
                         "/api/v1/scheduling changes it on a running node)")
     s.add_argument("--host-store", type=_bytes,
                    help="pinned host store capacity (default: half the free space of the shared-memory directory, "

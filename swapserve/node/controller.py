@@ -84,7 +84,7 @@ class NodeConfig:
     """See :class:`swapserve.scheduler.Scheduler` (needs two or more devices)."""
     place_ahead: bool = True
     """See :class:`swapserve.scheduler.Scheduler`."""
-    gateway_margin: bool = False
+    gateway_margin: bool = True
     """See :class:`swapserve.scheduler.Scheduler`."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB

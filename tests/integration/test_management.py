@@ -75,7 +75,7 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
     before = client.scheduling()
     assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 3.0,
                       "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None,
-                      "place_ahead": True, "gateway_margin": False, "spin_ms": 0.0}
+                      "place_ahead": True, "gateway_margin": True, "spin_ms": 0.0}
     try:
         after = client.configure_scheduling(side_fetch=False, swap_piece_ms=5, queue_ahead_within_ms=2, spin_ms=1)
         assert after == {**before, "side_fetch": False, "swap_piece_ms": 5.0, "queue_ahead_within_ms": 2.0,

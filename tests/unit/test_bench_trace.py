@@ -382,9 +382,9 @@ def test_the_table_names_the_settings_that_differ_from_the_defaults(trace_module
     base = {"gpu": "H200", "gpus": 1, "policies": {}}
     assert "Node:" not in report_trace.table(base)  # a result that records no settings
     assert "Node:" not in report_trace.table({**base, "side_fetch": True, "place_ahead": True,
-                                              "gateway_margin": False})
-    said = report_trace.table({**base, "side_fetch": False, "place_ahead": False, "gateway_margin": True})
-    assert "Node: side fetches off, placing ahead off, the gateway's margin on." in said
+                                              "gateway_margin": True})
+    said = report_trace.table({**base, "side_fetch": False, "place_ahead": False, "gateway_margin": False})
+    assert "Node: side fetches off, placing ahead off, the gateway's margin off." in said
 
 
 def test_paired_compares_each_request_with_itself_in_the_other_trace(trace_module, tmp_path):
