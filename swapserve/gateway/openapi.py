@@ -215,8 +215,9 @@ OPENAPI: dict[str, Any] = {
                                    "description": "plan each request to leave its SLO room for the gateway's "
                                                   "part (decoding; the answer's way out, as learned)"},
                 "spin_ms": {"type": "number",
-                            "description": "how long after the last run in flight the controller polls rather "
-                                           "than sleeps (0: off; costs up to a core while requests flow)"}}},
+                            "description": "the controller polls rather than sleeps while runs are in flight and "
+                                           "this long after each arrival and each run's end (0: off; costs up to "
+                                           "a core while requests flow)"}}},
             "NodeStatus": {"type": "object", "properties": {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},

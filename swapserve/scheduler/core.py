@@ -153,9 +153,9 @@ class Scheduler:
         copies started meanwhile (the workers do it; the scheduler only carries the setting). ``gateway_margin``:
         under ``swapserve``, a request's deadline is its SLO less the gateway's time outside the node's plan (its
         decoding, and its answer's encoding and writing as the gateway learned them for the function: the
-        controller applies it; the scheduler only carries the setting). ``spin_ms``: how long after the last run
-        in flight the controller's event loop keeps polling rather than sleeping, under any policy (0: it sleeps;
-        the dispatcher applies it; the scheduler only carries the setting)."""
+        controller applies it; the scheduler only carries the setting). ``spin_ms``: the controller's event loop
+        polls rather than sleeps while runs are in flight and this long after each arrival and each run's end,
+        under any policy (0: it sleeps; the dispatcher applies it; the scheduler only carries the setting)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
