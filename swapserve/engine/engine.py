@@ -324,15 +324,22 @@ class SwapEngine:
         would wait for them forever. Call it before that run can reach its infer. The pages stay pinned until
         that run ends; a run that does not come (its infer failed first, or another run of the model in lane 0
         came first) lets them go once the copies landed (and keeps what they brought). Does nothing if the model
-        is already being placed ahead."""
+        is already being placed ahead, or is on its way in with the launched run itself (a burst's second run
+        of one model): that run's copies bring it, and placing it again would copy it a second time, behind
+        them, for the next run to wait on."""
         with self._lock:
             m = self._get(name)
-            if m.ahead is not None:
+            if m.ahead is not None or self._in_flight(m):
                 return
             m.ahead = a = _Ahead(ticket)
             if self._placer is None:
                 self._placer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swapserve-placer")
         self._placer.submit(self._place_ahead, m, value, a)
+
+    def _in_flight(self, m: _Model) -> bool:
+        """Whether a run has ``m``'s pages pinned while some are still to land (lock held)."""
+        placement = self.pool.placements.get(m.name)
+        return placement is not None and bool(placement.pins) and self.pool.state(m.name) is not Residency.RESIDENT
 
     def _place_ahead(self, m: _Model, value: Value | None, a: _Ahead) -> None:
         try:
@@ -559,7 +566,7 @@ class SwapEngine:
                 if not fetch:
                     raise NotResidentError(f"{m.name} is not wholly on {self.config.device}: lane {lane} runs "
                                            "resident models only")
-                if self.pool.placements[m.name].pins:
+                if self._in_flight(m):
                     raise NotResidentError(f"{m.name} is on its way to {self.config.device} in another lane")
             host, plan = self._take_pages(m, value, limit)
         remap, remap_cpu = time.perf_counter(), time.thread_time()
