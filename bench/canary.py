@@ -21,6 +21,7 @@ disturbed 2–10× as often as the rest (2026-11-29, the seventeenth session).
 from __future__ import annotations
 
 import json
+import os
 import select
 import statistics
 import subprocess
@@ -45,16 +46,18 @@ def _loop(interval_s: float) -> None:
     """In the canary process: time :func:`work` every ``interval_s`` until stdin says ``stop`` (``mark``: forget
     the times so far); then write the times (seconds) to stdout as one JSON list."""
     times: list[float] = []
+    fd = sys.stdin.fileno()
     while True:
-        ready, _, _ = select.select([sys.stdin], [], [], interval_s)
+        ready, _, _ = select.select([fd], [], [], interval_s)
         if not ready:
             times.append(work())
             continue
-        line = sys.stdin.readline().strip()
-        if line == "mark":
-            times.clear()
-            continue
-        break  # "stop", or the benchmark went away (end of input)
+        words = os.read(fd, 4096).split()  # unbuffered: a "mark" and a "stop" that came together are both seen
+        for word in words:
+            if word == b"mark":
+                times.clear()
+        if not words or b"stop" in words:  # told to, or the benchmark went away (end of input)
+            break
     sys.stdout.write(json.dumps(times) + "\n")
     sys.stdout.flush()
 
