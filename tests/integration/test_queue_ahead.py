@@ -18,10 +18,12 @@ def test_swaps_queued_behind_a_run_answer_right(server_factory, functions, tmp_p
     once, so that one swap is sent while the other runs. Every answer is its own model's on its own input (the
     queued run's inputs and outputs use a slab region of their own). A resident run in the side lane pins the
     only page the other model's swap needs: the swap waits for it (it failed with 503 before). "within": queued
-    ahead only within 1 ms of the run's expected end (the controller wakes for it; serve's flag)."""
+    ahead only within 1 ms of the run's expected end (the controller wakes for it; serve's flag). Side fetches
+    off: where the worker's copy probe measured the host fast enough, the side lane would fetch the second model
+    itself rather than queue it behind the first (whose page it then waits for), and nothing would queue ahead."""
     flags = {True: ("--queue-ahead",), False: ("--no-queue-ahead",),
              "within": ("--queue-ahead", "--queue-ahead-within-ms", "1")}[ahead]
-    s = server_factory(extra=("--no-prepare", "--pool", "32MiB", *flags)).start()
+    s = server_factory(extra=("--no-prepare", "--pool", "32MiB", "--no-side-fetch", *flags)).start()
     s.wait_ready()
     assert s.client().scheduling()["queue_ahead_within_ms"] == (1.0 if ahead == "within" else None)
     for name in ("heavy-a", "heavy-b"):
