@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from swapserve.artifact import Artifact, load_artifact
-from swapserve.artifact.manifest import dtype_from_name, itemsize
+from swapserve.artifact.manifest import dtype_from_name
 from swapserve.config import EngineConfig, MiB, env
 from swapserve.engine import HostStore
 from swapserve.errors import BackendError, InvalidInputError, NotFoundError, SwapserveError, UnavailableError
@@ -124,13 +124,7 @@ class _Model:
 
     def answer_bytes(self, items: int) -> int:
         """The bytes a run of ``items`` rows writes into the IO slab: its outputs, each aligned there."""
-        total = 0
-        for s in self.artifact.manifest.outputs:
-            n = itemsize(s.dtype)
-            for d in s.shape:
-                n *= items if d == -1 else d
-            total += aligned(n)
-        return total
+        return sum(aligned(s.nbytes(items)) for s in self.artifact.manifest.outputs)
 
 
 @dataclass
