@@ -185,6 +185,7 @@ def main() -> None:
         client.deploy(pack(work / "bundle"))
         status = client.status()
         gpu = status["devices"][0]["name"]
+        spin_ms = client.scheduling()["spin_ms"]  # the node's own where not given (its default depends on it)
         print(f"server up on {gpu}; sequential requests ...", flush=True)
         steal, canary = StealMeter(), Canary()
         canary.start()  # a process: started before the warm-up, so that its start is not measured
@@ -221,7 +222,7 @@ def main() -> None:
         "p50_overhead_ms_stdlib_client": percentile([r - c for r, c in zip(std["rtt"], std["compute"])], 50),
         "throughput_clients": args.clients * args.concurrency,
         "throughput_errors": errors,
-        "spin_ms": args.spin_ms,
+        "spin_ms": spin_ms,
         "fronts": args.fronts,
         "cpu_steal": cpu_steal,  # while the sequential requests ran (bench/steal.py)
         "cpu_canary": cpu_canary,  # the machine's speed at a fixed piece of Python meanwhile (bench/canary.py)
@@ -234,7 +235,8 @@ def main() -> None:
         + f"Tiny resident MLP, {args.requests} sequential JSON requests over one keep-alive connection after "
         f"{args.warmup} warm-up, from a blocking socket (bench/http1.py); overhead = HTTP round trip − the worker's "
         f"run (compute_ms). From Python's http.client ({STDLIB_REQUESTS} requests): "
-        f"{result['p50_overhead_ms_stdlib_client']:.3f} ms p50."
+        f"{result['p50_overhead_ms_stdlib_client']:.3f} ms p50. The controller polled {spin_ms:g} ms after each "
+        "arrival and run's end (spin_ms; 0: it slept)."
         + (f" CPU steal while the sequential requests ran: {cpu_steal['fraction']:.1%} (worst second "
            f"{cpu_steal['max_window']:.1%}; bench/steal.py)." if cpu_steal else "")
         + (f" The canary's fixed work meanwhile: {cpu_canary['median_ms']:.3f} ms at the median (bench/canary.py)."

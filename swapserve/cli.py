@@ -396,8 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP front processes sharing the port, each running the gateway and passing calls to "
                         "the controller (default 0: the controller serves HTTP itself); for busy multi-GPU nodes")
     s.add_argument("--spin-ms", type=float, metavar="MS",
-                   help="while runs are in flight and this long after, the controller polls instead of "
-                        "sleeping (default 0: off; costs up to a core while requests flow)")
+                   help="while runs are in flight and this long after each arrival and each run's end, the "
+                        "controller polls instead of sleeping (costs up to a core while requests flow; 0: off; "
+                        "default 1 on GPU nodes with at least 4 + 2 per GPU cores, else 0)")
     s.set_defaults(func=_serve)
     return p
 

@@ -8,6 +8,7 @@ environment (``SWAPSERVE_HOME``, ``SWAPSERVE_TOKEN``, ``SWAPSERVE_SHM_DIR``) are
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,15 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 """The repository's example functions (present in a source checkout or an editable install)."""
 
 MAX_FRONTS = 64
+
+SPIN_MS = 1.0
+"""The controller's polling (``spin_ms``) on a node of GPUs with cores to spare. On H200 machines it took the
+request overhead's p50 from 1.08–1.14 to 0.75–0.82 ms in three order-balanced pairs on two leases (sessions 17
+and 18), and cost the N = 400 trace nothing measurable (one pair on one node; ``bench/results/h200_20261129/``)."""
+SPIN_CORES_BASE = 4
+SPIN_CORES_PER_DEVICE = 2
+"""Cores a node of GPUs needs to poll by default: the controller's (which it keeps busy while requests flow),
+the system's and the clients' on the machine, and about two for each worker (its lanes' threads)."""
 
 DEMO_FUNCTIONS = ("resnet50-classifier", "bert-base-encoder", "minilm-embedding")
 """Example function directories deployed by ``--demo``, in this order."""
@@ -103,9 +113,11 @@ class ServeConfig:
     prepare: bool = True
     """Swap each function in and capture its graphs on every device at deploy and start (off the request
     path); False defers that to each function's first request."""
-    spin_ms: float = 0.0
-    """While runs are in flight and this long after each completion, the controller's event loop polls instead
-    of sleeping (sparing the wake-up a worker's reply would cost; up to a core while requests flow). 0: off."""
+    spin_ms: float | None = None
+    """While runs are in flight and this long after each arrival and completion, the controller's event loop
+    polls instead of sleeping (sparing the wake-ups of a worker's reply and of the next request; up to a core
+    while requests flow). 0: off. None: :data:`SPIN_MS` on a node of GPUs whose machine has the cores to spare
+    (:meth:`resolved_spin_ms`), else off."""
     sandbox_isolation: str = "best_effort"
     """Handler sandboxes: ``strict`` refuses to run handlers where the kernel lacks Landlock file isolation;
     ``best_effort`` uses what it offers and logs what is missing; ``off``: rlimits only (debugging)."""
@@ -150,7 +162,7 @@ class ServeConfig:
             problems.append(f"swap_piece_ms must be in [0, 1000], not {self.swap_piece_ms}")
         if self.queue_ahead_within_ms is not None and not 0 <= self.queue_ahead_within_ms <= 1000:
             problems.append(f"queue_ahead_within_ms must be in [0, 1000], not {self.queue_ahead_within_ms}")
-        if not 0 <= self.spin_ms <= 1000:
+        if self.spin_ms is not None and not 0 <= self.spin_ms <= 1000:
             problems.append(f"spin_ms must be in [0, 1000], not {self.spin_ms}")
         if self.token is not None and not self.token.strip():
             problems.append("token must not be empty")
@@ -166,6 +178,16 @@ class ServeConfig:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return tuple(f"cuda:{i}" for i in range(n)) or ("cpu",)
 
+    def resolved_spin_ms(self, devices: tuple[str, ...]) -> float:
+        """``spin_ms``, or where unset :data:`SPIN_MS` for workers on GPUs when this process may use at least
+        :data:`SPIN_CORES_BASE` + :data:`SPIN_CORES_PER_DEVICE` per device cores; else 0. A CPU worker computes
+        on the cores a polling loop would take."""
+        if self.spin_ms is not None:
+            return self.spin_ms
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        gpus = all(d.startswith("cuda") for d in devices)
+        return SPIN_MS if gpus and cores >= SPIN_CORES_BASE + SPIN_CORES_PER_DEVICE * len(devices) else 0.0
+
     def demo_dirs(self) -> tuple[Path, ...]:
         """The example function directories ``demo`` deploys."""
         return tuple(self.examples_dir / name for name in DEMO_FUNCTIONS)
@@ -179,4 +201,4 @@ def parse_devices(text: str) -> tuple[str, ...]:
     return tuple(f"cuda:{s}" if s.isdigit() else s for s in items)
 
 
-__all__ = ["DEMO_FUNCTIONS", "EXAMPLES_DIR", "ServeConfig", "parse_devices"]
+__all__ = ["DEMO_FUNCTIONS", "EXAMPLES_DIR", "SPIN_MS", "ServeConfig", "parse_devices"]

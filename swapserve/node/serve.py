@@ -119,7 +119,7 @@ async def _main(config: ServeConfig) -> int:
                            gateway_margin=config.gateway_margin,
                            host_store_bytes=host_store_bytes,
                            mode=config.mode, policy=config.policy, prepare_on_deploy=config.prepare,
-                           spin_s=config.spin_ms / 1e3,
+                           spin_s=config.resolved_spin_ms(devices) / 1e3,
                            sandbox=SandboxConfig(isolation=config.sandbox_isolation,  # type: ignore[arg-type]
                                                  idle_s=config.sandbox_idle_s)),  # type: ignore[arg-type]
                 metrics)  # opens the registry: a home already in use is refused before anything is written

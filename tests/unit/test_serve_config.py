@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from swapserve.cli import UsageError, build_parser, serve_config
-from swapserve.node.config import ServeConfig, parse_devices
+from swapserve.node.config import SPIN_MS, ServeConfig, parse_devices
 
 
 def test_defaults_are_valid(tmp_path: Path) -> None:
     c = ServeConfig(home=tmp_path, token=None)
-    assert c.policy == "swapserve" and c.mode == "auto" and c.prepare and c.spin_ms == 0.0 and c.lanes == 2
+    assert c.policy == "swapserve" and c.mode == "auto" and c.prepare and c.spin_ms is None and c.lanes == 2
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
@@ -37,7 +38,7 @@ def test_serve_flags_become_the_config(tmp_path: Path) -> None:
                                                                            "fifo_lru", False, 1.5)
     assert (c.sandbox_isolation, c.sandbox_idle_s) == ("strict", 30.0)
     defaults = serve_config(build_parser().parse_args(["serve", "--home", str(tmp_path)]))
-    assert (defaults.sandbox_isolation, defaults.sandbox_idle_s, defaults.spin_ms) == ("best_effort", 300.0, 0.0)
+    assert (defaults.sandbox_isolation, defaults.sandbox_idle_s, defaults.spin_ms) == ("best_effort", 300.0, None)
     assert defaults.fronts == 0  # the controller serves HTTP itself unless asked
     assert defaults.queue_ahead_within_ms is None  # queue ahead whenever, unless asked
     assert not defaults.peer_copies  # off until a sweep on several GPUs shows it helps
@@ -52,6 +53,18 @@ def test_serve_flags_become_the_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize("spin_ms", [0.0, 2.0, 1000.0])
 def test_spin_within_bounds(tmp_path: Path, spin_ms: float) -> None:
     assert ServeConfig(home=tmp_path, token=None, spin_ms=spin_ms).spin_ms == spin_ms
+
+
+@pytest.mark.parametrize("devices, cores, spin_ms", [
+    (("cuda:0",), 16, SPIN_MS), (("cuda:0",), 6, SPIN_MS), (("cuda:0",), 5, 0.0),
+    (("cuda:0", "cuda:1", "cuda:2", "cuda:3"), 12, SPIN_MS), (("cuda:0", "cuda:1", "cuda:2", "cuda:3"), 11, 0.0),
+    (("cpu",), 64, 0.0), (("cpu:0", "cpu:1"), 64, 0.0)])
+def test_the_controller_polls_by_default_on_gpu_nodes_with_cores_to_spare(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devices: tuple[str, ...], cores: int, spin_ms: float) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert ServeConfig(home=tmp_path, token=None).resolved_spin_ms(devices) == spin_ms
+    assert ServeConfig(home=tmp_path, token=None, spin_ms=0.0).resolved_spin_ms(devices) == 0.0  # asked: off
+    assert ServeConfig(home=tmp_path, token=None, spin_ms=2.0).resolved_spin_ms(devices) == 2.0
 
 
 @pytest.mark.parametrize("text, devices", [("", ()), ("all", ()), ("cpu", ("cpu",)), ("0,1", ("cuda:0", "cuda:1")),
