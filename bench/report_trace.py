@@ -17,8 +17,8 @@ def table(r: dict) -> str:
              "P98 ≤ SLO (refused or failed = miss); requests in SLO = share of all requests answered within their "
              "function's SLO." + _settings(r), "",
              "| policy | N | attainment | requests in SLO | P50 ms | P99 ms | req/s | swaps/s | busy | loop late "
-             "| CPU steal | canary ms | requests | codes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| CPU steal | canary ms | longest run ms | requests | codes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, p in r["policies"].items():
         for pt in p["sweep"]:
             fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
@@ -26,7 +26,8 @@ def table(r: dict) -> str:
                          f"| {fmt(pt['p99_ms'])} "
                          f"| {pt['throughput_rps']:.1f} | {pt['swaps_per_s']:.1f} | {pt['busy_fraction']:.2f} "
                          f"| {_lag(pt.get('loop_lag'))}{_front_lag(pt.get('front_loop_lag'))} "
-                         f"| {_steal(pt.get('cpu_steal'))} | {_canary(pt.get('cpu_canary'))} | {pt['requests']} "
+                         f"| {_steal(pt.get('cpu_steal'))} | {_canary(pt.get('cpu_canary'))} | {fmt(pt.get('longest_run_ms'))} "
+                         f"| {pt['requests']} "
                          f"| {pt['status_codes']} |")
     if any("attainment_runs" in pt for p in r["policies"].values() for pt in p["sweep"]):
         lines += ["", "Replayed points: the run of median attainment, every run's in brackets (same trace, same node)."]
@@ -39,7 +40,9 @@ def table(r: dict) -> str:
               "while the point was measured, and in its worst second (bench/steal.py; '-' where not recorded). canary ms: "
               "the median time of a fixed piece of Python run every 0.1 s in a process of its own meanwhile, its p90 "
               "in brackets (bench/canary.py; '-' where not recorded): a replay slower throughout with a slower canary "
-              "ran on a slower machine."]
+              "ran on a slower machine. longest run ms: the longest run (its swap included) of an answered request: a "
+              "stall of the GPU or a worker shows here as hundreds of ms ('-' where not recorded; one H200 replay of "
+              "session 18 had 519 ms and 37 refusals after it)."]
     lines += breakdown_table(r)
     lines += phases_table(r)
     lines += causes_table(r)

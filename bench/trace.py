@@ -530,6 +530,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "side_lane_fraction": sum(r[13] >= 1 for r in done) / max(1, len(done)),  # any side lane
         "p50_queue_ms": float(np.median([r[4] for r in done])) if done else None,
         "p50_compute_ms": float(np.median([r[5] for r in done])) if done else None,
+        "longest_run_ms": max((r[5] for r in done), default=None),  # a stall of the GPU or a worker shows here
         "late_completions": len(misses),
         "p50_server_ms": float(np.median([r[7] for r in done])) if done else None,
         "refusals": dict(Counter(r[10] for r in res if r[3] != 200).most_common(8)),

@@ -338,7 +338,7 @@ def test_the_canary_times_a_fixed_work_in_a_process_of_its_own(trace_module):
     assert got is not None and 1 <= got["samples"] <= 20  # ~10 in 0.2 s (the second before held ~40)
 
 
-def test_the_table_says_the_cpu_steal_and_canary_of_each_point(trace_module):
+def test_the_table_says_the_cpu_steal_canary_and_longest_run_of_each_point(trace_module):
     import report_trace
 
     point = {"n": 400, "attainment": 0.8, "requests_in_slo": 0.95, "p50_ms": 7.0, "p99_ms": 40.0,
@@ -346,10 +346,11 @@ def test_the_table_says_the_cpu_steal_and_canary_of_each_point(trace_module):
              "status_codes": {"200": 1200}}
     result = {"gpu": "H200", "gpus": 1, "policies": {"swapserve": {"max_functions": 0, "sweep": [
         {**point, "cpu_steal": {"fraction": 0.031, "max_window": 0.2, "windows": 20, "window_s": 1.0},
-         "cpu_canary": {"median_ms": 1.234, "p90_ms": 1.5, "samples": 200, "interval_s": 0.1}},
+         "cpu_canary": {"median_ms": 1.234, "p90_ms": 1.5, "samples": 200, "interval_s": 0.1},
+         "longest_run_ms": 518.94},
         {**point, "n": 200}]}}}
     rows = [line for line in report_trace.table(result).splitlines() if line.startswith("| swapserve |")]
-    assert "| 3.1% (max 20.0%) | 1.23 (1.50) | 1200 |" in rows[0] and "| - | - | 1200 |" in rows[1]
+    assert "| 3.1% (max 20.0%) | 1.23 (1.50) | 518.9 | 1200 |" in rows[0] and "| - | - | - | 1200 |" in rows[1]
 
 
 def test_points_whose_models_exceed_host_memory_are_not_run(trace_module):
