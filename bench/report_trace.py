@@ -60,14 +60,17 @@ def _host_bound(host: dict | None) -> list[str]:
 
 
 def _settings(r: dict) -> str:
-    """The node's settings that differ from its defaults, where the result records them."""
+    """The node's settings that differ from its defaults, and whether its controller polled (``spin_ms``: the
+    default depends on the machine), where the result records them."""
     said = [f"serve --fronts {r['fronts']}" if r.get("fronts") else "",
             "side fetches off" if r.get("side_fetch") is False else "",
             "placing ahead off" if r.get("place_ahead") is False else "",
             "the gateway's margin off" if r.get("gateway_margin") is False else "",
             "peer copies on" if r.get("peer_copies") else "",
             f"lanes {r['lanes']}" if r.get("lanes", 2) != 2 else "",
-            "no queue-ahead" if r.get("queue_ahead") is False else ""]
+            "no queue-ahead" if r.get("queue_ahead") is False else "",
+            "" if r.get("spin_ms") is None else
+            f"the controller polling {r['spin_ms']:g} ms" if r["spin_ms"] else "the controller not polling"]
     said = [s for s in said if s]
     return f" Node: {', '.join(said)}." if said else ""
 

@@ -429,7 +429,7 @@ def finish_profiles(spies: list[tuple[subprocess.Popen, Path]]) -> None:
 
 
 NODE_OPTIONS = ("duration_s", "max_batch", "client_processes", "lanes", "swap_piece_ms", "queue_ahead", "side_fetch",
-                "peer_copies", "place_ahead", "gateway_margin", "fronts", "gpus")
+                "peer_copies", "place_ahead", "gateway_margin", "fronts", "gpus", "spin_ms")
 """What each policy's entry in trace.json records of how its node and trace ran."""
 
 def model_of(function: str) -> str:
@@ -784,6 +784,7 @@ def main() -> None:
             for result in results:
                 result["gpu"] = st["devices"][0]["name"]
                 result["gpus"] = len(st["devices"])
+                result["spin_ms"] = client.scheduling()["spin_ms"]  # its default depends on the machine
                 # The node's link profile, measured at its start: host→GPU GB/s with all GPUs copying at once,
                 # and the slowdown of execution under a copy (what the scheduler counts as contention).
                 result["link_profile"] = {k: v for k, v in (st.get("extra") or {}).items()

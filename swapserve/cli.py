@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spin-ms", type=float, metavar="MS",
                    help="while runs are in flight and this long after each arrival and each run's end, the "
                         "controller polls instead of sleeping (costs up to a core while requests flow; 0: off; "
-                        "default 1 on GPU nodes with at least 4 + 2 per GPU cores, else 0)")
+                        "default 1 on GPU nodes with at least 4 + 2 per GPU + 1 per front cores, else 0)")
     s.set_defaults(func=_serve)
     return p
 

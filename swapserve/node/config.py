@@ -28,7 +28,8 @@ and 18), and cost the N = 400 trace nothing measurable (one pair on one node; ``
 SPIN_CORES_BASE = 4
 SPIN_CORES_PER_DEVICE = 2
 """Cores a node of GPUs needs to poll by default: the controller's (which it keeps busy while requests flow),
-the system's and the clients' on the machine, and about two for each worker (its lanes' threads)."""
+the system's and the clients' on the machine, about two for each worker (its lanes' threads), and one for each
+HTTP front process (``fronts``)."""
 
 DEMO_FUNCTIONS = ("resnet50-classifier", "bert-base-encoder", "minilm-embedding")
 """Example function directories deployed by ``--demo``, in this order."""
@@ -180,13 +181,14 @@ class ServeConfig:
 
     def resolved_spin_ms(self, devices: tuple[str, ...]) -> float:
         """``spin_ms``, or where unset :data:`SPIN_MS` for workers on GPUs when this process may use at least
-        :data:`SPIN_CORES_BASE` + :data:`SPIN_CORES_PER_DEVICE` per device cores; else 0. A CPU worker computes
-        on the cores a polling loop would take."""
+        :data:`SPIN_CORES_BASE` + :data:`SPIN_CORES_PER_DEVICE` per device + one per HTTP front cores; else 0.
+        A CPU worker computes on the cores a polling loop would take."""
         if self.spin_ms is not None:
             return self.spin_ms
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         gpus = all(d.startswith("cuda") for d in devices)
-        return SPIN_MS if gpus and cores >= SPIN_CORES_BASE + SPIN_CORES_PER_DEVICE * len(devices) else 0.0
+        need = SPIN_CORES_BASE + SPIN_CORES_PER_DEVICE * len(devices) + self.fronts
+        return SPIN_MS if gpus and cores >= need else 0.0
 
     def demo_dirs(self) -> tuple[Path, ...]:
         """The example function directories ``demo`` deploys."""

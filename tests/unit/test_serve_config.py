@@ -65,6 +65,8 @@ def test_the_controller_polls_by_default_on_gpu_nodes_with_cores_to_spare(
     assert ServeConfig(home=tmp_path, token=None).resolved_spin_ms(devices) == spin_ms
     assert ServeConfig(home=tmp_path, token=None, spin_ms=0.0).resolved_spin_ms(devices) == 0.0  # asked: off
     assert ServeConfig(home=tmp_path, token=None, spin_ms=2.0).resolved_spin_ms(devices) == 2.0
+    with_fronts = ServeConfig(home=tmp_path, token=None, fronts=4).resolved_spin_ms(devices)  # a core each
+    assert with_fronts == (SPIN_MS if spin_ms and cores >= 4 + 2 * len(devices) + 4 else 0.0)
 
 
 @pytest.mark.parametrize("text, devices", [("", ()), ("all", ()), ("cpu", ("cpu",)), ("0,1", ("cuda:0", "cuda:1")),
