@@ -26,8 +26,8 @@ def table(r: dict) -> str:
                          f"| {fmt(pt['p99_ms'])} "
                          f"| {pt['throughput_rps']:.1f} | {pt['swaps_per_s']:.1f} | {pt['busy_fraction']:.2f} "
                          f"| {_lag(pt.get('loop_lag'))}{_front_lag(pt.get('front_loop_lag'))} "
-                         f"| {_steal(pt.get('cpu_steal'))} | {_canary(pt.get('cpu_canary'))} | {fmt(pt.get('longest_run_ms'))} "
-                         f"| {pt['requests']} "
+                         f"| {_steal(pt.get('cpu_steal'))} | {_canary(pt.get('cpu_canary'))} "
+                         f"| {fmt(pt.get('longest_run_ms'))} | {pt['requests']} "
                          f"| {pt['status_codes']} |")
     if any("attainment_runs" in pt for p in r["policies"].values() for pt in p["sweep"]):
         lines += ["", "Replayed points: the run of median attainment, every run's in brackets (same trace, same node)."]

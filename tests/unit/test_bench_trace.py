@@ -200,6 +200,39 @@ def test_followers_cli_says_how_long_after_its_leader_each_follower_finished(tmp
     assert rows == [[name, "swapped", "1", "+0.10", "+0.10", "0"], [name, "resident", "1", "+9.20", "+9.20", "1"]]
 
 
+def test_repeat_misses_cli_pools_the_replays_of_a_point_by_function(tmp_path):
+    """Every replay of one point (a point's single file and its ``_r<k>`` files, across trace.json files) pooled:
+    each missing function with the replays it missed in, when its worst request was sent and its largest part."""
+    import gzip
+    import json
+    import subprocess
+
+    def at(fn: str, t: float, latency: float, **kw) -> dict:
+        return _rec(fn, latency, **kw) | {"at_s": t}
+
+    replays = {  # f1 misses in both (queued, then refused), f2 in one only, f0 in neither
+        "a/trace_raw/swapserve_5.jsonl.gz": [at("f0-small", 1.0, 5.0), at("f1-small", 2.0, 14.0, queue=8.0,
+                                                                          server=13.0, node=12.5, worker=2.0)],
+        "b/trace_raw/swapserve_5_r0.jsonl.gz": [at("f0-small", 1.0, 6.0), at("f1-small", 2.0, 0.0, status=503),
+                                                at("f2-small", 3.0, 12.0, server=4.0, node=3.5, worker=2.0)],
+        "b/trace_raw/swapserve_10.jsonl.gz": [at("f9-small", 1.0, 0.0, status=503)],  # another point: not pooled
+    }
+    for name, records in replays.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(tmp_path / name, "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    for d in ("a", "b"):
+        (tmp_path / d / "trace.json").write_text(json.dumps({"slo_ms": {"small": 10.0}}))
+    traces = [str(tmp_path / d / "trace.json") for d in ("a", "b")]
+    out = subprocess.run([sys.executable, str(BENCH / "repeat_misses.py"), "--n", "5", *traces],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.startswith("2 replays of swapserve at N = 5: a/swapserve_5, b/swapserve_5_r0; missing functions per "
+                          "replay: 1, 2")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[4:]]
+    assert rows == [["f1-small", "2 of 2", "2.00, 2.00", "queue, refused"],
+                    ["f2-small", "1 of 2", "3.00", "client"]]
+
+
 def test_late_replies_cli_counts_those_near_a_large_answer(tmp_path):
     """Replies read late (from_worker_ms over 2.5) and how many ended within 10 ms of another request's end of
     the large-output model, against every answered request."""
