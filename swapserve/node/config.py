@@ -8,12 +8,12 @@ environment (``SWAPSERVE_HOME``, ``SWAPSERVE_TOKEN``, ``SWAPSERVE_SHM_DIR``) are
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from swapserve.config import MAX_LANES, GiB, MiB, env
+from swapserve.hostcpu import usable_cores
 from swapserve.scheduler.core import SWAP_PIECE_MS
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
@@ -180,12 +180,13 @@ class ServeConfig:
         return tuple(f"cuda:{i}" for i in range(n)) or ("cpu",)
 
     def resolved_spin_ms(self, devices: tuple[str, ...]) -> float:
-        """``spin_ms``, or where unset :data:`SPIN_MS` for workers on GPUs when this process may use at least
+        """``spin_ms``, or where unset :data:`SPIN_MS` for workers on GPUs when this process may use
+        (:func:`swapserve.hostcpu.usable_cores`: its affinity, capped by a container's CPU quota) at least
         :data:`SPIN_CORES_BASE` + :data:`SPIN_CORES_PER_DEVICE` per device + one per HTTP front cores; else 0.
         A CPU worker computes on the cores a polling loop would take."""
         if self.spin_ms is not None:
             return self.spin_ms
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         gpus = all(d.startswith("cuda") for d in devices)
         need = SPIN_CORES_BASE + SPIN_CORES_PER_DEVICE * len(devices) + self.fronts
         return SPIN_MS if gpus and cores >= need else 0.0

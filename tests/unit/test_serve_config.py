@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from swapserve.cli import UsageError, build_parser, serve_config
+from swapserve.node import config
 from swapserve.node.config import SPIN_MS, ServeConfig, parse_devices
 
 
@@ -61,7 +61,7 @@ def test_spin_within_bounds(tmp_path: Path, spin_ms: float) -> None:
     (("cpu",), 64, 0.0), (("cpu:0", "cpu:1"), 64, 0.0)])
 def test_the_controller_polls_by_default_on_gpu_nodes_with_cores_to_spare(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devices: tuple[str, ...], cores: int, spin_ms: float) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(config, "usable_cores", lambda: cores)
     assert ServeConfig(home=tmp_path, token=None).resolved_spin_ms(devices) == spin_ms
     assert ServeConfig(home=tmp_path, token=None, spin_ms=0.0).resolved_spin_ms(devices) == 0.0  # asked: off
     assert ServeConfig(home=tmp_path, token=None, spin_ms=2.0).resolved_spin_ms(devices) == 2.0
