@@ -1,8 +1,7 @@
 """Which functions miss their SLO in replay after replay of one trace, from the raw per-request records of
 ``bench/trace.py --raw``: every replay of the same point (same N, same seed: the same requests at the same
 times) pooled, each missing function (P98 over its SLO) with how many replays it missed in, when its worst
-request was sent in each, and that request's largest part (``trace.request_parts``; ``refused`` for a refused
-or failed one).
+request was sent in each, and that request's largest part (``trace.worst_part``).
 
 A function that misses in every replay at the same second is the trace's, not the replay's: a burst the node
 cannot serve in time by the way it orders and places work, which no rerun will change and a change of policy
@@ -18,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace import model_of, p98, read_raw, request_parts  # noqa: E402  (bench/trace.py)
+from trace import model_of, read_raw, worst_part, worst_requests  # noqa: E402  (bench/trace.py)
 
 
 def misses(records: list[dict], slo_ms: dict[str, float]) -> dict[str, tuple[float, str]]:
@@ -34,19 +32,8 @@ def misses(records: list[dict], slo_ms: dict[str, float]) -> dict[str, tuple[flo
     by_fn: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_fn[r["function"]].append(r)
-    out = {}
-    for fn, rs in by_fn.items():
-        lat = [r["latency_ms"] if r["status"] == 200 else math.inf for r in rs]
-        if p98(lat) <= slo_ms[model_of(fn)]:
-            continue
-        worst = max(rs, key=lambda r: r["latency_ms"] if r["status"] == 200 else math.inf)
-        if worst["status"] != 200:
-            part = "refused"
-        else:
-            parts = request_parts(worst)
-            part = max(parts, key=parts.__getitem__)
-        out[fn] = (worst["at_s"], part)
-    return out
+    worst = worst_requests(by_fn, {fn: slo_ms[model_of(fn)] for fn in by_fn})
+    return {fn: (r["at_s"], worst_part(r)) for fn, r in worst.items()}
 
 
 def pooled(replays: list[dict[str, tuple[float, str]]]) -> list[tuple[str, list[tuple[float, str]]]]:

@@ -579,6 +579,25 @@ def queued_ms(r: dict) -> float:
     return r["queue_ms"] + lane_ms(r)
 
 
+def latency_or_inf(r: dict) -> float:
+    """A request's latency, +inf for a refused or failed one (a miss whatever its SLO)."""
+    return r["latency_ms"] if r["status"] == 200 else math.inf
+
+
+def worst_requests(by_fn: dict[str, list[dict]], slo_ms: dict[str, float]) -> dict[str, dict]:
+    """Each function whose P98 is over its SLO (``slo_ms`` by function name), with its worst request."""
+    return {fn: max(rs, key=latency_or_inf) for fn, rs in by_fn.items()
+            if p98([latency_or_inf(r) for r in rs]) > slo_ms[fn]}
+
+
+def worst_part(r: dict) -> str:
+    """The largest part of a request's time (:func:`request_parts`), or ``refused`` for a refused or failed one."""
+    if r["status"] != 200:
+        return "refused"
+    parts = request_parts(r)
+    return max(parts, key=parts.__getitem__)
+
+
 def miss_causes(records: list[dict], slo_ms: dict[str, float]) -> dict:
     """For each function whose P98 is over its SLO (``slo_ms`` by function name), the largest part of its
     worst request (``refused`` for a refused or failed one); and the attainment with every request's
@@ -586,19 +605,9 @@ def miss_causes(records: list[dict], slo_ms: dict[str, float]) -> dict:
     by_fn: dict[str, list[dict]] = {}
     for r in records:
         by_fn.setdefault(r["function"], []).append(r)
-    causes: Counter[str] = Counter()
-    met_no_queue = 0
-    for fn, rs in by_fn.items():
-        lat = [r["latency_ms"] if r["status"] == 200 else math.inf for r in rs]
-        met_no_queue += p98([x - queued_ms(r) if r["status"] == 200 else x for x, r in zip(lat, rs)]) <= slo_ms[fn]
-        if p98(lat) <= slo_ms[fn]:
-            continue
-        worst = max(rs, key=lambda r: r["latency_ms"] if r["status"] == 200 else math.inf)
-        if worst["status"] != 200:
-            causes["refused"] += 1
-        else:
-            parts = request_parts(worst)
-            causes[max(parts, key=parts.__getitem__)] += 1
+    met_no_queue = sum(p98([r["latency_ms"] - queued_ms(r) if r["status"] == 200 else math.inf for r in rs])
+                       <= slo_ms[fn] for fn, rs in by_fn.items())
+    causes = Counter(worst_part(r) for r in worst_requests(by_fn, slo_ms).values())
     return {"missed": sum(causes.values()), "worst_part": dict(causes.most_common()),
             "attainment_without_queueing": met_no_queue / max(1, len(by_fn)),
             "followers": burst_followers(by_fn, slo_ms)}
