@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 import torch
 
 from swapserve.errors import ArtifactError, PayloadTooLargeError
+from swapserve.hostcpu import usable_cores
 from swapserve.sandbox import isolation as iso
 from swapserve.sandbox.api import ModelCallError, ModelFuture, ModelHandle, Models, Request, Response
 from swapserve.sandbox.config import ModelSignature, SandboxLimits
@@ -78,9 +79,9 @@ def _settle_fds(channel_fd: int, arena_fd: int, output_fd: int) -> None:
 class _Channel:
     """The sandbox's end of its channel, read by whichever thread waits (see the module docstring)."""
 
-    SPIN_S = 100e-6 if len(os.sched_getaffinity(0)) >= 4 else 0.0
+    SPIN_S = 100e-6 if usable_cores() >= 4 else 0.0
     """How long a thread waiting for a model's reply polls before it sleeps (not where the pool itself would
-    lose a core to the poll)."""
+    lose a core to the poll: its cores counted as the node counts its own, a container's CPU quota included)."""
 
     def __init__(self, dispatch: Any) -> None:
         self.sock = socket.socket(fileno=CHANNEL_FD)
