@@ -27,6 +27,9 @@ from swapserve.errors import PayloadTooLargeError
 
 log = logging.getLogger("swapserve.worker")
 
+EXIT_DEVICE_LOST = 3
+"""The worker's exit status when its device failed for good (:meth:`Worker._lost`)."""
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -224,8 +227,19 @@ class Worker:
             return
         except BaseException as e:  # noqa: BLE001 - answered below
             self._answer(msg, received, e)
+            if self.engine.backend.device_lost():
+                self._lost(e)
             return
         self._answer(msg, received, result)
+
+    def _lost(self, error: BaseException) -> None:
+        """The device failed for good (a kernel's fault leaves the CUDA context failing every call): leave,
+        so that the controller fails what was sent here, stops sending more and reports the node not ready,
+        rather than every later run on this device failing the same way (session 19's trace, one H200)."""
+        log.critical("%s is lost (%s: %s); this worker exits", self.cfg.device, type(error).__name__,
+                     str(error).splitlines()[0] if str(error) else "")
+        logging.shutdown()
+        os._exit(EXIT_DEVICE_LOST)
 
     def _place_ahead(self, msg: Any) -> None:
         """Start placing the pages of lane 0's next command, and copying into them (``SwapEngine.place_ahead``),

@@ -154,6 +154,11 @@ class Backend(ABC):
     def synchronize(self, stream: object | None = None) -> None:
         """Block until the work issued to ``stream`` (default: to the whole device) has finished."""
 
+    def device_lost(self) -> bool:
+        """Whether the device can no longer run anything (after a command failed): on a GPU, a kernel's fault
+        leaves the process's CUDA context failing every call from then on. A CPU cannot be lost this way."""
+        return False
+
     @abstractmethod
     def close(self) -> None:
         """Free every page (all ranges must be released first)."""

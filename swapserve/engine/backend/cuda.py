@@ -333,6 +333,16 @@ class CudaBackend(Backend):
         with torch.cuda.stream(s):
             yield
 
+    def device_lost(self) -> bool:
+        """A sticky error (an illegal address, a launch failure, a device-side assert) fails every later call
+        of the context, this one too; an error of the call alone (out of memory, a bad argument) does not. Does
+        not wait for the device."""
+        try:
+            torch.cuda.current_stream(self.device).query()
+        except RuntimeError:  # torch.AcceleratorError (a RuntimeError) since 2.8, RuntimeError before
+            return True
+        return False
+
     def synchronize(self, stream: object | None = None) -> None:
         if isinstance(stream, torch.cuda.Stream):
             stream.synchronize()
