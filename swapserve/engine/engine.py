@@ -188,6 +188,8 @@ class _Model:
     graphs: dict[int, object] = field(default_factory=dict)
     activation: dict[int, int | None] = field(default_factory=dict)
     ahead: _Ahead | None = None
+    remapping: int = 0
+    """Holders of its pins remapping its slots now (:meth:`SwapEngine._remap_taken`; lock held to change)."""
 
 
 class SwapEngine:
@@ -208,6 +210,8 @@ class SwapEngine:
         """Guards the models, the pool and the counters (never held while the device computes)."""
         self._unpinned = threading.Condition(self._lock)
         """Notified whenever a run unpins its model (a swap may be waiting for those pages)."""
+        self._remapped = threading.Condition(self._lock)
+        """Notified whenever a holder of a model's pins has remapped its slots (:meth:`_remap_taken`)."""
         self._gate = _Gate()
         self._local = threading.local()
         self._placer: concurrent.futures.ThreadPoolExecutor | None = None
@@ -345,6 +349,8 @@ class SwapEngine:
         try:
             with self._gate.shared():  # never remapping during a capture
                 with self._lock:
+                    if self._in_flight(m):  # a side lane's fetch took it since: the run places it itself
+                        return
                     host, plan = self._take_pages(m, value, None)
                 self._remap_taken(m, plan)
                 if plan.load:
@@ -580,7 +586,7 @@ class SwapEngine:
 
     def _take_pages(self, m: _Model, value: Value | None, limit: int | None) -> tuple[HostEntry, PlacementPlan]:
         """Pin the model's host buffer and its pages, taking others' where it needs them (lock held): the
-        plan says which slots to remap and load."""
+        plan says which slots to remap and load (:meth:`_remap_taken` remaps them)."""
         host = self.store.acquire(m.name)
         try:
             self._pin_host(m, host)
@@ -588,17 +594,38 @@ class SwapEngine:
         except BaseException:
             self.store.release(m.name)
             raise
+        if plan.remaps:
+            m.remapping += 1
         self.stats.remaps += len(plan.remaps)
         self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
         return host, plan
 
     def _remap_taken(self, m: _Model, plan: PlacementPlan) -> None:
-        """Remap the slots :meth:`_take_pages` moved (lock not held); if that fails, unpin."""
+        """Remap the slots :meth:`_take_pages` moved (lock not held), then wait until no other holder of the
+        model's pins is still remapping its slots; if remapping fails, unpin.
+
+        Two holders can place one model at once — a side lane's fetch and the pages placed ahead for lane 0's
+        next run of it, or lane 0's own run — and the second finds the slots the first claimed already its own,
+        with nothing to remap: without the wait it copied (or ran) into slots the first was still remapping.
+        On the CPU backend that was a segfault; on an H200 in session 19's trace, most likely the
+        ``unspecified launch failure`` that ended the worker's CUDA context (a side lane's fetch of a resnet50
+        remapping for 1.06 ms while its pages were placed ahead for lane 0)."""
         try:
             self._remap(m, plan)
         except BaseException:
+            self._remapped_by(m, plan)
             self._release(m)
             raise
+        self._remapped_by(m, plan, wait=True)
+
+    def _remapped_by(self, m: _Model, plan: PlacementPlan, wait: bool = False) -> None:
+        """``plan``'s remaps are over (done or failed); with ``wait``, also every other holder's."""
+        with self._lock:
+            if plan.remaps:
+                m.remapping -= 1
+                self._remapped.notify_all()
+            while wait and m.remapping:
+                self._remapped.wait()
 
     def _acquire_pages(self, m: _Model, value: Value | None, limit: int | None) -> PlacementPlan:
         """``pool.acquire`` (lock held), waiting while the pages it needs are pinned by a run in another lane:

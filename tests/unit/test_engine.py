@@ -545,6 +545,54 @@ def test_a_run_behind_its_own_models_swap_is_not_placed_ahead(make_artifact, mak
     eng.pool.check()
 
 
+@pytest.mark.parametrize(("device", "mode"), AHEAD_MODES, ids=[f"{d}-{m}" for d, m in AHEAD_MODES])
+def test_a_model_a_side_lane_is_still_remapping_is_neither_placed_ahead_nor_copied_into(make_artifact, make_engine,
+                                                                                        device, mode):
+    """A side lane fetches a model and is still remapping its slots when lane 0's next run of it is placed ahead
+    and then comes (session 19's trace on an H200: a resnet50's fetch remapped for 1.06 ms while its other
+    request was queued ahead in lane 0). Nothing is placed ahead for it, and lane 0's run, which finds the slots
+    already claimed for the model, waits for those remaps before it copies or runs: before, it copied into
+    slots still mapping pages that were no longer the model's — a segfault on the CPU backend, and most likely
+    that trace's ``unspecified launch failure``, which ended the worker's CUDA context."""
+    a, _, xa = make_artifact("mlp", seed=31, name="a")
+    b, _, xb = make_artifact("tied", seed=32, name="b")
+    c, _, xc = make_artifact("mlp", seed=33, name="c")
+    eng = make_engine(device, mode, pool_mib=12, page_mib=2)  # 6 pages: a (4), b (4), c (4)
+    for name, art in (("a", a), ("b", b), ("c", c)):
+        eng.add(name, art)
+    ref = {"a": eng.infer("a", xa), "b": eng.infer("b", xb), "c": eng.infer("c", xc)}
+    # a's slots still map pages that b and c hold now: bringing a back remaps them.
+    remapping, go_on = threading.Event(), threading.Event()
+    unmap = eng.backend.unmap
+
+    def slow_unmap(va: int) -> None:
+        if threading.current_thread().name == "fetch":
+            remapping.set()
+            go_on.wait(10)
+        unmap(va)
+
+    eng.backend.unmap = slow_unmap  # type: ignore[method-assign]
+    outs: dict[str, list[torch.Tensor]] = {}
+    fetch = threading.Thread(name="fetch", target=lambda: outs.update(fetch=eng.infer("a", xa, lane=1, fetch=True)))
+    fetch.start()
+    try:
+        assert remapping.wait(10), "the fetch remapped nothing: the test's premise is gone"
+        eng.place_ahead("a", None, ticket=1)
+        lane0 = threading.Thread(target=lambda: outs.update(lane0=eng.infer("a", xa, ticket=1)))
+        lane0.start()
+        lane0.join(0.3)
+        assert lane0.is_alive(), "lane 0's run went on while the side lane was remapping its model's slots"
+    finally:
+        go_on.set()
+        fetch.join(10)
+    lane0.join(10)
+    assert same(outs["fetch"], ref["a"]) and same(outs["lane0"], ref["a"])
+    assert eng.stats.placed_ahead == 0 and eng._models["a"].ahead is None
+    assert all(not p.pins for p in eng.pool.placements.values())
+    eng.pool.check()
+    assert same(eng.infer("b", xb), ref["b"]) and same(eng.infer("c", xc), ref["c"])
+
+
 def test_pages_placed_for_a_run_that_does_not_come_are_let_go(make_artifact, make_engine):
     a, _, xa = make_artifact("mlp", seed=23, name="a")
     b, _, xb = make_artifact("tied", seed=24, name="b")
