@@ -203,7 +203,8 @@ class PagePool:
             short -= len(grab)
             if short <= 0:
                 return plan
-        busy = sum(q.valid_count for m in self.holding if m != model and (q := self.placements[m]).pins)
+        # Pages of models in use: loaded, or claimed for a load still landing (counted by owner, not as valid).
+        busy = sum(1 for o in self.owner if o is not None and o[0] != model and self.placements[o[0]].pins)
         raise PoolBusyError(f"cannot place {model!r} now: it needs {deficit} more pages and {busy} pages are held by "
                             "models in use; retry when they finish")
 

@@ -323,8 +323,8 @@ def test_pinned_models_are_never_victims_and_busy_leaves_state_unchanged():
     swap_in(pool, "a", 1.0)
     pool.acquire("b", 2.0)  # b stays pinned (in flight)
     before = snapshot(pool)
-    with pytest.raises(PoolBusyError, match="needs 3 more pages"):
-        pool.acquire("c", 3.0)  # needs 3: a's 2 are not enough, b's are pinned
+    with pytest.raises(PoolBusyError, match="needs 3 more pages and 2 pages are held by models in use"):
+        pool.acquire("c", 3.0)  # needs 3: a's 2 are not enough, b's are pinned (claimed, still loading)
     assert snapshot(pool) == before
     pool.check()
     c = pool.placements["c"]
