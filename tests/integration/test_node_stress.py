@@ -1,5 +1,5 @@
 """The node's whole swap path under a burst of load, through a real Node in this process with a real CPU worker:
-five functions with weights of their own share a pool that holds two of them, and random bursts of requests
+five functions with weights of their own share a pool that holds two of them (a CPU's, and a GPU's where there is one), and random bursts of requests
 keep both lanes busy. The node swaps in pieces, queues runs ahead in the first lane, places their pages while
 the run before executes, and fetches in the side lane. Every answer must be the function's own model's. A page
 copied into the wrong model, a slab region overwritten, or an answer given to the wrong request shows up as a
@@ -29,7 +29,7 @@ from torch import nn
 
 
 class Deep(nn.Module):
-    """Three 512 x 512 layers: 3 MiB of weights, three pages of 1 MiB."""
+    """Three 512 x 512 layers: 3 MiB of weights, two pages of 2 MiB."""
 
     def __init__(self):
         super().__init__()
@@ -48,7 +48,9 @@ FUNCTIONS = 5
 REQUESTS = 400
 
 
-def test_every_answer_under_bursts_of_swaps_is_its_own_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_every_answer_under_bursts_of_swaps_is_its_own_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              device: str) -> None:
     models = {}
     bundles = []
     for i in range(FUNCTIONS):
@@ -69,8 +71,9 @@ def test_every_answer_under_bursts_of_swaps_is_its_own_models(tmp_path: Path, mo
         result = await node.infer(name, {"x": x})
         with torch.no_grad():
             want = models[name](x)
-        got = result.outputs["y"]
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):  # batched: another summing order, not other bits
+        got = result.outputs["y"].cpu()
+        # Batched, or on a GPU: another summing order, not other bits; a page of another model is far off.
+        if not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
             wrong.append((name, float((got - want).abs().max())))
 
     async def body(node: Node) -> None:
@@ -82,14 +85,14 @@ def test_every_answer_under_bursts_of_swaps_is_its_own_models(tmp_path: Path, mo
             plan.append((rng.choice(sorted(models)), rng.choice(inputs), at))
         await asyncio.gather(*(one(node, n, x, t) for n, x, t in plan))
         text = node.metrics.render().decode()
-        counts = {k: metric(text, f"swapserve_{k}_total", device="cpu")
+        counts = {k: metric(text, f"swapserve_{k}_total", device=device)
                   for k in ("evictions", "queued_ahead", "placed_ahead", "side_fetches")}
-        # ~180 evictions, ~60 runs queued ahead, ~10 placed ahead, ~33 side fetches on the CI box
+        # On the CI box: ~130 evictions, ~60 runs queued ahead, ~18 placed ahead, ~28 side fetches.
         assert (counts["evictions"] > 50 and counts["queued_ahead"] > 10 and counts["placed_ahead"] > 2
                 and counts["side_fetches"] > 5), counts
         assert node.is_ready()
 
-    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=("cpu",), pool_bytes=8 << 20,
-                                    page_bytes=1 << 20, workspace_bytes=64 << 20, host_store_bytes=256 << 20,
+    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=(device,), pool_bytes=8 << 20,
+                                    page_bytes=2 << 20, workspace_bytes=64 << 20, host_store_bytes=256 << 20,
                                     slab_bytes=16 << 20, answers_bytes=4 << 20), body)
     assert not wrong, f"{len(wrong)} of {REQUESTS} answers were another model's or corrupt: {wrong[:5]}"
