@@ -47,8 +47,8 @@ class _Parser:
     def __init__(self) -> None:
         self.reset(None)
 
-    def reset(self, keep_header: str | None) -> None:
-        self.keep_header, self.keep = keep_header, None
+    def reset(self, keep_header: str | None, keep_more: int = 0) -> None:
+        self.keep_header, self.keep_more, self.keep = keep_header, keep_more, None
         self.head = bytearray()
         self.status, self.headers, self.head_at = 0, {}, 0.0
         self.in_head = True
@@ -100,7 +100,7 @@ class _Parser:
         else:
             raise HTTPError("response with neither Content-Length nor chunked encoding")
         if self.keep_header and (n := self.headers.get(self.keep_header)) is not None:
-            self.keep = int(n)
+            self.keep = int(n) + self.keep_more
 
     def _feed_chunked(self, data: memoryview) -> None:
         # Sizes and framing are parsed from a small carried tail; chunk data passes through ``_take``.
@@ -204,13 +204,14 @@ class Client:
         return cls(where.hostname or "127.0.0.1", where.port or 80)
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
-                      keep_header: str | None = None) -> Response:
+                      keep_header: str | None = None, keep_more: int = 0) -> Response:
         """Send one request and receive its whole response. With ``keep_header`` (lower case), a response that
         carries that header keeps only as many bytes of its body as it says (OIP's
-        ``Inference-Header-Content-Length``: the JSON head); the rest is received and counted, not stored."""
+        ``Inference-Header-Content-Length``: the JSON head), and ``keep_more`` bytes after them (the first of the
+        binary data); the rest is received and counted, not stored."""
         conn = self._idle.pop() if self._idle else await self._open()
         conn.waiter = asyncio.get_running_loop().create_future()
-        conn.parser.reset(keep_header)
+        conn.parser.reset(keep_header, keep_more)
         conn.transport.writelines([_request_head(method, path, self.host, self.port, body, headers), body])
         try:
             response = await conn.waiter

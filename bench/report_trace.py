@@ -17,8 +17,8 @@ def table(r: dict) -> str:
              "P98 ≤ SLO (refused or failed = miss); requests in SLO = share of all requests answered within their "
              "function's SLO." + _settings(r), "",
              "| policy | N | attainment | requests in SLO | P50 ms | P99 ms | req/s | swaps/s | busy | loop late "
-             "| CPU steal | canary ms | longest run ms | requests | codes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| CPU steal | canary ms | longest run ms | wrong answers | requests | codes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, p in r["policies"].items():
         for pt in p["sweep"]:
             fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
@@ -27,7 +27,7 @@ def table(r: dict) -> str:
                          f"| {pt['throughput_rps']:.1f} | {pt['swaps_per_s']:.1f} | {pt['busy_fraction']:.2f} "
                          f"| {_lag(pt.get('loop_lag'))}{_front_lag(pt.get('front_loop_lag'))} "
                          f"| {_steal(pt.get('cpu_steal'))} | {_canary(pt.get('cpu_canary'))} "
-                         f"| {fmt(pt.get('longest_run_ms'))} | {pt['requests']} "
+                         f"| {fmt(pt.get('longest_run_ms'))} | {_wrong(pt.get('answers'))} | {pt['requests']} "
                          f"| {pt['status_codes']} |")
     if any("attainment_runs" in pt for p in r["policies"].values() for pt in p["sweep"]):
         lines += ["", "Replayed points: the run of median attainment, every run's in brackets (same trace, same node)."]
@@ -42,11 +42,21 @@ def table(r: dict) -> str:
               "in brackets (bench/canary.py; '-' where not recorded): a replay slower throughout with a slower canary "
               "ran on a slower machine. longest run ms: the longest run (its swap included) of an answered request: a "
               "stall of the GPU or a worker shows here as hundreds of ms ('-' where not recorded; one H200 replay of "
-              "session 18 had 519 ms and 37 refusals after it)."]
+              "session 18 had 519 ms and 37 refusals after it). wrong answers: answers whose first output values are "
+              "not their model's, of those checked (the functions of one model share its weights and input; "
+              "trace.wrong_answers; '-' where the client did not keep them, before the nineteenth session)."]
     lines += breakdown_table(r)
     lines += phases_table(r)
     lines += causes_table(r)
     return "\n".join(lines) + "\n"
+
+
+def _wrong(answers: dict | None) -> str:
+    """Wrong answers of those checked, and the models they came from."""
+    if not answers:
+        return "-"
+    models = ", ".join(f"{m} {k}" for m, k in sorted(answers["by_model"].items()))
+    return f"{answers['wrong']} / {answers['checked']}" + (f" ({models})" if models else "")
 
 
 def _host_bound(host: dict | None) -> list[str]:

@@ -16,6 +16,9 @@ of functions.
 * Each point: fraction of functions whose P98 ≤ SLO (a refused or failed request counts as a miss; functions
   the trace never called are left out and counted), P50/P99 latency, throughput, swaps/s, device busy
   fraction. ``max_functions`` = the largest N with ≥ 98 % of functions within their SLO.
+* Answers checked: the client keeps the first values of each answer's first output, and the point counts the
+  answers whose values are not their model's (``answers``: the functions of one model share its weights and
+  its input, so they answer alike): under load, a run that read another model's pages would show there.
 
 Functions of one architecture share their artifact files on disk (hard links: N × 230 MB of safetensors
 would not fit the lent machines' disks) but nothing else: each is its own function with its own host-store
@@ -35,6 +38,7 @@ import multiprocessing as mp
 import re
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -115,8 +119,28 @@ def make_trace(fns: list[Fn], duration: float, seed: int, cv: float = 2.0) -> li
 
 def _parameters(body: bytes, header_length: str | None) -> dict:
     """The response's ``parameters`` (queue_ms, compute_ms, swapped), for the per-request breakdown."""
-    head = body[:int(header_length)] if header_length else body
-    return json.loads(head).get("parameters") or {}
+    return _answer_head(body, header_length)[0]
+
+
+HEAD_VALUES = 8
+"""Values of each answer's first output the client keeps (the first of its binary data): the answers of one model
+are compared with each other (:func:`wrong_answers`), so that a run that read pages not its model's shows."""
+_FORMATS = {"FP16": "e", "FP32": "f", "FP64": "d", "INT32": "i", "INT64": "q"}
+
+
+def _answer_head(body: bytes, header_length: str | None) -> tuple[dict, list[float]]:
+    """The response's ``parameters``, and the first :data:`HEAD_VALUES` values of its first output where its
+    binary data follows the JSON head in ``body`` (as many as came; none for a JSON-only answer)."""
+    n = int(header_length) if header_length else len(body)
+    doc = json.loads(body[:n])
+    outputs = doc.get("outputs") or []
+    fmt = _FORMATS.get(outputs[0].get("datatype", "")) if outputs else None
+    values: list[float] = []
+    if fmt is not None and header_length:
+        size = struct.calcsize(fmt)
+        k = min(HEAD_VALUES, (len(body) - n) // size)
+        values = [float(v) for v in struct.unpack_from(f"<{k}{fmt}", body, n)]
+    return doc.get("parameters") or {}, values
 
 
 def _reason(body: bytes) -> str:
@@ -141,26 +165,27 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
             sent = time.perf_counter()
             headers_ms = -1.0
             try:
-                # Of a 200's body only the JSON head is kept (GPT-2's 12.9 MB of logits are received and
-                # counted): the latency runs to the last byte either way.
+                # Of a 200's body only the JSON head and its first output's first values are kept (GPT-2's
+                # 12.9 MB of logits are received and counted): the latency runs to the last byte either way.
                 r = await asyncio.wait_for(client.request(
                     "POST", f"/v2/models/{names[i]}/infer", body,
                     {"Inference-Header-Content-Length": str(hlen), "Content-Type": "application/octet-stream"},
-                    keep_header="inference-header-content-length"), timeout=120)
+                    keep_header="inference-header-content-length", keep_more=8 * HEAD_VALUES), timeout=120)
                 ms = (time.perf_counter() - sent) * 1e3
                 headers_ms = (r.head_at - sent) * 1e3  # the response's head arrived
                 status = r.status
-                params = _parameters(r.body, r.headers.get("inference-header-content-length")) if status == 200 else {}
+                params, head = (_answer_head(r.body, r.headers.get("inference-header-content-length"))
+                                if status == 200 else ({}, []))
                 reason = "" if status == 200 else _reason(r.body)
             except Exception as e:  # noqa: BLE001 - a failed request is an SLO miss
-                status, ms, params, reason = 0, (time.perf_counter() - sent) * 1e3, {}, type(e).__name__
+                status, ms, params, head, reason = 0, (time.perf_counter() - sent) * 1e3, {}, [], type(e).__name__
             results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
                             bool(params.get("swapped", False)), params.get("server_ms", -1.0),
                             params.get("total_ms", -1.0), headers_ms, reason, params.get("dispatch_ms", -1.0),
                             params.get("worker_ms", -1.0), params.get("lane", -1), params.get("phases_ms", {}),
                             params.get("to_worker_ms", -1.0), params.get("from_worker_ms", -1.0),
                             params.get("expected_ms", -1.0), params.get("answer_ms", -1.0),
-                            params.get("budget_ms", -1.0)))
+                            params.get("budget_ms", -1.0), head))
 
         tasks = []
         for t, i in trace:
@@ -449,7 +474,7 @@ def read_raw(directory: Path) -> dict[str, list[dict]]:
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
               "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms", "to_worker_ms", "from_worker_ms",
-              "expected_ms", "answer_ms", "budget_ms")
+              "expected_ms", "answer_ms", "budget_ms", "head")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
@@ -543,6 +568,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
                                 for kind, swapped in (("resident", False), ("swapped", True))}
                             for m in sorted({f.model for f in fns})},
         "miss_causes": miss_causes(records, {f.name: f.slo_ms for f in fns}),
+        "answers": wrong_answers(records),
     }
 
 
@@ -615,6 +641,36 @@ def miss_causes(records: list[dict], slo_ms: dict[str, float]) -> dict:
 
 FOLLOWER_MS = 10.0
 """A request arriving this soon after the one before it of its function is a burst's follower."""
+
+
+WRONG_TOLERANCE = 0.02
+"""How far an answer's first values may lie from its model's reference, relative to the reference's largest
+magnitude (plus one): runs at different batch sizes sum in other orders (fp16: ~1e-3), while weights read from
+another model's pages give other numbers altogether."""
+
+
+def wrong_answers(records: list[dict]) -> dict:
+    """Answers whose first values (``head``) are not their model's: the functions of one model share its weights
+    and the trace sends each model one input, so every answer of a model should carry the same numbers up to
+    the summing order of its batch size. The reference is the element-wise median over the model's answers (NaN
+    left out); an answer further than :data:`WRONG_TOLERANCE` from it (or not finite) is wrong. Records without
+    values (failed, or from runs before the client kept them) are left out."""
+    by_model: dict[str, list[list[float]]] = {}
+    for r in records:
+        if r["status"] == 200 and r.get("head"):
+            by_model.setdefault(model_of(r["function"]), []).append(r["head"])
+    wrong: dict[str, int] = {}
+    checked = 0
+    for model, heads in by_model.items():
+        k = min(len(h) for h in heads)
+        values = np.array([h[:k] for h in heads], dtype=np.float64)
+        ref = np.nanmedian(values, axis=0)  # a NaN answer does not move it
+        limit = WRONG_TOLERANCE * (1.0 + float(np.max(np.abs(ref)))) if np.all(np.isfinite(ref)) else 0.0
+        off = ~(np.abs(values - ref) <= limit).all(axis=1)  # NaN compares false: counted wrong
+        checked += len(heads)
+        if off.any():
+            wrong[model] = int(off.sum())
+    return {"checked": checked, "wrong": sum(wrong.values()), "by_model": wrong}
 
 
 def burst_followers(by_fn: dict[str, list[dict]], slo_ms: dict[str, float]) -> dict[str, int]:

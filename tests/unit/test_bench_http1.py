@@ -57,6 +57,8 @@ def test_bodies_by_length_and_by_chunks_and_connections_reused():
             assert len(client._idle) == 1  # the one connection served both
             r = await client.request("GET", "/oip", keep_header="inference-header-content-length")
             assert (r.body, r.body_bytes) == (b'{"head":1}', len(BIG) + 10)  # the tensor bytes counted, not kept
+            r = await client.request("GET", "/oip", keep_header="inference-header-content-length", keep_more=4)
+            assert (r.body, r.body_bytes) == (b'{"head":1}' + BIG[:4], len(BIG) + 10)  # and the first of them
             r = await client.request("GET", "/close")
             assert r.body == b"bye" and client._idle == []  # a connection the server closes is not reused
             r = await client.request("GET", "/plain")

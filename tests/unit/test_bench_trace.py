@@ -371,7 +371,38 @@ def test_the_canary_times_a_fixed_work_in_a_process_of_its_own(trace_module):
     assert got is not None and 1 <= got["samples"] <= 20  # ~10 in 0.2 s (the second before held ~40)
 
 
-def test_the_table_says_the_cpu_steal_canary_and_longest_run_of_each_point(trace_module):
+def test_the_client_keeps_each_answers_parameters_and_first_values(trace_module):
+    import torch
+
+    from swapserve.gateway.oip import OutputRequest, encode_infer_response
+
+    logits = torch.arange(20, dtype=torch.float16).reshape(2, 10) / 4
+    enc = encode_infer_response("f0001-gpt2-medium", "1", {"logits": logits, "ids": torch.ones(2, 3)},
+                                [OutputRequest("logits", True), OutputRequest("ids", True)],
+                                parameters={"queue_ms": 0.5})
+    kept = enc.body[:enc.header_length + 8 * trace_module.HEAD_VALUES]  # what the client keeps of it
+    params, head = trace_module._answer_head(kept, str(enc.header_length))
+    assert params == {"queue_ms": 0.5} and head == [i / 4 for i in range(trace_module.HEAD_VALUES)]
+    params, head = trace_module._answer_head(kept[:enc.header_length + 6], str(enc.header_length))
+    assert head == [0.0, 0.25, 0.5]  # as many whole values as came
+    json_only = encode_infer_response("m", "1", {"y": torch.ones(1, 2)}, [OutputRequest("y", False)])
+    assert trace_module._answer_head(json_only.body, None) == ({}, [])
+
+
+def test_an_answer_whose_first_values_are_not_its_models_counts_as_wrong(trace_module):
+    ok = {"status": 200, "head": [1.0, -2.0, 3.0]}
+    rows = [{**ok, "function": f"f{i:04d}-resnet50"} for i in range(5)]
+    rows += [{**ok, "function": "f0005-resnet50", "head": [1.001, -2.001, 3.0]},  # another batch size's sums
+             {**ok, "function": "f0006-resnet50", "head": [1.0, 7.5, 3.0]},  # weights not its own
+             {**ok, "function": "f0007-resnet50", "head": [float("nan"), -2.0, 3.0]},
+             {"status": 503, "function": "f0008-resnet50", "head": []},
+             {**ok, "function": "f0009-vgg19", "head": [40.0, 0.5]},
+             {**ok, "function": "f0010-vgg19", "head": [40.5, 0.5]},  # within 2 % of 1 + 40
+             {**ok, "function": "f0011-vgg19", "head": []}]  # a record from before the client kept values
+    assert trace_module.wrong_answers(rows) == {"checked": 10, "wrong": 2, "by_model": {"resnet50": 2}}
+
+
+def test_the_table_says_the_cpu_steal_canary_longest_run_and_wrong_answers_of_each_point(trace_module):
     import report_trace
 
     point = {"n": 400, "attainment": 0.8, "requests_in_slo": 0.95, "p50_ms": 7.0, "p99_ms": 40.0,
@@ -380,10 +411,11 @@ def test_the_table_says_the_cpu_steal_canary_and_longest_run_of_each_point(trace
     result = {"gpu": "H200", "gpus": 1, "policies": {"swapserve": {"max_functions": 0, "sweep": [
         {**point, "cpu_steal": {"fraction": 0.031, "max_window": 0.2, "windows": 20, "window_s": 1.0},
          "cpu_canary": {"median_ms": 1.234, "p90_ms": 1.5, "samples": 200, "interval_s": 0.1},
-         "longest_run_ms": 518.94},
+         "longest_run_ms": 518.94, "answers": {"checked": 1190, "wrong": 3, "by_model": {"vgg19": 3}}},
         {**point, "n": 200}]}}}
     rows = [line for line in report_trace.table(result).splitlines() if line.startswith("| swapserve |")]
-    assert "| 3.1% (max 20.0%) | 1.23 (1.50) | 518.9 | 1200 |" in rows[0] and "| - | - | - | 1200 |" in rows[1]
+    assert "| 3.1% (max 20.0%) | 1.23 (1.50) | 518.9 | 3 / 1190 (vgg19 3) | 1200 |" in rows[0]
+    assert "| - | - | - | - | 1200 |" in rows[1]
 
 
 def test_points_whose_models_exceed_host_memory_are_not_run(trace_module):
