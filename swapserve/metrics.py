@@ -97,6 +97,8 @@ class Metrics:
                                    "(device to device: NVLink on GPUs) instead of from host memory.", ["device"])
         self.placed_ahead = counter("placed_ahead", "Runs whose pages were placed (evictions, remaps) while the "
                                     "run before them in the device's first lane executed.", ["device"])
+        self.worker_restarts = counter("worker_restarts", "Workers started again after theirs died (the device "
+                                       "lost, or the process killed).", ["device"])
         self.prefetches = counter("prefetches", "Models copied onto a device ahead of their requests (a handler's "
                                   "sandbox starting while its model comes in).", ["device"])
         self.slo_misses = counter("slo_misses", "Requests that finished after, or were refused for, their SLO.",
@@ -163,6 +165,9 @@ class Metrics:
 
     def count_eviction(self, device: str, n: int = 1) -> None:
         self.evictions.labels(device).inc(n)
+
+    def count_worker_restart(self, device: str) -> None:
+        self.worker_restarts.labels(device).inc()
 
     def count_prefetch(self, device: str) -> None:
         self.prefetches.labels(device).inc()

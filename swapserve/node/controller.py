@@ -99,6 +99,11 @@ class NodeConfig:
     prepare_on_deploy: bool = True
     """Swap each new model in once on every device at deploy, capturing its graphs off the request path."""
     start_timeout_s: float = 300.0
+    worker_restarts: int = 3
+    """How many times a device's worker that died after the node was ready (its device lost, or the process
+    killed) is started again in the node's life, its models added and prepared anew; 0: never. Only where the
+    devices do not map each other's pages (one device): the other workers hold the dead one's mapped, and
+    mapping a new one's in its place is not built."""
     spin_s: float = 0.0
     """While runs are in flight and this long after each completion, the controller's event loop polls
     instead of sleeping, so that a worker's reply finds it awake (no wake-up on either side); costs up to a
@@ -175,6 +180,13 @@ class Node:
         """Model versions to remove from the workers and the host store once their last run ends."""
         self._ready = False
         self._live = True
+        self._started = False
+        """The node has been ready once: a worker that dies from then on is started again
+        (:attr:`NodeConfig.worker_restarts`)."""
+        self._stopping = False
+        self._restarts: dict[int, int] = {}
+        """Restarts so far, by device index."""
+        self._restarting: set[asyncio.Task[None]] = set()
         self._watchers: list[Callable[[str | None], None]] = []
         self.dispatch = Dispatcher(self.state, self.scheduler, self._workers, self.store, self._models,
                                    self._entities, self.metrics, clock, self._released,
@@ -250,11 +262,16 @@ class Node:
         dead = [f"worker {w.index} ({w.device})" for w in self._workers if w.dead]
         if dead:  # a node is ready only with every device (:meth:`_on_worker_dead`): this one never would be
             raise BackendError(f"{', '.join(dead)} died while the node started (see the log above)")
+        self._started = True
         self._set_ready(True)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop admitting, let in-flight work finish (up to ``grace_s``), fail what is queued, stop workers."""
+        self._stopping = True
         self._set_ready(False)
+        for task in list(self._restarting):  # a worker being started again stops with them (below)
+            task.cancel()
+        await asyncio.gather(*self._restarting, return_exceptions=True)
         deadline = self.clock() + grace_s
         await self.dispatch.drain(deadline)
         # Handlers still running get the grace period too (their model calls are still served), then their
@@ -270,9 +287,52 @@ class Node:
         self._changed(None)
 
     def _on_worker_dead(self, w: wk.WorkerHandle) -> None:
-        log.error("worker %d (%s) died (exit code %s); its device is out of service", w.index, w.device,
-                  w.process.exitcode)
-        self._set_ready(all(not x.dead for x in self._workers) and self._ready)
+        self._set_ready(False)
+        done = self._restarts.get(w.index, 0)
+        if (not self._started or self._stopping or done >= self.cfg.worker_restarts
+                or self.state.link.d2d_GBps is not None):
+            log.error("worker %d (%s) died; its device is out of service", w.index, w.device)
+            return
+        log.error("worker %d (%s) died; starting it again (%d of %d)", w.index, w.device, done + 1,
+                  self.cfg.worker_restarts)
+        self._restarts[w.index] = done + 1
+        task = asyncio.get_running_loop().create_task(self._restart(w))
+        self._restarting.add(task)
+        task.add_done_callback(self._restarting.discard)
+
+    async def _restart(self, old: wk.WorkerHandle) -> None:
+        """Start a dead worker's device's worker again: a new process (its own IO slab), then every serving
+        model added and prepared there as at deploy; the node is ready again once every device has its worker.
+        What was in flight there failed with the old one; the host store (every model's weights) stayed."""
+        i = old.index
+        await asyncio.to_thread(old.process.join, 10)
+        log.error("worker %d (%s) exited with status %s", i, old.device, old.process.exitcode)
+        old.conn.close()
+        old.slab.close()  # mapped still while answers in flight are read from it: unlinked, not truncated
+        Path(old.config.slab_path).unlink(missing_ok=True)
+        cfg = replace(old.config, slab_path=str(self.shm_root / f"io-{i}.{self._restarts[i]}.bin"))
+        new = wk.spawn(cfg)
+        try:
+            hello = await wk.wait_hello(new, self.cfg.start_timeout_s)
+            self._workers[i] = new  # from here on deploys and removals reach it too
+            wk.watch(new, self._on_worker_dead)
+            self.state.devices[i] = DeviceState(i, hello.pool_bytes,
+                                                side=[SideLane() for _ in range(self.cfg.lanes - 1)])
+            for m in list(self._models.values()):
+                if self._models.get(m.entity) is m:  # not replaced or removed meanwhile
+                    _raise_first(await self._install([new], m.key, m.artifact))
+        except asyncio.CancelledError:
+            await wk.stop(new, 5.0)
+            raise
+        except (BackendError, SwapserveError, OSError) as e:
+            log.error("worker %d (%s) could not be started again (%s); its device is out of service", i,
+                      old.device, e)
+            await wk.stop(new, 5.0)
+            return
+        self.dispatch.refresh_residency(everything=True)
+        self.metrics.count_worker_restart(new.device)
+        log.warning("worker %d (%s) is serving again", i, new.device)
+        self._set_ready(all(not x.dead for x in self._workers))
 
     async def _profile_link(self, alone: list[float], fetch: list[float]) -> LinkProfile:
         """Host→device bandwidth alone and with every device copying at once, a side lane's fetch (as each
@@ -394,23 +454,28 @@ class Node:
         key = handlers.store_key(entity, uuid.uuid4().hex[:8])
         await asyncio.to_thread(self.store.add, key, art)
         try:
-            replies = await asyncio.gather(*(wk.call(w, AddModel(wk.next_id(), key, str(art.path)))
-                                             for w in self._live_workers()))
+            replies = await self._install(self._live_workers(), key, art)
             _raise_first(replies)
-            if self.cfg.prepare_on_deploy:
-                entry = self.store.acquire(key)
-                try:
-                    buckets = _buckets(art.manifest.max_batch if art.manifest.dynamic_batch else 1)
-                    replies = await asyncio.gather(*(wk.call(w, Prepare(wk.next_id(), key, buckets))
-                                                     for w in self._live_workers()))
-                finally:
-                    self.store.release(key)
-                _raise_first(replies)
-                self._seed_profile(entity, replies, entry.nbytes)
+            if replies:  # prepared: the resident run times measured there
+                self._seed_profile(entity, replies, self.store.get(key).nbytes)
         except BaseException:
             await self._unload_everywhere(key)
             raise
         return key
+
+    async def _install(self, workers: list[wk.WorkerHandle], key: str, art: Artifact) -> list[Any]:
+        """Add a model (already in the host store) to ``workers`` and, with ``prepare_on_deploy``, capture its
+        graphs there (each batch size run once, resident); returns the preparations' replies (none without)."""
+        _raise_first(await asyncio.gather(*(wk.call(w, AddModel(wk.next_id(), key, str(art.path)))
+                                            for w in workers)))
+        if not self.cfg.prepare_on_deploy:
+            return []
+        self.store.acquire(key)
+        try:
+            buckets = _buckets(art.manifest.max_batch if art.manifest.dynamic_batch else 1)
+            return await asyncio.gather(*(wk.call(w, Prepare(wk.next_id(), key, buckets)) for w in workers))
+        finally:
+            self.store.release(key)
 
     def _seed_profile(self, name: str, replies: list[Any], nbytes: int) -> None:
         """A model's resident run times by batch size from its Prepare on each worker (the fastest of them),

@@ -234,8 +234,9 @@ class Worker:
 
     def _lost(self, error: BaseException) -> None:
         """The device failed for good (a kernel's fault leaves the CUDA context failing every call): leave,
-        so that the controller fails what was sent here, stops sending more and reports the node not ready,
-        rather than every later run on this device failing the same way (session 19's trace, one H200)."""
+        so that the controller fails what was sent here and starts a worker with a fresh context in its place
+        (``NodeConfig.worker_restarts``), rather than every later run on this device failing the same way
+        (session 19's trace, one H200)."""
         log.critical("%s is lost (%s: %s); this worker exits", self.cfg.device, type(error).__name__,
                      str(error).splitlines()[0] if str(error) else "")
         logging.shutdown()

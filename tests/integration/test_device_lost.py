@@ -3,7 +3,8 @@ own with its input (no ``nn.Embedding``, so the build finds no bound to check it
 out of range. On a CPU that is the run's own error: the request gets it and the worker goes on serving. On a GPU
 the indexing kernel faults (a device-side assert) and the worker's CUDA context fails every call from then on: the
 worker exits (``EXIT_DEVICE_LOST``), the request gets the device's error, and the node reports itself not ready
-and refuses new work, where before it went on failing every later run on that device."""
+and refuses new work, where before it went on failing every later run on that device; then the node starts the
+worker again (a fresh context), adds the model there, and serves it as before."""
 
 from __future__ import annotations
 
@@ -82,6 +83,12 @@ def test_a_run_that_faults_its_device_takes_the_device_out_of_service(tmp_path: 
         assert not node.is_ready()
         with pytest.raises(UnavailableError):
             await node.infer("lookup", {"ids": good})
+        for _ in range(600):
+            if node.is_ready():
+                break
+            await asyncio.sleep(0.1)
+        assert node.is_ready() and node.dispatch._workers[0] is not worker, "the worker was not started again"
+        await served(node)
 
     in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=(device,), pool_bytes=64 << 20,
                                     workspace_bytes=64 << 20, host_store_bytes=128 << 20), body)

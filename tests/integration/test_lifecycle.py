@@ -22,7 +22,7 @@ from swapserve.functions.build import build_bundle
 from swapserve.functions.bundle import pack
 
 from .harness import (MLP_PY, MLP_SPEC, Functions, Response, Server, assert_serves, assert_stopped_cleanly, cmdline,
-                      infer_json, outputs_of, still_running, wait_busy, write_function_dir)
+                      infer_json, metric, outputs_of, still_running, wait_busy, write_function_dir)
 
 pytestmark = pytest.mark.integration
 
@@ -198,10 +198,10 @@ def test_unloaded_function_stays_registered_and_loadable_after_restart(restarted
     assert_serves(s, functions.pair, name="parked")
 
 
-def test_worker_death_is_reported_not_hung(restarted: Server, functions: Functions):
+def test_worker_death_is_reported_not_hung_and_the_worker_started_again(restarted: Server, functions: Functions):
     """Last on this node: its worker process dies (SIGKILL) during a run. The request in flight gets a JSON error,
-    the node says it is not ready and refuses new work at once, and SIGTERM still stops it cleanly (checked
-    when the fixture ends)."""
+    the node says it is not ready and refuses new work at once; then it starts the worker again, adds its models
+    there, and serves them as before; and SIGTERM still stops it cleanly (checked when the fixture ends)."""
     s = restarted
     # multiprocessing's spawned children: the worker, and the resource tracker (whose command line names it); and
     # the handler's zygote and sandboxes.
@@ -228,3 +228,12 @@ def test_worker_death_is_reported_not_hung(restarted: Server, functions: Functio
     r = s.request("GET", "/v2/health/ready")
     assert r.status == 503 and r.json()["ready"] is False
     infer_json(s, "keep", PROBES["keep"]).error(503)
+    deadline = time.monotonic() + 60
+    while s.request("GET", "/v2/health/ready").status != 200:
+        assert time.monotonic() < deadline, "the node did not start its worker again within 60 s"
+        time.sleep(0.1)
+    assert "worker 0 (cpu) died; starting it again (1 of 3)" in s.log()
+    assert_serves(s, functions.mlp, seed=22, name="keep")
+    assert_serves(s, functions.heavy, seed=23)
+    metrics = s.request("GET", "/metrics").body.decode()
+    assert metric(metrics, "swapserve_worker_restarts_total", device="cpu") == 1
