@@ -318,13 +318,13 @@ class Node:
             wk.watch(new, self._on_worker_dead)
             self.state.devices[i] = DeviceState(i, hello.pool_bytes,
                                                 side=[SideLane() for _ in range(self.cfg.lanes - 1)])
-            for m in list(self._models.values()):
-                if self._models.get(m.entity) is m:  # not replaced or removed meanwhile
-                    _raise_first(await self._install([new], m.key, m.artifact))
-        except asyncio.CancelledError:
-            await wk.stop(new, 5.0)
+            # Every serving model, those deployed meanwhile too (a deploy adds its own to it from now on).
+            while missing := [m for m in self._models.values() if m.key not in new.models]:
+                _raise_first(await self._install([new], missing[0].key, missing[0].artifact))
+        except asyncio.CancelledError:  # the node stops: so does the new worker (not asked if not yet watched)
+            await wk.stop(new, 5.0 if self._workers[i] is new else 0.5)
             raise
-        except (BackendError, SwapserveError, OSError) as e:
+        except (SwapserveError, OSError) as e:
             log.error("worker %d (%s) could not be started again (%s); its device is out of service", i,
                       old.device, e)
             await wk.stop(new, 5.0)
@@ -458,6 +458,8 @@ class Node:
             _raise_first(replies)
             if replies:  # prepared: the resident run times measured there
                 self._seed_profile(entity, replies, self.store.get(key).nbytes)
+            # A worker started again meanwhile (:meth:`_restart`) adds what serves; this is not serving yet.
+            _raise_first(await self._install([w for w in self._live_workers() if key not in w.models], key, art))
         except BaseException:
             await self._unload_everywhere(key)
             raise
@@ -466,9 +468,11 @@ class Node:
     async def _install(self, workers: list[wk.WorkerHandle], key: str, art: Artifact) -> list[Any]:
         """Add a model (already in the host store) to ``workers`` and, with ``prepare_on_deploy``, capture its
         graphs there (each batch size run once, resident); returns the preparations' replies (none without)."""
+        for w in workers:
+            w.models.add(key)
         _raise_first(await asyncio.gather(*(wk.call(w, AddModel(wk.next_id(), key, str(art.path)))
                                             for w in workers)))
-        if not self.cfg.prepare_on_deploy:
+        if not self.cfg.prepare_on_deploy or not workers:
             return []
         self.store.acquire(key)
         try:
@@ -491,6 +495,8 @@ class Node:
             prof.exec_ms = measured
 
     async def _unload_everywhere(self, key: str) -> None:
+        for w in self._workers:
+            w.models.discard(key)
         await asyncio.gather(*(wk.call(w, RemoveModel(wk.next_id(), key)) for w in self._live_workers()),
                              return_exceptions=True)
         if self.store.has(key):

@@ -61,6 +61,8 @@ class WorkerHandle:
     """Per command id: a future to resolve, or (hot path) a callback called with the reply right away."""
     dead: bool = False
     stopping: bool = False
+    models: set[str] = field(default_factory=set)
+    """Keys of the models added to it (and not removed), as sent."""
 
     @property
     def device(self) -> str:

@@ -1,0 +1,64 @@
+"""A worker that dies after the node was ready is started again, through a real Node in this process with real
+CPU workers: a function deployed while that happens serves on the new worker too, and a node stopped while it
+happens stops the new worker with it."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from swapserve.node.controller import Node, NodeConfig
+
+from .harness import Functions, in_node
+
+pytestmark = pytest.mark.integration
+
+CFG = dict(devices=("cpu",), pool_bytes=64 << 20, workspace_bytes=64 << 20, host_store_bytes=128 << 20)
+
+
+async def _kill(node: Node) -> None:
+    worker = node.dispatch._workers[0]
+    os.kill(worker.process.pid, signal.SIGKILL)
+    while not worker.dead:
+        await asyncio.sleep(0.01)
+
+
+def test_a_function_deployed_while_the_worker_starts_again_serves_on_it(functions: Functions, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def serves(node: Node, fn, inputs: dict[str, torch.Tensor]) -> None:
+        result = await node.infer(fn.name, inputs)
+        for got, want in zip(result.outputs.values(), fn.expected(*inputs.values())):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    async def body(node: Node) -> None:
+        await node.deploy(functions.mlp.bundle)
+        await _kill(node)
+        await node.deploy(functions.pair.bundle)  # the worker is being started again meanwhile
+        for _ in range(600):
+            if node.is_ready():
+                break
+            await asyncio.sleep(0.1)
+        assert node.is_ready(), "the worker was not started again"
+        assert node.dispatch._workers[0].models == {m.key for m in node._models.values()}
+        await serves(node, functions.mlp, {"x": torch.randn(2, 16)})
+        await serves(node, functions.pair, {"x": torch.randn(1, 8), "ids": torch.tensor([[1, 2, 3]])})
+
+    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", **CFG), body)
+
+
+def test_a_node_stopped_while_its_worker_starts_again_stops_the_new_one(functions: Functions, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(node: Node) -> None:
+        await node.deploy(functions.mlp.bundle)
+        await _kill(node)
+        await asyncio.sleep(0.5)  # the new worker is starting: the node stops now (in_node)
+
+    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", **CFG), body)
+    workers = [p for p in mp.active_children() if p.name.startswith("swapserve-worker")]
+    assert not workers, f"left running: {workers}"
