@@ -620,6 +620,8 @@ class SwapEngine:
 
     def _remapped_by(self, m: _Model, plan: PlacementPlan, wait: bool = False) -> None:
         """``plan``'s remaps are over (done or failed); with ``wait``, also every other holder's."""
+        if not plan.remaps and not m.remapping:  # a resident run: nothing to count or wait for (read without the lock:
+            return                               # a holder that starts remapping after this has its own slots)
         with self._lock:
             if plan.remaps:
                 m.remapping -= 1

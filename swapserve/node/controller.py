@@ -37,8 +37,8 @@ from swapserve.node import handlers
 from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
 from swapserve.node.dispatch import Dispatcher, OutputSink, reply_error
-from swapserve.node.messages import (AddModel, CopyResult, Exported, ExportPages, ImportPeer, MeasureCopy, PeerResult,
-                                     Prepare, Prepared, RemoveModel, allow_open_files)
+from swapserve.node.messages import (AddModel, CopyResult, Exported, ExportPages, Hello, ImportPeer, MeasureCopy,
+                                     PeerResult, Prepare, Prepared, RemoveModel, allow_open_files)
 from swapserve.node.slab import aligned
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
@@ -229,8 +229,7 @@ class Node:
         hellos = await asyncio.gather(*(wk.wait_hello(w, self.cfg.start_timeout_s) for w in self._workers))
         for w in self._workers:
             wk.watch(w, self._on_worker_dead)
-        self.state.devices = [DeviceState(i, h.pool_bytes, side=[SideLane() for _ in range(self.cfg.lanes - 1)])
-                              for i, h in enumerate(hellos)]
+        self.state.devices = [self._device_state(i, h) for i, h in enumerate(hellos)]
         link = await self._profile_link([h.h2d_GBps for h in hellos], [h.fetch_GBps for h in hellos])
         self.state.link = replace(link, d2d_GBps=await self._share_pages())
         log.info("workers up: %s; link %s", [f"{h.device} ({h.name})" for h in hellos], self.state.link)
@@ -316,8 +315,7 @@ class Node:
             hello = await wk.wait_hello(new, self.cfg.start_timeout_s)
             self._workers[i] = new  # from here on deploys and removals reach it too
             wk.watch(new, self._on_worker_dead)
-            self.state.devices[i] = DeviceState(i, hello.pool_bytes,
-                                                side=[SideLane() for _ in range(self.cfg.lanes - 1)])
+            self.state.devices[i] = self._device_state(i, hello)
             # Every serving model, those deployed meanwhile too (a deploy adds its own to it from now on).
             while missing := [m for m in self._models.values() if m.key not in new.models]:
                 _raise_first(await self._install([new], missing[0].key, missing[0].artifact))
@@ -333,6 +331,10 @@ class Node:
         self.metrics.count_worker_restart(new.device)
         log.warning("worker %d (%s) is serving again", i, new.device)
         self._set_ready(all(not x.dead for x in self._workers))
+
+    def _device_state(self, i: int, hello: Hello) -> DeviceState:
+        """The scheduler's state of worker ``i``'s device, as its hello describes it, with nothing resident."""
+        return DeviceState(i, hello.pool_bytes, side=[SideLane() for _ in range(self.cfg.lanes - 1)])
 
     async def _profile_link(self, alone: list[float], fetch: list[float]) -> LinkProfile:
         """Host→device bandwidth alone and with every device copying at once, a side lane's fetch (as each
