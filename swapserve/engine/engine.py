@@ -212,6 +212,8 @@ class SwapEngine:
         """Notified whenever a run unpins its model (a swap may be waiting for those pages)."""
         self._remapped = threading.Condition(self._lock)
         """Notified whenever a holder of a model's pins has remapped its slots (:meth:`_remap_taken`)."""
+        self._peer_copies = threading.Lock()
+        """Held while a run launches its copies from a peer's pages, and while a peer's pages are unmapped."""
         self._gate = _Gate()
         self._local = threading.local()
         self._placer: concurrent.futures.ThreadPoolExecutor | None = None
@@ -304,6 +306,13 @@ class SwapEngine:
             self._get(name)
             self.pool.release(name)
             self._unpinned.notify_all()
+
+    def drop_peer(self, peer: int) -> None:
+        """Unmap ``peer``'s pages (:meth:`Backend.drop_peer`) once every copy already launched from them has
+        landed: its worker died, and a new one shares its own. A run that copies from them later fails."""
+        with self._peer_copies:
+            self.backend.synchronize()
+            self.backend.drop_peer(peer)
 
     def evict(self, name: str) -> None:
         """Drop the model's device copy (the host copy stays)."""
@@ -659,7 +668,8 @@ class SwapEngine:
             ahead.wait(len(m.chunks) - 1)
             launch = [False] * len(copy)
         if plan.load and peer is not None:  # from a peer's pages: the bytes first, then a resident model's run
-            self.backend.fetch_peer(m.va, peer.device, peer.pages, m.chunks, copy)
+            with self._peer_copies:  # launched before they can be unmapped (drop_peer waits for them to land)
+                self.backend.fetch_peer(m.va, peer.device, peer.pages, m.chunks, copy)
         elif plan.load and ln.index:  # a side lane's fetch: likewise, from host
             self.backend.fetch(m.va, host.buffer, m.chunks, copy)
         piped = bool(plan.load) and not ln.index and peer is None and ahead is None

@@ -37,8 +37,8 @@ from swapserve.node import handlers
 from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
 from swapserve.node.dispatch import Dispatcher, OutputSink, reply_error
-from swapserve.node.messages import (AddModel, CopyResult, Exported, ExportPages, Hello, ImportPeer, MeasureCopy,
-                                     PeerResult, Prepare, Prepared, RemoveModel, allow_open_files)
+from swapserve.node.messages import (AddModel, CopyResult, DropPeer, Exported, ExportPages, Hello, ImportPeer,
+                                     MeasureCopy, PeerResult, Prepare, Prepared, RemoveModel, allow_open_files)
 from swapserve.node.slab import aligned
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
@@ -101,9 +101,8 @@ class NodeConfig:
     start_timeout_s: float = 300.0
     worker_restarts: int = 3
     """How many times a device's worker that died after the node was ready (its device lost, or the process
-    killed) is started again in the node's life, its models added and prepared anew; 0: never. Only where the
-    devices do not map each other's pages (one device): the other workers hold the dead one's mapped, and
-    mapping a new one's in its place is not built."""
+    killed) is started again in the node's life, its models added and prepared anew (and, where devices copy
+    from each other, the pages shared anew); 0: never."""
     spin_s: float = 0.0
     """While runs are in flight and this long after each completion, the controller's event loop polls
     instead of sleeping, so that a worker's reply finds it awake (no wake-up on either side); costs up to a
@@ -288,8 +287,7 @@ class Node:
     def _on_worker_dead(self, w: wk.WorkerHandle) -> None:
         self._set_ready(False)
         done = self._restarts.get(w.index, 0)
-        if (not self._started or self._stopping or done >= self.cfg.worker_restarts
-                or self.state.link.d2d_GBps is not None):
+        if not self._started or self._stopping or done >= self.cfg.worker_restarts:
             log.error("worker %d (%s) died; its device is out of service", w.index, w.device)
             return
         log.error("worker %d (%s) died; starting it again (%d of %d)", w.index, w.device, done + 1,
@@ -302,13 +300,18 @@ class Node:
     async def _restart(self, old: wk.WorkerHandle) -> None:
         """Start a dead worker's device's worker again: a new process (its own IO slab), then every serving
         model added and prepared there as at deploy; the node is ready again once every device has its worker.
-        What was in flight there failed with the old one; the host store (every model's weights) stayed."""
+        What was in flight there failed with the old one; the host store (every model's weights) stayed. Where
+        the workers map each other's pages, the others first unmap the dead one's (their mappings hold its
+        memory on its device), then the new one and they map each other's."""
         i = old.index
         await asyncio.to_thread(old.process.join, 10)
         log.error("worker %d (%s) exited with status %s", i, old.device, old.process.exitcode)
         old.conn.close()
         old.slab.close()  # mapped still while answers in flight are read from it: unlinked, not truncated
         Path(old.config.slab_path).unlink(missing_ok=True)
+        peers = self.state.link.d2d_GBps is not None
+        if peers:
+            await self._drop_peer(i)
         cfg = replace(old.config, slab_path=str(self.shm_root / f"io-{i}.{self._restarts[i]}.bin"))
         new = wk.spawn(cfg)
         try:
@@ -316,6 +319,11 @@ class Node:
             self._workers[i] = new  # from here on deploys and removals reach it too
             wk.watch(new, self._on_worker_dead)
             self.state.devices[i] = self._device_state(i, hello)
+            if peers:
+                others = [w for w in self._workers if w is not new and not w.dead]
+                await self._share(new, others)
+                for w in others:
+                    await self._share(w, [new])
             # Every serving model, those deployed meanwhile too (a deploy adds its own to it from now on).
             while missing := [m for m in self._models.values() if m.key not in new.models]:
                 _raise_first(await self._install([new], missing[0].key, missing[0].artifact))
@@ -326,6 +334,8 @@ class Node:
             log.error("worker %d (%s) could not be started again (%s); its device is out of service", i,
                       old.device, e)
             await wk.stop(new, 5.0)
+            if peers:  # what the others mapped of the new one's pages
+                await self._drop_peer(i)
             return
         self.dispatch.refresh_residency(everything=True)
         self.metrics.count_worker_restart(new.device)
@@ -364,28 +374,44 @@ class Node:
         cannot share pages: then the scheduler never copies from a peer)."""
         if len(self._workers) < 2:
             return None
-        allow_open_files()
         speeds = []
         try:
             for src in self._workers:
-                exported = await wk.call(src, ExportPages(wk.next_id()))
-                if not exported.ok or not isinstance(exported.result, Exported):
-                    raise BackendError(exported.error)
-                fds = exported.result.fds
-                try:
-                    replies = await asyncio.gather(*(wk.call(w, ImportPeer(wk.next_id(), src.index, len(fds)), fds)
-                                                     for w in self._workers if w is not src))
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                for r in replies:
-                    if not r.ok or not isinstance(r.result, PeerResult):
-                        raise BackendError(r.error)
-                    speeds.append(r.result.d2d_GBps)
+                speeds += await self._share(src, [w for w in self._workers if w is not src])
         except (BackendError, OSError) as e:
             log.warning("devices cannot copy from each other (%s): peer copies are off", e)
             return None
         return min(speeds)
+
+    async def _share(self, src: wk.WorkerHandle, dsts: list[wk.WorkerHandle]) -> list[float]:
+        """``dsts`` map ``src``'s pages; returns each one's copy bandwidth from them (GB/s). Raises BackendError
+        or OSError if one cannot."""
+        allow_open_files()
+        exported = await wk.call(src, ExportPages(wk.next_id()))
+        if not exported.ok or not isinstance(exported.result, Exported):
+            raise BackendError(exported.error)
+        fds = exported.result.fds
+        try:
+            replies = await asyncio.gather(*(wk.call(w, ImportPeer(wk.next_id(), src.index, len(fds)), fds)
+                                             for w in dsts))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for r in replies:
+            if not r.ok or not isinstance(r.result, PeerResult):
+                raise BackendError(r.error)
+        return [r.result.d2d_GBps for r in replies]
+
+    async def _drop_peer(self, i: int) -> None:
+        """Every other live worker unmaps device ``i``'s pages (a worker that cannot is logged: its mapping
+        keeps the dead worker's memory on that device, and its own copies from there fail)."""
+        others = [w for w in self._workers if w.index != i and not w.dead]
+        replies = await asyncio.gather(*(wk.call(w, DropPeer(wk.next_id(), i)) for w in others),
+                                       return_exceptions=True)
+        for w, r in zip(others, replies):
+            if isinstance(r, BaseException) or not r.ok:
+                log.error("worker %d (%s) could not unmap device %d's pages: %s", w.index, w.device, i,
+                          r if isinstance(r, BaseException) else r.error)
 
     def is_live(self) -> bool:
         return self._live

@@ -144,6 +144,16 @@ class ImportPeer:
 
 
 @dataclass(frozen=True)
+class DropPeer:
+    """Unmap peer device ``peer``'s pages (its worker died: a new one shares its own), once the copies from them
+    already launched here have landed; a run that copies from them later fails. Nothing to do where none are
+    mapped."""
+
+    id: int
+    peer: int
+
+
+@dataclass(frozen=True)
 class Lend:
     """Pin a wholly resident model for a peer to copy from (answered with :class:`Lent`) until :class:`Unlend`."""
 
@@ -163,8 +173,8 @@ class Stop:
 
 
 Command = (AddModel | RemoveModel | Prepare | Run | Prefetch | DropHost | Evict | MeasureCopy | ExportPages
-           | ImportPeer | Lend | Unlend | Stop)
-PEER_COMMANDS = (ExportPages, ImportPeer, Lend, Unlend)
+           | ImportPeer | DropPeer | Lend | Unlend | Stop)
+PEER_COMMANDS = (ExportPages, ImportPeer, DropPeer, Lend, Unlend)
 """Handled on the worker's receiving thread, not behind its lanes' runs."""
 
 

@@ -360,6 +360,8 @@ class Worker:
             try:
                 if isinstance(msg, m.Lend):
                     outcome = m.Lent(self.engine.lend(msg.key))
+                elif isinstance(msg, m.DropPeer):
+                    outcome = self.engine.drop_peer(msg.peer)
                 else:
                     outcome = self.engine.unlend(msg.key)
             except BaseException as e:  # noqa: BLE001 - answered

@@ -8,7 +8,9 @@ and the mechanism underneath is what is tested."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +48,33 @@ def _one_per_batch(functions: Functions, root: Path) -> Path:
     return dest
 
 
+async def _borrows(node: Node, devices: tuple[str, ...], lender: int, borrower: int,
+                   x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """Heavy (resident on ``lender``) evicted from ``borrower``; three requests at once: one runs there, and one of the two queued behind it
+    goes to ``borrower``, copied from the lender, with the answer of a resident run. Returns that answer and
+    the peer copies counted after."""
+    key = node._models["heavy"].key
+    reply = await wk.call(node._workers[borrower], Evict(wk.next_id(), key))  # now on the lender only
+    assert reply.ok, reply.error
+    node.dispatch.refresh_residency()
+    first = await node.infer("heavy", {"x": x})  # a resident run, on the lender
+    assert first.device == devices[lender] and not first.swapped
+    before = _peer_copies(node, devices)
+
+    # Three at once: one runs on the lender; the two behind it are a queue longer than a batch, so one
+    # goes to the other device, copied from the lender, while the lender runs.
+    results = await asyncio.gather(*(node.infer("heavy", {"x": x}) for _ in range(3)))
+    (want,) = first.outputs.values()
+    for r in results:
+        (got,) = r.outputs.values()
+        assert torch.equal(got, want), r.device  # bit for bit: the same bytes, the same program
+    on_borrower = [r for r in results if r.device == devices[borrower]]
+    assert on_borrower and on_borrower[0].swapped, [(r.device, r.swapped) for r in results]
+    after = _peer_copies(node, devices)
+    assert after[borrower] - before[borrower] >= 1 and after[lender] == before[lender], (before, after)
+    return want, after
+
+
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
 
@@ -61,26 +90,9 @@ def test_a_run_copies_its_model_from_the_device_that_lent_it_and_answers_as_a_re
         node.state.link = replace(node.state.link, **FAST_PEERS)
         await node.deploy(_one_per_batch(functions, tmp_path))  # prepared on both: on both, graphs captured
         key = node._models["heavy"].key
-        lender, borrower = 0, 1
-        reply = await wk.call(node._workers[borrower], Evict(wk.next_id(), key))  # now on the lender only
-        assert reply.ok, reply.error
-        node.dispatch.refresh_residency()
+        lender = 0
         x = torch.randn(1, 1024)
-        first = await node.infer("heavy", {"x": x})  # a resident run, on the lender
-        assert first.device == devices[lender] and not first.swapped
-        before = _peer_copies(node, devices)
-
-        # Three at once: one runs on the lender; the two behind it are a queue longer than a batch, so one
-        # goes to the other device, copied from the lender, while the lender runs.
-        results = await asyncio.gather(*(node.infer("heavy", {"x": x}) for _ in range(3)))
-        (want,) = first.outputs.values()
-        for r in results:
-            (got,) = r.outputs.values()
-            assert torch.equal(got, want), r.device  # bit for bit: the same bytes, the same program
-        on_borrower = [r for r in results if r.device == devices[borrower]]
-        assert on_borrower and on_borrower[0].swapped, [(r.device, r.swapped) for r in results]
-        after = _peer_copies(node, devices)
-        assert after[borrower] - before[borrower] >= 1 and after[lender] == before[lender], (before, after)
+        want, after = await _borrows(node, devices, lender, 1, x)
 
         # Every loan ended with its run: the lender's copy can go.
         reply = await wk.call(node._workers[lender], Evict(wk.next_id(), key))
@@ -98,6 +110,37 @@ def test_a_run_copies_its_model_from_the_device_that_lent_it_and_answers_as_a_re
                                     workspace_bytes=128 << 20, host_store_bytes=256 << 20, lanes=1,
                                     peer_copies=True, queue_ahead=False,
                                     swap_piece_ms=0), body)
+
+
+@pytest.mark.parametrize("kind", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, TWO_GPUS])])
+def test_a_worker_started_again_and_the_others_copy_from_each_other_both_ways(
+        functions: Functions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A killed worker of a node whose devices map each other's pages: the other unmaps its pages, a new one
+    starts, and each then maps the other's: runs copy from the survivor to the new one and back, and answer
+    as before."""
+    devices = (f"{kind}:0", f"{kind}:1")
+
+    async def body(node: Node) -> None:
+        node.state.link = replace(node.state.link, **FAST_PEERS)
+        await node.deploy(_one_per_batch(functions, tmp_path))
+        x = torch.randn(1, 1024)
+        want, _ = await _borrows(node, devices, 0, 1, x)
+        dead = node._workers[1]
+        os.kill(dead.process.pid, signal.SIGKILL)
+        while not dead.dead:
+            await asyncio.sleep(0.01)
+        for _ in range(900):
+            if node.is_ready():
+                break
+            await asyncio.sleep(0.1)
+        assert node.is_ready() and node._workers[1] is not dead, "the worker was not started again"
+        for lender, borrower in ((0, 1), (1, 0)):
+            got, _ = await _borrows(node, devices, lender, borrower, x)
+            assert torch.equal(got, want), (lender, borrower)
+
+    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=devices, pool_bytes=128 << 20,
+                                    workspace_bytes=128 << 20, host_store_bytes=256 << 20, lanes=1,
+                                    peer_copies=True, queue_ahead=False, swap_piece_ms=0), body)
 
 
 def test_one_device_has_no_peers_and_refuses_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,8 +13,8 @@ import torch
 from swapserve.config import EngineConfig
 from swapserve.engine import PeerSource, Residency
 from swapserve.engine.layout import Layout
-from swapserve.errors import (CapacityError, InvalidInputError, NotFoundError, NotResidentError, PoolBusyError,
-                              WorkspaceError)
+from swapserve.errors import (BackendError, CapacityError, InvalidInputError, NotFoundError, NotResidentError,
+                              PoolBusyError, WorkspaceError)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -477,6 +477,21 @@ def test_a_run_copies_its_model_from_a_lending_peer_and_gives_the_same_bits(make
     assert same(borrower.infer("m", x, peer=PeerSource(0, pages)), ref)  # only the tail comes
     assert borrower.stats.bytes_copied - copied == borrower.last_run().bytes_copied
     assert 0 < borrower.last_run().bytes_copied < borrower._models["m"].layout.nbytes
+
+    # The lender's worker dies and a new one shares its pages: the borrower unmaps the old ones (copying from
+    # them now fails cleanly), maps the new ones, and copies from there again.
+    borrower.evict("m")
+    borrower.drop_peer(0)
+    with pytest.raises(BackendError, match="not imported"):
+        borrower.infer("m", x, peer=PeerSource(0, pages))
+    borrower.drop_peer(0)  # nothing mapped: nothing to do
+    fds = lender.backend.export_pages()
+    try:
+        borrower.backend.import_peer(0, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert same(borrower.infer("m", x, peer=PeerSource(0, pages)), ref)
 
     lender.unlend("m")
     lender.evict("m")

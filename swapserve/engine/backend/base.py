@@ -114,6 +114,10 @@ class Backend(ABC):
         :meth:`fetch_peer` can copy from them. The caller closes ``fds``."""
         raise BackendError(f"{self.device} cannot map a peer's pages")
 
+    def drop_peer(self, peer: int) -> None:
+        """Unmap the pages of ``peer`` that :meth:`import_peer` mapped (nothing where none are); no copy from
+        them may be in flight (:meth:`SwapEngine.drop_peer` sees to that)."""
+
     def peer_view(self, peer: int, page: int, offset: int, nbytes: int) -> torch.Tensor:
         """``nbytes`` of an imported peer's page ``page`` from ``offset``, as a uint8 tensor on this device."""
         raise BackendError(f"{self.device} has no pages of peer {peer}")

@@ -132,6 +132,14 @@ class CpuBackend(Backend):
         mm = mmap.mmap(fds[0], 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._peers[peer] = mm, torch.frombuffer(mm, dtype=torch.uint8)
 
+    def drop_peer(self, peer: int) -> None:
+        mm, _ = self._peers.pop(peer, (None, None))
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a view still alive somewhere: the mapping goes with the last of them
+                pass
+
     def peer_view(self, peer: int, page: int, offset: int, nbytes: int) -> torch.Tensor:
         if peer not in self._peers:
             raise BackendError(f"peer {peer}'s pages are not imported here")
@@ -175,12 +183,8 @@ class CpuBackend(Backend):
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=5)
-        for mm, _ in self._peers.values():
-            try:
-                mm.close()
-            except BufferError:  # a view still alive somewhere: the mapping goes with the last of them
-                pass
-        self._peers.clear()
+        for peer in list(self._peers):
+            self.drop_peer(peer)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

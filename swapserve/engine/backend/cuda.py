@@ -296,6 +296,15 @@ class CudaBackend(Backend):
             raise
         self._peers[peer] = va, size, wrap_device_memory(va, size, self.device)
 
+    def drop_peer(self, peer: int) -> None:
+        if peer not in self._peers:
+            return
+        self._ensure_ctx()
+        va, size, _ = self._peers.pop(peer)
+        for off in range(0, size, self.page_bytes):
+            check(self._cu.cuMemUnmap(va + off, self.page_bytes))
+        check(self._cu.cuMemAddressFree(va, size))
+
     def peer_view(self, peer: int, page: int, offset: int, nbytes: int) -> torch.Tensor:
         if peer not in self._peers:
             raise BackendError(f"peer {peer}'s pages are not imported here")
@@ -352,11 +361,8 @@ class CudaBackend(Backend):
     def close(self) -> None:
         self._ensure_ctx()
         self.synchronize()
-        for va, size, _ in self._peers.values():
-            for off in range(0, size, self.page_bytes):
-                check(self._cu.cuMemUnmap(va + off, self.page_bytes))
-            check(self._cu.cuMemAddressFree(va, size))
-        self._peers.clear()
+        for peer in list(self._peers):
+            self.drop_peer(peer)
         for h in self._pages:
             check(self._cu.cuMemRelease(h))
         self._pages.clear()
