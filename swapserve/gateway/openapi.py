@@ -197,7 +197,8 @@ OPENAPI: dict[str, Any] = {
             "DeviceStatus": {"type": "object", "properties": {
                 "device": {"type": "string"}, "name": {"type": "string"}, "pool_bytes": {"type": "integer"},
                 "pool_used_bytes": {"type": "integer"}, "resident": {"type": "array", "items": {"type": "string"}},
-                "partial": {"type": "array", "items": {"type": "string"}}, "busy": {"type": "boolean"}}},
+                "partial": {"type": "array", "items": {"type": "string"}}, "busy": {"type": "boolean"},
+                "serving": {"type": "boolean"}}},
             "Scheduling": {"type": "object", "properties": {
                 "policy": {"type": "string", "enum": ["swapserve", "fifo_lru", "dedicated"]},
                 "queue_ahead": {"type": "boolean", "description": "fixed at start"},

@@ -97,6 +97,8 @@ class DeviceStatus:
     resident: tuple[str, ...]
     partial: tuple[str, ...] = ()
     busy: bool = False
+    serving: bool = True
+    """False while its worker is dead or starting again (the other devices serve meanwhile)."""
 
 
 @dataclass(frozen=True)

@@ -285,7 +285,14 @@ class Node:
         self._changed(None)
 
     def _on_worker_dead(self, w: wk.WorkerHandle) -> None:
-        self._set_ready(False)
+        """Its device goes out of service (what was in flight there failed already); the node stays ready
+        while another device serves. Then its worker is started again, as long as restarts are left."""
+        if self._started:
+            dev = self.state.devices[w.index]
+            dev.out = True
+            dev.resident, dev.partial = set(), {}
+            self.state.forget_values()
+            self._set_ready(self._any_serving())
         done = self._restarts.get(w.index, 0)
         if not self._started or self._stopping or done >= self.cfg.worker_restarts:
             log.error("worker %d (%s) died; its device is out of service", w.index, w.device)
@@ -318,7 +325,7 @@ class Node:
             hello = await wk.wait_hello(new, self.cfg.start_timeout_s)
             self._workers[i] = new  # from here on deploys and removals reach it too
             wk.watch(new, self._on_worker_dead)
-            self.state.devices[i] = self._device_state(i, hello)
+            self.state.devices[i] = replace(self._device_state(i, hello), out=True)  # until its models are there
             if peers:
                 others = [w for w in self._workers if w is not new and not w.dead]
                 await self._share(new, others)
@@ -337,10 +344,15 @@ class Node:
             if peers:  # what the others mapped of the new one's pages
                 await self._drop_peer(i)
             return
+        self.state.devices[i].out = False
         self.dispatch.refresh_residency(everything=True)
         self.metrics.count_worker_restart(new.device)
         log.warning("worker %d (%s) is serving again", i, new.device)
-        self._set_ready(all(not x.dead for x in self._workers))
+        self._set_ready(self._any_serving())
+
+    def _any_serving(self) -> bool:
+        """Whether a device serves: the node is ready then (for a node started and not stopping)."""
+        return not self._stopping and any(not d.out for d in self.state.devices)
 
     def _device_state(self, i: int, hello: Hello) -> DeviceState:
         """The scheduler's state of worker ``i``'s device, as its hello describes it, with nothing resident."""
@@ -756,7 +768,7 @@ class Node:
                 w.device, w.hello.name if w.hello else "?", r.pool_bytes, r.used_bytes,
                 tuple(sorted(by_key[k] for k, f in r.present.items() if f >= 1.0 and k in by_key)),
                 tuple(sorted(by_key[k] for k, f in r.present.items() if f < 1.0 and k in by_key)),
-                self.dispatch.busy(w.index)))
+                self.dispatch.busy(w.index), not self.state.devices[w.index].out))
         return NodeStatus(self._ready, tuple(devices), len(self._functions), self.store.used_bytes,
                           self.store.capacity, self.state.queued,
                           {"h2d_GBps": self.state.link.h2d_GBps[0],

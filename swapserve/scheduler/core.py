@@ -322,7 +322,8 @@ class Scheduler:
         # Side lanes free now, as (device, lane).
         side = {(d, ln) for d in range(view.n) for ln in range(1, view.side_lanes[d] + 1) if view.side_idle_now(d, ln)}
         # First lanes that would take one more dispatch behind the one they run.
-        ahead = {d.index for d in state.devices if self.queue_ahead and not d.idle and d.queued is None}
+        ahead = {d.index for d in state.devices
+                 if self.queue_ahead and not d.idle and not d.out and d.queued is None}
         values: dict[int, dict[str, float]] = {}
         dispatches: list[Dispatch] = []
         # EDF over functions; the name breaks deadline ties.
@@ -532,7 +533,8 @@ class Scheduler:
         fq = state.queues.get(function)
         if prof.nbytes <= 0 or (fq is not None and fq.requests):
             return None
-        if any(function in d.resident or function in d.partial or function in d.first_lane for d in state.devices):
+        if any(function in d.resident or function in d.partial or function in d.first_lane
+               for d in state.devices if not d.out):
             return None
         view = self._view(state, now)
         ests = [e for d in state.devices if d.idle and view.fits(prof, d.index)
@@ -549,7 +551,8 @@ class Scheduler:
         no device; under ``refuse``, those that would miss their deadline (plus cold-start grace) even if
         they were next on the device where they would finish first."""
         if not any(view.fits(prof, d) for d in range(view.n)):
-            reason = f"model of {fq.function!r} fits no device's pool"
+            reason = (f"model of {fq.function!r} fits no device's pool" if any(view.serving) else
+                      "no device is in service (its worker is starting again)")
             return [], [Reject(r.id, 503, NOFIT_RETRY_S, reason) for r in fq.requests]
         if fq.late_policy != "refuse":
             return list(fq.requests), []
@@ -658,8 +661,8 @@ class Scheduler:
         # device): the link's figures and which models a peer holds whole.
         link = state.link
         h2d, d2d, slowdown = link.h2d(1), link.d2d_GBps if self.peer_copies else None, link.exec_slowdown_copying
-        peer_held = (set().union(*(d.resident for d in state.devices if d.index != device)) if d2d is not None
-                     else set())
+        peer_held = (set().union(*(d.resident for d in state.devices if d.index != device and not d.out))
+                     if d2d is not None else set())
         fast = max(d2d, h2d) if d2d is not None else h2d
         cache = dev.value_cache
         if now - dev.value_cache_at >= VALUE_REUSE_S or dev.value_peers != self.peer_copies:
@@ -815,6 +818,7 @@ class Scheduler:
             if items:
                 per = max(1, fq.max_batch)
                 work_ms += math.ceil(items / per) * self._profile(state, name).exec_at(min(items, per))
-        waits = [max(0.0, d.busy_until - now) for d in state.devices if d.busy_until is not None]
-        wait = 0.0 if len(waits) < len(state.devices) else min(waits, default=0.0)
-        return wait + work_ms / 1000.0 / max(1, len(state.devices))
+        serving = [d for d in state.devices if not d.out]
+        waits = [max(0.0, d.busy_until - now) for d in serving if d.busy_until is not None]
+        wait = 0.0 if len(waits) < len(serving) else min(waits, default=0.0)
+        return wait + work_ms / 1000.0 / max(1, len(serving))

@@ -134,9 +134,12 @@ class View:
         self.link = state.link
         self.d2d_GBps = state.link.d2d_GBps if peers else None
         self.now = now
+        # A device out of service fits nothing, never frees and holds nothing (no run there, no copy from it).
+        self.serving = [not d.out for d in state.devices]
         self.pool = [d.pool_bytes for d in state.devices]
         self.idle = [d.idle for d in state.devices]
-        self.free_at = [now if d.busy_until is None else max(now, d.busy_until) for d in state.devices]
+        self.free_at = [math.inf if d.out else now if d.busy_until is None else max(now, d.busy_until)
+                        for d in state.devices]
         # When each side lane frees, whether it is free now, and the model its run brings in (if any): per
         # device, per side lane (lane i at i - 1).
         self.side_free_at: list[list[float]] = [[now if ln.until is None else max(now, ln.until) for ln in d.side]
@@ -144,15 +147,15 @@ class View:
         self.side_idle: list[list[bool]] = [[ln.until is None for ln in d.side] for d in state.devices]
         self.side_incoming: list[list[str | None]] = [[ln.running if ln.fetching else None for ln in d.side]
                                                       for d in state.devices]
-        self.side_lanes = [len(d.side) if side_lanes is None else min(side_lanes, len(d.side))
+        self.side_lanes = [0 if d.out else len(d.side) if side_lanes is None else min(side_lanes, len(d.side))
                            for d in state.devices]
         # The devices' own sets, not copies (hundreds of models each, on every request): a plan never
         # changes what is partly resident, and :meth:`commit` replaces a device's resident set, never adds to it.
-        self.resident: list[set[str]] = [d.resident for d in state.devices]
-        self.partial: list[dict[str, float]] = [d.partial for d in state.devices]
+        self.resident: list[set[str]] = [set() if d.out else d.resident for d in state.devices]
+        self.partial: list[dict[str, float]] = [{} if d.out else d.partial for d in state.devices]
         # The models a busy first lane runs are on the device once it frees (the worker keeps what it
         # loaded), except those of pieces of a swap; a side lane's fetch is there once that lane frees.
-        self.incoming: list[set[str]] = [_incoming(d) for d in state.devices]
+        self.incoming: list[set[str]] = [set() if d.out else _incoming(d) for d in state.devices]
         # ``copying_until`` is the end of a host→device copy (peer copies do not use the host link); a
         # dispatch queued behind the first lane's run copies after it.
         self.copies = [_Copy(d.index, now, d.copying_until) for d in state.devices
@@ -188,7 +191,7 @@ class View:
         return min(max(self.partial[device].get(function, 0.0), 0.0), 1.0)
 
     def fits(self, prof: ModelProfile, device: int) -> bool:
-        return prof.nbytes <= self.pool[device]
+        return self.serving[device] and prof.nbytes <= self.pool[device]
 
     def host_copy_ms(self, device: int, nbytes: float, start: float) -> float:
         """Copy ``nbytes`` from host to ``device`` starting at ``start``, sharing the host link with the

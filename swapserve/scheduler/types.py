@@ -157,6 +157,9 @@ class DeviceState:
     """The device's side lanes (lane i is ``side[i - 1]``), which run resident models beside the first lane
     (the only one that swaps models in; ``busy_until``, ``running`` and ``copying_until`` are its state) and
     each other. Empty: one lane."""
+    out: bool = False
+    """Out of service (its worker died, or is starting again): nothing is sent to it, nothing is copied from
+    it, and it never looks idle; the other devices serve meanwhile."""
     # The scheduler's cache of eviction values (``Scheduler.values``): not the device's state, so not compared.
     value_cache: dict[str, float] = field(default_factory=dict, compare=False)
     """The eviction value of each function here, as last computed."""
@@ -169,7 +172,7 @@ class DeviceState:
 
     @property
     def idle(self) -> bool:
-        return self.busy_until is None
+        return self.busy_until is None and not self.out
 
     @property
     def side_running(self) -> tuple[str, ...]:

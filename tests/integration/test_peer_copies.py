@@ -130,10 +130,10 @@ def test_a_worker_started_again_and_the_others_copy_from_each_other_both_ways(
         while not dead.dead:
             await asyncio.sleep(0.01)
         for _ in range(900):
-            if node.is_ready():
+            if node.snapshot().devices[1].serving:
                 break
             await asyncio.sleep(0.1)
-        assert node.is_ready() and node._workers[1] is not dead, "the worker was not started again"
+        assert node.snapshot().devices[1].serving and node._workers[1] is not dead, "not started again"
         for lender, borrower in ((0, 1), (1, 0)):
             got, _ = await _borrows(node, devices, lender, borrower, x)
             assert torch.equal(got, want), (lender, borrower)

@@ -62,3 +62,45 @@ def test_a_node_stopped_while_its_worker_starts_again_stops_the_new_one(function
     in_node(monkeypatch, NodeConfig(home=tmp_path / "home", **CFG), body)
     workers = [p for p in mp.active_children() if p.name.startswith("swapserve-worker")]
     assert not workers, f"left running: {workers}"
+
+
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+@pytest.mark.parametrize("kind", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, TWO_GPUS])])
+def test_a_node_of_two_devices_serves_from_the_other_while_one_starts_again(
+        functions: Functions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """The node stays ready with one worker dead: its device is out of service (status says so), requests run
+    on the other, and once the new worker has its models (and the workers their pages shared anew) both
+    serve again."""
+    fn = functions.mlp
+    devices = (f"{kind}:0", f"{kind}:1")
+
+    async def body(node: Node) -> None:
+        await node.deploy(fn.bundle)
+        x = torch.randn(2, 16)
+        (want,) = fn.expected(x)
+        dead = node.dispatch._workers[1]
+        os.kill(dead.process.pid, signal.SIGKILL)
+        while not dead.dead:
+            await asyncio.sleep(0.01)
+        assert node.is_ready()
+        assert [d.serving for d in node.snapshot().devices] == [True, False]
+        during = 0
+        for _ in range(900):
+            out = not node.snapshot().devices[1].serving
+            result = await node.infer(fn.name, {"x": x})
+            torch.testing.assert_close(next(iter(result.outputs.values())), want, rtol=1e-4, atol=1e-5)
+            if out and not node.snapshot().devices[1].serving:  # out before and after: it ran on the other
+                assert result.device == devices[0]
+                during += 1
+            elif not out:
+                break
+            await asyncio.sleep(0.05)
+        assert during > 0 and node.is_ready()
+        assert [d.serving for d in node.snapshot().devices] == [True, True], "the worker was not started again"
+        assert node.dispatch._workers[1] is not dead and node.dispatch._workers[1].models == {
+            m.key for m in node._models.values()}
+
+    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=devices, pool_bytes=64 << 20,
+                                    workspace_bytes=64 << 20, host_store_bytes=128 << 20), body)

@@ -69,6 +69,39 @@ def test_resident_idle_device_preferred():
     assert d.expected_ms == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("policy", ["swapserve", "fifo_lru"])
+def test_a_device_out_of_service_gets_nothing_and_lends_nothing(policy):
+    """Device 1's worker died: though the scheduler last saw f there (resident, side lanes free, first lane
+    idle), nothing goes there and nothing is copied from there; device 0 serves, from host. With every
+    device out, queued requests are refused saying so."""
+    s = node(2, LinkProfile(h2d_GBps=(50.0,), d2d_GBps=300.0))
+    for d in s.devices:
+        d.side = [SideLane()]
+    fn(s, "f", nbytes=1 * GB, exec_ms={1: 1.0})
+    s.devices[1].resident.add("f")
+    s.devices[1].out = True
+    assert not s.devices[1].idle
+    sched = Scheduler(policy, swap_piece_ms=0, peer_copies=True)  # type: ignore[arg-type]
+    for i in range(3):
+        enqueue(s, "f", f"r{i}")
+    decision = sched.decide(s, T0)
+    assert decision.dispatches and {(d.device, d.source) for d in decision.dispatches} <= {(0, "host"),
+                                                                                           (0, "resident")}
+    fn(s, "g", nbytes=1 * GB)
+    s.devices[1].resident.add("g")
+    p = Scheduler(swap_piece_ms=0).prefetch(s, "g", T0)  # stale there: prefetched onto device 0
+    assert p is not None and p.device == 0
+    busy(s, 0, T0 + 1.0)
+    assert Scheduler(swap_piece_ms=0).prefetch(s, "g", T0) is None  # the only device not busy is out
+    s.devices[0].busy_until = s.devices[0].running = None
+    s.devices[0].out = True
+    if policy == "swapserve":
+        rejects = sched.decide(s, T0).rejects
+        assert rejects and all("no device is in service" in r.reason for r in rejects)
+    else:
+        assert not sched.decide(s, T0).dispatches
+
+
 def test_partial_residency_copies_only_missing_bytes():
     s = node(2)
     fn(s, "f", nbytes=1 * GB)
