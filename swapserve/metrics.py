@@ -105,6 +105,8 @@ class Metrics:
                                   ["function"])
         self.pool_used = gauge("pool_used_bytes", "Device weight-pool bytes in use.", ["device"])
         self.pool_size = gauge("pool_size_bytes", "Device weight-pool bytes reserved.", ["device"])
+        self.device_serving = gauge("device_serving", "1 while the device serves, 0 while it is out of service "
+                                    "(its worker dead or starting again).", ["device"])
         self.host_store_used = gauge("host_store_used_bytes", "Pinned host-store bytes holding models.")
         self.host_store_capacity = gauge("host_store_capacity_bytes", "Pinned host-store capacity.")
         self.queued = gauge("queued_requests", "Requests waiting for a device right now.")
@@ -139,6 +141,7 @@ class Metrics:
         current without the node pushing them)."""
         for d in status.devices:
             self.set_pool(d.device, d.pool_used_bytes, d.pool_bytes)
+            self.device_serving.labels(d.device).set(1 if d.serving else 0)
         self.set_host_store(status.host_store_bytes, status.host_store_capacity)
         self.set_queued(status.queued)
 

@@ -69,11 +69,13 @@ def test_observe_status_sets_every_gauge() -> None:
     m = Metrics()
     status = NodeStatus(ready=True, functions=3, host_store_bytes=100, host_store_capacity=1000, queued=7,
                         devices=(DeviceStatus("cuda:0", "H200", 800, 200, ("a",)),
-                                 DeviceStatus("cuda:1", "H200", 800, 0, ())))
+                                 DeviceStatus("cuda:1", "H200", 800, 0, (), serving=False)))
     m.observe_status(status)
     get = m.registry.get_sample_value
     assert get("swapserve_pool_used_bytes", {"device": "cuda:0"}) == 200
     assert get("swapserve_pool_size_bytes", {"device": "cuda:1"}) == 800
+    assert get("swapserve_device_serving", {"device": "cuda:0"}) == 1
+    assert get("swapserve_device_serving", {"device": "cuda:1"}) == 0
     assert get("swapserve_host_store_used_bytes") == 100 and get("swapserve_queued_requests") == 7
 
 
