@@ -306,10 +306,10 @@ class Node:
 
     async def _restart(self, old: wk.WorkerHandle) -> None:
         """Start a dead worker's device's worker again: a new process (its own IO slab), then every serving
-        model added and prepared there as at deploy; the node is ready again once every device has its worker.
-        What was in flight there failed with the old one; the host store (every model's weights) stayed. Where
-        the workers map each other's pages, the others first unmap the dead one's (their mappings hold its
-        memory on its device), then the new one and they map each other's."""
+        model added and prepared there as at deploy; its device serves again once that is done. What was in
+        flight there failed with the old one; the host store (every model's weights) stayed. Where the workers
+        map each other's pages, the others first unmap the dead one's (their mappings hold its memory on its
+        device), then the new one and they map each other's."""
         i = old.index
         await asyncio.to_thread(old.process.join, 10)
         log.error("worker %d (%s) exited with status %s", i, old.device, old.process.exitcode)
@@ -326,7 +326,8 @@ class Node:
             self._workers[i] = new  # from here on deploys and removals reach it too
             wk.watch(new, self._on_worker_dead)
             self.state.devices[i] = replace(self._device_state(i, hello), out=True)  # until its models are there
-            if peers:
+            if peers:  # with the workers up now; one started again later maps with this one then (each pair once:
+                # nothing awaits between taking its place above and listing them here)
                 others = [w for w in self._workers if w is not new and not w.dead]
                 await self._share(new, others)
                 for w in others:

@@ -143,6 +143,40 @@ def test_a_worker_started_again_and_the_others_copy_from_each_other_both_ways(
                                     peer_copies=True, queue_ahead=False, swap_piece_ms=0), body)
 
 
+def test_two_workers_killed_at_once_start_again_and_copy_from_each_other(
+        functions: Functions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two of three CPU workers killed together start again side by side, and the two new workers then copy
+    from each other: each pair of workers mapped each other's pages once (device 0 taken out of the
+    scheduler's view for the check, so that the run behind goes to the other new one)."""
+    devices = ("cpu:0", "cpu:1", "cpu:2")
+
+    async def body(node: Node) -> None:
+        node.state.link = replace(node.state.link, **FAST_PEERS)
+        await node.deploy(_one_per_batch(functions, tmp_path))
+        x = torch.randn(1, 1024)
+        want = next(iter((await node.infer("heavy", {"x": x})).outputs.values()))
+        dead = [node._workers[1], node._workers[2]]
+        for w in dead:
+            os.kill(w.process.pid, signal.SIGKILL)
+        while not all(w.dead for w in dead):
+            await asyncio.sleep(0.01)
+        for _ in range(1800):
+            if all(d.serving for d in node.snapshot().devices):
+                break
+            await asyncio.sleep(0.1)
+        assert all(d.serving for d in node.snapshot().devices), "not both started again"
+        assert node.metrics.registry.get_sample_value("swapserve_worker_restarts_total", {"device": "cpu:2"}) == 1
+        node.state.devices[0].out = True
+        for lender, borrower in ((1, 2), (2, 1)):
+            got, _ = await _borrows(node, devices, lender, borrower, x)
+            assert torch.equal(got, want), (lender, borrower)
+        node.state.devices[0].out = False
+
+    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=devices, pool_bytes=128 << 20,
+                                    workspace_bytes=128 << 20, host_store_bytes=256 << 20, lanes=1,
+                                    peer_copies=True, queue_ahead=False, swap_piece_ms=0), body)
+
+
 def test_one_device_has_no_peers_and_refuses_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(node: Node) -> None:
         assert node.state.link.d2d_GBps is None
