@@ -112,13 +112,14 @@ def test_a_run_copies_its_model_from_the_device_that_lent_it_and_answers_as_a_re
                                     swap_piece_ms=0), body)
 
 
-@pytest.mark.parametrize("kind", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, TWO_GPUS])])
+@pytest.mark.gpu
+@TWO_GPUS
 def test_a_worker_started_again_and_the_others_copy_from_each_other_both_ways(
-        functions: Functions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
-    """A killed worker of a node whose devices map each other's pages: the other unmaps its pages, a new one
-    starts, and each then maps the other's: runs copy from the survivor to the new one and back, and answer
-    as before."""
-    devices = (f"{kind}:0", f"{kind}:1")
+        functions: Functions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On two GPUs, a killed worker of a node whose devices map each other's pages: the other unmaps its pages,
+    a new one starts, and each then maps the other's: runs copy from the survivor to the new one and back, and
+    answer as before. (On CPU workers the next test covers it, with two of three killed.)"""
+    devices = ("cuda:0", "cuda:1")
 
     async def body(node: Node) -> None:
         node.state.link = replace(node.state.link, **FAST_PEERS)
@@ -145,9 +146,10 @@ def test_a_worker_started_again_and_the_others_copy_from_each_other_both_ways(
 
 def test_two_workers_killed_at_once_start_again_and_copy_from_each_other(
         functions: Functions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two of three CPU workers killed together start again side by side, and the two new workers then copy
-    from each other: each pair of workers mapped each other's pages once (device 0 taken out of the
-    scheduler's view for the check, so that the run behind goes to the other new one)."""
+    """Two of three CPU workers killed together: the survivor unmaps their pages, they start again side by
+    side, and then every pair copies from each other both ways — the two new ones, and the survivor and a new
+    one — answering as before (the third device taken out of the scheduler's view for each check, so that the
+    run behind goes to the borrower)."""
     devices = ("cpu:0", "cpu:1", "cpu:2")
 
     async def body(node: Node) -> None:
@@ -166,11 +168,11 @@ def test_two_workers_killed_at_once_start_again_and_copy_from_each_other(
             await asyncio.sleep(0.1)
         assert all(d.serving for d in node.snapshot().devices), "not both started again"
         assert node.metrics.registry.get_sample_value("swapserve_worker_restarts_total", {"device": "cpu:2"}) == 1
-        node.state.devices[0].out = True
-        for lender, borrower in ((1, 2), (2, 1)):
+        for lender, borrower, aside in ((1, 2, 0), (2, 1, 0), (0, 1, 2), (1, 0, 2)):
+            node.state.devices[aside].out = True
             got, _ = await _borrows(node, devices, lender, borrower, x)
+            node.state.devices[aside].out = False
             assert torch.equal(got, want), (lender, borrower)
-        node.state.devices[0].out = False
 
     in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=devices, pool_bytes=128 << 20,
                                     workspace_bytes=128 << 20, host_store_bytes=256 << 20, lanes=1,
