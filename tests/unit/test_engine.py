@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from swapserve.config import EngineConfig
-from swapserve.engine import PeerSource, Residency
+from swapserve.engine import PeerSource, Residency, SwapEngine
 from swapserve.engine.layout import Layout
 from swapserve.errors import (BackendError, CapacityError, InvalidInputError, NotFoundError, NotResidentError,
                               PoolBusyError, WorkspaceError)
@@ -438,6 +438,16 @@ def test_a_swap_waits_for_a_side_lane_run_to_unpin_the_pages_it_needs(make_artif
     eng.pool.check()
 
 
+def _map_pages(borrower: SwapEngine, lender: SwapEngine) -> None:
+    """The borrower maps the lender's pages as peer 0 (as a worker does at start)."""
+    fds = lender.backend.export_pages()
+    try:
+        borrower.backend.import_peer(0, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_a_run_copies_its_model_from_a_lending_peer_and_gives_the_same_bits(make_artifact, make_engine):
     """Two CPU engines, as two workers: the borrower maps the lender's pages (its pool's descriptor), the lender
     lends a resident model (pinned, its pages named), and the borrower's runs copy it from there — in either
@@ -445,12 +455,7 @@ def test_a_run_copies_its_model_from_a_lending_peer_and_gives_the_same_bits(make
     art, _, x = make_artifact("tied", seed=11)
     lender = make_engine("cpu", pool_mib=12, page_mib=2)  # the model is 4 pages: several pages, in order
     borrower = make_engine("cpu", pool_mib=12, page_mib=2, store=lender.store)
-    fds = lender.backend.export_pages()
-    try:
-        borrower.backend.import_peer(0, fds)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    _map_pages(borrower, lender)
     lender.add("m", art)
     borrower.add("m", art)
     assert lender.lend("m") is None  # not on the lender yet: nothing pinned
@@ -485,12 +490,7 @@ def test_a_run_copies_its_model_from_a_lending_peer_and_gives_the_same_bits(make
     with pytest.raises(BackendError, match="not imported"):
         borrower.infer("m", x, peer=PeerSource(0, pages))
     borrower.drop_peer(0)  # nothing mapped: nothing to do
-    fds = lender.backend.export_pages()
-    try:
-        borrower.backend.import_peer(0, fds)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    _map_pages(borrower, lender)
     assert same(borrower.infer("m", x, peer=PeerSource(0, pages)), ref)
 
     lender.unlend("m")
