@@ -91,6 +91,11 @@ class PayloadTooLargeError(SwapserveError):
 
 
 class UnavailableError(SwapserveError):
-    """The node or the function is not ready (starting, stopping, unloaded)."""
+    """The node or the function is not ready (starting, stopping, unloaded). With ``retry_after`` (seconds:
+    when it expects to be ready, as while a worker starts again) the gateway answers with ``Retry-After``."""
 
     http_status = 503
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after

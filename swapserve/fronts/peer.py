@@ -150,10 +150,11 @@ def unpack_tensors(metas: list[list[Any]], body: bytearray, base: int, shared: A
 
 
 def error_value(e: BaseException) -> list[Any]:
-    """An exception as an answer: its message, HTTP status and (for overload) Retry-After; an unexpected one
-    is logged here, with an incident id that the answer names."""
+    """An exception as an answer: its message, HTTP status and Retry-After (overload, a worker starting again);
+    an unexpected one is logged here, with an incident id that the answer names."""
     if isinstance(e, SwapserveError):
-        retry = getattr(e, "retry_after", 1.0) if isinstance(e, OverloadedError | PoolBusyError) else None
+        retry = (getattr(e, "retry_after", 1.0) if isinstance(e, OverloadedError | PoolBusyError)
+                 else getattr(e, "retry_after", None))
         return [str(e) or type(e).__name__, e.http_status, retry]
     incident = uuid.uuid4().hex[:12]
     log.error("unexpected error answering a front (incident %s)", incident, exc_info=e)

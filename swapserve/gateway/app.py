@@ -132,7 +132,7 @@ def timed_out_message(limit: float, what: str = "cancelled") -> str:
 def error_answer(e: SwapserveError) -> tuple[int, str, dict[str, str]]:
     """A failure's status, message and headers (whatever carries the answer: this app, the fast path)."""
     headers: dict[str, str] = {}
-    if isinstance(e, OverloadedError | PoolBusyError):
+    if isinstance(e, OverloadedError | PoolBusyError) or getattr(e, "retry_after", None) is not None:
         # Whole seconds, rounded up, and at least 1 so that clients back off rather than spin.
         headers["Retry-After"] = str(max(1, math.ceil(getattr(e, "retry_after", 1.0))))
     if isinstance(e, AuthError) and e.http_status == 401:

@@ -115,6 +115,11 @@ class NodeConfig:
     node's home and shared memory are always denied to them)."""
 
 
+RESTART_RETRY_S = 5.0
+"""Retry-After of a request refused while no device serves and a worker starts again (which takes seconds: its
+process, then every model prepared there)."""
+
+
 @dataclass
 class _Model:
     """One loaded model: a scheduler entity with its own queue, host-store copy and worker copies."""
@@ -676,6 +681,9 @@ class Node:
         """The function, if the node and it are ready for requests."""
         fn = self._get(name)
         if not self._ready:
+            if self._restarting and not self._stopping:
+                raise UnavailableError("the node is not ready: its worker is starting again",
+                                       retry_after=RESTART_RETRY_S)
             raise UnavailableError("the node is not ready")
         if fn.state is not FunctionState.READY:
             raise UnavailableError(f"function {name!r} is {fn.state.value}{': ' + fn.reason if fn.reason else ''}")

@@ -227,7 +227,8 @@ def test_worker_death_is_reported_not_hung_and_the_worker_started_again(restarte
     assert s.request("GET", "/v2/health/live").status == 200
     r = s.request("GET", "/v2/health/ready")
     assert r.status == 503 and r.json()["ready"] is False
-    infer_json(s, "keep", PROBES["keep"]).error(503)
+    r = infer_json(s, "keep", PROBES["keep"])
+    assert "starting again" in r.error(503) and r.headers.get("retry-after") == "5", r.headers
     deadline = time.monotonic() + 60
     while s.request("GET", "/v2/health/ready").status != 200:
         assert time.monotonic() < deadline, "the node did not start its worker again within 60 s"
