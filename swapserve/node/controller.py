@@ -360,6 +360,10 @@ class Node:
         """Whether a device serves: the node is ready then (for a node started and not stopping)."""
         return not self._stopping and any(not d.out for d in self.state.devices)
 
+    def _in_service(self, i: int) -> bool:
+        """Whether device ``i`` serves: up (the node started it) and not out of service."""
+        return i < len(self.state.devices) and not self.state.devices[i].out
+
     def _device_state(self, i: int, hello: Hello) -> DeviceState:
         """The scheduler's state of worker ``i``'s device, as its hello describes it, with nothing resident."""
         return DeviceState(i, hello.pool_bytes, side=[SideLane() for _ in range(self.cfg.lanes - 1)])
@@ -777,7 +781,7 @@ class Node:
                 w.device, w.hello.name if w.hello else "?", r.pool_bytes, r.used_bytes,
                 tuple(sorted(by_key[k] for k, f in r.present.items() if f >= 1.0 and k in by_key)),
                 tuple(sorted(by_key[k] for k, f in r.present.items() if f < 1.0 and k in by_key)),
-                self.dispatch.busy(w.index), not self.state.devices[w.index].out))
+                self.dispatch.busy(w.index), self._in_service(w.index)))
         return NodeStatus(self._ready, tuple(devices), len(self._functions), self.store.used_bytes,
                           self.store.capacity, self.state.queued,
                           {"h2d_GBps": self.state.link.h2d_GBps[0],

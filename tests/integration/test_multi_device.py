@@ -6,6 +6,8 @@ the workers map each other's pages at start)."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .harness import assert_stopped_cleanly, concurrently, deploy
@@ -13,6 +15,19 @@ from .harness import assert_stopped_cleanly, concurrently, deploy
 
 def test_one_worker_per_device_and_work_spreads(server_factory, functions, tmp_path):
     s = server_factory(devices="cpu:0,cpu:1,cpu:2", extra=("--spin-ms", "1", "--lanes", "1", "--peer-copies")).start()
+    # While the workers start (the port already open), the metrics answer from the node's status.
+    answered = []
+    while len(answered) < 5 and s.proc.poll() is None:
+        try:
+            r = s.request("GET", "/metrics", timeout=5)
+        except OSError:  # not listening yet
+            time.sleep(0.05)
+            continue
+        answered.append(r.status)
+        if s.request("GET", "/v2/health/ready", timeout=5).status == 200:
+            break
+    assert answered and set(answered) == {200}, (answered, s.log())
+    assert "collector failed" not in s.log(), s.log()  # the status it reads failed (the metrics hide it)
     s.wait_ready()
     workers = [pid for pid in s.children if "spawn_main" in _cmdline(pid) and "resource_tracker" not in _cmdline(pid)]
     assert len(workers) == 3, (s.children, s.log())
