@@ -316,8 +316,7 @@ class Scheduler:
                 if keep:
                     pending[name] = keep
         queued_items = {name: sum(r.items for r in reqs) for name, reqs in pending.items()}
-        active = {f for d in state.devices for f in d.first_lane}
-        active.update(f for d in state.devices for f in d.side_running)
+        active = {f for d in state.devices if not d.out for f in (*d.first_lane, *d.side_running)}
         free = {d.index for d in state.devices if d.idle}
         # Side lanes free now, as (device, lane).
         side = {(d, ln) for d in range(view.n) for ln in range(1, view.side_lanes[d] + 1) if view.side_idle_now(d, ln)}

@@ -145,8 +145,8 @@ class View:
         self.side_free_at: list[list[float]] = [[now if ln.until is None else max(now, ln.until) for ln in d.side]
                                                 for d in state.devices]
         self.side_idle: list[list[bool]] = [[ln.until is None for ln in d.side] for d in state.devices]
-        self.side_incoming: list[list[str | None]] = [[ln.running if ln.fetching else None for ln in d.side]
-                                                      for d in state.devices]
+        self.side_incoming: list[list[str | None]] = [[None if d.out or not ln.fetching else ln.running
+                                                       for ln in d.side] for d in state.devices]
         self.side_lanes = [0 if d.out else len(d.side) if side_lanes is None else min(side_lanes, len(d.side))
                            for d in state.devices]
         # The devices' own sets, not copies (hundreds of models each, on every request): a plan never

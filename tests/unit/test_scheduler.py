@@ -79,8 +79,10 @@ def test_a_device_out_of_service_gets_nothing_and_lends_nothing(policy):
         d.side = [SideLane()]
     fn(s, "f", nbytes=1 * GB, exec_ms={1: 1.0})
     s.devices[1].resident.add("f")
+    s.devices[1].side[0] = SideLane(until=T0 - 1.0, running="f", fetching=True)  # f was on its way in there too
     s.devices[1].out = True
     assert not s.devices[1].idle
+    assert not View(s, T0, peers=True).holds("f", 1, T0)
     sched = Scheduler(policy, swap_piece_ms=0, peer_copies=True)  # type: ignore[arg-type]
     for i in range(3):
         enqueue(s, "f", f"r{i}")
