@@ -309,7 +309,8 @@ class SwapEngine:
 
     def drop_peer(self, peer: int) -> None:
         """Unmap ``peer``'s pages (:meth:`Backend.drop_peer`) once every copy already launched from them has
-        landed: its worker died, and a new one shares its own. A run that copies from them later fails."""
+        landed: its worker died, and a new one shares its own. A run sent to copy from them later copies from
+        host instead."""
         with self._peer_copies:
             self.backend.synchronize()
             self.backend.drop_peer(peer)
@@ -667,10 +668,15 @@ class SwapEngine:
         if ahead is not None:  # started with the placing ahead: the run waits for them, on the device
             ahead.wait(len(m.chunks) - 1)
             launch = [False] * len(copy)
+        from_peer = False
         if plan.load and peer is not None:  # from a peer's pages: the bytes first, then a resident model's run
             with self._peer_copies:  # launched before they can be unmapped (drop_peer waits for them to land)
-                self.backend.fetch_peer(m.va, peer.device, peer.pages, m.chunks, copy)
-        elif plan.load and ln.index:  # a side lane's fetch: likewise, from host
+                from_peer = self.backend.has_peer(peer.device)
+                if from_peer:
+                    self.backend.fetch_peer(m.va, peer.device, peer.pages, m.chunks, copy)
+        if plan.load and (ln.index or peer is not None) and not from_peer:
+            # A side lane's fetch: likewise, from host; so is a run whose lender's worker died after it was sent
+            # (its pages unmapped here since).
             self.backend.fetch(m.va, host.buffer, m.chunks, copy)
         piped = bool(plan.load) and not ln.index and peer is None and ahead is None
         if self.mode == "graph" and batch not in m.graphs:
@@ -702,7 +708,7 @@ class SwapEngine:
         if launched is not None:
             launched()
         self.backend.synchronize(ln.stream)
-        self._landed(m, plan, copy, from_peer=bool(plan.load) and peer is not None)
+        self._landed(m, plan, copy, from_peer=from_peer)
         with self._lock:
             self._count(plan, time.perf_counter() - wall0, cpu)
         if failed is not None:

@@ -146,8 +146,8 @@ class ImportPeer:
 @dataclass(frozen=True)
 class DropPeer:
     """Unmap peer device ``peer``'s pages (its worker died: a new one shares its own), once the copies from them
-    already launched here have landed; a run that copies from them later fails. Nothing to do where none are
-    mapped."""
+    already launched here have landed; a run sent to copy from them copies from host instead. Nothing to do
+    where none are mapped."""
 
     id: int
     peer: int

@@ -13,8 +13,8 @@ import torch
 from swapserve.config import EngineConfig
 from swapserve.engine import PeerSource, Residency, SwapEngine
 from swapserve.engine.layout import Layout
-from swapserve.errors import (BackendError, CapacityError, InvalidInputError, NotFoundError, NotResidentError,
-                              PoolBusyError, WorkspaceError)
+from swapserve.errors import (CapacityError, InvalidInputError, NotFoundError, NotResidentError, PoolBusyError,
+                              WorkspaceError)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -483,15 +483,20 @@ def test_a_run_copies_its_model_from_a_lending_peer_and_gives_the_same_bits(make
     assert borrower.stats.bytes_copied - copied == borrower.last_run().bytes_copied
     assert 0 < borrower.last_run().bytes_copied < borrower._models["m"].layout.nbytes
 
-    # The lender's worker dies and a new one shares its pages: the borrower unmaps the old ones (copying from
-    # them now fails cleanly), maps the new ones, and copies from there again.
-    borrower.evict("m")
-    borrower.drop_peer(0)
-    with pytest.raises(BackendError, match="not imported"):
-        borrower.infer("m", x, peer=PeerSource(0, pages))
-    borrower.drop_peer(0)  # nothing mapped: nothing to do
-    _map_pages(borrower, lender)
-    assert same(borrower.infer("m", x, peer=PeerSource(0, pages)), ref)
+    # The lender's worker dies and a new one shares its pages: the borrower unmaps the old ones (a run sent to
+    # copy from them before that was known copies from host instead), maps the new ones, and copies from there.
+    for lane in (0, 1):
+        borrower.evict("m")
+        borrower.drop_peer(0)
+        assert not borrower.backend.has_peer(0)
+        assert same(borrower.infer("m", x, lane=lane, peer=PeerSource(0, pages)), ref)
+        run = borrower.last_run()
+        assert run.swapped and not run.from_peer and run.bytes_copied == borrower._models["m"].layout.nbytes
+        borrower.drop_peer(0)  # nothing mapped: nothing to do
+        _map_pages(borrower, lender)
+        borrower.evict("m")
+        assert same(borrower.infer("m", x, lane=lane, peer=PeerSource(0, pages)), ref)
+        assert borrower.last_run().from_peer
 
     lender.unlend("m")
     lender.evict("m")

@@ -114,6 +114,10 @@ class Backend(ABC):
         :meth:`fetch_peer` can copy from them. The caller closes ``fds``."""
         raise BackendError(f"{self.device} cannot map a peer's pages")
 
+    def has_peer(self, peer: int) -> bool:
+        """Whether ``peer``'s pages are mapped here (:meth:`import_peer`, not dropped since)."""
+        return False
+
     def drop_peer(self, peer: int) -> None:
         """Unmap the pages of ``peer`` that :meth:`import_peer` mapped (nothing where none are); no copy from
         them may be in flight (:meth:`SwapEngine.drop_peer` sees to that)."""

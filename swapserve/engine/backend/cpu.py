@@ -132,6 +132,9 @@ class CpuBackend(Backend):
         mm = mmap.mmap(fds[0], 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._peers[peer] = mm, torch.frombuffer(mm, dtype=torch.uint8)
 
+    def has_peer(self, peer: int) -> bool:
+        return peer in self._peers
+
     def drop_peer(self, peer: int) -> None:
         mm, _ = self._peers.pop(peer, (None, None))
         if mm is not None:

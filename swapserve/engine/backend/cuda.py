@@ -296,6 +296,9 @@ class CudaBackend(Backend):
             raise
         self._peers[peer] = va, size, wrap_device_memory(va, size, self.device)
 
+    def has_peer(self, peer: int) -> bool:
+        return peer in self._peers
+
     def drop_peer(self, peer: int) -> None:
         if peer not in self._peers:
             return
