@@ -99,3 +99,11 @@ class UnavailableError(SwapserveError):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def retry_after_s(e: SwapserveError) -> float | None:
+    """When the client should try again (seconds), for the errors that say: overload (1 s unless it says), and
+    an unavailable node that knows when it will be ready; None for the others."""
+    if isinstance(e, OverloadedError | PoolBusyError):
+        return getattr(e, "retry_after", 1.0)
+    return getattr(e, "retry_after", None)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from swapserve.artifact.manifest import DTYPE_NAMES, dtype_from_name, dtype_name, itemsize
-from swapserve.errors import OverloadedError, PoolBusyError, SwapserveError, UnavailableError
+from swapserve.errors import OverloadedError, SwapserveError, UnavailableError, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,7 @@ def error_value(e: BaseException) -> list[Any]:
     """An exception as an answer: its message, HTTP status and Retry-After (overload, a worker starting again);
     an unexpected one is logged here, with an incident id that the answer names."""
     if isinstance(e, SwapserveError):
-        retry = (getattr(e, "retry_after", 1.0) if isinstance(e, OverloadedError | PoolBusyError)
-                 else getattr(e, "retry_after", None))
-        return [str(e) or type(e).__name__, e.http_status, retry]
+        return [str(e) or type(e).__name__, e.http_status, retry_after_s(e)]
     incident = uuid.uuid4().hex[:12]
     log.error("unexpected error answering a front (incident %s)", incident, exc_info=e)
     return [f"internal server error (incident {incident}; see the server log)", 500, None]

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from swapserve import __version__, jsonio
-from swapserve.errors import AuthError, InvalidInputError, NotFoundError, OverloadedError, PoolBusyError, SwapserveError
+from swapserve.errors import AuthError, InvalidInputError, NotFoundError, SwapserveError, retry_after_s
 from swapserve.gateway import management, oip
 from swapserve.gateway.common import (CONFIG, FUNCTION_KEY, MARGINS, METRICS, NODE, REQUEST_ID_HEADER, REQUEST_ID_KEY,
                                       GatewayMetrics, error_response, json_response, read_body, read_json_object, repository_entry,
@@ -132,9 +132,9 @@ def timed_out_message(limit: float, what: str = "cancelled") -> str:
 def error_answer(e: SwapserveError) -> tuple[int, str, dict[str, str]]:
     """A failure's status, message and headers (whatever carries the answer: this app, the fast path)."""
     headers: dict[str, str] = {}
-    if isinstance(e, OverloadedError | PoolBusyError) or getattr(e, "retry_after", None) is not None:
+    if (retry := retry_after_s(e)) is not None:
         # Whole seconds, rounded up, and at least 1 so that clients back off rather than spin.
-        headers["Retry-After"] = str(max(1, math.ceil(getattr(e, "retry_after", 1.0))))
+        headers["Retry-After"] = str(max(1, math.ceil(retry)))
     if isinstance(e, AuthError) and e.http_status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="swapserve management"'
     if e.http_status >= 500 and e.http_status != 503:  # 503s are overload and readiness: routine, not news

@@ -293,9 +293,7 @@ class Node:
         """Its device goes out of service (what was in flight there failed already); the node stays ready
         while another device serves. Then its worker is started again, as long as restarts are left."""
         if self._started:
-            dev = self.state.devices[w.index]
-            dev.out = True
-            dev.resident, dev.partial = set(), {}
+            self.state.devices[w.index].out = True  # the scheduler's view then holds nothing there
             self.state.forget_values()
             self._set_ready(self._any_serving())
         done = self._restarts.get(w.index, 0)
@@ -426,7 +424,7 @@ class Node:
 
     async def _drop_peer(self, i: int) -> None:
         """Every other live worker unmaps device ``i``'s pages (a worker that cannot is logged: its mapping
-        keeps the dead worker's memory on that device, and its own copies from there fail)."""
+        keeps the dead worker's memory on that device)."""
         others = [w for w in self._workers if w.index != i and not w.dead]
         replies = await asyncio.gather(*(wk.call(w, DropPeer(wk.next_id(), i)) for w in others),
                                        return_exceptions=True)
