@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from swapserve.heap import Frozen
+
 
 @dataclass(frozen=True)
 class TensorRef:
@@ -55,6 +57,15 @@ class Prepare:
     id: int
     key: str
     batches: tuple[int, ...] = (1,)
+
+
+@dataclass(frozen=True)
+class FreezeHeap:
+    """The node has loaded what it serves (started, or this worker started again): collect the heap once and
+    freeze what is alive (:func:`swapserve.heap.freeze`), so that no full collection during serving scans the
+    models' objects. Answered with :class:`swapserve.heap.Frozen`."""
+
+    id: int
 
 
 @dataclass(frozen=True)
@@ -172,8 +183,8 @@ class Stop:
     id: int
 
 
-Command = (AddModel | RemoveModel | Prepare | Run | Prefetch | DropHost | Evict | MeasureCopy | ExportPages
-           | ImportPeer | DropPeer | Lend | Unlend | Stop)
+Command = (AddModel | RemoveModel | Prepare | FreezeHeap | Run | Prefetch | DropHost | Evict | MeasureCopy
+           | ExportPages | ImportPeer | DropPeer | Lend | Unlend | Stop)
 PEER_COMMANDS = (ExportPages, ImportPeer, DropPeer, Lend, Unlend)
 """Handled on the worker's receiving thread, not behind its lanes' runs."""
 
@@ -268,7 +279,7 @@ class Lent:
 class Reply:
     id: int
     ok: bool
-    result: RunResult | CopyResult | Exported | PeerResult | Lent | None = None
+    result: RunResult | CopyResult | Exported | PeerResult | Lent | Frozen | None = None
     residency: ResidencyChange | None = None
     error: str = ""
     error_type: str = ""

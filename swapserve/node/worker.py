@@ -24,6 +24,7 @@ from typing import Any
 
 from swapserve.config import EngineConfig
 from swapserve.errors import PayloadTooLargeError
+from swapserve.heap import freeze, watch_pauses
 
 log = logging.getLogger("swapserve.worker")
 
@@ -76,6 +77,7 @@ def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=cfg.log_level, format=f"%(levelname)s worker{cfg.index}: %(message)s")
+    watch_pauses(log, f"worker {cfg.index} ({cfg.device})")
     try:
         Worker(cfg, engine_cfg, conn).serve()
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
@@ -311,6 +313,8 @@ class Worker:
                 self.engine.infer(msg.key, x, lane=len(self.engine.lanes) - 1)  # where resident runs mostly go
                 exec_ms[b] = (time.perf_counter() - t0) * 1e3
             return m.Prepared(exec_ms)
+        elif isinstance(msg, m.FreezeHeap):
+            return freeze()
         elif isinstance(msg, m.DropHost):
             if self.store.has(msg.key):
                 self.store.spill(msg.key)

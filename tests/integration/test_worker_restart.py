@@ -5,6 +5,7 @@ happens stops the new worker with it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -30,7 +31,8 @@ async def _kill(node: Node) -> None:
 
 
 def test_a_function_deployed_while_the_worker_starts_again_serves_on_it(functions: Functions, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
     async def serves(node: Node, fn, inputs: dict[str, torch.Tensor]) -> None:
         result = await node.infer(fn.name, inputs)
         for got, want in zip(result.outputs.values(), fn.expected(*inputs.values())):
@@ -49,7 +51,11 @@ def test_a_function_deployed_while_the_worker_starts_again_serves_on_it(function
         await serves(node, functions.mlp, {"x": torch.randn(2, 16)})
         await serves(node, functions.pair, {"x": torch.randn(1, 8), "ids": torch.tensor([[1, 2, 3]])})
 
-    in_node(monkeypatch, NodeConfig(home=tmp_path / "home", **CFG), body)
+    with caplog.at_level(logging.INFO, logger="swapserve.node.controller"):
+        in_node(monkeypatch, NodeConfig(home=tmp_path / "home", **CFG), body)
+    # The worker froze its heap as the node started, and the new one once its models were there.
+    frozen = [r.getMessage() for r in caplog.records if "objects frozen" in r.getMessage()]
+    assert len(frozen) == 2 and all(m.startswith("worker 0 (cpu): ") and int(m.split()[3]) > 0 for m in frozen), frozen
 
 
 def test_a_node_stopped_while_its_worker_starts_again_stops_the_new_one(functions: Functions, tmp_path: Path,
