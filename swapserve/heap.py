@@ -9,7 +9,8 @@ when the node has loaded what it serves, off the request path, and moves what is
 collector's reach (``gc.freeze``); later collections scan only what came after. A model removed after that
 keeps its few objects in reference cycles (14 a ResNet-50) until the process ends.
 
-:func:`watch_pauses` logs every collection that held the process for :data:`PAUSE_LOG_MS` or more.
+:func:`settle` does that and from then on logs every collection that holds the process for :data:`PAUSE_LOG_MS`
+or more (:func:`watch_pauses`; not before: loading models collects often, and those pauses delay no request).
 """
 
 from __future__ import annotations
@@ -68,4 +69,13 @@ def watch_pauses(logger: logging.Logger, what: str, min_ms: float = PAUSE_LOG_MS
     return pauses
 
 
-__all__ = ["Frozen", "PAUSE_LOG_MS", "PauseLog", "freeze", "watch_pauses"]
+def settle(logger: logging.Logger, what: str) -> Frozen:
+    """The process has loaded what it serves: :func:`freeze`, then watch the collector's pauses (once per
+    process, however often it settles)."""
+    frozen = freeze()
+    if not any(isinstance(c, PauseLog) for c in gc.callbacks):
+        watch_pauses(logger, what)
+    return frozen
+
+
+__all__ = ["Frozen", "PAUSE_LOG_MS", "PauseLog", "freeze", "settle", "watch_pauses"]

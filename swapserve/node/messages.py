@@ -62,8 +62,8 @@ class Prepare:
 @dataclass(frozen=True)
 class FreezeHeap:
     """The node has loaded what it serves (started, or this worker started again): collect the heap once and
-    freeze what is alive (:func:`swapserve.heap.freeze`), so that no full collection during serving scans the
-    models' objects. Answered with :class:`swapserve.heap.Frozen`."""
+    freeze what is alive, so that no full collection during serving scans the models' objects; from then on log
+    the collector's long pauses (:func:`swapserve.heap.settle`). Answered with :class:`swapserve.heap.Frozen`."""
 
     id: int
 

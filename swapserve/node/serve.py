@@ -25,7 +25,7 @@ from aiohttp import web
 from swapserve.config import MiB
 from swapserve.fronts.service import FrontService, FrontStartError
 from swapserve.gateway.config import GatewayConfig
-from swapserve.heap import freeze, watch_pauses
+from swapserve.heap import settle
 from swapserve.hostmem import available_memory, host_store_problem, keep_freed_memory, reserve_bytes
 from swapserve.node.config import ServeConfig
 
@@ -103,7 +103,6 @@ async def _main(config: ServeConfig) -> int:
     from swapserve.sandbox import SandboxConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    watch_pauses(log, "controller")
     devices = config.resolved_devices()
     host_store_bytes = config.host_store_bytes
     if host_store_bytes is None:
@@ -226,7 +225,7 @@ def _freeze_heap() -> None:
     functions) out of the cyclic collector's reach: a full collection scanning them stalls every request
     in flight for ~100 ms. Objects made later (requests) are collected as usual. The workers freeze theirs
     as the node's start ends (``FreezeHeap``)."""
-    frozen = freeze()
+    frozen = settle(log, "controller")
     log.info("controller: %d objects frozen (a full collection took %.0f ms)", frozen.objects, frozen.collect_ms)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from swapserve.config import EngineConfig
 from swapserve.errors import PayloadTooLargeError
-from swapserve.heap import freeze, watch_pauses
+from swapserve.heap import settle
 
 log = logging.getLogger("swapserve.worker")
 
@@ -77,7 +77,6 @@ def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=cfg.log_level, format=f"%(levelname)s worker{cfg.index}: %(message)s")
-    watch_pauses(log, f"worker {cfg.index} ({cfg.device})")
     try:
         Worker(cfg, engine_cfg, conn).serve()
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
@@ -314,7 +313,7 @@ class Worker:
                 exec_ms[b] = (time.perf_counter() - t0) * 1e3
             return m.Prepared(exec_ms)
         elif isinstance(msg, m.FreezeHeap):
-            return freeze()
+            return settle(log, f"worker {self.cfg.index} ({self.cfg.device})")
         elif isinstance(msg, m.DropHost):
             if self.store.has(msg.key):
                 self.store.spill(msg.key)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from swapserve.heap import freeze, watch_pauses
+from swapserve.heap import PauseLog, freeze, settle, watch_pauses
 
 
 @pytest.fixture
@@ -56,3 +56,16 @@ def test_shorter_collections_are_not_logged(caplog: pytest.LogCaptureFixture) ->
     finally:
         gc.callbacks.remove(pauses)
     assert not [r for r in caplog.records if r.name == "test.heap"]
+
+
+def test_settle_freezes_then_watches_the_pauses_once(unfrozen: None) -> None:
+    logger = logging.getLogger("test.heap")
+    before = list(gc.callbacks)
+    try:
+        first = settle(logger, "this process")
+        settle(logger, "this process")
+        added = [c for c in gc.callbacks if c not in before]
+        assert len(added) == 1 and isinstance(added[0], PauseLog)
+        assert first.objects > 0
+    finally:
+        gc.callbacks[:] = before
