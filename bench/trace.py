@@ -529,6 +529,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         codes[str(r[3])] = codes.get(str(r[3]), 0) + 1
     return {
         "n": len(fns),
+        "measured_from": t0,  # wall clock (s since the epoch) of the measurement's start: records' at_s 0
         "attainment": attained / max(1, len(lat)),
         # Requests answered within their function's SLO, of all sent: with a few requests per function (N=400,
         # 20 s: ~2 each), a function's P98 is its worst request, and attainment moves by whole functions.
