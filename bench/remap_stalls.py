@@ -6,7 +6,8 @@ on both GPUs within 0.1 s of each other, 10 s apart (bench/results/h200x2_202611
 machine alone: one process per GPU unmaps and maps one page of a 32 MiB range onto another physical page and
 back (the engine's own ``CudaBackend.unmap`` and ``map``) every ``--every-ms`` for ``--seconds``, timing each
 remap's wall and CPU time; a process of its own sleeps 1 ms at a time and times how late it wakes (a stall of
-the whole machine). Every remap over ``--stall-ms`` and every wake-up later than that is recorded with its
+the whole machine). ``--extra-mappings K`` maps the probe's two pages into K more ranges first, as a node's pages
+are mapped in many models' ranges. Every remap over ``--stall-ms`` and every wake-up later than that is recorded with its
 wall-clock time, and the processes that hold the GPUs' device files at the start are listed (a monitor that
 polls the driver would show there, if it runs inside this machine).
 
@@ -34,7 +35,8 @@ TOGETHER_S = 0.1
 """Stalls on different GPUs this close in time count as one event."""
 
 
-def gpu_probe(index: int, seconds: float, every_ms: float, stall_ms: float, start_at: float, q: mp.Queue) -> None:
+def gpu_probe(index: int, seconds: float, every_ms: float, stall_ms: float, start_at: float, extra: int,
+              q: mp.Queue) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
     from swapserve.engine.backend.cuda import CudaBackend
 
@@ -42,6 +44,11 @@ def gpu_probe(index: int, seconds: float, every_ms: float, stall_ms: float, star
     be.create_pages(2)
     va = be.reserve(PAGE)
     be.map(va, 0)
+    # A node keeps a model's mappings after eviction, and prepares every model on every device at its start:
+    # each physical page is mapped in many ranges (N = 800 on two H200s: ~186 GB of models in 32 MiB slots,
+    # ~5,800 mappings a device). ``extra`` more ranges, each mapping one of the two pages, stand for them.
+    for i in range(extra):
+        be.map(be.reserve(PAGE), i % 2)
     times: list[float] = []
     stalls: list[dict] = []
     page = 0
@@ -113,6 +120,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--every-ms", type=float, default=1.0)
     ap.add_argument("--stall-ms", type=float, default=2.0)
+    ap.add_argument("--extra-mappings", type=int, default=0, help="ranges more mapping the probe's pages, per GPU")
     args = ap.parse_args()
     import torch
 
@@ -123,9 +131,9 @@ def main() -> None:
     holders = gpu_holders()
     ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()
-    start_at = time.time() + 15.0  # every process has its context by then
-    procs = [ctx.Process(target=gpu_probe, args=(i, args.seconds, args.every_ms, args.stall_ms, start_at, q))
-             for i in range(n)]
+    start_at = time.time() + 15.0 + args.extra_mappings * 0.001  # every process has its context (and mappings) by then
+    procs = [ctx.Process(target=gpu_probe, args=(i, args.seconds, args.every_ms, args.stall_ms, start_at,
+                                                 args.extra_mappings, q)) for i in range(n)]
     procs.append(ctx.Process(target=cpu_probe, args=(args.seconds, args.stall_ms, start_at, q)))
     for p in procs:
         p.start()
@@ -135,7 +143,8 @@ def main() -> None:
     per_gpu = {i: got[i] for i in range(n)}
     stall_times = sorted(s["t"] for r in per_gpu.values() for s in r["stalls"])
     result = {"gpu": names[0], "gpus": n, "date": date.today().isoformat(), "seconds": args.seconds,
-              "every_ms": args.every_ms, "stall_ms": args.stall_ms, "started_at": start_at,
+              "every_ms": args.every_ms, "stall_ms": args.stall_ms, "extra_mappings": args.extra_mappings,
+              "started_at": start_at,
               "gpu_holders_at_start": holders, "per_gpu": per_gpu, "cpu": got["cpu"],
               "together": together(per_gpu),
               "intervals_s": [round(b - a, 3) for a, b in zip(stall_times, stall_times[1:])]}
