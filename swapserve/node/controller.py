@@ -38,9 +38,8 @@ from swapserve.node import handlers
 from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
 from swapserve.node.dispatch import Dispatcher, OutputSink, reply_error
-from swapserve.node.messages import (AddModel, CopyResult, DropPeer, Exported, ExportPages, FreezeHeap, Hello,
-                                     ImportPeer, MeasureCopy, PeerResult, Prepare, Prepared, RemoveModel,
-                                     allow_open_files)
+from swapserve.node.messages import (AddModel, CopyResult, DropPeer, Exported, ExportPages, Hello, ImportPeer,
+                                     MeasureCopy, PeerResult, Prepare, Prepared, RemoveModel, allow_open_files)
 from swapserve.node.slab import aligned
 from swapserve.node.worker import WorkerConfig
 from swapserve.sandbox import SandboxConfig, SandboxManager, SandboxPool, validate_handler
@@ -267,7 +266,6 @@ class Node:
         dead = [f"worker {w.index} ({w.device})" for w in self._workers if w.dead]
         if dead:  # a node is ready only with every device (:meth:`_on_worker_dead`): this one never would be
             raise BackendError(f"{', '.join(dead)} died while the node started (see the log above)")
-        await self._freeze_heaps(self._workers)
         self._started = True
         self._set_ready(True)
 
@@ -341,7 +339,6 @@ class Node:
             # Every serving model, those deployed meanwhile too (a deploy adds its own to it from now on).
             while missing := [m for m in self._models.values() if m.key not in new.models]:
                 _raise_first(await self._install([new], missing[0].key, missing[0].artifact))
-            await self._freeze_heaps([new])
         except asyncio.CancelledError:  # the node stops: so does the new worker (not asked if not yet watched)
             await wk.stop(new, 5.0 if self._workers[i] is new else 0.5)
             raise
@@ -357,15 +354,6 @@ class Node:
         self.metrics.count_worker_restart(new.device)
         log.warning("worker %d (%s) is serving again", i, new.device)
         self._set_ready(self._any_serving())
-
-    async def _freeze_heaps(self, workers: list[wk.WorkerHandle]) -> None:
-        """Each worker, with its models loaded, collects its heap once and freezes it (:class:`FreezeHeap`):
-        a full collection while it serves would otherwise scan every model's objects, holding its runs."""
-        replies = await asyncio.gather(*(wk.call(w, FreezeHeap(wk.next_id())) for w in workers))
-        for w, r in zip(workers, replies):
-            if r.ok and isinstance(r.result, Frozen):
-                log.info("worker %d (%s): %d objects frozen (a full collection took %.0f ms)", w.index, w.device,
-                         r.result.objects, r.result.collect_ms)
 
     def _any_serving(self) -> bool:
         """Whether a device serves: the node is ready then (for a node started and not stopping)."""
@@ -531,8 +519,12 @@ class Node:
         graphs there (each batch size run once, resident); returns the preparations' replies (none without)."""
         for w in workers:
             w.models.add(key)
-        _raise_first(await asyncio.gather(*(wk.call(w, AddModel(wk.next_id(), key, str(art.path)))
-                                            for w in workers)))
+        added = await asyncio.gather(*(wk.call(w, AddModel(wk.next_id(), key, str(art.path))) for w in workers))
+        _raise_first(added)
+        for w, r in zip(workers, added):
+            if isinstance(r.result, Frozen):
+                log.debug("worker %d (%s) added %s: %d objects frozen, its collection took %.1f ms", w.index,
+                          w.device, key, r.result.objects, r.result.collect_ms)
         if not self.cfg.prepare_on_deploy or not workers:
             return []
         self.store.acquire(key)

@@ -37,6 +37,10 @@ class TensorRef:
 
 @dataclass(frozen=True)
 class AddModel:
+    """Make a model runnable on the worker's device; then the worker settles its heap (collects once and freezes
+    what is alive, :func:`swapserve.heap.settle`), so that no full collection while it serves scans the models'
+    objects. Answered with :class:`swapserve.heap.Frozen`."""
+
     id: int
     key: str
     """Host-store key of one version of a function's model."""
@@ -57,15 +61,6 @@ class Prepare:
     id: int
     key: str
     batches: tuple[int, ...] = (1,)
-
-
-@dataclass(frozen=True)
-class FreezeHeap:
-    """The node has loaded what it serves (started, or this worker started again): collect the heap once and
-    freeze what is alive, so that no full collection during serving scans the models' objects; from then on log
-    the collector's long pauses (:func:`swapserve.heap.settle`). Answered with :class:`swapserve.heap.Frozen`."""
-
-    id: int
 
 
 @dataclass(frozen=True)
@@ -183,7 +178,7 @@ class Stop:
     id: int
 
 
-Command = (AddModel | RemoveModel | Prepare | FreezeHeap | Run | Prefetch | DropHost | Evict | MeasureCopy
+Command = (AddModel | RemoveModel | Prepare | Run | Prefetch | DropHost | Evict | MeasureCopy
            | ExportPages | ImportPeer | DropPeer | Lend | Unlend | Stop)
 PEER_COMMANDS = (ExportPages, ImportPeer, DropPeer, Lend, Unlend)
 """Handled on the worker's receiving thread, not behind its lanes' runs."""

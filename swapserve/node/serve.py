@@ -223,8 +223,8 @@ async def _start(node: Node, config: ServeConfig) -> None:
 def _freeze_heap() -> None:
     """Move everything alive now (modules, registry, specs, artifacts' metadata: ~250k objects with 300
     functions) out of the cyclic collector's reach: a full collection scanning them stalls every request
-    in flight for ~100 ms. Objects made later (requests) are collected as usual. The workers freeze theirs
-    as the node's start ends (``FreezeHeap``)."""
+    in flight for ~100 ms. Objects made later (requests) are collected as usual. The workers settle theirs
+    after each model they add (``AddModel``)."""
     frozen = settle(log, "controller")
     log.info("controller: %d objects frozen (a full collection took %.0f ms)", frozen.objects, frozen.collect_ms)
 

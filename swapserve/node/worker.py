@@ -292,6 +292,7 @@ class Worker:
             if not self.store.has(msg.key):
                 self.store.add(msg.key, art, load=False)
             self.engine.add(msg.key, art)
+            return settle(log, f"worker {self.cfg.index} ({self.cfg.device})")
         elif isinstance(msg, m.RemoveModel):
             self._values.pop(msg.key, None)
             if msg.key in self.engine.models():
@@ -312,8 +313,6 @@ class Worker:
                 self.engine.infer(msg.key, x, lane=len(self.engine.lanes) - 1)  # where resident runs mostly go
                 exec_ms[b] = (time.perf_counter() - t0) * 1e3
             return m.Prepared(exec_ms)
-        elif isinstance(msg, m.FreezeHeap):
-            return settle(log, f"worker {self.cfg.index} ({self.cfg.device})")
         elif isinstance(msg, m.DropHost):
             if self.store.has(msg.key):
                 self.store.spill(msg.key)
