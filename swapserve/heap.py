@@ -32,7 +32,7 @@ class Frozen:
     objects: int
     """Objects moved out of the collector's reach (all of them frozen so far)."""
     collect_ms: float
-    """The full collection before: what one would have cost during serving."""
+    """The collection before the freeze (of everything not frozen yet)."""
 
 
 def freeze() -> Frozen:
