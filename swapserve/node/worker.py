@@ -10,6 +10,7 @@ end of the connection closes.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import queue
@@ -30,6 +31,10 @@ log = logging.getLogger("swapserve.worker")
 
 EXIT_DEVICE_LOST = 3
 """The worker's exit status when its device failed for good (:meth:`Worker._lost`)."""
+
+STACKS_SIGNAL = signal.SIGUSR1
+"""On this signal a worker writes every thread's stack to its standard error (``faulthandler``): the controller
+sends it to a worker that did not stop in time, before ending it (:func:`swapserve.node.workers.dump_stacks`)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
     # manager) must not kill us first. If the controller dies, our end of the pipe closes and we exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     logging.basicConfig(level=cfg.log_level, format=f"%(levelname)s worker{cfg.index}: %(message)s")
     try:
         Worker(cfg, engine_cfg, conn).serve()

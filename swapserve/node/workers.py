@@ -18,7 +18,7 @@ from swapserve.node.messages import (Exported, Hello, Reply, ResidencyChange, St
                                      send_fds)
 from swapserve.node.messages import send as send_msg
 from swapserve.node.slab import Slab
-from swapserve.node.worker import WorkerConfig, worker_main
+from swapserve.node.worker import STACKS_SIGNAL, WorkerConfig, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,25 @@ async def call(w: WorkerHandle, msg: Any, fds: Sequence[int] = ()) -> Reply:
     return await fut
 
 
+def dump_stacks(w: WorkerHandle) -> None:
+    """Have the worker write every thread's stack to its standard error (``faulthandler`` on
+    :data:`~swapserve.node.worker.STACKS_SIGNAL`), which the node's log holds: what held one that did not stop."""
+    if w.process.pid is not None and w.process.is_alive():
+        try:
+            os.kill(w.process.pid, STACKS_SIGNAL)
+        except ProcessLookupError:  # ended meanwhile
+            pass
+
+
 async def stop(w: WorkerHandle, timeout: float) -> None:
     w.stopping = True
     if not w.dead:
         try:
             await asyncio.wait_for(call(w, Stop(next_id())), timeout)
         except (asyncio.TimeoutError, BackendError, OSError):
-            log.warning("worker %d did not stop in time; terminating it", w.index)
+            log.warning("worker %d did not stop in time; terminating it (what its threads were doing follows in "
+                        "its log)", w.index)
+            dump_stacks(w)
     try:
         asyncio.get_running_loop().remove_reader(w.conn.fileno())
     except (ValueError, OSError):

@@ -555,9 +555,10 @@ def shm_root() -> Path:
     return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
-def in_node(monkeypatch: pytest.MonkeyPatch, cfg: NodeConfig, body: Callable[[Node], Awaitable[None]]) -> None:
+def in_node(monkeypatch: pytest.MonkeyPatch, cfg: NodeConfig, body: Callable[[Node], Awaitable[None]],
+            grace_s: float = 5.0) -> None:
     """Run ``body`` against a real Node in this process (its workers real processes, its shared memory in a
-    directory of its own), started before and stopped after."""
+    directory of its own), started before and stopped after (with ``grace_s`` for what is in flight)."""
     shm = shm_root() / f"swapserve-it-{uuid.uuid4().hex[:10]}"
     monkeypatch.setenv("SWAPSERVE_SHM_DIR", str(shm))
 
@@ -567,7 +568,7 @@ def in_node(monkeypatch: pytest.MonkeyPatch, cfg: NodeConfig, body: Callable[[No
         try:
             await body(node)
         finally:
-            await node.stop(5.0)
+            await node.stop(grace_s)
 
     try:
         asyncio.run(main())

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from swapserve.node import workers as wk
 from swapserve.node.controller import Node, NodeConfig
 
 from .harness import Functions, in_node
@@ -111,3 +112,23 @@ def test_a_node_of_two_devices_serves_from_the_other_while_one_starts_again(
 
     in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=devices, pool_bytes=64 << 20,
                                     workspace_bytes=64 << 20, host_store_bytes=128 << 20), body)
+
+
+def test_a_worker_that_does_not_stop_in_time_writes_its_threads_stacks_before_it_is_ended(
+        functions: Functions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def body(node: Node) -> None:
+        await node.deploy(functions.heavy.bundle)
+        worker = node.dispatch._workers[0]
+        run = asyncio.ensure_future(node.infer("heavy", {"x": torch.randn(4, 1024)}))
+        while not any(node.dispatch._inflight.values()):  # sent to the worker: a run of ~1 s there
+            await asyncio.sleep(0.01)
+        await wk.stop(worker, 0.05)  # what the node's stop does, with less time than the run takes
+        assert not worker.process.is_alive()
+        run.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="swapserve.node.workers"):
+        in_node(monkeypatch, NodeConfig(home=tmp_path / "home", **CFG), body, grace_s=0.0)
+    assert any("worker 0 did not stop in time" in r.getMessage() for r in caplog.records)
+    err = capfd.readouterr().err
+    assert "most recent call first" in err and "_serve_lane" in err, err[-3000:]  # the lane, busy with the run
