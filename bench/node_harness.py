@@ -28,12 +28,25 @@ def _term_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def cpu_list(text: str) -> set[int]:
+    """CPUs written as ``taskset -c`` takes them: ``0-7``, ``0,2,4``, ``0-3,8-11``. Raises ValueError."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if first < 0 or last < first:
+            raise ValueError(f"not a CPU range: {part!r}")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
 class Server:
     """``swapserve serve`` in a subprocess (its log in ``home/serve.log``)."""
 
     def __init__(self, home: Path, devices: str, *, token: str = "bench-token", pool: str | None = None,
                  workspace: str = "2GiB", host_store: str | None = None, extra: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, cpus: set[int] | None = None):
+        """``cpus``: the CPUs the node's processes may run on (its workers inherit them); default all."""
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -48,9 +61,14 @@ class Server:
         self.log = open(home / "serve.log", "ab")
         # The node stops (cleanly, as on SIGTERM) when the benchmark dies: one killed by a timeout left its node
         # preparing models at full CPU for as long as nobody noticed.
+        def before_exec() -> None:
+            _term_with_parent()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-                                     preexec_fn=_term_with_parent)
+                                     preexec_fn=before_exec)
 
     def wait_ready(self, timeout: float = 1800.0) -> None:
         deadline = time.time() + timeout

@@ -10,6 +10,10 @@ Starts a real ``swapserve serve`` (its own processes), deploys a tiny MLP, then 
   * concurrent clients for a fixed time: max requests/s (batching on, max_batch 8), from ``http1`` clients.
 
     python bench/overhead.py --out bench/results/<gpu>_<yyyymmdd> [--devices cuda:0] [--requests 3000]
+        [--server-cpus 0-7 --client-cpus 8-15]
+
+``--server-cpus`` and ``--client-cpus`` pin the node's processes and the clients to CPUs of their own (as
+``taskset -c`` takes them): whether the runs' spread comes from where the processes land.
 
 Writes overhead.json ``{"gpu", "p50_overhead_ms", "p99_overhead_ms", "max_rps", ...}``, overhead.md and
 overhead.png (``--render`` redraws the plot from the JSON).
@@ -22,6 +26,7 @@ import asyncio
 import http.client
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from http1 import BlockingConnection, Client  # noqa: E402
-from node_harness import Server, tiny_function  # noqa: E402
+from node_harness import Server, cpu_list, tiny_function  # noqa: E402
 from stats import percentile  # noqa: E402
 from canary import Canary  # noqa: E402
 from steal import StealMeter  # noqa: E402
@@ -166,6 +171,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32, help="connections per client process")
     ap.add_argument("--spin-ms", type=float, help="the server's --spin-ms (default: its own)")
     ap.add_argument("--fronts", type=int, default=0, help="the server's --fronts (default 0: no HTTP fronts)")
+    ap.add_argument("--server-cpus", type=cpu_list, help="CPUs the node's processes may run on, e.g. 0-7 (default all)")
+    ap.add_argument("--client-cpus", type=cpu_list,
+                    help="CPUs this process and its client processes may run on, e.g. 8-15 (default all)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render:
@@ -177,8 +185,10 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="swapserve-overhead-"))
     extra = (("--spin-ms", str(args.spin_ms)) if args.spin_ms is not None else ()) + ("--fronts", str(args.fronts))
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)  # the client processes started later inherit it
     with Server(work / "home", args.devices or "all", pool="1GiB", workspace="512MiB", host_store="2GiB",
-                extra=extra) as srv:
+                extra=extra, cpus=args.server_cpus) as srv:
         srv.wait_ready()
         build_bundle(tiny_function(work / "fn", NAME, slo_ms=1000.0), work / "bundle")
         client = Client(srv.url, srv.token)
@@ -203,6 +213,7 @@ def main() -> None:
               flush=True)
         rps, errors = throughput(srv.port, args.seconds, args.clients, args.concurrency)
         log_tail = srv.tail(5)
+        server_cpus = sorted(os.sched_getaffinity(srv.proc.pid))
     result = {
         "gpu": gpu,
         "p50_overhead_ms": percentile(over, 50),
@@ -224,6 +235,8 @@ def main() -> None:
         "throughput_errors": errors,
         "spin_ms": spin_ms,
         "fronts": args.fronts,
+        "server_cpus": server_cpus,  # the serving process's affinity, as the system reports it
+        "client_cpus": sorted(os.sched_getaffinity(0)),
         "cpu_steal": cpu_steal,  # while the sequential requests ran (bench/steal.py)
         "cpu_canary": cpu_canary,  # the machine's speed at a fixed piece of Python meanwhile (bench/canary.py)
     }
@@ -237,6 +250,9 @@ def main() -> None:
         f"run (compute_ms). From Python's http.client ({STDLIB_REQUESTS} requests): "
         f"{result['p50_overhead_ms_stdlib_client']:.3f} ms p50. The controller polled {spin_ms:g} ms after each "
         "arrival and run's end (spin_ms; 0: it slept)."
+        + (f" The node ran on CPUs {args.server_cpus and sorted(args.server_cpus)}, the clients on "
+           f"{args.client_cpus and sorted(args.client_cpus)} (None: any)." if args.server_cpus or args.client_cpus
+           else "")
         + (f" CPU steal while the sequential requests ran: {cpu_steal['fraction']:.1%} (worst second "
            f"{cpu_steal['max_window']:.1%}; bench/steal.py)." if cpu_steal else "")
         + (f" The canary's fixed work meanwhile: {cpu_canary['median_ms']:.3f} ms at the median (bench/canary.py)."
