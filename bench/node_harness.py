@@ -59,9 +59,9 @@ class Server:
         if host_store:
             args += ["--host-store", host_store]
         self.log = open(home / "serve.log", "ab")
-        # The node stops (cleanly, as on SIGTERM) when the benchmark dies: one killed by a timeout left its node
-        # preparing models at full CPU for as long as nobody noticed.
         def before_exec() -> None:
+            # The node stops (cleanly, as on SIGTERM) when the benchmark dies: one killed by a timeout left its
+            # node preparing models at full CPU for as long as nobody noticed.
             _term_with_parent()
             if cpus:
                 os.sched_setaffinity(0, cpus)
