@@ -14,7 +14,9 @@ polls the driver would show there, if it runs inside this machine).
     python bench/remap_stalls.py --out bench/results/<gpu>_<yyyymmdd>/remap_stalls [--seconds 40]
 
 Writes remap_stalls.json: per GPU, the count and percentiles of the remaps and each stall (t, ms, cpu_ms); the
-CPU probe's late wake-ups; stalls on two GPUs within 0.1 s of each other; the intervals between stalls.
+CPU probe's late wake-ups; stalls on two GPUs within 0.1 s of each other; the intervals between stalls. Then
+remap_stalls.md (a table) and remap_stalls.png (every stall against its time); ``--render`` redraws those two
+from the JSON.
 """
 
 from __future__ import annotations
@@ -114,6 +116,45 @@ def together(per_gpu: dict[int, dict]) -> list[list[dict]]:
     return [g for g in groups if len({s["gpu"] for s in g}) > 1]
 
 
+def report(result: dict, out: Path) -> None:
+    """remap_stalls.md and remap_stalls.png from the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0, limit = result["started_at"], result["stall_ms"]
+    lines = [f"# Remap stalls with nothing else running — {result['gpu']} × {result['gpus']}, {result['date']}", "",
+             f"One process per GPU remapped one {PAGE >> 20} MiB page every {result['every_ms']:g} ms for "
+             f"{result['seconds']:g} s, its pages mapped in {result.get('extra_mappings', 0)} more ranges; stalls: "
+             f"remaps over {limit:g} ms (s from the start, ms, the thread's CPU ms). Stalls on two GPUs within "
+             f"{TOGETHER_S:g} s: {len(result['together'])}. CPU probe: {len(result['cpu']['late'])} of "
+             f"{result['cpu']['wakes']} 1 ms sleeps woke over {limit:g} ms late.", "",
+             "| GPU | remaps | p50 ms | p99 ms | max ms | stalls |", "|---:|---:|---:|---:|---:|---|"]
+    for g, r in sorted(result["per_gpu"].items(), key=lambda kv: int(kv[0])):
+        stalls = ", ".join(f"{s['t'] - t0:.2f} s: {s['ms']:.1f} ({s['cpu_ms']:.1f})" for s in r["stalls"])
+        lines.append(f"| {g} | {r['remaps']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['max_ms']:.1f} | "
+                     f"{stalls or '-'} |")
+    (out / "remap_stalls.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    for g, r in sorted(result["per_gpu"].items(), key=lambda kv: int(kv[0])):
+        ax.scatter([s["t"] - t0 for s in r["stalls"]], [s["ms"] for s in r["stalls"]], label=f"GPU {g} remap",
+                   marker="o^sv"[int(g) % 4], alpha=0.7)
+    late = result["cpu"]["late"]
+    ax.scatter([s["t"] - t0 for s in late], [s["late_ms"] for s in late], label="CPU wake-up late", marker="x",
+               color="black")
+    ax.axhline(limit, color="tab:gray", linestyle=":", linewidth=1)
+    ax.set_xlim(0, result["seconds"])
+    ax.set_xlabel("s from the start")
+    ax.set_ylabel("ms")
+    ax.set_title(f"Remaps over {limit:g} ms — {result['gpu']} × {result['gpus']}, "
+                 f"{result.get('extra_mappings', 0)} extra mappings", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "remap_stalls.png", dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -121,7 +162,11 @@ def main() -> None:
     ap.add_argument("--every-ms", type=float, default=1.0)
     ap.add_argument("--stall-ms", type=float, default=2.0)
     ap.add_argument("--extra-mappings", type=int, default=0, help="ranges more mapping the probe's pages, per GPU")
+    ap.add_argument("--render", action="store_true", help="only redraw the table and plot from OUT/remap_stalls.json")
     args = ap.parse_args()
+    if args.render:
+        report(json.loads((args.out / "remap_stalls.json").read_text()), args.out)
+        return
     import torch
 
     n = torch.cuda.device_count()
@@ -150,6 +195,7 @@ def main() -> None:
               "intervals_s": [round(b - a, 3) for a, b in zip(stall_times, stall_times[1:])]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "remap_stalls.json").write_text(json.dumps(result, indent=1))
+    report(result, args.out)
     for i, r in per_gpu.items():
         print(f"GPU {i}: {r['remaps']} remaps, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
               f"max {r['max_ms']:.1f} ms, {len(r['stalls'])} over {args.stall_ms:g} ms: "
