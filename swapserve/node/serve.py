@@ -209,7 +209,7 @@ async def _listen(config: ServeConfig, node: Node, gateway: GatewayConfig, metri
 
 async def _start(node: Node, config: ServeConfig) -> None:
     await node.start(progress=lambda line: print(f"swapserve: {line}", flush=True))
-    _freeze_heap()
+    _settle_heap()
     names = [f.spec.name for f in node.list_functions()]
     shown = ", ".join(names[:SHOW_FUNCTIONS])
     if len(names) > SHOW_FUNCTIONS:
@@ -220,7 +220,7 @@ async def _start(node: Node, config: ServeConfig) -> None:
         await _deploy_demo(node, config)
 
 
-def _freeze_heap() -> None:
+def _settle_heap() -> None:
     """Move everything alive now (modules, registry, specs, artifacts' metadata: ~250k objects with 300
     functions) out of the cyclic collector's reach: a full collection scanning them stalls every request
     in flight for ~100 ms. Objects made later (requests) are collected as usual. The workers settle theirs
