@@ -50,7 +50,10 @@ class EngineStats:
     """Runs that copied at least one chunk."""
     bytes_copied: int = 0
     remaps: int = 0
-    """Page slots remapped (each costs a driver unmap/map/set-access)."""
+    """Page slots remapped on the way to a run (each costs a driver map and set-access, and an unmap if the slot
+    still mapped another page)."""
+    unmapped_behind: int = 0
+    """Slots unmapped off the request path after another model took their pages (:meth:`SwapEngine._unmap_stale`)."""
     pages_taken: int = 0
     """Pages taken from other models (partial evictions)."""
     evictions: int = 0
@@ -190,6 +193,8 @@ class _Model:
     ahead: _Ahead | None = None
     remapping: int = 0
     """Holders of its pins remapping its slots now (:meth:`SwapEngine._remap_taken`; lock held to change)."""
+    unmapping: int = 0
+    """Its stale slots being unmapped now (:meth:`SwapEngine._unmap_stale`; lock held to change)."""
 
 
 class SwapEngine:
@@ -211,13 +216,16 @@ class SwapEngine:
         self._unpinned = threading.Condition(self._lock)
         """Notified whenever a run unpins its model (a swap may be waiting for those pages)."""
         self._remapped = threading.Condition(self._lock)
-        """Notified whenever a holder of a model's pins has remapped its slots (:meth:`_remap_taken`)."""
+        """Notified whenever a holder of a model's pins has remapped its slots (:meth:`_remap_taken`), and when its
+        stale slots have been unmapped (:meth:`_unmap_stale`)."""
         self._peer_copies = threading.Lock()
         """Held while a run launches its copies from a peer's pages, and while a peer's pages are unmapped."""
         self._gate = _Gate()
         self._local = threading.local()
         self._placer: concurrent.futures.ThreadPoolExecutor | None = None
         """Places pages ahead of lane 0's next run (:meth:`place_ahead`); started with the first."""
+        self._unmapper: concurrent.futures.ThreadPoolExecutor | None = None
+        """Unmaps the slots of models whose pages a placement took (:meth:`_unmap_stale`); started with the first."""
         streams = [getattr(self.backend, "compute_stream", None)] + [self.backend.new_stream()
                                                                       for _ in range(config.lanes - 1)]
         self.lanes = [_Lane(i, st, self._reserve_workspace(st) if self.mode == "graph" else None)
@@ -262,6 +270,8 @@ class SwapEngine:
             m = self._get(name)
         self._drop_ahead(m)
         with self._lock:
+            while m.unmapping:
+                self._remapped.wait()
             for slot, _page in self.pool.unregister(name):
                 self.backend.unmap(m.va + slot * self.config.page_bytes)
             m.graphs.clear()
@@ -608,7 +618,40 @@ class SwapEngine:
             m.remapping += 1
         self.stats.remaps += len(plan.remaps)
         self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
+        if plan.taken:
+            if self._unmapper is None:
+                self._unmapper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swapserve-unmapper")
+            for victim, _slots in plan.taken:
+                self._unmapper.submit(self._unmap_stale, self._models[victim])
         return host, plan
+
+    def _unmap_stale(self, m: _Model) -> None:
+        """Unmap the slots of ``m`` whose pages another model took, off the request path (a thread of the
+        engine's own): otherwise they stay mapped until ``m`` is placed again, which then unmaps each before
+        mapping its new page — and a device of hundreds of models maps every page in many ranges (the driver's
+        remaps stalled longer with more, ``bench/remap_stalls.py``). Skipped while ``m`` is pinned (its holder
+        remaps it). A placement of ``m`` that comes meanwhile waits for this before remapping
+        (:meth:`_remap_taken`); holding the gate shared first (a capture has the device alone) means that wait
+        never waits on a capture."""
+        try:
+            with self._gate.shared():
+                with self._lock:
+                    if self._models.get(m.name) is not m or not (stale := self.pool.drop_stale(m.name)):
+                        return
+                    m.unmapping += 1
+                done: list[tuple[int, int]] = []
+                try:
+                    for slot, page in stale:
+                        self.backend.unmap(m.va + slot * self.config.page_bytes)
+                        done.append((slot, page))
+                finally:
+                    with self._lock:
+                        self.pool.restore_stale(m.name, stale[len(done):])
+                        self.stats.unmapped_behind += len(done)
+                        m.unmapping -= 1
+                        self._remapped.notify_all()
+        except Exception:  # noqa: BLE001 - the slots left mapped are unmapped by the model's next placement
+            log.warning("unmapping %s's stale slots failed", m.name, exc_info=True)
 
     def _remap_taken(self, m: _Model, plan: PlacementPlan) -> None:
         """Remap the slots :meth:`_take_pages` moved (lock not held), then wait until no other holder of the
@@ -620,6 +663,10 @@ class SwapEngine:
         On the CPU backend that was a segfault; on an H200 in session 19's trace, most likely the
         ``unspecified launch failure`` that ended the worker's CUDA context (a side lane's fetch of a resnet50
         remapping for 1.06 ms while its pages were placed ahead for lane 0)."""
+        if plan.remaps and m.unmapping:  # its stale slots are being unmapped (:meth:`_unmap_stale`): not onto them
+            with self._lock:
+                while m.unmapping:
+                    self._remapped.wait()
         try:
             self._remap(m, plan)
         except BaseException:
@@ -874,8 +921,9 @@ class SwapEngine:
         return sum(seg["total_size"] for seg in lane.workspace.snapshot())  # type: ignore[attr-defined]
 
     def close(self) -> None:
-        if self._placer is not None:
-            self._placer.shutdown(wait=True)
+        for pool in (self._placer, self._unmapper):
+            if pool is not None:
+                pool.shutdown(wait=True)
         with self._lock:
             for name in list(self._models):
                 self.remove(name)

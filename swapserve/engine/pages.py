@@ -273,6 +273,28 @@ class PagePool:
         else:
             self.holding.pop(p.model, None)
 
+    # --- stale mappings -----------------------------------------------------------------------
+
+    def drop_stale(self, model: str) -> list[tuple[int, int]]:
+        """Forget the mappings of an unpinned model's slots whose pages another model has taken since (their
+        bytes are gone: the model's next placement would remap those slots anyway); returns them, as (slot,
+        page) pairs, for the caller to unmap. Nothing for a pinned model (a holder may be remapping it)."""
+        p = self.placements[model]
+        if p.pins:
+            return []
+        stale = [(i, pg) for i, pg in enumerate(p.slots)
+                 if pg is not None and self.owner[pg] is not None and self.owner[pg] != (model, i)]
+        for i, _pg in stale:
+            p.slots[i] = None
+        return stale
+
+    def restore_stale(self, model: str, stale: list[tuple[int, int]]) -> None:
+        """Undo :meth:`drop_stale` for mappings that could not be unmapped: the next placement unmaps them."""
+        p = self.placements[model]
+        for i, pg in stale:
+            if p.slots[i] is None:
+                p.slots[i] = pg
+
     # --- accounting ---------------------------------------------------------------------------
 
     @property

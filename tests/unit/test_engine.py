@@ -145,6 +145,89 @@ def test_concurrent_swaps_do_not_corrupt_each_other(make_artifact, make_engine, 
     assert eng.stats.pages_taken > 0 and eng.stats.remaps > 0
 
 
+def unmaps_done(eng: SwapEngine) -> None:
+    """Wait for the engine's unmapping of stale slots queued so far (one thread, in order)."""
+    if eng._unmapper is not None:
+        eng._unmapper.submit(lambda: None).result(10)
+
+
+def mapped_elsewhere(eng: SwapEngine) -> list[tuple[str, int]]:
+    """(model, slot) pairs whose slot maps a page another model owns."""
+    pool = eng.pool
+    return [(m, i) for m, p in pool.placements.items() for i, pg in enumerate(p.slots)
+            if pg is not None and pool.owner[pg] not in (None, (m, i))]
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_slots_whose_pages_were_taken_are_unmapped_off_the_request_path(make_artifact, make_engine, device, mode):
+    """A model whose pages another took has those slots unmapped by the engine's own thread, so that the device
+    maps about the pool's pages rather than every model's every slot, and the model's return maps its slots
+    without unmapping first (a third of a placement's driver calls)."""
+    arts = {n: make_artifact(kind, seed=40 + i, name=n) for i, (n, kind) in enumerate(
+        (("a", "mlp"), ("b", "tied"), ("c", "mlp")))}
+    eng = make_engine(device, mode, pool_mib=8, page_mib=2)  # 4 pages, models of 4: every run swaps
+    for n, (art, _, _) in arts.items():
+        eng.add(n, art)
+    ref = {n: eng.infer(n, x) for n, (_, _, x) in arts.items()}
+    unmaps_done(eng)
+    assert eng.stats.unmapped_behind > 0 and mapped_elsewhere(eng) == []
+    unmap, on_path = eng.backend.unmap, []
+
+    def counted_unmap(va: int) -> None:
+        if not threading.current_thread().name.startswith("swapserve-unmapper"):
+            on_path.append(va)
+        unmap(va)
+
+    eng.backend.unmap = counted_unmap  # type: ignore[method-assign]
+    remaps = eng.stats.remaps
+    for _ in range(3):
+        for n, (_, _, x) in arts.items():
+            assert same(eng.infer(n, x), ref[n])
+            unmaps_done(eng)
+            assert mapped_elsewhere(eng) == []
+    assert eng.stats.remaps > remaps and on_path == []
+    eng.pool.check()
+
+
+@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+def test_a_placement_waits_for_its_models_stale_slots_to_be_unmapped(make_artifact, make_engine, device, mode):
+    """A model whose stale slots are being unmapped is placed meanwhile: the placement maps its slots only
+    once the unmapping is over (mapping onto a mapped address fails, on CUDA as on the CPU backend), and the
+    run gives the same bits."""
+    a, _, xa = make_artifact("mlp", seed=51, name="a")
+    b, _, xb = make_artifact("tied", seed=52, name="b")
+    eng = make_engine(device, mode, pool_mib=8, page_mib=2)  # 4 pages, models of 4: every run swaps
+    eng.add("a", a)
+    eng.add("b", b)
+    ref = {"a": eng.infer("a", xa), "b": eng.infer("b", xb)}
+    assert same(eng.infer("a", xa), ref["a"])  # a holds every page again, b's slots are unmapped
+    unmaps_done(eng)
+    unmapping, go_on = threading.Event(), threading.Event()
+    unmap = eng.backend.unmap
+
+    def slow_unmap(va: int) -> None:
+        if threading.current_thread().name.startswith("swapserve-unmapper"):
+            unmapping.set()
+            go_on.wait(10)
+        unmap(va)
+
+    eng.backend.unmap = slow_unmap  # type: ignore[method-assign]
+    outs: dict[str, list[torch.Tensor]] = {}
+    try:
+        assert same(eng.infer("b", xb), ref["b"])  # takes a's pages: a's slots go to the (slow) unmapper
+        assert unmapping.wait(10), "nothing was unmapped behind: the test's premise is gone"
+        run = threading.Thread(target=lambda: outs.update(a=eng.infer("a", xa)))
+        run.start()
+        run.join(0.3)
+        assert run.is_alive(), "the placement went on while the model's slots were being unmapped"
+    finally:
+        go_on.set()
+    run.join(10)
+    assert same(outs["a"], ref["a"]) and same(eng.infer("b", xb), ref["b"])
+    unmaps_done(eng)
+    eng.pool.check()
+
+
 @pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("lanes", [1, 2, 4])
 def test_every_lane_gives_the_same_bits(make_artifact, make_engine, device, mode, lanes):
@@ -581,17 +664,17 @@ def test_a_model_a_side_lane_is_still_remapping_is_neither_placed_ahead_nor_copi
     for name, art in (("a", a), ("b", b), ("c", c)):
         eng.add(name, art)
     ref = {"a": eng.infer("a", xa), "b": eng.infer("b", xb), "c": eng.infer("c", xc)}
-    # a's slots still map pages that b and c hold now: bringing a back remaps them.
+    # b and c hold a's pages now: bringing a back maps its slots onto others.
     remapping, go_on = threading.Event(), threading.Event()
-    unmap = eng.backend.unmap
+    map_page = eng.backend.map
 
-    def slow_unmap(va: int) -> None:
+    def slow_map(va: int, page: int) -> None:
         if threading.current_thread().name == "fetch":
             remapping.set()
             go_on.wait(10)
-        unmap(va)
+        map_page(va, page)
 
-    eng.backend.unmap = slow_unmap  # type: ignore[method-assign]
+    eng.backend.map = slow_map  # type: ignore[method-assign]
     outs: dict[str, list[torch.Tensor]] = {}
     fetch = threading.Thread(name="fetch", target=lambda: outs.update(fetch=eng.infer("a", xa, lane=1, fetch=True)))
     fetch.start()

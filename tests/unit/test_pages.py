@@ -380,6 +380,45 @@ def test_pages_of_an_interrupted_load_can_be_reclaimed():
     assert plan.load == (0, 1)
 
 
+def test_drop_stale_forgets_the_slots_whose_pages_another_model_took():
+    pool = pool_of(3, a=2, b=2)
+    swap_in(pool, "a", 1.0)
+    a = pool.placements["a"]
+    head, tail = a.slots
+    swap_in(pool, "b", 2.0)  # takes a's tail
+    assert pool.owner[tail][0] == "b"
+    assert pool.drop_stale("a") == [(1, tail)]
+    pool.check()
+    assert a.slots == [head, None] and a.valid == [True, False]  # the head, still a's, stays mapped
+    assert pool.drop_stale("a") == []
+    plan = pool.acquire("a", 3.0)  # slot 1 is mapped anew: a map, and no unmap first
+    pool.check()
+    assert plan.load == (1,) and [(r.slot, r.old_page) for r in plan.remaps] == [(1, None)]
+
+
+def test_drop_stale_keeps_free_pages_mapped_and_leaves_pinned_models_alone():
+    pool = pool_of(4, a=2, b=1)
+    swap_in(pool, "a", 1.0)
+    pool.evict("a")  # its pages are free: a return reuses them with no remap
+    assert pool.drop_stale("a") == []
+    plan = pool.acquire("a", 2.0)
+    swap_in(pool, "b", 3.0)
+    pool.check()
+    assert pool.drop_stale("a") == [] and plan.remaps == ()  # pinned: a holder may be remapping it
+
+
+def test_restore_stale_puts_back_mappings_that_could_not_be_unmapped():
+    pool = pool_of(3, a=2, b=2)
+    swap_in(pool, "a", 1.0)
+    swap_in(pool, "b", 2.0)
+    tail = pool.placements["a"].slots[1]
+    stale = pool.drop_stale("a")
+    pool.restore_stale("a", stale)
+    pool.check()
+    assert pool.placements["a"].slots[1] == tail  # a placement would unmap it itself
+    assert pool.drop_stale("a") == stale
+
+
 # --- randomized ----------------------------------------------------------------------------------
 
 
@@ -403,7 +442,8 @@ def _random_run(seed: int, with_limit: bool) -> None:
     now = 0.0
     for _step in range(400):
         now += 1.0
-        op = rng.choices(["register", "acquire", "finish", "evict", "unregister"], weights=[2, 8, 8, 1, 1])[0]
+        op = rng.choices(["register", "acquire", "finish", "evict", "unregister", "drop_stale"],
+                         weights=[2, 8, 8, 1, 1, 3])[0]
         if op == "register":
             name = rng.choice(list(sizes))
             if name not in pool.placements:
@@ -436,6 +476,17 @@ def _random_run(seed: int, with_limit: bool) -> None:
             name, load = inflight.pop(rng.randrange(len(inflight)))
             pool.loaded(name, load)
             pool.release(name)
+        elif op == "drop_stale" and pool.placements:
+            name = rng.choice(list(pool.placements))
+            p = pool.placements[name]
+            before = list(p.slots)
+            stale = pool.drop_stale(name)
+            if p.pins:
+                assert stale == [] and p.slots == before
+            else:
+                assert all(before[i] == pg and p.slots[i] is None and pool.owner[pg] not in (None, (name, i))
+                           for i, pg in stale)
+                assert all(pg is None or pool.owner[pg] in (None, (name, i)) for i, pg in enumerate(p.slots))
         elif op in ("evict", "unregister") and pool.placements:
             name = rng.choice(list(pool.placements))
             if pool.placements[name].pins:

@@ -76,6 +76,8 @@ class CpuBackend(Backend):
         self.page_bytes = page_bytes
         self._fd = -1
         self._num_pages = 0
+        self._mapped: set[int] = set()
+        """Addresses a page is mapped at: mapping over one fails, as ``cuMemMap`` does (``mmap`` would not)."""
         self._peers: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}
         """Imported peers' pools: the mapping and a uint8 tensor over it."""
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -93,19 +95,27 @@ class CpuBackend(Backend):
 
     def release(self, va: int, nbytes: int) -> None:
         size = -(-nbytes // self.page_bytes) * self.page_bytes
+        if any(va <= at < va + size for at in self._mapped):
+            raise BackendError(f"pages are still mapped in the range at {va:#x}")
         if _libc.munmap(va, size) != 0:
             raise BackendError(f"munmap failed: {os.strerror(ctypes.get_errno())}")
 
     def map(self, va: int, page: int) -> None:
         if not 0 <= page < self._num_pages:
             raise BackendError(f"no page {page} in the pool")
+        if va in self._mapped:
+            raise BackendError(f"a page is already mapped at {va:#x}")
+        self._mapped.add(va)
         _mmap(va, self.page_bytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, self._fd,
               page * self.page_bytes)
 
     def unmap(self, va: int) -> None:
         # Keep the range reserved: replace the page with an inaccessible anonymous mapping.
+        if va not in self._mapped:
+            raise BackendError(f"no page is mapped at {va:#x}")
         _mmap(va, self.page_bytes, _PROT_NONE,
               mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE, -1, 0)
+        self._mapped.discard(va)
 
     def view(self, va: int, nbytes: int) -> torch.Tensor:
         if not nbytes:  # a model's empty tensors (GPT-2 has some): torch.frombuffer refuses an empty buffer
