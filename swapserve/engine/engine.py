@@ -53,7 +53,7 @@ class EngineStats:
     """Page slots remapped on the way to a run (each costs a driver map and set-access, and an unmap if the slot
     still mapped another page)."""
     unmapped_behind: int = 0
-    """Slots unmapped off the request path after another model took their pages (:meth:`SwapEngine._unmap_stale`)."""
+    """Slots unmapped off the request path after another model took their pages (:meth:`SwapEngine._unmap_idle`)."""
     pages_taken: int = 0
     """Pages taken from other models (partial evictions)."""
     evictions: int = 0
@@ -68,6 +68,10 @@ class EngineStats:
 
 PLACE_WAIT_S = 2.0
 """How long a swap waits for runs in other lanes to unpin the pages it needs before it fails (PoolBusyError)."""
+
+UNMAP_AFTER_S = 1e-3
+"""How long the device must have been idle (no placement, no run) before stale slots are unmapped: the last
+run's answer goes out first (:meth:`SwapEngine._unmap_idle`)."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ class _Model:
     remapping: int = 0
     """Holders of its pins remapping its slots now (:meth:`SwapEngine._remap_taken`; lock held to change)."""
     unmapping: int = 0
-    """Its stale slots being unmapped now (:meth:`SwapEngine._unmap_stale`; lock held to change)."""
+    """Its stale slots being unmapped now (:meth:`SwapEngine._unmap_idle`; lock held to change)."""
 
 
 class SwapEngine:
@@ -217,7 +221,7 @@ class SwapEngine:
         """Notified whenever a run unpins its model (a swap may be waiting for those pages)."""
         self._remapped = threading.Condition(self._lock)
         """Notified whenever a holder of a model's pins has remapped its slots (:meth:`_remap_taken`), and when its
-        stale slots have been unmapped (:meth:`_unmap_stale`)."""
+        stale slots have been unmapped (:meth:`_unmap_idle`)."""
         self._peer_copies = threading.Lock()
         """Held while a run launches its copies from a peer's pages, and while a peer's pages are unmapped."""
         self._gate = _Gate()
@@ -225,7 +229,13 @@ class SwapEngine:
         self._placer: concurrent.futures.ThreadPoolExecutor | None = None
         """Places pages ahead of lane 0's next run (:meth:`place_ahead`); started with the first."""
         self._unmapper: concurrent.futures.ThreadPoolExecutor | None = None
-        """Unmaps the slots of models whose pages a placement took (:meth:`_unmap_stale`); started with the first."""
+        """Unmaps stale slots while the device is idle (:meth:`_unmap_idle`); started with the first."""
+        self._stale: dict[str, None] = {}
+        """Models whose pages a placement took since (an ordered set): their slots may map others' pages."""
+        self._working = 0
+        """Placements and runs in progress (:meth:`_placed`, :meth:`_place_ahead`; lock held to change)."""
+        self._unmap_due = False
+        """An :meth:`_unmap_idle` is queued and has not started yet."""
         streams = [getattr(self.backend, "compute_stream", None)] + [self.backend.new_stream()
                                                                       for _ in range(config.lanes - 1)]
         self.lanes = [_Lane(i, st, self._reserve_workspace(st) if self.mode == "graph" else None)
@@ -367,7 +377,7 @@ class SwapEngine:
 
     def _place_ahead(self, m: _Model, value: Value | None, a: _Ahead) -> None:
         try:
-            with self._gate.shared():  # never remapping during a capture
+            with self._at_work(), self._gate.shared():  # never remapping during a capture
                 with self._lock:
                     if self._in_flight(m):  # a side lane's fetch took it since: the run places it itself
                         return
@@ -555,6 +565,13 @@ class SwapEngine:
     @contextlib.contextmanager
     def _placed(self, m: _Model, value: Value | None, limit: int | None = None, lane: int = 0,
                 fetch: bool = False, ticket: int | None = None) -> Iterator[tuple[HostEntry, PlacementPlan]]:
+        """:meth:`_place`, counted as work in progress (:meth:`_at_work`) until the run that holds it ends."""
+        with self._at_work(), self._place(m, value, limit, lane, fetch, ticket) as placed:
+            yield placed
+
+    @contextlib.contextmanager
+    def _place(self, m: _Model, value: Value | None, limit: int | None = None, lane: int = 0,
+               fetch: bool = False, ticket: int | None = None) -> Iterator[tuple[HostEntry, PlacementPlan]]:
         """Pin the host buffer and the model's pages, remapped where the plan says; unpin after. Outside
         lane 0 the model must already be wholly on the device (checked with the pool locked, so that no
         swap takes its pages between the check and the pin), unless the run ``fetch``es it: then it must not
@@ -618,40 +635,67 @@ class SwapEngine:
             m.remapping += 1
         self.stats.remaps += len(plan.remaps)
         self.stats.pages_taken += sum(len(s) for _, s in plan.taken)
-        if plan.taken:
-            if self._unmapper is None:
-                self._unmapper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swapserve-unmapper")
-            for victim, _slots in plan.taken:
-                self._unmapper.submit(self._unmap_stale, self._models[victim])
+        for victim, _slots in plan.taken:
+            self._stale[victim] = None
         return host, plan
 
-    def _unmap_stale(self, m: _Model) -> None:
-        """Unmap the slots of ``m`` whose pages another model took, off the request path (a thread of the
-        engine's own): otherwise they stay mapped until ``m`` is placed again, which then unmaps each before
-        mapping its new page — and a device of hundreds of models maps every page in many ranges (the driver's
-        remaps stalled longer with more, ``bench/remap_stalls.py``). Skipped while ``m`` is pinned (its holder
-        remaps it). A placement of ``m`` that comes meanwhile waits for this before remapping
-        (:meth:`_remap_taken`); holding the gate shared first (a capture has the device alone) means that wait
-        never waits on a capture."""
+    @contextlib.contextmanager
+    def _at_work(self) -> Iterator[None]:
+        """Count a placement or run in progress; once none is, have the stale slots unmapped."""
+        with self._lock:
+            self._working += 1
         try:
+            yield
+        finally:
+            with self._lock:
+                self._working -= 1
+                due = not self._working and self._stale and not self._unmap_due
+                if due:
+                    self._unmap_due = True
+                    if self._unmapper is None:
+                        self._unmapper = concurrent.futures.ThreadPoolExecutor(
+                            1, thread_name_prefix="swapserve-unmapper")
+            if due:
+                assert self._unmapper is not None
+                self._unmapper.submit(self._unmap_idle)
+
+    def _unmap_idle(self) -> None:
+        """Unmap the slots whose pages another model took (:attr:`_stale`), model by model, while the device
+        is idle, on a thread of the engine's own. Otherwise they stay mapped until their model is placed again,
+        which then unmaps each before mapping its new page (a third of a placement's driver calls) — and a
+        device of hundreds of models maps every page in many ranges (the driver's remaps stalled longer with
+        more, ``bench/remap_stalls.py``). Unmapping beside a placement slowed its remaps (driver calls wait on
+        each other: session 22's trace), hence only while none is in progress, after :data:`UNMAP_AFTER_S`; a
+        model already begun is finished. A pinned model is skipped (its holder remaps it); a placement of a
+        model being unmapped waits for it before mapping (:meth:`_remap_taken`) — holding the gate shared
+        first (a capture has the device alone) means that wait never waits on a capture."""
+        time.sleep(UNMAP_AFTER_S)
+        with self._lock:
+            self._unmap_due = False
+        while True:
             with self._gate.shared():
                 with self._lock:
-                    if self._models.get(m.name) is not m or not (stale := self.pool.drop_stale(m.name)):
+                    if self._working or not self._stale:
                         return
+                    name = next(iter(self._stale))
+                    del self._stale[name]
+                    m = self._models.get(name)
+                    if m is None or not (stale := self.pool.drop_stale(name)):
+                        continue
                     m.unmapping += 1
-                done: list[tuple[int, int]] = []
+                done = 0
                 try:
-                    for slot, page in stale:
+                    for slot, _page in stale:
                         self.backend.unmap(m.va + slot * self.config.page_bytes)
-                        done.append((slot, page))
+                        done += 1
+                except Exception:  # noqa: BLE001 - the slots left mapped are unmapped by the model's next placement
+                    log.warning("unmapping %s's stale slots failed", name, exc_info=True)
                 finally:
                     with self._lock:
-                        self.pool.restore_stale(m.name, stale[len(done):])
-                        self.stats.unmapped_behind += len(done)
+                        self.pool.restore_stale(name, stale[done:])
+                        self.stats.unmapped_behind += done
                         m.unmapping -= 1
                         self._remapped.notify_all()
-        except Exception:  # noqa: BLE001 - the slots left mapped are unmapped by the model's next placement
-            log.warning("unmapping %s's stale slots failed", m.name, exc_info=True)
 
     def _remap_taken(self, m: _Model, plan: PlacementPlan) -> None:
         """Remap the slots :meth:`_take_pages` moved (lock not held), then wait until no other holder of the
@@ -663,7 +707,7 @@ class SwapEngine:
         On the CPU backend that was a segfault; on an H200 in session 19's trace, most likely the
         ``unspecified launch failure`` that ended the worker's CUDA context (a side lane's fetch of a resnet50
         remapping for 1.06 ms while its pages were placed ahead for lane 0)."""
-        if plan.remaps and m.unmapping:  # its stale slots are being unmapped (:meth:`_unmap_stale`): not onto them
+        if plan.remaps and m.unmapping:  # its stale slots are being unmapped (:meth:`_unmap_idle`): not onto them
             with self._lock:
                 while m.unmapping:
                     self._remapped.wait()

@@ -189,6 +189,35 @@ def test_slots_whose_pages_were_taken_are_unmapped_off_the_request_path(make_art
     eng.pool.check()
 
 
+def test_stale_slots_are_unmapped_only_while_nothing_is_placed_or_run(make_artifact, make_engine):
+    """Unmapping beside a placement slowed its remaps (driver calls wait on each other): the unmapper leaves the
+    stale slots mapped while a run is in progress, and unmaps them once the device is idle."""
+    arts = {n: make_artifact("mlp", seed=60 + i, name=n) for i, n in enumerate("abc")}
+    eng = make_engine("cpu", "eager", pool_mib=8, page_mib=2)  # 4 pages, models of 4: every run swaps
+    for n, (art, _, _) in arts.items():
+        eng.add(n, art)
+    ref = {n: eng.infer(n, x) for n, (_, _, x) in arts.items()}  # a, b, c: c holds the pages
+    unmaps_done(eng)
+    launched, go_on = threading.Event(), threading.Event()
+
+    def held(_outs: list[torch.Tensor]) -> None:
+        launched.set()
+        go_on.wait(10)
+
+    outs: dict[str, list[torch.Tensor]] = {}
+    run = threading.Thread(target=lambda: outs.update(a=eng.infer("a", arts["a"][2], output=held)))
+    run.start()  # a takes c's pages: c's slots are stale while a runs
+    try:
+        assert launched.wait(10)
+        eng._unmap_idle()  # as a job queued by an earlier run's end would, now
+        assert "c" in eng._stale and mapped_elsewhere(eng) == [("c", i) for i in range(4)]
+    finally:
+        go_on.set()
+        run.join(10)
+    unmaps_done(eng)
+    assert same(outs["a"], ref["a"]) and mapped_elsewhere(eng) == [] and not eng._stale
+
+
 @pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
 def test_a_placement_waits_for_its_models_stale_slots_to_be_unmapped(make_artifact, make_engine, device, mode):
     """A model whose stale slots are being unmapped is placed meanwhile: the placement maps its slots only
