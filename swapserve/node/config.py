@@ -26,10 +26,10 @@ SPIN_MS = 1.0
 request overhead's p50 from 1.08–1.14 to 0.75–0.82 ms in three order-balanced pairs on two leases (sessions 17
 and 18), and cost the N = 400 trace nothing measurable (one pair on one node; ``bench/results/h200_20261129/``)."""
 SPIN_CORES_BASE = 4
-SPIN_CORES_PER_DEVICE = 2
+SPIN_CORES_PER_DEVICE = 3
 """Cores a node of GPUs needs to poll by default: the controller's (which it keeps busy while requests flow),
-the system's and the clients' on the machine, about two for each worker (its lanes' threads), and one for each
-HTTP front process (``fronts``)."""
+the system's and the clients' on the machine, about three for each worker (its lanes' threads, and its receiver,
+which polls after each answer: ``Run.spin_s``), and one for each HTTP front process (``fronts``)."""
 
 DEMO_FUNCTIONS = ("resnet50-classifier", "bert-base-encoder", "minilm-embedding")
 """Example function directories deployed by ``--demo``, in this order."""

@@ -380,7 +380,7 @@ class Dispatcher:
         items = sum(p.request.items for p in batch)
         block, size = self._answers_block(w, m, batch, items)
         run = Run(wk.next_id(), m.key, refs, end, self._values(d), d.lane, limit, fetch,
-                  place_ahead=self.scheduler.place_ahead and not d.lane)
+                  place_ahead=self.scheduler.place_ahead and not d.lane, spin_s=self.scheduler.spin_ms / 1e3)
         if block >= 0:
             run = replace(run, out_offset=block, out_limit=block + size, out_fallback=(end, limit))
         if d.source == "peer" and d.peer is not None and not self._workers[d.peer].dead:

@@ -90,6 +90,9 @@ class Run:
     out_fallback: tuple[int, int] | None = None
     """Where outputs go, ``[offset, limit)``, if they do not fit before ``out_limit`` (a block the controller
     sized from the model's declared outputs: :mod:`swapserve.node.answers`)."""
+    spin_s: float = 0.0
+    """Once it has answered, the worker polls its pipe for the next command without sleeping for this long (the
+    scheduler's ``spin_ms``, as the controller's loop does), while none of its lanes runs."""
 
 
 @dataclass(frozen=True)

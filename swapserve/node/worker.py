@@ -14,6 +14,7 @@ import faulthandler
 import logging
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -140,6 +141,12 @@ class Worker:
         self._stash: list[Any] = []
         """Lane 0's next command, taken from its queue at a launch (:meth:`_launched`)."""
         self._send_lock = threading.Lock()
+        self._spin_s = 0.0
+        """How long to poll for the next command once a lane has answered (``Run.spin_s``, the latest sent)."""
+        self._answered = os.eventfd(0, os.EFD_NONBLOCK)
+        """Written when a lane has answered while polling is on: wakes the receiver to poll (off the request path)."""
+        self._busy = [False] * len(self.engine.lanes)
+        """Whether each lane is serving a command now (only its own thread writes its entry)."""
         self._values: dict[str, float] = {}
         """Eviction values by model key, as the controller sent them (each run or prefetch carries what changed,
         applied on arrival, in order): every eviction uses the latest."""
@@ -157,6 +164,7 @@ class Worker:
             t.start()
         try:
             while True:
+                self._await_command()
                 msg = recv(self.conn)
                 received = time.perf_counter()
                 if isinstance(msg, Stop):
@@ -166,6 +174,8 @@ class Worker:
                     continue
                 if isinstance(msg, (Run, Prefetch)) and msg.values:
                     self._values.update(msg.values)
+                if isinstance(msg, Run):
+                    self._spin_s = msg.spin_s
                 lane = msg.lane if isinstance(msg, Run) and 0 < msg.lane < len(self._queues) else 0
                 if lane == 0:
                     with self._ahead_lock:
@@ -182,6 +192,26 @@ class Worker:
         self._answer(msg, received, None)  # every lane is idle now
         self.engine.backend.synchronize()
 
+    def _await_command(self) -> None:
+        """Until the controller's next command arrives: asleep, but once an answer has gone out, polling without
+        sleeping for ``spin_s`` first (while no lane runs): a command that comes then is read at once, not after
+        this thread is woken (tens of µs on the lent VMs: ``bench/overhead.py``'s ``to_worker``)."""
+        if not self._spin_s:
+            return  # the read that follows waits
+        fd = self.conn.fileno()
+        both, conn_only = select.poll(), select.poll()
+        both.register(fd, select.POLLIN)
+        both.register(self._answered, select.POLLIN)
+        conn_only.register(fd, select.POLLIN)
+        while True:
+            if any(f == fd for f, _ in both.poll()):
+                return
+            os.eventfd_read(self._answered)
+            hot_until = time.perf_counter() + self._spin_s
+            while not any(self._busy) and time.perf_counter() < hot_until:
+                if conn_only.poll(0):
+                    return
+
     def _lane_loop(self, lane: int) -> None:
         """Run what comes to this lane, in order, answering each. If answering itself fails (the controller's
         end closed), the process ends, as the controller expects of a worker it cannot reach."""
@@ -193,7 +223,13 @@ class Worker:
 
     def _serve_lane(self, lane: int) -> None:
         while (item := self._next(lane)) is not None:
-            self._serve(item, lane)
+            self._busy[lane] = True
+            try:
+                self._serve(item, lane)
+            finally:
+                self._busy[lane] = False
+                if self._spin_s:
+                    os.eventfd_write(self._answered, 1)
 
     def _next(self, lane: int) -> Any:
         """The lane's next command: lane 0's taken at the last launch, if any, else from its queue."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,41 @@ def test_side_lane_serves_resident_models_and_hands_the_rest_to_lane_0(make_arti
             assert torch.allclose(rb, want_b, rtol=1e-5, atol=1e-5)
 
     _with_worker(shm_dir, {"a": a, "b": b}, 64, body)
+
+
+def _cpu_s(pid: int) -> float:
+    """The process's CPU time so far (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_after_answering_a_run_the_worker_polls_for_the_next_command_for_its_spin_s(make_artifact,
+                                                                                     shm_dir: Path) -> None:
+    """``Run.spin_s``: once it has answered, the worker reads its pipe without sleeping for that long (it burns
+    that CPU time), so that the next command is not read only after its thread is woken; with 0 it sleeps."""
+    a, module_a, (xa,) = make_artifact("mlp", seed=13, name="a")
+
+    async def body(w: wk.WorkerHandle) -> None:
+        async def run(spin_s: float) -> torch.Tensor:
+            start, limit = w.slab.region(0, 2)
+            refs, end = w.slab.write_batch([[xa]], start, limit)
+            reply = await wk.call(w, Run(wk.next_id(), "a", refs, end, {}, 0, limit, spin_s=spin_s))
+            assert reply.ok, reply.error
+            return w.slab.tensor(reply.result.outputs[0]).clone()
+
+        first = await run(0.0)
+        used = []
+        for spin_s in (0.0, 0.6, 0.0):
+            assert torch.equal(await run(spin_s), first)
+            before = _cpu_s(w.process.pid)
+            await asyncio.sleep(0.8)
+            used.append(_cpu_s(w.process.pid) - before)
+        # Polled through most of its 0.6 s (on a busy CI box, at least a third of it); asleep otherwise.
+        assert used[1] >= 0.2 and used[0] < 0.1 and used[2] < 0.1, used
+        # A command that comes while it polls is served as any other.
+        assert torch.equal(await run(0.6), first) and torch.equal(await run(0.6), first)
+
+    _with_worker(shm_dir, {"a": a}, 64, body)
 
 
 def test_lane_0_places_the_next_runs_pages_while_a_run_executes(make_artifact, shm_dir: Path) -> None:

@@ -56,8 +56,8 @@ def test_spin_within_bounds(tmp_path: Path, spin_ms: float) -> None:
 
 
 @pytest.mark.parametrize("devices, cores, spin_ms", [
-    (("cuda:0",), 16, SPIN_MS), (("cuda:0",), 6, SPIN_MS), (("cuda:0",), 5, 0.0),
-    (("cuda:0", "cuda:1", "cuda:2", "cuda:3"), 12, SPIN_MS), (("cuda:0", "cuda:1", "cuda:2", "cuda:3"), 11, 0.0),
+    (("cuda:0",), 16, SPIN_MS), (("cuda:0",), 7, SPIN_MS), (("cuda:0",), 6, 0.0),
+    (("cuda:0", "cuda:1", "cuda:2", "cuda:3"), 16, SPIN_MS), (("cuda:0", "cuda:1", "cuda:2", "cuda:3"), 15, 0.0),
     (("cpu",), 64, 0.0), (("cpu:0", "cpu:1"), 64, 0.0)])
 def test_the_controller_polls_by_default_on_gpu_nodes_with_cores_to_spare(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devices: tuple[str, ...], cores: int, spin_ms: float) -> None:
@@ -66,7 +66,7 @@ def test_the_controller_polls_by_default_on_gpu_nodes_with_cores_to_spare(
     assert ServeConfig(home=tmp_path, token=None, spin_ms=0.0).resolved_spin_ms(devices) == 0.0  # asked: off
     assert ServeConfig(home=tmp_path, token=None, spin_ms=2.0).resolved_spin_ms(devices) == 2.0
     with_fronts = ServeConfig(home=tmp_path, token=None, fronts=4).resolved_spin_ms(devices)  # a core each
-    assert with_fronts == (SPIN_MS if spin_ms and cores >= 4 + 2 * len(devices) + 4 else 0.0)
+    assert with_fronts == (SPIN_MS if spin_ms and cores >= 4 + 3 * len(devices) + 4 else 0.0)
 
 
 @pytest.mark.parametrize("text, devices", [("", ()), ("all", ()), ("cpu", ("cpu",)), ("0,1", ("cuda:0", "cuda:1")),
