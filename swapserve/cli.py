@@ -398,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the controller (default 0: the controller serves HTTP itself); for busy multi-GPU nodes")
     s.add_argument("--spin-ms", type=float, metavar="MS",
                    help="while runs are in flight and this long after each arrival and each run's end, the "
-                        "controller polls instead of sleeping (costs up to a core while requests flow; 0: off; "
-                        "default 1 on GPU nodes with at least 4 + 2 per GPU + 1 per front cores, else 0)")
+                        "controller polls instead of sleeping, and each worker this long after each answer "
+                        "(costs up to a core each while requests flow; 0: off; "
+                        "default 1 on GPU nodes with at least 4 + 3 per GPU + 1 per front cores, else 0)")
     s.set_defaults(func=_serve)
     return p
 
