@@ -162,9 +162,14 @@ class Worker:
                  for i in range(len(self._queues))]
         for t in lanes:
             t.start()
+        fd = self.conn.fileno()
+        either, commands = select.poll(), select.poll()  # for :meth:`_await_command`
+        either.register(fd, select.POLLIN)  # a command,
+        either.register(self._answered, select.POLLIN)  # or an answer gone out
+        commands.register(fd, select.POLLIN)
         try:
             while True:
-                self._await_command()
+                self._await_command(either, commands)
                 msg = recv(self.conn)
                 received = time.perf_counter()
                 if isinstance(msg, Stop):
@@ -192,24 +197,20 @@ class Worker:
         self._answer(msg, received, None)  # every lane is idle now
         self.engine.backend.synchronize()
 
-    def _await_command(self) -> None:
+    def _await_command(self, either: Any, commands: Any) -> None:
         """Until the controller's next command arrives: asleep, but once an answer has gone out, polling without
         sleeping for ``spin_s`` first (while no lane runs): a command that comes then is read at once, not after
         this thread is woken (tens of µs on the lent VMs: ``bench/overhead.py``'s ``to_worker``)."""
         if not self._spin_s:
             return  # the read that follows waits
         fd = self.conn.fileno()
-        both, conn_only = select.poll(), select.poll()
-        both.register(fd, select.POLLIN)
-        both.register(self._answered, select.POLLIN)
-        conn_only.register(fd, select.POLLIN)
         while True:
-            if any(f == fd for f, _ in both.poll()):
+            if any(f == fd for f, _ in either.poll()):
                 return
             os.eventfd_read(self._answered)
             hot_until = time.perf_counter() + self._spin_s
             while not any(self._busy) and time.perf_counter() < hot_until:
-                if conn_only.poll(0):
+                if commands.poll(0):
                     return
 
     def _lane_loop(self, lane: int) -> None:
