@@ -18,12 +18,20 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ARGS=(--policies swapserve --sweep "$N" --duration "${DURATION:-20}" --warmup "${WARMUP:-5}"
       --max-batch "${MAX_BATCH:-1}" --raw)
 case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
-  *H200*) ARGS+=(--slo-from "$(ls "$ROOT"/bench/results/h200_*/swap_latency.json | tail -1)") ;;
+  *H200*) SLO_FROM=$(ls "$ROOT"/bench/results/h200_*/swap_latency.json | tail -1) ;;
 esac
 WORK=$(mktemp -d /tmp/code-ab-XXXX)  # each code's artifacts exported once, reused by its later replays
+if [ -n "${SLO_FROM:-}" ]; then cp "$SLO_FROM" "$WORK/slo.json"; ARGS+=(--slo-from "$WORK/slo.json"); fi
+# Both trees are copied first: on a lent machine a later call replaces the copy of the working tree (and what
+# it carries) while the pairs run (session 22 lost a replay so: its working directory went away under it).
+for t in new base; do
+  src=$ROOT; [ $t = base ] && src=$BASE
+  mkdir -p "$WORK/${t}_tree/bench"
+  cp -r "$src/swapserve" "$WORK/${t}_tree/"
+  find "$src/bench" -maxdepth 1 -type f -exec cp {} "$WORK/${t}_tree/bench/" \;
+done
 run() {  # run VERSION PAIR
-  local tree=$ROOT
-  [ "$1" = base ] && tree=$BASE
+  local tree=$WORK/$1_tree
   mkdir -p "$WORK/$1"
   echo "=== $(date -u +%T) $1, pair $2 of $PAIRS"
   (cd "$tree" && PYTHONPATH="$tree" python3 bench/trace.py --out "$OUT/$1_$2" --work "$WORK/$1" "${ARGS[@]}")
