@@ -217,8 +217,9 @@ OPENAPI: dict[str, Any] = {
                                                   "part (decoding; the answer's way out, as learned)"},
                 "spin_ms": {"type": "number",
                             "description": "the controller polls rather than sleeps while runs are in flight and "
-                                           "this long after each arrival and each run's end (0: off; costs up to "
-                                           "a core while requests flow)"}}},
+                                           "this long after each arrival and each run's end, and each worker this "
+                                           "long after each answer (0: off; costs up to a core each while "
+                                           "requests flow)"}}},
             "NodeStatus": {"type": "object", "properties": {
                 "ready": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("DeviceStatus")},
                 "functions": {"type": "integer"}, "host_store_bytes": {"type": "integer"},

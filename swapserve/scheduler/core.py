@@ -155,7 +155,8 @@ class Scheduler:
         decoding, and its answer's encoding and writing as the gateway learned them for the function: the
         controller applies it; the scheduler only carries the setting). ``spin_ms``: the controller's event loop
         polls rather than sleeps while runs are in flight and this long after each arrival and each run's end,
-        under any policy (0: it sleeps; the dispatcher applies it; the scheduler only carries the setting)."""
+        and each worker this long after each answer (``Run.spin_s``), under any policy (0: they sleep; the
+        dispatcher applies it; the scheduler only carries the setting)."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
