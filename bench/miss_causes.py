@@ -6,7 +6,10 @@ worker, the attainment the run would have had with every request's queueing remo
 ``trace.burst_followers``) — ``trace.miss_causes``; runs since 2026-11-28 carry the same in trace.json, the
 followers since 2026-11-29's thirteenth session.
 
-    python bench/miss_causes.py bench/results/<gpu>_<date>/trace.json [raw.jsonl.gz ...]
+    python bench/miss_causes.py bench/results/<gpu>_<date>/trace.json [raw.jsonl.gz ...] [--late]
+
+``--late`` also lists every answered request over its SLO, in send order, with its model, latency, run and
+parts (a markdown table per raw file).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trace", type=Path, help="trace.json (its SLO table)")
     ap.add_argument("raw", type=Path, nargs="*", help="raw files (default: every one beside trace.json)")
+    ap.add_argument("--late", action="store_true", help="list every answered request over its SLO")
     args = ap.parse_args()
     slo = json.loads(args.trace.read_text())["slo_ms"]
     files = args.raw or sorted((args.trace.parent / "trace_raw").glob("*.jsonl.gz"))
@@ -41,6 +45,23 @@ def main() -> None:
         got["median_ms"] = {k: round(statistics.median(p[k] for p in done), 2) for k in OUTSIDE} if done else {}
         got["functions"] = len({r["function"] for r in records})
         print(f.name.removesuffix(".jsonl.gz"), json.dumps(got))
+        if args.late:
+            print(late_table(records, slo))
+
+
+def late_table(records: list[dict], slo: dict[str, float]) -> str:
+    """Every answered request over its model's SLO, in send order: when it was sent, its model, latency, SLO,
+    run (``compute_ms``) and :func:`request_parts`."""
+    parts = ("client", "gateway", "controller", "queue", "dispatch", "pipes", "lane", "place", "swap")
+    lines = ["| at s | model | latency ms | SLO ms | run ms | " + " | ".join(parts) + " |",
+             "|---:|---|---:|---:|---:|" + "---:|" * len(parts)]
+    for r in sorted(records, key=lambda r: r["at_s"]):
+        model = model_of(r["function"])
+        if r["status"] == 200 and r["latency_ms"] > slo[model]:
+            p = request_parts(r)
+            lines.append(f"| {r['at_s']:.2f} | {model} | {r['latency_ms']:.1f} | {slo[model]:.1f} | "
+                         f"{r['compute_ms']:.1f} | " + " | ".join(f"{p[k]:.1f}" for k in parts) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,27 @@ def test_miss_causes_cli_reads_a_runs_raw_records(tmp_path):
     assert name == "swapserve_5" and got["functions"] == 5 and got["missed"] == 4 and got["worst_part"]["queue"] == 1
 
 
+def test_miss_causes_cli_lists_the_late_requests_with_their_parts(tmp_path):
+    import gzip
+    import json
+    import subprocess
+
+    (tmp_path / "trace.json").write_text(json.dumps({"slo_ms": {"small": 10.0, "big": 40.0}}))
+    (tmp_path / "trace_raw").mkdir()
+    records = [{**r, "at_s": float(i), "compute_ms": r["worker_ms"]} for i, r in enumerate(MISSES)]
+    with gzip.open(tmp_path / "trace_raw" / "swapserve_5.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    out = subprocess.run([sys.executable, str(BENCH / "miss_causes.py"), str(tmp_path / "trace.json"), "--late"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    # The answered requests over their SLO, in send order: f1's queued one, f2's, f4's swap (not the refusal).
+    assert [r.split(" | ")[1] for r in rows] == ["small", "small", "big"]
+    queued = dict(zip(("at", "model", "latency", "slo", "run", "client", "gateway", "controller", "queue"),
+                      (c.strip() for c in rows[0].strip("|").split("|"))))
+    assert queued == {"at": "3.00", "model": "small", "latency": "14.0", "slo": "10.0", "run": "2.0",
+                      "client": "1.0", "gateway": "0.5", "controller": "2.5", "queue": "8.0"}
+
+
 def test_followers_cli_says_how_long_after_its_leader_each_follower_finished(tmp_path):
     """Within 1 ms of the one before of its function: its finish after that one's (latency + gap − the
     leader's latency), by whether the leader swapped, and how many were late."""
