@@ -48,9 +48,12 @@ FUNCTIONS = 5
 REQUESTS = 400
 
 
+@pytest.mark.parametrize("spin_s", [0.0, 1e-3], ids=["asleep", "polling"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
 def test_every_answer_under_bursts_of_swaps_is_its_own_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              device: str) -> None:
+                                                              device: str, spin_s: float) -> None:
+    """``spin_s``: the controller and the worker sleep between events, or poll (``spin_ms``; the worker after
+    each answer, while none of its lanes runs)."""
     models = {}
     bundles = []
     for i in range(FUNCTIONS):
@@ -94,5 +97,5 @@ def test_every_answer_under_bursts_of_swaps_is_its_own_models(tmp_path: Path, mo
 
     in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=(device,), pool_bytes=8 << 20,
                                     page_bytes=2 << 20, workspace_bytes=64 << 20, host_store_bytes=256 << 20,
-                                    slab_bytes=16 << 20, answers_bytes=4 << 20), body)
+                                    slab_bytes=16 << 20, answers_bytes=4 << 20, spin_s=spin_s), body)
     assert not wrong, f"{len(wrong)} of {REQUESTS} answers were another model's or corrupt: {wrong[:5]}"
