@@ -394,13 +394,15 @@ def p98(xs: list[float]) -> float:
 
 def scrape(url: str) -> dict[str, float]:
     families = ("swapserve_swap_seconds", "swapserve_compute_seconds", "swapserve_event_loop_lag_seconds",
-                "swapserve_front_event_loop_lag_seconds", "swapserve_peer_copies", "swapserve_placed_ahead")
+                "swapserve_front_event_loop_lag_seconds", "swapserve_peer_copies", "swapserve_placed_ahead",
+                "swapserve_remaps", "swapserve_remap_unmaps")
     query = "&".join(f"name[]={f}" for f in families)  # only these: a cheap scrape, mid-trace
     text = urllib.request.urlopen(f"{url}/metrics?{query}", timeout=10).read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(("swapserve_swap_seconds_count", "swapserve_compute_seconds_sum",
-                            "swapserve_peer_copies_total", "swapserve_placed_ahead_total")):
+                            "swapserve_peer_copies_total", "swapserve_placed_ahead_total", "swapserve_remaps_total",
+                            "swapserve_remap_unmaps_total")):
             key = line.split("{")[0]
             out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         elif line.startswith(("swapserve_event_loop_lag_seconds", "swapserve_front_event_loop_lag_seconds")):
@@ -546,6 +548,11 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
                               - before.get("swapserve_peer_copies_total", 0)) / elapsed,
         "placed_ahead_per_s": (after.get("swapserve_placed_ahead_total", 0)
                                - before.get("swapserve_placed_ahead_total", 0)) / elapsed,
+        # Slots the swaps mapped onto other pages, and of them those that unmapped a page first (driver calls).
+        "remaps_per_swap": (after.get("swapserve_remaps_total", 0) - before.get("swapserve_remaps_total", 0))
+                           / max(1, swaps),
+        "remap_unmaps_per_swap": (after.get("swapserve_remap_unmaps_total", 0)
+                                  - before.get("swapserve_remap_unmaps_total", 0)) / max(1, swaps),
         "loop_lag": loop_lag(before, after),
         "front_loop_lag": loop_lag(before, after, "swapserve_front_event_loop_lag_seconds"),
         "cpu_steal": cpu_steal,  # the machine's CPU time the hypervisor took meanwhile (bench/steal.py)

@@ -97,6 +97,10 @@ class Metrics:
                                    "(device to device: NVLink on GPUs) instead of from host memory.", ["device"])
         self.placed_ahead = counter("placed_ahead", "Runs whose pages were placed (evictions, remaps) while the "
                                     "run before them in the device's first lane executed.", ["device"])
+        self.remaps = counter("remaps", "Page slots placements mapped onto other pages on the way to a run (a map "
+                              "and an access grant each, driver calls on the run's path).", ["device"])
+        self.remap_unmaps = counter("remap_unmaps", "Of those, the slots that first unmapped a page they still "
+                                    "mapped (one more driver call each).", ["device"])
         self.worker_restarts = counter("worker_restarts", "Workers started again after theirs died (the device "
                                        "lost, or the process killed).", ["device"])
         self.prefetches = counter("prefetches", "Models copied onto a device ahead of their requests (a handler's "
@@ -189,6 +193,10 @@ class Metrics:
 
     def count_placed_ahead(self, device: str) -> None:
         self.placed_ahead.labels(device).inc()
+
+    def count_remaps(self, device: str, remaps: int, unmaps: int) -> None:
+        self.remaps.labels(device).inc(remaps)
+        self.remap_unmaps.labels(device).inc(unmaps)
 
     def count_slo_miss(self, function: str, n: int = 1) -> None:
         self.slo_misses.labels(function).inc(n)

@@ -84,6 +84,11 @@ class RunInfo:
     """Pages taken from other models."""
     from_peer: bool = False
     """Its bytes came from a peer device that lent the model, not from host."""
+    remaps: int = 0
+    """Slots its placement mapped onto other pages (driver calls: a map and an access grant each)."""
+    remap_unmaps: int = 0
+    """Of those, the slots that still mapped a page and unmapped it first (one more call each; the unmapper,
+    :meth:`SwapEngine._unmap_idle`, spares them)."""
     wait_ms: float = 0.0
     """Waiting for the lane (a run before it) or for a graph capture to end."""
     upload_ms: float = 0.0
@@ -931,7 +936,8 @@ class SwapEngine:
         with self._lock:
             self.pool.loaded(m.name, plan.load)
             self.stats.bytes_copied += copied
-        self._local.last_run = RunInfo(bool(plan.load), copied, sum(len(t) for _, t in plan.taken), from_peer)
+        self._local.last_run = RunInfo(bool(plan.load), copied, sum(len(t) for _, t in plan.taken), from_peer,
+                                       len(plan.remaps), sum(r.old_page is not None for r in plan.remaps))
         return copied
 
     def _count(self, plan: PlacementPlan, wall: float, cpu: float) -> None:

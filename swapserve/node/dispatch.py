@@ -601,6 +601,8 @@ class Dispatcher:
             self.metrics.count_peer_copy(w.device)
         if res.placed_ahead:
             self.metrics.count_placed_ahead(w.device)
+        if res.remaps:
+            self.metrics.count_remaps(w.device, res.remaps, res.remap_unmaps)
         # A run from a lender copies, then runs (as a side lane's fetch); one that copied from host instead
         # (the lender no longer held the model whole) is not what its dispatch expected.
         from_host = fl.dispatch.source == "peer" and not res.from_peer

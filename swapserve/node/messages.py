@@ -232,6 +232,10 @@ class RunResult:
     had to capture a graph first)."""
     placed_ahead: bool = False
     """Its pages were placed, and its copies started, while the run before it executed (``Run.place_ahead``)."""
+    remaps: int = 0
+    """Slots its placement mapped onto other pages (``RunInfo.remaps``)."""
+    remap_unmaps: int = 0
+    """Of those, the slots that unmapped a page first (``RunInfo.remap_unmaps``)."""
     received_at: float = 0.0
     answered_at: float = 0.0
     """``time.perf_counter()`` in the worker when its message had been read and when the reply went out — the

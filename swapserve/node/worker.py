@@ -458,7 +458,8 @@ class Worker:
                   "place_lock": run.place_lock_ms, "place_remap": run.place_remap_ms,
                   "place_remap_cpu": run.place_remap_cpu_ms}
         return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases,
-                         lane=lane, from_peer=run.from_peer, placed_ahead=run.placed_ahead)
+                         lane=lane, from_peer=run.from_peer, placed_ahead=run.placed_ahead, remaps=run.remaps,
+                         remap_unmaps=run.remap_unmaps)
 
     def _residency_change(self) -> Any:
         """What changed in the pool since the last change sent (None if nothing): only the models whose share

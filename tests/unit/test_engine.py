@@ -183,10 +183,35 @@ def test_slots_whose_pages_were_taken_are_unmapped_off_the_request_path(make_art
     for _ in range(3):
         for n, (_, _, x) in arts.items():
             assert same(eng.infer(n, x), ref[n])
+            run = eng.last_run()
+            assert run.remaps > 0 and run.remap_unmaps == 0  # slots move; none still mapped a page
             unmaps_done(eng)
             assert mapped_elsewhere(eng) == []
     assert eng.stats.remaps > remaps and on_path == []
     eng.pool.check()
+
+
+def test_a_run_says_how_many_of_its_remaps_unmapped_a_page_first(make_artifact, make_engine):
+    """``RunInfo.remaps`` and ``remap_unmaps`` (the metrics ``swapserve_remaps_total`` and
+    ``swapserve_remap_unmaps_total``): without the unmapper, a model whose pages were taken, and cannot take
+    them back (their holder is pinned), unmaps each slot on its way back before mapping another page."""
+    a, _, xa = make_artifact("mlp", seed=70, name="a")  # 4 pages
+    b, _, xb = make_artifact("tied", seed=71, name="b")  # 3 pages
+    c, _, xc = make_artifact("tied", seed=72, name="c")
+    eng = make_engine("cpu", "eager", pool_mib=14, page_mib=2)  # 7 pages
+    eng._unmap_idle = lambda: None  # type: ignore[method-assign]  # stale slots stay mapped
+    for n, art in (("a", a), ("b", b), ("c", c)):
+        eng.add(n, art)
+    ref = eng.infer("a", xa)
+    eng.infer("b", xb)  # the 3 free pages
+    eng.infer("c", xc)  # a's last 3 pages
+    assert eng.lend("c") is not None  # pinned: a cannot take them back
+    try:
+        assert same(eng.infer("a", xa), ref)  # b's pages instead
+    finally:
+        eng.unlend("c")
+    run = eng.last_run()
+    assert run.remaps == 3 and run.remap_unmaps == 3
 
 
 def test_stale_slots_are_unmapped_only_while_nothing_is_placed_or_run(make_artifact, make_engine):
