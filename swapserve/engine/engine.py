@@ -285,8 +285,7 @@ class SwapEngine:
             m = self._get(name)
         self._drop_ahead(m)
         with self._lock:
-            while m.unmapping:
-                self._remapped.wait()
+            self._await_unmapped(m)
             for slot, _page in self.pool.unregister(name):
                 self.backend.unmap(m.va + slot * self.config.page_bytes)
             m.graphs.clear()
@@ -702,6 +701,11 @@ class SwapEngine:
                         m.unmapping -= 1
                         self._remapped.notify_all()
 
+    def _await_unmapped(self, m: _Model) -> None:
+        """Wait (lock held) until no :meth:`_unmap_idle` is unmapping ``m``'s slots."""
+        while m.unmapping:
+            self._remapped.wait()
+
     def _remap_taken(self, m: _Model, plan: PlacementPlan) -> None:
         """Remap the slots :meth:`_take_pages` moved (lock not held), then wait until no other holder of the
         model's pins is still remapping its slots; if remapping fails, unpin.
@@ -714,8 +718,7 @@ class SwapEngine:
         remapping for 1.06 ms while its pages were placed ahead for lane 0)."""
         if plan.remaps and m.unmapping:  # its stale slots are being unmapped (:meth:`_unmap_idle`): not onto them
             with self._lock:
-                while m.unmapping:
-                    self._remapped.wait()
+                self._await_unmapped(m)
         try:
             self._remap(m, plan)
         except BaseException:

@@ -181,8 +181,8 @@ class Stop:
     id: int
 
 
-Command = (AddModel | RemoveModel | Prepare | Run | Prefetch | DropHost | Evict | MeasureCopy
-           | ExportPages | ImportPeer | DropPeer | Lend | Unlend | Stop)
+Command = (AddModel | RemoveModel | Prepare | Run | Prefetch | DropHost | Evict | MeasureCopy | ExportPages
+           | ImportPeer | DropPeer | Lend | Unlend | Stop)
 PEER_COMMANDS = (ExportPages, ImportPeer, DropPeer, Lend, Unlend)
 """Handled on the worker's receiving thread, not behind its lanes' runs."""
 
