@@ -5,7 +5,8 @@
 # bench/paired.py on each pair, into OUT/paired.md. Attainment at N=400 moves by 0.1-0.2 between replays; the
 # paired differences resolve a few hundred µs per request, and whether the pairs agree says how sure that is.
 #
-#   bench/code_ab.sh BASE OUT [N] [PAIRS]      (DURATION, WARMUP, MAX_BATCH as for bench/trace.py; defaults 20, 5, 1)
+#   bench/code_ab.sh BASE OUT [N] [PAIRS]      (DURATION, WARMUP, MAX_BATCH as for bench/trace.py; defaults 20, 5, 1;
+#                                               TRACE_ARGS: more of trace.py's flags, e.g. "--peer-copies")
 #
 # Each run writes OUT/{new,base}_<pair>/ (trace.json, trace.md, trace_raw/, the node's log). The device tool
 # returns a limited number of files: tar OUT before it comes back.
@@ -16,7 +17,7 @@ N=${3:-400}
 PAIRS=${4:-3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ARGS=(--policies swapserve --sweep "$N" --duration "${DURATION:-20}" --warmup "${WARMUP:-5}"
-      --max-batch "${MAX_BATCH:-1}" --raw)
+      --max-batch "${MAX_BATCH:-1}" --raw ${TRACE_ARGS:-})
 case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
   *H200*) SLO_FROM=$(ls "$ROOT"/bench/results/h200_*/swap_latency.json | tail -1) ;;
 esac
