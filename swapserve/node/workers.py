@@ -7,6 +7,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
@@ -170,18 +171,26 @@ def dump_stacks(w: WorkerHandle) -> None:
 
 async def stop(w: WorkerHandle, timeout: float) -> None:
     w.stopping = True
+    told, late = time.monotonic(), False
     if not w.dead:
         try:
             await asyncio.wait_for(call(w, Stop(next_id())), timeout)
         except (asyncio.TimeoutError, BackendError, OSError):
-            log.warning("worker %d did not stop in time; terminating it (what its threads were doing follows in "
-                        "its log)", w.index)
-            dump_stacks(w)
+            late = True
+            if w.process.is_alive():
+                log.warning("worker %d did not stop in time (%.1f s); terminating it (what its threads were doing "
+                            "follows in its log)", w.index, timeout)
+                dump_stacks(w)
+            else:
+                log.warning("worker %d did not stop in time (%.1f s) but has ended since", w.index, timeout)
     try:
         asyncio.get_running_loop().remove_reader(w.conn.fileno())
     except (ValueError, OSError):
         pass
     w.process.join(timeout=max(0.1, timeout))
+    if late:  # how late: a worker that ends soon after its time was slow, not stuck
+        log.warning("worker %d %s %.1f s after it was told to stop", w.index,
+                    "still ran" if w.process.is_alive() else "had ended by", time.monotonic() - told)
     if w.process.is_alive():
         w.process.terminate()
         w.process.join(timeout=5)

@@ -130,5 +130,6 @@ def test_a_worker_that_does_not_stop_in_time_writes_its_threads_stacks_before_it
     with caplog.at_level(logging.WARNING, logger="swapserve.node.workers"):
         in_node(monkeypatch, NodeConfig(home=tmp_path / "home", **CFG), body, grace_s=0.0)
     assert any("worker 0 did not stop in time" in r.getMessage() for r in caplog.records)
+    assert any("worker 0 still ran" in r.getMessage() for r in caplog.records)  # how late it was, then ended
     err = capfd.readouterr().err
     assert "most recent call first" in err and "_serve_lane" in err, err[-3000:]  # the lane, busy with the run
