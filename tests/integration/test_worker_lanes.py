@@ -164,3 +164,47 @@ def test_the_worker_keeps_the_eviction_values_sent_before(make_artifact, shm_dir
         assert w.residency.present.get("b", 0.0) < 1.0
 
     _with_worker(shm_dir, arts, 16, body)
+
+
+def test_runs_sent_to_both_lanes_with_a_stop_behind_them_are_all_answered_first(make_artifact, shm_dir: Path) -> None:
+    """Runs sent to both lanes back to back, the Stop right behind them: the worker's threads, which take turns
+    reading and running, answer every run (its model's output) before the Stop, and the worker exits cleanly."""
+    from swapserve.node.messages import Stop
+
+    a, module_a, (xa,) = make_artifact("mlp", seed=21, name="a")
+    b, module_b, (xb,) = make_artifact("tied", seed=22, name="b")
+    with torch.no_grad():
+        want = {"a": module_a(xa), "b": module_b(xb)}
+
+    async def body(w: wk.WorkerHandle) -> None:
+        loop = asyncio.get_running_loop()
+        start, limit = w.slab.region(0, 7)
+        refs, end = w.slab.write_batch([[xa]], start, limit)
+        assert (await wk.call(w, Run(wk.next_id(), "a", refs, end, {}, 0, limit))).ok  # a resident: lane 1 runs it
+        replies: list[tuple[str, Any]] = []
+        done = loop.create_future()
+
+        def sent(what: str) -> Any:
+            def on_reply(reply: Any) -> None:
+                replies.append((what, reply))
+                if len(replies) == 7:
+                    done.set_result(None)
+            return on_reply
+
+        for i in range(6):
+            key, x, lane = ("b", xb, 0) if i % 2 else ("a", xa, 1)
+            start, limit = w.slab.region(i + 1, 7)
+            refs, end = w.slab.write_batch([[x]], start, limit)
+            wk.send(w, Run(wk.next_id(), key, refs, end, {}, lane, limit, spin_s=0.001 * (i % 3)), sent(f"{key}{i}"))
+        wk.send(w, Stop(wk.next_id()), sent("stop"))
+        await asyncio.wait_for(done, 60)
+        order = [what for what, _ in replies]
+        assert order[-1] == "stop" and sorted(order[:-1]) == ["a0", "a2", "a4", "b1", "b3", "b5"], order
+        for what, reply in replies:
+            assert not isinstance(reply, BaseException) and reply.ok, (what, reply)
+            if what != "stop":  # each run's answer in its own region of the slab
+                torch.testing.assert_close(w.slab.tensor(reply.result.outputs[0]), want[what[0]], rtol=1e-5, atol=1e-5)
+        await asyncio.to_thread(w.process.join, 30)
+        await asyncio.sleep(0.1)  # the pipe's end is read (the worker is marked dead, not stopped again)
+
+    _with_worker(shm_dir, {"a": a, "b": b}, 64, body)
