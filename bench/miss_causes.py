@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from trace import miss_causes, model_of, request_parts  # noqa: E402  (bench/trace.py)
 
-OUTSIDE = ("client", "gateway", "controller", "dispatch", "pipes")
+OUTSIDE = ("client", "read", "gateway", "controller", "dispatch", "pipes")
 """The parts of a request's time outside the worker and its queues, whose medians are printed."""
 
 
@@ -52,7 +52,7 @@ def main() -> None:
 def late_table(records: list[dict], slo: dict[str, float]) -> str:
     """Every answered request over its model's SLO, in send order: when it was sent, its model, latency, SLO,
     run (``compute_ms``) and :func:`request_parts`."""
-    parts = ("client", "gateway", "controller", "queue", "dispatch", "pipes", "lane", "place", "swap")
+    parts = ("client", "read", "gateway", "controller", "queue", "dispatch", "pipes", "lane", "place", "swap")
     lines = ["| at s | model | latency ms | SLO ms | run ms | " + " | ".join(parts) + " |",
              "|---:|---|---:|---:|---:|" + "---:|" * len(parts)]
     for r in sorted(records, key=lambda r: r["at_s"]):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from trace import model_of, read_raw, request_parts  # noqa: E402  (bench/trace.py)
 
-PARTS = ("client", "gateway", "controller", "queue", "dispatch", "pipes")
+PARTS = ("client", "read", "gateway", "controller", "queue", "dispatch", "pipes")
 
 
 def answered(directory: Path, exclude: set[str]) -> list[dict]:

@@ -53,7 +53,8 @@ STDLIB_REQUESTS = 1000
 
 
 PARTS: dict[str, Callable[[float, dict], float]] = {
-    "http": lambda rtt, p: rtt - p["server_ms"],
+    "http": lambda rtt, p: rtt - p["server_ms"] - p.get("read_ms", 0.0),
+    "read": lambda rtt, p: p.get("read_ms", 0.0),
     "gateway": lambda rtt, p: p["server_ms"] - p["total_ms"],
     "queue": lambda rtt, p: p["queue_ms"],
     "dispatch": lambda rtt, p: p["dispatch_ms"],
@@ -64,7 +65,8 @@ PARTS: dict[str, Callable[[float, dict], float]] = {
     - p["from_worker_ms"],
 }
 """Where a request's round trip went outside its run, from the response's timings (ms): the client, HTTP and
-the encoding of the response (round trip − ``server_ms``); the gateway's decoding and checks before the node took
+the encoding of the response (round trip − ``server_ms`` − ``read_ms``); the serving process's reading of the
+request until its handler runs (``read_ms``); the gateway's decoding and checks before the node took
 it (``server_ms − total_ms``); the node's queue and dispatch (the decision, inputs into the IO slab); the message's
 way to the worker; the worker's own work besides the run; the reply's way back; the controller's work on the reply."""
 

@@ -185,7 +185,8 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                             params.get("worker_ms", -1.0), params.get("lane", -1), params.get("phases_ms", {}),
                             params.get("to_worker_ms", -1.0), params.get("from_worker_ms", -1.0),
                             params.get("expected_ms", -1.0), params.get("answer_ms", -1.0),
-                            params.get("budget_ms", -1.0), head, params.get("device", "")))
+                            params.get("budget_ms", -1.0), head, params.get("device", ""),
+                            params.get("read_ms", -1.0)))
 
         tasks = []
         for t, i in trace:
@@ -476,7 +477,7 @@ def read_raw(directory: Path) -> dict[str, list[dict]]:
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
               "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms", "to_worker_ms", "from_worker_ms",
-              "expected_ms", "answer_ms", "budget_ms", "head", "device")
+              "expected_ms", "answer_ms", "budget_ms", "head", "device", "read_ms")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
@@ -582,8 +583,9 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
 
 def request_parts(r: dict) -> dict[str, float]:
     """Where a completed request's time went (ms, from its raw record): ``client`` = client latency − the
-    gateway handler's time (HTTP both ways, the server's loop before the handler runs, the client's reading);
-    ``gateway`` = handler − node; ``queue`` in the controller; ``dispatch`` = the decision to its message sent
+    gateway handler's time − ``read`` (HTTP both ways, the client's writing and reading); ``read`` = the serving
+    process's reading of the request, from its first bytes until the handler runs (records since session 23;
+    before, part of ``client``); ``gateway`` = handler − node; ``queue`` in the controller; ``dispatch`` = the decision to its message sent
     (with the inputs written); ``pipes`` = the message's way to the worker and the reply's back, each until
     the other end's loop or thread took it up; ``controller`` = the rest of node − worker (admission, the reply's
     handling); ``lane`` in the worker, behind a run queued ahead of it (:func:`lane_ms`); ``place`` (pinning,
@@ -593,7 +595,8 @@ def request_parts(r: dict) -> dict[str, float]:
     timed = r.get("to_worker_ms", -1.0) >= 0 and r.get("from_worker_ms", -1.0) >= 0
     dispatch = r["dispatch_ms"] if timed else 0.0
     pipes = r["to_worker_ms"] + r["from_worker_ms"] if timed else 0.0
-    return {"client": r["latency_ms"] - r["server_ms"], "gateway": r["server_ms"] - r["node_ms"],
+    read = max(0.0, r.get("read_ms", -1.0))
+    return {"client": r["latency_ms"] - r["server_ms"] - read, "read": read, "gateway": r["server_ms"] - r["node_ms"],
             "controller": r["node_ms"] - r["worker_ms"] - r["queue_ms"] - dispatch - pipes, "queue": r["queue_ms"],
             "dispatch": dispatch, "pipes": pipes, "lane": lane_ms(r),
             "place": ph.get("place", 0.0), "swap": ph.get("device", 0.0) if r["swapped"] else 0.0}

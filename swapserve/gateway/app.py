@@ -260,12 +260,14 @@ class InferCall:
 
 async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes | memoryview, header_length: str | None,
                        header_request_id: str | None, entered: float, call: InferCall,
-                       margins: Margins) -> oip.EncodedBody:
+                       margins: Margins, arrived: float | None = None) -> oip.EncodedBody:
     """An infer request's answer, whatever carries it (this app's route, :mod:`swapserve.gateway.fast`): decode
     and check the body, run it, encode the response. ``entered``: ``time.perf_counter()`` when the request
-    was taken up (the response's ``server_ms`` counts from it). The node is given the request's margin: the
-    time it spent here so far and what its answer is expected to take (``margins``; the caller teaches it,
-    :meth:`InferCall.learn`, once the answer is out)."""
+    was taken up (the response's ``server_ms`` counts from it); ``arrived``, where known, when its first bytes
+    were read (the response's ``read_ms`` counts from it to ``entered``: reading the rest, and the event loop's
+    turn to take it up). The node is given the request's margin: the time it spent here so far and what its
+    answer is expected to take (``margins``; the caller teaches it, :meth:`InferCall.learn`, once the answer is
+    out)."""
     name = info.spec.name
     req = await _maybe_thread(len(body), oip.decode_infer_request, body, info.spec, header_length)
     call.request_id = safe_request_id(req.id)
@@ -280,6 +282,8 @@ async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes | memoryvi
               "to_worker_ms": result.to_worker_ms, "from_worker_ms": result.from_worker_ms,
               "expected_ms": result.expected_ms, "answer_ms": result.answer_ms, "budget_ms": result.budget_ms,
               "server_ms": (time.perf_counter() - entered) * 1e3}  # request taken up → result, before encoding
+    if arrived is not None:
+        params["read_ms"] = (entered - arrived) * 1e3
     json_bytes = sum(result.outputs[o.name].nbytes for o in req.outputs if not o.binary and o.name in result.outputs)
     return await _maybe_thread(json_bytes, oip.encode_infer_response, name, str(info.version), result.outputs,
                                req.outputs, req.id, params)

@@ -191,6 +191,10 @@ class FastHTTP(asyncio.Protocol):
         self.chunks: list[bytes] = []
         """What was read and not yet taken up (joined only when needed: a large body arrives in many chunks)."""
         self.size = 0
+        self.arrived = 0.0
+        """``time.perf_counter()`` when the first bytes of the request now buffered were read (its ``read_ms``)."""
+        self.last_read = 0.0
+        """When the latest bytes were read."""
         self.head: _Head | None = None
         """The head of the request whose body is arriving, once parsed."""
         self.body_at = 0
@@ -224,6 +228,9 @@ class FastHTTP(asyncio.Protocol):
         self._drained = None
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = time.perf_counter()
+        if not self.size:
+            self.arrived = self.last_read
         self.chunks.append(data)
         self.size += len(data)
         if self.task is None:
@@ -270,8 +277,9 @@ class FastHTTP(asyncio.Protocol):
         buf = self._joined()
         head, body, rest = self.head, memoryview(buf)[self.body_at:end], buf[end:]
         self.head, self.chunks, self.size = None, [rest] if rest else [], len(rest)
+        arrived, self.arrived = self.arrived, self.last_read  # the next request's first bytes came with the last read
         self._disarm_idle()
-        self.task = asyncio.get_running_loop().create_task(self._serve(head, body))
+        self.task = asyncio.get_running_loop().create_task(self._serve(head, body, arrived))
 
     def _joined(self) -> bytes | bytearray:
         """What was read, as one buffer: joined into a bytearray when it came in several reads, whose binary
@@ -293,9 +301,9 @@ class FastHTTP(asyncio.Protocol):
         for chunk in chunks:
             handler.data_received(bytes(chunk))  # as a transport gives them (a joined read is a bytearray here)
 
-    async def _serve(self, head: _Head, body: memoryview) -> None:
+    async def _serve(self, head: _Head, body: memoryview, arrived: float) -> None:
         try:
-            await self._respond(head, body)
+            await self._respond(head, body, arrived)
         except BaseException:  # a bug past _answer's handlers, or cancelled at exit: end the connection, not hang it
             self.close()
             raise
@@ -306,10 +314,10 @@ class FastHTTP(asyncio.Protocol):
             self._arm_idle()
             self._next()
 
-    async def _respond(self, head: _Head, body: memoryview) -> None:
+    async def _respond(self, head: _Head, body: memoryview, arrived: float) -> None:
         entered = time.perf_counter()
         call = InferCall()
-        status, parts, headers, function = await self._answer(head, body, entered, call)
+        status, parts, headers, function = await self._answer(head, body, arrived, entered, call)
         elapsed = time.perf_counter() - entered
         route = ROUTES[head.version is not None]
         self.g.metrics.observe_http(route, "POST", status, elapsed)
@@ -338,7 +346,7 @@ class FastHTTP(asyncio.Protocol):
             if function is not None:
                 call.learn(self.g.margins, function)
 
-    async def _answer(self, head: _Head, body: memoryview, entered: float, call: InferCall,
+    async def _answer(self, head: _Head, body: memoryview, arrived: float, entered: float, call: InferCall,
                       ) -> tuple[int, tuple[bytes | memoryview, ...], dict[str, str], str | None]:
         """(status, body parts, headers, the function if it exists) — as the app's middleware and route answer."""
         limit = self.g.config.request_timeout_s
@@ -350,7 +358,7 @@ class FastHTTP(asyncio.Protocol):
                 info = function_at(self.g.node, head.name, head.version)
                 function = info.spec.name
                 encoded = await answer_infer(self.g.node, info, body, head.header_length, head.request_id, entered,
-                                             call, self.g.margins)
+                                             call, self.g.margins, arrived)
             status, parts = 200, encoded.parts
             headers["Content-Type"] = encoded.content_type
             if encoded.header_length is not None:

@@ -144,6 +144,17 @@ def test_the_way_to_the_worker_and_back_and_the_dispatch_are_parts_of_their_own(
     assert (trace_module.request_parts(old)["pipes"], trace_module.request_parts(old)["controller"]) == (0.0, 10.5)
 
 
+def test_the_serving_process_reading_a_request_is_a_part_of_its_own(trace_module):
+    """Records with ``read_ms`` (since session 23: the gateway's first bytes read → handler) take it out of the
+    client part; older records keep it there."""
+    r = _rec("f0-small", 14.0, server=5.0, node=4.5, worker=2.0) | {"read_ms": 6.5}
+    parts = trace_module.request_parts(r)
+    assert (parts["client"], parts["read"]) == (pytest.approx(2.5), 6.5)
+    assert trace_module.miss_causes([r], {"f0-small": 10.0})["worst_part"] == {"read": 1}
+    old = _rec("f0-small", 14.0, server=5.0, node=4.5, worker=2.0)
+    assert (trace_module.request_parts(old)["client"], trace_module.request_parts(old)["read"]) == (9.0, 0.0)
+
+
 def test_a_bursts_followers_are_counted_batched_or_alone(trace_module):
     """Within 10 ms of the request before of their function: batched with it (its run: the same run time in
     the same lane), or alone — and then late or not."""
@@ -190,10 +201,10 @@ def test_miss_causes_cli_lists_the_late_requests_with_their_parts(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     # The answered requests over their SLO, in send order: f1's queued one, f2's, f4's swap (not the refusal).
     assert [r.split(" | ")[1] for r in rows] == ["small", "small", "big"]
-    queued = dict(zip(("at", "model", "latency", "slo", "run", "client", "gateway", "controller", "queue"),
+    queued = dict(zip(("at", "model", "latency", "slo", "run", "client", "read", "gateway", "controller", "queue"),
                       (c.strip() for c in rows[0].strip("|").split("|"))))
     assert queued == {"at": "3.00", "model": "small", "latency": "14.0", "slo": "10.0", "run": "2.0",
-                      "client": "1.0", "gateway": "0.5", "controller": "2.5", "queue": "8.0"}
+                      "client": "1.0", "read": "0.0", "gateway": "0.5", "controller": "2.5", "queue": "8.0"}
 
 
 def test_followers_cli_says_how_long_after_its_leader_each_follower_finished(tmp_path):

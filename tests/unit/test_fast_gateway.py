@@ -169,6 +169,27 @@ def test_requests_arriving_in_pieces() -> None:
 
 
 @pytest.mark.usefixtures("loop")
+def test_read_ms_counts_from_a_requests_first_bytes_read() -> None:
+    """``read_ms``: from the first bytes of a request read to its handler: a body that comes 0.2 s after its head
+    counts that; a request read whole, or pipelined behind another (read with it), hardly anything."""
+    async def scenario(port: int, node: TinyNode) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = infer_head()
+        writer.write(request[:-len(BODY)])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(request[-len(BODY):])
+        slow = json.loads((await read_response(reader))[2])["parameters"]
+        writer.write(infer_head() + infer_head())
+        whole, behind = [json.loads((await read_response(reader))[2])["parameters"] for _ in range(2)]
+        assert 200 <= slow["read_ms"] < 2000, slow
+        assert 0 <= whole["read_ms"] < 100 and 0 <= behind["read_ms"] < 100, (whole, behind)
+        writer.close()
+
+    serve(scenario)
+
+
+@pytest.mark.usefixtures("loop")
 def test_connection_close_is_honoured() -> None:
     async def scenario(port: int, node: TinyNode) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
