@@ -582,15 +582,15 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
 
 
 def request_parts(r: dict) -> dict[str, float]:
-    """Where a completed request's time went (ms, from its raw record): ``client`` = client latency − the
-    gateway handler's time − ``read`` (HTTP both ways, the client's writing and reading); ``read`` = the serving
-    process's reading of the request, from its first bytes until the handler runs (records since session 23;
-    before, part of ``client``); ``gateway`` = handler − node; ``queue`` in the controller; ``dispatch`` = the decision to its message sent
-    (with the inputs written); ``pipes`` = the message's way to the worker and the reply's back, each until
-    the other end's loop or thread took it up; ``controller`` = the rest of node − worker (admission, the reply's
-    handling); ``lane`` in the worker, behind a run queued ahead of it (:func:`lane_ms`); ``place`` (pinning,
-    evictions, remaps in the worker); ``swap`` = the device phase of a swapped run. Records from before the
-    pipes were timed (2026-11-28's ninth session) count dispatch and pipes under controller."""
+    """Where a completed request's time went (ms, from its raw record): ``client`` = client latency − the gateway
+    handler's time − ``read`` (HTTP both ways, the client's writing and reading); ``read`` = the serving process's
+    reading of the request, from its first bytes until the handler runs (records since session 23; before, part of
+    ``client``); ``gateway`` = handler − node; ``queue`` in the controller; ``dispatch`` = the decision to its
+    message sent (with the inputs written); ``pipes`` = the message's way to the worker and the reply's back, each
+    until the other end's loop or thread took it up; ``controller`` = the rest of node − worker (admission, the
+    reply's handling); ``lane`` in the worker, behind a run queued ahead of it (:func:`lane_ms`); ``place``
+    (pinning, evictions, remaps in the worker); ``swap`` = the device phase of a swapped run. Records from before
+    the pipes were timed (2026-11-28's ninth session) count dispatch and pipes under controller."""
     ph = r.get("phases_ms") or {}
     timed = r.get("to_worker_ms", -1.0) >= 0 and r.get("from_worker_ms", -1.0) >= 0
     dispatch = r["dispatch_ms"] if timed else 0.0

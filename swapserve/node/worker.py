@@ -1,12 +1,12 @@
 """A worker process: the only owner of one device (its CUDA context, page pool and workspaces).
 
-Its main thread reads the commands of :mod:`swapserve.node.messages`; one thread per engine lane runs
-them and answers each (always that thread: cuBLAS keeps a handle per thread, and a graph captured on a thread
-new to a lane's stream got a cuBLAS workspace allocated into the lane's graph pool — session 23). Lane 0 takes every command except runs sent to lane 1, in the order they came;
-lane 1 runs resident models beside it (a run whose model is no longer wholly on the device by then moves
-to lane 0). Model weights come from the node's host store (mapped, never written); request tensors
-through its IO slab, where each lane has its own region. It exits when told to, or when the controller's
-end of the connection closes.
+Its main thread reads the commands of :mod:`swapserve.node.messages`; one thread per engine lane runs them and
+answers each (always that thread: cuBLAS keeps a handle per thread, and a graph captured on a thread new to a lane's
+stream got a cuBLAS workspace allocated into the lane's graph pool — session 23). Lane 0 takes every command except
+runs sent to lane 1, in the order they came; lane 1 runs resident models beside it (a run whose model is no longer
+wholly on the device by then moves to lane 0). Model weights come from the node's host store (mapped, never
+written); request tensors through its IO slab, where each lane has its own region. It exits when told to, or when
+the controller's end of the connection closes.
 """
 
 from __future__ import annotations

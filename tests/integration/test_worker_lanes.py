@@ -167,8 +167,8 @@ def test_the_worker_keeps_the_eviction_values_sent_before(make_artifact, shm_dir
 
 
 def test_runs_sent_to_both_lanes_with_a_stop_behind_them_are_all_answered_first(make_artifact, shm_dir: Path) -> None:
-    """Runs sent to both lanes back to back, the Stop right behind them: the worker's threads, which take turns
-    reading and running, answer every run (its model's output) before the Stop, and the worker exits cleanly."""
+    """Runs sent to both lanes back to back, the Stop right behind them: every run is answered (its model's
+    output) before the Stop, which waits for both lanes, and the worker exits cleanly."""
     from swapserve.node.messages import Stop
 
     a, module_a, (xa,) = make_artifact("mlp", seed=21, name="a")
