@@ -265,13 +265,13 @@ async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes | memoryvi
     and check the body, run it, encode the response. ``entered``: ``time.perf_counter()`` when the request
     was taken up (the response's ``server_ms`` counts from it); ``arrived``, where known, when its first bytes
     were read (the response's ``read_ms`` counts from it to ``entered``: reading the rest, and the event loop's
-    turn to take it up). The node is given the request's margin: the time it spent here so far and what its
-    answer is expected to take (``margins``; the caller teaches it, :meth:`InferCall.learn`, once the answer is
-    out)."""
+    turn to take it up). The node is given the request's margin: the time it spent here so far, from its first
+    bytes where known, and what its answer is expected to take (``margins``; the caller teaches it,
+    :meth:`InferCall.learn`, once the answer is out)."""
     name = info.spec.name
     req = await _maybe_thread(len(body), oip.decode_infer_request, body, info.spec, header_length)
     call.request_id = safe_request_id(req.id)
-    margin_ms = (time.perf_counter() - entered) * 1e3 + margins.after_ms(name)
+    margin_ms = (time.perf_counter() - (entered if arrived is None else arrived)) * 1e3 + margins.after_ms(name)
     result = await node.infer(name, req.inputs, req.id or safe_request_id(header_request_id), req.parameters,
                               margin_ms=margin_ms)
     call.answered, call.answer_ms = time.perf_counter(), result.answer_ms

@@ -171,7 +171,8 @@ def test_requests_arriving_in_pieces() -> None:
 @pytest.mark.usefixtures("loop")
 def test_read_ms_counts_from_a_requests_first_bytes_read() -> None:
     """``read_ms``: from the first bytes of a request read to its handler: a body that comes 0.2 s after its head
-    counts that; a request read whole, or pipelined behind another (read with it), hardly anything."""
+    counts that; a request read whole, or pipelined behind another (read with it), hardly anything. The margin
+    the node is given counts the reading too: the client's wait began with it."""
     async def scenario(port: int, node: TinyNode) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         request = infer_head()
@@ -184,6 +185,7 @@ def test_read_ms_counts_from_a_requests_first_bytes_read() -> None:
         whole, behind = [json.loads((await read_response(reader))[2])["parameters"] for _ in range(2)]
         assert 200 <= slow["read_ms"] < 2000, slow
         assert 0 <= whole["read_ms"] < 100 and 0 <= behind["read_ms"] < 100, (whole, behind)
+        assert node.margins[0] >= slow["read_ms"] >= 200 and node.margins[1] < 100, node.margins
         writer.close()
 
     serve(scenario)
