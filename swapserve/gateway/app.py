@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from aiohttp import web
 
 from swapserve import __version__, jsonio
 from swapserve.errors import AuthError, InvalidInputError, NotFoundError, SwapserveError, retry_after_s
+from swapserve.functions.spec import FunctionSpec
 from swapserve.gateway import management, oip
 from swapserve.gateway.common import (CONFIG, FUNCTION_KEY, MARGINS, METRICS, NODE, REQUEST_ID_HEADER, REQUEST_ID_KEY,
                                       GatewayMetrics, error_response, json_response, read_body, read_json_object, repository_entry,
@@ -225,7 +226,7 @@ async def infer(request: web.Request) -> web.Response:
             request[REQUEST_ID_KEY] = call.request_id
     headers = {oip.HEADER_LENGTH: str(encoded.header_length)} if encoded.header_length is not None else {}
     if encoded.nbytes <= STREAM_BYTES:
-        call.learn(margins, info.spec.name)  # (aiohttp writes it after this handler: not counted)
+        call.learn(margins)  # (aiohttp writes it after this handler: not counted)
         return web.Response(body=encoded.body, content_type=encoded.content_type, headers=headers)
     # Large binary outputs go out from the tensors themselves, part by part: no joined copy of the body.
     if (rid := _request_id(request)) is not None:
@@ -237,7 +238,7 @@ async def infer(request: web.Request) -> web.Response:
     for part in encoded.parts:
         await response.write(part)
     await response.write_eof()
-    call.learn(margins, info.spec.name)
+    call.learn(margins)
     return response
 
 
@@ -251,11 +252,20 @@ class InferCall:
     """``time.perf_counter()`` when the node's result came (None: it did not)."""
     answer_ms: float = 0.0
     """The node's own time after the run (:attr:`swapserve.node.api.InferResult.answer_ms`)."""
+    function: str = ""
+    shape: Hashable = None
+    """The function's declared outputs, as :class:`Margins` learns answers' shapes (:func:`answer_shape`)."""
 
-    def learn(self, margins: Margins, function: str) -> None:
+    def learn(self, margins: Margins) -> None:
         """The answer is out (encoded and written): teach ``margins`` its time after the run."""
         if self.answered is not None:
-            margins.observe(function, self.answer_ms + (time.perf_counter() - self.answered) * 1e3)
+            margins.observe(self.function, self.answer_ms + (time.perf_counter() - self.answered) * 1e3, self.shape)
+
+
+def answer_shape(spec: FunctionSpec) -> Hashable:
+    """What an answer's time after its run depends on, of a function's declaration: its outputs' datatypes and
+    shapes (the same bytes a row), not their names."""
+    return tuple((o.datatype, o.shape) for o in spec.outputs)
 
 
 async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes | memoryview, header_length: str | None,
@@ -268,13 +278,14 @@ async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes | memoryvi
     turn to take it up). The node is given the request's margin: the time it spent here so far, from its first
     bytes where known, and what its answer is expected to take (``margins``; the caller teaches it,
     :meth:`InferCall.learn`, once the answer is out)."""
-    name = info.spec.name
+    name, shape = info.spec.name, answer_shape(info.spec)
     req = await _maybe_thread(len(body), oip.decode_infer_request, body, info.spec, header_length)
     call.request_id = safe_request_id(req.id)
-    margin_ms = (time.perf_counter() - (entered if arrived is None else arrived)) * 1e3 + margins.after_ms(name)
+    margin_ms = ((time.perf_counter() - (entered if arrived is None else arrived)) * 1e3
+                 + margins.after_ms(name, shape))
     result = await node.infer(name, req.inputs, req.id or safe_request_id(header_request_id), req.parameters,
                               margin_ms=margin_ms)
-    call.answered, call.answer_ms = time.perf_counter(), result.answer_ms
+    call.answered, call.answer_ms, call.function, call.shape = time.perf_counter(), result.answer_ms, name, shape
     # A handler's own parameters first: ours (timings) describe the run and are never shadowed.
     params = {**result.parameters, "device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
               "compute_ms": result.compute_ms, "total_ms": result.total_ms, "dispatch_ms": result.dispatch_ms,

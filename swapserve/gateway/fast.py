@@ -343,8 +343,7 @@ class FastHTTP(asyncio.Protocol):
                 transport.writelines(message)
                 if self._drained is not None:
                     await self._drained
-            if function is not None:
-                call.learn(self.g.margins, function)
+            call.learn(self.g.margins)
 
     async def _answer(self, head: _Head, body: memoryview, arrived: float, entered: float, call: InferCall,
                       ) -> tuple[int, tuple[bytes | memoryview, ...], dict[str, str], str | None]:

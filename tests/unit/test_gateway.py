@@ -198,6 +198,21 @@ def test_the_node_is_given_the_margin_the_gateway_learned_from_earlier_answers()
     run(scenario)
 
 
+def test_a_function_yet_to_answer_is_given_the_margin_of_answers_shaped_as_its() -> None:
+    """Until a function has answered, its margin is what answers of the same declared outputs took, whichever
+    function gave them ("busy" declares what "linear" does; "mixed" other outputs)."""
+    async def scenario(c: atu.TestClient, node: TinyNode) -> None:
+        node.answer_ms = 40.0
+        assert (await infer(c, "linear", {"x": torch.randn(1, 4)}))[0].status == 200
+        assert (await infer(c, "busy", {"x": torch.randn(1, 4)}))[0].status == 429
+        assert (await infer(c, "mixed", {"a": torch.ones(1, 2, dtype=torch.float16),
+                                         "ids": torch.ones(1, 2, dtype=torch.int64)}))[0].status == 200
+        assert node.margins[1] > 40.0, "linear's answer taught busy's first margin"
+        assert node.margins[2] < 40.0, "nothing learned of mixed's shape yet"
+
+    run(scenario)
+
+
 def test_json_route_runs_a_handler_on_any_json_value() -> None:
     async def scenario(c: atu.TestClient, node: TinyNode) -> None:
         r = await c.post("/v1/functions/linear/invoke?lang=en", data=b'[1, "two", {"3": null}]')

@@ -29,3 +29,16 @@ def test_it_settles_above_the_mean_of_varying_times() -> None:
     for i in range(2000):
         m.observe("f", 1.0 if i % 2 else 9.0)
     assert 6.5 < m.after_ms("f") < 8.5
+
+
+def test_a_function_without_answers_takes_the_estimate_of_answers_shaped_as_its() -> None:
+    m = Margins()
+    m.observe("gpt2-a", 12.0, shape="logits")
+    m.observe("tiny", 0.5, shape="small")
+    assert m.after_ms("gpt2-b", "logits") == 12.0, "its shape's, learned from another function"
+    assert m.after_ms("gpt2-b", "other") == 0.0 and m.after_ms("gpt2-b") == 0.0
+    m.observe("gpt2-b", 4.0, shape="logits")
+    assert m.after_ms("gpt2-b", "logits") == 4.0, "its own once it has answered"
+    assert m.after_ms("gpt2-c", "logits") == pytest.approx(11.6), "the shape's learns from both"
+    m.observe("gpt2-d", float("nan"), shape="logits")
+    assert m.after_ms("gpt2-d", "logits") == pytest.approx(11.6)

@@ -50,7 +50,7 @@ class TinyNode:
         self.side_fetch = False
         self.request_ids: list[str | None] = []
         self.margins: list[float] = []
-        """The gateway's margin given with each infer call."""
+        """The gateway's margin given with each infer call of a ready function (failing ones too)."""
         self.answer_ms = 0.0
         """What each answer says the node took after its run (``InferResult.answer_ms``)."""
         self.deployed: list[list[str]] = []
@@ -141,6 +141,7 @@ class TinyNode:
         info, run = self.functions[self.get_function(name).spec.name]
         if info.state is not FunctionState.READY:
             raise UnavailableError(f"function {name!r} is {info.state.value}")
+        self.margins.append(margin_ms)
         if name in self.errors:
             raise self.errors[name]
         if name == "hang":
@@ -150,7 +151,6 @@ class TinyNode:
                 self.cancelled.append(name)
                 raise
         self.request_ids.append(request_id)
-        self.margins.append(margin_ms)
         with torch.no_grad():  # parameters come back as a handler's would
             return InferResult(run(inputs), device="cpu", total_ms=0.1, parameters=dict(parameters or {}),
                                answer_ms=self.answer_ms)
