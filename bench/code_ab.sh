@@ -6,7 +6,11 @@
 # paired differences resolve a few hundred µs per request, and whether the pairs agree says how sure that is.
 #
 #   bench/code_ab.sh BASE OUT [N] [PAIRS]      (DURATION, WARMUP, MAX_BATCH as for bench/trace.py; defaults 20, 5, 1;
-#                                               TRACE_ARGS: more of trace.py's flags, e.g. "--peer-copies")
+#                                               TRACE_ARGS: more of trace.py's flags, e.g. "--peer-copies";
+#                                               NEW_ARGS, BASE_ARGS: flags for one side's replays only)
+#
+# A setting the node cannot change while it runs (``serve --fronts``) is paired the same way: BASE a copy of this
+# tree, NEW_ARGS="--fronts 2".
 #
 # Each run writes OUT/{new,base}_<pair>/ (trace.json, trace.md, trace_raw/, the node's log). The device tool
 # returns a limited number of files: tar OUT before it comes back.
@@ -35,7 +39,9 @@ run() {  # run VERSION PAIR
   local tree=$WORK/$1_tree
   mkdir -p "$WORK/$1"
   echo "=== $(date -u +%T) $1, pair $2 of $PAIRS"
-  (cd "$tree" && PYTHONPATH="$tree" python3 bench/trace.py --out "$OUT/$1_$2" --work "$WORK/$1" "${ARGS[@]}")
+  local side=NEW_ARGS; [ "$1" = base ] && side=BASE_ARGS
+  # shellcheck disable=SC2086  # the side's flags split into words, as TRACE_ARGS do
+  (cd "$tree" && PYTHONPATH="$tree" python3 bench/trace.py --out "$OUT/$1_$2" --work "$WORK/$1" "${ARGS[@]}" ${!side:-})
 }
 for i in $(seq 1 "$PAIRS"); do
   if [ $((i % 2)) = 1 ]; then run new "$i"; run base "$i"; else run base "$i"; run new "$i"; fi
