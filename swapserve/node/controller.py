@@ -193,6 +193,8 @@ class Node:
         """Restarts so far, by device index."""
         self._restarting: set[asyncio.Task[None]] = set()
         self._watchers: list[Callable[[str | None], None]] = []
+        self.loads = LoadTimes()
+        """Where the models loaded so far spent their loading (the start's progress lines say it)."""
         self.dispatch = Dispatcher(self.state, self.scheduler, self._workers, self.store, self._models,
                                    self._entities, self.metrics, clock, self._released,
                                    len(cfg.devices), cfg.lanes)
@@ -248,8 +250,8 @@ class Node:
                 self._changed(r.name)
         if records:
             progress(f"loading {len(records)} registered functions")
-        gate = asyncio.Semaphore(8)  # host-store fills overlap each other and the workers' preparation
-        loading = _Progress(len(records), self.store, progress)
+        gate = asyncio.Semaphore(LOAD_AT_ONCE)
+        loading = _Progress(len(records), self.store, progress, self.loads)
 
         async def bring_up(rec: Any) -> None:
             async with gate:
@@ -501,10 +503,13 @@ class Node:
     async def _load_everywhere(self, entity: str, art: Artifact) -> str:
         """Fill the host store and add the model to every worker (capturing its graphs there)."""
         key = handlers.store_key(entity, uuid.uuid4().hex[:8])
+        began = time.monotonic()
         await asyncio.to_thread(self.store.add, key, art)
+        filled = time.monotonic()
         try:
             replies = await self._install(self._live_workers(), key, art)
             _raise_first(replies)
+            self.loads.add(filled - began, time.monotonic() - filled)
             if replies:  # prepared: the resident run times measured there
                 self._seed_profile(entity, replies, self.store.get(key).nbytes)
             # A worker started again meanwhile (:meth:`_restart`) adds what serves; this is not serving yet.
@@ -875,22 +880,49 @@ def _check_inputs(fspec: FunctionSpec, manifest: Any, inputs: dict[str, torch.Te
     return out, batch or 1
 
 
+LOAD_AT_ONCE = 8
+"""Functions a starting node loads at once: host-store fills overlap each other and the workers' preparation."""
+
+
+@dataclass
+class LoadTimes:
+    """Where loading models went: seconds summed over the models loaded (several at once)."""
+
+    models: int = 0
+    fill_s: float = 0.0
+    """Writing each model's buffer into the host store."""
+    install_s: float = 0.0
+    """Adding it to every worker and preparing it there (its graphs captured, each batch size run once)."""
+
+    def add(self, fill_s: float, install_s: float) -> None:
+        self.models += 1
+        self.fill_s += fill_s
+        self.install_s += install_s
+
+
 class _Progress:
     """Start-up progress (a node of a thousand functions takes minutes to load): at most one line every
-    ``every_s`` seconds, and the last."""
+    ``every_s`` seconds, and the last — with what a model's load took on average since the start, split into
+    its host-store fill and its preparation on the workers, which says what bounds the start."""
 
-    def __init__(self, total: int, store: HostStore, say: Callable[[str], None], every_s: float = 10.0):
-        self.total, self.store, self.say, self.every_s = total, store, say, every_s
+    def __init__(self, total: int, store: HostStore, say: Callable[[str], None], loads: LoadTimes,
+                 every_s: float = 10.0):
+        self.total, self.store, self.say, self.loads, self.every_s = total, store, say, loads, every_s
         self.done = 0
         self.started = self.last = time.monotonic()
+        self.base = replace(loads)
 
     def one_done(self) -> None:
         self.done += 1
         now = time.monotonic()
         if self.done == self.total or now - self.last >= self.every_s:
             self.last = now
+            n = self.loads.models - self.base.models
+            split = (f"; a model's fill {(self.loads.fill_s - self.base.fill_s) / n:.2f} s, its preparation on the "
+                     f"workers {(self.loads.install_s - self.base.install_s) / n:.2f} s, {LOAD_AT_ONCE} at a time"
+                     if n else "")
             self.say(f"loaded {self.done} of {self.total} functions in {now - self.started:.0f} s (host store "
-                     f"{self.store.used_bytes / 1e9:.1f} GB)")
+                     f"{self.store.used_bytes / 1e9:.1f} GB{split})")
 
 
 def _raise_first(replies: list[Any]) -> None:
