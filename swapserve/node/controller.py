@@ -902,25 +902,23 @@ class LoadTimes:
 
 class _Progress:
     """Start-up progress (a node of a thousand functions takes minutes to load): at most one line every
-    ``every_s`` seconds, and the last — with what a model's load took on average since the start, split into
-    its host-store fill and its preparation on the workers, which says what bounds the start."""
+    ``every_s`` seconds, and the last — with what a model's load took on average (``loads``, the node's since
+    its start), split into its host-store fill and its preparation on the workers: what bounds the start."""
 
     def __init__(self, total: int, store: HostStore, say: Callable[[str], None], loads: LoadTimes,
                  every_s: float = 10.0):
         self.total, self.store, self.say, self.loads, self.every_s = total, store, say, loads, every_s
         self.done = 0
         self.started = self.last = time.monotonic()
-        self.base = replace(loads)
 
     def one_done(self) -> None:
         self.done += 1
         now = time.monotonic()
         if self.done == self.total or now - self.last >= self.every_s:
             self.last = now
-            n = self.loads.models - self.base.models
-            split = (f"; a model's fill {(self.loads.fill_s - self.base.fill_s) / n:.2f} s, its preparation on the "
-                     f"workers {(self.loads.install_s - self.base.install_s) / n:.2f} s, {LOAD_AT_ONCE} at a time"
-                     if n else "")
+            n, loads = self.loads.models, self.loads
+            split = (f"; a model's fill {loads.fill_s / n:.2f} s, its preparation on the workers "
+                     f"{loads.install_s / n:.2f} s, {LOAD_AT_ONCE} at a time" if n else "")
             self.say(f"loaded {self.done} of {self.total} functions in {now - self.started:.0f} s (host store "
                      f"{self.store.used_bytes / 1e9:.1f} GB{split})")
 

@@ -192,9 +192,10 @@ async def stop(w: WorkerHandle, timeout: float) -> None:
         asyncio.get_running_loop().remove_reader(w.conn.fileno())
     except (ValueError, OSError):
         pass
-    # A worker that answered ends by itself, and its exit frees its device memory and page locks: with a large
-    # host store that takes the kernel seconds (12-15 s for 187 GB on two H200s). Waited for off the event loop,
-    # where the other workers' answers to their Stop come meanwhile (a join here held them: they timed out).
+    # A worker that answered ends by itself, and its exit frees its device memory and page locks, which can take
+    # seconds (the workers of an N = 800 node on two H200s, a 187 GB host store, ended 12-15 s after they were
+    # told). Waited for off the event loop, where the other workers' answers to their Stop come meanwhile (a join
+    # here held them: they timed out).
     await asyncio.to_thread(w.process.join, EXIT_S if answered else max(0.1, timeout))
     if late:  # how late: a worker that ends soon after its time was slow, not stuck
         log.warning("worker %d %s %.1f s after it was told to stop", w.index,
