@@ -1,0 +1,32 @@
+# What every run script on a lent GPU machine does first (sourced, from the working tree's root):
+#
+#   source bench/lease.sh SCRIPT [RESULTS] [COPY]
+#
+# - RESULTS (default /tmp/res4) emptied; everything the script prints from here on also goes to
+#   RESULTS/session.log, and SCRIPT is copied there (what ran beside what it gave);
+# - the tree (swapserve, bench, tests, examples, pyproject.toml) copied to COPY (default /tmp/tree) and the
+#   script continues there with PYTHONPATH on it: the device tool's next call replaces the working tree, and a
+#   replay once lost its working directory under it;
+# - /dev/shm enlarged (the host store lives there) where the machine lets it be;
+# - orjson installed from .whl/orjson when carried (the lent machines have no package registry);
+# - RESULTS/machine.txt: the GPUs, their links, CPUs, memory and the commit.
+LEASE_RESULTS=${2:-/tmp/res4}
+LEASE_COPY=${3:-/tmp/tree}
+rm -rf "$LEASE_RESULTS" "$LEASE_COPY"
+mkdir -p "$LEASE_RESULTS" "$LEASE_COPY"
+exec > >(tee -a "$LEASE_RESULTS/session.log") 2>&1
+cp "${1:?the run script}" "$LEASE_RESULTS/"
+cp -r swapserve bench tests examples pyproject.toml "$LEASE_COPY/"
+mount -o remount,size=225G /dev/shm 2>/dev/null || true
+export PYTHONUNBUFFERED=1
+if [ -d .whl/orjson ]; then
+  python -m pip install --no-index --no-deps --find-links .whl/orjson orjson 2>&1 | tail -1
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,pcie.link.gen.max,pcie.link.width.max \
+    --format=csv
+  nvidia-smi topo -m; nproc; free -g; lscpu | grep "Model name"; git log --oneline -1
+  cat /sys/kernel/mm/transparent_hugepage/shmem_enabled; grep /dev/shm /proc/mounts
+} > "$LEASE_RESULTS/machine.txt" 2>&1
+cat "$LEASE_RESULTS/machine.txt"
+cd "$LEASE_COPY" || exit 1
+export PYTHONPATH=$LEASE_COPY
