@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,20 @@ class Artifact:
 
     def open_weights(self) -> MappedSafetensors:
         return MappedSafetensors(self.weights_path)
+
+    def structure(self) -> str:
+        """A digest of what the model's run time depends on besides its weights' values: its program (or its
+        architecture) and its tensors' dtypes and shapes. Two artifacts of one model structure — tenants'
+        copies of one base model, say — have the same, whatever their weights or names; the node learns run
+        times per structure (reads the program file: call it off the event loop)."""
+        m = self.manifest
+        digest = hashlib.sha256(json.dumps(
+            [m.kind, m.architecture, m.aliases, m.max_batch,
+             *([(t.dtype, t.shape, getattr(t, "index_bound", None)) for t in ts]
+               for ts in (m.inputs, m.outputs, m.weights))], default=str).encode())
+        if m.kind == "exported":
+            digest.update(self.program_path.read_bytes())
+        return digest.hexdigest()[:24]
 
     def examples(self, batch: int = 1) -> list[torch.Tensor]:
         """The example inputs shipped with the artifact, repeated to ``batch``."""

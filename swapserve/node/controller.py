@@ -131,6 +131,8 @@ class _Model:
     """Host-store / worker key of the loaded version."""
     artifact: Artifact
     outputs: tuple[str, ...]
+    profile: ModelProfile
+    """The scheduler's profile of its structure, shared by every entity of that structure (:meth:`Node._profile`)."""
 
     def answer_bytes(self, items: int) -> int:
         """The bytes a run of ``items`` rows writes into the IO slab: its outputs, each aligned there."""
@@ -195,6 +197,8 @@ class Node:
         self._watchers: list[Callable[[str | None], None]] = []
         self.loads = LoadTimes()
         """Where the models loaded so far spent their loading (the start's progress lines say it)."""
+        self._structures: dict[str, ModelProfile] = {}
+        """The scheduler's profile of each model structure loaded, shared by its entities (:meth:`_profile`)."""
         self.dispatch = Dispatcher(self.state, self.scheduler, self._workers, self.store, self._models,
                                    self._entities, self.metrics, clock, self._released,
                                    len(cfg.devices), cfg.lanes)
@@ -495,14 +499,16 @@ class Node:
                                      return_exceptions=True)
         failed = [r for r in loads if isinstance(r, BaseException)]
         if failed:
-            await asyncio.gather(*(self._unload_everywhere(k) for k in loads if isinstance(k, str)))
+            await asyncio.gather(*(self._unload_everywhere(k[0]) for k in loads if isinstance(k, tuple)))
             raise failed[0]
-        return {n: _Model(handlers.entity(spec, n), key, arts[n], tuple(o.name for o in arts[n].manifest.outputs))
-                for n, key in zip(names, loads)}  # type: ignore[misc]
+        return {n: _Model(handlers.entity(spec, n), key, arts[n], tuple(o.name for o in arts[n].manifest.outputs),
+                          profile) for n, (key, profile) in zip(names, loads)}  # type: ignore[misc]
 
-    async def _load_everywhere(self, entity: str, art: Artifact) -> str:
-        """Fill the host store and add the model to every worker (capturing its graphs there)."""
+    async def _load_everywhere(self, entity: str, art: Artifact) -> tuple[str, ModelProfile]:
+        """Fill the host store and add the model to every worker (capturing its graphs there); its key and its
+        structure's profile."""
         key = handlers.store_key(entity, uuid.uuid4().hex[:8])
+        structure = await asyncio.to_thread(art.structure)
         began = time.monotonic()
         await asyncio.to_thread(self.store.add, key, art)
         filled = time.monotonic()
@@ -510,14 +516,13 @@ class Node:
             replies = await self._install(self._live_workers(), key, art)
             _raise_first(replies)
             self.loads.add(filled - began, time.monotonic() - filled)
-            if replies:  # prepared: the resident run times measured there
-                self._seed_profile(entity, replies, self.store.get(key).nbytes)
+            profile = self._profile(structure, replies, art.manifest.nbytes)
             # A worker started again meanwhile (:meth:`_restart`) adds what serves; this is not serving yet.
             _raise_first(await self._install([w for w in self._live_workers() if key not in w.models], key, art))
         except BaseException:
             await self._unload_everywhere(key)
             raise
-        return key
+        return key, profile
 
     async def _install(self, workers: list[wk.WorkerHandle], key: str, art: Artifact) -> list[Any]:
         """Add a model (already in the host store) to ``workers`` and, with ``prepare_on_deploy``, capture its
@@ -539,18 +544,26 @@ class Node:
         finally:
             self.store.release(key)
 
-    def _seed_profile(self, name: str, replies: list[Any], nbytes: int) -> None:
-        """A model's resident run times by batch size from its Prepare on each worker (the fastest of them),
-        replacing what was known of the name's model before (a redeploy may bring another model)."""
+    def _profile(self, structure: str, replies: list[Any], nbytes: int) -> ModelProfile:
+        """The scheduler's profile of a model's structure (:meth:`Artifact.structure`), shared by every entity
+        of that structure (:meth:`_add_entity`): what the scheduler learns from one's runs (their times, a
+        swap's overhead) serves them all. With hundreds of functions of a few requests a minute, each
+        function's own runs teach it little — in session 24's two-GPU replays at N = 800 a function swapped
+        about twice — and the runs of one structure are alike. A structure new to the node is seeded with the
+        resident run times by batch size from the model's Prepare on each worker (the fastest of them;
+        ``replies``); a known one keeps what its runs taught it, taking only batch sizes it has no time for."""
         measured: dict[int, float] = {}
         for r in replies:
             if r.ok and isinstance(r.result, Prepared):
                 for b, ms in r.result.exec_ms.items():
                     measured[b] = min(ms, measured.get(b, ms))
-        prof = self.state.profiles.setdefault(name, ModelProfile(nbytes))
-        prof.nbytes = nbytes
-        if measured:
-            prof.exec_ms = measured
+        prof = self._structures.get(structure)
+        if prof is None:
+            prof = self._structures[structure] = ModelProfile(nbytes, measured)
+        else:
+            for b, ms in measured.items():
+                prof.exec_ms.setdefault(b, ms)
+        return prof
 
     async def _unload_everywhere(self, key: str) -> None:
         for w in self._workers:
@@ -600,7 +613,7 @@ class Node:
             self.state.queues[name] = FunctionQueue(name, spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy)
         else:
             q.slo_ms, q.max_batch, q.max_queue, q.late_policy = spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy
-        self.state.profiles.setdefault(name, ModelProfile(nbytes)).nbytes = nbytes
+        self.state.profiles[name] = m.profile  # the name's model before (a redeploy may bring another) keeps its own
         self.state.touch(name)
         if self.cfg.policy == "dedicated" and name not in self.state.dedicated:
             self._dedicate(name, nbytes)
@@ -614,6 +627,8 @@ class Node:
         self.state.queues.pop(name, None)
         self.state.dedicated.pop(name, None)
         self.state.profiles.pop(name, None)
+        held = {id(p) for p in self.state.profiles.values()}  # structures no entity has any more (or a failed load)
+        self._structures = {k: p for k, p in self._structures.items() if id(p) in held}
         if (m := self._models.pop(name, None)) is not None:
             self._entities.pop(m.key, None)
         for d in self.state.devices:  # the workers' later reports of its key no longer name it

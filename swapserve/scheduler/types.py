@@ -60,8 +60,9 @@ class LinkProfile:
 
 @dataclass
 class ModelProfile:
-    """Per function: what a run costs. Seeded at deploy by a resident run at each batch size the model runs at
-    (the worker's ``Prepare``), refined from completions."""
+    """What a run of a model costs. Seeded at deploy by a resident run at each batch size the model runs at
+    (the worker's ``Prepare``), refined from completions. The node gives every function of one model structure
+    the same profile object (``Node._profile``), so that each learns from all their runs."""
 
     nbytes: int
     exec_ms: dict[int, float] = field(default_factory=dict)

@@ -109,6 +109,17 @@ def test_static_batch_and_custom_names(make_artifact, tmp_path):
     assert not (tmp_path / "bad-names").exists() and not (tmp_path / "no-examples").exists()
 
 
+def test_structure_is_the_same_for_other_weights_and_names_not_for_another_shape(make_artifact):
+    """What the node learns run times by: two builds of one model with other weights (another seed) and another
+    name share it; another dtype, batch or model does not."""
+    a = make_artifact("mlp", seed=0)[0]
+    same = make_artifact("mlp", seed=1, name="tenant-b")[0]
+    assert a.structure() == same.structure()
+    assert a.structure() != make_artifact("mlp", seed=2, dtype=torch.float16)[0].structure()
+    assert a.structure() != make_artifact("mlp", seed=3, max_batch=8)[0].structure()
+    assert a.structure() != make_artifact("tied")[0].structure()
+
+
 def test_tied_weights_are_stored_once_with_an_alias(make_artifact):
     art, module, _ = make_artifact("tied")
     m = art.manifest
