@@ -8,7 +8,8 @@ longer than expected is placed and admitted too eagerly, one that takes less is 
     python bench/estimates.py TRACE_DIR [TRACE_DIR ...]
 
 Prints one markdown row per model and kind of run: runs, the medians of the run and of the estimate, and the
-10th, 50th and 90th percentiles of run / estimate; then the same for runs of one request against batches.
+10th, 50th and 90th percentiles of run / estimate; then the same for runs of one request against batches; then,
+per replay, how far runs were from their estimates, as dispatched and with a correction learned per model.
 """
 
 from __future__ import annotations
@@ -25,20 +26,49 @@ from trace import model_of, read_raw  # noqa: E402  (bench/trace.py)
 
 
 def runs(directory: Path) -> list[dict]:
-    """One record per run (a batch's requests share their run: the same function, lane and run time) of every
-    replay in ``directory/trace_raw`` that reported its estimate, with ``requests``: how many it answered."""
-    out = []
-    for records in read_raw(directory).values():
-        first: dict[tuple, dict] = {}
-        for r in records:
-            key = (r["function"], r.get("lane"), r.get("compute_ms"))
-            if r["status"] != 200 or r.get("expected_ms", -1.0) <= 0:
-                continue
-            if key in first:
-                first[key]["requests"] += 1
-            else:
-                first[key] = r | {"requests": 1}
-        out += first.values()
+    """One record per run of every replay in ``directory/trace_raw`` (:func:`replay_runs`)."""
+    return [r for records in read_raw(directory).values() for r in replay_runs(records)]
+
+
+def replay_runs(records: list[dict]) -> list[dict]:
+    """One record per run (a batch's requests share their run: the same function, lane and run time) of a
+    replay that reported its estimate, with ``requests``: how many it answered; in send order."""
+    first: dict[tuple, dict] = {}
+    for r in sorted(records, key=lambda r: r["at_s"]):
+        key = (r["function"], r.get("lane"), r.get("compute_ms"))
+        if r["status"] != 200 or r.get("expected_ms", -1.0) <= 0:
+            continue
+        if key in first:
+            first[key]["requests"] += 1
+        else:
+            first[key] = r | {"requests": 1}
+    return list(first.values())
+
+
+LEARN = 0.2
+"""Weight of a run in :func:`per_model`'s correction (the scheduler's ``EXEC_WEIGHT``)."""
+
+
+def per_model(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """How far each run of a replay (in send order) was from its estimate, in ms — as dispatched, and with a
+    correction learned per model from the runs before it: for swaps the mean excess (run − estimate), for
+    resident runs the mean ratio, each moved :data:`LEARN` of the way by every run. What sharing one profile
+    among a model's functions could learn, where each function's own profile sees a few runs a replay."""
+    out: dict[str, tuple[list[float], list[float]]] = {"swapped": ([], []), "resident": ([], [])}
+    excess: dict[str, float] = {}
+    ratio: dict[str, float] = {}
+    for r in records:
+        model, run, est = model_of(r["function"]), r["compute_ms"], r["expected_ms"]
+        kind = "swapped" if r["swapped"] else "resident"
+        out[kind][0].append(run - est)
+        if r["swapped"]:
+            e = excess.get(model, 0.0)
+            out[kind][1].append(run - (est + e))
+            excess[model] = e + LEARN * (run - est - e)
+        else:
+            q = ratio.get(model, 1.0)
+            out[kind][1].append(run - est * q)
+            ratio[model] = q + LEARN * (run / est - q)
     return out
 
 
@@ -86,6 +116,18 @@ def main() -> None:
         print("| runs of | run | runs | run ms (median) | expected ms (median) | run / expected p10 | p50 | p90 |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         print("\n".join(rows(by_batch(records))) + "\n")
+        print("A correction learned per model, replayed on each replay's runs in send order (`per_model`): how far "
+              "runs were from their estimate, as dispatched and corrected.\n")
+        print("| replay | run | runs | \\|error\\| ms p50 | p90 | over by > 1 ms | corrected \\|error\\| p50 | p90 | "
+              "over by > 1 ms |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, replay in read_raw(d).items():
+            for kind, (raw, fixed) in per_model(replay_runs(replay)).items():
+                if raw:
+                    print(f"| {name} | {kind} | {len(raw)} | " + " | ".join(
+                        f"{percentile([abs(x) for x in v], 50):.2f} | {percentile([abs(x) for x in v], 90):.2f} | "
+                        f"{sum(x > 1.0 for x in v) / len(v):.1%}" for v in (raw, fixed)) + " |")
+        print()
 
 
 if __name__ == "__main__":
