@@ -34,7 +34,7 @@ def replay_runs(records: list[dict]) -> list[dict]:
     """One record per run (a batch's requests share their run: the same function, lane and run time) of a
     replay that reported its estimate, with ``requests``: how many it answered; in send order."""
     first: dict[tuple, dict] = {}
-    for r in sorted(records, key=lambda r: r["at_s"]):
+    for r in sorted(records, key=lambda r: r.get("at_s", 0.0)):  # stable: records without it keep their order
         key = (r["function"], r.get("lane"), r.get("compute_ms"))
         if r["status"] != 200 or r.get("expected_ms", -1.0) <= 0:
             continue
