@@ -613,7 +613,10 @@ class Node:
             self.state.queues[name] = FunctionQueue(name, spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy)
         else:
             q.slo_ms, q.max_batch, q.max_queue, q.late_policy = spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy
+        replaced = self.state.profiles.get(name)
         self.state.profiles[name] = m.profile  # the name's model before (a redeploy may bring another) keeps its own
+        if replaced is not None and replaced is not m.profile:
+            self._forget_structures()
         self.state.touch(name)
         if self.cfg.policy == "dedicated" and name not in self.state.dedicated:
             self._dedicate(name, nbytes)
@@ -627,8 +630,7 @@ class Node:
         self.state.queues.pop(name, None)
         self.state.dedicated.pop(name, None)
         self.state.profiles.pop(name, None)
-        held = {id(p) for p in self.state.profiles.values()}  # structures no entity has any more (or a failed load)
-        self._structures = {k: p for k, p in self._structures.items() if id(p) in held}
+        self._forget_structures()
         if (m := self._models.pop(name, None)) is not None:
             self._entities.pop(m.key, None)
         for d in self.state.devices:  # the workers' later reports of its key no longer name it
@@ -636,6 +638,12 @@ class Node:
             d.partial.pop(name, None)
         if "/" in name:  # a handler's model: its series are not the function's (the gateway forgets those)
             self.metrics.forget_function(name)
+
+    def _forget_structures(self) -> None:
+        """Forget the profiles of structures no entity has any more (its last function deleted or redeployed
+        with another model, or a load that failed)."""
+        held = {id(p) for p in self.state.profiles.values()}
+        self._structures = {k: p for k, p in self._structures.items() if id(p) in held}
 
     def _dedicate(self, name: str, nbytes: int) -> None:
         """Dedicated baseline: pin the function to the first device whose pool still has room for it."""
