@@ -30,6 +30,10 @@ import time
 from datetime import date
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from swapserve.engine.store import _pwrite_all  # noqa: E402
+
 CHUNK = 64 << 20
 """Bytes per ``pwrite`` (the store writes a tensor per call) and per copy to the GPU."""
 
@@ -42,10 +46,7 @@ def fill(path: Path, nbytes: int) -> tuple[mmap.mmap, float]:
     try:
         os.ftruncate(fd, nbytes)
         for off in range(0, nbytes, CHUNK):
-            part = memoryview(data)[:min(CHUNK, nbytes - off)]
-            while part:  # a short write: the rest again
-                n = os.pwrite(fd, part, off)
-                part, off = part[n:], off + n
+            _pwrite_all(fd, memoryview(data)[:min(CHUNK, nbytes - off)], off)  # the store's own writes
         mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
