@@ -60,7 +60,8 @@ def test_every_answer_under_bursts_of_swaps_is_its_own_models(tmp_path: Path, mo
         name = f"deep{i}"
         src = write_function_dir(tmp_path / "src" / name,
                                  spec_dict(name, [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}],
-                                           [{"name": "y", "datatype": "FP32", "shape": [-1, 8]}], max_batch=4),
+                                           [{"name": "y", "datatype": "FP32", "shape": [-1, 8]}], max_batch=4,
+                                           max_queue=REQUESTS),  # never refused: the test checks answers
                                  DEEP_PY.replace("SEED", str(100 + i)))
         bundles.append(tmp_path / "bundles" / name)
         build_bundle(src, bundles[-1], progress=lambda line: None)
