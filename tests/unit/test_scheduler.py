@@ -104,6 +104,41 @@ def test_a_device_out_of_service_gets_nothing_and_lends_nothing(policy):
         assert not sched.decide(s, T0).dispatches
 
 
+def _full_pools(s: NodeState, rates: tuple[float, float]) -> None:
+    """Each device's pool full of 1 GB models, called ``rates[d]`` times a second (recently)."""
+    for d, rate in enumerate(rates):
+        for i in range(s.devices[d].pool_bytes // GB):
+            name = f"m{d}{i}"
+            fq = fn(s, name, exec_ms={1: 1.0})
+            fq.rate, fq.last_arrival = rate, T0 - 1
+            s.devices[d].resident.add(name)
+            s.devices[d].last_used[name] = T0 - 1
+
+
+@pytest.mark.parametrize("cold", [0, 1])
+def test_a_swap_between_alike_idle_devices_goes_where_eviction_costs_least(cold):
+    """Two idle devices that would finish the swap alike: it goes to the one whose pool holds models called
+    less (its next eviction gives up less), not to the lowest index — which sent the first of two H200s 2.5
+    times the second's swaps at N = 800."""
+    s = node(2, pool=4 * GB)
+    _full_pools(s, (0.1, 5.0) if cold == 0 else (5.0, 0.1))
+    fn(s, "f", exec_ms={1: 1.0})
+    enqueue(s, "f", "r1")
+    d = only(Scheduler(swap_piece_ms=0).decide(s, T0))
+    assert (d.device, d.source) == (cold, "host")
+    assert set(d.values) == {f"m{cold}{i}" for i in range(4)}  # the worker evicts among the cold pool's models
+
+
+def test_an_empty_pool_wins_a_tie_and_the_lower_index_a_tie_of_values():
+    s = node(3, pool=4 * GB)
+    _full_pools(s, (0.1, 0.1))
+    fn(s, "f", exec_ms={1: 1.0})
+    enqueue(s, "f", "r1")
+    assert only(Scheduler(swap_piece_ms=0).decide(s, T0)).device == 2  # an empty pool gives up nothing
+    s.devices[2].out = True
+    assert only(Scheduler(swap_piece_ms=0).decide(s, T0)).device == 0  # alike: the lowest index
+
+
 def test_partial_residency_copies_only_missing_bytes():
     s = node(2)
     fn(s, "f", nbytes=1 * GB)
