@@ -30,7 +30,9 @@ from swapserve.artifact import Artifact, load_artifact
 from swapserve.artifact.manifest import dtype_from_name
 from swapserve.config import EngineConfig, MiB, env
 from swapserve.engine import HostStore
-from swapserve.errors import BackendError, InvalidInputError, NotFoundError, SwapserveError, UnavailableError
+from swapserve.errors import (
+    BackendError, ConflictError, InvalidInputError, NotFoundError, SwapserveError, UnavailableError,
+)
 from swapserve.functions.spec import FunctionSpec, artifact_dir, load_spec
 from swapserve.heap import Frozen
 from swapserve.metrics import Metrics
@@ -226,8 +228,18 @@ class Node:
 
     async def start(self, progress: Callable[[str], None] = log.info) -> None:
         """Start the workers, then load every registered function, saying how far it got through ``progress``
-        (at most every 10 s)."""
+        (at most every 10 s). Each function serves as soon as it is loaded (READY; LOADING until then, and
+        listed as such from the first moment); the node is ready once all are loaded."""
         (self.shm_root / "store").mkdir(parents=True, exist_ok=True)
+        records = []
+        for r in self.registry.list():
+            if r.serving:
+                records.append(r)
+                state, reason = FunctionState.LOADING, "loading at the node's start"
+            else:  # unloaded before the restart: listed, loadable, not loaded
+                state, reason = FunctionState.UNAVAILABLE, "unloaded"
+            self._functions[r.name] = _Function(r.spec, r.version, {}, state, reason, r.created_at, r.nbytes)
+            self._changed(r.name)
         engine = EngineConfig(device="cpu", pool_bytes=self.cfg.pool_bytes or self.cfg.page_bytes,
                               workspace_bytes=self.cfg.workspace_bytes, page_bytes=self.cfg.page_bytes,
                               lanes=self.cfg.lanes)
@@ -244,14 +256,6 @@ class Node:
         link = await self._profile_link([h.h2d_GBps for h in hellos], [h.fetch_GBps for h in hellos])
         self.state.link = replace(link, d2d_GBps=await self._share_pages())
         log.info("workers up: %s; link %s", [f"{h.device} ({h.name})" for h in hellos], self.state.link)
-        records = []
-        for r in self.registry.list():
-            if r.serving:
-                records.append(r)
-            else:  # unloaded before the restart: listed, loadable, not loaded
-                self._functions[r.name] = _Function(r.spec, r.version, {}, FunctionState.UNAVAILABLE, "unloaded",
-                                                    r.created_at, r.nbytes)
-                self._changed(r.name)
         if records:
             progress(f"loading {len(records)} registered functions")
         gate = asyncio.Semaphore(LOAD_AT_ONCE)
@@ -299,9 +303,9 @@ class Node:
     def _on_worker_dead(self, w: wk.WorkerHandle) -> None:
         """Its device goes out of service (what was in flight there failed already); the node stays ready
         while another device serves. Then its worker is started again, as long as restarts are left."""
+        self.state.devices[w.index].out = True  # the scheduler's view then holds nothing there
+        self.state.forget_values()
         if self._started:
-            self.state.devices[w.index].out = True  # the scheduler's view then holds nothing there
-            self.state.forget_values()
             self._set_ready(self._any_serving())
         done = self._restarts.get(w.index, 0)
         if not self._started or self._stopping or done >= self.cfg.worker_restarts:
@@ -460,8 +464,18 @@ class Node:
             raise NotFoundError(f"no function {name!r}")
         return fn
 
+    @staticmethod
+    def _not_loading(fn: _Function, what: str) -> None:
+        """ConflictError (409) while ``fn`` is being loaded — at the node's start, or by :meth:`load` — whose
+        end would undo ``what`` (deploy, delete, unload, load) done meanwhile."""
+        if fn.state is FunctionState.LOADING:
+            raise ConflictError(f"function {fn.spec.name!r} is being loaded ({fn.reason}); {what} it once it is "
+                                "READY")
+
     async def deploy(self, bundle: Path) -> FunctionInfo:
         spec, arts = await asyncio.to_thread(_check_bundle, bundle)
+        if (fn := self._functions.get(spec.name)) is not None:
+            self._not_loading(fn, "deploy")
         with self.registry.begin_deploy(spec.name):
             await self._validate_handler(spec, bundle, arts)
             models = await self._load_models(spec, arts)
@@ -668,6 +682,7 @@ class Node:
 
     async def delete(self, name: str) -> None:
         fn = self._get(name)
+        self._not_loading(fn, "delete")
         fn.state = FunctionState.UNLOADING
         del self._functions[name]
         self._changed(name)
@@ -677,6 +692,7 @@ class Node:
 
     async def unload(self, name: str) -> FunctionInfo:
         fn = self._get(name)
+        self._not_loading(fn, "unload")
         if fn.state is FunctionState.READY:
             fn.state = FunctionState.UNAVAILABLE
             fn.reason = "unloaded"
@@ -697,9 +713,10 @@ class Node:
 
     async def load(self, name: str) -> FunctionInfo:
         fn = self._get(name)
+        self._not_loading(fn, "load")
         if fn.state is not FunctionState.READY:
             rec = self.registry.get(name)
-            fn.state = FunctionState.LOADING
+            fn.state, fn.reason = FunctionState.LOADING, "loaded on request"
             self._changed(name)
             try:
                 await self._bring_up(rec.spec, rec.path, rec.version, rec.created_at)
@@ -715,7 +732,7 @@ class Node:
     def _serving(self, name: str) -> _Function:
         """The function, if the node and it are ready for requests."""
         fn = self._get(name)
-        if not self._ready:
+        if not self._ready and (self._started or self._stopping):  # (while it starts, what is loaded serves)
             if self._restarting and not self._stopping:
                 raise UnavailableError("the node is not ready: its worker is starting again",
                                        retry_after=RESTART_RETRY_S)
