@@ -45,6 +45,7 @@ def table(r: dict) -> str:
               "session 18 had 519 ms and 37 refusals after it). wrong answers: answers whose first output values are "
               "not their model's, of those checked (the functions of one model share its weights and input; "
               "trace.wrong_answers; '-' where the client did not keep them, before the nineteenth session)."]
+    lines += device_table(r)
     lines += breakdown_table(r)
     lines += phases_table(r)
     lines += causes_table(r)
@@ -112,6 +113,21 @@ def _canary(c: dict | None) -> str:
 
 def _front_lag(lag: dict | None) -> str:
     return f" (fronts {_lag(lag)})" if lag and lag.get("ticks") else ""
+
+
+def device_table(r: dict) -> list[str]:
+    """Where each point's answered requests ran, by device (points that recorded it)."""
+    rows = [(label, pt) for label, p in r["policies"].items() for pt in p["sweep"] if len(pt.get("by_device") or ()) > 1]
+    if not rows:
+        return []
+    lines = ["", "Where answered requests ran, by device: requests, of them swapped, their runs' seconds (swap and "
+             "execution), and the 90th percentile of their time queued in the controller.", "",
+             "| policy | N | device | requests | swapped | run s | queued p90 ms |", "|---|---:|---|---:|---:|---:|---:|"]
+    for label, pt in rows:
+        for device, d in pt["by_device"].items():
+            lines.append(f"| {label} | {pt['n']} | {device} | {d['requests']} | {d['swapped']} | {d['compute_s']:.2f} "
+                         f"| {d['p90_queue_ms']:.2f} |")
+    return lines
 
 
 def breakdown_table(r: dict) -> list[str]:

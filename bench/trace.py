@@ -577,6 +577,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
                                 for kind, swapped in (("resident", False), ("swapped", True))}
                             for m in sorted({f.model for f in fns})},
         "miss_causes": miss_causes(records, {f.name: f.slo_ms for f in fns}),
+        "by_device": by_device(records),
         "answers": wrong_answers(records),
     }
 
@@ -648,6 +649,19 @@ def miss_causes(records: list[dict], slo_ms: dict[str, float]) -> dict:
     return {"missed": sum(causes.values()), "worst_part": dict(causes.most_common()),
             "attainment_without_queueing": met_no_queue / max(1, len(by_fn)),
             "followers": burst_followers(by_fn, slo_ms)}
+
+
+def by_device(records: list[dict]) -> dict[str, dict]:
+    """Where answered requests ran, by device: how many, how many of them swapped, their runs' seconds (swap and
+    execution), and the 90th percentile of their time queued in the controller — on two H200s the first device
+    took 2.5-6 times the second's swaps (session 25), which the totals hide."""
+    out: dict[str, dict] = {}
+    for device in sorted({r["device"] for r in records if r["status"] == 200 and r.get("device")}):
+        rs = [r for r in records if r["status"] == 200 and r.get("device") == device]
+        out[device] = {"requests": len(rs), "swapped": sum(bool(r["swapped"]) for r in rs),
+                       "compute_s": sum(r["compute_ms"] for r in rs) / 1e3,
+                       "p90_queue_ms": float(np.percentile([r["queue_ms"] for r in rs], 90))}
+    return out
 
 
 FOLLOWER_MS = 10.0

@@ -450,6 +450,28 @@ def test_the_table_says_the_cpu_steal_canary_longest_run_and_wrong_answers_of_ea
     assert "| - | - | - | - | 1200 |" in rows[1]
 
 
+def test_each_point_says_where_its_requests_ran_by_device(trace_module):
+    import report_trace
+
+    def rec(device: str, swapped: bool, queue_ms: float, status: int = 200) -> dict:
+        return {"device": device, "swapped": swapped, "compute_ms": 2.0, "queue_ms": queue_ms, "status": status}
+
+    records = [rec("cuda:0", True, q) for q in range(10)] + [rec("cuda:0", False, 0.5), rec("cuda:1", False, 1.0),
+                                                            rec("", False, -1.0, status=503)]
+    got = trace_module.by_device(records)
+    assert list(got) == ["cuda:0", "cuda:1"]  # a refused request ran nowhere
+    assert got["cuda:0"] == {"requests": 11, "swapped": 10, "compute_s": 0.022, "p90_queue_ms": 8.0}
+    assert got["cuda:1"] == {"requests": 1, "swapped": 0, "compute_s": 0.002, "p90_queue_ms": 1.0}
+    point = {"n": 800, "attainment": 0.9, "p50_ms": 6.0, "p99_ms": 30.0, "throughput_rps": 100.0, "swaps_per_s": 30.0,
+             "busy_fraction": 0.2, "requests": 13, "status_codes": {"200": 12, "503": 1}, "by_device": got}
+    text = report_trace.table({"gpu": "H200", "gpus": 2, "policies": {"swapserve": {"max_functions": 0,
+                                                                                  "sweep": [point]}}})
+    assert "| swapserve | 800 | cuda:0 | 11 | 10 | 0.02 | 8.00 |" in text
+    assert "Where answered requests ran" not in report_trace.table(
+        {"gpu": "H200", "gpus": 1, "policies": {"swapserve": {"max_functions": 0, "sweep": [
+            {**point, "by_device": {"cuda:0": got["cuda:0"]}}]}}})  # one device: nothing to compare
+
+
 def test_points_whose_models_exceed_host_memory_are_not_run(trace_module):
     fns = trace_module.make_functions(6, ["a", "b"], {"a": 10.0, "b": 20.0}, seed=0)  # a, b, a, b, a, b
     sizes = {"a": 1 << 30, "b": 3 << 30}
