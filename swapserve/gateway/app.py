@@ -292,6 +292,7 @@ async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes | memoryvi
               "worker_ms": result.worker_ms, "lane": result.lane, "phases_ms": result.phases_ms,
               "to_worker_ms": result.to_worker_ms, "from_worker_ms": result.from_worker_ms,
               "expected_ms": result.expected_ms, "answer_ms": result.answer_ms, "budget_ms": result.budget_ms,
+              "copy_ms": result.copy_ms,
               "server_ms": (time.perf_counter() - entered) * 1e3}  # request taken up → result, before encoding
     if arrived is not None:
         params["read_ms"] = (entered - arrived) * 1e3

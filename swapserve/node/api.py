@@ -86,6 +86,10 @@ class InferResult:
     budget_ms: float = 0.0
     """The part of the SLO the node planned the request to, from its admission: the SLO less the gateway's
     margin (``NodeAPI.infer(margin_ms=...)``) when the setting ``gateway_margin`` is on."""
+    copy_ms: float = 0.0
+    """The part of ``expected_ms`` the scheduler expected for copying the model's missing bytes
+    (``Dispatch.copy_ms``; 0 for a resident run): with it, a trace's records say what the estimate counted as a
+    swap's fixed overhead then, so that how the scheduler learns it can be replayed offline."""
 
 
 @dataclass(frozen=True)

@@ -560,7 +560,8 @@ class Dispatcher:
                                                     to_worker_ms=(res.received_at - fl.piped_at) * 1e3,
                                                     from_worker_ms=(fl.read_at - res.answered_at) * 1e3,
                                                     expected_ms=fl.dispatch.expected_ms, answer_ms=answer_ms,
-                                                    budget_ms=(p.request.deadline - p.started) * 1e3))
+                                                    budget_ms=(p.request.deadline - p.started) * 1e3,
+                                                    copy_ms=fl.dispatch.copy_ms))
                 elif p.sink is not None:
                     p.sink.discard()
             # The answers go out first: their tasks run before this (queued after them), the next decision after.

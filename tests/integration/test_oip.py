@@ -118,6 +118,9 @@ def test_a_resident_model_runs_in_the_side_lane(server: Server, functions: Funct
     assert all(params[k] >= 0 for k in parts), params
     assert sum(params[k] for k in parts) <= params["total_ms"] + 1e-3, params
     assert params["expected_ms"] > 0, params  # the scheduler's estimate of the run, to compare with compute_ms
+    assert params["copy_ms"] == 0.0, params  # resident: nothing to copy
+    first_params = first.json()["parameters"]  # swapped, unless an earlier test left the model on the device
+    assert (0 < first_params["copy_ms"] < first_params["expected_ms"]) == first_params["swapped"], first_params
 
 
 def test_token_ids_past_the_table_are_a_400_and_the_function_goes_on(server: Server, functions: Functions):
