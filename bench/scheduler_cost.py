@@ -50,6 +50,9 @@ def node(devices: int, functions: int, resident: int, partial: int, seed: int) -
         for name in rng.sample(names, partial):
             if name not in d.resident:
                 d.partial[name] = rng.random()
+        held = sum(state.profiles[f].nbytes for f in d.resident) + sum(state.profiles[f].nbytes * x
+                                                                       for f, x in d.partial.items())
+        d.used_bytes = min(d.pool_bytes, int(held))  # full: a swap's tie between devices weighs evictions
     return state, names
 
 

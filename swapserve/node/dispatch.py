@@ -641,6 +641,7 @@ class Dispatcher:
                 sent.clear()
         for w, dev in zip(self._workers, self.state.devices):
             r = w.residency
+            dev.used_bytes = r.used_bytes
             if everything:
                 dev.resident = {by_key[k] for k, frac in r.present.items() if frac >= 1.0 and k in by_key}
                 dev.partial = {by_key[k]: frac for k, frac in r.present.items() if frac < 1.0 and k in by_key}

@@ -16,8 +16,8 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
   deadline (EDF), each a batch of its queue in deadline order up to ``max_batch`` items, on the device with
   the earliest expected finish (resident ≻ peer copy ≻ host copy on the least contended link) — including
   waiting for a busy device that holds the model when that finishes earlier than a swap now. Between devices
-  that would finish alike (idle, the model on neither), a swap goes to the one whose next eviction gives up
-  least (its lowest eviction value, below), not always to the first device. A function
+  that would finish alike (idle, the model on neither), a swap goes to the one that gives up least for it:
+  free room, else the lowest eviction value (below) — not always to the first device. A function
   already running gets a second copy on another device only when its queue holds more than one batch
   (hot functions spread; one batch's worth waits for, or runs where, the model already is).
 * Swaps in pieces: a first-lane swap whose copy is long (over two ``swap_piece_ms``) and whose deadline has
@@ -364,7 +364,7 @@ class Scheduler:
                     cands.append((e.key(d in free), d, 0))
             if not cands:
                 continue
-            best = ests[self._tie_break(state, cands, values, now)]
+            best = ests[self._tie_break(state, view, name, prof, cands, values, now)]
             if not ((best.device, best.lane) in side if best.lane else
                     best.device in free or (best.device in ahead and self._ahead_now(view, best.device))):
                 continue  # it finishes sooner in a lane that frees soon: leave it queued for that one
@@ -485,24 +485,31 @@ class Scheduler:
         return (self.side_fetch and gbps is not None
                 and self._profile(state, function).nbytes <= FETCH_MAX_MS * gbps * 1e6)
 
-    def _tie_break(self, state: NodeState, cands: list[tuple[tuple[float, int, int, int, int], int, int]],
+    def _tie_break(self, state: NodeState, view: View, name: str, prof: ModelProfile,
+                   cands: list[tuple[tuple[float, int, int, int, int], int, int]],
                    values: dict[int, dict[str, float]], now: float) -> tuple[int, int]:
         """The (device, lane) of the best candidate: the least :meth:`Estimate.key`; between devices whose
         estimates tie on all of it but the device — idle devices alike, the model on neither (the common case
-        on a node of many functions) — the one whose pool's next victim is worth least (the lowest of its
-        eviction values, :meth:`values`; an empty pool gives up nothing), then the lowest index. The lowest
-        index alone sent the first GPU of two about 2.5 times the swaps of the second in every two-GPU replay
-        at N = 800 (sessions 24 and 25): the models it swapped in then ran there too, and its queues and
-        evictions grew while the second's pool kept models nobody called. ``values`` holds each device's
-        eviction values for the decision (filled here as needed)."""
+        on a node of many functions) — the one whose pool gives up least for the model's missing bytes: nothing
+        where they fit its free room, else its next victim's worth (the lowest of its eviction values,
+        :meth:`values`); then the lowest index. The lowest index alone sent the first GPU of two 2.5–6 times the
+        swaps of the second in every two-GPU replay (sessions 24 and 25): the models it swapped in then ran
+        there too, and its queues and evictions grew while the second's pool kept models nobody called.
+        ``values`` holds each device's eviction values for the decision (filled here as needed)."""
         top = min(cands)
         tied = [c for c in cands if c[0][:4] == top[0][:4]]
         if len(tied) == 1 or top[0][2] == SOURCE_RANK["resident"]:
             return top[1:]
-        for c in tied:
+
+        def given_up(c: tuple[tuple[float, int, int, int, int], int, int]) -> tuple[float, int, int]:
+            device = state.devices[c[1]]
+            if device.pool_bytes - device.used_bytes >= prof.nbytes * (1.0 - view.partial_fraction(name, c[1])):
+                return 0.0, c[1], c[2]
             if c[1] not in values:
                 values[c[1]] = self.values(state, c[1], now)
-        return min(tied, key=lambda c: (min(values[c[1]].values(), default=0.0), c[1], c[2]))[1:]
+            return min(values[c[1]].values(), default=0.0), c[1], c[2]
+
+        return min(tied, key=given_up)[1:]
 
     def _ahead_now(self, view: View, device: int) -> bool:
         """Whether a run may be queued behind ``device``'s first lane now: the run there is expected to end

@@ -104,7 +104,7 @@ class Estimate:
         """Order of preference: earliest finish, then a lane free now over one to wait for, then fewer
         bytes moved, then a side lane (which keeps the first lane, the only one that swaps, free), then the
         lowest device index (so every tie resolves the same way). Devices that tie on all but the index are
-        first told apart by what their pools' next eviction would give up (``Scheduler._tie_break``)."""
+        first told apart by what their pools would give up for the bytes (``Scheduler._tie_break``)."""
         return (self.finish, 0 if idle else 1, SOURCE_RANK[self.source], 0 if self.lane else 1, self.device)
 
 

@@ -154,6 +154,8 @@ class DeviceState:
     """The dispatch waiting behind ``running`` in the first lane, if any (``Scheduler(queue_ahead=True)``)."""
     last_used: dict[str, float] = field(default_factory=dict)
     """When each function last ran here (for LRU)."""
+    used_bytes: int = 0
+    """Of ``pool_bytes``, what its models' pages take, as the worker last reported."""
     side: list[SideLane] = field(default_factory=list)
     """The device's side lanes (lane i is ``side[i - 1]``), which run resident models beside the first lane
     (the only one that swaps models in; ``busy_until``, ``running`` and ``copying_until`` are its state) and

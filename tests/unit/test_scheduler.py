@@ -113,6 +113,7 @@ def _full_pools(s: NodeState, rates: tuple[float, float]) -> None:
             fq.rate, fq.last_arrival = rate, T0 - 1
             s.devices[d].resident.add(name)
             s.devices[d].last_used[name] = T0 - 1
+        s.devices[d].used_bytes = s.devices[d].pool_bytes
 
 
 @pytest.mark.parametrize("cold", [0, 1])
@@ -137,6 +138,16 @@ def test_an_empty_pool_wins_a_tie_and_the_lower_index_a_tie_of_values():
     assert only(Scheduler(swap_piece_ms=0).decide(s, T0)).device == 2  # an empty pool gives up nothing
     s.devices[2].out = True
     assert only(Scheduler(swap_piece_ms=0).decide(s, T0)).device == 0  # alike: the lowest index
+
+
+def test_free_room_wins_a_tie_over_evicting_however_cold_the_victim():
+    s = node(2, pool=4 * GB)
+    _full_pools(s, (0.1, 5.0))
+    s.devices[1].resident -= {"m12", "m13"}
+    s.devices[1].used_bytes = 2 * GB  # room for the 1 GB model beside its hot ones
+    fn(s, "f", exec_ms={1: 1.0})
+    enqueue(s, "f", "r1")
+    assert only(Scheduler(swap_piece_ms=0).decide(s, T0)).device == 1
 
 
 def test_partial_residency_copies_only_missing_bytes():
