@@ -118,6 +118,9 @@ class NodeConfig:
     node's home and shared memory are always denied to them)."""
 
 
+LOADING_RETRY_S = 5.0
+"""Retry-After of a request for a function being loaded (at the node's start, or on request): a model's load
+took 2.5 s on a starting two-H200 node of 800 functions, 8 loading at once."""
 RESTART_RETRY_S = 5.0
 """Retry-After of a request refused while no device serves and a worker starts again (which takes seconds: its
 process, then every model prepared there)."""
@@ -738,7 +741,8 @@ class Node:
                                        retry_after=RESTART_RETRY_S)
             raise UnavailableError("the node is not ready")
         if fn.state is not FunctionState.READY:
-            raise UnavailableError(f"function {name!r} is {fn.state.value}{': ' + fn.reason if fn.reason else ''}")
+            raise UnavailableError(f"function {name!r} is {fn.state.value}{': ' + fn.reason if fn.reason else ''}",
+                                   retry_after=LOADING_RETRY_S if fn.state is FunctionState.LOADING else None)
         return fn
 
     async def infer(self, name: str, inputs: dict[str, torch.Tensor], request_id: str | None = None,

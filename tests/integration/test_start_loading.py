@@ -59,8 +59,9 @@ def test_loaded_functions_serve_while_the_node_loads_the_others(functions: Funct
             assert y.shape == (1, 4)
             pair = node.get_function("pair")
             assert (pair.state, pair.reason) == (FunctionState.LOADING, "loading at the node's start")
-            with pytest.raises(UnavailableError, match="'pair' is LOADING"):
+            with pytest.raises(UnavailableError, match="'pair' is LOADING") as refused:
                 await node.infer("pair", {"x": x, "ids": ids})
+            assert refused.value.retry_after == 5.0  # the gateway's Retry-After
             for what, call in (("deploy", node.deploy(functions.pair.bundle)), ("delete", node.delete("pair")),
                                ("unload", node.unload("pair")), ("load", node.load("pair"))):
                 with pytest.raises(ConflictError, match=f"'pair' is being loaded .*; {what} it once it is READY"):
