@@ -183,9 +183,11 @@ def test_read_ms_counts_from_a_requests_first_bytes_read() -> None:
         slow = json.loads((await read_response(reader))[2])["parameters"]
         writer.write(infer_head() + infer_head())
         whole, behind = [json.loads((await read_response(reader))[2])["parameters"] for _ in range(2)]
-        assert 200 <= slow["read_ms"] < 2000, slow
+        # The 0.2 s sleep may end a little early on the clock the gateway reads (a CI run measured 199.6 ms:
+        # uvloop's timers round to milliseconds).
+        assert 190 <= slow["read_ms"] < 2000, slow
         assert 0 <= whole["read_ms"] < 100 and 0 <= behind["read_ms"] < 100, (whole, behind)
-        assert node.margins[0] >= slow["read_ms"] >= 200 and node.margins[1] < 100, node.margins
+        assert node.margins[0] >= slow["read_ms"] >= 190 and node.margins[1] < 100, node.margins
         writer.close()
 
     serve(scenario)
