@@ -72,6 +72,34 @@ def per_model(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]
     return out
 
 
+def as_seen(records: list[dict]) -> list[str]:
+    """A row per model's swaps as the scheduler learns them: from the run's message to its reply read (``to_worker
+    + worker + from_worker``, what its profile's swap overhead is fitted to), against the estimate, p10-p50-p90
+    of the estimate's excess; and, where the records carry the copy it expected (``copy_ms``, since session
+    25), the median of what the estimate counted beyond the copy (the swap's overhead, for a copy-bound swap:
+    one whose copy was expected longer than the model's resident runs)."""
+    resident: dict[str, list[float]] = {}
+    for r in records:
+        if not r["swapped"]:
+            resident.setdefault(model_of(r["function"]), []).append(r["expected_ms"])
+    out = []
+    for (model, kind), rs in sorted(by_model(records).items()):
+        seen = [r for r in rs if kind == "swapped" and min(r.get(k, -1.0) for k in PIPES) >= 0]
+        if not seen:
+            continue
+        over = [r["expected_ms"] - sum(r[k] for k in PIPES) for r in seen]
+        alone = statistics.median(resident[model]) if model in resident else None
+        beyond = [r["expected_ms"] - r["copy_ms"] for r in seen
+                  if alone is not None and r.get("copy_ms", -1.0) > alone]
+        out.append(f"| {model} | {len(seen)} | " + " | ".join(f"{percentile(over, q):+.2f}" for q in (10, 50, 90))
+                   + f" | {f'{statistics.median(beyond):.2f} ({len(beyond)})' if beyond else '-'} |")
+    return out
+
+
+PIPES = ("to_worker_ms", "worker_ms", "from_worker_ms")
+"""A run from its message's sending to its reply's reading, in a record's parts."""
+
+
 def rows(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
     """A row per group of runs: the group's two labels, runs, median run and estimate, run / estimate p10-p90."""
     out = []
@@ -116,6 +144,12 @@ def main() -> None:
         print("| runs of | run | runs | run ms (median) | expected ms (median) | run / expected p10 | p50 | p90 |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         print("\n".join(rows(by_batch(records))) + "\n")
+        print("Swaps as the scheduler learns them (`as_seen`): the estimate less the run from its message sent to "
+              "its reply read, p10 / p50 / p90 (positive: the estimate was longer), and the median of what the "
+              "estimate counted beyond the copy it expected, for copy-bound swaps (records with `copy_ms`).\n")
+        print("| model | swaps | estimate − seen p10 | p50 | p90 | counted beyond the copy (swaps) |")
+        print("|---|---:|---:|---:|---:|---|")
+        print("\n".join(as_seen(records)) + "\n")
         print("A correction learned per model, replayed on each replay's runs in send order (`per_model`): how far "
               "runs were from their estimate, as dispatched and corrected.\n")
         print("| replay | run | runs | \\|error\\| ms p50 | p90 | over by > 1 ms | corrected \\|error\\| p50 | p90 | "
