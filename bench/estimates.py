@@ -84,7 +84,9 @@ def as_seen(records: list[dict]) -> list[str]:
             resident.setdefault(model_of(r["function"]), []).append(r["expected_ms"])
     out = []
     for (model, kind), rs in sorted(by_model(records).items()):
-        seen = [r for r in rs if kind == "swapped" and min(r.get(k, -1.0) for k in PIPES) >= 0]
+        if kind != "swapped":
+            continue
+        seen = [r for r in rs if min(r.get(k, -1.0) for k in PIPES) >= 0]
         if not seen:
             continue
         over = [r["expected_ms"] - sum(r[k] for k in PIPES) for r in seen]
