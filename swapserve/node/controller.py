@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -532,7 +532,8 @@ class Node:
         try:
             replies = await self._install(self._live_workers(), key, art)
             _raise_first(replies)
-            self.loads.add(filled - began, time.monotonic() - filled)
+            self.loads.add(filled - began, time.monotonic() - filled,
+                           [r.result.first_ms / 1e3 for r in replies if isinstance(r.result, Prepared)])
             profile = self._profile(structure, replies, art.manifest.nbytes)
             # A worker started again meanwhile (:meth:`_restart`) adds what serves; this is not serving yet.
             _raise_first(await self._install([w for w in self._live_workers() if key not in w.models], key, art))
@@ -937,11 +938,15 @@ class LoadTimes:
     """Writing each model's buffer into the host store."""
     install_s: float = 0.0
     """Adding it to every worker and preparing it there (its graphs captured, each batch size run once)."""
+    first_s: float = 0.0
+    """A worker's first runs of it (swapping it in, capturing its graphs), averaged over the workers: the
+    device's own time on it, where ``install_s`` also counts the waits behind the models loaded beside it."""
 
-    def add(self, fill_s: float, install_s: float) -> None:
+    def add(self, fill_s: float, install_s: float, first_s: Sequence[float] = ()) -> None:
         self.models += 1
         self.fill_s += fill_s
         self.install_s += install_s
+        self.first_s += sum(first_s) / len(first_s) if first_s else 0.0
 
 
 class _Progress:
@@ -962,7 +967,8 @@ class _Progress:
             self.last = now
             n, loads = self.loads.models, self.loads
             split = (f"; a model's fill {loads.fill_s / n:.2f} s, its preparation on the workers "
-                     f"{loads.install_s / n:.2f} s, {LOAD_AT_ONCE} at a time" if n else "")
+                     f"{loads.install_s / n:.2f} s, {LOAD_AT_ONCE} at a time; a worker's first runs of one "
+                     f"(swap in, graph capture) {loads.first_s / n:.2f} s" if n else "")
             self.say(f"loaded {self.done} of {self.total} functions in {now - self.started:.0f} s (host store "
                      f"{self.store.used_bytes / 1e9:.1f} GB{split})")
 

@@ -246,6 +246,8 @@ class RunResult:
 class Prepared:
     exec_ms: dict[int, float]
     """One resident run's time at each batch size prepared (ms), in the lane where resident runs mostly go."""
+    first_ms: float = 0.0
+    """The first runs, one at each batch size, summed (ms): the model swapped in and its graphs captured."""
 
 
 @dataclass(frozen=True)

@@ -349,14 +349,16 @@ class Worker:
             # batch of two DenseNet-201 requests ran 5.9 ms against 5.3 for one, where that estimate said 11.9).
             art = self.engine.artifact(msg.key)
             examples = {b: art.examples(b) for b in msg.batches}
+            t0 = time.perf_counter()
             for x in examples.values():
                 self.engine.infer(msg.key, x)
+            first_ms = (time.perf_counter() - t0) * 1e3
             exec_ms = {}
             for b, x in examples.items():
                 t0 = time.perf_counter()
                 self.engine.infer(msg.key, x, lane=len(self.engine.lanes) - 1)  # where resident runs mostly go
                 exec_ms[b] = (time.perf_counter() - t0) * 1e3
-            return m.Prepared(exec_ms)
+            return m.Prepared(exec_ms, first_ms)
         elif isinstance(msg, m.DropHost):
             if self.store.has(msg.key):
                 self.store.spill(msg.key)

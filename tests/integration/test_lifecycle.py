@@ -159,8 +159,10 @@ def test_restart_brings_functions_back(node: Node, restarted: Server, functions:
     assert s.not_ready and all(r.error(503) and r.json()["ready"] is False for r in s.not_ready)
     assert s.request("GET", "/api/v1/status", token=True).status == 200, "the token kept in the home still works"
     loaded = re.findall(r"loaded (\d+) of (\d+) functions .*; a model's fill ([\d.]+) s, its preparation on the "
-                        r"workers ([\d.]+) s", s.log())  # start-up progress, the last line whole, with its split
+                        r"workers ([\d.]+) s, .*; a worker's first runs of one \(swap in, graph capture\) ([\d.]+) s",
+                        s.log())  # start-up progress, the last line whole, with its split
     assert loaded and loaded[-1][0] == loaded[-1][1] and float(loaded[-1][3]) > 0, s.log()
+    assert float(loaded[-1][4]) <= float(loaded[-1][3]), "a worker's own time on a model is within its load's"
     listed = {f["name"]: f for f in s.client().list_functions()}
     assert listed["keep"]["state"] == "READY" and listed["keep"]["version"] == 2, "the last deployed version"
     assert "gone" not in listed, "a deleted function stays deleted"
