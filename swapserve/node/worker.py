@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from swapserve.config import EngineConfig
-from swapserve.errors import PayloadTooLargeError
+from swapserve.errors import BackendError, PayloadTooLargeError
 from swapserve.heap import settle
 
 log = logging.getLogger("swapserve.worker")
@@ -71,7 +71,8 @@ def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
     engine_cfg = cfg.engine
     if cfg.device.startswith("cuda"):
         # Before any CUDA call: this process sees only its own GPU, so its context is the only one there.
-        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.split(":", 1)[1]
+        os.environ["CUDA_VISIBLE_DEVICES"] = only_gpu(int(cfg.device.split(":", 1)[1]),
+                                                      os.environ.get("CUDA_VISIBLE_DEVICES"))
         engine_cfg = replace(engine_cfg, device="cuda:0")
         import torch
 
@@ -94,6 +95,18 @@ def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
     # 1500 functions on four GPUs did not stop within a minute. Skip both.
     logging.shutdown()
     os._exit(0)
+
+
+def only_gpu(index: int, visible: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a worker of ``cuda:<index>``, a device numbered as the node sees them: among
+    the GPUs its own ``visible`` (``CUDA_VISIBLE_DEVICES``, unset: all) lets it see. A node started with
+    ``CUDA_VISIBLE_DEVICES=2,3`` serves on GPUs 2 and 3, not 0 and 1."""
+    if visible is None:
+        return str(index)
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if not 0 <= index < len(entries):
+        raise BackendError(f"cuda:{index} is not among the GPUs this node may use (CUDA_VISIBLE_DEVICES={visible!r})")
+    return entries[index]
 
 
 def _value_of(values: dict[str, float]) -> Any:

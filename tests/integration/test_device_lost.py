@@ -9,6 +9,7 @@ worker again (a fresh context), adds the model there, and serves it as before.""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -78,11 +79,7 @@ def test_a_run_that_faults_its_device_takes_the_device_out_of_service(tmp_path: 
                 break
             await asyncio.sleep(0.05)
         assert worker.dead, "the worker went on after its device failed"
-        # Its exit tears down a faulted context: on H200s that outlasted a 5 s wait in three of the four runs
-        # session 25 saw, at its code and at the code before session 24 alike. Joined on the loop, so that the
-        # worker started in its place cannot be ready before the checks below.
-        worker.process.join(60)
-        assert worker.process.exitcode == EXIT_DEVICE_LOST
+        # Its pipe closed as it exited; starting its successor (a process, a CUDA context) takes seconds.
         assert not node.is_ready()
         with pytest.raises(UnavailableError):
             await node.infer("lookup", {"ids": good})
@@ -92,6 +89,13 @@ def test_a_run_that_faults_its_device_takes_the_device_out_of_service(tmp_path: 
             await asyncio.sleep(0.1)
         assert node.is_ready() and node.dispatch._workers[0] is not worker, "the worker was not started again"
         await served(node)
+        # The faulted context's teardown in its exit may outlast the successor's start: it outlasted 5 s in
+        # three of session 25's four runs on H200s, and 60 s once in session 26's. It does not hold the device
+        # back (served above); its exit code says why it left.
+        t0 = time.monotonic()
+        await asyncio.to_thread(worker.process.join, 240)
+        assert worker.process.exitcode == EXIT_DEVICE_LOST, (
+            f"exit code {worker.process.exitcode} {time.monotonic() - t0:.0f} s after its successor served")
 
     in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=(device,), pool_bytes=64 << 20,
                                     workspace_bytes=64 << 20, host_store_bytes=128 << 20), body)
