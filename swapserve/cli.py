@@ -186,7 +186,8 @@ def _status(args: argparse.Namespace) -> int:
           f"{s.get('queued', 0)} requests queued")
     print(f"host store: {_size(s.get('host_store_bytes'))} of {_size(s.get('host_store_capacity'))}")
     for d in s.get("devices", []):
-        print(f"{d.get('device')} ({d.get('name', '')}): pool {_size(d.get('pool_used_bytes'))} of "
+        gpu = f", the machine's GPU {d['gpu']}" if d.get("gpu") else ""
+        print(f"{d.get('device')} ({d.get('name', '')}{gpu}): pool {_size(d.get('pool_used_bytes'))} of "
               f"{_size(d.get('pool_bytes'))}{', busy' if d.get('busy') else ''}"
               f"{'' if d.get('serving', True) else ', OUT OF SERVICE'}")
         print(f"  resident: {', '.join(d.get('resident') or []) or '-'}"

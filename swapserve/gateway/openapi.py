@@ -198,7 +198,9 @@ OPENAPI: dict[str, Any] = {
                 "device": {"type": "string"}, "name": {"type": "string"}, "pool_bytes": {"type": "integer"},
                 "pool_used_bytes": {"type": "integer"}, "resident": {"type": "array", "items": {"type": "string"}},
                 "partial": {"type": "array", "items": {"type": "string"}}, "busy": {"type": "boolean"},
-                "serving": {"type": "boolean"}}},
+                "serving": {"type": "boolean"},
+                "gpu": {"type": "string", "description": "the machine's GPU (index or UUID) behind device; "
+                                                         "empty on a CPU"}}},
             "Scheduling": {"type": "object", "properties": {
                 "policy": {"type": "string", "enum": ["swapserve", "fifo_lru", "dedicated"]},
                 "queue_ahead": {"type": "boolean", "description": "fixed at start"},

@@ -103,6 +103,9 @@ class DeviceStatus:
     busy: bool = False
     serving: bool = True
     """False while its worker is dead or starting again (the other devices serve meanwhile)."""
+    gpu: str = ""
+    """Which of the machine's GPUs it is (the index or UUID ``CUDA_VISIBLE_DEVICES`` gives its worker); empty
+    on a CPU. ``device`` numbers the GPUs the node may use, which need not be the machine's numbering."""
 
 
 @dataclass(frozen=True)

@@ -834,7 +834,7 @@ class Node:
                 w.device, w.hello.name if w.hello else "?", r.pool_bytes, r.used_bytes,
                 tuple(sorted(by_key[k] for k, f in r.present.items() if f >= 1.0 and k in by_key)),
                 tuple(sorted(by_key[k] for k, f in r.present.items() if f < 1.0 and k in by_key)),
-                self.dispatch.busy(w.index), self._in_service(w.index)))
+                self.dispatch.busy(w.index), self._in_service(w.index), w.hello.gpu if w.hello else ""))
         return NodeStatus(self._ready, tuple(devices), len(self._functions), self.store.used_bytes,
                           self.store.capacity, self.state.queued,
                           {"h2d_GBps": self.state.link.h2d_GBps[0],

@@ -301,6 +301,9 @@ class Hello:
     pid: int
     fetch_GBps: float = 0.0
     """Host→device bandwidth of a side lane's fetch (by kernel on a GPU), alone."""
+    gpu: str = ""
+    """The machine's GPU this worker sees, as its ``CUDA_VISIBLE_DEVICES`` names it (an index or a UUID: see
+    :func:`swapserve.node.worker.only_gpu`); empty on a CPU."""
 
 
 # --- the wire ----------------------------------------------------------------------------------------------

@@ -167,7 +167,8 @@ class Worker:
         name = torch.cuda.get_device_name(0) if engine_cfg.device.startswith("cuda") else "cpu"
         bw = self._h2d(256 << 20)
         fetch = self._fetch_GBps(64 << 20) if engine_cfg.lanes > 1 else 0.0  # only side lanes fetch
-        send(conn, Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid(), fetch))
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") if engine_cfg.device.startswith("cuda") else ""
+        send(conn, Hello(cfg.device, name, engine_cfg.num_pages * engine_cfg.page_bytes, bw, os.getpid(), fetch, gpu))
 
     def serve(self) -> None:
         from swapserve.node.messages import PEER_COMMANDS, Prefetch, Run, Stop, recv

@@ -67,6 +67,7 @@ def test_list_describe_and_status(server: Server):
     assert status["functions"] >= 2
     (dev,) = status["devices"]
     assert dev["device"] == "cpu" and dev["pool_bytes"] == 128 << 20
+    assert dev["gpu"] == "", "a CPU device is none of the machine's GPUs"
     assert 0 < status["host_store_bytes"] <= status["host_store_capacity"] == 256 << 20
 
 
