@@ -9,7 +9,8 @@
 #   replay once lost its working directory under it;
 # - /dev/shm enlarged (the host store lives there) where the machine lets it be;
 # - orjson installed from .whl/orjson when carried (the lent machines have no package registry);
-# - RESULTS/machine.txt: the GPUs, their links, CPUs, memory and the commit.
+# - RESULTS/machine.txt: the GPUs, their links, CPUs, memory and the commit;
+# - trace_results DIR: one RESULT line per point of DIR/trace.json (what a poll of session.log shows).
 LEASE_RESULTS=${2:-/tmp/res4}
 LEASE_COPY=${3:-/tmp/tree}
 rm -rf "$LEASE_RESULTS" "$LEASE_COPY"
@@ -30,3 +31,14 @@ fi
 cat "$LEASE_RESULTS/machine.txt"
 cd "$LEASE_COPY" || exit 1
 export PYTHONPATH=$LEASE_COPY
+trace_results() {
+  python - "$1" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1] + "/trace.json"))
+for pol, v in d["policies"].items():
+    for p in v["sweep"]:
+        print("RESULT", sys.argv[1].rstrip("/").split("/")[-1], pol, "N", p["n"], "attainment", p["attainment"],
+              "in_slo", p.get("requests_in_slo"), "p50", p["p50_ms"], "p99", p["p99_ms"],
+              "swaps by device", {k: v.get("swapped") for k, v in (p.get("by_device") or {}).items()})
+PY
+}
