@@ -201,4 +201,24 @@ def _yaml(spec: FunctionSpec) -> str:
     return yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m swapserve.functions.build FUNCTION_DIR OUT_DIR``: :func:`build_bundle` in a process of its own
+    (a node builds its demo functions so), each step a line on stdout; a failure's message on stderr, exit 1."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m swapserve.functions.build FUNCTION_DIR OUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        build_bundle(args[0], args[1], progress=lambda line: print(line, flush=True))
+    except (SpecError, ArtifactError) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 __all__ = ["build_bundle"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

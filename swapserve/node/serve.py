@@ -16,13 +16,14 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 from swapserve.config import MiB
+from swapserve.errors import ArtifactError
 from swapserve.fronts.service import FrontService, FrontStartError
 from swapserve.gateway.config import GatewayConfig
 from swapserve.heap import settle
@@ -220,6 +221,30 @@ async def _start(node: Node, config: ServeConfig) -> None:
         await _deploy_demo(node, config)
 
 
+async def build_apart(src: Path, out: Path, progress: Callable[[str], None]) -> None:
+    """Build ``src``'s bundle into ``out`` in a process of its own (``python -m swapserve.functions.build``),
+    each of its steps given to ``progress``, as ``swapserve deploy`` builds on the client's side. In the node's
+    process the build — the model's code and torch.export, Python all the way (5 s for the demo's ResNet-50 on
+    the CI box) — would hold the event loop serving the other functions, and its garbage the heap (the demo's
+    three builds there set off nine collections of 19–160 ms each after the node was ready). Raises
+    :class:`ArtifactError` with the build's message if it fails; a cancelled build's process is killed."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "swapserve.functions.build", str(src), str(out),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        errors = asyncio.ensure_future(proc.stderr.read())
+        async for line in proc.stdout:
+            progress(line.decode(errors="replace").rstrip())
+        err = (await errors).decode(errors="replace").strip()
+        if await proc.wait() != 0:
+            raise ArtifactError(err.splitlines()[-1] if err else f"the build of {src} exited with {proc.returncode}")
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+
+
 def _settle_heap() -> None:
     """Move everything alive now (modules, registry, specs, artifacts' metadata: ~250k objects with 300
     functions) out of the cyclic collector's reach: a full collection scanning them stalls every request
@@ -230,8 +255,8 @@ def _settle_heap() -> None:
 
 
 async def _deploy_demo(node: Node, config: ServeConfig) -> None:
-    """Build and deploy the example functions that are not deployed yet (trusted code, in this process)."""
-    from swapserve.functions.build import build_bundle
+    """Build and deploy the example functions that are not deployed yet, each built in a process of its own
+    (:func:`build_apart`)."""
     from swapserve.functions.spec import load_spec
 
     have = {f.spec.name for f in node.list_functions()}
@@ -243,7 +268,9 @@ async def _deploy_demo(node: Node, config: ServeConfig) -> None:
             continue
         staging = Path(tempfile.mkdtemp(dir=node.registry.staging_root))
         try:
-            spec = await asyncio.to_thread(build_bundle, src, staging / "bundle")
+            print(f"swapserve: building demo function {src.name} ...", flush=True)
+            await build_apart(src, staging / "bundle", lambda line: print(f"swapserve:   {line}", flush=True))
+            spec = load_spec(staging / "bundle")
             print(f"swapserve: deploying demo function {spec.name} ...", flush=True)
             info = await node.deploy(staging / "bundle")
             print(f"swapserve: {info.spec.name} v{info.version} ready", flush=True)

@@ -296,3 +296,21 @@ def test_handler_files_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     src = handler_fn(tmp_path, {f"f{i}.txt": "x" for i in range(3)})
     with pytest.raises(SpecError, match=r"more than 3 files"):
         build_bundle(src, tmp_path / "out")
+
+
+def test_a_node_builds_apart_in_a_process_of_its_own(tmp_path: Path):
+    """The node's demo functions are built by ``python -m swapserve.functions.build`` (serve.build_apart): the
+    bundle as build_bundle writes it, each step reported; a failing build's own message raised."""
+    import asyncio
+
+    from swapserve.node.serve import build_apart
+
+    steps: list[str] = []
+    asyncio.run(build_apart(function_dir(tmp_path / "fn", tiny_spec()), tmp_path / "bundle", steps.append))
+    assert load_spec(tmp_path / "bundle").name == "tiny"
+    assert load_artifact(tmp_path / "bundle" / "artifact").manifest.inputs[0].name == "x"
+    assert any("function.yaml is valid" in s for s in steps), steps
+    broken = function_dir(tmp_path / "broken", tiny_spec(model={"python": "model.py:broken"}))
+    with pytest.raises(ArtifactError, match="weights not found at /data/w.bin"):
+        asyncio.run(build_apart(broken, tmp_path / "bundle2", steps.append))
+    assert not (tmp_path / "bundle2").exists()
