@@ -186,7 +186,8 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                             params.get("to_worker_ms", -1.0), params.get("from_worker_ms", -1.0),
                             params.get("expected_ms", -1.0), params.get("answer_ms", -1.0),
                             params.get("budget_ms", -1.0), head, params.get("device", ""),
-                            params.get("read_ms", -1.0), params.get("copy_ms", -1.0)))
+                            params.get("read_ms", -1.0), params.get("copy_ms", -1.0),
+                            params.get("decide_ms", -1.0)))
 
         tasks = []
         for t, i in trace:
@@ -477,7 +478,7 @@ def read_raw(directory: Path) -> dict[str, list[dict]]:
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
               "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms", "to_worker_ms", "from_worker_ms",
-              "expected_ms", "answer_ms", "budget_ms", "head", "device", "read_ms", "copy_ms")
+              "expected_ms", "answer_ms", "budget_ms", "head", "device", "read_ms", "copy_ms", "decide_ms")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,

@@ -289,6 +289,7 @@ async def answer_infer(node: NodeAPI, info: FunctionInfo, body: bytes | memoryvi
     # A handler's own parameters first: ours (timings) describe the run and are never shadowed.
     params = {**result.parameters, "device": result.device, "swapped": result.swapped, "queue_ms": result.queue_ms,
               "compute_ms": result.compute_ms, "total_ms": result.total_ms, "dispatch_ms": result.dispatch_ms,
+              "decide_ms": result.decide_ms,
               "worker_ms": result.worker_ms, "lane": result.lane, "phases_ms": result.phases_ms,
               "to_worker_ms": result.to_worker_ms, "from_worker_ms": result.from_worker_ms,
               "expected_ms": result.expected_ms, "answer_ms": result.answer_ms, "budget_ms": result.budget_ms,

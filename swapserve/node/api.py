@@ -61,6 +61,9 @@ class InferResult:
     dispatch_ms: float = 0.0
     """From the scheduling pass that dispatched it to handing the run's message to the worker's pipe
     (the decision, inputs into the IO slab)."""
+    decide_ms: float = 0.0
+    """Of ``dispatch_ms``, the pass's decision (the scheduler's decide and apply, for all it dispatched); the
+    rest is preparing its run's message, and those of the pass's dispatches before it."""
     worker_ms: float = 0.0
     """From the worker receiving the run's message to sending its reply (``compute_ms`` and the worker's
     own bookkeeping). ``total_ms - queue_ms - dispatch_ms - worker_ms`` is the messages' way there and back

@@ -182,6 +182,8 @@ class _InFlight:
     """Waiting for the device its model is copied from to lend it (then sent)."""
     lent_from: int = -1
     """The device that lent the model, which the run copies it from (-1: from host)."""
+    decide_ms: float = 0.0
+    """The decision of the scheduling pass that dispatched it (:attr:`InferResult.decide_ms`)."""
     piped_at: float = 0.0
     read_at: float = 0.0
     """``time.perf_counter()`` when its message went into the worker's pipe and when its reply was taken up
@@ -290,13 +292,14 @@ class Dispatcher:
         now = self.clock()
         decision = self.scheduler.decide(self.state, now)
         self.scheduler.apply(self.state, decision, now)  # dequeue, mark devices busy
+        decide_ms = (self.clock() - now) * 1e3
         for rej in decision.rejects:
             p = self._pending.pop(rej.request_id, None)
             if p is not None:
                 self.metrics.count_slo_miss(p.request.function)
                 self._fail(p, OverloadedError(rej.reason, rej.retry_after, rej.status))
         for d in decision.dispatches:
-            self._dispatch(d, now)
+            self._dispatch(d, now, decide_ms)
         self._arm_timer(now)
 
     def _decide_soon(self) -> None:
@@ -342,7 +345,7 @@ class Dispatcher:
         self.store.acquire(m.key)  # pinned in host memory until the copy ends
         self._launch(d, m, Prefetch(wk.next_id(), m.key, self._values(d), d.piece_bytes or None), [], 0, now)
 
-    def _dispatch(self, d: Dispatch, now: float) -> None:
+    def _dispatch(self, d: Dispatch, now: float, decide_ms: float) -> None:
         m = self._models.get(d.function)
         if d.piece_bytes:
             if m is None:  # deleted since it was queued: its requests fail with the queue
@@ -384,9 +387,10 @@ class Dispatcher:
         if block >= 0:
             run = replace(run, out_offset=block, out_limit=block + size, out_fallback=(end, limit))
         if d.source == "peer" and d.peer is not None and not self._workers[d.peer].dead:
-            self._lend(self._launch(d, m, run, batch, items, now, region, lend=True, answers_at=block), d.peer)
+            self._lend(self._launch(d, m, run, batch, items, now, region, lend=True, answers_at=block,
+                                    decide_ms=decide_ms), d.peer)
         else:
-            self._launch(d, m, run, batch, items, now, region, answers_at=block)
+            self._launch(d, m, run, batch, items, now, region, answers_at=block, decide_ms=decide_ms)
 
     @staticmethod
     def _answers_block(w: wk.WorkerHandle, m: Served, batch: list[_Pending], items: int) -> tuple[int, int]:
@@ -456,7 +460,8 @@ class Dispatcher:
         return {models[f].key: v for f, v in changes.items() if f in models}
 
     def _launch(self, d: Dispatch, m: Served, msg: Run | Prefetch, batch: list[_Pending], items: int,
-                now: float, region: int = -1, lend: bool = False, answers_at: int = -1) -> _InFlight:
+                now: float, region: int = -1, lend: bool = False, answers_at: int = -1,
+                decide_ms: float = 0.0) -> _InFlight:
         """Send a run or prefetch to its lane (held while its model is being lent, ``lend``, or while a run
         ahead of it in the lane is held); its reply (or the worker's failure) completes it."""
         w = self._workers[d.device]
@@ -465,7 +470,7 @@ class Dispatcher:
         if queue:
             self.metrics.count_queued_ahead(w.device)
         fl = _InFlight(d, m.key, batch, now, items, m.outputs, self.clock(), region, answers_at, begun=now,
-                       lending=lend)
+                       lending=lend, decide_ms=decide_ms)
         held = lend or any(f.unsent is not None for f in queue)
         queue.append(fl)
         if held:
@@ -556,6 +561,7 @@ class Dispatcher:
                     p.future.set_result(InferResult(result, w.device, (fl.started - p.started) * 1e3, res.swapped,
                                                     res.wall_ms, (now - p.started) * 1e3,
                                                     dispatch_ms=(fl.sent - fl.started) * 1e3,
+                                                    decide_ms=fl.decide_ms,
                                                     worker_ms=res.handled_ms, lane=res.lane, phases_ms=res.phases_ms,
                                                     to_worker_ms=(res.received_at - fl.piped_at) * 1e3,
                                                     from_worker_ms=(fl.read_at - res.answered_at) * 1e3,

@@ -117,6 +117,7 @@ def test_a_resident_model_runs_in_the_side_lane(server: Server, functions: Funct
     parts = ("queue_ms", "dispatch_ms", "to_worker_ms", "worker_ms", "from_worker_ms")
     assert all(params[k] >= 0 for k in parts), params
     assert sum(params[k] for k in parts) <= params["total_ms"] + 1e-3, params
+    assert 0 < params["decide_ms"] <= params["dispatch_ms"], params  # the decision, a part of the dispatch
     assert params["expected_ms"] > 0, params  # the scheduler's estimate of the run, to compare with compute_ms
     assert params["copy_ms"] == 0.0, params  # resident: nothing to copy
     first_params = first.json()["parameters"]  # swapped, unless an earlier test left the model on the device
