@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -204,8 +205,6 @@ def _yaml(spec: FunctionSpec) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m swapserve.functions.build FUNCTION_DIR OUT_DIR``: :func:`build_bundle` in a process of its own
     (a node builds its demo functions so), each step a line on stdout; a failure's message on stderr, exit 1."""
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m swapserve.functions.build FUNCTION_DIR OUT_DIR", file=sys.stderr)
