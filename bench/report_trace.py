@@ -132,11 +132,11 @@ def device_table(r: dict) -> list[str]:
 
 def breakdown_table(r: dict) -> list[str]:
     """Where completed requests' time went (medians), per model, at each policy's largest N."""
-    keys = ("latency_ms", "headers_ms", "server_ms", "node_ms", "queue_ms", "dispatch_ms", "to_worker_ms", "worker_ms",
-            "from_worker_ms", "compute_ms")
+    keys = ("latency_ms", "headers_ms", "server_ms", "node_ms", "queue_ms", "dispatch_ms", "decide_ms", "to_worker_ms",
+            "worker_ms", "from_worker_ms", "compute_ms")
     lines = ["", "Medians of completed requests at each policy's largest N: client latency, until the response "
              "head, the gateway's handler, the node (admission to answer), queued, dispatching (decision to message "
-             "sent), the message's way to the worker, the worker (message to reply), the reply's way back, its run (swap + execution); late = completed after the SLO.", "",
+             "sent), of it the decision ('-' where not recorded, before 2026-11-30's twenty-sixth session), the message's way to the worker, the worker (message to reply), the reply's way back, its run (swap + execution); late = completed after the SLO.", "",
              "| policy | N | model | SLO ms | requests | " + " | ".join(k.removesuffix("_ms") for k in keys)
              + " | swapped |", "|---|---:|---|---:|---:|" + "---:|" * (len(keys) + 1)]
     fmt = (lambda v: f"{v:.2f}" if isinstance(v, float | int) and v >= 0 else "-")

@@ -724,15 +724,16 @@ def burst_followers(by_fn: dict[str, list[dict]], slo_ms: dict[str, float]) -> d
 def breakdown(rows: list[tuple]) -> dict | None:
     """Medians of where completed requests' time went: the client's whole latency, its response head,
     the gateway's handler (``server_ms``), the node (``node_ms``: admission to answer), the queue, the
-    dispatch (decision to message sent), the message's way to the worker, the worker (message to reply), the
-    reply's way back and the run (swap + execution);
+    dispatch (decision to message sent) and of it the scheduling pass's decision, the message's way to the
+    worker, the worker (message to reply), the reply's way back and the run (swap + execution);
     with the fraction swapped."""
     if not rows:
         return None
     med = lambda k: float(np.median([r[k] for r in rows]))  # noqa: E731
     return {"requests": len(rows), "latency_ms": med(2), "headers_ms": med(9), "server_ms": med(7),
-            "node_ms": med(8), "queue_ms": med(4), "dispatch_ms": med(11), "to_worker_ms": med(15),
-            "worker_ms": med(12), "from_worker_ms": med(16), "compute_ms": med(5), "swapped_fraction": sum(r[6] for r in rows) / len(rows)}
+            "node_ms": med(8), "queue_ms": med(4), "dispatch_ms": med(11), "decide_ms": med(24),
+            "to_worker_ms": med(15), "worker_ms": med(12), "from_worker_ms": med(16), "compute_ms": med(5),
+            "swapped_fraction": sum(r[6] for r in rows) / len(rows)}
 
 
 PHASES = ("wait", "upload", "place", "device", "output")

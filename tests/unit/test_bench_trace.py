@@ -564,3 +564,16 @@ def test_an_alternating_ab_is_reported_request_by_request(trace_module, tmp_path
     assert (tmp_path / "paired.md").read_text() == text + "\n"
     assert text.startswith("# side_fetch=true,false: request by request")
     assert "| latency | +1.000 |" in text and "| swapserve_2_r0.jsonl.gz | 4 |" in text
+
+
+def test_breakdown_names_each_part_by_its_place_in_a_result(trace_module):
+    """A replay's result tuples (as ``run_point`` gathers them, in ``RAW_FIELDS`` order but the function's
+    index first) give ``breakdown`` its medians, each from its own field."""
+    fields = ("index",) + trace_module.RAW_FIELDS[1:]
+    value = {"latency_ms": 9.0, "headers_ms": 8.0, "server_ms": 7.0, "node_ms": 6.0, "queue_ms": 0.5,
+             "dispatch_ms": 0.4, "decide_ms": 0.1, "to_worker_ms": 0.2, "worker_ms": 4.0, "from_worker_ms": 0.3,
+             "compute_ms": 3.5, "swapped": True}
+    rows = [tuple(value.get(f, 0) for f in fields)] * 3
+    b = trace_module.breakdown(rows)
+    assert {k: b[k] for k in value if k != "swapped"} == {k: v for k, v in value.items() if k != "swapped"}
+    assert (b["requests"], b["swapped_fraction"]) == (3, 1.0)
