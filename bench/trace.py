@@ -656,13 +656,14 @@ def by_device(records: list[dict]) -> dict[str, dict]:
     """Where answered requests ran, by device: how many, how many of them swapped, their runs' seconds (swap and
     execution), and the 90th percentile of their time queued in the controller — on two H200s the first device
     took 2.5-6 times the second's swaps (session 25), which the totals hide."""
-    out: dict[str, dict] = {}
-    for device in sorted({r["device"] for r in records if r["status"] == 200 and r.get("device")}):
-        rs = [r for r in records if r["status"] == 200 and r.get("device") == device]
-        out[device] = {"requests": len(rs), "swapped": sum(bool(r["swapped"]) for r in rs),
-                       "compute_s": sum(r["compute_ms"] for r in rs) / 1e3,
-                       "p90_queue_ms": float(np.percentile([r["queue_ms"] for r in rs], 90))}
-    return out
+    ran: dict[str, list[dict]] = {}
+    for r in records:
+        if r["status"] == 200 and r.get("device"):
+            ran.setdefault(r["device"], []).append(r)
+    return {device: {"requests": len(rs), "swapped": sum(bool(r["swapped"]) for r in rs),
+                     "compute_s": sum(r["compute_ms"] for r in rs) / 1e3,
+                     "p90_queue_ms": float(np.percentile([r["queue_ms"] for r in rs], 90))}
+            for device, rs in sorted(ran.items())}
 
 
 FOLLOWER_MS = 10.0

@@ -177,7 +177,7 @@ OPENAPI: dict[str, Any] = {
                     "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}}}},
             "InferResponse": {"type": "object", "properties": {
                 "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
-                "parameters": {"type": "object", "description": "device, lane, swapped, queue_ms, compute_ms, total_ms, dispatch_ms, worker_ms, to_worker_ms, from_worker_ms, expected_ms, copy_ms, answer_ms, budget_ms, phases_ms, server_ms, read_ms"},
+                "parameters": {"type": "object", "description": "device, lane, swapped, queue_ms, compute_ms, total_ms, dispatch_ms, decide_ms, worker_ms, to_worker_ms, from_worker_ms, expected_ms, copy_ms, answer_ms, budget_ms, phases_ms, server_ms, read_ms"},
                 "outputs": {"type": "array", "items": _ref("Tensor")}}},
             "ServerMetadata": {"type": "object", "properties": {
                 "name": {"type": "string"}, "version": {"type": "string"},
