@@ -7,8 +7,8 @@ device holds. Pure Python on a synthetic state (no GPU, no processes), so it run
 Each device holds ``--resident`` whole models and ``--partial`` partly held ones (the remnants evictions leave);
 requests arrive one at a time, ``--interval-ms`` apart, each admitted, decided and applied as the controller
 does, its lane released before the next. Prints the medians (µs), and the 90th and 99th percentiles of the swaps'
-decisions — a device's eviction values are computed whole every ``VALUE_REUSE_S``, by the swap that comes
-then — and with ``--out`` writes them as JSON.
+decisions, and of the controller's computation of the eviction values between passes (``refresh``, off the
+request path: ``Scheduler.refresh_values``) — and with ``--out`` writes them as JSON.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def node(devices: int, functions: int, resident: int, partial: int, seed: int) -
 def measure(state: NodeState, names: list[str], requests: int, peers: bool,
             interval_s: float = 1e-3) -> dict[str, float]:
     sched = Scheduler(swap_piece_ms=0, peer_copies=peers)
-    parts: dict[str, list[float]] = {"admit": [], "decide": [], "apply": [], "decide_swaps": []}
+    parts: dict[str, list[float]] = {"admit": [], "decide": [], "apply": [], "decide_swaps": [], "refresh": []}
     for k in range(requests):
         now = k * interval_s
         q = state.queues[names[k % len(names)]]
@@ -73,6 +73,8 @@ def measure(state: NodeState, names: list[str], requests: int, peers: bool,
         t2 = time.perf_counter()
         sched.apply(state, decision, now)
         t3 = time.perf_counter()
+        sched.refresh_values(state, now)  # as the controller does once the pass's dispatches are sent
+        parts["refresh"].append(time.perf_counter() - t3)
         parts["admit"].append(t1 - t0)
         parts["decide"].append(t2 - t1)
         parts["apply"].append(t3 - t2)
@@ -85,6 +87,7 @@ def measure(state: NodeState, names: list[str], requests: int, peers: bool,
     if parts["decide_swaps"]:
         cuts = statistics.quantiles(parts["decide_swaps"], n=100)
         out["decide_swaps_p90_us"], out["decide_swaps_p99_us"] = cuts[89] * 1e6, cuts[98] * 1e6
+    out["refresh_p99_us"] = statistics.quantiles(parts["refresh"], n=100)[98] * 1e6
     return out
 
 

@@ -226,6 +226,8 @@ class Dispatcher:
         self._timer_at = 0.0
         self._arrivals: asyncio.Handle | None = None
         """The decision an arrival asked for (:meth:`_decide_soon`), while it waits its turns."""
+        self._refresh: asyncio.Handle | None = None
+        """The eviction values' computation a pass asked for once its dispatches were sent (:meth:`pump`)."""
         self._hot_until = 0.0
         self._spinning = False
         self._ids = itertools.count()
@@ -301,6 +303,13 @@ class Dispatcher:
         for d in decision.dispatches:
             self._dispatch(d, now, decide_ms)
         self._arm_timer(now)
+        if self._refresh is None:  # after what is ready now (the answers going out), off the request path
+            self._refresh = asyncio.get_running_loop().call_soon(self._refresh_values)
+
+    def _refresh_values(self) -> None:
+        self._refresh = None
+        if self.live:
+            self.scheduler.refresh_values(self.state, self.clock())
 
     def _decide_soon(self) -> None:
         """:meth:`pump` in :data:`ARRIVAL_TURNS` turns of the event loop, once for all the arrivals meanwhile."""

@@ -584,6 +584,36 @@ def test_values_are_reused_briefly_and_computed_again_for_what_was_touched():
     assert "d" in sch.values(s, 0, now)
 
 
+def test_values_refreshed_off_the_request_path_half_a_window_early():
+    """refresh_values (the controller's, once a pass's dispatches are sent) computes whole the values of each
+    serving device half a window old or more, the same values a swap's decision would have computed then, so
+    that the swaps of the next half window only reuse them; fresher devices, a device out of service and the
+    baselines' values (no cache) are left alone."""
+    from swapserve.scheduler.core import VALUE_REUSE_S
+
+    s = node(3)
+    for name in ("a", "b"):
+        fq = fn(s, name, nbytes=GB, exec_ms={1: 1.0})
+        fq.rate, fq.last_arrival = 1.0, T0
+        for d in s.devices:
+            d.resident.add(name)
+    s.devices[2].out = True
+    sch = Scheduler()
+    v0 = sch.values(s, 0, T0)["a"]
+    v1 = sch.values(s, 1, T0 + VALUE_REUSE_S / 4)["a"]
+    later = T0 + VALUE_REUSE_S / 2
+    s.queues["a"].rate = 5.0  # moved without a touch: only a whole computation sees it
+    sch.refresh_values(s, later)
+    assert [d.value_cache_at for d in s.devices] == [later, T0 + VALUE_REUSE_S / 4, -math.inf]
+    assert s.devices[0].value_cache["a"] > v0 and s.devices[1].value_cache["a"] == v1
+    assert sch.values(s, 0, later + VALUE_REUSE_S * 0.9)["a"] == s.devices[0].value_cache["a"]  # reused after
+    fifo = node(1)
+    fn(fifo, "a")
+    fifo.devices[0].resident.add("a")
+    Scheduler("fifo_lru").refresh_values(fifo, later)
+    assert fifo.devices[0].value_cache_at == -math.inf
+
+
 def test_arrivals_dispatches_and_completions_touch_their_function():
     """Arrivals, dispatches and completions touch their function (every device: a peer's holding counts)."""
     s = node(2)
