@@ -12,7 +12,7 @@ import asyncio
 import functools
 import itertools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -24,7 +24,8 @@ from swapserve.errors import BackendError, OverloadedError, SwapserveError, Unav
 from swapserve.metrics import Metrics
 from swapserve.node import workers as wk
 from swapserve.node.api import InferResult
-from swapserve.node.messages import Lend, Lent, Prefetch, Reply, Run, RunResult, Unlend
+from swapserve.node.messages import Lend, Lent, Prefetch, Reply, Run, RunResult, TensorRef, Unlend
+from swapserve.node.slab import Slab, ref_nbytes
 from swapserve.scheduler.core import Scheduler
 from swapserve.scheduler.types import Decision, Dispatch, NodeState, Request
 
@@ -114,6 +115,17 @@ def _rows(fl: _InFlight, outs: list[torch.Tensor]) -> list[dict[str, torch.Tenso
     for p in fl.pending:
         n = p.request.items
         rows.append({name: o[row:row + n] if o.dim() else o for name, o in zip(fl.outputs, outs)})
+        row += n
+    return rows
+
+
+def _owned_rows(fl: _InFlight, slab: Slab, refs: Sequence[TensorRef]) -> list[dict[str, torch.Tensor]]:
+    """Each request's rows of the run's outputs, copied out of the slab into memory of their own (:meth:`_rows`
+    and :meth:`_answers` without a sink, in one copy)."""
+    rows, row = [], 0
+    for p in fl.pending:
+        n = p.request.items
+        rows.append({name: slab.rows(r, row, n) for name, r in zip(fl.outputs, refs)})
         row += n
     return rows
 
@@ -512,10 +524,14 @@ class Dispatcher:
         if not ok:
             self._finish(w, fl, outcome, [], None)
             return
-        outs = [w.slab.tensor(r) for r in outcome.result.outputs]
-        if sum(o.nbytes for o in outs) <= OFF_LOOP_COPY_BYTES:
-            self._finish(w, fl, outcome, outs, None)
+        refs = outcome.result.outputs
+        if sum(ref_nbytes(r) for r in refs) <= OFF_LOOP_COPY_BYTES:
+            if any(p.sink is not None for p in fl.pending):
+                self._finish(w, fl, outcome, [w.slab.tensor(r) for r in refs], None)  # copied into the sinks
+            else:
+                self._finish(w, fl, outcome, [], _owned_rows(fl, w.slab, refs))
             return
+        outs = [w.slab.tensor(r) for r in refs]
         if self._copier is None:
             self._copier = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="swapserve-outputs")
         answers, copies = _answers(fl, outs)

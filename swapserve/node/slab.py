@@ -45,6 +45,7 @@ class Slab:
             self._map = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        self._view = memoryview(self._map)
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
         self.answers = Answers(self._map, self.regions_bytes, nbytes)
 
@@ -53,6 +54,19 @@ class Slab:
         for d in ref.shape:
             n *= d
         return torch.frombuffer(self._map, dtype=dtype_from_name(ref.dtype), count=n, offset=ref.offset).view(ref.shape)
+
+    def rows(self, ref: TensorRef, start: int, count: int) -> torch.Tensor:
+        """Rows ``[start, start + count)`` of the tensor at ``ref`` (all of a 0-dim one), in memory of their own:
+        one copy of their bytes (~3 µs for a small output on the CI box, against ~6 µs through a view of the slab,
+        a slice, ``empty_like`` and ``copy_``)."""
+        dtype = dtype_from_name(ref.dtype)
+        shape = (count, *ref.shape[1:]) if ref.shape else ()
+        row = _nbytes(dtype, ref.shape[1:]) if ref.shape else dtype.itemsize
+        begin = ref.offset + start * row
+        size = row * count if ref.shape else row
+        if not size:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(self._view[begin:begin + size]), dtype=dtype).view(shape)
 
     def region(self, lane: int, lanes: int) -> tuple[int, int]:
         """``[start, end)`` of a lane's part of the slab (equal parts of all but the answers', aligned)."""
@@ -117,6 +131,7 @@ class Slab:
 
     def close(self) -> None:
         self.buffer = None  # type: ignore[assignment]
+        self._view.release()
         try:
             self._map.close()
         except BufferError:
@@ -135,6 +150,11 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 _NUMPY_DTYPES = frozenset({torch.float32, torch.float16, torch.float64, torch.int8, torch.uint8, torch.int16,
                            torch.int32, torch.int64, torch.bool})
+
+
+def ref_nbytes(ref: TensorRef) -> int:
+    """The bytes of the tensor at ``ref``."""
+    return _nbytes(dtype_from_name(ref.dtype), ref.shape)
 
 
 def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:

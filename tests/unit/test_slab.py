@@ -46,3 +46,15 @@ def test_a_piece_of_another_datatype_is_cast_as_its_rows(slab: Slab) -> None:
 def test_a_piece_of_another_shape_is_refused(slab: Slab) -> None:
     with pytest.raises(RuntimeError):
         slab.write_batch([[torch.ones(1, 4), torch.ones(1, 2, 2)]], 0, 1 << 19)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.int64, torch.bool), ids=str)
+def test_rows_are_copied_out_of_the_slab(slab: Slab, dtype: torch.dtype) -> None:
+    batch = (torch.arange(4 * 2 * 3) % 7).reshape(4, 2, 3).to(dtype)
+    (ref, scalar), _ = slab.write_batch([[batch], [torch.tensor(5).to(dtype)]], 0, 1 << 19)
+    middle, none, whole = slab.rows(ref, 1, 2), slab.rows(ref, 4, 0), slab.rows(scalar, 0, 1)
+    assert torch.equal(middle, batch[1:3]) and middle.dtype == dtype
+    assert none.shape == (0, 2, 3) and none.dtype == dtype
+    assert torch.equal(whole, torch.tensor(5).to(dtype)) and whole.shape == ()
+    slab.buffer.fill_(0)  # the next run overwrites the region: the rows taken stay as they were
+    assert torch.equal(middle, batch[1:3]) and torch.equal(whole, torch.tensor(5).to(dtype))
