@@ -234,8 +234,13 @@ class FastHTTP(asyncio.Protocol):
         self.chunks.append(data)
         self.size += len(data)
         if self.task is None:
-            self._arm_idle()
             self._next()
+            self._idle_unless_busy()
+
+    def _idle_unless_busy(self) -> None:
+        """The keep-alive clock restarts unless a request is being answered (or aiohttp serves the connection)."""
+        if self.task is None and self.transport is not None:
+            self._arm_idle()
 
     def _arm_idle(self) -> None:
         self._disarm_idle()
@@ -311,8 +316,8 @@ class FastHTTP(asyncio.Protocol):
         if head.close or self.closing:
             self.close()
         else:
-            self._arm_idle()
             self._next()
+            self._idle_unless_busy()
 
     async def _respond(self, head: _Head, body: memoryview, arrived: float) -> None:
         entered = time.perf_counter()
