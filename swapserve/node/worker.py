@@ -248,21 +248,11 @@ class Worker:
                     os.eventfd_write(self._answered, 1)
 
     def _next(self, lane: int) -> Any:
-        """The lane's next command: lane 0's taken at the last launch, if any, else from its queue — polled for
-        ``spin_s`` after an answer while no lane runs, as the receiver polls its pipe (a command put then is
-        taken at once, not after this thread is woken: the hand-off's wake-up), then waited for."""
+        """The lane's next command: lane 0's taken at the last launch, if any, else from its queue."""
         with self._ahead_lock:
             if lane == 0 and self._stash:
                 return self._stash.pop()
-        q = self._queues[lane]
-        if self._spin_s:
-            hot_until = time.perf_counter() + self._spin_s
-            while not any(self._busy) and time.perf_counter() < hot_until:
-                try:
-                    return q.get_nowait()
-                except queue.Empty:
-                    os.sched_yield()  # gives the GIL up: the receiver reads the pipe meanwhile
-        return q.get()
+        return self._queues[lane].get()
 
     def _launched(self) -> None:
         """Lane 0 has launched a run: the run right behind it (queued already, or arriving from now on) may
