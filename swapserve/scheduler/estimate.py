@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from swapserve.scheduler.types import DeviceState, LinkProfile, ModelProfile, NodeState, Source
 
@@ -163,6 +164,10 @@ class View:
                        if d.copying_until is not None and d.copying_until > now]
         self.copies += [_Copy(d.index, q.start, q.start + q.copy_ms / 1000.0) for d in state.devices
                         if (q := d.queued) is not None and q.copy_ms > 0]
+        self._made: dict[tuple[Any, ...], Estimate | None] = {}
+        """The estimates made since the plan last changed (:meth:`commit`, :meth:`prune`), by their arguments: a
+        decision asks for each twice, triaging a queue and placing its batch (~half of a resident request's
+        decision, 53 µs on the CI box on two devices). A view plans with one profile per function."""
 
     @property
     def n(self) -> int:
@@ -224,6 +229,13 @@ class View:
                  allow_peer: bool = True) -> Estimate | None:
         """The cost of running ``items`` of ``function`` on ``device`` from ``start``; None if the model
         cannot fit the device's pool at all."""
+        key = (function, items, device, start, allow_peer)
+        if key not in self._made:
+            self._made[key] = self._estimate(function, prof, items, device, start, allow_peer)
+        return self._made[key]
+
+    def _estimate(self, function: str, prof: ModelProfile, items: int, device: int, start: float,
+                  allow_peer: bool) -> Estimate | None:
         if not self.fits(prof, device):
             return None
         others, slowdown = self.beside(device, start, 0)
@@ -263,6 +275,13 @@ class View:
         lane frees: a resident run, or with ``fetch`` (and a measured ``fetch_GBps``) one that brings its
         missing bytes in first; None if the device has no side lane or the model is not wholly there by then
         (and may not be fetched). It runs at the measured slowdown of the runs beside it (:meth:`beside`)."""
+        key = (function, items, device, start, fetch, "side")
+        if key not in self._made:
+            self._made[key] = self._side_estimate(function, prof, items, device, start, fetch)
+        return self._made[key]
+
+    def _side_estimate(self, function: str, prof: ModelProfile, items: int, device: int, start: float,
+                       fetch: bool) -> Estimate | None:
         lane = self.side_lane(device)
         if lane is None:
             return None
@@ -326,6 +345,7 @@ class View:
     def commit(self, est: Estimate, function: str, whole: bool = True) -> None:
         """Plan ``est``: its device is busy until it finishes, then holds the model (unless not ``whole``:
         a piece of a swap); a host copy joins the copies that later plans share the link with."""
+        self._made.clear()
         d = est.device
         if est.lane:
             i = est.lane - 1
@@ -344,5 +364,6 @@ class View:
 
     def prune(self) -> None:
         """Forget copies that end before any device could start anything (bounds long simulations)."""
+        self._made.clear()
         horizon = min(self.free_at, default=self.now)  # side lanes start no copies
         self.copies = [c for c in self.copies if c.end > horizon]
