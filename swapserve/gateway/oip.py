@@ -33,6 +33,9 @@ JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
 _INTS = frozenset({"UINT8", "INT8", "INT16", "INT32", "INT64"})
+_DATA_KINDS = {dt: ("b", "true or false") if dt == "BOOL" else ("iu", "integers") if dt in _INTS else ("iuf", "numbers")
+               for dt in DATATYPES}
+"""The numpy kinds a datatype's JSON data may parse to, and what the error message asks for."""
 _MAX_PROBLEMS = 10
 """Problems listed in one error message; a request with a thousand bad inputs gets a readable answer."""
 
@@ -258,32 +261,31 @@ def _tensor(raw: Any, index: str, kind: str, problems: list[str]) -> _Tensor | N
         problems.append(f"{index}.name: required, a non-empty string")
         return None
     t = _Tensor(name, kind)
-    where = t.where
     n_before = len(problems)
     datatype = raw.get("datatype")
     if datatype == "BYTES":
-        problems.append(f"{where}: datatype BYTES (strings) is not supported; swapserve serves numeric tensors "
+        problems.append(f"{t.where}: datatype BYTES (strings) is not supported; swapserve serves numeric tensors "
                         f"({', '.join(DATATYPES)})")
     elif datatype not in DATATYPES:
-        problems.append(f"{where}: unknown datatype {_short(datatype)} (one of {', '.join(DATATYPES)})")
+        problems.append(f"{t.where}: unknown datatype {_short(datatype)} (one of {', '.join(DATATYPES)})")
     else:
         t.datatype = datatype
     shape = raw.get("shape")
     if (not isinstance(shape, list)
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        problems.append(f"{where}: shape must be a list of non-negative integers, not {_short(shape)}")
+        problems.append(f"{t.where}: shape must be a list of non-negative integers, not {_short(shape)}")
     else:
         t.shape = tuple(shape)
-    params = _parameters(raw.get("parameters"), f"{where}.parameters", problems)
+    params = _parameters(raw["parameters"], f"{t.where}.parameters", problems) if "parameters" in raw else {}
     size = params.get("binary_data_size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        problems.append(f"{where}: parameters.binary_data_size must be a non-negative integer, not {_short(size)}")
+        problems.append(f"{t.where}: parameters.binary_data_size must be a non-negative integer, not {_short(size)}")
         size = None
     has_data = "data" in raw
     if has_data and size is not None:
-        problems.append(f"{where}: give either data or parameters.binary_data_size, not both")
+        problems.append(f"{t.where}: give either data or parameters.binary_data_size, not both")
     elif not has_data and size is None and "binary_data_size" not in params:
-        problems.append(f"{where}: no data (give data, or parameters.binary_data_size with the binary extension)")
+        problems.append(f"{t.where}: no data (give data, or parameters.binary_data_size with the binary extension)")
     t.data, t.binary_size = raw.get("data"), size
     t.valid = len(problems) == n_before
     return t
@@ -390,31 +392,30 @@ def _decode_tensors(tensors: list[_Tensor], rest: memoryview) -> dict[str, torch
 
 
 def _from_json(t: _Tensor) -> torch.Tensor:
-    where = t.where
     if not isinstance(t.data, list):
-        _fail(f"{where}: data must be a list (flat in row-major order, or nested to the shape), "
+        _fail(f"{t.where}: data must be a list (flat in row-major order, or nested to the shape), "
               f"not {_short(t.data)}")
     try:
         arr = np.asarray(t.data)
     except (ValueError, TypeError):  # numpy refuses ragged nesting
-        _fail(f"{where}: data is ragged: nested lists must have equal lengths")
+        _fail(f"{t.where}: data is ragged: nested lists must have equal lengths")
     n = t.numel
     if arr.ndim > 1 and arr.shape != t.shape:
-        _fail(f"{where}: data is nested as {list(arr.shape)} but the shape is {list(t.shape)}")
+        _fail(f"{t.where}: data is nested as {list(arr.shape)} but the shape is {list(t.shape)}")
     if arr.size != n:
-        _fail(f"{where}: shape {list(t.shape)} holds {n} elements but data has {arr.size}")
+        _fail(f"{t.where}: shape {list(t.shape)} holds {n} elements but data has {arr.size}")
     dtype = torch_dtype(t.datatype)
     if n == 0:
         return torch.empty(t.shape, dtype=dtype)
-    kind_ok, want = {"BOOL": ("b", "true or false")}.get(
-        t.datatype, ("iu", "integers") if t.datatype in _INTS else ("iuf", "numbers"))
+    kind_ok, want = _DATA_KINDS[t.datatype]
     if arr.dtype.kind not in kind_ok:
         too_big = t.datatype in _INTS and _beyond_int64(arr)
-        _fail(f"{where}: {t.datatype} data must be {want}" + (f" within the range of {t.datatype}" if too_big else ""))
+        _fail(f"{t.where}: {t.datatype} data must be {want}"
+              + (f" within the range of {t.datatype}" if too_big else ""))
     if t.datatype in _INTS:
         info = np.iinfo(numpy_dtype(t.datatype))
         if arr.min() < info.min or arr.max() > info.max:
-            _fail(f"{where}: {t.datatype} data must lie in [{info.min}, {info.max}]")
+            _fail(f"{t.where}: {t.datatype} data must lie in [{info.min}, {info.max}]")
     with np.errstate(over="ignore", invalid="ignore"):  # floats beyond FP16's range become inf, as in a cast
         if t.datatype == "BF16":  # numpy has no bfloat16: round through fp32 in torch
             return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16).reshape(t.shape)
