@@ -89,8 +89,9 @@ class Slab:
             if end > limit:
                 raise PayloadTooLargeError(f"a batch's inputs need more than the {limit - start} bytes of the IO "
                                            "slab's region; raise the slab size or lower max_batch")
-            if all(p.device.type == "cpu" and p.dtype == first.dtype and p.shape[1:] == first.shape[1:]
-                   for p in pieces):
+            if (first.dim() or len(pieces) == 1) and all(
+                    p.device.type == "cpu" and p.dtype == first.dtype and p.shape[1:] == first.shape[1:]
+                    for p in pieces):
                 at = offset  # rows of row-major tensors, one after another: their bytes, one after another
                 for p in pieces:
                     raw = _raw(p)
@@ -131,8 +132,8 @@ class Slab:
 
     def close(self) -> None:
         self.buffer = None  # type: ignore[assignment]
-        self._view.release()
         try:
+            self._view.release()
             self._map.close()
         except BufferError:
             pass

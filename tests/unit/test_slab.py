@@ -58,3 +58,10 @@ def test_rows_are_copied_out_of_the_slab(slab: Slab, dtype: torch.dtype) -> None
     assert torch.equal(whole, torch.tensor(5).to(dtype)) and whole.shape == ()
     slab.buffer.fill_(0)  # the next run overwrites the region: the rows taken stay as they were
     assert torch.equal(middle, batch[1:3]) and torch.equal(whole, torch.tensor(5).to(dtype))
+
+
+def test_scalar_pieces_of_a_batch_stay_in_their_place(slab: Slab) -> None:
+    slab.buffer.fill_(0xAB)
+    refs, end = slab.write_batch([[torch.tensor(1.0), torch.tensor(2.0)]], 0, 1 << 19)
+    assert refs[0].shape == () and end == ALIGN
+    assert bool((slab.buffer[4:ALIGN] == 0xAB).all())  # one element written, as the tensor path writes it
