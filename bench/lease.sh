@@ -10,7 +10,8 @@
 # - /dev/shm enlarged (the host store lives there) where the machine lets it be;
 # - orjson installed from .whl/orjson when carried (the lent machines have no package registry);
 # - RESULTS/machine.txt: the GPUs, their links, CPUs, memory and the commit;
-# - trace_results DIR: one RESULT line per point of DIR/trace.json (what a poll of session.log shows).
+# - trace_results DIR: one RESULT line per point of DIR/trace.json (what a poll of session.log shows);
+# - overhead_results DIR: DIR/overhead.json's p50, p99, requests/s, CPU canary and the p50 request's parts.
 LEASE_RESULTS=${2:-/tmp/res4}
 LEASE_COPY=${3:-/tmp/tree}
 rm -rf "$LEASE_RESULTS" "$LEASE_COPY"
@@ -40,5 +41,16 @@ for pol, v in d["policies"].items():
         print("RESULT", sys.argv[1].rstrip("/").split("/")[-1], pol, "N", p["n"], "attainment", p["attainment"],
               "in_slo", p.get("requests_in_slo"), "p50", p["p50_ms"], "p99", p["p99_ms"],
               "swaps by device", {k: v.get("swapped") for k, v in (p.get("by_device") or {}).items()})
+PY
+}
+
+overhead_results() {
+  python - "$1" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1] + "/overhead.json"))
+print("RESULT ov", sys.argv[1].rstrip("/").split("/")[-1], "p50", round(d["p50_overhead_ms"], 3),
+      "p99", round(d["p99_overhead_ms"], 3), "rps", round(d["max_rps"]),
+      "canary", round(d.get("cpu_canary", {}).get("median_ms", 0), 3))
+print("  parts", {k: round(x, 3) for k, x in d.get("p50_parts_ms", {}).items()})
 PY
 }
