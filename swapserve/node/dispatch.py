@@ -109,25 +109,24 @@ class OutputSink(Protocol):
         ...
 
 
+def _spans(fl: _InFlight) -> list[tuple[int, int]]:
+    """(first row, rows) of each of a run's requests in its outputs, in order."""
+    spans, row = [], 0
+    for p in fl.pending:
+        spans.append((row, p.request.items))
+        row += p.request.items
+    return spans
+
+
 def _rows(fl: _InFlight, outs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Each request's rows of the run's outputs (views of them)."""
-    rows, row = [], 0
-    for p in fl.pending:
-        n = p.request.items
-        rows.append({name: o[row:row + n] if o.dim() else o for name, o in zip(fl.outputs, outs)})
-        row += n
-    return rows
+    return [{name: o[row:row + n] if o.dim() else o for name, o in zip(fl.outputs, outs)} for row, n in _spans(fl)]
 
 
 def _owned_rows(fl: _InFlight, slab: Slab, refs: Sequence[TensorRef]) -> list[dict[str, torch.Tensor]]:
     """Each request's rows of the run's outputs, copied out of the slab into memory of their own (:meth:`_rows`
     and :meth:`_answers` without a sink, in one copy)."""
-    rows, row = [], 0
-    for p in fl.pending:
-        n = p.request.items
-        rows.append({name: slab.rows(r, row, n) for name, r in zip(fl.outputs, refs)})
-        row += n
-    return rows
+    return [{name: slab.rows(r, row, n) for name, r in zip(fl.outputs, refs)} for row, n in _spans(fl)]
 
 
 def _answers(fl: _InFlight, outs: list[torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]],

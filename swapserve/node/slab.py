@@ -95,7 +95,7 @@ class Slab:
                 at = offset  # rows of row-major tensors, one after another: their bytes, one after another
                 for p in pieces:
                     raw = _raw(p)
-                    self._map[at:at + len(raw)] = raw
+                    self._view[at:at + len(raw)] = raw
                     at += len(raw)
             else:  # on a device, or pieces unlike the first (copy_ casts or refuses, as the batch's checks would)
                 dst = self.tensor(ref)
