@@ -117,12 +117,10 @@ def _penalty_ms(prof: ModelProfile, bytes_per_ms: float, slowdown: float, frac: 
     copies costs little to drop."""
     exec_ms = prof.exec_at(1)
     slowed = exec_ms * slowdown
-
-    def run_ms(missing: float) -> float:
-        return max(missing / bytes_per_ms, slowed) + prof.swap_overhead_ms if missing > 0 else exec_ms
-
-    penalty = run_ms(prof.nbytes) - run_ms(prof.nbytes * (1.0 - frac))
-    return max(penalty, 1e-6)  # keep the reuse order among models that are free to reload
+    whole, left = prof.nbytes, prof.nbytes * (1.0 - frac)  # a run's missing bytes now, and with frac evicted
+    before = max(whole / bytes_per_ms, slowed) + prof.swap_overhead_ms if whole > 0 else exec_ms
+    after = max(left / bytes_per_ms, slowed) + prof.swap_overhead_ms if left > 0 else exec_ms
+    return max(before - after, 1e-6)  # keep the reuse order among models that are free to reload
 
 
 def _batch(requests: list[Request], max_batch: int) -> tuple[list[Request], list[Request]]:
@@ -720,6 +718,7 @@ class Scheduler:
         dev.value_touched.clear()
         queues, resident, partial, last_used, halflife = (state.queues, dev.resident, dev.partial, dev.last_used,
                                                           self.rate_halflife_s)
+        profiles, unprofiled = state.profiles, ModelProfile(nbytes=0)  # as _profile, one for all unprofiled
         for f in todo:
             frac = 1.0 if f in resident else min(max(partial.get(f, 0.0), 0.0), 1.0)
             last = last_used.get(f, -math.inf)
@@ -727,9 +726,9 @@ class Scheduler:
             arrived = fq.last_arrival if fq is not None else None
             if arrived is not None and arrived > last:
                 last = arrived
-            prof = self._profile(state, f)
+            prof = profiles.get(f) or unprofiled
             held_gb = max(prof.nbytes * frac, 1.0) / 1e9
-            rate = rate_at(fq.rate, arrived, now, halflife) if fq is not None and arrived is not None else 0.0
+            rate = rate_at(fq.rate, arrived, now, halflife) if arrived is not None else 0.0
             recency = 1.0 / (max(0.0, now - last) + RECENCY_FLOOR_S) if math.isfinite(last) else 0.0
             gbps = fast if f in peer_held else h2d
             cache[f] = (rate + recency) * _penalty_ms(prof, gbps * 1e6, slowdown, frac) / held_gb
