@@ -8,7 +8,8 @@ Each device holds ``--resident`` whole models and ``--partial`` partly held ones
 requests arrive one at a time, ``--interval-ms`` apart, each admitted, decided and applied as the controller
 does, its lane released before the next. Prints the medians (µs), and the 90th and 99th percentiles of the swaps'
 decisions, and of the controller's computation of the eviction values between passes (``refresh``, off the
-request path: ``Scheduler.refresh_values``) — and with ``--out`` writes them as JSON.
+request path: ``Scheduler.refresh_values``, each call one slice, one turn of the controller's loop) — and with
+``--out`` writes them as JSON.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def measure(state: NodeState, names: list[str], requests: int, peers: bool,
         t2 = time.perf_counter()
         sched.apply(state, decision, now)
         t3 = time.perf_counter()
-        sched.refresh_values(state, now)  # as the controller does once the pass's dispatches are sent
-        parts["refresh"].append(time.perf_counter() - t3)
+        more = True
+        while more:  # as the controller does once the pass's dispatches are sent: a slice a turn of its loop
+            t = time.perf_counter()
+            more = sched.refresh_values(state, now)
+            parts["refresh"].append(time.perf_counter() - t)
         parts["admit"].append(t1 - t0)
         parts["decide"].append(t2 - t1)
         parts["apply"].append(t3 - t2)

@@ -319,8 +319,8 @@ class Dispatcher:
 
     def _refresh_values(self) -> None:
         self._refresh = None
-        if self.live:
-            self.scheduler.refresh_values(self.state, self.clock())
+        if self.live and self.scheduler.refresh_values(self.state, self.clock()):  # a slice: the next one later
+            self._refresh = asyncio.get_running_loop().call_soon(self._refresh_values)
 
     def _decide_soon(self) -> None:
         """:meth:`pump` in :data:`ARRIVAL_TURNS` turns of the event loop, once for all the arrivals meanwhile."""

@@ -62,11 +62,12 @@ import heapq
 import math
 from bisect import insort_right
 from dataclasses import replace
+from collections.abc import Iterable
 from typing import Any
 
 from swapserve.scheduler.estimate import SOURCE_RANK, Estimate, View, rate_at, update_rate
 from swapserve.scheduler.types import (
-    Decision, Dispatch, FunctionQueue, ModelProfile, NodeState, Policy, Queued, Reject, Request, SideLane,
+    Decision, DeviceState, Dispatch, FunctionQueue, ModelProfile, NodeState, Policy, Queued, Reject, Request, SideLane,
 )
 
 EXEC_WEIGHT = 0.2
@@ -88,6 +89,9 @@ the decay of their rate estimates (half-life 60 s) and of their recency (seconds
 within this. Checking each model's inputs instead (the eighth session's memo) cost ~0.8 µs a model on the CI
 box — 0.12 ms of a swap decision on one device holding 144 models, most of the decision — where reusing the
 values whole costs a dict copy."""
+VALUE_SLICE = 64
+"""Models of a device valued per call of :meth:`Scheduler.refresh_values` (~0.1 ms on the CI box): the
+controller's loop does other work between the slices of a round."""
 
 SWAP_PIECE_MS = 3.0
 """Default length of a swap's pieces. A swap whose copy would hold the first lane longer than two pieces
@@ -121,6 +125,12 @@ def _penalty_ms(prof: ModelProfile, bytes_per_ms: float, slowdown: float, frac: 
     before = max(whole / bytes_per_ms, slowed) + prof.swap_overhead_ms if whole > 0 else exec_ms
     after = max(left / bytes_per_ms, slowed) + prof.swap_overhead_ms if left > 0 else exec_ms
     return max(before - after, 1e-6)  # keep the reuse order among models that are free to reload
+
+
+def _held(dev: DeviceState) -> set[str]:
+    """The functions whose bytes are on ``dev``, whole or in part, or on their way in its lanes (what has an
+    eviction value there)."""
+    return set(dev.resident) | set(dev.partial) | set(dev.first_lane) | set(dev.side_running)
 
 
 def _batch(requests: list[Request], max_batch: int) -> tuple[list[Request], list[Request]]:
@@ -654,18 +664,41 @@ class Scheduler:
 
     # --- eviction ----------------------------------------------------------------------------------
 
-    def refresh_values(self, state: NodeState, now: float) -> None:
-        """Compute whole, now, the eviction values of each serving device last computed whole
-        ``VALUE_REUSE_S / 2`` ago or more: the controller calls this once a pass's dispatches are on their way,
-        so that the swaps decided within the next half window reuse them. Otherwise the swap that found them
-        ``VALUE_REUSE_S`` old paid for every model on the device, and in a tie for the other device's too: on the
-        CI box, 2 devices of 800 functions and a swap every 33 ms (``bench/scheduler_cost.py``), swap decisions
-        took 0.15 ms at the median and 0.9 / 1.8 ms at p90 / p99."""
+    def refresh_values(self, state: NodeState, now: float) -> bool:
+        """Value again the models of each serving device whose values were last computed whole
+        ``VALUE_REUSE_S / 2`` ago or more, in rounds of slices: :data:`VALUE_SLICE` models of one device per
+        call, the models it held when its round began. Returns True while there is more to do (call again, on a
+        later turn of the event loop); a device's round ends by counting as a whole computation from its start.
+
+        The controller calls this once a pass's dispatches are on their way, so that the swaps decided within
+        the next half window reuse the values. Otherwise the swap that found them ``VALUE_REUSE_S`` old paid for
+        every model on the device, and in a tie for the other device's too: on the CI box, 2 devices of 800
+        functions and a swap every 33 ms (``bench/scheduler_cost.py``), swap decisions took 0.15 ms at the
+        median and 0.9 / 1.8 ms at p90 / p99. In slices, because computed whole here they held the controller's
+        loop as long (both devices in one call, 1.4 ms at p99 there; a slice 0.23 ms)."""
         if self.policy != "swapserve":
-            return
+            return False
+        done = False  # one slice per call, of the first device with work
         for d in state.devices:
-            if not d.out and now - d.value_cache_at >= VALUE_REUSE_S / 2:
-                self.values(state, d.index, now, whole=True)
+            if d.out or not d.value_round and now - d.value_cache_at < VALUE_REUSE_S / 2:
+                continue
+            if done:
+                return True
+            if not d.value_round:
+                if d.value_peers != self.peer_copies:  # the cache is of another setting: anew, whole
+                    self.values(state, d.index, now, whole=True)
+                    done = True
+                    continue
+                d.value_round, d.value_round_at = sorted(_held(d), reverse=True), now  # taken from the end
+            part = d.value_round[-VALUE_SLICE:]
+            del d.value_round[-VALUE_SLICE:]
+            held = _held(d)
+            self._value_into(state, d, [f for f in part if f in held], now)
+            if d.value_round:
+                return True
+            d.value_cache_at = d.value_round_at  # every model held at the round's start is valued since then
+            done = True
+        return False
 
     def values(self, state: NodeState, device: int, now: float, whole: bool = False) -> dict[str, float]:
         """Worth of keeping each function's bytes on ``device`` (resident, partial or running there); the
@@ -687,11 +720,11 @@ class Scheduler:
         another device holds (a fast NVLink copy) costs less than one only host memory has. Dividing by
         the bytes makes it the right greedy order for freeing space.
 
-        The values are computed whole every ``VALUE_REUSE_S`` (or now, ``whole``), in between only for the
-        functions touched (:data:`VALUE_REUSE_S`).
+        The values are computed whole every ``VALUE_REUSE_S`` (or now, ``whole``; or in slices by
+        :meth:`refresh_values`), in between only for the functions touched (:data:`VALUE_REUSE_S`).
         """
         dev = state.devices[device]
-        names = set(dev.resident) | set(dev.partial) | set(dev.first_lane) | set(dev.side_running)
+        names = _held(dev)
         if self.policy == "fifo_lru":
             return {f: dev.last_used.get(f, -math.inf) for f in sorted(names)}
         if self.policy == "dedicated":
@@ -699,27 +732,36 @@ class Scheduler:
         # In flight anywhere, or queued: never a victim.
         hot = {f for d in state.devices for f in (*d.first_lane, *d.side_running)}
         hot.update(state.nonempty())
-        # Per call, not per model (this runs for every swap and every piece of one, over every model on the
-        # device): the link's figures and which models a peer holds whole.
-        link = state.link
-        h2d, d2d, slowdown = link.h2d(1), link.d2d_GBps if self.peer_copies else None, link.exec_slowdown_copying
-        peer_held = (set().union(*(d.resident for d in state.devices if d.index != device and not d.out))
-                     if d2d is not None else set())
-        fast = max(d2d, h2d) if d2d is not None else h2d
         cache = dev.value_cache
         if whole or now - dev.value_cache_at >= VALUE_REUSE_S or dev.value_peers != self.peer_copies:
             cache.clear()
             todo: set[str] = names
-            dev.value_cache_at, dev.value_peers = now, self.peer_copies
+            dev.value_cache_at, dev.value_peers, dev.value_round = now, self.peer_copies, []
         else:
             todo = (names - cache.keys()) | (dev.value_touched & names)
             for f in cache.keys() - names:  # gone from the device: forget
                 del cache[f]
         dev.value_touched.clear()
+        self._value_into(state, dev, todo, now)
+        out = dict(cache)  # the device's models, each once
+        for f in hot & cache.keys():
+            out[f] = math.inf
+        return out
+
+    def _value_into(self, state: NodeState, dev: DeviceState, functions: Iterable[str], now: float) -> None:
+        """The values of ``functions`` (held on ``dev``) now, into its cache, with :meth:`values`' formula."""
+        # Per call, not per model (this runs for every swap and every piece of one, over every model on the
+        # device): the link's figures and which models a peer holds whole.
+        link = state.link
+        h2d, d2d, slowdown = link.h2d(1), link.d2d_GBps if self.peer_copies else None, link.exec_slowdown_copying
+        peer_held = (set().union(*(d.resident for d in state.devices if d.index != dev.index and not d.out))
+                     if d2d is not None else set())
+        fast = max(d2d, h2d) if d2d is not None else h2d
+        cache = dev.value_cache
         queues, resident, partial, last_used, halflife = (state.queues, dev.resident, dev.partial, dev.last_used,
                                                           self.rate_halflife_s)
         profiles, unprofiled = state.profiles, ModelProfile(nbytes=0)  # as _profile, one for all unprofiled
-        for f in todo:
+        for f in functions:
             frac = 1.0 if f in resident else min(max(partial.get(f, 0.0), 0.0), 1.0)
             last = last_used.get(f, -math.inf)
             fq = queues.get(f)
@@ -732,10 +774,6 @@ class Scheduler:
             recency = 1.0 / (max(0.0, now - last) + RECENCY_FLOOR_S) if math.isfinite(last) else 0.0
             gbps = fast if f in peer_held else h2d
             cache[f] = (rate + recency) * _penalty_ms(prof, gbps * 1e6, slowdown, frac) / held_gb
-        out = dict(cache)  # the device's models, each once
-        for f in hot & cache.keys():
-            out[f] = math.inf
-        return out
 
     # --- bookkeeping helpers for the controller ----------------------------------------------------
 

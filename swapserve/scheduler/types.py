@@ -172,6 +172,10 @@ class DeviceState:
     """Functions whose value here may have changed since (:meth:`NodeState.touch`)."""
     value_peers: bool = field(default=False, compare=False)
     """The peer-copy setting the cache was computed under."""
+    value_round: list[str] = field(default_factory=list, compare=False)
+    """The functions still to be valued in the refresh under way (``Scheduler.refresh_values``, in slices)."""
+    value_round_at: float = field(default=-math.inf, compare=False)
+    """When that refresh began: once it ends, the cache's values are all from then or later."""
 
     @property
     def idle(self) -> bool:
@@ -235,7 +239,7 @@ class NodeState:
     def forget_values(self) -> None:
         """Every device's eviction values are computed whole at the next swap (the models changed)."""
         for d in self.devices:
-            d.value_cache_at = -math.inf
+            d.value_cache_at, d.value_round = -math.inf, []
 
     def nonempty(self) -> list[str]:
         """Names of the functions with queued requests, sorted."""

@@ -614,6 +614,45 @@ def test_values_refreshed_off_the_request_path_half_a_window_early():
     assert fifo.devices[0].value_cache_at == -math.inf
 
 
+def test_values_refreshed_in_slices_while_the_loop_goes_on():
+    """refresh_values values a device's models VALUE_SLICE at a time (True while a round is unfinished), so
+    that the controller's loop is never held for a whole device's computation; the round ends with the values a
+    whole computation gives at the same time, and only then counts as one. A model gone meanwhile is not valued;
+    a whole computation (a swap finding the cache old) or forgetting the values ends the round."""
+    from swapserve.scheduler.core import VALUE_REUSE_S, VALUE_SLICE
+
+    s = node(1)
+    names = [f"f{i:03d}" for i in range(2 * VALUE_SLICE + 10)]
+    for i, name in enumerate(names):
+        fq = fn(s, name, nbytes=GB // (1 + i % 7), exec_ms={1: 1.0 + i % 5})
+        fq.rate, fq.last_arrival = 0.1 + i / 100, T0 - i
+        if i % 3:
+            s.devices[0].resident.add(name)
+        else:
+            s.devices[0].partial[name] = 0.3
+    sch = Scheduler()
+    sch.values(s, 0, T0)
+    later = T0 + VALUE_REUSE_S / 2
+    for q in s.queues.values():
+        q.rate *= 2  # moved without a touch: only a whole computation (or a refresh) sees it
+    assert sch.refresh_values(s, later)
+    assert s.devices[0].value_cache_at == T0 and len(s.devices[0].value_round) == VALUE_SLICE + 10
+    s.devices[0].partial.pop(names[0])  # gone before its slice: not valued, dropped at the next swap
+    assert sch.refresh_values(s, later)
+    assert not sch.refresh_values(s, later)
+    assert s.devices[0].value_cache_at == later and not s.devices[0].value_round
+    whole = Scheduler().values(s, 0, later, whole=True)
+    assert sch.values(s, 0, later) == whole and names[0] not in whole
+    assert not sch.refresh_values(s, later + VALUE_REUSE_S / 4)  # fresh: nothing to do
+    t = later + VALUE_REUSE_S / 2
+    assert sch.refresh_values(s, t)
+    s.forget_values()  # the models changed: the next swap values them whole, no round is left half done
+    assert not s.devices[0].value_round and s.devices[0].value_cache_at == -math.inf
+    assert sch.refresh_values(s, t) and s.devices[0].value_round
+    sch.values(s, 0, t + VALUE_REUSE_S)  # a swap found them old: whole, the round ends
+    assert not s.devices[0].value_round and s.devices[0].value_cache_at == t + VALUE_REUSE_S
+
+
 def test_arrivals_dispatches_and_completions_touch_their_function():
     """Arrivals, dispatches and completions touch their function (every device: a peer's holding counts)."""
     s = node(2)
