@@ -693,7 +693,9 @@ class Scheduler:
             part = d.value_round[-VALUE_SLICE:]
             del d.value_round[-VALUE_SLICE:]
             held = _held(d)
-            self._value_into(state, d, [f for f in part if f in held], now)
+            valued = [f for f in part if f in held]
+            self._value_into(state, d, valued, now)
+            d.value_touched.difference_update(valued)  # valued as they are now: no swap need value them again
             if d.value_round:
                 return True
             d.value_cache_at = d.value_round_at  # every model held at the round's start is valued since then

@@ -635,12 +635,14 @@ def test_values_refreshed_in_slices_while_the_loop_goes_on():
     later = T0 + VALUE_REUSE_S / 2
     for q in s.queues.values():
         q.rate *= 2  # moved without a touch: only a whole computation (or a refresh) sees it
+    s.touch(names[5])  # valued by the round as it is now: no swap values it again
     assert sch.refresh_values(s, later)
     assert s.devices[0].value_cache_at == T0 and len(s.devices[0].value_round) == VALUE_SLICE + 10
     s.devices[0].partial.pop(names[0])  # gone before its slice: not valued, dropped at the next swap
     assert sch.refresh_values(s, later)
     assert not sch.refresh_values(s, later)
     assert s.devices[0].value_cache_at == later and not s.devices[0].value_round
+    assert names[5] not in s.devices[0].value_touched
     whole = Scheduler().values(s, 0, later, whole=True)
     assert sch.values(s, 0, later) == whole and names[0] not in whole
     assert not sch.refresh_values(s, later + VALUE_REUSE_S / 4)  # fresh: nothing to do
