@@ -61,8 +61,8 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import insort_right
-from dataclasses import replace
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from swapserve.scheduler.estimate import SOURCE_RANK, Estimate, View, rate_at, update_rate
