@@ -651,6 +651,7 @@ class Node:
         self._forget_structures()
         if (m := self._models.pop(name, None)) is not None:
             self._entities.pop(m.key, None)
+        self.state.touch(name)  # gone from every device: its eviction values are forgotten
         for d in self.state.devices:  # the workers' later reports of its key no longer name it
             d.resident.discard(name)
             d.partial.pop(name, None)

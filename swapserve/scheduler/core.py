@@ -689,7 +689,10 @@ class Scheduler:
                     self.values(state, d.index, now, whole=True)
                     done = True
                     continue
-                d.value_round, d.value_round_at = sorted(_held(d), reverse=True), now  # taken from the end
+                held = _held(d)
+                d.value_round, d.value_round_at = sorted(held, reverse=True), now  # taken from the end
+                for f in d.value_cache.keys() - held:  # gone, untouched: a round forgets it all the same
+                    del d.value_cache[f]
             part = d.value_round[-VALUE_SLICE:]
             del d.value_round[-VALUE_SLICE:]
             held = _held(d)
@@ -726,26 +729,31 @@ class Scheduler:
         the bytes makes it the right greedy order for freeing space.
 
         The values are computed whole every ``VALUE_REUSE_S`` (or now, ``whole``; or in slices by
-        :meth:`refresh_values`), in between only for the functions touched (:data:`VALUE_REUSE_S`).
+        :meth:`refresh_values`), in between only for the functions touched (:data:`VALUE_REUSE_S`) — which is
+        also how a function that joined or left the device is found (whoever changes what a device holds or
+        runs touches it); a refresh round starts from what the device holds.
         """
         dev = state.devices[device]
-        names = _held(dev)
         if self.policy == "fifo_lru":
-            return {f: dev.last_used.get(f, -math.inf) for f in sorted(names)}
+            return {f: dev.last_used.get(f, -math.inf) for f in sorted(_held(dev))}
         if self.policy == "dedicated":
-            return {f: math.inf if state.dedicated.get(f) == device else -math.inf for f in sorted(names)}
+            return {f: math.inf if state.dedicated.get(f) == device else -math.inf for f in sorted(_held(dev))}
         # In flight anywhere, or queued: never a victim.
         hot = {f for d in state.devices for f in (*d.first_lane, *d.side_running)}
         hot.update(state.nonempty())
         cache = dev.value_cache
+        todo: Iterable[str]
         if whole or now - dev.value_cache_at >= VALUE_REUSE_S or dev.value_peers != self.peer_copies:
             cache.clear()
-            todo: set[str] = names
+            todo = _held(dev)
             dev.value_cache_at, dev.value_peers, dev.value_round = now, self.peer_copies, []
         else:
-            todo = (names - cache.keys()) | (dev.value_touched & names)
-            for f in cache.keys() - names:  # gone from the device: forget
-                del cache[f]
+            # A function joins or leaves the device only touched (its residency, a run's start or end): the
+            # touched ones are valued again or forgotten, not every model's membership checked.
+            resident, partial, running = dev.resident, dev.partial, {*dev.first_lane, *dev.side_running}
+            todo = [f for f in dev.value_touched if f in resident or f in partial or f in running]
+            for f in dev.value_touched.difference(todo):
+                cache.pop(f, None)
         dev.value_touched.clear()
         self._value_into(state, dev, todo, now)
         out = dict(cache)  # the device's models, each once

@@ -169,7 +169,8 @@ class DeviceState:
     value_cache_at: float = field(default=-math.inf, compare=False)
     """When the cache was last computed whole (since then only for the functions touched)."""
     value_touched: set[str] = field(default_factory=set, compare=False)
-    """Functions whose value here may have changed since (:meth:`NodeState.touch`)."""
+    """Functions whose value here may have changed since, or that joined or left the device
+    (:meth:`NodeState.touch`)."""
     value_peers: bool = field(default=False, compare=False)
     """The peer-copy setting the cache was computed under."""
     value_round: list[str] = field(default_factory=list, compare=False)
@@ -231,8 +232,9 @@ class NodeState:
 
     def touch(self, function: str) -> None:
         """What a function's eviction values rest on changed — its use or arrival, its share of a device (on
-        any: a copy from a peer is cheaper), its profile: whoever changes those calls this, so that the
-        values are computed again for it, not for every model on a device at every swap."""
+        any: a copy from a peer is cheaper; joining or leaving one), a run of it starting or ending, its
+        profile: whoever changes those calls this, so that the values are computed again for it, or forgotten
+        where it is gone, not for every model on a device at every swap."""
         for d in self.devices:
             d.value_touched.add(function)
 

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from swapserve.scheduler import (
-    Decision, DeviceState, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, SideLane, View,
-    rate_at, update_rate,
+    Decision, DeviceState, Dispatch, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, SideLane,
+    View, rate_at, update_rate,
 )
 
 GB = 10**9
@@ -552,7 +552,8 @@ def test_values_per_byte_and_cheaper_when_a_peer_holds_it():
 
 def test_values_are_reused_briefly_and_computed_again_for_what_was_touched():
     """A device's values are reused for VALUE_REUSE_S, except for the functions touched meanwhile (whoever
-    changes a use, an arrival, a share of a device or a profile says so: NodeState.touch), computed at once."""
+    changes a use, an arrival, a share of a device — joining or leaving it too — or a profile says so:
+    NodeState.touch), computed at once, or forgotten where they are gone."""
     from swapserve.scheduler.core import VALUE_REUSE_S
 
     s = node(1)
@@ -578,10 +579,36 @@ def test_values_are_reused_briefly_and_computed_again_for_what_was_touched():
     enqueue(s, "a", "r1")  # queued: never a victim, whatever was computed before
     assert sch.values(s, 0, now)["a"] == math.inf
     s.devices[0].partial.pop("b")
+    s.touch("b")
     assert "b" not in sch.values(s, 0, now) and "b" not in s.devices[0].value_cache  # gone from the device
-    s.devices[0].partial["d"] = 0.25  # a model new here is valued at once, untouched
     fn(s, "d", nbytes=GB)
-    assert "d" in sch.values(s, 0, now)
+    s.devices[0].partial["d"] = 0.25
+    s.touch("d")
+    assert "d" in sch.values(s, 0, now)  # new here: valued at once
+    fn(s, "e", nbytes=GB)
+    sch.apply(s, Decision((Dispatch(0, "e", (), "host", 5.0, copy_ms=5.0),)), now)  # a run of it starts here
+    assert sch.values(s, 0, now)["e"] == math.inf  # valued (apply touches it), a victim never
+
+
+def test_a_refresh_round_heals_what_joined_or_left_untouched():
+    """Whoever changes what a device holds touches the function (the controller does, on every path); should a
+    change go untouched, the next refresh round, which starts from what the device holds, values what joined
+    and forgets what left."""
+    from swapserve.scheduler.core import VALUE_REUSE_S
+
+    s = node(1)
+    for name in ("a", "b"):
+        fn(s, name, nbytes=GB, exec_ms={1: 1.0})
+        s.devices[0].resident.add(name)
+    sch = Scheduler()
+    assert set(sch.values(s, 0, T0)) == {"a", "b"}
+    s.devices[0].resident.discard("a")  # untouched: the values reused in the window still name it
+    fn(s, "c", nbytes=GB)
+    s.devices[0].partial["c"] = 0.5
+    assert set(sch.values(s, 0, T0 + VALUE_REUSE_S / 4)) == {"a", "b"}
+    while sch.refresh_values(s, T0 + VALUE_REUSE_S / 2):
+        pass
+    assert set(s.devices[0].value_cache) == {"b", "c"} == set(sch.values(s, 0, T0 + VALUE_REUSE_S / 2))
 
 
 def test_values_refreshed_off_the_request_path_half_a_window_early():
@@ -653,6 +680,60 @@ def test_values_refreshed_in_slices_while_the_loop_goes_on():
     assert sch.refresh_values(s, t) and s.devices[0].value_round
     sch.values(s, 0, t + VALUE_REUSE_S)  # a swap found them old: whole, the round ends
     assert not s.devices[0].value_round and s.devices[0].value_cache_at == t + VALUE_REUSE_S
+
+
+def test_values_name_what_each_device_holds_through_random_work():
+    """Through random arrivals, decisions, runs starting and ending and residency changes (each touching its
+    function, as the controller does) and refresh rounds, every device's values name exactly the functions it
+    holds or runs: none it holds is left unvalued (a worker evicts an unvalued model first)."""
+    import random
+
+    from swapserve.scheduler.core import _held
+
+    rng = random.Random(7)
+    s = NodeState([DeviceState(i, 8 * GB, side=[SideLane()]) for i in range(2)], {}, {},
+                  LinkProfile(h2d_GBps=(50.0, 50.0), d2d_GBps=200.0, fetch_GBps=20.0))
+    names = [f"f{i:02d}" for i in range(40)]
+    for name in names:
+        fn(s, name, nbytes=rng.choice((1, 2, 3)) * GB // 2, exec_ms={1: rng.uniform(1.0, 5.0)}, slo_ms=50.0)
+    sch = Scheduler(peer_copies=True)
+    now, running, checked = T0, [], 0
+    for step in range(3000):
+        now += rng.uniform(0.0, 0.03)
+        op = rng.random()
+        if op < 0.35:
+            name = rng.choice(names)
+            sch.admit(s, Request(f"r{step}", name, now, now + 0.05), now)
+            decision = sch.decide(s, now)
+            sch.apply(s, decision, now)
+            running += [(d.device, d.lane, d.function) for d in decision.dispatches]
+        elif op < 0.6 and running:
+            device, lane, name = running.pop(rng.randrange(len(running)))
+            s.devices[device].release(lane, now)
+            s.touch(name)  # as the dispatcher does when a run ends
+            if rng.random() < 0.7:  # the worker reports it whole there now
+                s.devices[device].resident.add(name)
+                s.devices[device].partial.pop(name, None)
+        elif op < 0.85:
+            d, name = rng.choice(s.devices), rng.choice(names)
+            kind = rng.random()
+            d.resident.discard(name)
+            d.partial.pop(name, None)
+            if kind < 0.4:
+                d.resident.add(name)
+            elif kind < 0.7:
+                d.partial[name] = rng.random()
+            s.touch(name)  # as refresh_residency does for every change a worker reports
+        else:
+            while sch.refresh_values(s, now):
+                pass
+        for q in s.queues.values():  # nothing waits long here: the checks are about what devices hold
+            q.requests.clear()
+        s.waiting.clear()
+        for d in s.devices:
+            assert set(sch.values(s, d.index, now)) == _held(d), (step, d.index)
+            checked += 1
+    assert checked == 6000 and running  # the walk ran runs and left some in flight
 
 
 def test_arrivals_dispatches_and_completions_touch_their_function():
