@@ -370,7 +370,6 @@ class Dispatcher:
         if d.piece_bytes:
             if m is None:  # deleted since it was queued: its requests fail with the queue
                 self.state.devices[d.device].release(d.lane, now, queued=self._behind(d))
-                self.state.touch(d.function)  # not running there after all
             else:
                 self.metrics.count_swap_piece(self._workers[d.device].device)
                 self._copy_in(d, m, now)
@@ -392,7 +391,6 @@ class Dispatcher:
                 raise
         except SwapserveError as e:
             dev.release(d.lane, now, queued=self._behind(d))
-            self.state.touch(d.function)  # not running there after all
             for p in batch:
                 self._fail(p, e)
             return

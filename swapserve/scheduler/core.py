@@ -748,8 +748,8 @@ class Scheduler:
             todo = _held(dev)
             dev.value_cache_at, dev.value_peers, dev.value_round = now, self.peer_copies, []
         else:
-            # A function joins or leaves the device only touched (its residency, a run's start or end): the
-            # touched ones are valued again or forgotten, not every model's membership checked.
+            # A function joins or leaves the device only touched (its residency; a run's start, in apply, or end,
+            # in DeviceState.release): the touched ones are valued again or forgotten, not every model checked.
             resident, partial, running = dev.resident, dev.partial, {*dev.first_lane, *dev.side_running}
             todo = [f for f in dev.value_touched if f in resident or f in partial or f in running]
             for f in dev.value_touched.difference(todo):

@@ -194,16 +194,23 @@ class DeviceState:
 
     def release(self, lane: int, now: float, queued: bool = False) -> None:
         """A lane's dispatch ended: a side lane's; the first lane's running one, whose queued successor (if
-        any) starts now; or, with ``queued``, the successor itself (it failed before it ran)."""
+        any) starts now; or, with ``queued``, the successor itself (it failed before it ran). What stops running
+        here is marked touched (``value_touched``): its eviction value here is computed again, or forgotten."""
         if lane:
+            if (f := self.side[lane - 1].running) is not None:
+                self.value_touched.add(f)
             self.side[lane - 1] = SideLane()
             return
         q = self.queued
         self.queued = None
         if queued:
             assert q is not None, "no dispatch queued behind the first lane"
+            self.value_touched.add(q.function)
             self.busy_until = q.start
-        elif q is not None:
+            return
+        if self.running is not None:
+            self.value_touched.add(self.running)
+        if q is not None:
             self.running, self.piece = q.function, q.piece
             self.busy_until = now + q.expected_ms / 1000.0
             self.copying_until = now + q.copy_ms / 1000.0 if q.copy_ms > 0 else None
