@@ -354,7 +354,7 @@ class Scheduler:
                 if (se := view.side_estimate(name, prof, items, d, now,
                                              self.may_fetch(state, name) and name not in active)) is not None:
                     ests[d, se.lane] = se
-                    cands.append((se.key((d, se.lane) in side), d, se.lane))
+                    cands.append((se.key((d, se.lane) in side and se.start <= now), d, se.lane))
                 if d in free and not (no_new_copy and not view.holds(name, d, now)):
                     e = view.estimate(name, prof, items, d, now)
                 elif (d in ahead and self._ahead_now(view, d)
@@ -369,13 +369,13 @@ class Scheduler:
                     continue
                 if e is not None:
                     ests[d, 0] = e
-                    cands.append((e.key(d in free), d, 0))
+                    cands.append((e.key(d in free or d in ahead and self._ahead_now(view, d)), d, 0))
             if not cands:
                 continue
             best = ests[self._tie_break(state, view, name, prof, cands, values, now)]
-            if not ((best.device, best.lane) in side if best.lane else
+            if not ((best.device, best.lane) in side and best.start <= now if best.lane else
                     best.device in free or (best.device in ahead and self._ahead_now(view, best.device))):
-                continue  # it finishes sooner in a lane that frees soon: leave it queued for that one
+                continue  # it finishes sooner in a lane that frees (or has its model) soon: leave it queued
             piece = 0 if best.lane else self._piece_bytes(view, prof, best, batch[0].deadline, name)
             if piece and best.device not in free:
                 continue  # pieces leave room for what arrives meanwhile: never queued ahead of it

@@ -101,20 +101,25 @@ class Estimate:
     def finish(self) -> float:
         return self.start + self.total_ms / 1000.0
 
-    def key(self, idle: bool) -> tuple[float, int, int, int, int]:
-        """Order of preference: earliest finish, then a lane free now over one to wait for, then fewer
-        bytes moved, then a side lane (which keeps the first lane, the only one that swaps, free), then the
-        lowest device index (so every tie resolves the same way). Devices that tie on all but the index are
-        first told apart by what their pools would give up for the bytes (``Scheduler._tie_break``)."""
-        return (self.finish, 0 if idle else 1, SOURCE_RANK[self.source], 0 if self.lane else 1, self.device)
+    def key(self, go_now: bool) -> tuple[float, int, int, int, int]:
+        """Order of preference: earliest finish, then a dispatch that may be sent now (a free lane, or behind
+        a first lane's run, queued ahead) over one that waits for a lane to free or a model to land, then
+        fewer bytes moved, then a side lane (which keeps the first lane, the only one that swaps, free), then
+        the lowest device index (so every tie resolves the same way). Devices that tie on all but the index
+        are first told apart by what their pools would give up for the bytes (``Scheduler._tie_break``)."""
+        return (self.finish, 0 if go_now else 1, SOURCE_RANK[self.source], 0 if self.lane else 1, self.device)
 
 
-def _incoming(d: DeviceState) -> set[str]:
-    out = set()
+def _incoming(d: DeviceState, now: float) -> dict[str, float]:
+    """The models ``d``'s first lane is bringing in, each with when it is there: the running one's at that run's
+    end (the start of the dispatch queued behind it, if any), the queued one's at the lane's."""
+    out: dict[str, float] = {}
     if d.running is not None and not d.idle and not d.piece:
-        out.add(d.running)
+        assert d.busy_until is not None
+        out[d.running] = max(now, d.queued.start if d.queued is not None else d.busy_until)
     if d.queued is not None and not d.queued.piece:
-        out.add(d.queued.function)
+        assert d.busy_until is not None
+        out.setdefault(d.queued.function, max(now, d.busy_until))
     return out
 
 
@@ -155,9 +160,9 @@ class View:
         # changes what is partly resident, and :meth:`commit` replaces a device's resident set, never adds to it.
         self.resident: list[set[str]] = [set() if d.out else d.resident for d in state.devices]
         self.partial: list[dict[str, float]] = [{} if d.out else d.partial for d in state.devices]
-        # The models a busy first lane runs are on the device once it frees (the worker keeps what it
+        # The models a busy first lane runs are on the device once their run ends (the worker keeps what it
         # loaded), except those of pieces of a swap; a side lane's fetch is there once that lane frees.
-        self.incoming: list[set[str]] = [set() if d.out else _incoming(d) for d in state.devices]
+        self.incoming: list[dict[str, float]] = [{} if d.out else _incoming(d, now) for d in state.devices]
         # ``copying_until`` is the end of a host→device copy (peer copies do not use the host link); a
         # dispatch queued behind the first lane's run copies after it.
         self.copies = [_Copy(d.index, now, d.copying_until) for d in state.devices
@@ -183,7 +188,7 @@ class View:
             return True
         if any(f == function and at >= t for f, t in zip(self.side_incoming[device], self.side_free_at[device])):
             return True
-        return function in self.incoming[device] and at >= self.free_at[device]
+        return (lands := self.incoming[device].get(function)) is not None and at >= lands
 
     def beside(self, device: int, at: float, lane: int) -> tuple[int, float]:
         """The runs of ``device``'s other lanes still going at ``at`` beside a run in ``lane``, and the
@@ -274,7 +279,9 @@ class View:
         """A run of ``items`` in one of ``device``'s side lanes (:meth:`side_lane`), from ``start`` or when the
         lane frees: a resident run, or with ``fetch`` (and a measured ``fetch_GBps``) one that brings its
         missing bytes in first; None if the device has no side lane or the model is not wholly there by then
-        (and may not be fetched). It runs at the measured slowdown of the runs beside it (:meth:`beside`)."""
+        (and may not be fetched). A model the first lane is bringing in is waited for: the run starts once it
+        is there (a side lane never fetches what another lane has in flight). It runs at the measured slowdown
+        of the runs beside it (:meth:`beside`)."""
         key = (function, items, device, start, fetch, "side")
         if key not in self._made:
             self._made[key] = self._side_estimate(function, prof, items, device, start, fetch)
@@ -286,6 +293,8 @@ class View:
         if lane is None:
             return None
         at = max(start, self.side_free_at[device][lane - 1])
+        if (lands := self.incoming[device].get(function)) is not None and lands > at:
+            at = lands
         others, slowdown = self.beside(device, at, lane)
         exec_ms = prof.exec_at(items) * slowdown
         if self.holds(function, device, at):
@@ -355,8 +364,8 @@ class View:
             self.side_incoming[d][i] = function if est.source != "resident" else None
             return
         if self.incoming[d]:  # the runs before this one have ended by the time this starts (a new set: see __init__)
-            self.resident[d] = self.resident[d] | self.incoming[d]
-        self.incoming[d] = {function} if est.source != "resident" and whole else set()
+            self.resident[d] = self.resident[d] | self.incoming[d].keys()
+        self.incoming[d] = {function: est.finish} if est.source != "resident" and whole else {}
         self.free_at[d] = est.finish
         self.idle[d] = False
         if est.source in ("host", "partial") and est.copy_ms > 0.0:

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from swapserve.scheduler import (
-    Decision, DeviceState, Dispatch, FunctionQueue, LinkProfile, ModelProfile, NodeState, Request, Scheduler, SideLane,
-    View, rate_at, update_rate,
+    Decision, DeviceState, Dispatch, FunctionQueue, LinkProfile, ModelProfile, NodeState, Queued, Request, Scheduler,
+    SideLane, View, rate_at, update_rate,
 )
 
 GB = 10**9
@@ -1346,6 +1346,33 @@ def test_a_resident_model_waits_for_a_busy_side_lane_rather_than_queue_behind_a_
     assert sched.decide(s, T0).dispatches == ()  # the side lane frees in 1 ms, the first lane in 12
     s.devices[0].release(1, T0 + 0.001)
     assert (only(sched.decide(s, T0 + 0.001)).lane) == 1
+
+
+def test_a_burst_follower_waits_for_its_model_to_land_and_runs_beside_the_swap_queued_behind():
+    """Session 29's refusals at N = 800 on two H200s: a vit_b_16 request swaps in on the first lane with a GPT-2
+    swap queued behind it (the other device busy longer), and its burst's next request comes 1.2 ms later. The
+    model is there once its own run ends, not once the lane frees: the request is admitted, nothing is sent
+    while the model is on its way (a side lane never runs what another lane has in flight), and once it has
+    landed it runs in the side lane beside the GPT-2 swap, within its SLO."""
+    s = lanes(node(2, link=LinkProfile(h2d_GBps=(50.0,), exec_slowdown_copying=1.5, exec_slowdown_beside=(1.3,))))
+    fn(s, "vit", nbytes=170 * MB, exec_ms={1: 1.5}, slo_ms=11.5)
+    fn(s, "gpt2", nbytes=700 * MB, exec_ms={1: 5.0}, slo_ms=45.0)
+    sched = Scheduler(swap_piece_ms=0, queue_ahead=True)
+    dev = s.devices[0]
+    busy(s, 0, until=T0 + 0.0157, running="vit", copying_until=T0 + 0.0034)
+    dev.queued = Queued("gpt2", T0 + 0.0078, 7.9, 14.0, False)
+    busy(s, 1, until=T0 + 0.016)
+    view = View(s, T0 + 0.0012)
+    assert not view.holds("vit", 0, T0 + 0.0077) and view.holds("vit", 0, T0 + 0.0078)
+    assert view.holds("gpt2", 0, T0 + 0.0157) and not view.holds("gpt2", 0, T0 + 0.0156)
+    r = req(s, "vit", "r2", at=T0 + 0.0012)
+    assert sched.admit(s, r, T0 + 0.0012) is None
+    assert sched.decide(s, T0 + 0.0012).dispatches == ()
+    dev.release(0, T0 + 0.0078)
+    dev.resident.add("vit")  # as the worker reports it
+    d = only(sched.decide(s, T0 + 0.0078))
+    assert (d.function, d.lane, d.source, d.request_ids) == ("vit", 1, "resident", ("r2",))
+    assert T0 + 0.0078 + d.expected_ms / 1000.0 <= r.deadline
 
 
 def test_a_fetch_teaches_the_overhead_of_copy_then_run():
