@@ -6,7 +6,7 @@ worker, the attainment the run would have had with every request's queueing remo
 ``trace.burst_followers``) — ``trace.miss_causes``; runs since 2026-11-28 carry the same in trace.json, the
 followers since 2026-11-29's thirteenth session.
 
-    python bench/miss_causes.py bench/results/<gpu>_<date>/trace.json [raw.jsonl.gz ...] [--late]
+    python bench/miss_causes.py bench/results/<gpu>_<date>/trace.json [raw.jsonl.xz ...] [--late]
 
 ``--late`` also lists every answered request over its SLO, in send order, with its model, latency, run and
 parts (a markdown table per raw file).
@@ -15,7 +15,6 @@ parts (a markdown table per raw file).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace import miss_causes, model_of, request_parts  # noqa: E402  (bench/trace.py)
+from trace import miss_causes, model_of, open_raw, raw_files, raw_tag, request_parts  # noqa: E402  (bench/trace.py)
 
 OUTSIDE = ("client", "read", "gateway", "controller", "dispatch", "pipes")
 """The parts of a request's time outside the worker and its queues, whose medians are printed."""
@@ -36,15 +35,15 @@ def main() -> None:
     ap.add_argument("--late", action="store_true", help="list every answered request over its SLO")
     args = ap.parse_args()
     slo = json.loads(args.trace.read_text())["slo_ms"]
-    files = args.raw or sorted((args.trace.parent / "trace_raw").glob("*.jsonl.gz"))
+    files = args.raw or raw_files(args.trace.parent)
     for f in files:
-        with gzip.open(f, "rt") as fh:
+        with open_raw(f) as fh:
             records = [json.loads(line) for line in fh]
         got = miss_causes(records, {r["function"]: slo[model_of(r["function"])] for r in records})
         done = [request_parts(r) for r in records if r["status"] == 200]
         got["median_ms"] = {k: round(statistics.median(p[k] for p in done), 2) for k in OUTSIDE} if done else {}
         got["functions"] = len({r["function"] for r in records})
-        print(f.name.removesuffix(".jsonl.gz"), json.dumps(got))
+        print(raw_tag(f.name), json.dumps(got))
         if args.late:
             print(late_table(records, slo))
 

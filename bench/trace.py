@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import gzip
 import json
+import lzma
 import math
 import multiprocessing as mp
 import re
@@ -48,6 +49,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -466,12 +468,35 @@ def model_of(function: str) -> str:
     return function.split("-", 1)[1]
 
 
+RAW_SUFFIX = ".jsonl.xz"
+"""Raw records: one JSON object a line, xz-compressed (a fifth smaller than gzip; since 2026-11-30's twenty-ninth
+session, when the committed ones were recompressed to keep the working tree under the lent GPUs' 64 MiB). Files
+written before as ``.jsonl.gz`` are read alike."""
+RAW_SUFFIXES = (RAW_SUFFIX, ".jsonl.gz")
+
+
+def raw_files(directory: Path) -> list[Path]:
+    """The raw record files in ``directory/trace_raw``, by name."""
+    return sorted((f for f in (directory / "trace_raw").glob("*.jsonl.*") if f.name.endswith(RAW_SUFFIXES)),
+                  key=lambda f: f.name)
+
+
+def raw_tag(name: str) -> str:
+    """A raw file's replay: its name less the suffix (``swapserve_800``, ``swapserve_400_r1``)."""
+    return next((name.removesuffix(x) for x in RAW_SUFFIXES if name.endswith(x)), name)
+
+
+def open_raw(path: Path, mode: str = "rt") -> IO[str]:
+    """A raw record file, xz or gzip by its suffix."""
+    return gzip.open(path, mode) if path.name.endswith(".gz") else lzma.open(path, mode)
+
+
 def read_raw(directory: Path) -> dict[str, list[dict]]:
     """Each replay's records in ``directory/trace_raw`` (``--raw``), by file name, in send order (as
     :func:`run_point` writes them)."""
     out = {}
-    for f in sorted((directory / "trace_raw").glob("*.jsonl.gz")):
-        with gzip.open(f, "rt") as fh:
+    for f in raw_files(directory):
+        with open_raw(f) as fh:
             out[f.name] = [json.loads(line) for line in fh if line.strip()]
     return out
 
@@ -515,7 +540,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
     records = [dict(zip(RAW_FIELDS, (fns[r[0]].name, *r[1:]))) for r in sorted(res, key=lambda r: r[1])]
     if raw is not None:  # every request, one JSON object a line (for looking into tails)
         raw.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(raw, "wt") as f:
+        with open_raw(raw, "wt") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
     lat: dict[int, list[float]] = {}
@@ -778,7 +803,7 @@ def main() -> None:
                                                             "with large responses over a quarter of their own)")
     ap.add_argument("--work", type=Path, help="scratch directory (default: a new temp dir)")
     ap.add_argument("--raw", action="store_true", help="also write every request of each point to "
-                                                        "OUT/trace_raw/<policy>_<N>.jsonl.gz")
+                                                        f"OUT/trace_raw/<policy>_<N>{RAW_SUFFIX}")
     ap.add_argument("--no-prepare", action="store_true", help="capture graphs on first use, not at start")
     ap.add_argument("--lanes", type=int, choices=range(1, 5), metavar="K",
                     help="runs in flight per GPU, 1 to 4 (serve --lanes; default 2)")
@@ -893,7 +918,7 @@ def main() -> None:
                                         for key, value in settings.items()):
                         raise SystemExit(f"the node did not take {settings}")
                     tag = f"{label}_{n}" + (f"_r{k // len(variants)}" if args.repeats > len(variants) else "")
-                    raw = out / "trace_raw" / f"{tag}.jsonl.gz" if args.raw else None
+                    raw = out / "trace_raw" / f"{tag}{RAW_SUFFIX}" if args.raw else None
                     runs[v].append(run_point(srv, fns[:n], args.duration, args.warmup, args.seed, bodies, raw,
                                              args.clients, large, out / "profiles" / tag if args.profile else None))
                     # What the node has learned by the run's end (the slowdown of runs side by side).

@@ -232,10 +232,10 @@ def test_followers_cli_says_how_long_after_its_leader_each_follower_finished(tmp
     assert rows == [[name, "swapped", "1", "+0.10", "+0.10", "0"], [name, "resident", "1", "+9.20", "+9.20", "1"]]
 
 
-def test_repeat_misses_cli_pools_the_replays_of_a_point_by_function(tmp_path):
+def test_repeat_misses_cli_pools_the_replays_of_a_point_by_function(tmp_path, trace_module):
     """Every replay of one point (a point's single file and its ``_r<k>`` files, across trace.json files) pooled:
-    each missing function with the replays it missed in, when its worst request was sent and its largest part."""
-    import gzip
+    each missing function with the replays it missed in, when its worst request was sent and its largest part.
+    Raw files are read whether xz (written since 2026-11-30's twenty-ninth session) or gzip (before)."""
     import json
     import subprocess
 
@@ -245,14 +245,15 @@ def test_repeat_misses_cli_pools_the_replays_of_a_point_by_function(tmp_path):
     replays = {  # f1 misses in both (queued, then refused), f2 in one only, f0 in neither
         "a/trace_raw/swapserve_5.jsonl.gz": [at("f0-small", 1.0, 5.0), at("f1-small", 2.0, 14.0, queue=8.0,
                                                                           server=13.0, node=12.5, worker=2.0)],
-        "b/trace_raw/swapserve_5_r0.jsonl.gz": [at("f0-small", 1.0, 6.0), at("f1-small", 2.0, 0.0, status=503),
+        "b/trace_raw/swapserve_5_r0.jsonl.xz": [at("f0-small", 1.0, 6.0), at("f1-small", 2.0, 0.0, status=503),
                                                 at("f2-small", 3.0, 12.0, server=4.0, node=3.5, worker=2.0)],
         "b/trace_raw/swapserve_10.jsonl.gz": [at("f9-small", 1.0, 0.0, status=503)],  # another point: not pooled
     }
     for name, records in replays.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(tmp_path / name, "wt") as f:
+        with trace_module.open_raw(tmp_path / name, "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
+    assert (tmp_path / "b/trace_raw/swapserve_5_r0.jsonl.xz").read_bytes().startswith(b"\xfd7zXZ")
     for d in ("a", "b"):
         (tmp_path / d / "trace.json").write_text(json.dumps({"slo_ms": {"small": 10.0}}))
     traces = [str(tmp_path / d / "trace.json") for d in ("a", "b")]
