@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stats import percentile  # noqa: E402  (bench/stats.py)
-from trace import model_of, raw_tag, read_raw  # noqa: E402  (bench/trace.py)
+from trace import model_of, read_raw  # noqa: E402  (bench/trace.py)
 
 
 def finish_after_leader(records: list[dict], slo_ms: dict[str, float], within_ms: float) -> dict[str, dict]:
@@ -60,7 +60,7 @@ def main() -> None:
         for name, records in read_raw(t.parent).items():
             for kind, s in finish_after_leader(records, slo, args.within_ms).items():
                 if s["n"]:
-                    print(f"| {t.parent.name}/{raw_tag(name)} | {kind} | {s['n']} | "
+                    print(f"| {t.parent.name}/{name} | {kind} | {s['n']} | "
                           f"{s['median_ms']:+.2f} | {s['p90_ms']:+.2f} | {s['late']} |")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace import model_of, raw_tag, read_raw  # noqa: E402  (bench/trace.py)
+from trace import model_of, read_raw  # noqa: E402  (bench/trace.py)
 
 
 def near_large(records: list[dict], model: str, late_ms: float, window_ms: float) -> dict[str, int]:
@@ -51,7 +51,7 @@ def main() -> None:
         for name, records in read_raw(d).items():
             n = near_large(records, args.model, args.late_ms, args.window_ms)
             share = lambda a, b: f"{a} ({a / b:.0%})" if b else "0"  # noqa: E731
-            print(f"| {d.name}/{raw_tag(name)} | {n['answered']} | "
+            print(f"| {d.name}/{name} | {n['answered']} | "
                   f"{share(n['answered_near'], n['answered'])} | {n['late']} | {share(n['late_near'], n['late'])} |")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace import model_of, raw_tag, read_raw, worst_part, worst_requests  # noqa: E402  (bench/trace.py)
+from trace import model_of, read_raw, worst_part, worst_requests  # noqa: E402  (bench/trace.py)
 
 
 def misses(records: list[dict], slo_ms: dict[str, float]) -> dict[str, tuple[float, str]]:
@@ -56,9 +56,9 @@ def main() -> None:
     for t in args.traces:
         slo = json.loads(t.read_text())["slo_ms"]
         for name, records in read_raw(t.parent).items():
-            if (tag := raw_tag(name)) == f"{args.policy}_{args.n}" or tag.startswith(f"{args.policy}_{args.n}_r"):
+            if name == f"{args.policy}_{args.n}" or name.startswith(f"{args.policy}_{args.n}_r"):
                 replays.append(misses(records, slo))
-                names.append(f"{t.parent.name}/{tag}")
+                names.append(f"{t.parent.name}/{name}")
     if not replays:
         raise SystemExit(f"no raw records of {args.policy} at N={args.n} beside {[str(t) for t in args.traces]}")
     print(f"{len(replays)} replays of {args.policy} at N = {args.n}: {', '.join(names)}; missing functions per "

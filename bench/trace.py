@@ -492,12 +492,13 @@ def open_raw(path: Path, mode: str = "rt") -> IO[str]:
 
 
 def read_raw(directory: Path) -> dict[str, list[dict]]:
-    """Each replay's records in ``directory/trace_raw`` (``--raw``), by file name, in send order (as
-    :func:`run_point` writes them)."""
+    """Each replay's records in ``directory/trace_raw`` (``--raw``), by replay (:func:`raw_tag`: one replay's
+    records match across codes, whichever compression wrote them), in send order (as :func:`run_point` writes
+    them)."""
     out = {}
     for f in raw_files(directory):
         with open_raw(f) as fh:
-            out[f.name] = [json.loads(line) for line in fh if line.strip()]
+            out[raw_tag(f.name)] = [json.loads(line) for line in fh if line.strip()]
     return out
 
 

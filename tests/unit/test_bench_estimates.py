@@ -30,7 +30,7 @@ def test_a_correction_learned_per_model_takes_a_models_steady_excess_out_of_its_
     out = subprocess.run([sys.executable, str(BENCH / "estimates.py"), str(tmp_path)], capture_output=True,
                          text=True, check=True).stdout
     rows = {cells[2]: cells[3:] for line in out.splitlines()
-            if (cells := [c.strip() for c in line.split("|")])[1:2] == ["swapserve_100.jsonl.gz"]}
+            if (cells := [c.strip() for c in line.split("|")])[1:2] == ["swapserve_100"]}
     runs, p50, p90, over, fixed_p50, fixed_p90, fixed_over = rows["swapped"][:7]
     assert runs == "40" and over == "50.0%" and float(p90) == 2.0
     assert float(fixed_p50) < 0.1 and float(fixed_over.rstrip("%")) < 15.0  # bert-base's first swaps only

@@ -511,17 +511,16 @@ def test_the_table_names_the_settings_that_differ_from_the_defaults(trace_module
 
 
 def test_paired_compares_each_request_with_itself_in_the_other_trace(trace_module, tmp_path):
-    import gzip
     import json
     import subprocess
 
     import paired  # bench/paired.py, on the path with trace.py
 
-    def write(d, replays):
+    def write(d, replays, suffix):  # a replay is matched by its name whatever its compression (xz since session 29)
         (d / "trace_raw").mkdir(parents=True)
         (d / "trace.json").write_text(json.dumps({"slo_ms": {"small": 10.0, "gpt2": 50.0}}))
         for i, records in enumerate(replays):
-            with gzip.open(d / "trace_raw" / f"swapserve_3_r{i}.jsonl.gz", "wt") as f:
+            with trace_module.open_raw(d / "trace_raw" / f"swapserve_3_r{i}{suffix}", "wt") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
 
     def rec(fn, at, latency, compute=1.0, status=200):
@@ -532,8 +531,8 @@ def test_paired_compares_each_request_with_itself_in_the_other_trace(trace_modul
     # B: every request 0.5 ms sooner outside its run, the last one of f0 refused, the GPT-2 one left out.
     b = [[rec(f"f{i % 3}-small", 0.1 * i + 0.01, x - 0.5, status=503 if i == 12 else 200)
           for i, x in enumerate(lat)] + [rec("f9-gpt2", 5.0, 99.0)] + [rec("f5-small", 0.0, 1.0)]]  # f5: not in A
-    write(tmp_path / "a", a)
-    write(tmp_path / "b", b)
+    write(tmp_path / "a", a, ".jsonl.gz")
+    write(tmp_path / "b", b, ".jsonl.xz")
     got = paired.compare(tmp_path / "a", tmp_path / "b", {"gpt2"}, resamples=200)
     assert (got["pairs"], got["answered"]) == (13, 12)  # f5's request has no partner, f0's 5th was refused in B
     assert got["measures"]["latency"]["median"] == pytest.approx(-0.5)
@@ -541,13 +540,13 @@ def test_paired_compares_each_request_with_itself_in_the_other_trace(trace_modul
     assert got["measures"]["the run"]["median"] == 0.0
     # 10.0 ms met the SLO in A and was refused in B.
     assert got["in_slo"] | {"p": 0} == {"a": 13, "b": 12, "only_a": 1, "only_b": 0, "p": 0}
-    assert got["by_replay"]["swapserve_3_r0.jsonl.gz"]["in_slo"]["only_a"] == 1  # the one replay, on its own
+    assert got["by_replay"]["swapserve_3_r0"]["in_slo"]["only_a"] == 1  # the one replay, on its own
     assert paired.sign_test(1, 0) == 1.0 and paired.sign_test(0, 10) == pytest.approx(2 / 1024)
     out = subprocess.run([sys.executable, str(BENCH / "paired.py"), str(tmp_path / "a"), str(tmp_path / "b"),
                           "--exclude", "gpt2", "--resamples", "100"], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     assert "| latency | -0.500 |" in out and "in A's only 1, in B's only 0" in out
-    assert "| swapserve_3_r0.jsonl.gz | 13 | -0.500 [-0.500, -0.500] | 1 | 0 |" in out
+    assert "| swapserve_3_r0 | 13 | -0.500 [-0.500, -0.500] | 1 | 0 |" in out
 
 
 def test_an_alternating_ab_is_reported_request_by_request(trace_module, tmp_path):
@@ -564,7 +563,7 @@ def test_an_alternating_ab_is_reported_request_by_request(trace_module, tmp_path
     text = trace_module.paired_report("side_fetch=true,false", dirs, tmp_path)
     assert (tmp_path / "paired.md").read_text() == text + "\n"
     assert text.startswith("# side_fetch=true,false: request by request")
-    assert "| latency | +1.000 |" in text and "| swapserve_2_r0.jsonl.gz | 4 |" in text
+    assert "| latency | +1.000 |" in text and "| swapserve_2_r0 | 4 |" in text
 
 
 def test_breakdown_names_each_part_by_its_place_in_a_result(trace_module):
