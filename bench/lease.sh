@@ -4,8 +4,8 @@
 #
 # - RESULTS (default /tmp/res4) emptied; everything the script prints from here on also goes to
 #   RESULTS/session.log, and SCRIPT is copied there (what ran beside what it gave). Keep it outside $OUT and
-#   tar it into $OUT when collecting: the device tool leaves out folders nested deep under $OUT (a trace's
-#   DIR/trace_raw at $OUT/res4/two/trace_raw did not come back in session 28);
+#   tar it into $OUT when collecting (bench/lease_poll.sh): the device tool leaves out folders nested deep under
+#   $OUT (a trace's DIR/trace_raw at $OUT/res4/two/trace_raw did not come back in session 28);
 # - the tree (swapserve, bench, tests, examples, pyproject.toml) copied to COPY (default /tmp/tree) and the
 #   script continues there with PYTHONPATH on it: the device tool's next call replaces the working tree, and a
 #   replay once lost its working directory under it;
