@@ -354,7 +354,7 @@ class Scheduler:
                 if (se := view.side_estimate(name, prof, items, d, now,
                                              self.may_fetch(state, name) and name not in active)) is not None:
                     ests[d, se.lane] = se
-                    cands.append((se.key((d, se.lane) in side and se.start <= now), d, se.lane))
+                    cands.append((se.key(self._side_now(state, side, se, name)), d, se.lane))
                 if d in free and not (no_new_copy and not view.holds(name, d, now)):
                     e = view.estimate(name, prof, items, d, now)
                 elif (d in ahead and self._ahead_now(view, d)
@@ -373,7 +373,7 @@ class Scheduler:
             if not cands:
                 continue
             best = ests[self._tie_break(state, view, name, prof, cands, values, now)]
-            if not ((best.device, best.lane) in side and best.start <= now if best.lane else
+            if not (self._side_now(state, side, best, name) if best.lane else
                     best.device in free or (best.device in ahead and self._ahead_now(view, best.device))):
                 continue  # it finishes sooner in a lane that frees (or has its model) soon: leave it queued
             piece = 0 if best.lane else self._piece_bytes(view, prof, best, batch[0].deadline, name)
@@ -518,6 +518,14 @@ class Scheduler:
             return min(values[c[1]].values(), default=0.0), c[1], c[2]
 
         return min(tied, key=given_up)[1:]
+
+    @staticmethod
+    def _side_now(state: NodeState, side: set[tuple[int, int]], est: Estimate, function: str) -> bool:
+        """Whether a side-lane estimate may be sent now: its lane is free, and a resident run's model is whole on
+        the device as the worker last said. One on its way in another lane, even in a run past its expected end,
+        is waited for: the worker would hand the run to the first lane, behind the swap it was to avoid."""
+        return (est.device, est.lane) in side and (est.source != "resident"
+                                                   or function in state.devices[est.device].resident)
 
     def _ahead_now(self, view: View, device: int) -> bool:
         """Whether a run may be queued behind ``device``'s first lane now: the run there is expected to end

@@ -1375,6 +1375,61 @@ def test_a_burst_follower_waits_for_its_model_to_land_and_runs_beside_the_swap_q
     assert T0 + 0.0078 + d.expected_ms / 1000.0 <= r.deadline
 
 
+def test_lanes_are_only_sent_what_they_can_run_through_random_work():
+    """Through random bursts, decisions, runs ending (late or early against their estimates) and evictions (two
+    devices, two side lanes each, queue-ahead and side fetches on), each side-lane dispatch is one the lane can run
+    when the worker gets it: a resident run has its model whole on the device now as the worker last said, not
+    merely on its way in another lane, even in a run past its expected end (the engine would refuse it and hand it
+    to the first lane, behind the swap it was to avoid); a fetch is of a model no other lane of the device has in
+    flight. (The first lane runs anything: it swaps in what is missing.)"""
+    import random
+
+    rng = random.Random(11)
+    s = lanes(NodeState([DeviceState(i, 2 * GB) for i in range(2)], {}, {},
+                        LinkProfile(h2d_GBps=(25.0, 25.0), fetch_GBps=20.0, exec_slowdown_beside=(1.2, 1.4))), 2)
+    names = [f"f{i:02d}" for i in range(12)]
+    for name in names:
+        fn(s, name, nbytes=rng.choice((40 * MB, 170 * MB, 700 * MB)), exec_ms={1: rng.uniform(0.5, 4.0)},
+           slo_ms=rng.choice((12.0, 20.0, 45.0)))
+    sch = Scheduler(swap_piece_ms=0, queue_ahead=True, side_fetch=True)
+    now, running, sent, waited = T0, [], {"side": 0, "fetch": 0, "first": 0}, 0
+    for step in range(4000):
+        now += rng.uniform(0.0, 0.004)
+        op = rng.random()
+        if op < 0.45:
+            name = rng.choice(names)
+            for k in range(rng.choice((1, 1, 2, 3))):  # bursts, as the trace's gamma arrivals bring
+                sch.admit(s, Request(f"r{step}.{k}", name, now, now + s.queues[name].slo_ms / 1000.0), now)
+        elif op < 0.8 and running:
+            device, lane, name, whole = running.pop(rng.randrange(len(running)))
+            s.devices[device].release(lane, now)
+            if whole or rng.random() < 0.2:  # the reply brings the residency (a resident run's model stays)
+                s.devices[device].resident.add(name)
+                s.devices[device].partial.pop(name, None)
+        else:  # another swap took a model's pages (never one a lane runs)
+            d = rng.choice(s.devices)
+            gone = [f for f in d.resident if f not in (*d.first_lane, *d.side_running)]
+            if gone:
+                d.resident.discard(rng.choice(sorted(gone)))
+        waiting = {r.id for q in s.queues.values() for r in q.requests}
+        decision = sch.decide(s, now)
+        for dsp in decision.dispatches:
+            dev = s.devices[dsp.device]
+            if dsp.lane and dsp.source == "resident":
+                assert dsp.function in dev.resident, (step, dsp)
+                sent["side"] += 1
+            elif dsp.lane:
+                assert dsp.function not in (*dev.first_lane, *dev.side_running), (step, dsp)
+                sent["fetch"] += 1
+            else:
+                sent["first"] += 1
+        sch.apply(s, decision, now)
+        running += [(d.device, d.lane, d.function, d.source != "resident" or d.lane == 0) for d in decision.dispatches]
+        gone = {r for d in decision.dispatches for r in d.request_ids} | {r.request_id for r in decision.rejects}
+        waited += len(waiting - gone)
+    assert min(sent.values()) > 20 and waited > 100, (sent, waited)  # every kind of run, and requests that waited
+
+
 def test_a_fetch_teaches_the_overhead_of_copy_then_run():
     s = side_node()
     fn(s, "f", nbytes=40 * MB, exec_ms={1: 1.0}, overhead_ms=0.3)
