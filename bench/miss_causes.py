@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace import miss_causes, model_of, open_raw, raw_files, raw_tag, request_parts  # noqa: E402  (bench/trace.py)
+from trace import miss_causes, model_of, raw_files, raw_tag, read_records, request_parts  # noqa: E402  (bench/trace.py)
 
 OUTSIDE = ("client", "read", "gateway", "controller", "dispatch", "pipes")
 """The parts of a request's time outside the worker and its queues, whose medians are printed."""
@@ -37,8 +37,7 @@ def main() -> None:
     slo = json.loads(args.trace.read_text())["slo_ms"]
     files = args.raw or raw_files(args.trace.parent)
     for f in files:
-        with open_raw(f) as fh:
-            records = [json.loads(line) for line in fh]
+        records = read_records(f)
         got = miss_causes(records, {r["function"]: slo[model_of(r["function"])] for r in records})
         done = [request_parts(r) for r in records if r["status"] == 200]
         got["median_ms"] = {k: round(statistics.median(p[k] for p in done), 2) for k in OUTSIDE} if done else {}

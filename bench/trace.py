@@ -491,15 +491,16 @@ def open_raw(path: Path, mode: str = "rt") -> IO[str]:
     return gzip.open(path, mode) if path.name.endswith(".gz") else lzma.open(path, mode)
 
 
+def read_records(path: Path) -> list[dict]:
+    """One raw record file's records, in send order (as :func:`run_point` writes them)."""
+    with open_raw(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 def read_raw(directory: Path) -> dict[str, list[dict]]:
     """Each replay's records in ``directory/trace_raw`` (``--raw``), by replay (:func:`raw_tag`: one replay's
-    records match across codes, whichever compression wrote them), in send order (as :func:`run_point` writes
-    them)."""
-    out = {}
-    for f in raw_files(directory):
-        with open_raw(f) as fh:
-            out[raw_tag(f.name)] = [json.loads(line) for line in fh if line.strip()]
-    return out
+    records match across codes, whichever compression wrote them), in send order."""
+    return {raw_tag(f.name): read_records(f) for f in raw_files(directory)}
 
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",

@@ -369,12 +369,12 @@ class Scheduler:
                     continue
                 if e is not None:
                     ests[d, 0] = e
-                    cands.append((e.key(d in free or d in ahead and self._ahead_now(view, d)), d, 0))
+                    cands.append((e.key(self._first_now(view, free, ahead, d)), d, 0))
             if not cands:
                 continue
             best = ests[self._tie_break(state, view, name, prof, cands, values, now)]
             if not (self._side_now(state, side, best, name) if best.lane else
-                    best.device in free or (best.device in ahead and self._ahead_now(view, best.device))):
+                    self._first_now(view, free, ahead, best.device)):
                 continue  # it finishes sooner in a lane that frees (or has its model) soon: leave it queued
             piece = 0 if best.lane else self._piece_bytes(view, prof, best, batch[0].deadline, name)
             if piece and best.device not in free:
@@ -526,6 +526,11 @@ class Scheduler:
         is waited for: the worker would hand the run to the first lane, behind the swap it was to avoid."""
         return (est.device, est.lane) in side and (est.source != "resident"
                                                    or function in state.devices[est.device].resident)
+
+    def _first_now(self, view: View, free: set[int], ahead: set[int], device: int) -> bool:
+        """Whether a dispatch to ``device``'s first lane may be sent now: the lane is free, or it may take one
+        behind its run now (:meth:`_ahead_now`)."""
+        return device in free or (device in ahead and self._ahead_now(view, device))
 
     def _ahead_now(self, view: View, device: int) -> bool:
         """Whether a run may be queued behind ``device``'s first lane now: the run there is expected to end
@@ -692,18 +697,17 @@ class Scheduler:
                 continue
             if done:
                 return True
+            if not d.value_round and d.value_peers != self.peer_copies:  # the cache is of another setting: anew
+                self.values(state, d.index, now, whole=True)
+                done = True
+                continue
+            held = _held(d)
             if not d.value_round:
-                if d.value_peers != self.peer_copies:  # the cache is of another setting: anew, whole
-                    self.values(state, d.index, now, whole=True)
-                    done = True
-                    continue
-                held = _held(d)
                 d.value_round, d.value_round_at = sorted(held, reverse=True), now  # taken from the end
                 for f in d.value_cache.keys() - held:  # gone, untouched: a round forgets it all the same
                     del d.value_cache[f]
             part = d.value_round[-VALUE_SLICE:]
             del d.value_round[-VALUE_SLICE:]
-            held = _held(d)
             valued = [f for f in part if f in held]
             self._value_into(state, d, valued, now)
             d.value_touched.difference_update(valued)  # valued as they are now: no swap need value them again
