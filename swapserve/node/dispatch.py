@@ -394,8 +394,6 @@ class Dispatcher:
             for p in batch:
                 self._fail(p, e)
             return
-        for p in batch:
-            self.metrics.observe_queue(d.function, now - p.started)
         # A side lane may fetch even a model the scheduler saw resident: a swap in the first lane may have
         # evicted it since (the worker reports residency with its replies), and fetching beats waiting for
         # that swap to end (the worker hands the run to the first lane only if the model is in flight there).
@@ -411,6 +409,8 @@ class Dispatcher:
                                     decide_ms=decide_ms), d.peer)
         else:
             self._launch(d, m, run, batch, items, now, region, answers_at=block, decide_ms=decide_ms)
+        for p in batch:  # once the run is on its way
+            self.metrics.observe_queue(d.function, now - p.started)
 
     @staticmethod
     def _answers_block(w: wk.WorkerHandle, m: Served, batch: list[_Pending], items: int) -> tuple[int, int]:

@@ -327,13 +327,24 @@ class Scheduler:
                 if keep:
                     pending[name] = keep
         queued_items = {name: sum(r.items for r in reqs) for name, reqs in pending.items()}
-        active = {f for d in state.devices if not d.out for f in (*d.first_lane, *d.side_running)}
-        free = {d.index for d in state.devices if d.idle}
-        # Side lanes free now, as (device, lane).
-        side = {(d, ln) for d in range(view.n) for ln in range(1, view.side_lanes[d] + 1) if view.side_idle_now(d, ln)}
-        # First lanes that would take one more dispatch behind the one they run.
-        ahead = {d.index for d in state.devices
-                 if self.queue_ahead and not d.idle and not d.out and d.queued is None}
+        # In one pass over the devices: the functions running (or queued) in a lane of one in service; the
+        # idle devices; their side lanes free now, as (device, lane); the first lanes that would take one more
+        # dispatch behind the one they run.
+        active: set[str] = set()
+        free: set[int] = set()
+        side: set[tuple[int, int]] = set()
+        ahead: set[int] = set()
+        for d in state.devices:
+            if not d.out:
+                active.update(d.first_lane)
+                active.update(d.side_running)
+            if d.idle:
+                free.add(d.index)
+            elif self.queue_ahead and not d.out and d.queued is None:
+                ahead.add(d.index)
+        for d in range(view.n):
+            idle = view.side_idle[d]
+            side.update((d, ln) for ln in range(1, view.side_lanes[d] + 1) if idle[ln - 1])
         values: dict[int, dict[str, float]] = {}
         dispatches: list[Dispatch] = []
         # EDF over functions; the name breaks deadline ties.

@@ -141,34 +141,48 @@ class View:
         self.link = state.link
         self.d2d_GBps = state.link.d2d_GBps if peers else None
         self.now = now
+        # Built in one pass over the devices (a decision builds a view for every request: a comprehension per
+        # list cost more than their contents on a node of one or two devices).
         # A device out of service fits nothing, never frees and holds nothing (no run there, no copy from it).
-        self.serving = [not d.out for d in state.devices]
-        self.pool = [d.pool_bytes for d in state.devices]
-        self.idle = [d.idle for d in state.devices]
-        self.free_at = [math.inf if d.out else now if d.busy_until is None else max(now, d.busy_until)
-                        for d in state.devices]
+        self.serving: list[bool] = []
+        self.pool: list[int] = []
+        self.idle: list[bool] = []
+        self.free_at: list[float] = []
         # When each side lane frees, whether it is free now, and the model its run brings in (if any): per
         # device, per side lane (lane i at i - 1).
-        self.side_free_at: list[list[float]] = [[now if ln.until is None else max(now, ln.until) for ln in d.side]
-                                                for d in state.devices]
-        self.side_idle: list[list[bool]] = [[ln.until is None for ln in d.side] for d in state.devices]
-        self.side_incoming: list[list[str | None]] = [[None if d.out or not ln.fetching else ln.running
-                                                       for ln in d.side] for d in state.devices]
-        self.side_lanes = [0 if d.out else len(d.side) if side_lanes is None else min(side_lanes, len(d.side))
-                           for d in state.devices]
+        self.side_free_at: list[list[float]] = []
+        self.side_idle: list[list[bool]] = []
+        self.side_incoming: list[list[str | None]] = []
+        self.side_lanes: list[int] = []
         # The devices' own sets, not copies (hundreds of models each, on every request): a plan never
         # changes what is partly resident, and :meth:`commit` replaces a device's resident set, never adds to it.
-        self.resident: list[set[str]] = [set() if d.out else d.resident for d in state.devices]
-        self.partial: list[dict[str, float]] = [{} if d.out else d.partial for d in state.devices]
+        self.resident: list[set[str]] = []
+        self.partial: list[dict[str, float]] = []
         # The models a busy first lane runs are on the device once their run ends (the worker keeps what it
         # loaded), except those of pieces of a swap; a side lane's fetch is there once that lane frees.
-        self.incoming: list[dict[str, float]] = [{} if d.out else _incoming(d, now) for d in state.devices]
+        self.incoming: list[dict[str, float]] = []
         # ``copying_until`` is the end of a host→device copy (peer copies do not use the host link); a
         # dispatch queued behind the first lane's run copies after it.
-        self.copies = [_Copy(d.index, now, d.copying_until) for d in state.devices
-                       if d.copying_until is not None and d.copying_until > now]
-        self.copies += [_Copy(d.index, q.start, q.start + q.copy_ms / 1000.0) for d in state.devices
-                        if (q := d.queued) is not None and q.copy_ms > 0]
+        self.copies: list[_Copy] = []
+        queued_copies: list[_Copy] = []
+        for d in state.devices:
+            out, busy_until, side = d.out, d.busy_until, d.side
+            self.serving.append(not out)
+            self.pool.append(d.pool_bytes)
+            self.idle.append(d.idle)
+            self.free_at.append(math.inf if out else now if busy_until is None else max(now, busy_until))
+            self.side_free_at.append([now if ln.until is None else max(now, ln.until) for ln in side])
+            self.side_idle.append([ln.until is None for ln in side])
+            self.side_incoming.append([None if out or not ln.fetching else ln.running for ln in side])
+            self.side_lanes.append(0 if out else len(side) if side_lanes is None else min(side_lanes, len(side)))
+            self.resident.append(set() if out else d.resident)
+            self.partial.append({} if out else d.partial)
+            self.incoming.append({} if out else _incoming(d, now))
+            if d.copying_until is not None and d.copying_until > now:
+                self.copies.append(_Copy(d.index, now, d.copying_until))
+            if (q := d.queued) is not None and q.copy_ms > 0:
+                queued_copies.append(_Copy(d.index, q.start, q.start + q.copy_ms / 1000.0))
+        self.copies += queued_copies
         self._made: dict[tuple[Any, ...], Estimate | None] = {}
         """The estimates made since the plan last changed (:meth:`commit`, :meth:`prune`), by their arguments: a
         decision asks for each twice, triaging a queue and placing its batch (~half of a resident request's
