@@ -341,6 +341,42 @@ def recv_nowait(conn: Connection) -> Any | None:
     return pickle.loads(_read_exact(fd, size))
 
 
+READ_BYTES = 1 << 16
+"""What one read of :func:`recv_available` may take."""
+
+
+def recv_available(conn: Connection) -> tuple[list[Any], bool]:
+    """The messages that have arrived on non-blocking ``conn``, in one read where they fit in :data:`READ_BYTES`
+    (a message begun in it is read to its end), and whether more may be waiting (the read filled its buffer);
+    ``([], False)`` at once when nothing has arrived. One read per worker reply, where :func:`recv_nowait` makes
+    three (the head, the body, and one that finds nothing more, raising). It reads past a message: never use it
+    while descriptors may follow one (:func:`recv_fds`)."""
+    fd = conn.fileno()
+    try:
+        data = os.read(fd, READ_BYTES)
+    except BlockingIOError:
+        return [], False
+    if not data:
+        raise EOFError
+    more = len(data) == READ_BYTES
+    out, pos = [], 0
+    while pos < len(data):
+        if len(data) - pos < 4:
+            data += _read_exact(fd, 4 - (len(data) - pos))
+        (size,) = struct.unpack_from("!i", data, pos)
+        pos += 4
+        if size == -1:
+            if len(data) - pos < 8:
+                data += _read_exact(fd, 8 - (len(data) - pos))
+            (size,) = struct.unpack_from("!Q", data, pos)
+            pos += 8
+        if len(data) - pos < size:
+            data += _read_exact(fd, size - (len(data) - pos))
+        out.append(pickle.loads(memoryview(data)[pos:pos + size]))
+        pos += size
+    return out, more
+
+
 def _read_exact(fd: int, n: int, start: bytes = b"") -> bytes:
     """``n`` bytes (``start`` being the first of them) from non-blocking ``fd``, waiting up to :data:`FD_WAIT_S`
     for each part: a message that has begun arrives whole at once."""

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from swapserve.errors import BackendError
-from swapserve.node.messages import (Exported, Hello, Reply, ResidencyChange, Stop, recv, recv_fds, recv_nowait,
-                                     send_fds)
+from swapserve.node.messages import (Exported, ExportPages, Hello, Reply, ResidencyChange, Stop, recv, recv_available,
+                                     recv_fds, recv_nowait, send_fds)
 from swapserve.node.messages import send as send_msg
 from swapserve.node.slab import Slab
 from swapserve.node.worker import STACKS_SIGNAL, WorkerConfig, worker_main
@@ -64,6 +64,9 @@ class WorkerHandle:
     stopping: bool = False
     models: set[str] = field(default_factory=set)
     """Keys of the models added to it (and not removed), as sent."""
+    exporting: set[int] = field(default_factory=set)
+    """Ids of the :class:`ExportPages` commands sent and not yet answered: while any is, its replies are read one
+    message at a time (descriptors follow the answer in the stream; a read past it would drop them)."""
 
     @property
     def device(self) -> str:
@@ -105,23 +108,44 @@ def watch(w: WorkerHandle, on_dead: Any) -> None:
     loop = asyncio.get_running_loop()
     os.set_blocking(w.conn.fileno(), False)  # as uvloop's reader leaves it; asyncio's would not
 
+    def take(reply: Reply) -> None:
+        if isinstance(reply.result, Exported):  # its descriptors are right behind it
+            try:
+                fds = recv_fds(w.conn, reply.result.count)
+            except OSError as e:  # read to their end: the worker is fine, its pages are not ours
+                reply = Reply(reply.id, False, error=f"its pages' descriptors: {e}", error_type="BackendError")
+            else:
+                reply = replace(reply, result=Exported(len(fds), tuple(fds)))
+        w.exporting.discard(reply.id)
+        waiter = w.pending.pop(reply.id, None)
+        if reply.residency is not None:
+            w.residency.apply(reply.residency)
+        if callable(waiter):
+            waiter(reply)
+        elif waiter is not None and not waiter.done():
+            waiter.set_result(reply)
+
     def readable() -> None:
         try:
-            while (reply := recv_nowait(w.conn)) is not None:
-                if isinstance(reply.result, Exported):  # its descriptors are right behind it
+            while True:
+                if w.exporting:
+                    if (reply := recv_nowait(w.conn)) is None:
+                        return
+                    take(reply)
+                    continue
+                replies, more = recv_available(w.conn)
+                failed: Exception | None = None
+                for reply in replies:  # every one read is taken, even past a callback that raised (a bug)
                     try:
-                        fds = recv_fds(w.conn, reply.result.count)
-                    except OSError as e:  # read to their end: the worker is fine, its pages are not ours
-                        reply = Reply(reply.id, False, error=f"its pages' descriptors: {e}", error_type="BackendError")
-                    else:
-                        reply = replace(reply, result=Exported(len(fds), tuple(fds)))
-                waiter = w.pending.pop(reply.id, None)
-                if reply.residency is not None:
-                    w.residency.apply(reply.residency)
-                if callable(waiter):
-                    waiter(reply)
-                elif waiter is not None and not waiter.done():
-                    waiter.set_result(reply)
+                        take(reply)
+                    except (EOFError, OSError):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - raised below, after the others
+                        failed = failed or e
+                if failed is not None:
+                    raise failed
+                if not more:
+                    return
         except (EOFError, OSError):
             loop.remove_reader(w.conn.fileno())
             w.dead = True
@@ -153,6 +177,8 @@ async def call(w: WorkerHandle, msg: Any, fds: Sequence[int] = ()) -> Reply:
         raise BackendError(f"worker {w.index} ({w.device}) is not running")
     fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
     w.pending[msg.id] = fut
+    if isinstance(msg, ExportPages):
+        w.exporting.add(msg.id)
     send_msg(w.conn, msg)
     if fds:
         send_fds(w.conn, fds)
