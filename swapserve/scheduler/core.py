@@ -23,6 +23,8 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
 * Swaps in pieces: a first-lane swap whose copy is long (over two ``swap_piece_ms``) and whose deadline has
   room is dispatched as a piece (part of its missing bytes, no run; its requests stay queued); the next
   decision, after the piece, serves whatever is due first, then the next piece or the run with what is left.
+  While its lane is busy (a piece of it, or other work) the swap waits, and holds the lane's next turn against
+  what is due after it (:meth:`Scheduler._hold_first_lane`).
 * Side lanes: a device with side lanes (``DeviceState.side``; ``serve --lanes K`` gives K - 1) runs a model
   that is wholly there in one of them, beside whatever its other lanes do (a swap of another model, say),
   when that finishes first; the first lane is the only one that swaps pipelined. Of a device's side lanes the
@@ -334,10 +336,13 @@ class Scheduler:
         free: set[int] = set()
         side: set[tuple[int, int]] = set()
         ahead: set[int] = set()
+        pieces: dict[str, int] = {}  # function -> the device whose first lane copies a piece of its swap
         for d in state.devices:
             if not d.out:
                 active.update(d.first_lane)
                 active.update(d.side_running)
+                if d.piece and d.running is not None:
+                    pieces[d.running] = d.index
             if d.idle:
                 free.add(d.index)
             elif self.queue_ahead and not d.out and d.queued is None:
@@ -358,6 +363,10 @@ class Scheduler:
             no_new_copy = name in active and queued_items[name] <= fq.max_batch
             batch, rest = _batch(pending[name], fq.max_batch)
             items = sum(r.items for r in batch)
+            if (d_piece := pieces.get(name)) is not None:  # its swap goes on there once the piece has landed
+                if (e := view.estimate(name, prof, items, d_piece, view.free_at[d_piece])) is not None:
+                    self._hold_first_lane(view, ahead, e, name)
+                continue
             cands: list[tuple[tuple[float, int, int, int, int], int, int]] = []
             ests = {}
             for d in range(view.n):
@@ -389,7 +398,8 @@ class Scheduler:
                 continue  # it finishes sooner in a lane that frees (or has its model) soon: leave it queued
             piece = 0 if best.lane else self._piece_bytes(view, prof, best, batch[0].deadline, name)
             if piece and best.device not in free:
-                continue  # pieces leave room for what arrives meanwhile: never queued ahead of it
+                self._hold_first_lane(view, ahead, best, name)  # pieces are never queued ahead
+                continue
             # Eviction values matter only to a dispatch that brings bytes in (O(models on the device) to compute).
             if best.source != "resident" and best.device not in values:
                 values[best.device] = self.values(state, best.device, now)
@@ -558,6 +568,15 @@ class Scheduler:
         at = [d.busy_until - within / 1000.0 for d in state.devices
               if d.busy_until is not None and d.queued is None and d.busy_until - within / 1000.0 > now]
         return min(at, default=None)
+
+    @staticmethod
+    def _hold_first_lane(view: View, ahead: set[int], est: Estimate, function: str) -> None:
+        """A swap that comes in pieces waits for its first lane to free, and holds that lane's next turn: what
+        the decision places after it (due later: EDF) neither queues behind the run there nor plans to start
+        before the swap. Otherwise a long swap due later took the turn, and the swap, its room between pieces
+        spent, missed its deadline behind it (BERT-large bursts behind GPT-2 and VGG swaps on two H200s)."""
+        ahead.discard(est.device)
+        view.commit(est, function)
 
     def _take_first_lane(self, device: int, free: set[int], ahead: set[int]) -> None:
         """A dispatch went to ``device``'s first lane: an idle one may still take one behind it."""

@@ -1233,6 +1233,32 @@ def test_between_pieces_what_is_due_first_runs():
     assert (d.function, d.request_ids, d.piece_bytes) == ("small", ("s1",), 0)
 
 
+def test_a_swap_between_pieces_holds_its_lane_s_next_turn_against_what_is_due_later():
+    """A piece of "big" is running; big's requests wait for the lane. What is due before them may still queue
+    behind the piece (the room pieces leave); what is due after them neither queues there nor plans to start
+    before big's swap (it would have pushed big past its deadline)."""
+    def mid_pieces(slo_ms: float) -> NodeState:
+        s = node(1)
+        fn(s, "big", nbytes=750 * MB, exec_ms={1: 6.0}, slo_ms=40.0)  # a 15 ms copy at 50 GB/s
+        fn(s, "other", nbytes=250 * MB, exec_ms={1: 3.0}, slo_ms=slo_ms)  # a 5 ms copy: whole, no pieces
+        busy(s, 0, until=T0 + 0.002, running="big", copying_until=T0 + 0.002)
+        s.devices[0].piece = True
+        s.devices[0].partial["big"] = 0.2
+        enqueue(s, "big", "b1")
+        enqueue(s, "other", "o1")
+        return s
+
+    sched = Scheduler(swap_piece_ms=3.0, queue_ahead=True)
+    assert sched.decide(mid_pieces(slo_ms=60.0), T0).dispatches == ()  # due after big: waits
+    d = only(sched.decide(mid_pieces(slo_ms=20.0), T0))  # due before big: behind the piece
+    assert (d.function, d.request_ids, d.device) == ("other", ("o1",), 0)
+    # Once the piece has landed, big's next piece goes first, and the other queues behind it.
+    s = mid_pieces(slo_ms=60.0)
+    s.devices[0].release(0, T0 + 0.002)
+    got = sched.decide(s, T0 + 0.002).dispatches
+    assert [(x.function, x.piece_bytes > 0) for x in got] == [("big", True), ("other", False)]
+
+
 def test_a_swap_runs_whole_when_short_late_or_off_or_not_swapserve():
     def first(nbytes: int, slo_ms: float, **kw) -> object:
         s = node(1)
