@@ -38,7 +38,20 @@ def test_a_function_without_answers_takes_the_estimate_of_answers_shaped_as_its(
     assert m.after_ms("gpt2-b", "logits") == 12.0, "its shape's, learned from another function"
     assert m.after_ms("gpt2-b", "other") == 0.0 and m.after_ms("gpt2-b") == 0.0
     m.observe("gpt2-b", 4.0, shape="logits")
-    assert m.after_ms("gpt2-b", "logits") == 4.0, "its own once it has answered"
+    assert m.after_ms("gpt2-b", "logits") == pytest.approx(11.6), "its own once it has answered, from its shape's"
+    assert m.after_ms("gpt2-b") == pytest.approx(11.6)
     assert m.after_ms("gpt2-c", "logits") == pytest.approx(11.6), "the shape's learns from both"
     m.observe("gpt2-d", float("nan"), shape="logits")
     assert m.after_ms("gpt2-d", "logits") == pytest.approx(11.6)
+
+
+def test_a_function_s_first_slow_answer_moves_it_from_its_shape_s_estimate_not_to_the_answer() -> None:
+    """One answer written while the gateway's loop was busy must not hold a function's requests to half their
+    SLO for the next fifty answers."""
+    m = Margins()
+    for i in range(50):
+        m.observe(f"classifier-{i}", 0.3, shape="2 KB")
+    m.observe("vgg", 9.0, shape="2 KB")
+    assert m.after_ms("vgg", "2 KB") == pytest.approx(0.3 + 0.2 * 8.7)
+    m.observe("vgg", 0.3, shape="2 KB")
+    assert m.after_ms("vgg", "2 KB") < 2.0
