@@ -330,12 +330,12 @@ class Scheduler:
                     pending[name] = keep
         queued_items = {name: sum(r.items for r in reqs) for name, reqs in pending.items()}
         # In one pass over the devices: the functions running (or queued) in a lane of one in service; the
-        # idle devices; their side lanes free now, as (device, lane); the first lanes that would take one more
-        # dispatch behind the one they run.
+        # idle devices; the first lanes that would take one more dispatch behind the one they run. Then the side
+        # lanes free now, as (device, lane).
         active: set[str] = set()
         free: set[int] = set()
-        side: set[tuple[int, int]] = set()
         ahead: set[int] = set()
+        side: set[tuple[int, int]] = set()
         pieces: dict[str, int] = {}  # function -> the device whose first lane copies a piece of its swap
         for d in state.devices:
             if not d.out:
@@ -347,9 +347,8 @@ class Scheduler:
                 free.add(d.index)
             elif self.queue_ahead and not d.out and d.queued is None:
                 ahead.add(d.index)
-        for d in range(view.n):
-            idle = view.side_idle[d]
-            side.update((d, ln) for ln in range(1, view.side_lanes[d] + 1) if idle[ln - 1])
+        side.update((d, ln) for d in range(view.n) for ln in range(1, view.side_lanes[d] + 1)
+                    if view.side_idle_now(d, ln))
         values: dict[int, dict[str, float]] = {}
         dispatches: list[Dispatch] = []
         # EDF over functions; the name breaks deadline ties.
