@@ -1,0 +1,78 @@
+"""What each lane of each GPU ran around a late request: the answered requests of one replay whose trace time
+falls in a window, per device and lane in the order they were sent to it, with when each came, was sent to its
+lane and was answered, and the times that say why (queue, worker, run, expected, the node's budget, the copy the
+dispatch planned). Refused requests are listed apart. From the raw records of ``bench/trace.py --raw``.
+
+    python bench/timeline.py TRACE_DIR --from 6.05 --to 6.16 [--replay swapserve_800] [--lane 0]
+
+Times are ms of the trace's clock (``at_s``; a request's dispatch is ``at + queue``, its end ``at + latency``, as
+the client saw it). What the records do not hold shows as gaps: pieces of a swap and prefetches carry no
+request, so a first lane with queued work and nothing listed was most likely copying a piece. Session 30
+read the BERT-large misses of its A/B so (``bench/results/h200x2_20261130/session30/README.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trace import read_raw  # noqa: E402  (bench/trace.py)
+
+COLUMNS = ("device", "lane", "function", "at", "sent", "ends", "latency", "queue", "worker", "run", "expected",
+           "budget", "copy")
+
+
+def rows(records: list[dict], start_s: float, end_s: float, lane: int | None = None) -> list[tuple]:
+    """The answered requests that came in ``[start_s, end_s)`` (of ``lane`` only, if given), as rows of
+    :data:`COLUMNS`, by device, lane and the time each was sent to its lane."""
+    out = []
+    for r in records:
+        if r["status"] != 200 or not start_s <= r["at_s"] < end_s or (lane is not None and r["lane"] != lane):
+            continue
+        at = r["at_s"] * 1e3
+        out.append((r["device"], r["lane"], r["function"], at, at + r["queue_ms"], at + r["latency_ms"],
+                    r["latency_ms"], r["queue_ms"], r["worker_ms"], r["compute_ms"], r.get("expected_ms", -1.0),
+                    r.get("budget_ms", -1.0), r.get("copy_ms", -1.0)))
+    return sorted(out, key=lambda x: (x[0], x[1], x[4], x[3]))
+
+
+def refused(records: list[dict], start_s: float, end_s: float) -> list[tuple[float, str, int, str]]:
+    """(at ms, function, status, reason) of the requests in the window that got no answer."""
+    return sorted((r["at_s"] * 1e3, r["function"], r["status"], r.get("reason", "")) for r in records
+                  if r["status"] != 200 and start_s <= r["at_s"] < end_s)
+
+
+def table(lines: list[tuple]) -> str:
+    out = ["| " + " | ".join(COLUMNS) + " |", "|---|---:|---|" + "---:|" * (len(COLUMNS) - 3)]
+    for x in lines:
+        out.append("| " + " | ".join([x[0], str(x[1]), x[2], *(f"{v:.1f}" for v in x[3:])]) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trace", type=Path, help="a directory holding trace_raw/")
+    ap.add_argument("--from", dest="start", type=float, required=True, help="trace time (s)")
+    ap.add_argument("--to", dest="end", type=float, required=True, help="trace time (s)")
+    ap.add_argument("--replay", help="which replay (e.g. swapserve_800); needed when the directory holds several")
+    ap.add_argument("--lane", type=int, help="this lane only (0: the first lane, which swaps)")
+    args = ap.parse_args()
+    replays = read_raw(args.trace)
+    if args.replay is None and len(replays) != 1:
+        ap.error(f"{args.trace} holds {len(replays)} replays ({', '.join(sorted(replays))}): name one with --replay")
+    tag = args.replay or next(iter(replays))
+    if tag not in replays:
+        ap.error(f"no replay {tag!r} in {args.trace} (it holds {', '.join(sorted(replays))})")
+    records = replays[tag]
+    print(table(rows(records, args.start, args.end, args.lane)))
+    if lost := refused(records, args.start, args.end):
+        print()
+        for at, function, status, reason in lost:
+            print(f"- {at:.1f} {function}: {status} {reason}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""bench/timeline.py on a trace directory of raw records written as bench/trace.py --raw writes them."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _record(function: str, at_s: float, device: str = "cuda:0", lane: int = 0, queue_ms: float = 0.1,
+            latency_ms: float = 5.0, status: int = 200, reason: str = "") -> dict:
+    return {"function": function, "at_s": at_s, "status": status, "reason": reason, "device": device, "lane": lane,
+            "queue_ms": queue_ms, "latency_ms": latency_ms, "worker_ms": 3.0, "compute_ms": 2.5,
+            "expected_ms": 2.8, "budget_ms": 9.5, "copy_ms": 1.0}
+
+
+def _write(directory: Path, name: str, records: list[dict]) -> None:
+    (directory / "trace_raw").mkdir(exist_ok=True)
+    with lzma.open(directory / "trace_raw" / name, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "timeline.py"), *args], capture_output=True, text=True)
+
+
+def test_it_lists_a_window_s_answers_per_lane_in_the_order_sent_and_the_refused_apart(tmp_path: Path) -> None:
+    _write(tmp_path, "swapserve_10.jsonl.xz", [
+        _record("late-big", 1.000, queue_ms=20.0, latency_ms=40.0),  # came first, sent last on its lane
+        _record("small", 1.005),
+        _record("side", 1.002, lane=1),
+        _record("other-gpu", 1.001, device="cuda:1"),
+        _record("outside", 1.200),
+        _record("refused", 1.003, status=503, reason="cannot meet the deadline: expected # ms late"),
+    ])
+    result = _run(str(tmp_path), "--from", "1.0", "--to", "1.1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    listed = [line.split("|")[3].strip() for line in lines[2:6]]
+    assert listed == ["small", "late-big", "side", "other-gpu"]
+    assert lines[3].split("|")[5].strip() == "1020.0"  # sent = at + queue
+    assert "outside" not in result.stdout
+    assert lines[-1] == "- 1003.0 refused: 503 cannot meet the deadline: expected # ms late"
+    only_first = _run(str(tmp_path), "--from", "1.0", "--to", "1.1", "--lane", "0").stdout
+    assert "| side |" not in only_first and "| small |" in only_first
+
+
+def test_a_directory_of_several_replays_needs_one_named(tmp_path: Path) -> None:
+    _write(tmp_path, "swapserve_10.jsonl.xz", [_record("a", 1.0)])
+    _write(tmp_path, "swapserve_20.jsonl.xz", [_record("b", 1.0)])
+    result = _run(str(tmp_path), "--from", "0", "--to", "2")
+    assert result.returncode != 0 and "--replay" in result.stderr
+    named = _run(str(tmp_path), "--from", "0", "--to", "2", "--replay", "swapserve_20")
+    assert named.returncode == 0 and "| b |" in named.stdout and "| a |" not in named.stdout
+    assert "no replay 'swapserve_30'" in _run(str(tmp_path), "--from", "0", "--to", "2",
+                                              "--replay", "swapserve_30").stderr
