@@ -6,9 +6,11 @@ dispatch planned). Refused requests are listed apart. From the raw records of ``
     python bench/timeline.py TRACE_DIR --from 6.05 --to 6.16 [--replay swapserve_800] [--lane 0]
 
 Times are ms of the trace's clock (``at_s``; a request's dispatch is ``at + queue``, its end ``at + latency``, as
-the client saw it). What the records do not hold shows as gaps: pieces of a swap and prefetches carry no
-request, so a first lane with queued work and nothing listed was most likely copying a piece. Session 30
-read the BERT-large misses of its A/B so (``bench/results/h200x2_20261130/session30/README.md``).
+the client saw it). Pieces of a swap and prefetches carry no request: where the trace recorded the node's run log
+(``trace_raw/runs/``, since session 30) a second table lists everything each lane ran in the window, pieces and
+prefetches included, from when its lane took it up to its answer on the node. Without it (older traces) a first
+lane with queued work and nothing listed was most likely copying a piece: session 30 read the BERT-large misses
+of its A/B so (``bench/results/h200x2_20261130/session30/README.md``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace import read_raw  # noqa: E402  (bench/trace.py)
+from trace import read_raw, read_runs  # noqa: E402  (bench/trace.py)
 
 COLUMNS = ("device", "lane", "function", "at", "sent", "ends", "latency", "queue", "worker", "run", "expected",
            "budget", "copy")
@@ -43,6 +45,28 @@ def refused(records: list[dict], start_s: float, end_s: float) -> list[tuple[flo
     """(at ms, function, status, reason) of the requests in the window that got no answer."""
     return sorted((r["at_s"] * 1e3, r["function"], r["status"], r.get("reason", "")) for r in records
                   if r["status"] != 200 and start_s <= r["at_s"] < end_s)
+
+
+RUN_COLUMNS = ("device", "lane", "function", "kind", "begun", "ended", "requests", "source", "swapped", "MB copied",
+               "run", "expected")
+
+
+def lane_rows(runs: list[dict], start_s: float, end_s: float, lane: int | None = None) -> list[tuple]:
+    """What the lanes ran (the node's run log) overlapping ``[start_s, end_s)``, as rows of :data:`RUN_COLUMNS`,
+    by device, lane and start."""
+    out = [(r["device"], r["lane"], r["function"], r["kind"],
+            r["begun_s"] * 1e3, r["ended_s"] * 1e3, r["requests"], r["source"], r["swapped"],
+            r["bytes_copied"] / 1e6, r["wall_ms"], r["expected_ms"])
+           for r in runs if r["ended_s"] >= start_s and r["begun_s"] < end_s and (lane is None or r["lane"] == lane)]
+    return sorted(out, key=lambda x: (x[0], x[1], x[4]))
+
+
+def run_table(lines: list[tuple]) -> str:
+    out = ["| " + " | ".join(RUN_COLUMNS) + " |", "|---|---:|---|---|" + "---:|" * 3 + "---|---|" + "---:|" * 3]
+    for x in lines:
+        out.append("| " + " | ".join([x[0], str(x[1]), x[2], x[3], f"{x[4]:.1f}", f"{x[5]:.1f}", str(x[6]), x[7],
+                                      "yes" if x[8] else "", f"{x[9]:.0f}", f"{x[10]:.1f}", f"{x[11]:.1f}"]) + " |")
+    return "\n".join(out)
 
 
 def table(lines: list[tuple]) -> str:
@@ -72,6 +96,11 @@ def main() -> None:
         print()
         for at, function, status, reason in lost:
             print(f"- {at:.1f} {function}: {status} {reason}")
+    if (runs := read_runs(args.trace, tag)) is not None:
+        print()
+        print(f"What the lanes ran ({tag}, the node's run log):")
+        print()
+        print(run_table(lane_rows(runs, args.start, args.end, args.lane)))
 
 
 if __name__ == "__main__":

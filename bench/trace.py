@@ -396,6 +396,27 @@ def p98(xs: list[float]) -> float:
     return xs[max(0, math.ceil(0.98 * len(xs)) - 1)]
 
 
+def lane_runs(srv: Server, since: float) -> list[dict]:
+    """What the node's lanes ran (``GET /api/v1/runs``: runs, pieces of swaps, prefetches) since ``since`` on
+    this process's ``time.perf_counter()``, each a dict of the log's fields with ``begun`` and ``ended`` moved to
+    that clock. The node's clock is mapped by the answer's ``now`` against the middle of the request (within
+    half its round trip; on Linux both are the same monotonic clock anyway)."""
+    def get(path: str) -> dict:
+        ask = urllib.request.Request(f"{srv.url}{path}", headers={"Authorization": f"Bearer {srv.token}"})
+        with urllib.request.urlopen(ask, timeout=30) as r:
+            return json.loads(r.read())
+
+    before = time.perf_counter()
+    now = get("/api/v1/runs?since=1e300")["now"]  # no runs: its clock only
+    offset = now - (before + time.perf_counter()) / 2
+    log = get(f"/api/v1/runs?since={since + offset!r}")
+    runs = [dict(zip(log["fields"], r)) for r in log["runs"]]
+    for r in runs:
+        r["begun"] -= offset
+        r["ended"] -= offset
+    return runs
+
+
 def scrape(url: str) -> dict[str, float]:
     families = ("swapserve_swap_seconds", "swapserve_compute_seconds", "swapserve_event_loop_lag_seconds",
                 "swapserve_front_event_loop_lag_seconds", "swapserve_peer_copies", "swapserve_placed_ahead",
@@ -475,6 +496,19 @@ written before as ``.jsonl.gz`` are read alike."""
 RAW_SUFFIXES = (RAW_SUFFIX, ".jsonl.gz")
 
 
+RUNS_DIR = "runs"
+"""Under a trace's ``trace_raw/``: per replay, what the node's lanes ran during its measurement (:func:`lane_runs`),
+one JSON object a line, with ``begun_s`` and ``ended_s`` on the records' clock (``at_s``)."""
+
+
+def read_runs(directory: Path, tag: str) -> list[dict] | None:
+    """What the lanes ran in replay ``tag`` of ``directory`` (None: not recorded, as before session 30)."""
+    for f in sorted((directory / "trace_raw" / RUNS_DIR).glob("*.jsonl.*")):
+        if f.name.endswith(RAW_SUFFIXES) and raw_tag(f.name) == tag:
+            return read_records(f)
+    return None
+
+
 def raw_files(directory: Path) -> list[Path]:
     """The raw record files in ``directory/trace_raw``, by name."""
     return sorted((f for f in (directory / "trace_raw").glob("*.jsonl.*") if f.name.endswith(RAW_SUFFIXES)),
@@ -545,6 +579,18 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         with open_raw(raw, "wt") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
+        # And what the lanes ran meanwhile, pieces of swaps and prefetches too, on the records' clock (at_s).
+        zero = start_at + warmup
+        try:
+            runs = lane_runs(srv, zero)
+        except (OSError, ValueError, KeyError) as e:  # the requests' records stand without it
+            print(f"  the node's run log could not be read: {e}", file=sys.stderr)
+        else:
+            (raw.parent / RUNS_DIR).mkdir(exist_ok=True)
+            with open_raw(raw.parent / RUNS_DIR / raw.name, "wt") as f:
+                for run in runs:
+                    run["begun_s"], run["ended_s"] = run.pop("begun") - zero, run.pop("ended") - zero
+                    f.write(json.dumps(run) + "\n")
     lat: dict[int, list[float]] = {}
     for i, _, ms, code, *_ in res:
         lat.setdefault(i, []).append(ms if code == 200 else math.inf)

@@ -179,6 +179,9 @@ class RemoteNode:
     async def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
         return (await self._peer().call("configure_scheduling", changes))[0]
 
+    async def runs(self, since: float | None = None) -> dict[str, Any]:
+        return (await self._peer().call("runs", since))[0]
+
     async def render_metrics(self, names: list[str] | None) -> bytes:
         return (await self._peer().call("metrics", names))[0]
 

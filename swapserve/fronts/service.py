@@ -248,6 +248,8 @@ class FrontService:
             return await node.scheduling()
         if op == "configure_scheduling":
             return await node.configure_scheduling(args)
+        if op == "runs":
+            return await node.runs(args)
         if op == "metrics":
             await self._gather_observations()
             return await self.metrics.render_async(args)

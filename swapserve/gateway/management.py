@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hmac
 import logging
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -83,6 +84,20 @@ async def configure_scheduling(request: web.Request) -> web.Response:
     return json_response(await request.app[NODE].configure_scheduling(changes))
 
 
+async def runs(request: web.Request) -> web.Response:
+    """``?since=T``: only the runs that ended at T or later, T on the node's clock (the ``now`` of an earlier
+    answer)."""
+    require_token(request)
+    since = request.query.get("since")
+    try:
+        t = None if since is None else float(since)
+    except ValueError:
+        raise InvalidInputError(f"since must be a number (the node's clock, s), not {since!r}") from None
+    if t is not None and not math.isfinite(t):
+        raise InvalidInputError(f"since must be finite, not {since!r}")
+    return json_response(await request.app[NODE].runs(t))
+
+
 async def deploy(request: web.Request) -> web.Response:
     """Stream the bundle to a private temporary directory, extract it safely, hand it to ``node.deploy``.
 
@@ -136,3 +151,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/status", status)
     app.router.add_get("/api/v1/scheduling", get_scheduling)
     app.router.add_patch("/api/v1/scheduling", configure_scheduling)
+    app.router.add_get("/api/v1/runs", runs)

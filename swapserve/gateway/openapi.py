@@ -11,6 +11,8 @@ from typing import Any
 
 from swapserve import __version__
 from swapserve.config import MAX_LANES
+from swapserve.node.runlog import FIELDS as RUN_FIELDS
+from swapserve.node.runlog import RUNS_KEPT
 from swapserve.tensors import DATATYPES
 
 
@@ -149,6 +151,13 @@ OPENAPI: dict[str, Any] = {
                                  "gateway_margin": {"type": "boolean"},
                                  "spin_ms": {"type": "number", "minimum": 0, "maximum": 1000}}}}}}),
         },
+        "/api/v1/runs": {"get": _op(
+            "What the lanes ran lately: every run, piece of a swap and prefetch the workers finished (the last "
+            f"{RUNS_KEPT}), with its device, lane, function and when its lane took it up and answered it on the "
+            "node's clock", "management", _json(_ref("Runs"), "Runs"), (400,), auth=True, params=({
+                "name": "since", "in": "query", "required": False, "schema": {"type": "number"},
+                "description": "Only the runs that ended at this time or later (the node's clock, s: the 'now' "
+                               "of an earlier answer)"},))},
         "/metrics": {"get": _op("Prometheus metrics", "observability", {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})},
         "/openapi.json": {"get": _op("This document", "observability", _OK)},
@@ -201,6 +210,12 @@ OPENAPI: dict[str, Any] = {
                 "serving": {"type": "boolean"},
                 "gpu": {"type": "string", "description": "the machine's GPU (index or UUID) behind device; "
                                                          "empty on a CPU"}}},
+            "Runs": {"type": "object", "properties": {
+                "now": {"type": "number", "description": "the node's clock (s) when it answered"},
+                "fields": {"type": "array", "items": {"type": "string"},
+                           "description": "what each run's list holds, in order: " + ", ".join(RUN_FIELDS)},
+                "runs": {"type": "array", "description": "in the order they ended",
+                         "items": {"type": "array"}}}},
             "Scheduling": {"type": "object", "properties": {
                 "policy": {"type": "string", "enum": ["swapserve", "fifo_lru", "dedicated"]},
                 "queue_ahead": {"type": "boolean", "description": "fixed at start"},

@@ -200,6 +200,11 @@ class NodeAPI(Protocol):
         InvalidInputError (400) naming what is wrong."""
         ...
 
+    async def runs(self, since: float | None = None) -> dict[str, Any]:
+        """What the lanes ran lately (:mod:`swapserve.node.runlog`), those that ended at ``since`` or later
+        (the node's clock, s): ``{"now": the node's clock, "fields": [...], "runs": [[...], ...]}``."""
+        ...
+
 
 BUNDLE_ARTIFACT_DIR = "artifact"
 """Inside a deploy bundle: the model artifact's directory, beside function.yaml."""

@@ -36,7 +36,7 @@ from swapserve.errors import (
 from swapserve.functions.spec import FunctionSpec, artifact_dir, load_spec
 from swapserve.heap import Frozen
 from swapserve.metrics import Metrics
-from swapserve.node import handlers
+from swapserve.node import handlers, runlog
 from swapserve.node import workers as wk
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
 from swapserve.node.dispatch import Dispatcher, OutputSink, reply_error
@@ -849,6 +849,10 @@ class Node:
 
     async def scheduling(self) -> dict[str, Any]:
         return self.scheduler.settings()
+
+    async def runs(self, since: float | None = None) -> dict[str, Any]:
+        return {"now": self.clock(), "fields": list(runlog.FIELDS),
+                "runs": [list(r) for r in self.dispatch.runs.since(since)]}
 
     async def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
         try:

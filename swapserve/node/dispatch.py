@@ -25,6 +25,7 @@ from swapserve.metrics import Metrics
 from swapserve.node import workers as wk
 from swapserve.node.api import InferResult
 from swapserve.node.messages import Lend, Lent, Prefetch, Reply, Run, RunResult, TensorRef, Unlend
+from swapserve.node.runlog import RunLog, RunRecord
 from swapserve.node.slab import Slab, ref_nbytes
 from swapserve.scheduler.core import Scheduler
 from swapserve.scheduler.types import Decision, Dispatch, NodeState, Request
@@ -244,6 +245,8 @@ class Dispatcher:
         self._ids = itertools.count()
         self.busy_s = [0.0] * devices
         """Seconds each device spent on runs (dispatch to reply), summed over its lanes."""
+        self.runs = RunLog()
+        """What the lanes ran lately (``GET /api/v1/runs``)."""
 
     def users(self, key: str) -> int:
         """Runs in flight that use model version ``key``."""
@@ -618,6 +621,10 @@ class Dispatcher:
             if now > p.due:
                 self.metrics.count_slo_miss(fn_name)
             self.metrics.observe_node_request(fn_name, now - p.started)
+        d = fl.dispatch
+        self.runs.add(RunRecord(fl.begun, now, w.device, res.lane if fl.batch else d.lane, fn_name,
+                                "run" if fl.batch else "piece" if d.piece_bytes else "prefetch", len(fl.pending),
+                                d.source, res.swapped, res.bytes_copied, res.wall_ms, d.expected_ms))
         if fl.batch:  # a run, not a copy with no run (a prefetch or a piece of a swap)
             self.metrics.observe_compute(w.device, res.wall_ms / 1e3)
             if res.swapped:

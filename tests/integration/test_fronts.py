@@ -66,6 +66,18 @@ def test_a_scrape_counts_requests_served_by_every_front(server: Server, function
     assert http == n
 
 
+def test_the_run_log_through_every_front_is_the_controller_s(server: Server, functions: Functions):
+    """Requests on fresh connections spread over both fronts; whichever answers ``GET /api/v1/runs`` asks the
+    controller, whose log has every run."""
+    since = server.client().runs()["now"]
+    for i in range(6):
+        assert_serves(server, functions.mlp, seed=i)
+    logs = [server.client().runs(since=since) for _ in range(4)]
+    for log in logs:
+        ran = [dict(zip(log["fields"], r)) for r in log["runs"]]
+        assert sum(r["requests"] for r in ran if r["function"] == "mlp" and r["kind"] == "run") == 6, ran
+
+
 def test_a_killed_front_is_replaced_and_serving_goes_on(server: Server, functions: Functions):
     victim, survivor = fronts(server)
     server.children.update(descendants(server.pid))

@@ -28,4 +28,15 @@ def test_a_long_swap_comes_in_pieces_and_answers_as_a_resident_run(server_factor
     assert grew("swapserve_swap_bytes_total") >= 4 * 2**20  # its 1024×1024 fp32 weight, all in
     again = s.client().infer("heavy", {"x": x})["y"]  # resident now
     assert torch.equal(again, first)
+    # The node's run log has the pieces (no request of their own) and both runs, in the order they ended.
+    log = s.client().runs()
+    runs = [dict(zip(log["fields"], r)) for r in log["runs"] if r[log["fields"].index("function")] == "heavy"]
+    kinds = [r["kind"] for r in runs]
+    assert kinds.count("piece") >= 1 and kinds[-2:] == ["run", "run"] and set(kinds) == {"piece", "run"}, kinds
+    assert runs[-1]["source"] == "resident" and not runs[-1]["swapped"] and not runs[-1]["bytes_copied"]
+    assert sum(r["bytes_copied"] for r in runs[:-1]) >= 4 * 2**20, runs  # the pieces (and the first run, if any)
+    assert all(r["begun"] <= r["ended"] <= log["now"] and r["device"] == "cpu" for r in runs)
+    assert [r["ended"] for r in runs] == sorted(r["ended"] for r in runs)
+    assert [r["requests"] for r in runs if r["kind"] == "run"] == [1, 1]
+    assert s.client().runs(since=runs[-1]["ended"])["runs"][-1][log["fields"].index("ended")] == runs[-1]["ended"]
     assert_stopped_cleanly(s, s.stop())

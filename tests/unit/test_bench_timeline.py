@@ -45,6 +45,7 @@ def test_it_lists_a_window_s_answers_per_lane_in_the_order_sent_and_the_refused_
     assert lines[3].split("|")[5].strip() == "1020.0"  # sent = at + queue
     assert "outside" not in result.stdout
     assert lines[-1] == "- 1003.0 refused: 503 cannot meet the deadline: expected # ms late"
+    assert "the node's run log" not in result.stdout  # none recorded (a trace from before it)
     only_first = _run(str(tmp_path), "--from", "1.0", "--to", "1.1", "--lane", "0").stdout
     assert "| side |" not in only_first and "| small |" in only_first
 
@@ -58,3 +59,18 @@ def test_a_directory_of_several_replays_needs_one_named(tmp_path: Path) -> None:
     assert named.returncode == 0 and "| b |" in named.stdout and "| a |" not in named.stdout
     assert "no replay 'swapserve_30'" in _run(str(tmp_path), "--from", "0", "--to", "2",
                                               "--replay", "swapserve_30").stderr
+
+
+def test_the_node_s_run_log_adds_what_the_lanes_ran_with_no_request_of_their_own(tmp_path: Path) -> None:
+    _write(tmp_path, "swapserve_10.jsonl.xz", [_record("big", 1.000, queue_ms=9.0, latency_ms=20.0)])
+    (tmp_path / "trace_raw" / "runs").mkdir()
+    run = {"device": "cuda:0", "lane": 0, "function": "big", "requests": 0, "source": "host", "swapped": True,
+           "bytes_copied": 150_000_000, "wall_ms": 3.1, "expected_ms": 3.0}
+    with lzma.open(tmp_path / "trace_raw" / "runs" / "swapserve_10.jsonl.xz", "wt") as f:
+        for kind, begun, ended in (("piece", 1.001, 1.004), ("piece", 1.005, 1.008), ("run", 1.009, 1.019),
+                                   ("run", 2.0, 2.01)):
+            f.write(json.dumps({**run, "kind": kind, "begun_s": begun, "ended_s": ended}) + "\n")
+    out = _run(str(tmp_path), "--from", "1.0", "--to", "1.1").stdout
+    lanes = out.split("the node's run log):")[1].strip().splitlines()[2:]
+    assert [line.split("|")[4].strip() for line in lanes] == ["piece", "piece", "run"]
+    assert lanes[0].split("|")[5:7] == [" 1001.0 ", " 1004.0 "] and lanes[0].split("|")[10].strip() == "150"

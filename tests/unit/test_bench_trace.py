@@ -577,3 +577,50 @@ def test_breakdown_names_each_part_by_its_place_in_a_result(trace_module):
     b = trace_module.breakdown(rows)
     assert {k: b[k] for k in value if k != "swapped"} == {k: v for k, v in value.items() if k != "swapped"}
     assert (b["requests"], b["swapped_fraction"]) == (3, 1.0)
+
+
+def test_the_node_s_run_log_is_read_with_the_token_and_moved_to_the_bench_s_clock(trace_module):
+    """The node's clock here runs 1000 s ahead of the bench's: a run that ended 0.25 s before the node answered
+    comes back 0.25 s before the bench asked, and ``since`` goes to the node on its own clock."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from types import SimpleNamespace
+    from urllib.parse import parse_qs, urlparse
+
+    asked: list[tuple[float, str]] = []
+
+    class Node(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            url = urlparse(self.path)
+            now = time.perf_counter() + 1000.0
+            since = float(parse_qs(url.query)["since"][0])
+            asked.append((since, self.headers["Authorization"]))
+            runs = [] if since > 1e100 else [[now - 0.5, now - 0.25, "cuda:0", 0, "f", "piece"]]
+            body = json.dumps({"now": now, "fields": ["begun", "ended", "device", "lane", "function", "kind"],
+                               "runs": runs}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Node)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        srv = SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}", token="t0k")
+        since = time.perf_counter() - 5.0
+        before = time.perf_counter()
+        runs = trace_module.lane_runs(srv, since)
+        after = time.perf_counter()
+    finally:
+        server.shutdown()
+    assert [a for _, a in asked] == ["Bearer t0k"] * 2
+    assert asked[1][0] == pytest.approx(since + 1000.0, abs=after - before)
+    (run,) = runs
+    assert (run["device"], run["kind"]) == ("cuda:0", "piece")
+    assert before - 0.25 - (after - before) <= run["ended"] <= after - 0.25
+    assert run["ended"] - run["begun"] == pytest.approx(0.25)

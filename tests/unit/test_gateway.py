@@ -25,6 +25,7 @@ from swapserve.gateway import GatewayConfig, make_app, oip
 from swapserve.gateway.openapi import OPENAPI
 from swapserve.metrics import Metrics
 from swapserve.node.api import FunctionState
+from swapserve.node.runlog import RunRecord
 from tiny_node import FastTestServer, TinyNode
 
 TOKEN = "s3cret-token"
@@ -184,14 +185,15 @@ def test_the_node_is_given_the_margin_the_gateway_learned_from_earlier_answers()
     encoding and writing — as learned from the answers before."""
     async def scenario(c: atu.TestClient, node: TinyNode) -> None:
         x = torch.randn(1, 4)
-        node.answer_ms = 40.0
+        node.answer_ms = 100.0
         assert (await infer(c, "linear", {"x": x}))[0].status == 200
-        assert 0 < node.margins[0] < 40.0, "nothing learned yet: its own decoding only"
+        assert 0 < node.margins[0] < 100.0, "nothing learned yet: its own decoding only"
         node.answer_ms = 0.0
         assert (await infer(c, "linear", {"x": x}))[0].status == 200
-        assert node.margins[1] > 40.0, "the first answer's time after its run, and this one's decoding"
+        assert node.margins[1] > 100.0, "the first answer's time after its run, and this one's decoding"
         assert (await infer(c, "linear", {"x": x}))[0].status == 200
-        assert node.margins[2] < node.margins[1] - 1.0, "a quicker answer brings it down (slowly)"
+        # A twentieth of the way down: 5 ms, past what the decoding's time may vary on a loaded machine.
+        assert node.margins[2] < node.margins[1] - 2.0, "a quicker answer brings it down (slowly)"
         r, _, _ = await infer(c, "nope", {"x": x})
         assert r.status == 404 and len(node.margins) == 3
 
@@ -384,7 +386,7 @@ def test_repository_index_load_unload() -> None:
 
 
 GUARDED = [("GET", "/api/v1/functions"), ("POST", "/api/v1/functions"), ("GET", "/api/v1/functions/linear"),
-           ("DELETE", "/api/v1/functions/linear"), ("GET", "/api/v1/status"),
+           ("DELETE", "/api/v1/functions/linear"), ("GET", "/api/v1/status"), ("GET", "/api/v1/runs"),
            ("POST", "/v2/repository/models/linear/load"), ("POST", "/v2/repository/models/linear/unload")]
 
 
@@ -429,6 +431,24 @@ def test_management_list_describe_delete_status() -> None:
         assert r.status == 200 and await r.json() == {"deleted": "linear"}
         await error(await c.delete("/api/v1/functions/linear", headers=AUTH), 404)
         await error((await infer(c, "linear", {"x": torch.ones(1, 4)}))[0], 404)
+
+    run(scenario)
+
+
+def test_management_lists_what_the_lanes_ran_since_a_time_of_the_node_s_clock() -> None:
+    async def scenario(c: atu.TestClient, node: TinyNode) -> None:
+        node.clock = 7.5
+        for begun, ended, kind in ((1.0, 2.0, "piece"), (2.0, 5.0, "run")):
+            node.run_log.add(RunRecord(begun, ended, "cpu", 0, "linear", kind, kind == "run", "partial", True,
+                                       1 << 20, 1.5, 1.4))
+        everything = await (await c.get("/api/v1/runs", headers=AUTH)).json()
+        assert everything["now"] == 7.5 and everything["fields"][:6] == ["begun", "ended", "device", "lane",
+                                                                         "function", "kind"]
+        assert [r[5] for r in everything["runs"]] == ["piece", "run"]
+        later = await (await c.get("/api/v1/runs?since=3", headers=AUTH)).json()
+        assert [r[5] for r in later["runs"]] == ["run"]
+        for bad in ("soon", "nan", "inf"):
+            assert "since must be" in await error(await c.get(f"/api/v1/runs?since={bad}", headers=AUTH), 400)
 
     run(scenario)
 

@@ -20,6 +20,7 @@ from swapserve.gateway.common import METRICS
 from swapserve.gateway.config import GatewayConfig
 from swapserve.gateway.fast import Listener, listen
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus
+from swapserve.node.runlog import FIELDS, RunLog
 
 Decl = list[tuple[str, str, list[int]]]
 Run = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -48,6 +49,8 @@ class TinyNode:
             "broken": RuntimeError("secret internal detail"),
         }
         self.side_fetch = False
+        self.run_log = RunLog()
+        self.clock = 0.0
         self.request_ids: list[str | None] = []
         self.margins: list[float] = []
         """The gateway's margin given with each infer call of a ready function (failing ones too)."""
@@ -199,6 +202,9 @@ class TinyNode:
             raise InvalidInputError(f"cannot change {sorted(changes)}")
         self.side_fetch = changes.get("side_fetch", self.side_fetch)
         return await self.scheduling()
+
+    async def runs(self, since: float | None = None) -> dict[str, Any]:
+        return {"now": self.clock, "fields": list(FIELDS), "runs": [list(r) for r in self.run_log.since(since)]}
 
 
 class FastTestServer(atu.TestServer):
