@@ -60,6 +60,7 @@ from node_harness import Server  # noqa: E402
 from canary import Canary  # noqa: E402
 from steal import StealMeter  # noqa: E402
 
+from swapserve.node.runlog import RUNS_KEPT  # noqa: E402
 from swapserve.scheduler.core import SWAP_PIECE_MS  # noqa: E402
 
 POLICIES = {  # name → (scheduler policy, engine mode)
@@ -409,7 +410,7 @@ def lane_runs(srv: Server, since: float) -> list[dict]:
     before = time.perf_counter()
     now = get("/api/v1/runs?since=1e300")["now"]  # no runs: its clock only
     offset = now - (before + time.perf_counter()) / 2
-    log = get(f"/api/v1/runs?since={since + offset!r}")
+    log = get(f"/api/v1/runs?since={since + offset!r}&limit={RUNS_KEPT}")
     runs = [dict(zip(log["fields"], r)) for r in log["runs"]]
     for r in runs:
         r["begun"] -= offset

@@ -89,11 +89,13 @@ class Client:
         return self._json("PATCH", "/api/v1/scheduling", body=json.dumps(changes).encode(),
                           headers={"Content-Type": "application/json"})
 
-    def runs(self, since: float | None = None) -> dict[str, Any]:
+    def runs(self, since: float | None = None, limit: int | None = None) -> dict[str, Any]:
         """What the node's lanes ran lately (``GET /api/v1/runs``): ``now`` (the node's clock), ``fields`` and
-        ``runs``, one list of those fields a run; with ``since``, the runs that ended then or later."""
-        query = "" if since is None else f"?since={since!r}"
-        return self._json("GET", f"/api/v1/runs{query}")
+        ``runs``, one list of those fields a run; with ``since``, the runs that ended then or later; the last
+        ``limit`` of them (the node's default: 1000)."""
+        query = urllib.parse.urlencode({k: repr(v) if isinstance(v, float) else v
+                                        for k, v in (("since", since), ("limit", limit)) if v is not None})
+        return self._json("GET", f"/api/v1/runs?{query}" if query else "/api/v1/runs")
 
     def model_metadata(self, name: str) -> dict[str, Any]:
         """``GET /v2/models/{name}``: name, platform, inputs and outputs (name, datatype, shape)."""

@@ -25,6 +25,7 @@ from swapserve.fronts.peer import Answer, Peer, Placed, Tensors
 from swapserve.functions.spec import FunctionSpec
 from swapserve.instruments import CONTENT_TYPE
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus, SandboxStatus
+from swapserve.node.runlog import RUNS_ANSWERED
 
 FLUSH_S = 0.2
 """How long a front holds its HTTP observations before sending them to the controller."""
@@ -179,8 +180,8 @@ class RemoteNode:
     async def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
         return (await self._peer().call("configure_scheduling", changes))[0]
 
-    async def runs(self, since: float | None = None) -> dict[str, Any]:
-        return (await self._peer().call("runs", since))[0]
+    async def runs(self, since: float | None = None, limit: int = RUNS_ANSWERED) -> dict[str, Any]:
+        return (await self._peer().call("runs", (since, limit)))[0]
 
     async def render_metrics(self, names: list[str] | None) -> bytes:
         return (await self._peer().call("metrics", names))[0]

@@ -249,7 +249,8 @@ class FrontService:
         if op == "configure_scheduling":
             return await node.configure_scheduling(args)
         if op == "runs":
-            return await node.runs(args)
+            since, limit = args
+            return await node.runs(since, limit)
         if op == "metrics":
             await self._gather_observations()
             return await self.metrics.render_async(args)

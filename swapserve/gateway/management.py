@@ -24,6 +24,7 @@ from swapserve.errors import AuthError, InvalidInputError
 from swapserve.gateway.bundle import BundleLimits, extract_bundle, receive_upload
 from swapserve.gateway.common import CONFIG, NODE, function_json, json_response, read_json_object
 from swapserve.node.api import FunctionInfo, NodeAPI
+from swapserve.node.runlog import RUNS_ANSWERED, RUNS_KEPT
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,22 @@ async def configure_scheduling(request: web.Request) -> web.Response:
 
 async def runs(request: web.Request) -> web.Response:
     """``?since=T``: only the runs that ended at T or later, T on the node's clock (the ``now`` of an earlier
-    answer)."""
+    answer); ``&limit=K``: the last K of them (default :data:`RUNS_ANSWERED`, at most :data:`RUNS_KEPT`)."""
     require_token(request)
-    since = request.query.get("since")
+    since, limit = request.query.get("since"), request.query.get("limit")
     try:
         t = None if since is None else float(since)
     except ValueError:
         raise InvalidInputError(f"since must be a number (the node's clock, s), not {since!r}") from None
     if t is not None and not math.isfinite(t):
         raise InvalidInputError(f"since must be finite, not {since!r}")
-    return json_response(await request.app[NODE].runs(t))
+    try:
+        k = RUNS_ANSWERED if limit is None else int(limit)
+    except ValueError:
+        raise InvalidInputError(f"limit must be a whole number, not {limit!r}") from None
+    if not 1 <= k <= RUNS_KEPT:
+        raise InvalidInputError(f"limit must be 1 to {RUNS_KEPT}, not {k}")
+    return json_response(await request.app[NODE].runs(t, k))
 
 
 async def deploy(request: web.Request) -> web.Response:

@@ -12,7 +12,7 @@ from typing import Any
 from swapserve import __version__
 from swapserve.config import MAX_LANES
 from swapserve.node.runlog import FIELDS as RUN_FIELDS
-from swapserve.node.runlog import RUNS_KEPT
+from swapserve.node.runlog import RUNS_ANSWERED, RUNS_KEPT
 from swapserve.tensors import DATATYPES
 
 
@@ -153,11 +153,14 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/v1/runs": {"get": _op(
             "What the lanes ran lately: every run, piece of a swap and prefetch the workers finished (the last "
-            f"{RUNS_KEPT}), with its device, lane, function and when its lane took it up and answered it on the "
-            "node's clock", "management", _json(_ref("Runs"), "Runs"), (400,), auth=True, params=({
+            f"{RUNS_KEPT} are kept), with its device, lane, function and when its lane took it up and answered it "
+            "on the node's clock", "management", _json(_ref("Runs"), "Runs"), (400,), auth=True, params=({
                 "name": "since", "in": "query", "required": False, "schema": {"type": "number"},
                 "description": "Only the runs that ended at this time or later (the node's clock, s: the 'now' "
-                               "of an earlier answer)"},))},
+                               "of an earlier answer)"}, {
+                "name": "limit", "in": "query", "required": False,
+                "schema": {"type": "integer", "minimum": 1, "maximum": RUNS_KEPT, "default": RUNS_ANSWERED},
+                "description": "The last this many of them"}))},
         "/metrics": {"get": _op("Prometheus metrics", "observability", {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})},
         "/openapi.json": {"get": _op("This document", "observability", _OK)},

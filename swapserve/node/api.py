@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from swapserve.functions.spec import FunctionSpec
+from swapserve.node.runlog import RUNS_ANSWERED
 
 
 class FunctionState(enum.Enum):
@@ -200,9 +201,9 @@ class NodeAPI(Protocol):
         InvalidInputError (400) naming what is wrong."""
         ...
 
-    async def runs(self, since: float | None = None) -> dict[str, Any]:
-        """What the lanes ran lately (:mod:`swapserve.node.runlog`), those that ended at ``since`` or later
-        (the node's clock, s): ``{"now": the node's clock, "fields": [...], "runs": [[...], ...]}``."""
+    async def runs(self, since: float | None = None, limit: int = RUNS_ANSWERED) -> dict[str, Any]:
+        """What the lanes ran lately (:mod:`swapserve.node.runlog`): the last ``limit`` that ended at ``since``
+        or later (the node's clock, s), as ``{"now": the node's clock, "fields": [...], "runs": [[...], ...]}``."""
         ...
 
 

@@ -850,9 +850,9 @@ class Node:
     async def scheduling(self) -> dict[str, Any]:
         return self.scheduler.settings()
 
-    async def runs(self, since: float | None = None) -> dict[str, Any]:
+    async def runs(self, since: float | None = None, limit: int = runlog.RUNS_ANSWERED) -> dict[str, Any]:
         return {"now": self.clock(), "fields": list(runlog.FIELDS),
-                "runs": [list(r) for r in self.dispatch.runs.since(since)]}
+                "runs": [list(r) for r in self.dispatch.runs.since(since, limit)]}
 
     async def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -447,8 +447,12 @@ def test_management_lists_what_the_lanes_ran_since_a_time_of_the_node_s_clock() 
         assert [r[5] for r in everything["runs"]] == ["piece", "run"]
         later = await (await c.get("/api/v1/runs?since=3", headers=AUTH)).json()
         assert [r[5] for r in later["runs"]] == ["run"]
+        last = await (await c.get("/api/v1/runs?limit=1", headers=AUTH)).json()
+        assert [r[5] for r in last["runs"]] == ["run"]
         for bad in ("soon", "nan", "inf"):
             assert "since must be" in await error(await c.get(f"/api/v1/runs?since={bad}", headers=AUTH), 400)
+        for bad in ("0", "65537", "2.5", "all"):
+            assert "limit must be" in await error(await c.get(f"/api/v1/runs?limit={bad}", headers=AUTH), 400)
 
     run(scenario)
 

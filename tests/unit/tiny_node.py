@@ -20,7 +20,7 @@ from swapserve.gateway.common import METRICS
 from swapserve.gateway.config import GatewayConfig
 from swapserve.gateway.fast import Listener, listen
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus
-from swapserve.node.runlog import FIELDS, RunLog
+from swapserve.node.runlog import FIELDS, RUNS_ANSWERED, RunLog
 
 Decl = list[tuple[str, str, list[int]]]
 Run = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -203,8 +203,9 @@ class TinyNode:
         self.side_fetch = changes.get("side_fetch", self.side_fetch)
         return await self.scheduling()
 
-    async def runs(self, since: float | None = None) -> dict[str, Any]:
-        return {"now": self.clock, "fields": list(FIELDS), "runs": [list(r) for r in self.run_log.since(since)]}
+    async def runs(self, since: float | None = None, limit: int = RUNS_ANSWERED) -> dict[str, Any]:
+        return {"now": self.clock, "fields": list(FIELDS),
+                "runs": [list(r) for r in self.run_log.since(since, limit)]}
 
 
 class FastTestServer(atu.TestServer):
