@@ -93,8 +93,7 @@ class Client:
         """What the node's lanes ran lately (``GET /api/v1/runs``): ``now`` (the node's clock), ``fields`` and
         ``runs``, one list of those fields a run; with ``since``, the runs that ended then or later; the last
         ``limit`` of them (the node's default: 1000)."""
-        query = urllib.parse.urlencode({k: repr(v) if isinstance(v, float) else v
-                                        for k, v in (("since", since), ("limit", limit)) if v is not None})
+        query = urllib.parse.urlencode({k: v for k, v in (("since", since), ("limit", limit)) if v is not None})
         return self._json("GET", f"/api/v1/runs?{query}" if query else "/api/v1/runs")
 
     def model_metadata(self, name: str) -> dict[str, Any]:

@@ -328,8 +328,8 @@ class Worker:
             change = self._residency_change()
             if isinstance(outcome, RunResult):
                 answered = time.perf_counter()
-                outcome.handled_ms, outcome.received_at = (answered - received) * 1e3, received
-                outcome.answered_at = answered
+                outcome.handled_ms = (answered - received) * 1e3
+                outcome.received_at, outcome.answered_at = received, answered
             if isinstance(outcome, SwapserveError):
                 reply = Reply(msg.id, False, None, change, str(outcome), type(outcome).__name__, outcome.http_status)
             elif isinstance(outcome, BaseException):
