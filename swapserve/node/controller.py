@@ -841,6 +841,7 @@ class Node:
                           {"h2d_GBps": self.state.link.h2d_GBps[0],
                            "h2d_GBps_all_copying": self.state.link.h2d_GBps[-1],
                            "exec_slowdown_copying": self.state.link.exec_slowdown_copying,
+                           "copy_overhead_ms": self.state.link.copy_overhead_ms,
                            **{f"exec_slowdown_beside_{k + 1}": x
                               for k, x in enumerate(self.state.link.exec_slowdown_beside)},
                            **({"d2d_GBps": d2d} if (d2d := self.state.link.d2d_GBps) is not None else {}),

@@ -106,9 +106,9 @@ host link from the first lane's copies for as long as they last (a 100 MiB fetch
 H200: the fetch 2.7 ms, the swap 2 ms longer): short ones are worth it, as a swap's pieces are; with no bound,
 fetches of GPT-2 and BERT-large (15 ms each) made the first lane's swaps miss (attainment 0.64 against 0.78
 without fetches, one H200, N=400)."""
-PIECE_COST_MS = 1.0
-"""What each extra piece is planned to cost the swapping request (a command's round trip; its copy does
-not overlap compute)."""
+COPY_OVERHEAD_WEIGHT = 0.05
+"""Weight of one copy-only dispatch's overhead in the node's figure (``LinkProfile.copy_overhead_ms``: about the
+last 20 pieces or prefetches of any function count)."""
 
 
 def _retry_s(seconds: float) -> float:
@@ -405,10 +405,11 @@ class Scheduler:
             evict = values[best.device] if best.source != "resident" else {}
             if piece:
                 piece_ms = min(self.swap_piece_ms, best.copy_ms)
-                dispatches.append(Dispatch(best.device, name, (), best.source, piece_ms, copy_ms=piece_ms,
+                lane_ms = piece_ms + view.link.copy_overhead_ms
+                dispatches.append(Dispatch(best.device, name, (), best.source, lane_ms, copy_ms=piece_ms,
                                            values=evict, piece_bytes=piece))
                 self._take_first_lane(best.device, free, ahead)
-                view.commit(Estimate(best.device, best.source, None, best.start, piece_ms, piece_ms), name,
+                view.commit(Estimate(best.device, best.source, None, best.start, piece_ms, lane_ms), name,
                             whole=False)
                 continue  # its requests stay queued: the decision after the piece places them (or another piece)
             dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), best.source, best.total_ms,
@@ -594,7 +595,7 @@ class Scheduler:
         if not piece_ms or best.lane or best.source not in ("host", "partial") or best.copy_ms <= 2 * piece_ms:
             return 0
         extra = math.ceil(best.copy_ms / piece_ms) - 1
-        if best.finish + (extra * PIECE_COST_MS + 2 * piece_ms) / 1000.0 > deadline:
+        if best.finish + (extra * view.link.copy_overhead_ms + 2 * piece_ms) / 1000.0 > deadline:
             return 0
         missing = prof.nbytes * (1.0 - view.partial_fraction(function, best.device))
         return max(1, int(missing * piece_ms / best.copy_ms))
@@ -604,7 +605,8 @@ class Scheduler:
         say, and its model calls will follow — or None: not under ``swapserve``, when the model is already
         on (or arriving at) a device, when requests of it are queued (the next decision places them), or
         when no device that fits it has its first lane idle (a prefetch never waits, nor delays others).
-        The dispatch has no requests; its expected time is the copy's. Apply it with :meth:`apply`."""
+        The dispatch has no requests; its expected time is the copy's and the node's overhead of a copy
+        (``LinkProfile.copy_overhead_ms``). Apply it with :meth:`apply`."""
         if self.policy != "swapserve":
             return None
         prof = self._profile(state, function)
@@ -620,8 +622,8 @@ class Scheduler:
         if not ests:
             return None
         best = min(ests, key=lambda e: e.key(True))
-        return Dispatch(best.device, function, (), best.source, best.copy_ms, copy_ms=best.copy_ms,
-                        values=self.values(state, best.device, now))
+        return Dispatch(best.device, function, (), best.source, best.copy_ms + state.link.copy_overhead_ms,
+                        copy_ms=best.copy_ms, values=self.values(state, best.device, now))
 
     def _triage(self, view: View, fq: FunctionQueue, prof: ModelProfile, now: float,
                 fetch: bool) -> tuple[list[Request], list[Reject]]:
@@ -882,14 +884,20 @@ class Scheduler:
         ``copy_ms`` as the dispatch expected it (pass ``Dispatch.copy_ms``; default: the whole model over an
         uncontended host link). Each observation is clamped to within ``OUTLIER_FACTOR`` of the current value
         (exec, slowdown) or to [0, total] (overhead). A swap placed ahead (``ahead``: its copies started while
-        the run before it executed) teaches nothing: its time is not a swap's.
+        the run before it executed) teaches nothing: its time is not a swap's. A copy with no run (``batch`` 0:
+        a piece of a swap, a prefetch) updates the node's ``LinkProfile.copy_overhead_ms`` toward ``total_ms -
+        copy_ms`` (weight :data:`COPY_OVERHEAD_WEIGHT`, clamped within ``OUTLIER_FACTOR``).
         """
         prof = state.profiles.get(function)
         state.touch(function)  # its use, and its profile below
         if 0 <= device < len(state.devices):
             dev = state.devices[device]
             dev.last_used[function] = max(now, dev.last_used.get(function, now))
-        if prof is None or batch < 1:
+        if batch < 1:  # a copy with no run: a piece of a swap, or a prefetch
+            if copy_ms is not None and total_ms >= 0 and math.isfinite(total_ms):
+                self._learn_copy_overhead(state, total_ms - copy_ms)
+            return
+        if prof is None:
             return
         if not swapped:
             if not (exec_ms > 0 and math.isfinite(exec_ms)):
@@ -912,6 +920,16 @@ class Scheduler:
         sample = total_ms - (c + slowed if fetched else max(c, slowed))  # a side lane's fetch: copy, then run
         sample = min(max(sample, 0.0), total_ms)
         prof.swap_overhead_ms += EXEC_WEIGHT * (sample - prof.swap_overhead_ms)
+
+    @staticmethod
+    def _learn_copy_overhead(state: NodeState, sample_ms: float) -> None:
+        """Move the node's overhead of a copy-only dispatch toward ``sample_ms`` (its lane's time past its
+        planned copy), clamped to within :data:`OUTLIER_FACTOR` of the current figure: one stalled piece is not
+        a new normal."""
+        link = state.link
+        old = link.copy_overhead_ms
+        obs = min(max(sample_ms, old / OUTLIER_FACTOR), old * OUTLIER_FACTOR)
+        state.link = replace(link, copy_overhead_ms=max(0.0, old + COPY_OVERHEAD_WEIGHT * (obs - old)))
 
     @staticmethod
     def _learn_beside(state: NodeState, others: int, ratio: float) -> None:

@@ -1173,7 +1173,8 @@ def test_prefetch_places_a_cold_model_on_an_idle_device():
     sched = Scheduler()
     d = sched.prefetch(s, "cold", T0)
     assert (d.device, d.function, d.request_ids, d.source, d.lane) == (1, "cold", (), "host", 0)
-    assert d.copy_ms == pytest.approx(10.0) and d.expected_ms == pytest.approx(10.0)
+    # The copy, plus the node's overhead of a copy-only dispatch (its default until one has answered).
+    assert d.copy_ms == pytest.approx(10.0) and d.expected_ms == pytest.approx(10.0 + s.link.copy_overhead_ms)
     sched.apply(s, Decision((d,)), T0)
     assert (s.devices[1].running, s.devices[1].copying_until) == ("cold", pytest.approx(T0 + 0.010))
     assert sched.prefetch(s, "cold", T0) is None  # arriving already
@@ -1205,11 +1206,12 @@ def test_a_long_swap_with_room_comes_in_pieces_and_its_requests_stay_queued():
     d = only(sched.decide(s, T0))
     assert (d.function, d.request_ids, d.source, d.lane) == ("big", (), "host", 0)
     assert d.piece_bytes == pytest.approx(150 * MB, rel=1e-6)  # 3 ms of the 15 ms copy
-    assert d.expected_ms == pytest.approx(3.0) and d.copy_ms == pytest.approx(3.0)
+    # Its lane is planned busy for the copy and the node's overhead of a copy-only dispatch (1 ms by default).
+    assert d.expected_ms == pytest.approx(4.0) and d.copy_ms == pytest.approx(3.0)
     sched.apply(s, Decision((d,)), T0)
     dev = s.devices[0]
     assert [r.id for r in s.queues["big"].requests] == ["r1"]  # still queued for the run
-    assert (dev.running, dev.piece, dev.busy_until) == ("big", True, pytest.approx(T0 + 0.003))
+    assert (dev.running, dev.piece, dev.busy_until) == ("big", True, pytest.approx(T0 + 0.004))
     assert sched.decide(s, T0 + 0.001).dispatches == ()  # not planned as resident after the piece
     # The piece landed: the next piece covers the same share of what is still missing.
     dev.release(0, T0 + 0.003)
@@ -1286,6 +1288,25 @@ def test_pieces_are_never_in_the_side_lane_and_resident_runs_go_on_beside_them()
     got = {d.function: d for d in sched.decide(s, T0).dispatches}
     assert got["big"].lane == 0 and got["big"].piece_bytes > 0
     assert got["hit"].request_ids == ("h1",)
+
+
+def test_pieces_teach_the_node_what_a_copy_with_no_run_costs_past_its_copy():
+    """A piece planned as its 3 ms copy held its lane 4.6 ms: the node's copy overhead moves from its 1 ms default
+    toward 1.6 (a twentieth of the way per piece); a stalled piece moves it at most as far as four times the
+    figure would; the next piece's lane is planned busy for its copy and the learned overhead."""
+    s = node(1)
+    fn(s, "big", nbytes=750 * MB, exec_ms={1: 3.0}, slo_ms=60.0)
+    sched = Scheduler(swap_piece_ms=3.0)
+    assert s.link.copy_overhead_ms == 1.0
+    sched.observe_completion(s, "big", 0, 0, 3.8, True, 4.6, T0, copy_ms=3.0)
+    assert s.link.copy_overhead_ms == pytest.approx(1.0 + 0.05 * 0.6)
+    learned = s.link.copy_overhead_ms
+    sched.observe_completion(s, "big", 0, 0, 26.0, True, 27.0, T0, copy_ms=3.0)  # a 26 ms stall: clamped
+    assert s.link.copy_overhead_ms == pytest.approx(learned + 0.05 * 3 * learned)
+    assert s.profiles["big"].swap_overhead_ms == 0.3  # a copy with no run is no swapped run
+    enqueue(s, "big", "r1")
+    d = only(sched.decide(s, T0))
+    assert d.piece_bytes > 0 and d.expected_ms == pytest.approx(3.0 + s.link.copy_overhead_ms)
 
 
 # --- side fetches ---------------------------------------------------------------------------------------
