@@ -26,6 +26,13 @@ The model of a run (times in ms, all inputs measured by profiling, none assumed)
   lane's copies: a kernel's reads share the host link with them (on an H200, 100 MiB took 2.7 ms beside a
   640 MiB swap against 2.5 ms alone).
 
+* a lane past its expected end: a run, piece or copy not answered when it was expected to end is planned to
+  go on as long again as it is overdue (:func:`_late`): the lane frees at ``now + (now − expected end)``, and
+  whatever waits behind it that much later. An overdue lane is not free: a GPU stall (one piece of a swap took
+  26 ms for an expected 3 on an H200) otherwise drew the next request there as if it were, where it waited out
+  the stall while the device's side lane freed within a millisecond. Answers usually come within a millisecond
+  of their estimate, so a lane overdue a little is planned to free a little later.
+
 Planning is optimistic about memory: a model placed by a planned dispatch is assumed to stay, and nothing
 is assumed evicted (eviction spares whatever has queued requests, which is what planning relies on).
 """
@@ -110,16 +117,30 @@ class Estimate:
         return (self.finish, 0 if go_now else 1, SOURCE_RANK[self.source], 0 if self.lane else 1, self.device)
 
 
-def _incoming(d: DeviceState, now: float) -> dict[str, float]:
+def _late(now: float, end: float) -> float:
+    """How much later than planned a lane's work ends, its current run expected to end at ``end``: nothing
+    while that is ahead; once it has passed, as long again as it is overdue (its run is planned to end as far
+    after ``now`` as ``end`` was before it: the longer a stall has lasted, the longer it is planned to last)."""
+    return 2.0 * (now - end) if now > end else 0.0
+
+
+def _first_late(d: DeviceState, now: float) -> float:
+    """:func:`_late` for ``d``'s first lane: its running dispatch ends where the one queued behind it starts."""
+    assert d.busy_until is not None
+    return _late(now, d.queued.start if d.queued is not None else d.busy_until)
+
+
+def _incoming(d: DeviceState, now: float, late: float) -> dict[str, float]:
     """The models ``d``'s first lane is bringing in, each with when it is there: the running one's at that run's
-    end (the start of the dispatch queued behind it, if any), the queued one's at the lane's."""
+    end (the start of the dispatch queued behind it, if any), the queued one's at the lane's; both ``late``
+    (:func:`_first_late`) later than planned."""
     out: dict[str, float] = {}
     if d.running is not None and not d.idle and not d.piece:
         assert d.busy_until is not None
-        out[d.running] = max(now, d.queued.start if d.queued is not None else d.busy_until)
+        out[d.running] = max(now, (d.queued.start if d.queued is not None else d.busy_until) + late)
     if d.queued is not None and not d.queued.piece:
         assert d.busy_until is not None
-        out.setdefault(d.queued.function, max(now, d.busy_until))
+        out.setdefault(d.queued.function, max(now, d.busy_until + late))
     return out
 
 
@@ -170,14 +191,16 @@ class View:
             self.serving.append(not out)
             self.pool.append(d.pool_bytes)
             self.idle.append(d.idle)
-            self.free_at.append(math.inf if out else now if busy_until is None else max(now, busy_until))
-            self.side_free_at.append([now if ln.until is None else max(now, ln.until) for ln in side])
+            late = 0.0 if busy_until is None else _first_late(d, now)
+            self.free_at.append(math.inf if out else now if busy_until is None else max(now, busy_until + late))
+            self.side_free_at.append([now if ln.until is None else max(now, ln.until + _late(now, ln.until))
+                                      for ln in side])
             self.side_idle.append([ln.until is None for ln in side])
             self.side_incoming.append([None if out or not ln.fetching else ln.running for ln in side])
             self.side_lanes.append(0 if out else len(side) if side_lanes is None else min(side_lanes, len(side)))
             self.resident.append(set() if out else d.resident)
             self.partial.append({} if out else d.partial)
-            self.incoming.append({} if out else _incoming(d, now))
+            self.incoming.append({} if out else _incoming(d, now, late))
             if d.copying_until is not None and d.copying_until > now:
                 self.copies.append(_Copy(d.index, now, d.copying_until))
             if (q := d.queued) is not None and q.copy_ms > 0:
@@ -276,8 +299,9 @@ class View:
         return Estimate(device, source, None, start, copy, swapped_ms(copy, exec_ms, self.link, prof), beside=others)
 
     def side_lane(self, device: int) -> int | None:
-        """The side lane a run on ``device`` would take: the earliest to free (a free one before one whose run
-        is overdue), then the lowest; None if the device has none (the lanes of a device are alike)."""
+        """The side lane a run on ``device`` would take: the earliest to free (an overdue one is planned to free
+        later, :func:`_late`; a free one before one whose run is due to end now), then the lowest; None if the
+        device has none (the lanes of a device are alike)."""
         n = self.side_lanes[device]
         if not n:
             return None

@@ -1309,6 +1309,50 @@ def test_pieces_teach_the_node_what_a_copy_with_no_run_costs_past_its_copy():
     assert d.piece_bytes > 0 and d.expected_ms == pytest.approx(3.0 + s.link.copy_overhead_ms)
 
 
+def test_an_overdue_lane_is_planned_to_go_on_as_long_again():
+    """A lane whose run is past its expected end is planned to free as long after now as it is overdue (and
+    what is queued behind it, and the models it brings in, that much later); one not yet due as planned."""
+    s = lanes(node(2))
+    dev = s.devices[0]
+    busy(s, 0, until=T0 + 0.003, running="gpt2")  # due 8 ms ago
+    s.devices[0].side[0] = SideLane(T0 + 0.0105, "other")  # due 0.5 ms ago
+    busy(s, 1, until=T0 + 0.013, running="vit")  # due in 2 ms
+    s.devices[1].side[0] = SideLane(T0 + 0.012, "other")
+    now = T0 + 0.011
+    view = View(s, now)
+    assert view.free_at == [pytest.approx(now + 0.008), T0 + 0.013]
+    assert view.side_free_at == [[pytest.approx(now + 0.0005)], [T0 + 0.012]]
+    assert view.holds("gpt2", 0, now + 0.008) and not view.holds("gpt2", 0, now + 0.0079)
+    # A dispatch queued behind the overdue run starts, and its lane frees, as much later.
+    dev.queued = Queued("cold", T0 + 0.003, 2.0, 1.0, False)
+    dev.busy_until = T0 + 0.005
+    view = View(s, now)
+    assert view.free_at[0] == pytest.approx(now + 0.008 + 0.002)
+    assert view.holds("cold", 0, now + 0.010) and not view.holds("cold", 0, now + 0.0099)
+
+
+def test_a_resident_request_waits_for_a_side_lane_about_to_free_not_behind_a_stalled_piece():
+    """Session 31 on two H200s: a piece of a GPT-2 swap expected to take 3 ms took 26. A BERT-base request
+    (resident there) came 8.3 ms after the piece was due: planned as if that lane were free, it was queued behind
+    the piece and waited out the stall (18.2 ms against a 15.4 ms SLO), while the device's side lane, 0.8 ms
+    overdue, freed within a millisecond. Now the overdue lane is planned to go on: the request waits for the side
+    lane and runs there once it frees."""
+    s = lanes(node(1))
+    fn(s, "bert", nbytes=220 * MB, exec_ms={1: 1.7}, slo_ms=15.4)
+    dev = s.devices[0]
+    dev.resident.add("bert")
+    busy(s, 0, until=T0 + 0.004, running="gpt2", copying_until=T0 + 0.003)
+    dev.piece = True
+    dev.side[0] = SideLane(T0 + 0.0115, "densenet")
+    now = T0 + 0.0123
+    enqueue(s, "bert", "r1", at=now)
+    sched = Scheduler(swap_piece_ms=3.0, queue_ahead=True)
+    assert sched.decide(s, now).dispatches == ()  # not behind the piece: the side lane frees first
+    dev.release(1, now + 0.0006)
+    d = only(sched.decide(s, now + 0.0006))
+    assert (d.request_ids, d.lane, d.source) == (("r1",), 1, "resident")
+
+
 # --- side fetches ---------------------------------------------------------------------------------------
 
 def side_node(fetch_GBps: float | None = 40.0) -> NodeState:
