@@ -858,7 +858,9 @@ class Scheduler:
                 continue
             copying = dsp.source in ("host", "partial") and dsp.copy_ms > 0
             if dev.busy_until is not None:  # behind the run there (queue_ahead): it starts when that ends
-                start = max(now, dev.busy_until)
+                # As planned, even where that has passed: the planning view counts how overdue the run is from
+                # there (``estimate._late``), and would forget it from a start moved to now.
+                start = dev.busy_until
                 dev.queued = Queued(dsp.function, start, dsp.expected_ms, dsp.copy_ms if copying else 0.0,
                                     dsp.piece_bytes > 0)
                 dev.busy_until = start + dsp.expected_ms / 1000.0

@@ -204,7 +204,7 @@ class View:
             if d.copying_until is not None and d.copying_until > now:
                 self.copies.append(_Copy(d.index, now, d.copying_until))
             if (q := d.queued) is not None and q.copy_ms > 0:
-                queued_copies.append(_Copy(d.index, q.start, q.start + q.copy_ms / 1000.0))
+                queued_copies.append(_Copy(d.index, q.start + late, q.start + late + q.copy_ms / 1000.0))
         self.copies += queued_copies
         self._made: dict[tuple[Any, ...], Estimate | None] = {}
         """The estimates made since the plan last changed (:meth:`commit`, :meth:`prune`), by their arguments: a

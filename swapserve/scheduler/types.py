@@ -121,7 +121,7 @@ class Queued:
 
     function: str
     start: float
-    """Expected start: the expected end of the run ahead of it."""
+    """Expected start: the expected end of the run ahead of it (past, where that run is overdue)."""
     expected_ms: float
     copy_ms: float
     """Expected host→device copy part (0 when nothing comes over the host link)."""

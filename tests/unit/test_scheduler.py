@@ -1331,6 +1331,23 @@ def test_an_overdue_lane_is_planned_to_go_on_as_long_again():
     assert view.holds("cold", 0, now + 0.010) and not view.holds("cold", 0, now + 0.0099)
 
 
+def test_a_dispatch_queued_behind_an_overdue_run_keeps_how_overdue_it_is():
+    """Queued at T0+5 ms behind a run due at T0+3: the queued dispatch's start stays the run's planned end, so
+    that a view at T0+6 still counts the run 3 ms overdue (planned to end at T0+9, the queued one 2 ms after)."""
+    s = node(1)
+    fn(s, "cold", nbytes=100 * MB, exec_ms={1: 1.0})
+    busy(s, 0, until=T0 + 0.003, running="big")
+    Scheduler(queue_ahead=True).apply(s, Decision((Dispatch(0, "cold", ("r1",), "host", 2.0, copy_ms=2.0),)),
+                                      T0 + 0.005)
+    dev = s.devices[0]
+    assert dev.queued is not None and dev.queued.start == T0 + 0.003
+    assert dev.busy_until == pytest.approx(T0 + 0.005)
+    view = View(s, T0 + 0.006)
+    assert view.free_at[0] == pytest.approx(T0 + 0.011)
+    assert view.holds("big", 0, T0 + 0.009) and not view.holds("big", 0, T0 + 0.0089)
+    assert [(c.start, c.end) for c in view.copies] == [(pytest.approx(T0 + 0.009), pytest.approx(T0 + 0.011))]
+
+
 def test_a_resident_request_waits_for_a_side_lane_about_to_free_not_behind_a_stalled_piece():
     """Session 31 on two H200s: a piece of a GPT-2 swap expected to take 3 ms took 26. A BERT-base request
     (resident there) came 8.3 ms after the piece was due: planned as if that lane were free, it was queued behind
