@@ -10,7 +10,10 @@ the client saw it). Pieces of a swap and prefetches carry no request: where the 
 (``trace_raw/runs/``, since session 30) a second table lists everything each lane ran in the window, pieces and
 prefetches included, from when its lane took it up to its answer on the node. Without it (older traces) a first
 lane with queued work and nothing listed was most likely copying a piece: session 30 read the BERT-large misses
-of its A/B so (``bench/results/h200x2_20261130/session30/README.md``).
+of its A/B so (``bench/results/h200x2_20261130/session30/README.md``). Where the trace recorded the controller's
+stalls (``trace_raw/stalls/``, since session 31: turns of its event loop and collections that held it 1 ms or
+more), those in the window are listed last, with the controller's CPU time in each (near its length: its own work
+held it; far below: it was not running): every reply and request waited them out.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace import read_raw, read_runs  # noqa: E402  (bench/trace.py)
+from trace import STALLS_DIR, read_raw, read_runs  # noqa: E402  (bench/trace.py)
 
 COLUMNS = ("device", "lane", "function", "at", "sent", "ends", "latency", "queue", "worker", "run", "expected",
            "budget", "copy")
@@ -101,6 +104,13 @@ def main() -> None:
         print(f"What the lanes ran ({tag}, the node's run log):")
         print()
         print(run_table(lane_rows(runs, args.start, args.end, args.lane)))
+    if (stalls := read_runs(args.trace, tag, STALLS_DIR)) is not None:
+        held = [x for x in stalls if x["ended_s"] >= args.start and x["begun_s"] < args.end]
+        print()
+        print(f"The controller's stalls ({tag}): {len(held) or 'none'}")
+        for x in held:
+            print(f"- {x['begun_s'] * 1e3:.1f} to {x['ended_s'] * 1e3:.1f}: {x['what']}, "
+                  f"{(x['ended_s'] - x['begun_s']) * 1e3:.1f} ms, of its CPU {x['cpu_ms']:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -397,11 +397,12 @@ def p98(xs: list[float]) -> float:
     return xs[max(0, math.ceil(0.98 * len(xs)) - 1)]
 
 
-def lane_runs(srv: Server, since: float) -> list[dict]:
+def lane_runs(srv: Server, since: float) -> tuple[list[dict], list[dict]]:
     """What the node's lanes ran (``GET /api/v1/runs``: runs, pieces of swaps, prefetches) since ``since`` on
     this process's ``time.perf_counter()``, each a dict of the log's fields with ``begun`` and ``ended`` moved to
-    that clock. The node's clock is mapped by the answer's ``now`` against the middle of the request (within
-    half its round trip; on Linux both are the same monotonic clock anyway)."""
+    that clock; and the controller's stalls since then, the same way (none from a node before session 31). The
+    node's clock is mapped by the answer's ``now`` against the middle of the request (within half its round
+    trip; on Linux both are the same monotonic clock anyway)."""
     def get(path: str) -> dict:
         ask = urllib.request.Request(f"{srv.url}{path}", headers={"Authorization": f"Bearer {srv.token}"})
         with urllib.request.urlopen(ask, timeout=30) as r:
@@ -412,10 +413,11 @@ def lane_runs(srv: Server, since: float) -> list[dict]:
     offset = now - (before + time.perf_counter()) / 2
     log = get(f"/api/v1/runs?since={since + offset!r}&limit={RUNS_KEPT}")
     runs = [dict(zip(log["fields"], r)) for r in log["runs"]]
-    for r in runs:
+    stalls = [dict(zip(log["stall_fields"], x)) for x in log.get("stalls", ())]
+    for r in runs + stalls:
         r["begun"] -= offset
         r["ended"] -= offset
-    return runs
+    return runs, stalls
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -500,11 +502,14 @@ RAW_SUFFIXES = (RAW_SUFFIX, ".jsonl.gz")
 RUNS_DIR = "runs"
 """Under a trace's ``trace_raw/``: per replay, what the node's lanes ran during its measurement (:func:`lane_runs`),
 one JSON object a line, with ``begun_s`` and ``ended_s`` on the records' clock (``at_s``)."""
+STALLS_DIR = "stalls"
+"""The same for the controller's stalls (turns of its event loop and collections of 1 ms or more)."""
 
 
-def read_runs(directory: Path, tag: str) -> list[dict] | None:
-    """What the lanes ran in replay ``tag`` of ``directory`` (None: not recorded, as before session 30)."""
-    for f in sorted((directory / "trace_raw" / RUNS_DIR).glob("*.jsonl.*")):
+def read_runs(directory: Path, tag: str, kind: str = RUNS_DIR) -> list[dict] | None:
+    """What the lanes ran in replay ``tag`` of ``directory`` (None: not recorded, as before session 30); with
+    ``kind`` :data:`STALLS_DIR`, the controller's stalls (None before session 31)."""
+    for f in sorted((directory / "trace_raw" / kind).glob("*.jsonl.*")):
         if f.name.endswith(RAW_SUFFIXES) and raw_tag(f.name) == tag:
             return read_records(f)
     return None
@@ -580,18 +585,20 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         with open_raw(raw, "wt") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
-        # And what the lanes ran meanwhile, pieces of swaps and prefetches too, on the records' clock (at_s).
+        # And what the lanes ran meanwhile, pieces of swaps and prefetches too, and the controller's stalls, on the
+        # records' clock (at_s).
         zero = start_at + warmup
         try:
-            runs = lane_runs(srv, zero)
+            runs, stalls = lane_runs(srv, zero)
         except (OSError, ValueError, KeyError) as e:  # the requests' records stand without it
             print(f"  the node's run log could not be read: {e}", file=sys.stderr)
         else:
-            (raw.parent / RUNS_DIR).mkdir(exist_ok=True)
-            with open_raw(raw.parent / RUNS_DIR / raw.name, "wt") as f:
-                for run in runs:
-                    run["begun_s"], run["ended_s"] = run.pop("begun") - zero, run.pop("ended") - zero
-                    f.write(json.dumps(run) + "\n")
+            for kind, entries in ((RUNS_DIR, runs), (STALLS_DIR, stalls)):
+                (raw.parent / kind).mkdir(exist_ok=True)
+                with open_raw(raw.parent / kind / raw.name, "wt") as f:
+                    for e in entries:
+                        e["begun_s"], e["ended_s"] = e.pop("begun") - zero, e.pop("ended") - zero
+                        f.write(json.dumps(e) + "\n")
     lat: dict[int, list[float]] = {}
     for i, _, ms, code, *_ in res:
         lat.setdefault(i, []).append(ms if code == 200 else math.inf)

@@ -92,7 +92,8 @@ class Client:
     def runs(self, since: float | None = None, limit: int | None = None) -> dict[str, Any]:
         """What the node's lanes ran lately (``GET /api/v1/runs``): ``now`` (the node's clock), ``fields`` and
         ``runs``, one list of those fields a run; with ``since``, the runs that ended then or later; the last
-        ``limit`` of them (the node's default: 1000)."""
+        ``limit`` of them (the node's default: 1000). Also ``stall_fields`` and ``stalls``: the controller's
+        stalls (turns of its event loop, collections) that ended then or later."""
         query = urllib.parse.urlencode({k: v for k, v in (("since", since), ("limit", limit)) if v is not None})
         return self._json("GET", f"/api/v1/runs?{query}" if query else "/api/v1/runs")
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,13 +53,21 @@ class PauseLog:
         self.logger = logger
         self.what = what
         self.min_ms = min_ms
-        self._began = 0.0
+        self._began = self._cpu = 0.0
+        self.record: Callable[[float, float, int], None] | None = None
+        """Told of every collection that took ``record_ms`` or more: its ms, the thread's CPU ms meanwhile and its
+        generation (the controller keeps them as stalls, :mod:`swapserve.node.runlog`)."""
+        self.record_ms = math.inf
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._began = time.perf_counter()
+            if self.record is not None:
+                self._cpu = time.thread_time()
             return
         ms = (time.perf_counter() - self._began) * 1e3
+        if ms >= self.record_ms and self.record is not None:
+            self.record(ms, (time.thread_time() - self._cpu) * 1e3, info.get("generation", -1))
         if ms >= self.min_ms:
             self.logger.warning("%s: a garbage collection (generation %d, %d collected) held the process for "
                                 "%.0f ms", self.what, info.get("generation", -1), info.get("collected", 0), ms)
@@ -75,9 +85,14 @@ def settle(logger: logging.Logger, what: str) -> Frozen:
     """The process has loaded what it serves: :func:`freeze`, then watch the collector's pauses (once per
     process, however often it settles)."""
     frozen = freeze()
-    if not any(isinstance(c, PauseLog) for c in gc.callbacks):
+    if pauses() is None:
         watch_pauses(logger, what)
     return frozen
 
 
-__all__ = ["Frozen", "PAUSE_LOG_MS", "PauseLog", "freeze", "settle", "watch_pauses"]
+def pauses() -> PauseLog | None:
+    """This process's :class:`PauseLog`, once it has settled."""
+    return next((c for c in gc.callbacks if isinstance(c, PauseLog)), None)
+
+
+__all__ = ["Frozen", "PAUSE_LOG_MS", "PauseLog", "freeze", "pauses", "settle", "watch_pauses"]

@@ -12,7 +12,7 @@ from typing import Any
 from swapserve import __version__
 from swapserve.config import MAX_LANES
 from swapserve.node.runlog import FIELDS as RUN_FIELDS
-from swapserve.node.runlog import RUNS_ANSWERED, RUNS_KEPT
+from swapserve.node.runlog import RUNS_ANSWERED, RUNS_KEPT, STALL_FIELDS, STALL_MS, STALLS_KEPT
 from swapserve.tensors import DATATYPES
 
 
@@ -154,7 +154,7 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/runs": {"get": _op(
             "What the lanes ran lately: every run, piece of a swap and prefetch the workers finished (the last "
             f"{RUNS_KEPT} are kept), with its device, lane, function and when its lane took it up and answered it "
-            "on the node's clock", "management", _json(_ref("Runs"), "Runs"), (400,), auth=True, params=({
+            "on the node's clock; and the controller's stalls", "management", _json(_ref("Runs"), "Runs"), (400,), auth=True, params=({
                 "name": "since", "in": "query", "required": False, "schema": {"type": "number"},
                 "description": "Only the runs that ended at this time or later (the node's clock, s: the 'now' "
                                "of an earlier answer)"}, {
@@ -218,7 +218,15 @@ OPENAPI: dict[str, Any] = {
                 "fields": {"type": "array", "items": {"type": "string"},
                            "description": "what each run's list holds, in order: " + ", ".join(RUN_FIELDS)},
                 "runs": {"type": "array", "description": "in the order they ended",
-                         "items": {"type": "array"}}}},
+                         "items": {"type": "array"}},
+                "stall_fields": {"type": "array", "items": {"type": "string"},
+                                 "description": "what each stall's list holds, in order: " + ", ".join(STALL_FIELDS)},
+                "stalls": {"type": "array", "items": {"type": "array"},
+                           "description": f"turns of the controller's event loop (what 'loop') and collections in its "
+                                          f"process ('gc N') that held it {STALL_MS:g} ms or more and ended at 'since' "
+                                          f"or later (the last {STALLS_KEPT} are kept), with the controller thread's CPU "
+                                          f"time meanwhile; a turn is timed only while the controller polls (serve "
+                                          f"--spin-ms, runs in flight)"}}},
             "Scheduling": {"type": "object", "properties": {
                 "policy": {"type": "string", "enum": ["swapserve", "fifo_lru", "dedicated"]},
                 "queue_ahead": {"type": "boolean", "description": "fixed at start"},

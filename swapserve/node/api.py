@@ -203,7 +203,9 @@ class NodeAPI(Protocol):
 
     async def runs(self, since: float | None = None, limit: int = RUNS_ANSWERED) -> dict[str, Any]:
         """What the lanes ran lately (:mod:`swapserve.node.runlog`): the last ``limit`` that ended at ``since``
-        or later (the node's clock, s), as ``{"now": the node's clock, "fields": [...], "runs": [[...], ...]}``."""
+        or later (the node's clock, s), as ``{"now": the node's clock, "fields": [...], "runs": [[...], ...],
+        "stall_fields": [...], "stalls": [[...], ...]}``, with every stall of the controller kept that ended at
+        ``since`` or later."""
         ...
 
 

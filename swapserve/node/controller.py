@@ -852,8 +852,9 @@ class Node:
         return self.scheduler.settings()
 
     async def runs(self, since: float | None = None, limit: int = runlog.RUNS_ANSWERED) -> dict[str, Any]:
-        return {"now": self.clock(), "fields": list(runlog.FIELDS),
-                "runs": [list(r) for r in self.dispatch.runs.since(since, limit)]}
+        ring = self.dispatch.runs
+        return {"now": self.clock(), "fields": list(runlog.FIELDS), "runs": [list(r) for r in ring.since(since, limit)],
+                "stall_fields": list(runlog.STALL_FIELDS), "stalls": [list(x) for x in ring.stalls(since)]}
 
     async def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:
         try:

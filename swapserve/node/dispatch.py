@@ -25,7 +25,7 @@ from swapserve.metrics import Metrics
 from swapserve.node import workers as wk
 from swapserve.node.api import InferResult
 from swapserve.node.messages import Lend, Lent, Prefetch, Reply, Run, RunResult, TensorRef, Unlend
-from swapserve.node.runlog import RunLog, RunRecord
+from swapserve.node.runlog import CPU_SAMPLE_MS, STALL_MS, RunLog, RunRecord, Stall
 from swapserve.node.slab import Slab, ref_nbytes
 from swapserve.scheduler.core import Scheduler
 from swapserve.scheduler.types import Decision, Dispatch, NodeState, Request
@@ -242,6 +242,11 @@ class Dispatcher:
         """The eviction values' computation a pass asked for once its dispatches were sent (:meth:`pump`)."""
         self._hot_until = 0.0
         self._spinning = False
+        self._spun_at = 0.0
+        """When the polling last ran (:meth:`_spin`): a turn of the loop that began there and took :data:`STALL_MS`
+        or more is kept as a stall."""
+        self._cpu_at = (0.0, 0.0)
+        """When the polling last read its thread's CPU time, and what it read (s)."""
         self._ids = itertools.count()
         self.busy_s = [0.0] * devices
         """Seconds each device spent on runs (dispatch to reply), summed over its lanes."""
@@ -658,10 +663,27 @@ class Dispatcher:
         self._hot_until = time.perf_counter() + self.scheduler.spin_ms / 1e3
         if not self._spinning:
             self._spinning = True
+            self._spun_at = self.clock()
+            self._cpu_at = (self._spun_at, time.thread_time())
             asyncio.get_running_loop().call_soon(self._spin)
 
+    def keep_pause(self, ms: float, cpu_ms: float, generation: int) -> None:
+        """A collection in this process held it ``ms`` (``cpu_ms`` of its CPU; ``heap.PauseLog.record``): kept as
+        a stall."""
+        now = self.clock()
+        self.runs.add_stall(Stall(now - ms / 1e3, now, f"gc {generation}", cpu_ms))
+
     def _spin(self) -> None:
-        # A ready callback makes the loop poll its sockets and pipes with a zero timeout instead of sleeping.
+        # A ready callback makes the loop poll its sockets and pipes with a zero timeout instead of sleeping. From
+        # one to the next is one turn of the loop: one that held it long is kept (``GET /api/v1/runs``).
+        now = self.clock()
+        if now - self._spun_at >= STALL_MS / 1e3:
+            cpu = time.thread_time()
+            self.runs.add_stall(Stall(self._spun_at, now, "loop", (cpu - self._cpu_at[1]) * 1e3))
+            self._cpu_at = (now, cpu)
+        elif now - self._cpu_at[0] >= CPU_SAMPLE_MS / 1e3:
+            self._cpu_at = (now, time.thread_time())
+        self._spun_at = now
         if self.live and self.scheduler.spin_ms and (any(self._inflight.values())
                                                      or time.perf_counter() < self._hot_until):
             asyncio.get_running_loop().call_soon(self._spin)

@@ -26,9 +26,10 @@ from swapserve.config import MiB
 from swapserve.errors import ArtifactError
 from swapserve.fronts.service import FrontService, FrontStartError
 from swapserve.gateway.config import GatewayConfig
-from swapserve.heap import settle
+from swapserve.heap import pauses, settle
 from swapserve.hostmem import available_memory, host_store_problem, keep_freed_memory, reserve_bytes
 from swapserve.node.config import ServeConfig
+from swapserve.node.runlog import STALL_MS
 
 if TYPE_CHECKING:
     from swapserve.gateway.fast import Listener
@@ -210,7 +211,7 @@ async def _listen(config: ServeConfig, node: Node, gateway: GatewayConfig, metri
 
 async def _start(node: Node, config: ServeConfig) -> None:
     await node.start(progress=lambda line: print(f"swapserve: {line}", flush=True))
-    _settle_heap()
+    _settle_heap(node)
     names = [f.spec.name for f in node.list_functions()]
     shown = ", ".join(names[:SHOW_FUNCTIONS])
     if len(names) > SHOW_FUNCTIONS:
@@ -245,13 +246,16 @@ async def build_apart(src: Path, out: Path, progress: Callable[[str], None]) -> 
         raise
 
 
-def _settle_heap() -> None:
+def _settle_heap(node: Node) -> None:
     """Move everything alive now (modules, registry, specs, artifacts' metadata: ~250k objects with 300
     functions) out of the cyclic collector's reach: a full collection scanning them stalls every request
-    in flight for ~100 ms. Objects made later (requests) are collected as usual. The workers settle theirs
-    after each model they add (``AddModel``)."""
+    in flight for ~100 ms. Objects made later (requests) are collected as usual, and each that holds the
+    process :data:`~swapserve.node.runlog.STALL_MS` or more is kept in the run log's stalls. The workers settle
+    theirs after each model they add (``AddModel``)."""
     frozen = settle(log, "controller")
     log.info("controller: %d objects frozen (a full collection took %.0f ms)", frozen.objects, frozen.collect_ms)
+    if (watch := pauses()) is not None:
+        watch.record, watch.record_ms = node.dispatch.keep_pause, STALL_MS
 
 
 async def _deploy_demo(node: Node, config: ServeConfig) -> None:

@@ -39,4 +39,8 @@ def test_a_long_swap_comes_in_pieces_and_answers_as_a_resident_run(server_factor
     assert [r["ended"] for r in runs] == sorted(r["ended"] for r in runs)
     assert [r["requests"] for r in runs if r["kind"] == "run"] == [1, 1]
     assert s.client().runs(since=runs[-1]["ended"])["runs"][-1][log["fields"].index("ended")] == runs[-1]["ended"]
+    # Beside them, the controller's stalls (turns of its loop timed only while it polls: none asked of it here).
+    assert log["stall_fields"] == ["begun", "ended", "what", "cpu_ms"]
+    assert all(b <= e <= log["now"] and (w == "loop" or w.startswith("gc ")) and cpu >= 0
+               for b, e, w, cpu in log["stalls"]), log
     assert_stopped_cleanly(s, s.stop())

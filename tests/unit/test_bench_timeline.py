@@ -74,3 +74,17 @@ def test_the_node_s_run_log_adds_what_the_lanes_ran_with_no_request_of_their_own
     lanes = out.split("the node's run log):")[1].strip().splitlines()[2:]
     assert [line.split("|")[4].strip() for line in lanes] == ["piece", "piece", "run"]
     assert lanes[0].split("|")[5:7] == [" 1001.0 ", " 1004.0 "] and lanes[0].split("|")[10].strip() == "150"
+
+
+def test_the_controller_s_stalls_in_the_window_are_listed_last(tmp_path: Path) -> None:
+    _write(tmp_path, "swapserve_10.jsonl.xz", [_record("a", 1.000)])
+    assert "stalls" not in _run(str(tmp_path), "--from", "1.0", "--to", "1.1").stdout  # none recorded (before them)
+    (tmp_path / "trace_raw" / "stalls").mkdir()
+    with lzma.open(tmp_path / "trace_raw" / "stalls" / "swapserve_10.jsonl.xz", "wt") as f:
+        for what, begun, ended in (("loop", 1.0311, 1.0353), ("gc 2", 1.5, 1.502)):
+            f.write(json.dumps({"what": what, "begun_s": begun, "ended_s": ended, "cpu_ms": 0.3}) + "\n")
+    out = _run(str(tmp_path), "--from", "1.0", "--to", "1.1").stdout.splitlines()
+    assert out[-2:] == ["The controller's stalls (swapserve_10): 1",
+                        "- 1031.1 to 1035.3: loop, 4.2 ms, of its CPU 0.3 ms"]
+    assert _run(str(tmp_path), "--from", "2.0", "--to", "2.1").stdout.splitlines()[-1] == (
+        "The controller's stalls (swapserve_10): none")

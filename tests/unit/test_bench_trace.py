@@ -599,8 +599,10 @@ def test_the_node_s_run_log_is_read_with_the_token_and_moved_to_the_bench_s_cloc
             since = float(query["since"][0]) if "since" in query else None
             asked.append((since, self.headers["Authorization"]))
             runs = [] if since is None else [[now - 0.5, now - 0.25, "cuda:0", 0, "f", "piece"]]  # the clock alone
+            stalls = [] if since is None else [[now - 0.2, now - 0.197, "loop", 2.9]]
             body = json.dumps({"now": now, "fields": ["begun", "ended", "device", "lane", "function", "kind"],
-                               "runs": runs}).encode()
+                               "runs": runs, "stall_fields": ["begun", "ended", "what", "cpu_ms"],
+                               "stalls": stalls}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -615,7 +617,7 @@ def test_the_node_s_run_log_is_read_with_the_token_and_moved_to_the_bench_s_cloc
         srv = SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}", token="t0k")
         since = time.perf_counter() - 5.0
         before = time.perf_counter()
-        runs = trace_module.lane_runs(srv, since)
+        runs, stalls = trace_module.lane_runs(srv, since)
         after = time.perf_counter()
     finally:
         server.shutdown()
@@ -625,3 +627,5 @@ def test_the_node_s_run_log_is_read_with_the_token_and_moved_to_the_bench_s_cloc
     assert (run["device"], run["kind"]) == ("cuda:0", "piece")
     assert before - 0.25 - (after - before) <= run["ended"] <= after - 0.25
     assert run["ended"] - run["begun"] == pytest.approx(0.25)
+    (stall,) = stalls  # the controller's, moved the same way
+    assert stall["what"] == "loop" and before - 0.197 - (after - before) <= stall["ended"] <= after - 0.197

@@ -20,7 +20,7 @@ from swapserve.gateway.common import METRICS
 from swapserve.gateway.config import GatewayConfig
 from swapserve.gateway.fast import Listener, listen
 from swapserve.node.api import DeviceStatus, FunctionInfo, FunctionState, InferResult, NodeStatus
-from swapserve.node.runlog import FIELDS, RUNS_ANSWERED, RunLog
+from swapserve.node.runlog import FIELDS, RUNS_ANSWERED, STALL_FIELDS, RunLog
 
 Decl = list[tuple[str, str, list[int]]]
 Run = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -205,7 +205,8 @@ class TinyNode:
 
     async def runs(self, since: float | None = None, limit: int = RUNS_ANSWERED) -> dict[str, Any]:
         return {"now": self.clock, "fields": list(FIELDS),
-                "runs": [list(r) for r in self.run_log.since(since, limit)]}
+                "runs": [list(r) for r in self.run_log.since(since, limit)],
+                "stall_fields": list(STALL_FIELDS), "stalls": [list(x) for x in self.run_log.stalls(since)]}
 
 
 class FastTestServer(atu.TestServer):
