@@ -40,7 +40,8 @@ class Stall(NamedTuple):
     ended: float
     what: str
     """``loop``: one turn of the controller's event loop, all the callbacks it ran (measured while the controller
-    polls, with runs in flight: ``serve --spin-ms``); ``gc N``: a collection of generation N in its process."""
+    polls, with runs in flight: ``serve --spin-ms``); ``gc N``: a collection of generation N in its process (a
+    collection within a turn shows in both)."""
     cpu_ms: float
     """The controller thread's CPU time meanwhile (a turn's: from the last sample, at most
     :data:`CPU_SAMPLE_MS` before it began). Near the stall's length: its own work held it; far below: the process
