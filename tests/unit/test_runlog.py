@@ -76,5 +76,7 @@ def test_a_collection_in_the_controller_is_kept_as_a_stall() -> None:
         gc.collect(1)
     finally:
         gc.callbacks.remove(pauses)
-    (stall,) = [x for x in dispatch.runs.stalls() if x.what == "gc 1"]
+    kept = [x for x in dispatch.runs.stalls() if x.what == "gc 1"]  # ours, and any the interpreter ran meanwhile
+    assert kept, dispatch.runs.stalls()
+    stall = kept[-1]
     assert stall.ended == 200.0 and 0.0 <= stall.ended - stall.begun < 1.0 and stall.cpu_ms >= 0.0
