@@ -87,7 +87,8 @@ async def configure_scheduling(request: web.Request) -> web.Response:
 
 async def runs(request: web.Request) -> web.Response:
     """``?since=T``: only the runs that ended at T or later, T on the node's clock (the ``now`` of an earlier
-    answer); ``&limit=K``: the last K of them (default :data:`RUNS_ANSWERED`, at most :data:`RUNS_KEPT`)."""
+    answer); ``&limit=K``: the last K of them (default :data:`RUNS_ANSWERED`, at most :data:`RUNS_KEPT`); and the
+    controller's stalls that ended at T or later."""
     require_token(request)
     since, limit = request.query.get("since"), request.query.get("limit")
     try:

@@ -23,8 +23,6 @@ RUNS_KEPT = 65536
 RUNS_ANSWERED = 1000
 """The most recent runs an answer holds unless it asks for more: the whole ring took ~56 ms of the controller's
 event loop to answer on the CI box (every request on the node waits meanwhile), a thousand under 1 ms."""
-
-
 STALLS_KEPT = 4096
 """Stalls the ring keeps."""
 CPU_SAMPLE_MS = 0.25
@@ -104,5 +102,5 @@ class RunLog:
         return out
 
 
-__all__ = ["CPU_SAMPLE_MS", "FIELDS", "RUNS_ANSWERED", "RUNS_KEPT", "STALLS_KEPT", "STALL_FIELDS", "STALL_MS", "RunLog", "RunRecord",
-           "Stall"]
+__all__ = ["CPU_SAMPLE_MS", "FIELDS", "RUNS_ANSWERED", "RUNS_KEPT", "STALLS_KEPT", "STALL_FIELDS", "STALL_MS",
+           "RunLog", "RunRecord", "Stall"]

@@ -111,6 +111,17 @@ COPY_OVERHEAD_WEIGHT = 0.05
 last 20 pieces or prefetches of any function count)."""
 
 
+def _clamped(sample: float, around: float) -> float:
+    """``sample`` held to within :data:`OUTLIER_FACTOR` of ``around`` (a positive figure)."""
+    return min(max(sample, around / OUTLIER_FACTOR), around * OUTLIER_FACTOR)
+
+
+def _toward(old: float, sample: float, weight: float) -> float:
+    """A learned figure ``old`` moved ``weight`` of the way toward one observation, clamped first
+    (:func:`_clamped`): one outlier is not a new normal."""
+    return old + weight * (_clamped(sample, old) - old)
+
+
 def _retry_s(seconds: float) -> float:
     """Retry-After in whole seconds (HTTP sends integers), never less than 1."""
     return float(max(1, math.ceil(seconds))) if math.isfinite(seconds) else NOFIT_RETRY_S
@@ -910,10 +921,9 @@ class Scheduler:
             old = prof.exec_ms.get(batch)
             if old is None:
                 prior = prof.exec_at(batch) if prof.exec_ms else exec_ms
-                prof.exec_ms[batch] = min(max(exec_ms, prior / OUTLIER_FACTOR), prior * OUTLIER_FACTOR)
+                prof.exec_ms[batch] = _clamped(exec_ms, prior)
             else:
-                obs = min(max(exec_ms, old / OUTLIER_FACTOR), old * OUTLIER_FACTOR)
-                prof.exec_ms[batch] = old + EXEC_WEIGHT * (obs - old)
+                prof.exec_ms[batch] = _toward(old, exec_ms, EXEC_WEIGHT)
             return
         if ahead or not (total_ms >= 0 and math.isfinite(total_ms)):
             return
@@ -929,9 +939,7 @@ class Scheduler:
         planned copy), clamped to within :data:`OUTLIER_FACTOR` of the current figure: one stalled piece is not
         a new normal."""
         link = state.link
-        old = link.copy_overhead_ms
-        obs = min(max(sample_ms, old / OUTLIER_FACTOR), old * OUTLIER_FACTOR)
-        state.link = replace(link, copy_overhead_ms=max(0.0, old + COPY_OVERHEAD_WEIGHT * (obs - old)))
+        state.link = replace(link, copy_overhead_ms=_toward(link.copy_overhead_ms, sample_ms, COPY_OVERHEAD_WEIGHT))
 
     @staticmethod
     def _learn_beside(state: NodeState, others: int, ratio: float) -> None:
@@ -941,9 +949,7 @@ class Scheduler:
         table = list(link.exec_slowdown_beside)
         while len(table) < others:
             table.append(table[-1] if table else 1.0)
-        old = table[others - 1]
-        obs = min(max(ratio, old / OUTLIER_FACTOR), old * OUTLIER_FACTOR)
-        table[others - 1] = max(1.0, old + BESIDE_WEIGHT * (obs - old))
+        table[others - 1] = max(1.0, _toward(table[others - 1], ratio, BESIDE_WEIGHT))
         state.link = replace(link, exec_slowdown_beside=tuple(table))
 
     # --- small helpers -----------------------------------------------------------------------------
