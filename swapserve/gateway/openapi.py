@@ -224,9 +224,9 @@ OPENAPI: dict[str, Any] = {
                 "stalls": {"type": "array", "items": {"type": "array"},
                            "description": f"turns of the controller's event loop (what 'loop') and collections in its "
                                           f"process ('gc N') that held it {STALL_MS:g} ms or more and ended at 'since' "
-                                          f"or later (the last {STALLS_KEPT} are kept), with the controller thread's CPU "
-                                          f"time meanwhile; a turn is timed only while the controller polls (serve "
-                                          f"--spin-ms, runs in flight)"}}},
+                                          f"or later (the last {STALLS_KEPT} are kept), with the controller thread's "
+                                          f"CPU time meanwhile; a turn is timed only while the controller polls "
+                                          f"(serve --spin-ms, runs in flight)"}}},
             "Scheduling": {"type": "object", "properties": {
                 "policy": {"type": "string", "enum": ["swapserve", "fifo_lru", "dedicated"]},
                 "queue_ahead": {"type": "boolean", "description": "fixed at start"},
