@@ -27,11 +27,14 @@ The model of a run (times in ms, all inputs measured by profiling, none assumed)
   640 MiB swap against 2.5 ms alone).
 
 * a lane past its expected end: a run, piece or copy not answered when it was expected to end is planned to
-  go on as long again as it is overdue (:func:`_late`): the lane frees at ``now + (now − expected end)``, and
-  whatever waits behind it that much later. An overdue lane is not free: a GPU stall (one piece of a swap took
-  26 ms for an expected 3 on an H200) otherwise drew the next request there as if it were, where it waited out
-  the stall while the device's side lane freed within a millisecond. Answers usually come within a millisecond
-  of their estimate, so a lane overdue a little is planned to free a little later.
+  free now while it is overdue by :data:`LATE_GRACE_S` or less, and past that to go on as far again as it is
+  overdue beyond it (:func:`_late`): the lane frees at ``now + (now − expected end − grace)``, and whatever waits
+  behind it that much later. A stalled lane is not free: a GPU stall (one piece of a swap took 26 ms for an
+  expected 3 on an H200) otherwise drew the next request there as if it were, where it waited out the stall
+  while the device's side lane freed within a millisecond. The grace is what answers ordinarily take past
+  their estimate: on two H200s at N = 800 the time a lane still took once overdue was 0.3–0.8 ms at the median
+  whether it was 0.5, 1 or 2 ms overdue (``bench/overdue.py``), so "as long again" planned ordinary lateness
+  too long and refused requests that would have made it.
 
 Planning is optimistic about memory: a model placed by a planned dispatch is assumed to stay, and nothing
 is assumed evicted (eviction spares whatever has queued requests, which is what planning relies on).
@@ -49,6 +52,10 @@ LN2 = math.log(2.0)
 
 SOURCE_RANK: dict[Source, int] = {"resident": 0, "partial": 1, "peer": 2, "host": 3}
 """Tie-break between equal finish times: the fewer bytes moved, the better (and the less link used)."""
+
+LATE_GRACE_S = 0.002
+"""How far past its expected end a lane's work is still planned to free now (:func:`_late`): answers ordinarily
+come that late (a lane overdue 0.5–2 ms took 0.3–0.8 ms more at the median on two H200s at N = 800)."""
 
 
 def copy_ms(nbytes: float, GBps: float) -> float:
@@ -119,9 +126,11 @@ class Estimate:
 
 def _late(now: float, end: float) -> float:
     """How much later than planned a lane's work ends, its current run expected to end at ``end``: nothing
-    while that is ahead; once it has passed, as long again as it is overdue (its run is planned to end as far
-    after ``now`` as ``end`` was before it: the longer a stall has lasted, the longer it is planned to last)."""
-    return 2.0 * (now - end) if now > end else 0.0
+    while that is ahead; once it has passed, to ``now`` while it is :data:`LATE_GRACE_S` overdue or less, and
+    past that as far after ``now`` as it is overdue beyond the grace (the longer a stall has lasted, the longer it
+    is planned to last)."""
+    overdue = now - end
+    return overdue + max(0.0, overdue - LATE_GRACE_S) if overdue > 0 else 0.0
 
 
 def _first_late(d: DeviceState, now: float) -> float:

@@ -12,6 +12,7 @@ from swapserve.scheduler import (
     Decision, DeviceState, Dispatch, FunctionQueue, LinkProfile, ModelProfile, NodeState, Queued, Request, Scheduler,
     SideLane, View, rate_at, update_rate,
 )
+from swapserve.scheduler.estimate import LATE_GRACE_S
 
 GB = 10**9
 MB = 10**6
@@ -1309,31 +1310,34 @@ def test_pieces_teach_the_node_what_a_copy_with_no_run_costs_past_its_copy():
     assert d.piece_bytes > 0 and d.expected_ms == pytest.approx(3.0 + s.link.copy_overhead_ms)
 
 
-def test_an_overdue_lane_is_planned_to_go_on_as_long_again():
-    """A lane whose run is past its expected end is planned to free as long after now as it is overdue (and
-    what is queued behind it, and the models it brings in, that much later); one not yet due as planned."""
+def test_a_lane_overdue_past_the_grace_is_planned_to_go_on_as_far_again():
+    """A lane whose run is past its expected end by more than the grace (2 ms) is planned to free as far after
+    now as it is overdue beyond the grace (and what is queued behind it, and the models it brings in, that much
+    later); one overdue by the grace or less frees now; one not yet due as planned."""
+    assert LATE_GRACE_S == 0.002
     s = lanes(node(2))
     dev = s.devices[0]
     busy(s, 0, until=T0 + 0.003, running="gpt2")  # due 8 ms ago
-    s.devices[0].side[0] = SideLane(T0 + 0.0105, "other")  # due 0.5 ms ago
+    s.devices[0].side[0] = SideLane(T0 + 0.0095, "other")  # due 1.5 ms ago
     busy(s, 1, until=T0 + 0.013, running="vit")  # due in 2 ms
     s.devices[1].side[0] = SideLane(T0 + 0.012, "other")
     now = T0 + 0.011
     view = View(s, now)
-    assert view.free_at == [pytest.approx(now + 0.008), T0 + 0.013]
-    assert view.side_free_at == [[pytest.approx(now + 0.0005)], [T0 + 0.012]]
-    assert view.holds("gpt2", 0, now + 0.008) and not view.holds("gpt2", 0, now + 0.0079)
+    assert view.free_at == [pytest.approx(now + 0.006), T0 + 0.013]
+    assert view.side_free_at == [[now], [T0 + 0.012]]
+    assert view.holds("gpt2", 0, now + 0.006) and not view.holds("gpt2", 0, now + 0.0059)
     # A dispatch queued behind the overdue run starts, and its lane frees, as much later.
     dev.queued = Queued("cold", T0 + 0.003, 2.0, 1.0, False)
     dev.busy_until = T0 + 0.005
     view = View(s, now)
-    assert view.free_at[0] == pytest.approx(now + 0.008 + 0.002)
-    assert view.holds("cold", 0, now + 0.010) and not view.holds("cold", 0, now + 0.0099)
+    assert view.free_at[0] == pytest.approx(now + 0.006 + 0.002)
+    assert view.holds("cold", 0, now + 0.008) and not view.holds("cold", 0, now + 0.0079)
 
 
 def test_a_dispatch_queued_behind_an_overdue_run_keeps_how_overdue_it_is():
     """Queued at T0+5 ms behind a run due at T0+3: the queued dispatch's start stays the run's planned end, so
-    that a view at T0+6 still counts the run 3 ms overdue (planned to end at T0+9, the queued one 2 ms after)."""
+    that a view at T0+8 still counts the run 5 ms overdue (3 past the grace: planned to end at T0+11, the queued
+    one 2 ms after)."""
     s = node(1)
     fn(s, "cold", nbytes=100 * MB, exec_ms={1: 1.0})
     busy(s, 0, until=T0 + 0.003, running="big")
@@ -1342,10 +1346,10 @@ def test_a_dispatch_queued_behind_an_overdue_run_keeps_how_overdue_it_is():
     dev = s.devices[0]
     assert dev.queued is not None and dev.queued.start == T0 + 0.003
     assert dev.busy_until == pytest.approx(T0 + 0.005)
-    view = View(s, T0 + 0.006)
-    assert view.free_at[0] == pytest.approx(T0 + 0.011)
-    assert view.holds("big", 0, T0 + 0.009) and not view.holds("big", 0, T0 + 0.0089)
-    assert [(c.start, c.end) for c in view.copies] == [(pytest.approx(T0 + 0.009), pytest.approx(T0 + 0.011))]
+    view = View(s, T0 + 0.008)
+    assert view.free_at[0] == pytest.approx(T0 + 0.013)
+    assert view.holds("big", 0, T0 + 0.01101) and not view.holds("big", 0, T0 + 0.0109)
+    assert [(c.start, c.end) for c in view.copies] == [(pytest.approx(T0 + 0.011), pytest.approx(T0 + 0.013))]
 
 
 def test_a_resident_request_waits_for_a_side_lane_about_to_free_not_behind_a_stalled_piece():
