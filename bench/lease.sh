@@ -10,7 +10,8 @@
 #   script continues there with PYTHONPATH on it: the device tool's next call replaces the working tree, and a
 #   replay once lost its working directory under it;
 # - /dev/shm enlarged (the host store lives there) where the machine lets it be;
-# - orjson installed from .whl/orjson when carried (the lent machines have no package registry);
+# - orjson and py-spy installed from .whl/orjson and .whl/py-spy when carried (the lent machines have no package
+#   registry; py-spy for bench/trace.py --profile);
 # - RESULTS/machine.txt: the GPUs, their links, CPUs, memory and the commit;
 # - trace_results DIR: one RESULT line per point of DIR/trace.json (what a poll of session.log shows);
 # - overhead_results DIR: DIR/overhead.json's p50, p99, requests/s, CPU canary and the p50 request's parts.
@@ -23,9 +24,12 @@ cp "${1:?the run script}" "$LEASE_RESULTS/"
 cp -r swapserve bench tests examples pyproject.toml "$LEASE_COPY/"
 mount -o remount,size=225G /dev/shm 2>/dev/null || true
 export PYTHONUNBUFFERED=1
-if [ -d .whl/orjson ]; then
-  python -m pip install --no-index --no-deps --find-links .whl/orjson orjson 2>&1 | tail -1
-fi
+for pkg in orjson py-spy; do  # each from its folder of wheels where carried (.whl/orjson, .whl/py-spy)
+  if [ -d ".whl/$pkg" ]; then
+    python -m pip install --no-index --no-deps --find-links ".whl/$pkg" "$pkg" 2>&1 | tail -1
+  fi
+done
+PATH="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"  # where py-spy went
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,pcie.link.gen.max,pcie.link.width.max \
     --format=csv
   nvidia-smi topo -m; nproc; free -g; lscpu | grep "Model name"; git log --oneline -1
