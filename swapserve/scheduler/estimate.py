@@ -308,7 +308,7 @@ class View:
         return Estimate(device, source, None, start, copy, swapped_ms(copy, exec_ms, self.link, prof), beside=others)
 
     def side_lane(self, device: int) -> int | None:
-        """The side lane a run on ``device`` would take: the earliest to free (an overdue one is planned to free
+        """The side lane a run on ``device`` would take: the earliest to free (one overdue past the grace frees
         later, :func:`_late`; a free one before one whose run is due to end now), then the lowest; None if the
         device has none (the lanes of a device are alike)."""
         n = self.side_lanes[device]
