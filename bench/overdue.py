@@ -91,7 +91,8 @@ def report(directory: Path, overdue_ms: list[float]) -> str:
         stalls = read_runs(directory, tag, STALLS_DIR)
         if stalls is not None:
             lines += ["", f"The controller's stalls ({tag}):", "",
-                      "| what | count | median ms | longest ms | total ms | its own CPU |", "|---|---:|---:|---:|---:|---:|"]
+                      "| what | count | median ms | longest ms | total ms | its own CPU |",
+                      "|---|---:|---:|---:|---:|---:|"]
             lines += [f"| {w} | {n} | {med:.2f} | {mx:.2f} | {tot:.0f} | {share:.0%} |"
                       for w, n, med, mx, tot, share in stall_summary(stalls)]
         parts.append("\n".join(lines))
