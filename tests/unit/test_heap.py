@@ -30,7 +30,8 @@ def test_freeze_collects_then_takes_what_is_alive_out_of_the_collectors_reach(un
     del dropped
     frozen = freeze()
     assert gone() is None  # garbage in a cycle is collected first, not frozen
-    assert frozen.objects == gc.get_freeze_count() > 0
+    # What it froze, less any frozen object that died since (the test process has other threads: CI saw 2 go).
+    assert 0 < gc.get_freeze_count() <= frozen.objects
     assert frozen.collect_ms >= 0
     assert not any(o is kept for o in gc.get_objects())  # out of the collector's reach
     assert kept.me is kept
