@@ -454,9 +454,11 @@ def loop_lag(before: dict[str, float], after: dict[str, float],
 
 
 def start_profiles(srv: Server, prefix: Path, seconds: float) -> list[tuple[subprocess.Popen, Path]]:
-    """py-spy (where installed) sampling the controller and each HTTP front for ``seconds``, without pausing
-    them, into ``PREFIX_controller.txt``, ``PREFIX_front<i>.txt`` (raw stacks)."""
-    if shutil.which("py-spy") is None:
+    """py-spy (where installed: on the PATH, or beside this interpreter, as in a virtual environment not
+    activated) sampling the controller and each HTTP front for ``seconds``, without pausing them, into
+    ``PREFIX_controller.txt``, ``PREFIX_front<i>.txt`` (raw stacks)."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
         print("trace: --profile needs py-spy (pip install py-spy); not profiling", flush=True)
         return []
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -464,7 +466,7 @@ def start_profiles(srv: Server, prefix: Path, seconds: float) -> list[tuple[subp
     spies = []
     for name, pid in targets:
         out = prefix.parent / f"{prefix.name}_{name}.txt"
-        cmd = ["py-spy", "record", "--nonblocking", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-f", "raw",
+        cmd = [spy, "record", "--nonblocking", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-f", "raw",
                "-o", str(out)]
         spies.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out))
     return spies

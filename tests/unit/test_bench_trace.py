@@ -629,3 +629,30 @@ def test_the_node_s_run_log_is_read_with_the_token_and_moved_to_the_bench_s_cloc
     assert run["ended"] - run["begun"] == pytest.approx(0.25)
     (stall,) = stalls  # the controller's, moved the same way
     assert stall["what"] == "loop" and before - 0.197 - (after - before) <= stall["ended"] <= after - 0.197
+
+
+def test_profiles_find_py_spy_beside_the_interpreter_when_it_is_not_on_the_path(trace_module, tmp_path, monkeypatch):
+    """A virtual environment used without activating it (``.venv/bin/python bench/trace.py --profile``) has py-spy
+    beside its interpreter, not on the PATH: the samplers start from there."""
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    spy = bindir / "py-spy"
+    spy.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho "sampled" > "$2"\n')
+    spy.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+
+    class Srv:
+        proc = type("Proc", (), {"pid": 12345})()
+
+        @staticmethod
+        def front_pids() -> list[int]:
+            return []
+
+    spies = trace_module.start_profiles(Srv(), tmp_path / "profiles" / "swapserve_10", 1)
+    assert [out.name for _, out in spies] == ["swapserve_10_controller.txt"]
+    for proc, out in spies:
+        assert proc.wait(timeout=10) == 0
+        assert out.read_text() == "sampled\n"
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "elsewhere" / "python"))
+    assert trace_module.start_profiles(Srv(), tmp_path / "profiles" / "swapserve_20", 1) == []  # none anywhere
