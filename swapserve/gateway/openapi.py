@@ -154,7 +154,8 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/runs": {"get": _op(
             "What the lanes ran lately: every run, piece of a swap and prefetch the workers finished (the last "
             f"{RUNS_KEPT} are kept), with its device, lane, function and when its lane took it up and answered it "
-            "on the node's clock; and the controller's stalls", "management", _json(_ref("Runs"), "Runs"), (400,), auth=True, params=({
+            "on the node's clock; and the controller's stalls", "management", _json(_ref("Runs"), "Runs"), (400,),
+            auth=True, params=({
                 "name": "since", "in": "query", "required": False, "schema": {"type": "number"},
                 "description": "Only the runs that ended at this time or later (the node's clock, s: the 'now' "
                                "of an earlier answer)"}, {
