@@ -24,7 +24,7 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
   room is dispatched as a piece (part of its missing bytes, no run; its requests stay queued); the next
   decision, after the piece, serves whatever is due first, then the next piece or the run with what is left.
   While its lane is busy (a piece of it, or other work) the swap waits, and holds the lane's next turn against
-  what is due after it (:meth:`Scheduler._hold_first_lane`).
+  what is due after it (:meth:`Scheduler._hold_first_lane`), from the decision that sends a piece on.
 * Side lanes: a device with side lanes (``DeviceState.side``; ``serve --lanes K`` gives K - 1) runs a model
   that is wholly there in one of them, beside whatever its other lanes do (a swap of another model, say),
   when that finishes first; the first lane is the only one that swaps pipelined. Of a device's side lanes the
@@ -419,10 +419,15 @@ class Scheduler:
                 lane_ms = piece_ms + view.link.copy_overhead_ms
                 dispatches.append(Dispatch(best.device, name, (), best.source, lane_ms, copy_ms=piece_ms,
                                            values=evict, piece_bytes=piece))
-                self._take_first_lane(best.device, free, ahead)
+                free.discard(best.device)
                 view.commit(Estimate(best.device, best.source, None, best.start, piece_ms, lane_ms), name,
                             whole=False)
-                continue  # its requests stay queued: the decision after the piece places them (or another piece)
+                # Its requests stay queued: the decision after the piece places them (or another piece). Its swap
+                # goes on there then, and holds the lane's next turn as in the decisions while the piece runs:
+                # nothing placed after it in this pass (due later) queues behind the piece.
+                if (rest := view.estimate(name, prof, items, best.device, view.free_at[best.device])) is not None:
+                    self._hold_first_lane(view, ahead, rest, name)
+                continue
             dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), best.source, best.total_ms,
                                        peer=best.peer, copy_ms=best.copy_ms, values=evict, lane=best.lane,
                                        beside=best.beside))
