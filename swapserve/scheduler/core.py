@@ -374,8 +374,7 @@ class Scheduler:
             batch, rest = _batch(pending[name], fq.max_batch)
             items = sum(r.items for r in batch)
             if (d_piece := pieces.get(name)) is not None:  # its swap goes on there once the piece has landed
-                if (e := view.estimate(name, prof, items, d_piece, view.free_at[d_piece])) is not None:
-                    self._hold_first_lane(view, ahead, e, name)
+                self._hold_first_lane(view, ahead, name, prof, items, d_piece)
                 continue
             cands: list[tuple[tuple[float, int, int, int, int], int, int]] = []
             ests = {}
@@ -408,7 +407,7 @@ class Scheduler:
                 continue  # it finishes sooner in a lane that frees (or has its model) soon: leave it queued
             piece = 0 if best.lane else self._piece_bytes(view, prof, best, batch[0].deadline, name)
             if piece and best.device not in free:
-                self._hold_first_lane(view, ahead, best, name)  # pieces are never queued ahead
+                self._hold_first_lane(view, ahead, name, prof, items, best.device)  # pieces are never queued ahead
                 continue
             # Eviction values matter only to a dispatch that brings bytes in (O(models on the device) to compute).
             if best.source != "resident" and best.device not in values:
@@ -425,8 +424,7 @@ class Scheduler:
                 # Its requests stay queued: the decision after the piece places them (or another piece). Its swap
                 # goes on there then, and holds the lane's next turn as in the decisions while the piece runs:
                 # nothing placed after it in this pass (due later) queues behind the piece.
-                if (rest := view.estimate(name, prof, items, best.device, view.free_at[best.device])) is not None:
-                    self._hold_first_lane(view, ahead, rest, name)
+                self._hold_first_lane(view, ahead, name, prof, items, best.device)
                 continue
             dispatches.append(Dispatch(best.device, name, tuple(r.id for r in batch), best.source, best.total_ms,
                                        peer=best.peer, copy_ms=best.copy_ms, values=evict, lane=best.lane,
@@ -586,13 +584,16 @@ class Scheduler:
         return min(at, default=None)
 
     @staticmethod
-    def _hold_first_lane(view: View, ahead: set[int], est: Estimate, function: str) -> None:
-        """A swap that comes in pieces waits for its first lane to free, and holds that lane's next turn: what
-        the decision places after it (due later: EDF) neither queues behind the run there nor plans to start
-        before the swap. Otherwise a long swap due later took the turn, and the swap, its room between pieces
-        spent, missed its deadline behind it (BERT-large bursts behind GPT-2 and VGG swaps on two H200s)."""
-        ahead.discard(est.device)
-        view.commit(est, function)
+    def _hold_first_lane(view: View, ahead: set[int], function: str, prof: ModelProfile, items: int,
+                         device: int) -> None:
+        """A swap that comes in pieces waits for ``device``'s first lane to free, and holds that lane's next turn:
+        the decision plans the swap there from then, and what it places after it (due later: EDF) neither queues
+        behind the run there nor plans to start before the swap. Otherwise a long swap due later took the turn,
+        and the swap, its room between pieces spent, missed its deadline behind it (BERT-large bursts behind
+        GPT-2 and VGG swaps on two H200s)."""
+        ahead.discard(device)
+        if (est := view.estimate(function, prof, items, device, view.free_at[device])) is not None:
+            view.commit(est, function)
 
     def _take_first_lane(self, device: int, free: set[int], ahead: set[int]) -> None:
         """A dispatch went to ``device``'s first lane: an idle one may still take one behind it."""
