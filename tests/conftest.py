@@ -94,9 +94,6 @@ def shm_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-DEVICES = ["cpu"] + (["cuda:0"] if HAS_CUDA else [])
-
-
 @pytest.fixture
 def make_engine(shm_dir: Path) -> Iterator[Callable[..., SwapEngine]]:
     made: list[tuple[SwapEngine, HostStore]] = []

@@ -16,17 +16,22 @@ from swapserve.engine.layout import Layout
 from swapserve.errors import (CapacityError, InvalidInputError, NotFoundError, NotResidentError, PoolBusyError,
                               WorkspaceError)
 
-HAS_CUDA = torch.cuda.is_available()
 
-MODES = [("cpu", "eager"), ("cpu", "ondemand")] + ([("cuda:0", "eager"), ("cuda:0", "graph"), ("cuda:0", "ondemand")] if HAS_CUDA else [])
-MODE_IDS = [f"{d}-{m}" for d, m in MODES]
+
+def _cases(modes: list[tuple[str, str]]) -> list[Any]:
+    """``(device, mode)`` parameters; those on CUDA marked as GPU tests (skipped without one, selected on the lent
+    GPU by ``pytest -m gpu``)."""
+    return [pytest.param(d, m, id=f"{d}-{m}", marks=pytest.mark.gpu if d.startswith("cuda") else ()) for d, m in modes]
+
+
+MODES = [("cpu", "eager"), ("cpu", "ondemand"), ("cuda:0", "eager"), ("cuda:0", "graph"), ("cuda:0", "ondemand")]
 
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 @pytest.mark.parametrize("kind", ["mlp", "tied"])
 def test_swapped_run_is_bit_identical_to_resident(make_artifact, make_engine, device, mode, kind):
     art, module, x = make_artifact(kind)
@@ -46,7 +51,7 @@ def test_swapped_run_is_bit_identical_to_resident(make_artifact, make_engine, de
     assert eng.stats.swaps == 2 and eng.stats.resident_runs == 1
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 def test_partial_eviction_copies_only_missing_pages(make_artifact, make_engine, device, mode):
     a, _, xa = make_artifact("mlp", seed=1, name="a")
     b, _, xb = make_artifact("mlp", seed=2, name="b")
@@ -67,7 +72,7 @@ def test_partial_eviction_copies_only_missing_pages(make_artifact, make_engine, 
     assert eng.residency("a") is Residency.RESIDENT
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 def test_prefetched_head_then_run(make_artifact, make_engine, device, mode):
     art, _, x = make_artifact("mlp")
     eng = make_engine(device, mode)
@@ -80,7 +85,7 @@ def test_prefetched_head_then_run(make_artifact, make_engine, device, mode):
     assert same(eng.infer("m", x), ref)
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 def test_token_ids_past_the_vocabulary_are_refused_before_they_run(make_artifact, make_engine, device, mode):
     art, _, (ids,) = make_artifact("tied")
     assert art.manifest.inputs[0].index_bound == 4096
@@ -120,7 +125,7 @@ def test_a_piece_of_a_swap_is_whole_pages_of_what_is_missing(make_artifact, make
     assert same(eng.infer("m", x), ref)
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 def test_concurrent_swaps_do_not_corrupt_each_other(make_artifact, make_engine, device, mode):
     a, _, xa = make_artifact("mlp", seed=1, name="a")
     b, _, xb = make_artifact("tied", seed=2, name="b")
@@ -158,7 +163,7 @@ def mapped_elsewhere(eng: SwapEngine) -> list[tuple[str, int]]:
             if pg is not None and pool.owner[pg] not in (None, (m, i))]
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 def test_slots_whose_pages_were_taken_are_unmapped_off_the_request_path(make_artifact, make_engine, device, mode):
     """A model whose pages another took has those slots unmapped by the engine's own thread, so that the device
     maps about the pool's pages rather than every model's every slot, and the model's return maps its slots
@@ -243,7 +248,7 @@ def test_stale_slots_are_unmapped_only_while_nothing_is_placed_or_run(make_artif
     assert same(outs["a"], ref["a"]) and mapped_elsewhere(eng) == [] and not eng._stale
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 def test_a_placement_waits_for_its_models_stale_slots_to_be_unmapped(make_artifact, make_engine, device, mode):
     """A model whose stale slots are being unmapped is placed meanwhile: the placement maps its slots only
     once the unmapping is over (mapping onto a mapped address fails, on CUDA as on the CPU backend), and the
@@ -282,7 +287,7 @@ def test_a_placement_waits_for_its_models_stale_slots_to_be_unmapped(make_artifa
     eng.pool.check()
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 @pytest.mark.parametrize("lanes", [1, 2, 4])
 def test_every_lane_gives_the_same_bits(make_artifact, make_engine, device, mode, lanes):
     art, _, x = make_artifact("mlp", seed=3)
@@ -302,7 +307,7 @@ def test_lanes_are_one_to_four():
         EngineConfig(lanes=0)
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 def test_side_lane_runs_resident_models_only(make_artifact, make_engine, device, mode):
     art, _, x = make_artifact("tied", seed=4)
     eng = make_engine(device, mode)
@@ -331,7 +336,7 @@ class _WithEmpty(torch.nn.Module):
         return self.lin(x) + self.empty.sum()
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 def test_a_model_with_an_empty_weight_loads_and_swaps(make_engine, device, mode, tmp_path):
     from swapserve.artifact import build_artifact, load_artifact
 
@@ -350,7 +355,7 @@ def test_a_model_with_an_empty_weight_loads_and_swaps(make_engine, device, mode,
 FETCH_MODES = [(d, m) for d, m in MODES if m != "ondemand"]  # the baseline never fetches (no pinned buffers)
 
 
-@pytest.mark.parametrize(("device", "mode"), FETCH_MODES, ids=[f"{d}-{m}" for d, m in FETCH_MODES])
+@pytest.mark.parametrize(("device", "mode"), _cases(FETCH_MODES))
 def test_a_side_lane_fetch_brings_a_model_in_and_gives_the_same_bits(make_artifact, make_engine, device, mode):
     a, _, xa = make_artifact("tied", seed=8, name="a")
     b, _, xb = make_artifact("mlp", seed=9, name="b")
@@ -373,7 +378,7 @@ def test_a_side_lane_fetch_brings_a_model_in_and_gives_the_same_bits(make_artifa
     eng.pool.check()
 
 
-@pytest.mark.parametrize(("device", "mode"), FETCH_MODES, ids=[f"{d}-{m}" for d, m in FETCH_MODES])
+@pytest.mark.parametrize(("device", "mode"), _cases(FETCH_MODES))
 def test_a_side_lane_fetch_refuses_a_model_in_flight_in_lane_0(make_artifact, make_engine, device, mode):
     art, _, x = make_artifact("mlp", seed=10)
     eng = make_engine(device, mode)
@@ -388,7 +393,7 @@ def test_a_side_lane_fetch_refuses_a_model_in_flight_in_lane_0(make_artifact, ma
     assert same(eng.infer("m", x, lane=1, fetch=True), ref)
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 @pytest.mark.parametrize("lanes", [2, 3])
 def test_side_lanes_run_while_lane_0_swaps(make_artifact, make_engine, device, mode, lanes):
     """Every side lane serves a resident model over and over (with three lanes, two of them at once, each
@@ -436,7 +441,7 @@ def test_side_lanes_run_while_lane_0_swaps(make_artifact, make_engine, device, m
     eng.pool.check()
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 def test_dynamic_batch(make_artifact, make_engine, device, mode):
     art, module, x = make_artifact("mlp", max_batch=4)
     eng = make_engine(device, mode)
@@ -449,7 +454,7 @@ def test_dynamic_batch(make_artifact, make_engine, device, mode):
         eng.infer("m", (torch.randn(5, 512),))
 
 
-@pytest.mark.parametrize(("device", "mode"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("device", "mode"), _cases(MODES))
 def test_outputs_copied_out_with_the_run_land_with_it(make_artifact, make_engine, device, mode):
     """``infer(output=...)`` gets the request's rows (not the padded bucket's) right after the launch; copies it
     enqueues non-blocking into pinned host memory have landed when ``infer`` returns, swapped or resident; what it
@@ -647,7 +652,7 @@ def test_a_run_copies_its_model_from_a_lending_peer_and_gives_the_same_bits(make
 AHEAD_MODES = [(d, m) for d, m in MODES if m != "ondemand"]  # the baseline places nothing ahead
 
 
-@pytest.mark.parametrize(("device", "mode"), AHEAD_MODES, ids=[f"{d}-{m}" for d, m in AHEAD_MODES])
+@pytest.mark.parametrize(("device", "mode"), _cases(AHEAD_MODES))
 def test_pages_placed_while_the_run_before_executes_give_the_same_bits(make_artifact, make_engine, device, mode):
     """Lane 0 swaps a and b in turn through a pool that holds one of them; once each run is launched, the next
     one's pages are placed (as the worker does for the run right behind) — evicting the other model's pages
@@ -680,7 +685,7 @@ def test_pages_placed_while_the_run_before_executes_give_the_same_bits(make_arti
     eng.pool.check()
 
 
-@pytest.mark.parametrize(("device", "mode"), AHEAD_MODES, ids=[f"{d}-{m}" for d, m in AHEAD_MODES])
+@pytest.mark.parametrize(("device", "mode"), _cases(AHEAD_MODES))
 def test_a_run_behind_its_own_models_swap_is_not_placed_ahead(make_artifact, make_engine, device, mode):
     """Two runs of one model back to back in lane 0 (a burst's follower sent behind its leader's swap): the
     leader's copies bring the model in, so placing the follower ahead would copy it a second time, behind the
@@ -702,7 +707,7 @@ def test_a_run_behind_its_own_models_swap_is_not_placed_ahead(make_artifact, mak
     eng.pool.check()
 
 
-@pytest.mark.parametrize(("device", "mode"), AHEAD_MODES, ids=[f"{d}-{m}" for d, m in AHEAD_MODES])
+@pytest.mark.parametrize(("device", "mode"), _cases(AHEAD_MODES))
 def test_a_model_a_side_lane_is_still_remapping_is_neither_placed_ahead_nor_copied_into(make_artifact, make_engine,
                                                                                         device, mode):
     """A side lane fetches a model and is still remapping its slots when lane 0's next run of it is placed ahead
@@ -750,7 +755,7 @@ def test_a_model_a_side_lane_is_still_remapping_is_neither_placed_ahead_nor_copi
     assert same(eng.infer("b", xb), ref["b"]) and same(eng.infer("c", xc), ref["c"])
 
 
-@pytest.mark.parametrize(("device", "mode"), AHEAD_MODES, ids=[f"{d}-{m}" for d, m in AHEAD_MODES])
+@pytest.mark.parametrize(("device", "mode"), _cases(AHEAD_MODES))
 def test_lane_0_placing_ahead_beside_a_fetching_side_lane_gives_the_same_bits(make_artifact, make_engine, device,
                                                                               mode):
     """The worker's protocol under stress: lane 0 swaps a random sequence of five models through a pool that holds
@@ -848,7 +853,7 @@ def test_pages_placed_for_a_run_that_does_not_come_are_let_go(make_artifact, mak
         eng.place_ahead("b", None, ticket=12)
 
 
-@pytest.mark.parametrize(("device", "mode"), AHEAD_MODES, ids=[f"{d}-{m}" for d, m in AHEAD_MODES])
+@pytest.mark.parametrize(("device", "mode"), _cases(AHEAD_MODES))
 def test_copies_started_ahead_are_kept_when_their_run_does_not_come(make_artifact, make_engine, device, mode):
     """Placing ahead also starts the copies (behind the run before, on the copy stream). A run that then does
     not come lets the pages go only once those copies landed, and what they brought stays: the next run of
