@@ -78,6 +78,7 @@ def _settings(r: dict) -> str:
             "placing ahead off" if r.get("place_ahead") is False else "",
             "the gateway's margin off" if r.get("gateway_margin") is False else "",
             "peer copies on" if r.get("peer_copies") else "",
+            "eviction values in shares of SLOs" if r.get("slo_values") else "",
             f"lanes {r['lanes']}" if r.get("lanes", 2) != 2 else "",
             "no queue-ahead" if r.get("queue_ahead") is False else "",
             "" if r.get("spin_ms") is None else

@@ -486,7 +486,7 @@ def finish_profiles(spies: list[tuple[subprocess.Popen, Path]]) -> None:
 
 
 NODE_OPTIONS = ("duration_s", "max_batch", "client_processes", "lanes", "swap_piece_ms", "queue_ahead", "side_fetch",
-                "peer_copies", "place_ahead", "gateway_margin", "fronts", "gpus", "spin_ms")
+                "peer_copies", "place_ahead", "gateway_margin", "slo_values", "fronts", "gpus", "spin_ms")
 """What each policy's entry in trace.json records of how its node and trace ran."""
 
 def model_of(function: str) -> str:
@@ -881,6 +881,8 @@ def main() -> None:
                     help="serve --gateway-margin / --no-gateway-margin (default: on, the node's default)")
     ap.add_argument("--peer-copies", action=argparse.BooleanOptionalAction, default=False,
                     help="serve --peer-copies / --no-peer-copies (default: off, the node's default; several GPUs)")
+    ap.add_argument("--slo-values", action=argparse.BooleanOptionalAction, default=False,
+                    help="serve --slo-values / --no-slo-values (default: off, the node's default)")
     ap.add_argument("--profile", action="store_true", help="sample the controller and each HTTP front with py-spy "
                                                             "through each measured point (OUT/profiles/, with a "
                                                             "summary of each)")
@@ -921,7 +923,7 @@ def main() -> None:
               "swap_piece_ms": args.swap_piece_ms if args.swap_piece_ms is not None else SWAP_PIECE_MS,
               "queue_ahead": args.queue_ahead, "side_fetch": args.side_fetch, "peer_copies": args.peer_copies,
               "place_ahead": args.place_ahead, "gateway_margin": args.gateway_margin,
-              "fronts": args.fronts, "host_memory": host_memory}
+              "slo_values": args.slo_values, "fronts": args.fronts, "host_memory": host_memory}
     variants = alternates(args.alternate, args.out)  # (directory, settings): the runs of each go there
     results = []
     for out, settings in variants:
@@ -946,6 +948,7 @@ def main() -> None:
                  + ("--peer-copies" if args.peer_copies else "--no-peer-copies",)
                  + ("--place-ahead" if args.place_ahead else "--no-place-ahead",)
                  + ("--gateway-margin" if args.gateway_margin else "--no-gateway-margin",)
+                 + ("--slo-values" if args.slo_values else "--no-slo-values",)
                  + ("--fronts", str(args.fronts)))
         srv = Server(home, args.devices or "all", pool=args.pool, host_store=str(host_store),
                      workspace="2GiB", extra=extra)

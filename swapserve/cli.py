@@ -228,7 +228,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "swap_piece_ms": args.swap_piece_ms, "queue_ahead": args.queue_ahead,
         "queue_ahead_within_ms": args.queue_ahead_within_ms,
         "side_fetch": args.side_fetch, "peer_copies": args.peer_copies, "place_ahead": args.place_ahead,
-        "gateway_margin": args.gateway_margin,
+        "gateway_margin": args.gateway_margin, "slo_values": args.slo_values,
         "host_store_bytes": args.host_store,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
@@ -377,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan each request to finish early enough for its time in the gateway: its decoding, and "
                         "its answer's way out as learned for the function (default: on; PATCH "
                         "/api/v1/scheduling changes it on a running node)")
+    s.add_argument("--slo-values", action=argparse.BooleanOptionalAction, default=None,
+                   help="eviction values weigh a swap's cost to a function's next request as a share of its SLO, "
+                        "so that models of tight SLOs stay before large ones with room to swap (default: off; "
+                        "PATCH /api/v1/scheduling changes it on a running node)")
     s.add_argument("--host-store", type=_bytes,
                    help="pinned host store capacity (default: half the free space of the shared-memory directory, "
                         "within the machine's available memory; more than either is refused)")

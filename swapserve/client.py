@@ -85,7 +85,8 @@ class Client:
 
     def configure_scheduling(self, **changes: Any) -> dict[str, Any]:
         """Change ``side_fetch``, ``swap_piece_ms``, ``queue_ahead_within_ms``, ``peer_copies``, ``side_lanes``,
-        ``place_ahead`` and/or ``gateway_margin`` on the running node; the settings after."""
+        ``place_ahead``, ``gateway_margin``, ``spin_ms`` and/or ``slo_values`` on the running node; the settings
+        after."""
         return self._json("PATCH", "/api/v1/scheduling", body=json.dumps(changes).encode(),
                           headers={"Content-Type": "application/json"})
 

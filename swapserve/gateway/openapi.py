@@ -136,7 +136,7 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/scheduling": {
             "get": _op("The scheduler's settings", "management", _json(_ref("Scheduling"), "Settings"), auth=True),
             "patch": _op("Change side_fetch, swap_piece_ms, queue_ahead_within_ms, peer_copies, side_lanes, "
-                         "place_ahead, gateway_margin and/or spin_ms now (all or nothing)",
+                         "place_ahead, gateway_margin, spin_ms and/or slo_values now (all or nothing)",
                          "management", _json(_ref("Scheduling"), "The settings after the change"), (400,), auth=True,
                          body={"required": True, "content": {"application/json": {"schema": {
                              "type": "object", "properties": {
@@ -149,7 +149,8 @@ OPENAPI: dict[str, Any] = {
                                                 "maximum": MAX_LANES - 1},
                                  "place_ahead": {"type": "boolean"},
                                  "gateway_margin": {"type": "boolean"},
-                                 "spin_ms": {"type": "number", "minimum": 0, "maximum": 1000}}}}}}),
+                                 "spin_ms": {"type": "number", "minimum": 0, "maximum": 1000},
+                                 "slo_values": {"type": "boolean"}}}}}}),
         },
         "/api/v1/runs": {"get": _op(
             "What the lanes ran lately: every run, piece of a swap and prefetch the workers finished (the last "
@@ -244,6 +245,9 @@ OPENAPI: dict[str, Any] = {
                 "gateway_margin": {"type": "boolean",
                                    "description": "plan each request to leave its SLO room for the gateway's "
                                                   "part (decoding; the answer's way out, as learned)"},
+                "slo_values": {"type": "boolean",
+                               "description": "eviction values weigh a swap's cost as a share of the function's "
+                                              "SLO (models of tight SLOs stay first)"},
                 "spin_ms": {"type": "number",
                             "description": "the controller polls rather than sleeps while runs are in flight and "
                                            "this long after each arrival and each run's end, and each worker this "

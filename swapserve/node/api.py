@@ -193,7 +193,8 @@ class NodeAPI(Protocol):
 
     async def scheduling(self) -> dict[str, Any]:
         """The scheduler's settings: ``policy``, ``queue_ahead`` (fixed at start), ``side_fetch``,
-        ``swap_piece_ms``, ``queue_ahead_within_ms``, ``peer_copies``, ``side_lanes``, ``place_ahead``, ``gateway_margin`` (changeable)."""
+        ``swap_piece_ms``, ``queue_ahead_within_ms``, ``peer_copies``, ``side_lanes``, ``place_ahead``,
+        ``gateway_margin``, ``spin_ms``, ``slo_values`` (changeable)."""
         ...
 
     async def configure_scheduling(self, changes: dict[str, Any]) -> dict[str, Any]:

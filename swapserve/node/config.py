@@ -94,6 +94,10 @@ class ServeConfig:
     large (GPT-2's 13 MB of logits) before one that merely has an earlier deadline at the node (``swapserve``
     policy). On by default since the seventeenth session's two A/Bs on H200s, with answers sent from the slab,
     both found more requests in their SLO with it (see docs/design.md, "The gateway's margin")."""
+    slo_values: bool = False
+    """The eviction values weigh a swap's cost to a function's next request as a share of its SLO, not in ms: of
+    two models that would slow their next request alike, the one with the tighter SLO stays (``swapserve``
+    policy). Off by default until a trace on a GPU shows it helps (see docs/design.md, "The host's CPU")."""
     host_store_bytes: int | None = None
     """Capacity of the pinned host store shared by all workers; beyond it models spill to their
     safetensors files and are reloaded on demand. None: the node takes half the free space of ``shm_dir``,

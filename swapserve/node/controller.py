@@ -89,6 +89,8 @@ class NodeConfig:
     """See :class:`swapserve.scheduler.Scheduler`."""
     gateway_margin: bool = True
     """See :class:`swapserve.scheduler.Scheduler`."""
+    slo_values: bool = False
+    """See :class:`swapserve.scheduler.Scheduler`."""
     host_store_bytes: int = 64 << 30
     page_bytes: int = 32 * MiB
     slab_bytes: int = 256 * MiB
@@ -180,7 +182,8 @@ class Node:
         self.scheduler = Scheduler(cfg.policy, swap_piece_ms=cfg.swap_piece_ms, queue_ahead=cfg.queue_ahead,
                                    side_fetch=cfg.side_fetch, queue_ahead_within_ms=cfg.queue_ahead_within_ms,
                                    peer_copies=cfg.peer_copies, place_ahead=cfg.place_ahead,
-                                   gateway_margin=cfg.gateway_margin, spin_ms=cfg.spin_s * 1e3)
+                                   gateway_margin=cfg.gateway_margin, spin_ms=cfg.spin_s * 1e3,
+                                   slo_values=cfg.slo_values)
         self.state = NodeState([], {}, {}, LinkProfile((1.0,)), max_queued=cfg.max_queued)
         self._workers: list[wk.WorkerHandle] = []
         self._functions: dict[str, _Function] = {}

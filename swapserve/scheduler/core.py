@@ -51,7 +51,8 @@ Policy ``swapserve`` (see :mod:`swapserve.scheduler.estimate` for the cost model
   such a wait was the largest part of 11–26 of 39–87 missing functions' worst requests (2026-11-28, seventh
   session). The controller decides again when a busy first lane comes within that of its end
   (:meth:`Scheduler.wake_at`).
-* Eviction values rank by expected reuse (see :meth:`Scheduler.values`).
+* Eviction values rank by expected reuse (see :meth:`Scheduler.values`); with ``slo_values`` (a running node's
+  setting, off by default) a swap's cost counts as a share of the function's SLO, not in ms.
 
 Cold-start grace: a request is refused (or dropped) for lateness caused by *waiting*, not for the time its
 model needs to come in when it is on no GPU at all. Otherwise a function whose SLO is shorter than its own
@@ -164,7 +165,7 @@ class Scheduler:
                  swap_piece_ms: float = SWAP_PIECE_MS, queue_ahead: bool = False, side_fetch: bool = False,
                  queue_ahead_within_ms: float | None = None, peer_copies: bool = False,
                  side_lanes: int | None = None, place_ahead: bool = False, gateway_margin: bool = False,
-                 spin_ms: float = 0.0):
+                 spin_ms: float = 0.0, slo_values: bool = False):
         """``swap_piece_ms``: the length of a swap's pieces (0: swaps in one go). ``queue_ahead``: under
         ``swapserve``, a device's first lane may take one more dispatch behind the one it runs
         (``queue_ahead_within_ms``: only when that is expected to end within so many ms; None: whenever).
@@ -179,7 +180,9 @@ class Scheduler:
         controller applies it; the scheduler only carries the setting). ``spin_ms``: the controller's event loop
         polls rather than sleeps while runs are in flight and this long after each arrival and each run's end,
         and each worker this long after each answer (``Run.spin_s``), under any policy (0: they sleep; the
-        dispatcher applies it; the scheduler only carries the setting)."""
+        dispatcher applies it; the scheduler only carries the setting). ``slo_values``: under ``swapserve``, the
+        eviction values weigh what losing a model's bytes costs its next request as a share of its function's SLO
+        (:meth:`values`), so that of two models a swap slows alike, the one with the tighter SLO stays."""
         if policy not in ("swapserve", "fifo_lru", "dedicated"):
             raise ValueError(f"unknown policy {policy!r} (swapserve, fifo_lru or dedicated)")
         if not rate_halflife_s > 0:
@@ -203,6 +206,7 @@ class Scheduler:
         self.place_ahead = place_ahead and policy == "swapserve"
         self.gateway_margin = gateway_margin and policy == "swapserve"
         self.spin_ms = float(spin_ms)
+        self.slo_values = slo_values and policy == "swapserve"
 
     # --- admission ---------------------------------------------------------------------------------
 
@@ -445,14 +449,14 @@ class Scheduler:
         return {"policy": self.policy, "queue_ahead": self.queue_ahead, "side_fetch": self.side_fetch,
                 "swap_piece_ms": self.swap_piece_ms, "queue_ahead_within_ms": self.queue_ahead_within_ms,
                 "peer_copies": self.peer_copies, "side_lanes": self.side_lanes, "place_ahead": self.place_ahead,
-                "gateway_margin": self.gateway_margin, "spin_ms": self.spin_ms}
+                "gateway_margin": self.gateway_margin, "spin_ms": self.spin_ms, "slo_values": self.slo_values}
 
     def configure(self, state: NodeState, changes: dict[str, Any]) -> dict[str, Any]:
         """Change ``side_fetch`` (bool), ``swap_piece_ms`` (≥ 0), ``queue_ahead_within_ms`` (≥ 0, or None: no
         limit), ``peer_copies`` (bool), ``side_lanes`` (0 up to the devices' side lanes, or None: all),
-        ``place_ahead`` and ``gateway_margin`` (bools), ``spin_ms`` (≥ 0) on a running node — so that a benchmark
-        can compare them on one node, and an operator tune a live one — all or nothing, checked first.
-        Returns :meth:`settings`. Raises ValueError naming what is wrong."""
+        ``place_ahead``, ``gateway_margin`` and ``slo_values`` (bools), ``spin_ms`` (≥ 0) on a running node — so
+        that a benchmark can compare them on one node, and an operator tune a live one — all or nothing, checked
+        first. Returns :meth:`settings`. Raises ValueError naming what is wrong."""
         problems = []
         for key, value in changes.items():
             if key == "side_fetch":
@@ -477,6 +481,8 @@ class Scheduler:
                 problems += self._switch_problems(key, value, "pages placed ahead", True, "")
             elif key == "gateway_margin":
                 problems += self._switch_problems(key, value, "gateway margins", True, "")
+            elif key == "slo_values":
+                problems += self._switch_problems(key, value, "eviction values in shares of SLOs", True, "")
             elif key == "side_lanes":
                 most = max((len(d.side) for d in state.devices), default=0)
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -487,8 +493,8 @@ class Scheduler:
                 problems.append(f"{key} is fixed when the node starts (swapserve serve)")
             else:
                 problems.append(f"unknown setting {key!r}: a running node changes side_fetch, swap_piece_ms, "
-                                "queue_ahead_within_ms, peer_copies, side_lanes, place_ahead, gateway_margin and "
-                                "spin_ms")
+                                "queue_ahead_within_ms, peer_copies, side_lanes, place_ahead, gateway_margin, "
+                                "spin_ms and slo_values")
         if problems:
             raise ValueError("; ".join(problems))
         if "side_fetch" in changes:
@@ -508,6 +514,8 @@ class Scheduler:
             self.gateway_margin = changes["gateway_margin"]
         if "spin_ms" in changes:
             self.spin_ms = float(changes["spin_ms"])
+        if "slo_values" in changes:
+            self.slo_values = changes["slo_values"]
         return self.settings()
 
     def _switch_problems(self, key: str, value: Any, what: str, possible: bool, needs: str) -> list[str]:
@@ -520,6 +528,12 @@ class Scheduler:
         if value and not possible:
             return [f"{what} {needs}"]
         return []
+
+    @property
+    def value_basis(self) -> tuple[bool, bool]:
+        """The settings the eviction values depend on (``peer_copies``, ``slo_values``): a device's values
+        computed under others are computed anew, whole (:meth:`values`, :meth:`refresh_values`)."""
+        return self.peer_copies, self.slo_values
 
     def may_fetch(self, state: NodeState, function: str) -> bool:
         """Whether a side lane may bring ``function``'s model in itself: side fetches on, their bandwidth
@@ -745,7 +759,7 @@ class Scheduler:
                 continue
             if done:
                 return True
-            if not d.value_round and d.value_peers != self.peer_copies:  # the cache is of another setting: anew
+            if not d.value_round and d.value_basis != self.value_basis:  # the cache is of other settings: anew
                 self.values(state, d.index, now, whole=True)
                 done = True
                 continue
@@ -780,6 +794,11 @@ class Scheduler:
 
             value = (λ(now) + 1 / (age + 1 s)) × penalty_ms / GB held here
 
+        and with ``slo_values``, ``penalty_ms / slo_ms`` in its place: the share of the function's SLO its next
+        request would lose. A swap that adds 2 ms to a request of a 10 ms SLO then weighs as one that adds 8.7 ms
+        to one of 43.5 ms (BERT-large's on an H200), where in ms it weighed about a quarter as much: the models of tight
+        SLOs stay, the large ones with room in their SLO to swap go first.
+
         λ(now) is the arrival-rate estimate decayed to now (popularity); 1/(age + 1 s) is the rate implied
         by one use ``age`` seconds ago, ``age`` since the last use here or arrival (recency, which also
         ranks models the rate has forgotten). ``penalty_ms`` is the extra service time a request pays if
@@ -803,10 +822,10 @@ class Scheduler:
         hot.update(state.nonempty())
         cache = dev.value_cache
         todo: Iterable[str]
-        if whole or now - dev.value_cache_at >= VALUE_REUSE_S or dev.value_peers != self.peer_copies:
+        if whole or now - dev.value_cache_at >= VALUE_REUSE_S or dev.value_basis != self.value_basis:
             cache.clear()
             todo = _held(dev)
-            dev.value_cache_at, dev.value_peers, dev.value_round = now, self.peer_copies, []
+            dev.value_cache_at, dev.value_basis, dev.value_round = now, self.value_basis, []
         else:
             # A function joins or leaves the device only touched (its residency; a run's start, in apply, or end,
             # in DeviceState.release): the touched ones are valued again or forgotten, not every model checked.
@@ -834,6 +853,7 @@ class Scheduler:
         queues, resident, partial, last_used, halflife = (state.queues, dev.resident, dev.partial, dev.last_used,
                                                           self.rate_halflife_s)
         profiles, unprofiled = state.profiles, ModelProfile(nbytes=0)  # as _profile, one for all unprofiled
+        slo = self.slo_values
         for f in functions:
             frac = 1.0 if f in resident else min(max(partial.get(f, 0.0), 0.0), 1.0)
             last = last_used.get(f, -math.inf)
@@ -846,7 +866,10 @@ class Scheduler:
             rate = rate_at(fq.rate, arrived, now, halflife) if arrived is not None else 0.0
             recency = 1.0 / (max(0.0, now - last) + RECENCY_FLOOR_S) if math.isfinite(last) else 0.0
             gbps = fast if f in peer_held else h2d
-            cache[f] = (rate + recency) * _penalty_ms(prof, gbps * 1e6, slowdown, frac) / held_gb
+            penalty = _penalty_ms(prof, gbps * 1e6, slowdown, frac)
+            if slo and fq is not None and fq.slo_ms > 0:
+                penalty /= fq.slo_ms
+            cache[f] = (rate + recency) * penalty / held_gb
 
     # --- bookkeeping helpers for the controller ----------------------------------------------------
 

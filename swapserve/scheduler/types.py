@@ -176,8 +176,8 @@ class DeviceState:
     value_touched: set[str] = field(default_factory=set, compare=False)
     """Functions whose value here may have changed since, or that joined or left the device
     (:meth:`NodeState.touch`)."""
-    value_peers: bool = field(default=False, compare=False)
-    """The peer-copy setting the cache was computed under."""
+    value_basis: tuple[bool, bool] = field(default=(False, False), compare=False)
+    """The settings the cache was computed under: ``peer_copies`` and ``slo_values`` (``Scheduler.value_basis``)."""
     value_round: list[str] = field(default_factory=list, compare=False)
     """The functions still to be valued in the refresh under way (``Scheduler.refresh_values``, in slices)."""
     value_round_at: float = field(default=-math.inf, compare=False)

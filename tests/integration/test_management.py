@@ -76,16 +76,18 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
     before = client.scheduling()
     assert before == {"policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 3.0,
                       "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None,
-                      "place_ahead": True, "gateway_margin": True, "spin_ms": 0.0}
+                      "place_ahead": True, "gateway_margin": True, "spin_ms": 0.0, "slo_values": False}
     try:
-        after = client.configure_scheduling(side_fetch=False, swap_piece_ms=5, queue_ahead_within_ms=2, spin_ms=1)
+        after = client.configure_scheduling(side_fetch=False, swap_piece_ms=5, queue_ahead_within_ms=2, spin_ms=1,
+                                            slo_values=True)
         assert after == {**before, "side_fetch": False, "swap_piece_ms": 5.0, "queue_ahead_within_ms": 2.0,
-                         "spin_ms": 1.0}
+                         "spin_ms": 1.0, "slo_values": True}
         assert after == client.scheduling()
         for bad, why in (({"swap_piece_ms": 1, "bogus": 1}, "unknown setting 'bogus'"),
                          ({"side_fetch": "yes"}, "side_fetch must be true or false"),
                          ({"swap_piece_ms": -1}, "swap_piece_ms must be a number"),
                          ({"spin_ms": 2000}, "spin_ms must be a number"),
+                         ({"slo_values": 1}, "slo_values must be true or false"),
                          ({"queue_ahead": False}, "queue_ahead is fixed"),
                          ({"peer_copies": True}, "two or more devices"),  # one device: no peers
                          ({"side_lanes": 2}, "side_lanes must be null (all) or a whole number in [0, 1]")):
@@ -109,7 +111,7 @@ def test_scheduling_settings_change_on_the_running_node(server: Server, function
     finally:
         client.configure_scheduling(side_fetch=before["side_fetch"], swap_piece_ms=before["swap_piece_ms"],
                                     queue_ahead_within_ms=None, gateway_margin=before["gateway_margin"],
-                                    spin_ms=before["spin_ms"])
+                                    spin_ms=before["spin_ms"], slo_values=before["slo_values"])
 
 
 def test_deploy_describe_delete_redeploy(server: Server, functions: Functions, tmp_path: Path):

@@ -508,6 +508,8 @@ def test_the_table_names_the_settings_that_differ_from_the_defaults(trace_module
     assert "Node: side fetches off, placing ahead off, the gateway's margin off." in said
     assert "Node: the controller polling 1 ms." in report_trace.table({**base, "spin_ms": 1.0})
     assert "Node: the controller not polling." in report_trace.table({**base, "spin_ms": 0.0})
+    assert "Node: eviction values in shares of SLOs." in report_trace.table({**base, "slo_values": True})
+    assert "Node:" not in report_trace.table({**base, "slo_values": False})
 
 
 def test_paired_compares_each_request_with_itself_in_the_other_trace(trace_module, tmp_path):

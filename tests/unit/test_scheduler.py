@@ -551,6 +551,46 @@ def test_values_per_byte_and_cheaper_when_a_peer_holds_it():
     assert Scheduler().values(s, 0, T0)["small"] == v["small"]  # not where peer copies are off
 
 
+def test_slo_values_weigh_a_swaps_cost_as_a_share_of_the_slo():
+    """Two models whose next request a swap would slow alike (the same bytes, compute and reuse): in ms they are
+    worth the same; as shares of their SLOs the one with the tighter SLO is worth four times as much, and a
+    model with room in its SLO to swap goes before it though it would cost more ms."""
+    s = node(1)
+    for name, slo_ms, nbytes in (("tight", 10.0, 1 * GB), ("loose", 40.0, 1 * GB), ("big", 40.0, 2 * GB)):
+        fq = fn(s, name, nbytes=nbytes, slo_ms=slo_ms)
+        fq.rate, fq.last_arrival = 1.0, T0
+        s.devices[0].resident.add(name)
+    in_ms = Scheduler().values(s, 0, T0)
+    assert in_ms["tight"] == in_ms["loose"]
+    in_slo = Scheduler(slo_values=True).values(s, 0, T0)
+    assert in_slo["tight"] == pytest.approx(4 * in_slo["loose"])
+    assert in_slo["tight"] == pytest.approx(in_ms["tight"] / 10.0)
+    # The big model costs 39.3 ms to bring back against 19.3 (40 ms of copy at 50 GB/s against 20): per GB a
+    # little more, so in ms the tight model goes first, and as a share of the SLOs the big one does.
+    assert in_ms["big"] > in_ms["tight"]
+    assert in_slo["big"] < in_slo["tight"]
+
+
+def test_switching_slo_values_on_a_running_node_values_every_model_anew():
+    """The values of one measure are not mixed with the other's: a switch makes the next swap compute a device's
+    values whole, though they were computed within VALUE_REUSE_S."""
+    s = node(1)
+    for name, slo_ms in (("tight", 10.0), ("loose", 40.0)):
+        fq = fn(s, name, slo_ms=slo_ms)
+        fq.rate, fq.last_arrival = 1.0, T0
+        s.devices[0].resident.add(name)
+    sched = Scheduler()
+    before = sched.values(s, 0, T0)
+    sched.configure(s, {"slo_values": True})
+    after = sched.values(s, 0, T0)
+    assert after["tight"] == pytest.approx(4 * after["loose"]) and after["tight"] == pytest.approx(before["tight"] / 10)
+    assert s.devices[0].value_basis == (False, True)
+    sched.configure(s, {"slo_values": False})
+    assert sched.values(s, 0, T0) == before
+    sched.refresh_values(s, T0)  # the refresh too: one of another basis is computed whole
+    assert s.devices[0].value_basis == (False, False)
+
+
 def test_values_are_reused_briefly_and_computed_again_for_what_was_touched():
     """A device's values are reused for VALUE_REUSE_S, except for the functions touched meanwhile (whoever
     changes a use, an arrival, a share of a device — joining or leaving it too — or a profile says so:
@@ -1598,7 +1638,7 @@ def test_settings_a_running_node_may_change():
     assert sched.configure(s, {"side_fetch": True, "swap_piece_ms": 0}) == {
         "policy": "swapserve", "queue_ahead": True, "side_fetch": True, "swap_piece_ms": 0.0,
         "queue_ahead_within_ms": None, "peer_copies": False, "side_lanes": None, "place_ahead": False,
-        "gateway_margin": False, "spin_ms": 0.0}
+        "gateway_margin": False, "spin_ms": 0.0, "slo_values": False}
     assert sched.configure(s, {"queue_ahead_within_ms": 2})["queue_ahead_within_ms"] == 2.0
     assert sched.configure(s, {"queue_ahead_within_ms": None})["queue_ahead_within_ms"] is None
     with pytest.raises(ValueError, match="queue_ahead_within_ms must be"):
@@ -1632,6 +1672,12 @@ def test_settings_a_running_node_may_change():
         sched.configure(s, {"gateway_margin": 1})
     with pytest.raises(ValueError, match="only under the swapserve policy"):
         Scheduler("fifo_lru").configure(s, {"gateway_margin": True})
+    assert sched.configure(s, {"slo_values": True})["slo_values"] is True
+    with pytest.raises(ValueError, match="slo_values must be true or false"):
+        sched.configure(s, {"slo_values": "on"})
+    with pytest.raises(ValueError, match="only under the swapserve policy"):
+        Scheduler("fifo_lru").configure(s, {"slo_values": True})
+    assert not Scheduler("fifo_lru", slo_values=True).slo_values
     assert sched.configure(s, {"spin_ms": 1})["spin_ms"] == 1.0
     assert Scheduler("fifo_lru").configure(s, {"spin_ms": 0.5})["spin_ms"] == 0.5  # the loop's, any policy
     for bad in (-1, 1001, True, "1"):

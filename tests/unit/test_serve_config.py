@@ -31,9 +31,10 @@ def test_serve_flags_become_the_config(tmp_path: Path) -> None:
     args = build_parser().parse_args(["serve", "--home", str(tmp_path), "--devices", "cpu:0,cpu:1", "--port", "9001",
                                       "--policy", "fifo_lru", "--no-prepare", "--spin-ms", "1.5",
                                       "--sandbox-isolation", "strict", "--sandbox-idle-s", "30", "--lanes", "1",
-                                      "--fronts", "3", "--queue-ahead-within-ms", "2", "--peer-copies"])
+                                      "--fronts", "3", "--queue-ahead-within-ms", "2", "--peer-copies",
+                                      "--slo-values"])
     c = serve_config(args)
-    assert c.lanes == 1 and c.fronts == 3 and c.queue_ahead_within_ms == 2.0 and c.peer_copies
+    assert c.lanes == 1 and c.fronts == 3 and c.queue_ahead_within_ms == 2.0 and c.peer_copies and c.slo_values
     assert (c.home, c.devices, c.port, c.policy, c.prepare, c.spin_ms) == (tmp_path, ("cpu:0", "cpu:1"), 9001,
                                                                            "fifo_lru", False, 1.5)
     assert (c.sandbox_isolation, c.sandbox_idle_s) == ("strict", 30.0)
@@ -42,6 +43,7 @@ def test_serve_flags_become_the_config(tmp_path: Path) -> None:
     assert defaults.fronts == 0  # the controller serves HTTP itself unless asked
     assert defaults.queue_ahead_within_ms is None  # queue ahead whenever, unless asked
     assert not defaults.peer_copies  # off until a sweep on several GPUs shows it helps
+    assert not defaults.slo_values  # off until a trace on a GPU shows it helps
     with pytest.raises(UsageError, match="queue_ahead_within_ms must be in"):
         serve_config(build_parser().parse_args(["serve", "--home", str(tmp_path), "--queue-ahead-within-ms", "-1"]))
     with pytest.raises(UsageError, match="fronts need a given port"):
