@@ -56,10 +56,8 @@ class EngineStats:
     """Slots unmapped off the request path after another model took their pages (:meth:`SwapEngine._unmap_idle`)."""
     pages_taken: int = 0
     """Pages taken from other models (partial evictions)."""
-    evictions: int = 0
     placed_ahead: int = 0
     """Runs whose pages were placed while the run before them executed (:meth:`SwapEngine.place_ahead`)."""
-    graph_captures: int = 0
     swap_seconds: list[float] = field(default_factory=list)
     """Wall time of recent swapped runs (the last 1000)."""
     swap_cpu_seconds: list[float] = field(default_factory=list)
@@ -343,8 +341,7 @@ class SwapEngine:
         """Drop the model's device copy (the host copy stays)."""
         with self._lock:
             self._get(name)
-            if self.pool.evict(name):
-                self.stats.evictions += 1
+            self.pool.evict(name)
 
     # --- placing ahead ------------------------------------------------------------------------
 
@@ -788,7 +785,6 @@ class SwapEngine:
                 if not exclusive:
                     raise _NeedsCapture
                 graphs.capture_swap(m.va, host.buffer, m.chunks, m.events)
-                self.stats.graph_captures += 1
             outs = graphs.replay(inputs, copy if piped else None, ln.index)
         elif not piped:
             with torch.no_grad():
@@ -851,7 +847,6 @@ class SwapEngine:
         before = [self._workspace_bytes(ln) for ln in self.lanes]
         with torch.no_grad():
             graphs.capture(inputs, m.va, host.buffer, m.chunks, m.events)
-        self.stats.graph_captures += graphs.count
         for ln, was in zip(self.lanes, before):
             used = self._workspace_bytes(ln)
             if used > self.config.workspace_bytes:

@@ -101,11 +101,6 @@ class ModelGraphs:
         self._nodes: list[Any] | None = None
         self._enabled: list[bool] = []
 
-    @property
-    def count(self) -> int:
-        """Graphs captured per batch size: the plain ones and the swap one."""
-        return len(self.plain) + 1
-
     def capture(self, example: Sequence[torch.Tensor], va: int, host: torch.Tensor, chunks: Sequence[Chunk],
                 events: list[torch.cuda.Event]) -> None:
         """Capture every graph, each with its static inputs and outputs in its lane's workspace (then
