@@ -10,9 +10,10 @@ slower, and requests of 10 ms SLOs swapped in ~5 ms miss. This says how much of 
 attainment goes with the machine rather than with the code.
 
     python bench/by_canary.py [ROOT ...] [--gpus 1] [--n 400] [--policy swapserve] [--since 2026-11-30]
-        [--bands 0.7 0.9]
+        [--bands 0.7 0.9] [--plot by_canary.png]
 
-Points without a canary (before 2026-11-29's sixteenth session) are left out. Prints markdown.
+Points without a canary (before 2026-11-29's sixteenth session) are left out. Prints markdown; ``--plot`` also
+draws each replay's attainment against its canary, with the target's line.
 """
 
 from __future__ import annotations
@@ -83,6 +84,28 @@ def render(rows: list[dict], edges: list[float], root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Each replay's attainment against its canary, the target as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    met = [r for r in rows if r["attainment"] >= TARGET]
+    missed = [r for r in rows if r["attainment"] < TARGET]
+    for group, marker, label in ((met, "o", f"≥ {TARGET:.0%}"), (missed, "x", f"< {TARGET:.0%}")):
+        ax.scatter([r["canary_ms"] for r in group], [r["attainment"] for r in group], marker=marker, label=label)
+    ax.axhline(TARGET, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("CPU canary, median ms (higher: a slower machine)")
+    ax.set_ylabel("attainment")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("roots", nargs="*", type=Path, default=[Path(__file__).resolve().parent / "results"])
@@ -91,10 +114,14 @@ def main() -> None:
     ap.add_argument("--policy", default="swapserve")
     ap.add_argument("--since", default="", help="only traces of this date (YYYY-MM-DD) or later")
     ap.add_argument("--bands", type=float, nargs="+", default=[0.7, 0.9], help="canary medians (ms) that cut bands")
+    ap.add_argument("--plot", type=Path, help="also draw attainment against the canary into this PNG")
     args = ap.parse_args()
     rows = replays(args.roots, args.gpus, args.n, args.policy, args.since)
-    print(f"## {args.policy}, N = {args.n} on {args.gpus} GPU(s): {len(rows)} replays with a canary\n")
+    title = f"{args.policy}, N = {args.n} on {args.gpus} GPU(s): {len(rows)} replays with a canary"
+    print(f"## {title}\n")
     print(render(rows, sorted(args.bands), args.roots[0]))
+    if args.plot:
+        plot(rows, args.plot, title + (f" since {args.since}" if args.since else ""))
 
 
 if __name__ == "__main__":

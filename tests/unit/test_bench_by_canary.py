@@ -48,8 +48,9 @@ def test_each_replay_of_the_asked_point_with_its_canary_sorted(tmp_path: Path) -
 
 def test_the_script_prints_the_table_and_the_bands(tmp_path: Path) -> None:
     _trace(tmp_path / "a", 1, [_point(400, 0.985, 0.55), _point(400, 0.9, 1.05)])
-    out = subprocess.run([sys.executable, str(BENCH / "by_canary.py"), str(tmp_path), "--bands", "0.8"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, str(BENCH / "by_canary.py"), str(tmp_path), "--bands", "0.8",
+                          "--plot", str(tmp_path / "by_canary.png")], capture_output=True, text=True, check=True).stdout
     assert "2 replays with a canary" in out
     assert "| 0.550 | 0.985 | 0.9900 | 2 | 2026-12-01 | `a/trace.json` |" in out
     assert "| ≤ 0.8 ms | 1 | 1 |" in out and "| > 0.8 ms | 1 | 0 |" in out
+    assert (tmp_path / "by_canary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
