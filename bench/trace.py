@@ -985,7 +985,10 @@ def main() -> None:
                     # What the node has learned by the run's end (the slowdown of runs side by side).
                     runs[v][-1]["link_profile_after"] = {k: x for k, x in (client.status().get("extra") or {}).items()
                                                          if k.startswith("exec_slowdown")}
-                for (out, settings), result, vruns, vpoints in zip(variants, results, runs, points):
+                    # Written after every replay, not once a point's replays are done: a run cut short (a lease's
+                    # time running out) keeps what it measured.
+                    keep(variants[v], results[v], label, policy, mode, [*points[v], median_run(runs[v])])
+                for (_, settings), vruns, vpoints in zip(variants, runs, points):
                     if not vruns:
                         continue
                     pt = median_run(vruns)
@@ -994,13 +997,6 @@ def main() -> None:
                           f"{pt['attainment']:.3f}, p50 {pt['p50_ms']} ms, p99 {pt['p99_ms']} ms, "
                           f"{pt['throughput_rps']:.1f} req/s, {pt['swaps_per_s']:.1f} swaps/s, busy "
                           f"{pt['busy_fraction']:.2f}, codes {pt['status_codes']}", flush=True)
-                    ok_ns = [p["n"] for p in vpoints if p["attainment"] >= 0.98]
-                    # The node's options with each policy: policies run by separate invocations share the file,
-                    # whose top-level options are the last invocation's.
-                    result["policies"][label] = {"max_functions": max(ok_ns, default=0), "sweep": vpoints,
-                                                 "scheduler": policy, "engine_mode": mode,
-                                                 "options": {k: result[k] for k in NODE_OPTIONS} | settings}
-                    (out / "trace.json").write_text(json.dumps(result, indent=1))
         finally:
             stopped = time.time()
             print(f"[{label}] server exit {srv.stop()} after {time.time() - stopped:.1f} s", flush=True)
@@ -1034,6 +1030,18 @@ def variant_of(k: int, variants: int) -> int:
     every request in it by ~0.5–1 ms at the median, whichever code it was)."""
     r, p = divmod(k, variants)
     return p if r % 2 == 0 else variants - 1 - p
+
+
+def keep(variant: tuple[Path, dict], result: dict, label: str, policy: str, mode: str, sweep: list[dict]) -> None:
+    """Write a variant's trace.json with ``label``'s points so far (``sweep``, the last one perhaps of fewer
+    replays than asked) and its ``max_functions`` among them."""
+    out, settings = variant
+    ok_ns = [p["n"] for p in sweep if p["attainment"] >= 0.98]
+    # The node's options with each policy: policies run by separate invocations share the file, whose top-level
+    # options are the last invocation's.
+    result["policies"][label] = {"max_functions": max(ok_ns, default=0), "sweep": sweep, "scheduler": policy,
+                                 "engine_mode": mode, "options": {k: result[k] for k in NODE_OPTIONS} | settings}
+    (out / "trace.json").write_text(json.dumps(result, indent=1))
 
 
 def alternates(spec: str | None, out: Path) -> list[tuple[Path, dict]]:
