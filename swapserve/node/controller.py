@@ -334,6 +334,8 @@ class Node:
         await asyncio.to_thread(old.process.join, 10)
         log.error("worker %d (%s) exited with status %s", i, old.device, old.process.exitcode)
         old.conn.close()
+        for c in old.lane_conns:
+            c.close()
         old.slab.close()  # mapped still while answers in flight are read from it: unlinked, not truncated
         Path(old.config.slab_path).unlink(missing_ok=True)
         peers = self.state.link.d2d_GBps is not None

@@ -3,10 +3,11 @@
 Its main thread reads the commands of :mod:`swapserve.node.messages`; one thread per engine lane runs them and
 answers each (always that thread: cuBLAS keeps a handle per thread, and a graph captured on a thread new to a lane's
 stream got a cuBLAS workspace allocated into the lane's graph pool — session 23). Lane 0 takes every command except
-runs sent to lane 1, in the order they came; lane 1 runs resident models beside it (a run whose model is no longer
-wholly on the device by then moves to lane 0). Model weights come from the node's host store (mapped, never
-written); request tensors through its IO slab, where each lane has its own region. It exits when told to, or when
-the controller's end of the connection closes.
+runs sent to a side lane, in the order they came; side lanes run resident models beside it (a run whose model is no
+longer wholly on the device by then moves to lane 0). A side lane's plain runs come on a pipe of its own, which its
+thread reads itself (:func:`swapserve.node.workers.direct`); what else is sent to it comes through the main thread.
+Model weights come from the node's host store (mapped, never written); request tensors through its IO slab, where
+each lane has its own region. It exits when told to, or when the controller's end of the connection closes.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ running Python in 0.8 ms bursts at 5 ms, 0.16 ms at 0.1 ms (``bench/worker_gil.p
 remaps of a swap took ~0.7 ms of its first lane's time."""
 
 
-def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
-    """Process entry point (spawned)."""
+def worker_main(cfg: WorkerConfig, conn: Connection, lane_conns: tuple[Connection, ...] = ()) -> None:
+    """Process entry point (spawned): ``conn`` the controller's connection, ``lane_conns`` the read ends of the
+    side lanes' own pipes (lane 1 first)."""
     engine_cfg = cfg.engine
     if cfg.device.startswith("cuda"):
         # Before any CUDA call: this process sees only its own GPU, so its context is the only one there.
@@ -87,7 +89,7 @@ def worker_main(cfg: WorkerConfig, conn: Connection) -> None:
     faulthandler.register(STACKS_SIGNAL, all_threads=True)
     logging.basicConfig(level=cfg.log_level, format=f"%(levelname)s worker{cfg.index}: %(message)s")
     try:
-        Worker(cfg, engine_cfg, conn).serve()
+        Worker(cfg, engine_cfg, conn, lane_conns).serve()
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         pass
     # The process's exit frees its device memory, mappings, page locks and graphs at once. Undoing them model
@@ -129,7 +131,8 @@ def _auto_pool(cfg: EngineConfig) -> int:
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, engine_cfg: EngineConfig, conn: Connection):
+    def __init__(self, cfg: WorkerConfig, engine_cfg: EngineConfig, conn: Connection,
+                 lane_conns: tuple[Connection, ...] = ()):
         import torch
 
         from swapserve.engine import HostStore, SwapEngine
@@ -158,7 +161,21 @@ class Worker:
         self._spin_s = 0.0
         """How long to poll for the next command once a lane has answered (``Run.spin_s``, the latest sent)."""
         self._answered = os.eventfd(0, os.EFD_NONBLOCK)
-        """Written when a lane has answered while polling is on: wakes the receiver to poll (off the request path)."""
+        """Written when lane 0 (or a side lane without a pipe of its own) has answered while polling is on: wakes the
+        receiver to poll (off the request path)."""
+        self._lane_conns = lane_conns[:len(self._queues) - 1]
+        """The side lanes' own pipes (lane 1 first): each read by its lane's thread (:meth:`_next_side`)."""
+        self._lane_wake = [os.eventfd(0, os.EFD_NONBLOCK) for _ in self._lane_conns]
+        """Written when the receiver has queued something for a side lane with a pipe: wakes it from its poll."""
+        self._lane_polls = []
+        for c, w in zip(self._lane_conns, self._lane_wake):
+            p = select.poll()
+            p.register(w, select.POLLIN)
+            p.register(c.fileno(), select.POLLIN)
+            self._lane_polls.append(p)
+        self._spinner = -1
+        """Who polls without sleeping after an answer: the receiver (-1), or the side lane that answered last. One
+        thread at a time: two polling threads of one process pass the GIL back and forth, each pass a wake-up."""
         self._busy = [False] * len(self.engine.lanes)
         """Whether each lane is serving a command now (only its own thread writes its entry)."""
         self._values: dict[str, float] = {}
@@ -203,11 +220,14 @@ class Worker:
                             self._place_ahead(msg)
                         self._queues[0].put((msg, received))
                 else:
-                    self._queues[lane].put((msg, received))
+                    self._put_side(lane, (msg, received))
         finally:
             # Side lanes first: a run they hand back to lane 0 must reach it before lane 0's end.
-            for q, t in reversed(list(zip(self._queues, lanes))):
-                q.put(None)
+            for i, t in reversed(list(enumerate(lanes))):
+                if i:
+                    self._put_side(i, None)
+                else:
+                    self._queues[0].put(None)
                 t.join()
         self._answer(msg, received, None)  # every lane is idle now
         self.engine.backend.synchronize()
@@ -224,7 +244,8 @@ class Worker:
                 return
             os.eventfd_read(self._answered)
             hot_until = time.perf_counter() + self._spin_s
-            while not any(self._busy) and time.perf_counter() < hot_until:
+            self._spinner = -1
+            while not any(self._busy) and self._spinner == -1 and time.perf_counter() < hot_until:
                 if commands.poll(0):
                     return
 
@@ -244,15 +265,59 @@ class Worker:
                 self._serve(item, lane)
             finally:
                 self._busy[lane] = False
-                if self._spin_s:
+                if self._spin_s and not 0 < lane <= len(self._lane_conns):  # a side lane with a pipe polls it itself
                     os.eventfd_write(self._answered, 1)
 
     def _next(self, lane: int) -> Any:
         """The lane's next command: lane 0's taken at the last launch, if any, else from its queue."""
+        if 0 < lane <= len(self._lane_conns):
+            return self._next_side(lane)
         with self._ahead_lock:
             if lane == 0 and self._stash:
                 return self._stash.pop()
         return self._queues[lane].get()
+
+    def _put_side(self, lane: int, item: Any) -> None:
+        self._queues[lane].put(item)
+        if lane <= len(self._lane_conns):
+            os.eventfd_write(self._lane_wake[lane - 1], 1)
+
+    def _next_side(self, lane: int) -> Any:
+        """A side lane's next command: from its queue (what the receiver passed it), else from its own pipe —
+        polled without sleeping for ``spin_s`` after its last answer while no lane runs and no other thread polls
+        (:attr:`_spinner`), as the receiver does, else waited for. The end (None, queued by the receiver at a Stop)
+        comes after the runs already on the pipe: the controller sent them before the Stop. Its pipe's end (the
+        controller gone) leaves the queue, whose end the receiver's exit brings."""
+        from swapserve.node.messages import recv
+
+        q, wake, conn, poller = (self._queues[lane], self._lane_wake[lane - 1], self._lane_conns[lane - 1],
+                                 self._lane_polls[lane - 1])
+        hot_until = time.perf_counter() + self._spin_s if self._spin_s else 0.0
+        if hot_until:
+            self._spinner = lane
+        while True:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                pass
+            else:
+                if item is not None or conn.closed or not any(fd != wake for fd, _ in poller.poll(0)):
+                    return item
+                q.put(None)  # the end, once the runs sent before it on the lane's pipe are served
+            hot = self._spinner == lane and not any(self._busy) and time.perf_counter() < hot_until
+            for fd, _ in poller.poll(0 if hot else None):
+                if fd == wake:
+                    os.eventfd_read(wake)
+                    continue
+                try:
+                    msg = recv(conn)
+                except EOFError:
+                    poller.unregister(fd)
+                    conn.close()
+                    continue
+                received = time.perf_counter()
+                self._spin_s = msg.spin_s
+                return msg, received
 
     def _launched(self) -> None:
         """Lane 0 has launched a run: the run right behind it (queued already, or arriving from now on) may

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from swapserve.errors import BackendError
-from swapserve.node.messages import (Exported, ExportPages, Hello, Reply, ResidencyChange, Stop, recv, recv_available,
-                                     recv_fds, recv_nowait, send_fds)
+from swapserve.node.messages import (Exported, ExportPages, Hello, Reply, ResidencyChange, Run, Stop, recv,
+                                     recv_available, recv_fds, recv_nowait, send_fds)
 from swapserve.node.messages import send as send_msg
 from swapserve.node.slab import Slab
 from swapserve.node.worker import STACKS_SIGNAL, WorkerConfig, worker_main
@@ -56,6 +56,9 @@ class WorkerHandle:
     process: mp.process.BaseProcess
     conn: Connection
     slab: Slab
+    lane_conns: tuple[Connection, ...] = ()
+    """The write ends of the side lanes' own pipes (lane 1 at 0): a side lane's plain runs go there
+    (:func:`direct`), read by that lane's thread itself."""
     hello: Hello | None = None
     residency: Residency = field(default_factory=Residency)
     pending: dict[int, asyncio.Future[Reply] | Callable[[Reply | BaseException], None]] = field(default_factory=dict)
@@ -78,10 +81,24 @@ def spawn(cfg: WorkerConfig) -> WorkerHandle:
     ctx = mp.get_context("spawn")
     slab = Slab(Path(cfg.slab_path), cfg.slab_bytes, create=True, answers_bytes=cfg.answers_bytes)
     parent, child = ctx.Pipe(duplex=True)
-    proc = ctx.Process(target=worker_main, args=(cfg, child), name=f"swapserve-worker{cfg.index}", daemon=True)
+    lanes = [ctx.Pipe(duplex=False) for _ in range(cfg.engine.lanes - 1)]  # (the lane's end, ours)
+    proc = ctx.Process(target=worker_main, args=(cfg, child, tuple(r for r, _ in lanes)),
+                       name=f"swapserve-worker{cfg.index}", daemon=True)
     proc.start()
     child.close()
-    return WorkerHandle(cfg.index, cfg, proc, parent, slab)
+    for r, _ in lanes:
+        r.close()
+    return WorkerHandle(cfg.index, cfg, proc, parent, slab, tuple(w for _, w in lanes))
+
+
+def direct(msg: Any) -> int:
+    """The side lane whose own pipe ``msg`` goes on, or 0 for the worker's main connection: a side lane's run that
+    carries no eviction values (those are applied in the order the main connection brings them) and copies from
+    no peer. Fetch runs go there too (most side-lane runs may fetch; with their model whole they evict nothing):
+    one that evicts orders by the values the receiver has applied by then. The lane's thread reads it itself: no
+    hand-off from the worker's receiving thread, whose wake-up of the lane was ~31 µs of a request's ~0.57 ms
+    outside its run on an H200 (the thirty-sixth session's timeline, ``bench/results/h200_20261201/session36/``)."""
+    return msg.lane if type(msg) is Run and msg.lane > 0 and not msg.values and msg.peer < 0 else 0
 
 
 async def wait_hello(w: WorkerHandle, timeout: float) -> Hello:
@@ -168,7 +185,8 @@ def send(w: WorkerHandle, msg: Any, on_reply: Callable[[Reply | BaseException], 
     if w.dead:
         raise BackendError(f"worker {w.index} ({w.device}) is not running")
     w.pending[msg.id] = on_reply
-    send_msg(w.conn, msg)
+    lane = direct(msg)
+    send_msg(w.lane_conns[lane - 1] if 0 < lane <= len(w.lane_conns) else w.conn, msg)
 
 
 async def call(w: WorkerHandle, msg: Any, fds: Sequence[int] = ()) -> Reply:
@@ -230,5 +248,7 @@ async def stop(w: WorkerHandle, timeout: float) -> None:
         w.process.kill()
         await asyncio.to_thread(w.process.join, 5.0)
     w.conn.close()
+    for c in w.lane_conns:
+        c.close()
     w.slab.close()
     Path(w.config.slab_path).unlink(missing_ok=True)

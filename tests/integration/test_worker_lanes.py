@@ -208,3 +208,31 @@ def test_runs_sent_to_both_lanes_with_a_stop_behind_them_are_all_answered_first(
         await asyncio.sleep(0.1)  # the pipe's end is read (the worker is marked dead, not stopped again)
 
     _with_worker(shm_dir, {"a": a, "b": b}, 64, body)
+
+
+def test_side_lane_runs_on_its_own_pipe_and_through_the_receiver_interleave(make_artifact, shm_dir: Path) -> None:
+    """Side-lane runs sent as the controller sends them (:func:`workers.send`): plain ones on the lane's own pipe,
+    read by its thread, and ones carrying eviction values through the worker's receiver, which queues them for the
+    lane and wakes it. Alternated, polling after each answer or not, every one is answered with its model's
+    output."""
+    a, module_a, (xa,) = make_artifact("mlp", seed=31, name="a")
+    with torch.no_grad():
+        want = module_a(xa)
+
+    async def body(w: wk.WorkerHandle) -> None:
+        start, limit = w.slab.region(1, 2)
+        refs, end = w.slab.write_batch([[xa]], start, limit)
+        assert (await wk.call(w, Run(wk.next_id(), "a", refs, end, {}, 0, limit))).ok  # resident from here on
+        loop = asyncio.get_running_loop()
+        for i in range(12):
+            values = {"a": float(i)} if i % 3 == 0 else {}
+            run = Run(wk.next_id(), "a", refs, end, values, 1, limit, spin_s=0.002 * (i % 2))
+            assert wk.direct(run) == (0 if values else 1)
+            answered: asyncio.Future[Any] = loop.create_future()
+            wk.send(w, run, answered.set_result)
+            reply = await asyncio.wait_for(answered, 30)
+            assert not isinstance(reply, BaseException) and reply.ok, reply
+            assert reply.result.lane == 1 and not reply.result.swapped
+            torch.testing.assert_close(w.slab.tensor(reply.result.outputs[0]), want, rtol=1e-5, atol=1e-5)
+
+    _with_worker(shm_dir, {"a": a}, 64, body)
