@@ -67,7 +67,7 @@ running Python in 0.8 ms bursts at 5 ms, 0.16 ms at 0.1 ms (``bench/worker_gil.p
 remaps of a swap took ~0.7 ms of its first lane's time."""
 
 
-def worker_main(cfg: WorkerConfig, conn: Connection, lane_conns: tuple[Connection, ...] = ()) -> None:
+def worker_main(cfg: WorkerConfig, conn: Connection, lane_conns: tuple[Connection, ...]) -> None:
     """Process entry point (spawned): ``conn`` the controller's connection, ``lane_conns`` the read ends of the
     side lanes' own pipes (lane 1 first)."""
     engine_cfg = cfg.engine
@@ -132,7 +132,7 @@ def _auto_pool(cfg: EngineConfig) -> int:
 
 class Worker:
     def __init__(self, cfg: WorkerConfig, engine_cfg: EngineConfig, conn: Connection,
-                 lane_conns: tuple[Connection, ...] = ()):
+                 lane_conns: tuple[Connection, ...]):
         import torch
 
         from swapserve.engine import HostStore, SwapEngine
@@ -161,12 +161,12 @@ class Worker:
         self._spin_s = 0.0
         """How long to poll for the next command once a lane has answered (``Run.spin_s``, the latest sent)."""
         self._answered = os.eventfd(0, os.EFD_NONBLOCK)
-        """Written when lane 0 (or a side lane without a pipe of its own) has answered while polling is on: wakes the
-        receiver to poll (off the request path)."""
-        self._lane_conns = lane_conns[:len(self._queues) - 1]
+        """Written when lane 0 has answered while polling is on: wakes the receiver to poll (off the request path)."""
+        assert len(lane_conns) == len(self._queues) - 1, "a pipe for each side lane"
+        self._lane_conns = lane_conns
         """The side lanes' own pipes (lane 1 first): each read by its lane's thread (:meth:`_next_side`)."""
         self._lane_wake = [os.eventfd(0, os.EFD_NONBLOCK) for _ in self._lane_conns]
-        """Written when the receiver has queued something for a side lane with a pipe: wakes it from its poll."""
+        """Written when the receiver has queued something for a side lane: wakes it from its poll."""
         self._lane_polls = []
         for c, w in zip(self._lane_conns, self._lane_wake):
             p = select.poll()
@@ -265,12 +265,12 @@ class Worker:
                 self._serve(item, lane)
             finally:
                 self._busy[lane] = False
-                if self._spin_s and not 0 < lane <= len(self._lane_conns):  # a side lane with a pipe polls it itself
+                if self._spin_s and not lane:  # a side lane polls its own pipe
                     os.eventfd_write(self._answered, 1)
 
     def _next(self, lane: int) -> Any:
         """The lane's next command: lane 0's taken at the last launch, if any, else from its queue."""
-        if 0 < lane <= len(self._lane_conns):
+        if lane:
             return self._next_side(lane)
         with self._ahead_lock:
             if lane == 0 and self._stash:
@@ -279,8 +279,7 @@ class Worker:
 
     def _put_side(self, lane: int, item: Any) -> None:
         self._queues[lane].put(item)
-        if lane <= len(self._lane_conns):
-            os.eventfd_write(self._lane_wake[lane - 1], 1)
+        os.eventfd_write(self._lane_wake[lane - 1], 1)
 
     def _next_side(self, lane: int) -> Any:
         """A side lane's next command: from its queue (what the receiver passed it), else from its own pipe —
