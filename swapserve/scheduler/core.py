@@ -147,15 +147,16 @@ def _held(dev: DeviceState) -> set[str]:
     return set(dev.resident) | set(dev.partial) | set(dev.first_lane) | set(dev.side_running)
 
 
-def _batch(requests: list[Request], max_batch: int) -> tuple[list[Request], list[Request]]:
-    """The head requests (deadline order) whose items fit ``max_batch``; stops at the first that does not
-    fit rather than skipping it, so no request overtakes an earlier deadline. The head is always taken."""
+def _batch(requests: list[Request], max_batch: int) -> tuple[list[Request], int, list[Request]]:
+    """The head requests (deadline order) whose items fit ``max_batch``, their items, and the rest; stops at the
+    first that does not fit rather than skipping it, so no request overtakes an earlier deadline. The head is
+    always taken."""
     total = 0
     for i, r in enumerate(requests):
         if i > 0 and total + r.items > max_batch:
-            return requests[:i], requests[i:]
+            return requests[:i], total, requests[i:]
         total += r.items
-    return requests, []
+    return requests, total, []
 
 
 class Scheduler:
@@ -251,7 +252,7 @@ class Scheduler:
         return None
 
     def _planned_finish(self, state: NodeState, request: Request, now: float) -> tuple[float, float]:
-        """When ``request`` would finish, and its cold-start grace (s), by a list-scheduling simulation of
+        """When ``request`` would finish, and the cold-start grace it needs (s), by a list-scheduling simulation of
         everything queued with a deadline no later than its own: batches of each function (deadline order,
         up to max_batch items) taken in EDF order, each on the device where it finishes first, from when
         each device becomes free, what it holds and what the batch must copy. Queued requests of refusing
@@ -263,11 +264,10 @@ class Scheduler:
         the request's batch finishes no later than on the least loaded device) already meets the deadline.
         Stop simulating once no device frees before the deadline (it is late whatever follows) and
         extrapolate the finish, for Retry-After, from the best-case work still ahead spread over the devices.
+        The grace is left at 0 where the bound already meets the deadline (no grace, never negative, changes that).
         """
         view = self._view(state, now)
         prof_own = self._profile(state, request.function)
-        grace_s = self._grace_s(view, request.function, prof_own, request.items)
-        limit = request.deadline + grace_s
         batches = self._batches_ahead(state, request, now)
         worst: dict[tuple[str, int], float] = {}  # memo: queues hold many batches of few shapes
         best: dict[tuple[str, int], float] = {}
@@ -276,12 +276,17 @@ class Scheduler:
                 prof = self._profile(state, name)
                 worst[name, items] = view.worst_case_ms(prof, items)
                 best[name, items] = prof.exec_at(items)
+        bound = None
         if all(view.fits(prof_own, d) for d in range(view.n)):
             ahead_ms = sum(worst[b[1], b[3]] for b in batches if not b[4])
             own_ms = next(worst[b[1], b[3]] for b in batches if b[4])
             bound = (sum(view.free_at) + ahead_ms / 1000.0) / view.n + own_ms / 1000.0
-            if bound <= limit:
-                return bound, grace_s
+            if bound <= request.deadline:
+                return bound, 0.0
+        grace_s = self._grace_s(view, request.function, prof_own, request.items)
+        limit = request.deadline + grace_s
+        if bound is not None and bound <= limit:
+            return bound, grace_s
         for i, (_, name, _, items, mine) in enumerate(batches):
             prof = self._profile(state, name)
             if view.earliest_free() > limit:
@@ -307,8 +312,9 @@ class Scheduler:
         """(head deadline, function, seq, items, is the request's own) of every batch due no later than
         ``request``, the request's own batch last of its function, in EDF order (ties: function, seq)."""
         batches: list[tuple[float, str, int, int, bool]] = []
-        # Only non-empty queues (and the request's own): hundreds of idle functions cost nothing here.
-        for name in sorted({*state.nonempty(), request.function}):
+        # Only non-empty queues (and the request's own): hundreds of idle functions cost nothing here. In any
+        # order: the batches are sorted below.
+        for name in {*state.nonempty(), request.function}:
             fq = state.queues[name]
             ahead = [r for r in fq.requests if r.deadline <= request.deadline
                      and not (fq.late_policy == "refuse" and r.deadline < now)]
@@ -316,11 +322,11 @@ class Scheduler:
                 ahead.append(request)
             seq = 0
             while ahead:
-                batch, ahead = _batch(ahead, fq.max_batch)
+                batch, items, ahead = _batch(ahead, fq.max_batch)
                 mine = name == request.function and not ahead
-                batches.append((batch[0].deadline, name, seq, sum(r.items for r in batch), mine))
+                batches.append((batch[0].deadline, name, seq, items, mine))
                 seq += 1
-        batches.sort(key=lambda b: b[:3])
+        batches.sort()  # by (deadline, function, seq): no two batches share the last two
         return batches
 
     # --- decisions ---------------------------------------------------------------------------------
@@ -375,17 +381,16 @@ class Scheduler:
             # A function already running somewhere spreads to another copy only when its queue is more
             # than one batch (hot); otherwise it may use only devices that already hold its model.
             no_new_copy = name in active and queued_items[name] <= fq.max_batch
-            batch, rest = _batch(pending[name], fq.max_batch)
-            items = sum(r.items for r in batch)
+            batch, items, rest = _batch(pending[name], fq.max_batch)
             if (d_piece := pieces.get(name)) is not None:  # its swap goes on there once the piece has landed
                 self._hold_first_lane(view, ahead, name, prof, items, d_piece)
                 continue
             cands: list[tuple[tuple[float, int, int, int, int], int, int]] = []
             ests = {}
+            fetch = self.may_fetch(state, name) and name not in active
             for d in range(view.n):
                 # A busy side lane counts too, from when it frees: waiting for it may beat the first lane.
-                if (se := view.side_estimate(name, prof, items, d, now,
-                                             self.may_fetch(state, name) and name not in active)) is not None:
+                if (se := view.side_estimate(name, prof, items, d, now, fetch)) is not None:
                     ests[d, se.lane] = se
                     cands.append((se.key(self._side_now(state, side, se, name)), d, se.lane))
                 if d in free and not (no_new_copy and not view.holds(name, d, now)):
@@ -554,8 +559,10 @@ class Scheduler:
         there too, and its queues and evictions grew while the second's pool kept models nobody called.
         ``values`` holds each device's eviction values for the decision (filled here as needed)."""
         top = min(cands)
+        if top[0][2] == SOURCE_RANK["resident"]:
+            return top[1:]
         tied = [c for c in cands if c[0][:4] == top[0][:4]]
-        if len(tied) == 1 or top[0][2] == SOURCE_RANK["resident"]:
+        if len(tied) == 1:
             return top[1:]
 
         def given_up(c: tuple[tuple[float, int, int, int, int], int, int]) -> tuple[float, int, int]:
@@ -669,20 +676,25 @@ class Scheduler:
             return list(fq.requests), []
         keep: list[Request] = []
         rejects: list[Reject] = []
-        bound: dict[int, tuple[float, float]] = {}  # items → (earliest finish, grace), both in seconds
+        earliest: dict[int, float] = {}  # items → earliest finish (s)
+        grace: dict[int, float] = {}  # items → cold-start grace (s), of the sizes that need it
         for r in fq.requests:
-            if r.items not in bound:
+            if r.items not in earliest:
                 ests = [e for d in range(view.n)
                         if (e := view.estimate(fq.function, prof, r.items, d, view.free_at[d]))]
                 ests += view.side_estimates(fq.function, prof, r.items, now, fetch)
-                bound[r.items] = (min(e.finish for e in ests), self._grace_s(view, fq.function, prof, r.items))
-            finish, grace_s = bound[r.items]
-            late = finish - (r.deadline + grace_s)
-            if late > 0:
-                rejects.append(Reject(r.id, 503, _retry_s(late),
-                                      f"deadline can no longer be met: expected {1000 * (finish - r.deadline):.1f} ms late"))
-            else:
-                keep.append(r)
+                earliest[r.items] = min(e.finish for e in ests)
+            finish = earliest[r.items]
+            # The grace is never negative: a request that finishes by its deadline is kept without it.
+            if finish > r.deadline:
+                if r.items not in grace:
+                    grace[r.items] = self._grace_s(view, fq.function, prof, r.items)
+                late = finish - (r.deadline + grace[r.items])
+                if late > 0:
+                    rejects.append(Reject(r.id, 503, _retry_s(late), "deadline can no longer be met: expected "
+                                          f"{1000 * (finish - r.deadline):.1f} ms late"))
+                    continue
+            keep.append(r)
         return keep, rejects
 
     def _decide_fifo(self, state: NodeState, now: float) -> Decision:
@@ -727,8 +739,8 @@ class Scheduler:
                 continue
             _, name = min(mine)
             fq, prof = state.queues[name], self._profile(state, name)
-            batch, _ = _batch(fq.requests, fq.max_batch)
-            e = view.estimate(name, prof, sum(r.items for r in batch), dev.index, now, allow_peer=False)
+            batch, items, _ = _batch(fq.requests, fq.max_batch)
+            e = view.estimate(name, prof, items, dev.index, now, allow_peer=False)
             if e is None:
                 continue
             dispatches.append(Dispatch(dev.index, name, tuple(r.id for r in batch), e.source, e.total_ms,

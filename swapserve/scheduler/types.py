@@ -257,9 +257,10 @@ class NodeState:
 
     def nonempty(self) -> list[str]:
         """Names of the functions with queued requests, sorted."""
-        names = sorted(n for n in self.waiting if (q := self.queues.get(n)) is not None and q.requests)
+        names = [n for n in self.waiting if (q := self.queues.get(n)) is not None and q.requests]
         if len(names) != len(self.waiting):
             self.waiting = set(names)
+        names.sort()
         return names
 
     @property

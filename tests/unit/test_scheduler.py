@@ -427,6 +427,61 @@ def test_cold_model_with_tight_slo_is_served_not_refused_forever():
     assert Scheduler().admit(s, req(s, "f", "r1"), T0).status == 503
 
 
+def test_the_grace_left_out_where_a_finish_meets_its_deadline_changes_no_verdict():
+    """Admission and triage count a request's cold-start grace only where its finish misses its deadline
+    without one (the grace is never negative): on random states, with cold, partly resident and resident
+    models, busy lanes and long queues, every verdict and Retry-After is the one the grace counted always gives,
+    and where admission counts a grace it is the whole grace."""
+    import random
+
+    rng = random.Random(5)
+    checked, graced, skipped, dropped = 0, 0, 0, 0
+    for _ in range(60):
+        s = lanes(node(rng.choice((1, 2, 3)), LinkProfile(h2d_GBps=(50.0, 30.0), fetch_GBps=20.0)),
+                  rng.choice((0, 1, 2)))
+        names = [f"f{i}" for i in range(5)]
+        for name in names:
+            fn(s, name, nbytes=rng.choice((40 * MB, 400 * MB, 2 * GB)), exec_ms={1: rng.uniform(0.5, 4.0)},
+               slo_ms=rng.choice((5.0, 20.0, 60.0)), max_batch=rng.choice((1, 4)))
+        for d in s.devices:
+            for name in rng.sample(names, 2):
+                if rng.random() < 0.5:
+                    d.resident.add(name)
+                else:
+                    d.partial[name] = rng.random()
+            if rng.random() < 0.5:
+                busy(s, d.index, T0 + rng.uniform(-0.005, 0.03), running=rng.choice(names))
+            for ln in d.side:
+                if rng.random() < 0.5:
+                    ln.until, ln.running = T0 + rng.uniform(0.0, 0.02), rng.choice(names)
+        for i in range(rng.randrange(8)):  # queued work, some of it already late
+            enqueue(s, rng.choice(names), f"q{i}", at=T0 - rng.uniform(0.0, 0.05), items=rng.choice((1, 2)))
+        sched = Scheduler(side_fetch=True)
+        view = View(s, T0)
+        for name in names:
+            r = req(s, name, f"r{name}", items=rng.choice((1, 2)))
+            finish, grace_s = sched._planned_finish(s, r, T0)
+            whole = Scheduler._grace_s(view, name, s.profiles[name], r.items)
+            assert grace_s in (0.0, whole)
+            assert (finish - (r.deadline + grace_s) > 0) == (finish - (r.deadline + whole) > 0)
+            checked += 1
+            graced += grace_s > 0
+            skipped += grace_s == 0.0 < whole  # on time: the grace was not needed
+        for name in s.nonempty():
+            fq, prof = s.queues[name], s.profiles[name]
+            keep, rejects = sched._triage(View(s, T0), fq, prof, T0, sched.may_fetch(s, name))
+            ref = View(s, T0)  # the rule with the grace counted for every request
+            expected = {}
+            for q in fq.requests:
+                ests = [e for d in range(ref.n) if (e := ref.estimate(name, prof, q.items, d, ref.free_at[d]))]
+                ests += ref.side_estimates(name, prof, q.items, T0, sched.may_fetch(s, name))
+                late = min(e.finish for e in ests) - (q.deadline + Scheduler._grace_s(ref, name, prof, q.items))
+                expected[q.id] = math.ceil(late) if late > 0 else None
+            assert {q.id: None for q in keep} | {x.request_id: x.retry_after for x in rejects} == expected
+            dropped += len(rejects)
+    assert checked == 300 and min(graced, skipped, dropped) > 10  # graces counted and left out, and drops, seen
+
+
 def test_admit_inserts_in_deadline_order_and_updates_rate():
     s = node(1)
     fn(s, "f", slo_ms=100, late="serve")
@@ -1032,6 +1087,8 @@ def test_a_side_lane_that_frees_first_is_the_one_waited_for():
     s.devices[0].side[2] = SideLane(T0 - 0.001, "z")  # overdue: frees "now", but a free lane goes first
     s.devices[0].side[0] = SideLane()
     assert View(s, T0).side_lane(0) == 1
+    s.devices[0].side = [SideLane(T0 + 0.003, "x"), SideLane(T0 + 0.002, "y"), SideLane(T0 + 0.002, "z")]
+    assert View(s, T0).side_lane(0) == 2  # of lanes that free alike, the lowest
 
 
 def test_side_lanes_setting_limits_the_lanes_new_runs_take():
