@@ -94,7 +94,7 @@ def sequential(post: Callable[[], tuple[int, bytes]], n: int, warmup: int,
                measuring: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
     """``n`` requests after ``warmup`` more, one at a time; ``measuring()`` is called as the first measured
     one leaves."""
-    out: dict[str, list[float]] = {"rtt": [], "compute": [], "node": [], **{k: [] for k in PARTS}}
+    out: dict[str, list[float]] = {"rtt": [], "compute": [], "node": [], "lane": [], **{k: [] for k in PARTS}}
     phases: dict[str, list[float]] = {}
     for i in range(warmup + n):
         if i == warmup:
@@ -109,12 +109,27 @@ def sequential(post: Callable[[], tuple[int, bytes]], n: int, warmup: int,
             out["rtt"].append(rtt)
             out["compute"].append(p["compute_ms"])
             out["node"].append(p["total_ms"])
+            out["lane"].append(p["lane"])
             for k, f in PARTS.items():
                 out[k].append(f(rtt, p))
             for k, v in p["phases_ms"].items():
                 phases.setdefault(f"phase_{k}", []).append(v)
     out.update(phases)
     return out
+
+
+def by_lane(seq: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """For each lane the sequential requests ran in: how many, and their p50 overhead, compute and worker part
+    (ms) — whether a run's lane goes with a slow mode (the compute of one H200 lease's runs sat near 0.22 or near
+    0.45 ms, run by run)."""
+    lanes: dict[str, list[int]] = {}
+    for i, lane in enumerate(seq["lane"]):
+        lanes.setdefault(str(int(lane)), []).append(i)
+    return {lane: {"requests": len(ix),
+                   "p50_overhead_ms": percentile([seq["rtt"][i] - seq["compute"][i] for i in ix], 50),
+                   "p50_compute_ms": percentile([seq["compute"][i] for i in ix], 50),
+                   "p50_worker_ms": percentile([seq["worker"][i] for i in ix], 50)}
+            for lane, ix in sorted(lanes.items())}
 
 
 def _load_client(port: int, seconds: float, concurrency: int, q: mp.Queue) -> None:
@@ -231,6 +246,7 @@ def main() -> None:
         "p50_parts_ms": {k: percentile(seq[k], 50) for k in PARTS},
         "p50_run_phases_ms": {k.removeprefix("phase_"): percentile(v, 50) for k, v in seq.items()
                               if k.startswith("phase_")},
+        "by_lane": by_lane(seq),
         "client": "blocking socket (bench/http1.py)",
         "p50_overhead_ms_stdlib_client": percentile([r - c for r, c in zip(std["rtt"], std["compute"])], 50),
         "throughput_clients": args.clients * args.concurrency,

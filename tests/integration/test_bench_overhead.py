@@ -27,3 +27,5 @@ def test_overhead_measures_with_the_node_and_the_clients_pinned_apart(tmp_path: 
     assert result["gpu"] == "cpu"
     assert result["p99_overhead_ms"] >= result["p50_overhead_ms"] > 0 and result["max_rps"] > 0
     assert result["server_cpus"] == [server] and result["client_cpus"] == [client]
+    assert sum(v["requests"] for v in result["by_lane"].values()) == 50  # every measured request, by its lane
+    assert all(v["p50_compute_ms"] > 0 for v in result["by_lane"].values())
