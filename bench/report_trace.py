@@ -15,7 +15,7 @@ def table(r: dict) -> str:
              f"{r.get('duration_s')} s of trace per point, seed {r.get('seed')}, SLO = max(10 ms, 3 × (native graph + "
              f"floor)) of each fp16 model ({r.get('slo_source', '')}). Attainment = fraction of called functions whose "
              "P98 ≤ SLO (refused or failed = miss); requests in SLO = share of all requests answered within their "
-             "function's SLO." + _settings(r), "",
+             "function's SLO." + _settings(r) + _link(r.get("link_profile")), "",
              "| policy | N | attainment | requests in SLO | P50 ms | P99 ms | req/s | swaps/s | busy | loop late "
              "| CPU steal | canary ms | longest run ms | wrong answers | requests | codes |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -68,6 +68,14 @@ def _host_bound(host: dict | None) -> list[str]:
     return ["", "Not run, for host memory (every model stays in page-locked host memory): "
             + ", ".join(f"N={n} (a host store of {need[str(n)] / 1e9:.1f} GB)" for n in host["not_run"])
             + f"; this machine had room for {host['available_bytes'] / 1e9:.1f} GB."]
+
+
+def _link(profile: dict | None) -> str:
+    """The host→GPU bandwidth the node measured at its start, where the result records it: beside the SLOs'
+    source (whose floors are some machine's bandwidth), whether this machine copies as fast as that one did."""
+    if not profile or "h2d_GBps" not in profile:
+        return ""
+    return f" The node's host→GPU link measured {profile['h2d_GBps']:.1f} GB/s at its start (its first GPU)."
 
 
 def _settings(r: dict) -> str:

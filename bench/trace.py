@@ -362,12 +362,15 @@ def slo_table(zoo_names: list[str], source: Path | None) -> tuple[dict[str, floa
             if missing:
                 raise SystemExit(f"{source} has no SLO for {missing}")
             return {m: doc["slo_ms"][m] for m in zoo_names}, doc.get("slo_source", str(source))
-        rows = {r["model"]: r for r in json.loads(source.read_text())["models"]
-                if r.get("dtype") == "float16" and "error" not in r}
+        rows = {r["model"]: r for r in doc["models"] if r.get("dtype") == "float16" and "error" not in r}
         missing = [m for m in zoo_names if m not in rows]
         if missing:
             raise SystemExit(f"{source} has no fp16 rows for {missing}")
-        return {m: max(10.0, 3 * (rows[m]["native_graph_ms"] + rows[m]["floor_ms"])) for m in zoo_names}, str(source)
+        # The floor is that machine's: lent machines of one card differ in their host link (41.9 and 54.6 GB/s
+        # in two leases of session 38), so the table says at which bandwidth its floors were measured.
+        bw = f" (its floors at pinned H2D {doc['h2d_pinned_GBps']:.1f} GB/s)" if "h2d_pinned_GBps" in doc else ""
+        return ({m: max(10.0, 3 * (rows[m]["native_graph_ms"] + rows[m]["floor_ms"])) for m in zoo_names},
+                f"{source}{bw}")
     import torch
 
     from swap_latency import graph_of, h2d_bandwidth, timed

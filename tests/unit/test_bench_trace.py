@@ -512,6 +512,26 @@ def test_the_table_names_the_settings_that_differ_from_the_defaults(trace_module
     assert "Node:" not in report_trace.table({**base, "slo_values": False})
 
 
+def test_the_table_says_how_fast_the_node_copied_beside_the_slos_floors(trace_module, tmp_path):
+    """Lent machines of one card differ in their host link: the SLO table's source names the bandwidth its floors
+    were measured at, and the table the bandwidth this node measured."""
+    import json
+
+    import report_trace
+
+    base = {"gpu": "H200", "gpus": 1, "policies": {}}
+    assert "link measured" not in report_trace.table(base)  # results before the link was recorded
+    said = report_trace.table({**base, "link_profile": {"h2d_GBps": 41.87, "exec_slowdown_copying": 1.07}})
+    assert "The node's host→GPU link measured 41.9 GB/s at its start (its first GPU)." in said
+    row = {"model": "resnet50", "dtype": "float16", "native_graph_ms": 1.0, "floor_ms": 2.0}
+    source = tmp_path / "swap_latency.json"
+    source.write_text(json.dumps({"h2d_pinned_GBps": 55.15, "models": [row]}))
+    slo, said = trace_module.slo_table(["resnet50"], source)
+    assert slo == {"resnet50": 10.0} and said == f"{source} (its floors at pinned H2D 55.1 GB/s)"
+    source.write_text(json.dumps({"models": [{**row, "native_graph_ms": 2.0}]}))  # a table that names no bandwidth
+    assert trace_module.slo_table(["resnet50"], source) == ({"resnet50": 12.0}, str(source))
+
+
 def test_paired_compares_each_request_with_itself_in_the_other_trace(trace_module, tmp_path):
     import json
     import subprocess
