@@ -49,6 +49,7 @@ def table(r: dict) -> str:
     lines += breakdown_table(r)
     lines += phases_table(r)
     lines += causes_table(r)
+    lines += refusals_table(r)
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +213,25 @@ def causes_table(r: dict) -> list[str]:
             "times).", "",
             "| policy | N | missed | " + " | ".join(parts) + " | attainment without queueing | burst followers |",
             "|---|---:|---:|" + "---:|" * (len(parts) + 1) + "---|", *lines]
+
+
+def refusals_table(r: dict) -> list[str]:
+    """How late the node expected the requests it refused (503 "expected X ms late"), at every point that
+    recorded it (``refused_late_ms``, since session 38) and refused any."""
+    lines = []
+    for label, p in r["policies"].items():
+        for pt in p["sweep"]:
+            late = pt.get("refused_late_ms")
+            if late:
+                within = sum(1 for x in late if x <= 1.0)
+                lines.append(f"| {label} | {pt['n']} | {len(late)} | {late[0]:.1f} | {late[len(late) // 2]:.1f} "
+                             f"| {late[-1]:.1f} | {within} |")
+    if not lines:
+        return []
+    return ["", "Refusals: the lateness the node expected of each request it refused for its deadline (its finish "
+            "less the deadline, by the scheduler's plan, in ms; cold-start grace not counted), the smallest, the "
+            "median and the largest, and how many by 1 ms or less.", "",
+            "| policy | N | refused | least | median | most | ≤ 1 ms |", "|---|---:|---:|---:|---:|---:|---:|", *lines]
 
 
 def _followers(f: dict | None) -> str:

@@ -146,13 +146,17 @@ def _answer_head(body: bytes, header_length: str | None) -> tuple[dict, list[flo
     return doc.get("parameters") or {}, values
 
 
-def _reason(body: bytes) -> str:
-    """A refusal's error message with its numbers blanked, so that refusals of one kind count together."""
+def _refusal(body: bytes) -> tuple[str, float]:
+    """A refusal's error message with its numbers blanked, so that refusals of one kind count together, and the
+    lateness it expected (its "expected X ms late", the scheduler's finish less the deadline; -1 where it says
+    none): whether the node refused requests that would have been late by much, or by a hair."""
     try:
         message = str(json.loads(body).get("error", ""))
     except (ValueError, AttributeError):
         message = body[:80].decode(errors="replace")
-    return re.sub(r"\d+(\.\d+)?", "#", re.sub(r"'[^']*'", "'…'", message))[:120]
+    late = re.search(r"expected (\d+(?:\.\d+)?) ms late", message)
+    return (re.sub(r"\d+(\.\d+)?", "#", re.sub(r"'[^']*'", "'…'", message))[:120],
+            float(late.group(1)) if late else -1.0)
 
 
 def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: dict[str, tuple[bytes, int]],
@@ -179,9 +183,10 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                 status = r.status
                 params, head = (_answer_head(r.body, r.headers.get("inference-header-content-length"))
                                 if status == 200 else ({}, []))
-                reason = "" if status == 200 else _reason(r.body)
+                reason, late_ms = ("", -1.0) if status == 200 else _refusal(r.body)
             except Exception as e:  # noqa: BLE001 - a failed request is an SLO miss
-                status, ms, params, head, reason = 0, (time.perf_counter() - sent) * 1e3, {}, [], type(e).__name__
+                status, ms, params, head = 0, (time.perf_counter() - sent) * 1e3, {}, []
+                reason, late_ms = type(e).__name__, -1.0
             results.append((i, t, ms, status, params.get("queue_ms", -1.0), params.get("compute_ms", -1.0),
                             bool(params.get("swapped", False)), params.get("server_ms", -1.0),
                             params.get("total_ms", -1.0), headers_ms, reason, params.get("dispatch_ms", -1.0),
@@ -190,7 +195,7 @@ def _client(url: str, trace: list[tuple[float, int]], names: list[str], bodies: 
                             params.get("expected_ms", -1.0), params.get("answer_ms", -1.0),
                             params.get("budget_ms", -1.0), head, params.get("device", ""),
                             params.get("read_ms", -1.0), params.get("copy_ms", -1.0),
-                            params.get("decide_ms", -1.0)))
+                            params.get("decide_ms", -1.0), late_ms))
 
         tasks = []
         for t, i in trace:
@@ -550,7 +555,7 @@ def read_raw(directory: Path) -> dict[str, list[dict]]:
 
 RAW_FIELDS = ("function", "at_s", "latency_ms", "status", "queue_ms", "compute_ms", "swapped", "server_ms", "node_ms",
               "headers_ms", "reason", "dispatch_ms", "worker_ms", "lane", "phases_ms", "to_worker_ms", "from_worker_ms",
-              "expected_ms", "answer_ms", "budget_ms", "head", "device", "read_ms", "copy_ms", "decide_ms")
+              "expected_ms", "answer_ms", "budget_ms", "head", "device", "read_ms", "copy_ms", "decide_ms", "late_ms")
 
 
 def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: int,
@@ -655,6 +660,9 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "late_completions": len(misses),
         "p50_server_ms": float(np.median([r[7] for r in done])) if done else None,
         "refusals": dict(Counter(r[10] for r in res if r[3] != 200).most_common(8)),
+        # The lateness each refusal expected (ms), where its message said: refusals by a hair cost attainment
+        # that serving them might have kept; refusals by much spared the queue behind them.
+        "refused_late_ms": sorted(r[25] for r in res if r[3] != 200 and r[25] >= 0),
         "late_breakdown": breakdown(misses),  # where the time of completed-but-late requests went
         "breakdown_by_model": {m: breakdown([r for r in done if fns[r[0]].model == m])
                                for m in sorted({f.model for f in fns})},

@@ -678,3 +678,29 @@ def test_profiles_find_py_spy_beside_the_interpreter_when_it_is_not_on_the_path(
         assert out.read_text() == "sampled\n"
     monkeypatch.setattr(sys, "executable", str(tmp_path / "elsewhere" / "python"))
     assert trace_module.start_profiles(Srv(), tmp_path / "profiles" / "swapserve_20", 1) == []  # none anywhere
+
+
+def test_a_refusal_keeps_the_lateness_it_expected_and_the_table_reads_it(trace_module):
+    """A 503 for a deadline says how late the scheduler expected the request; the record keeps it beside the
+    blanked reason, and the table gives the refused requests' least, median and most, and those by 1 ms or less."""
+    import json
+
+    import report_trace
+
+    said = json.dumps({"error": "function 'f1' cannot meet the deadline: expected 3.5 ms late"}).encode()
+    assert trace_module._refusal(said) == ("function '…' cannot meet the deadline: expected # ms late", 3.5)
+    assert trace_module._refusal(b'{"error": "node has 9 queued requests (max_queued)"}') == (
+        "node has # queued requests (max_queued)", -1.0)
+    assert trace_module._refusal(b"<html>bad gateway</html>") == ("<html>bad gateway</html>", -1.0)
+    assert trace_module.RAW_FIELDS[-1] == "late_ms"
+
+    point = {"n": 400, "attainment": 0.9, "p50_ms": 6.0, "p99_ms": 30.0, "throughput_rps": 100.0,
+             "swaps_per_s": 30.0, "busy_fraction": 0.2, "requests": 13, "status_codes": {"200": 8, "503": 5}}
+
+    def table(late: list[float]) -> str:
+        return report_trace.table({"gpu": "H200", "gpus": 1, "policies": {"swapserve": {
+            "max_functions": 0, "sweep": [{**point, "refused_late_ms": late}]}}})
+
+    assert "Refusals:" not in table([])
+    text = table([0.2, 0.9, 4.0, 12.5, 30.0])
+    assert "| swapserve | 400 | 5 | 0.2 | 4.0 | 30.0 | 2 |" in text
