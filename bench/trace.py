@@ -662,7 +662,7 @@ def run_point(srv: Server, fns: list[Fn], duration: float, warmup: float, seed: 
         "refusals": dict(Counter(r[10] for r in res if r[3] != 200).most_common(8)),
         # The lateness each refusal expected (ms), where its message said: refusals by a hair cost attainment
         # that serving them might have kept; refusals by much spared the queue behind them.
-        "refused_late_ms": sorted(r[25] for r in res if r[3] != 200 and r[25] >= 0),
+        "refused_late_ms": sorted(r["late_ms"] for r in records if r["status"] != 200 and r["late_ms"] >= 0),
         "late_breakdown": breakdown(misses),  # where the time of completed-but-late requests went
         "breakdown_by_model": {m: breakdown([r for r in done if fns[r[0]].model == m])
                                for m in sorted({f.model for f in fns})},

@@ -23,11 +23,13 @@ TABLE = Path("bench/results/h200_20261127/swap_latency.json")
 
 
 def score(directory: Path, slo: dict[str, float], label: str) -> None:
+    """Each replay's attainment with ``slo`` (by model): its functions less those ``trace.worst_requests`` finds
+    over their SLO."""
     for name, records in sorted(trace.read_raw(directory).items()):
         by_fn = defaultdict(list)
         for r in records:
-            by_fn[r["function"]].append(trace.latency_or_inf(r))
-        ok = sum(trace.p98(v) <= slo[trace.model_of(f)] for f, v in by_fn.items())
+            by_fn[r["function"]].append(r)
+        ok = len(by_fn) - len(trace.worst_requests(by_fn, {f: slo[trace.model_of(f)] for f in by_fn}))
         print(f"| {directory.name} | {name} | {label} | {ok} of {len(by_fn)} | {ok / len(by_fn):.3f} |")
 
 
