@@ -633,7 +633,8 @@ class Node:
         self._entities[m.key] = name
         q = self.state.queues.get(name)
         if q is None:
-            self.state.queues[name] = FunctionQueue(name, spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy)
+            self.state.queues[name] = FunctionQueue(name, spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy,
+                                                    counted_since=self.clock())
         else:
             q.slo_ms, q.max_batch, q.max_queue, q.late_policy = spec.slo_ms, spec.max_batch, spec.max_queue, spec.late_policy
         replaced = self.state.profiles.get(name)

@@ -6,7 +6,7 @@ with a fake one); see :mod:`swapserve.scheduler.core` for the policies and
 """
 
 from swapserve.scheduler.core import Scheduler
-from swapserve.scheduler.estimate import Estimate, View, rate_at, update_rate
+from swapserve.scheduler.estimate import Estimate, View, rate_at, rate_since, update_rate
 from swapserve.scheduler.types import (
     Decision, DeviceState, Dispatch, FunctionQueue, LinkProfile, ModelProfile, NodeState, Policy, Queued,
     Reject, Request, SideLane, Source,
@@ -15,5 +15,5 @@ from swapserve.scheduler.types import (
 __all__ = [
     "Decision", "DeviceState", "Dispatch", "Estimate", "FunctionQueue", "LinkProfile", "ModelProfile",
     "NodeState", "Policy", "Queued", "Reject", "Request", "Scheduler", "SideLane", "Source", "View", "rate_at",
-    "update_rate",
+    "rate_since", "update_rate",
 ]

@@ -68,7 +68,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from swapserve.scheduler.estimate import SOURCE_RANK, Estimate, View, rate_at, update_rate
+from swapserve.scheduler.estimate import SOURCE_RANK, Estimate, View, rate_since, update_rate
 from swapserve.scheduler.types import (
     Decision, DeviceState, Dispatch, FunctionQueue, ModelProfile, NodeState, Policy, Queued, Reject, Request, SideLane,
 )
@@ -811,7 +811,8 @@ class Scheduler:
         to one of 43.5 ms (BERT-large's on an H200), where in ms it weighed about a quarter as much: the models of tight
         SLOs stay, the large ones with room in their SLO to swap go first.
 
-        λ(now) is the arrival-rate estimate decayed to now (popularity); 1/(age + 1 s) is the rate implied
+        λ(now) is the arrival-rate estimate decayed to now (popularity), corrected for the short history of a
+        function the node began counting lately (``rate_since``); 1/(age + 1 s) is the rate implied
         by one use ``age`` seconds ago, ``age`` since the last use here or arrival (recency, which also
         ranks models the rate has forgotten). ``penalty_ms`` is the extra service time a request pays if
         these bytes are gone: a swapped run minus what it costs with them present. Because copy and
@@ -875,7 +876,7 @@ class Scheduler:
                 last = arrived
             prof = profiles.get(f) or unprofiled
             held_gb = max(prof.nbytes * frac, 1.0) / 1e9
-            rate = rate_at(fq.rate, arrived, now, halflife) if arrived is not None else 0.0
+            rate = rate_since(fq.rate, arrived, now, halflife, fq.counted_since) if arrived is not None else 0.0
             recency = 1.0 / (max(0.0, now - last) + RECENCY_FLOOR_S) if math.isfinite(last) else 0.0
             gbps = fast if f in peer_held else h2d
             penalty = _penalty_ms(prof, gbps * 1e6, slowdown, frac)

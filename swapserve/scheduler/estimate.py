@@ -49,6 +49,9 @@ from typing import Any
 from swapserve.scheduler.types import DeviceState, LinkProfile, ModelProfile, NodeState, Source
 
 LN2 = math.log(2.0)
+RATE_WINDOW_FLOOR_S = 1.0
+"""The shortest history a rate is estimated over (:func:`rate_since`): one arrival in a function's first second
+counts as 1/s, as the eviction values' recency term rates a use this instant."""
 
 SOURCE_RANK: dict[Source, int] = {"resident": 0, "partial": 1, "peer": 2, "host": 3}
 """Tie-break between equal finish times: the fewer bytes moved, the better (and the less link used)."""
@@ -89,6 +92,19 @@ def rate_at(rate: float, last: float | None, now: float, halflife_s: float) -> f
     if last is None:
         return 0.0
     return rate * 2.0 ** (-max(0.0, now - last) / halflife_s)
+
+
+def rate_since(rate: float, last: float | None, now: float, halflife_s: float, since: float) -> float:
+    """λ(now): the estimate decayed to ``now`` (:func:`rate_at`), of arrivals counted only since ``since``.
+
+    Over a window of ``T = now - since`` the decaying count of a Poisson stream has expectation
+    ``λ·(1 - 2^(-T/halflife))``, not λ: a function the node has counted for 10 s (half-life 60 s) would be rated
+    at a ninth of its rate, one counted for 40 s at 37 %. Divided by that, the estimate is the stream's rate from
+    the first seconds on (``count / T`` while ``T`` is short) and the plain decaying count once ``T`` is many
+    half-lives (``since`` = -inf: no correction). ``T`` is taken as at least :data:`RATE_WINDOW_FLOOR_S`.
+    """
+    seen = 1.0 - 2.0 ** (-max(now - since, RATE_WINDOW_FLOOR_S) / halflife_s)
+    return rate_at(rate, last, now, halflife_s) / seen
 
 
 # --- planning --------------------------------------------------------------------------------------

@@ -110,8 +110,11 @@ class FunctionQueue:
     requests: list[Request] = field(default_factory=list)
     """Waiting requests, in deadline order (deadline = arrival + SLO, so also arrival order)."""
     rate: float = 0.0
-    """Arrival rate estimate (requests/s), exponentially weighted."""
+    """Arrival rate estimate (requests/s), exponentially weighted (``estimate.update_rate``)."""
     last_arrival: float | None = None
+    counted_since: float = -math.inf
+    """When arrivals began to be counted in ``rate`` (the node's clock: when it added the function); the rate
+    read as λ is corrected for so short a history (``estimate.rate_since``). -inf: long enough ago to need none."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A burst's requests that reach an idle node together leave in one batch (``dispatch.ARRIVAL_TURNS``): the
 first is not sent alone with the others waiting for its run; and the scheduler knows what a batch costs from
 deploy on (a resident run timed at every batch size the model runs at), rather than the batch-1 time times its
-size. Through a real Node in this process with a real CPU worker."""
+size, and counts its arrivals from then on. Through a real Node in this process with a real CPU worker."""
 
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ async def _runs(node: Node) -> float:
 def test_requests_arriving_together_run_as_one_batch_timed_at_deploy(functions: Functions, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(node: Node) -> None:
+        deployed_from = node.clock()
         await node.deploy(functions.mlp.bundle)  # max batch 8
+        # Its arrivals are counted from the deploy on (the rate read as λ corrected for so short a history).
+        assert deployed_from <= node.state.queues[functions.mlp.name].counted_since <= node.clock()
         timed = node.state.profiles[functions.mlp.name].exec_ms
         assert sorted(timed) == [1, 2, 4, 8] and all(ms > 0 for ms in timed.values()), timed
         x = torch.randn(1, 16)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from dataclasses import replace
 
 import pytest
 
 from swapserve.scheduler import (
     Decision, DeviceState, Dispatch, FunctionQueue, LinkProfile, ModelProfile, NodeState, Queued, Request, Scheduler,
-    SideLane, View, rate_at, update_rate,
+    SideLane, View, rate_at, rate_since, update_rate,
 )
 from swapserve.scheduler.estimate import LATE_GRACE_S
 
@@ -504,6 +505,41 @@ def test_rate_estimator_converges_and_decays():
     assert rate == pytest.approx(10.0, rel=0.01)
     assert rate_at(rate, last, last + 60.0, 60.0) == pytest.approx(rate / 2)
     assert rate_at(rate, None, last, 60.0) == 0.0
+
+
+def test_rate_since_is_the_streams_rate_from_the_first_seconds():
+    """The decaying count of a stream seen for 20 s of a 60 s half-life holds a fifth of its rate; corrected for
+    the window it is the rate, and it needs no correction once the window is many half-lives."""
+    rng = random.Random(7)
+    rate, last, t = 0.0, None, T0
+    while True:  # Poisson arrivals at 10/s, counted from T0
+        t += rng.expovariate(10.0)
+        if t > T0 + 20.0:
+            break
+        rate, last = update_rate(rate, last, t, 60.0), t
+    now = T0 + 20.0
+    assert rate_at(rate, last, now, 60.0) == pytest.approx(10.0 * (1 - 2 ** (-20 / 60)), rel=0.15)  # ~2.1/s
+    assert rate_since(rate, last, now, 60.0, since=T0) == pytest.approx(10.0, rel=0.15)
+    assert rate_since(rate, last, now, 60.0, since=-math.inf) == rate_at(rate, last, now, 60.0)
+    assert rate_since(rate, last, now + 1200.0, 60.0, since=T0) == pytest.approx(rate_at(rate, last, now + 1200.0,
+                                                                                       60.0), rel=1e-5)
+    # One arrival at the window's start: 1/s (the window taken as at least 1 s), not 1/0.
+    one = update_rate(0.0, None, T0, 60.0)
+    assert rate_since(one, T0, T0, 60.0, since=T0) == pytest.approx(1.0, rel=0.01)
+
+
+def test_values_rate_a_function_counted_lately_at_its_corrected_rate():
+    """Two models alike on a device, with the same decaying count: the one the node began counting 10 s ago
+    has 9 times the rate (1 / (1 - 2^(-10/60))), so more value, in the ratio of (rate + recency)."""
+    s = node(1)
+    for name, since in (("lately", T0 - 10.0), ("long", -math.inf)):
+        fq = fn(s, name)
+        fq.rate, fq.last_arrival, fq.counted_since = 0.05, T0 - 2.0, since
+        s.devices[0].resident.add(name)
+    v = Scheduler().values(s, 0, T0)
+    raw = rate_at(0.05, T0 - 2.0, T0, 60.0)
+    recency = 1 / (2.0 + 1.0)
+    assert v["lately"] / v["long"] == pytest.approx((raw / (1 - 2 ** (-10 / 60)) + recency) / (raw + recency))
 
 
 # --- dropping ----------------------------------------------------------------------------------------
