@@ -79,9 +79,10 @@ def update_rate(rate: float, last: float | None, now: float, halflife_s: float) 
     """The rate estimate just after an arrival at ``now``.
 
     An exponentially decaying count of arrivals, ``c(t) = Σ exp(-κ (t - tᵢ))`` with ``κ = ln 2 / halflife``,
-    scaled to a rate ``κ·c``: for a Poisson stream of rate λ its expectation is λ, each arrival adds κ and
-    the whole decays by half every ``halflife_s``. Unlike averaging 1/gap it needs no special case for
-    simultaneous arrivals (a burst) and it decays on its own between arrivals (:func:`rate_at`).
+    scaled to a rate ``κ·c``: for a Poisson stream of rate λ counted for many half-lives its expectation is λ
+    (:func:`rate_since` reads it for a shorter history), each arrival adds κ and the whole decays by half every
+    ``halflife_s``. Unlike averaging 1/gap it needs no special case for simultaneous arrivals (a burst) and it
+    decays on its own between arrivals (:func:`rate_at`).
     """
     decayed = rate_at(rate, last, now, halflife_s)
     return decayed + LN2 / halflife_s
