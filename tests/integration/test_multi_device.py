@@ -1,8 +1,8 @@
-"""A node with several workers (CPU stand-ins for GPUs: ``--devices cpu:0,cpu:1,cpu:2``): one worker process
-per device, every device in the status, and work spread over them — with the controller
-busy-polling while runs are in flight (``--spin-ms``), which must change nothing but timing, one lane per device
-(``--lanes 1``; every other integration test runs the default two) and peer copies allowed (``--peer-copies``:
-the workers map each other's pages at start)."""
+"""A node with several workers (CPU stand-ins for GPUs: ``--devices cpu:0,cpu:1,cpu:2,cpu:3``, a four-GPU
+machine's shape): one worker process per device, every device in the status, and work spread over them — with
+the controller busy-polling while runs are in flight (``--spin-ms``), which must change nothing but timing, one
+lane per device (``--lanes 1``; every other integration test runs the default two) and peer copies allowed
+(``--peer-copies``: the workers map each other's pages at start)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from .harness import assert_stopped_cleanly, concurrently, deploy
 
 
 def test_one_worker_per_device_and_work_spreads(server_factory, functions, tmp_path):
-    s = server_factory(devices="cpu:0,cpu:1,cpu:2", extra=("--spin-ms", "1", "--lanes", "1", "--peer-copies")).start()
+    s = server_factory(devices="cpu:0,cpu:1,cpu:2,cpu:3",
+                       extra=("--spin-ms", "1", "--lanes", "1", "--peer-copies")).start()
     # While the workers start (the port already open), the metrics answer from the node's status.
     answered = []
     while len(answered) < 5 and s.proc.poll() is None:
@@ -30,9 +31,9 @@ def test_one_worker_per_device_and_work_spreads(server_factory, functions, tmp_p
     assert "collector failed" not in s.log(), s.log()  # the status it reads failed (the metrics hide it)
     s.wait_ready()
     workers = [pid for pid in s.children if "spawn_main" in _cmdline(pid) and "resource_tracker" not in _cmdline(pid)]
-    assert len(workers) == 3, (s.children, s.log())
+    assert len(workers) == 4, (s.children, s.log())
     status = s.client().status()
-    assert [d["device"] for d in status["devices"]] == ["cpu:0", "cpu:1", "cpu:2"]
+    assert [d["device"] for d in status["devices"]] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
     assert status["extra"]["d2d_GBps"] > 0  # every worker mapped the others' pages at start (peer copies)
     assert s.client().scheduling()["peer_copies"] is True  # as the flag asked
     info = deploy(s, functions.heavy.archive(tmp_path))

@@ -71,6 +71,19 @@ def test_the_controller_polls_by_default_on_gpu_nodes_with_cores_to_spare(
     assert with_fronts == (SPIN_MS if spin_ms and cores >= 4 + 3 * len(devices) + 4 else 0.0)
 
 
+@pytest.mark.parametrize("gpus", [0, 1, 2, 4, 8])
+def test_every_visible_gpu_is_a_device_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpus: int) -> None:
+    """The node starts one worker per entry of ``resolved_devices``: with no ``--devices``, one per GPU torch
+    sees, whatever their number (a four-GPU machine: cuda:0 to cuda:3), and the CPU where there is none."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    want = tuple(f"cuda:{i}" for i in range(gpus)) or ("cpu",)
+    assert ServeConfig(home=tmp_path, token=None).resolved_devices() == want
+    assert ServeConfig(home=tmp_path, token=None, devices=("cuda:1",)).resolved_devices() == ("cuda:1",)  # asked
+
+
 @pytest.mark.parametrize("text, devices", [("", ()), ("all", ()), ("cpu", ("cpu",)), ("0,1", ("cuda:0", "cuda:1")),
                                            ("cpu:0, cpu:1", ("cpu:0", "cpu:1")), ("cuda:3", ("cuda:3",))])
 def test_parse_devices(text: str, devices: tuple[str, ...]) -> None:
