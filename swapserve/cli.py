@@ -229,7 +229,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "queue_ahead_within_ms": args.queue_ahead_within_ms,
         "side_fetch": args.side_fetch, "peer_copies": args.peer_copies, "place_ahead": args.place_ahead,
         "gateway_margin": args.gateway_margin, "slo_values": args.slo_values,
-        "host_store_bytes": args.host_store,
+        "host_store_bytes": args.host_store, "max_body_bytes": args.max_body, "max_upload_bytes": args.max_upload,
         "token": getattr(args, "token", None), "demo": args.demo or None,
         "policy": args.policy, "mode": args.mode, "prepare": False if args.no_prepare else None,
         "spin_ms": args.spin_ms, "sandbox_isolation": args.sandbox_isolation, "sandbox_idle_s": args.sandbox_idle_s,
@@ -344,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run a node: gateway, controller and one worker per device")
     s.add_argument("--home", help="state directory (default: $SWAPSERVE_HOME or ~/.swapserve)")
-    s.add_argument("--host", help="listen address (default 127.0.0.1; 0.0.0.0 for every interface)")
-    s.add_argument("--port", type=int, help="listen port (default 8000)")
+    s.add_argument("--host", help="listen address (default: $SWAPSERVE_URL's host, else 127.0.0.1; 0.0.0.0 for "
+                                   "every interface)")
+    s.add_argument("--port", type=int, help="listen port (default: $SWAPSERVE_URL's port, else 8000)")
     s.add_argument("--devices", help='"cpu", "cuda:0,cuda:1" or "0,1"; "cpu:0,cpu:1" for several CPU workers '
                                      '(default: every GPU, else cpu)')
     s.add_argument("--pool", type=_bytes, help="weight pool per device, e.g. 16GiB (default: sized at start)")
@@ -384,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host-store", type=_bytes,
                    help="pinned host store capacity (default: half the free space of the shared-memory directory, "
                         "within the machine's available memory; more than either is refused)")
+    s.add_argument("--max-body", type=_bytes, metavar="SIZE",
+                   help="largest request body, e.g. 16MiB; larger ones are answered 413 (default 64MiB)")
+    s.add_argument("--max-upload", type=_bytes, metavar="SIZE",
+                   help="largest deploy upload (a function's compressed bundle: about its model's size; "
+                        "default 8GiB)")
     s.add_argument("--token", default=argparse.SUPPRESS,
                    help="token the management API requires (default: $SWAPSERVE_TOKEN)")
     s.add_argument("--demo", action="store_true", help="deploy the example functions from examples/ at start")

@@ -2,7 +2,7 @@
 
 ``swapserve serve`` only parses flags into a :class:`ServeConfig` and hands it to
 ``swapserve.node.serve.run``; tests and embedders build one directly. Defaults that come from the
-environment (``SWAPSERVE_HOME``, ``SWAPSERVE_TOKEN``, ``SWAPSERVE_SHM_DIR``) are read through
+environment (``SWAPSERVE_HOME``, ``SWAPSERVE_TOKEN``, ``SWAPSERVE_URL``, ``SWAPSERVE_SHM_DIR``) are read through
 :func:`swapserve.config.env` when a config is created, never at import.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from swapserve.config import MAX_LANES, GiB, MiB, env
 from swapserve.hostcpu import usable_cores
@@ -41,10 +42,12 @@ class ServeConfig:
 
     home: Path = field(default_factory=lambda: env().home)
     """The node's state: registry database and deployed bundles (``SWAPSERVE_HOME``, default ~/.swapserve)."""
-    host: str = "127.0.0.1"
-    """Interface the HTTP server listens on; ``0.0.0.0`` for every interface (then set a token)."""
-    port: int = 8000
-    """HTTP port (the client's default ``SWAPSERVE_URL`` is http://127.0.0.1:8000)."""
+    host: str = field(default_factory=lambda: listen_address(env().url)[0])
+    """Interface the HTTP server listens on; ``0.0.0.0`` for every interface (then set a token). Default: the host
+    of ``SWAPSERVE_URL`` (:func:`listen_address`), 127.0.0.1 where it is not set."""
+    port: int = field(default_factory=lambda: listen_address(env().url)[1])
+    """HTTP port. Default: the port of ``SWAPSERVE_URL``, 8000 where it is not set — so that ``serve`` and the CLI
+    given one ``SWAPSERVE_URL`` meet."""
     fronts: int = 0
     """HTTP front processes. 0: the controller serves HTTP itself (one process does HTTP, scheduling and
     dispatch). K > 0: K processes share the port (``SO_REUSEPORT``) and each runs the gateway — parsing,
@@ -108,6 +111,9 @@ class ServeConfig:
     """Where the host store's shared-memory buffers live (``SWAPSERVE_SHM_DIR``, default /dev/shm)."""
     token: str | None = field(default_factory=lambda: env().token)
     """Bearer token the management API requires (``SWAPSERVE_TOKEN``). None: no token (local use only)."""
+    max_body_bytes: int = 64 * MiB
+    """Largest request body (an infer request's, or any other but a deploy's): larger ones are answered 413
+    before they are read."""
     max_upload_bytes: int = 8 * GiB
     """Largest deploy upload (the compressed bundle). Weights hardly compress: about the model's size."""
     max_bundle_bytes: int = 16 * GiB
@@ -150,7 +156,8 @@ class ServeConfig:
             problems.append(f"devices {list(self.devices)} name a device twice")
         if any(d.startswith("cpu") for d in self.devices) and any(d.startswith("cuda") for d in self.devices):
             problems.append("CPU workers cannot be mixed with GPUs")
-        for name in ("pool_bytes", "workspace_bytes", "host_store_bytes", "max_upload_bytes", "max_bundle_bytes"):
+        for name in ("pool_bytes", "workspace_bytes", "host_store_bytes", "max_body_bytes", "max_upload_bytes",
+                     "max_bundle_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{name} must be positive, not {value}")
@@ -201,6 +208,20 @@ class ServeConfig:
         return tuple(self.examples_dir / name for name in DEMO_FUNCTIONS)
 
 
+def listen_address(url: str) -> tuple[str, int]:
+    """The host and port of a node's URL (``SWAPSERVE_URL``), where ``serve`` listens by default: the address the
+    CLI reaches the node at. The node speaks plain HTTP; a URL it cannot listen at is a ValueError naming it."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"SWAPSERVE_URL {url!r} is not a URL: {e}") from None
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"SWAPSERVE_URL {url!r} is not an address the node can listen at (http://HOST:PORT); "
+                         "give serve --host and --port")
+    return parts.hostname, 80 if port is None else port
+
+
 def parse_devices(text: str) -> tuple[str, ...]:
     """``"cpu"``, ``"cuda:0,cuda:1"``, ``"0,1"`` (shorthand for cuda:N) or ``"all"``/``""`` (auto) → devices."""
     items = [s.strip() for s in text.split(",") if s.strip()]
@@ -209,4 +230,4 @@ def parse_devices(text: str) -> tuple[str, ...]:
     return tuple(f"cuda:{s}" if s.isdigit() else s for s in items)
 
 
-__all__ = ["DEMO_FUNCTIONS", "EXAMPLES_DIR", "SPIN_MS", "ServeConfig", "parse_devices"]
+__all__ = ["DEMO_FUNCTIONS", "EXAMPLES_DIR", "SPIN_MS", "ServeConfig", "listen_address", "parse_devices"]

@@ -126,7 +126,7 @@ async def _main(config: ServeConfig) -> int:
                                                  idle_s=config.sandbox_idle_s)),  # type: ignore[arg-type]
                 metrics)  # opens the registry: a home already in use is refused before anything is written
     token = _token(config)
-    gateway = GatewayConfig(token=token, uploads_dir=node.registry.staging_root,
+    gateway = GatewayConfig(token=token, uploads_dir=node.registry.staging_root, max_body_bytes=config.max_body_bytes,
                             max_upload_bytes=config.max_upload_bytes, max_bundle_bytes=config.max_bundle_bytes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -32,10 +32,11 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
     """Makes servers (each with its own home and shm dir); kills whatever is left of them at the end."""
     made: list[Server] = []
 
-    def make(token: bool = True, devices: str = "cpu", extra: tuple[str, ...] = ()) -> Server:
-        """``token`` False: start without ``--token`` (the node generates one and keeps it in its home)."""
+    def make(token: bool = True, devices: str = "cpu", extra: tuple[str, ...] = (), by_env: bool = False) -> Server:
+        """``token`` False: start without ``--token`` (the node generates one and keeps it in its home).
+        ``by_env``: the address and token given as ``SWAPSERVE_URL`` and ``SWAPSERVE_TOKEN``, not as flags."""
         s = new_server(tmp_path_factory.mktemp("node"))
-        s.devices, s.extra = devices, extra
+        s.devices, s.extra, s.by_env = devices, extra, by_env
         if not token:
             s.token = None
         made.append(s)
@@ -51,8 +52,9 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
 def server(server_factory: Callable[..., Server], request: pytest.FixtureRequest,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The shared node, serving ``mlp`` (deployed with the ``swapserve deploy`` CLI) and ``pair`` (deployed
-    with ``Client.deploy``)."""
-    s = server_factory().start()
+    with ``Client.deploy``). Its address and token are given as ``SWAPSERVE_URL`` and ``SWAPSERVE_TOKEN``, as the
+    CLI takes them: every test of it checks that ``serve`` honours both."""
+    s = server_factory(by_env=True).start()
     serve_mlp_and_pair(s, request.getfixturevalue("functions"), tmp_path_factory)  # built while the node starts
     yield s
     assert_stopped_cleanly(s, s.stop())

@@ -302,6 +302,8 @@ class Server:
     """``--devices``: ``cpu``, or ``cpu:0,cpu:1,...`` for several CPU workers."""
     extra: tuple[str, ...] = ()
     """More ``serve`` flags."""
+    by_env: bool = False
+    """Give ``serve`` its address and token as ``SWAPSERVE_URL`` and ``SWAPSERVE_TOKEN``, not as flags."""
 
     @property
     def url(self) -> str:
@@ -322,14 +324,19 @@ class Server:
         """Start the process (returns at once; :meth:`wait_ready` waits)."""
         self.port = free_port()
         log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "swapserve.cli", "serve", "--devices", self.devices, "--host", "127.0.0.1",
-               "--port", str(self.port), "--home", str(self.home),
+        cmd = [sys.executable, "-m", "swapserve.cli", "serve", "--devices", self.devices, "--home", str(self.home),
                "--pool", "128MiB", "--host-store", "256MiB", "--workspace", "128MiB"]
-        if self.token is not None:
-            cmd += ["--token", self.token]
+        env = self.env()
+        if self.by_env:
+            env["SWAPSERVE_URL"] = self.url
+            if self.token is not None:
+                env["SWAPSERVE_TOKEN"] = self.token
+        else:
+            cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+            if self.token is not None:
+                cmd += ["--token", self.token]
         cmd += self.extra
-        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         self.children = {}
         self.not_ready = []

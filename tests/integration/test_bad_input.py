@@ -8,7 +8,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,14 @@ import yaml
 
 from swapserve.functions.bundle import pack
 
-from .harness import Functions, Server, assert_serves, infer_json
+from .harness import Functions, Server, assert_serves, assert_stopped_cleanly, deploy, infer_json
 
 pytestmark = pytest.mark.integration
 
 DEFAULT_MAX_BODY = 64 << 20
-"""GatewayConfig.max_body_bytes: ``swapserve serve`` has no flag to change it."""
+"""``serve --max-body``'s default."""
 DEFAULT_MAX_UPLOAD = 8 << 30
-"""ServeConfig.max_upload_bytes (no flag either)."""
+"""``serve --max-upload``'s default."""
 
 
 @pytest.fixture(autouse=True)
@@ -122,27 +122,60 @@ def test_unknown_function_and_routes(server: Server):
     assert "POST" in r.headers.get("allow", "")
 
 
-def test_oversized_infer_body(server: Server):
-    """413 from the announced length, before the body is read (the default limit, 64 MiB, has no flag)."""
+LIMIT = 1 << 20
+"""``serve --max-body`` and ``--max-upload`` of the ``limited`` node."""
+
+
+@pytest.fixture(scope="module")
+def limited(server_factory: Callable[..., Server], functions: Functions,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A node of its own with ``serve --max-body 1MiB --max-upload 1MiB``, serving ``mlp`` (its upload within the
+    limit)."""
+    s = server_factory(extra=("--max-body", "1MiB", "--max-upload", "1MiB")).start()
+    archive = functions.mlp.archive(tmp_path_factory.mktemp("limited"))  # built while the node starts
+    assert archive.stat().st_size < LIMIT
+    s.wait_ready()
+    assert deploy(s, archive)["state"] == "READY"
+    yield s
+    assert_stopped_cleanly(s, s.stop())
+
+
+def _announced(server: Server, path: str, length: int, first: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    """POST ``path`` announcing ``length`` bytes of body and sending only ``first``: (status, JSON body)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
-        conn.putrequest("POST", "/v2/models/mlp/infer")
-        conn.putheader("Content-Type", "application/json")
-        conn.putheader("Content-Length", str(DEFAULT_MAX_BODY + 1))
+        conn.putrequest("POST", path)
+        for k, v in {"Content-Length": str(length), **headers}.items():
+            conn.putheader(k, v)
         conn.endheaders()
-        conn.send(b'{"inputs": [')
+        conn.send(first)
         r = conn.getresponse()
         status, ctype, body = r.status, r.getheader("Content-Type", ""), r.read()
     finally:
         conn.close()
-    assert status == 413, body
-    assert ctype.startswith("application/json") and "limit" in json.loads(body)["error"]
+    assert ctype.startswith("application/json"), (status, ctype, body[:300])
+    return status, json.loads(body)
 
 
-def test_oversized_chunked_infer_body(server: Server):
-    """Without a Content-Length the node counts as it reads and stops past the limit (64 MiB + 1 sent)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    chunk = b" " * (4 << 20)
+def test_oversized_infer_body(server: Server, limited: Server):
+    """413 from the announced length, before the body is read: past ``--max-body`` (1 MiB), or its default
+    (64 MiB) on a node started without it; a body within the limit is served."""
+    json_head = {"Content-Type": "application/json"}
+    status, doc = _announced(limited, "/v2/models/mlp/infer", LIMIT + 1, b'{"inputs": [', json_head)
+    assert status == 413 and "limit" in doc["error"], (status, doc)
+    status, doc = _announced(server, "/v2/models/mlp/infer", DEFAULT_MAX_BODY + 1, b'{"inputs": [', json_head)
+    assert status == 413 and "limit" in doc["error"], (status, doc)
+    padded = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [0.5] * 16}],
+                         "id": "p" * (LIMIT - 4096)}).encode()
+    assert LIMIT - 4096 < len(padded) <= LIMIT
+    r = post_infer(limited, "mlp", padded, {"Content-Type": "application/json"})
+    assert r.status == 200, r.body[:300]
+
+
+def test_oversized_chunked_infer_body(limited: Server, functions: Functions):
+    """Without a Content-Length the node counts as it reads and stops past the limit (1 MiB + 1 sent)."""
+    conn = http.client.HTTPConnection("127.0.0.1", limited.port, timeout=60)
+    chunk = b" " * (64 << 10)
     status = None
     try:
         conn.putrequest("POST", "/v2/models/mlp/infer")
@@ -150,7 +183,7 @@ def test_oversized_chunked_infer_body(server: Server):
         conn.putheader("Transfer-Encoding", "chunked")
         conn.endheaders()
         try:
-            for _ in range(DEFAULT_MAX_BODY // len(chunk) + 1):
+            for _ in range(LIMIT // len(chunk) + 1):
                 conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             conn.send(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -161,23 +194,18 @@ def test_oversized_chunked_infer_body(server: Server):
         conn.close()
     assert status == 413, body[:300]
     assert "limit" in json.loads(body)["error"]
+    assert_serves(limited, functions.mlp, seed=13)
 
 
-def test_oversized_deploy_upload(server: Server):
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    try:
-        conn.putrequest("POST", "/api/v1/functions")
-        conn.putheader("Authorization", f"Bearer {server.token}")
-        conn.putheader("Content-Type", "application/gzip")
-        conn.putheader("Content-Length", str(DEFAULT_MAX_UPLOAD + 1))
-        conn.endheaders()
-        conn.send(b"\x1f\x8b")
-        r = conn.getresponse()
-        status, body = r.status, r.read()
-    finally:
-        conn.close()
-    assert status == 413, body
-    assert "bundle" in json.loads(body)["error"]
+def test_oversized_deploy_upload(server: Server, limited: Server):
+    """A deploy upload past ``--max-upload`` (1 MiB), or its default (8 GiB), gets 413 from its announced
+    length."""
+    head = {"Authorization": f"Bearer {limited.token}", "Content-Type": "application/gzip"}
+    status, doc = _announced(limited, "/api/v1/functions", LIMIT + 1, b"\x1f\x8b", head)
+    assert status == 413 and "bundle" in doc["error"], (status, doc)
+    head["Authorization"] = f"Bearer {server.token}"
+    status, doc = _announced(server, "/api/v1/functions", DEFAULT_MAX_UPLOAD + 1, b"\x1f\x8b", head)
+    assert status == 413 and "bundle" in doc["error"], (status, doc)
 
 
 # -- deploys -------------------------------------------------------------------------------------------------

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from swapserve.cli import UsageError, build_parser, serve_config
 from swapserve.node import config
-from swapserve.node.config import SPIN_MS, ServeConfig, parse_devices
+from swapserve.config import env
+from swapserve.node.config import SPIN_MS, ServeConfig, listen_address, parse_devices
 
 
 def test_defaults_are_valid(tmp_path: Path) -> None:
@@ -50,6 +52,65 @@ def test_serve_flags_become_the_config(tmp_path: Path) -> None:
         serve_config(build_parser().parse_args(["serve", "--home", str(tmp_path), "--port", "0", "--fronts", "2"]))
     with pytest.raises(UsageError, match="sandbox_idle_s must be positive"):
         serve_config(build_parser().parse_args(["serve", "--home", str(tmp_path), "--sandbox-idle-s", "0"]))
+
+
+@pytest.fixture
+def environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """``monkeypatch`` for ``SWAPSERVE_*``: :func:`swapserve.config.env` reads them once, so its cache is emptied
+    around the test."""
+    env.cache_clear()
+    for name in ("SWAPSERVE_URL", "SWAPSERVE_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    yield monkeypatch
+    env.cache_clear()
+
+
+def serve_args(tmp_path: Path, *flags: str) -> ServeConfig:
+    return serve_config(build_parser().parse_args(["serve", "--home", str(tmp_path), *flags]))
+
+
+def test_serve_listens_where_swapserve_url_points_and_takes_swapserve_token(
+        tmp_path: Path, environ: pytest.MonkeyPatch) -> None:
+    c = serve_args(tmp_path)
+    assert (c.host, c.port, c.token) == ("127.0.0.1", 8000, None)  # nothing set: the CLI's default URL
+    env.cache_clear()
+    environ.setenv("SWAPSERVE_URL", "http://0.0.0.0:9123/")
+    environ.setenv("SWAPSERVE_TOKEN", "s3cret")
+    c = serve_args(tmp_path)
+    assert (c.host, c.port, c.token) == ("0.0.0.0", 9123, "s3cret")
+    assert (serve_args(tmp_path, "--port", "9001").host, serve_args(tmp_path, "--port", "9001").port) == \
+        ("0.0.0.0", 9001)  # a flag given wins over the environment, the other part still comes from it
+    assert serve_args(tmp_path, "--host", "127.0.0.1").port == 9123
+    assert serve_args(tmp_path, "--token", "other").token == "other"
+
+
+@pytest.mark.parametrize("url, address", [("http://localhost", ("localhost", 80)), ("http://[::1]:81", ("::1", 81)),
+                                          ("http://node.example:8000", ("node.example", 8000))])
+def test_listen_address(url: str, address: tuple[str, int]) -> None:
+    assert listen_address(url) == address
+
+
+@pytest.mark.parametrize("url, message", [
+    ("https://node.example", "not an address the node can listen at"),
+    ("http://node.example:8000/swapserve", "not an address the node can listen at"),
+    ("node.example:8000", "not an address the node can listen at"),
+    ("http://node.example:99999", "is not a URL")])
+def test_a_swapserve_url_serve_cannot_listen_at_is_a_usage_error(
+        tmp_path: Path, environ: pytest.MonkeyPatch, url: str, message: str) -> None:
+    environ.setenv("SWAPSERVE_URL", url)
+    with pytest.raises(UsageError, match=message):
+        serve_args(tmp_path)
+    c = serve_args(tmp_path, "--host", "0.0.0.0", "--port", "8080")  # both given: the URL is not needed
+    assert (c.host, c.port) == ("0.0.0.0", 8080)
+
+
+def test_body_and_upload_limits(tmp_path: Path) -> None:
+    defaults = serve_args(tmp_path)
+    assert (defaults.max_body_bytes, defaults.max_upload_bytes) == (64 << 20, 8 << 30)
+    c = serve_args(tmp_path, "--max-body", "1MiB", "--max-upload", "2GiB")
+    assert (c.max_body_bytes, c.max_upload_bytes) == (1 << 20, 2 << 30)
+    with pytest.raises(UsageError, match="max_body_bytes must be positive"):
+        serve_args(tmp_path, "--max-body", "0")
 
 
 @pytest.mark.parametrize("spin_ms", [0.0, 2.0, 1000.0])
