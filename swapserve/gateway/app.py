@@ -346,13 +346,27 @@ async def _load_or_unload(request: web.Request, load: bool) -> web.Response:
     # Guarded by the management token: Triton leaves these open, but they change what the node serves.
     management.require_token(request)
     doc = await read_json_object(request)
-    if doc.get("parameters"):
-        raise InvalidInputError("repository load/unload parameters are not supported (swapserve (un)loads the "
-                                "deployed version; deploy a new bundle to change it)")
+    _check_repository_parameters(doc.get("parameters"), load)
     node = request.app[NODE]
     name = request.match_info["name"]
     info = await (node.load(name) if load else node.unload(name))
     return json_response(repository_entry(info))
+
+
+def _check_repository_parameters(parameters: object, load: bool) -> None:
+    """Triton's clients send ``{"parameters": {"unload_dependents": false}}`` with every unload: a function has
+    no dependent models apart from its own, which go with it, so either value is taken. A load's ``config`` or
+    ``file:`` override, or anything else, is refused: swapserve (un)loads the deployed version."""
+    if parameters is None:
+        return
+    if not isinstance(parameters, dict):
+        raise InvalidInputError("repository load/unload 'parameters' must be a JSON object")
+    taken = set() if load else {"unload_dependents"}
+    if not load and not isinstance(parameters.get("unload_dependents", False), bool):
+        raise InvalidInputError("unload parameter 'unload_dependents' must be true or false")
+    if other := sorted(set(parameters) - taken):
+        raise InvalidInputError(f"repository {'load' if load else 'unload'} parameters {other} are not supported "
+                                "(swapserve (un)loads the deployed version; deploy a new bundle to change it)")
 
 
 # -- observability ------------------------------------------------------------------------------------------

@@ -118,7 +118,11 @@ OPENAPI: dict[str, Any] = {
                         auth=True)},
         "/v2/repository/models/{name}/unload": {
             "post": _op("Stop serving a function (keeps its registration)", "repository", _STATE, (400, 404, 409),
-                        params=(_NAME,), auth=True)},
+                        params=(_NAME,), auth=True,
+                        body={"required": False, "content": {"application/json": {"schema": {
+                            "type": "object", "properties": {"parameters": {"type": "object", "properties": {
+                                "unload_dependents": {"type": "boolean", "description": (
+                                    "Taken as Triton's clients send it: a function's models go with it")}}}}}}}})},
         "/api/v1/functions": {
             "get": _op("List functions", "management", _json({"type": "object", "properties": {
                 "functions": {"type": "array", "items": _ref("FunctionInfo")}}}, "Every function"), auth=True),

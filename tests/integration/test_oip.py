@@ -235,7 +235,7 @@ def test_unload_then_load(server: Server, functions: Functions, archives: Path):
     assert info["state"] == "READY"
     assert_serves(server, functions.mlp, seed=1, name="toggle")
 
-    server.post_json("/v2/repository/models/toggle/unload", {"parameters": {"unload_dependents": True}},
+    server.post_json("/v2/repository/models/toggle/unload", {"parameters": {"unload_dependents": "yes"}},
                      token=True).error(400)
     assert_serves(server, functions.mlp, seed=1, name="toggle"), "a refused unload changes nothing"
     r = server.post_json("/v2/repository/models/toggle/unload", {}, token=True)

@@ -377,6 +377,18 @@ def test_repository_index_load_unload() -> None:
         await error(await c.post("/v2/repository/models/nope/load", headers=AUTH), 404)
         assert "not supported" in await error(await c.post(
             "/v2/repository/models/mixed/load", headers=AUTH, json={"parameters": {"config": "{}"}}), 400)
+        # Triton's clients send unload_dependents with every unload: a function has no other dependents.
+        for dependents in (False, True):
+            r = await c.post("/v2/repository/models/mixed/unload", headers=AUTH,
+                             json={"parameters": {"unload_dependents": dependents}})
+            assert r.status == 200, await r.text()
+            assert (await c.post("/v2/repository/models/mixed/load", headers=AUTH)).status == 200
+        assert "must be true or false" in await error(await c.post(
+            "/v2/repository/models/mixed/unload", headers=AUTH, json={"parameters": {"unload_dependents": "no"}}), 400)
+        assert "['unload_dependents'] are not supported" in await error(await c.post(
+            "/v2/repository/models/mixed/load", headers=AUTH, json={"parameters": {"unload_dependents": False}}), 400)
+        assert "must be a JSON object" in await error(await c.post(
+            "/v2/repository/models/mixed/unload", headers=AUTH, json={"parameters": [1]}), 400)
         assert "malformed JSON" in await error(await c.post("/v2/repository/index", data=b"{"), 400)
         assert "must be a JSON object" in await error(await c.post("/v2/repository/index", json=[1]), 400)
         assert "ready: must be true or false" in await error(await c.post("/v2/repository/index",
