@@ -270,18 +270,27 @@ def _random_tensor(rng: Any, datatype: str, shape: list[int]) -> Any:
 
     dtype = numpy_dtype("FP32" if datatype == "BF16" else datatype)
     if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
+        return _as_declared(rng.standard_normal(shape), datatype)
     if dtype.kind == "b":
         return rng.integers(0, 2, shape).astype(bool)
     return rng.integers(0, 2, shape).astype(dtype)
+
+
+def _as_declared(arr: Any, datatype: str) -> Any:
+    """``arr`` cast to an OIP datatype: a numpy array, or for BF16 (which numpy lacks) a torch tensor."""
+    from swapserve.tensors import numpy_dtype
+
+    if datatype != "BF16":
+        return arr.astype(numpy_dtype(datatype))
+    import torch
+
+    return torch.from_numpy(arr.astype("float32")).to(torch.bfloat16)
 
 
 def _read_input(name: str, value: str, declared: dict[str, Any]) -> Any:
     """``FILE.npy`` (loaded without pickle) or a JSON list; cast to the declared datatype, and given a
     batch dimension of 1 when it has one dimension fewer than declared."""
     import numpy as np
-
-    from swapserve.tensors import numpy_dtype
 
     if value.endswith(".npy"):
         try:
@@ -293,12 +302,9 @@ def _read_input(name: str, value: str, declared: dict[str, Any]) -> Any:
             arr = np.asarray(json.loads(value))
         except (json.JSONDecodeError, ValueError) as e:
             raise UsageError(f"--input {name}: not a .npy file nor a JSON list: {e}") from None
-    datatype = declared["datatype"]
-    if datatype != "BF16":
-        arr = arr.astype(numpy_dtype(datatype))
     if arr.ndim == len(declared["shape"]) - 1:
         arr = arr[None]
-    return arr
+    return _as_declared(arr, declared["datatype"])
 
 
 def build_parser() -> argparse.ArgumentParser:
