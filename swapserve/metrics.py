@@ -85,8 +85,8 @@ class Metrics:
                                       ["device"])
         self.swap_bytes = counter("swap_bytes", "Weight bytes copied onto a device (by swapped runs, prefetches "
                                   "and pieces of swaps).", ["device"])
-        self.evictions = counter("evictions", "Models (wholly or partly) evicted from a device.",
-                                 ["device"])
+        self.evictions = counter("evictions", "Models evicted from a device, wholly or partly (a run that takes "
+                                 "pages from three models counts three).", ["device"])
         self.swap_pieces = counter("swap_pieces", "Pieces of swaps copied with no run (a long swap with time "
                                    "to spare comes in pieces; other requests go between them).", ["device"])
         self.queued_ahead = counter("queued_ahead", "Runs and pieces of swaps sent to a device's first lane behind "

@@ -78,8 +78,8 @@ class RunInfo:
 
     swapped: bool = False
     bytes_copied: int = 0
-    pages_taken: int = 0
-    """Pages taken from other models."""
+    evicted: int = 0
+    """Models whose pages it took (wholly or partly evicted)."""
     from_peer: bool = False
     """Its bytes came from a peer device that lent the model, not from host."""
     remaps: int = 0
@@ -934,7 +934,7 @@ class SwapEngine:
         with self._lock:
             self.pool.loaded(m.name, plan.load)
             self.stats.bytes_copied += copied
-        self._local.last_run = RunInfo(bool(plan.load), copied, sum(len(t) for _, t in plan.taken), from_peer,
+        self._local.last_run = RunInfo(bool(plan.load), copied, len(plan.taken), from_peer,
                                        len(plan.remaps), sum(r.old_page is not None for r in plan.remaps))
         return copied
 

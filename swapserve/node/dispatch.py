@@ -638,8 +638,8 @@ class Dispatcher:
                     self.metrics.count_side_fetch(w.device)
         else:
             self.metrics.count_swap_bytes(w.device, res.bytes_copied)
-        if res.pages_taken:
-            self.metrics.count_eviction(w.device, res.pages_taken)
+        if res.evicted:
+            self.metrics.count_eviction(w.device, res.evicted)
         if res.from_peer:
             self.metrics.count_peer_copy(w.device)
         if res.placed_ahead:

@@ -220,8 +220,8 @@ class RunResult:
     """Swap (if any) plus execution, as the worker timed it."""
     swapped: bool
     bytes_copied: int
-    pages_taken: int = 0
-    """Pages this run took from other models (evictions, partial or whole)."""
+    evicted: int = 0
+    """Models this run took pages from (evictions, partial or whole)."""
     handled_ms: float = 0.0
     """The worker's time for the command: message received to reply ready."""
     phases_ms: dict[str, float] = field(default_factory=dict)

@@ -444,7 +444,7 @@ class Worker:
             t0 = time.perf_counter()
             self.engine.prefetch(msg.key, msg.max_bytes, value=_value_of(self._values))
             run = self.engine.last_run()
-            return m.RunResult((), (time.perf_counter() - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken)
+            return m.RunResult((), (time.perf_counter() - t0) * 1e3, run.swapped, run.bytes_copied, run.evicted)
         elif isinstance(msg, m.Evict):
             self.engine.evict(msg.key)
         elif isinstance(msg, m.MeasureCopy):
@@ -538,7 +538,7 @@ class Worker:
                   "device": run.device_ms - enqueued_ms, "output": enqueued_ms,  # parts of the engine's device_ms
                   "place_lock": run.place_lock_ms, "place_remap": run.place_remap_ms,
                   "place_remap_cpu": run.place_remap_cpu_ms}
-        return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.pages_taken, phases_ms=phases,
+        return RunResult(refs, (t2 - t0) * 1e3, run.swapped, run.bytes_copied, run.evicted, phases_ms=phases,
                          lane=lane, from_peer=run.from_peer, placed_ahead=run.placed_ahead, remaps=run.remaps,
                          remap_unmaps=run.remap_unmaps)
 

@@ -96,6 +96,12 @@ def test_every_answer_under_bursts_of_swaps_is_its_own_models(tmp_path: Path, mo
         assert (counts["evictions"] > 50 and counts["queued_ahead"] > 10 and counts["placed_ahead"] > 2
                 and counts["side_fetches"] > 5 and counts["remaps"] > 10), counts
         assert counts["remap_unmaps"] <= counts["remaps"], counts
+        # The request and swap figures the node recorded: every request's queue time, each swapped run's time
+        # and the bytes it copied.
+        queued = sum(metric(text, "swapserve_queue_seconds_count", function=n) for n in models)
+        swaps = metric(text, "swapserve_swap_seconds_count", device=device)
+        assert queued == REQUESTS and 0 < swaps < REQUESTS, (queued, swaps)
+        assert metric(text, "swapserve_swap_bytes_total", device=device) >= swaps * (1 << 20), text  # a page each
         assert node.is_ready()
 
     in_node(monkeypatch, NodeConfig(home=tmp_path / "home", devices=(device,), pool_bytes=8 << 20,

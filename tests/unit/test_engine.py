@@ -112,6 +112,22 @@ def test_last_run_says_where_a_run_went(make_artifact, make_engine):
     assert not eng.last_run().swapped and eng.last_run().device_ms > 0
 
 
+def test_last_run_counts_the_models_it_evicted(make_artifact, make_engine):
+    """``evicted`` (what ``swapserve_evictions_total`` adds up) is models a run took pages from, not pages."""
+    a, _, xa = make_artifact("mlp", seed=1, name="a")
+    b, _, xb = make_artifact("mlp", seed=2, name="b")
+    eng = make_engine("cpu", "eager", pool_mib=8, page_mib=2)  # not both at once
+    eng.add("a", a)
+    eng.add("b", b)
+    eng.infer("a", xa)
+    assert eng.last_run().swapped and eng.last_run().evicted == 0  # a free pool
+    pages = eng.stats.pages_taken
+    eng.infer("b", xb)
+    assert eng.last_run().evicted == 1 and eng.stats.pages_taken - pages > 1  # several of a's pages, one model
+    eng.infer("b", xb)
+    assert not eng.last_run().swapped and eng.last_run().evicted == 0
+
+
 def test_a_piece_of_a_swap_is_whole_pages_of_what_is_missing(make_artifact, make_engine):
     art, _, x = make_artifact("mlp")
     eng = make_engine("cpu", "eager")
