@@ -890,8 +890,8 @@ def main() -> None:
                     help="serve --place-ahead / --no-place-ahead (default: on, the node's default)")
     ap.add_argument("--gateway-margin", action=argparse.BooleanOptionalAction, default=True,
                     help="serve --gateway-margin / --no-gateway-margin (default: on, the node's default)")
-    ap.add_argument("--peer-copies", action=argparse.BooleanOptionalAction, default=False,
-                    help="serve --peer-copies / --no-peer-copies (default: off, the node's default; several GPUs)")
+    ap.add_argument("--peer-copies", action=argparse.BooleanOptionalAction, default=None,
+                    help="serve --peer-copies / --no-peer-copies (default: the node's: on for several GPUs)")
     ap.add_argument("--slo-values", action=argparse.BooleanOptionalAction, default=False,
                     help="serve --slo-values / --no-slo-values (default: off, the node's default)")
     ap.add_argument("--profile", action="store_true", help="sample the controller and each HTTP front with py-spy "
@@ -956,7 +956,7 @@ def main() -> None:
                  + (("--swap-piece-ms", str(args.swap_piece_ms)) if args.swap_piece_ms is not None else ())
                  + ("--queue-ahead" if args.queue_ahead else "--no-queue-ahead",)
                  + ("--side-fetch" if args.side_fetch else "--no-side-fetch",)
-                 + ("--peer-copies" if args.peer_copies else "--no-peer-copies",)
+                 + (() if args.peer_copies is None else ("--peer-copies" if args.peer_copies else "--no-peer-copies",))
                  + ("--place-ahead" if args.place_ahead else "--no-place-ahead",)
                  + ("--gateway-margin" if args.gateway_margin else "--no-gateway-margin",)
                  + ("--slo-values" if args.slo_values else "--no-slo-values",)
@@ -974,7 +974,10 @@ def main() -> None:
             for result in results:
                 result["gpu"] = st["devices"][0]["name"]
                 result["gpus"] = len(st["devices"])
-                result["spin_ms"] = client.scheduling()["spin_ms"]  # its default depends on the machine
+                scheduling = client.scheduling()
+                result["spin_ms"] = scheduling["spin_ms"]  # its default depends on the machine
+                if result.get("peer_copies") is None:  # the node's default: on for several GPUs
+                    result["peer_copies"] = scheduling["peer_copies"]
                 # The node's link profile, measured at its start: host→GPU GB/s with all GPUs copying at once,
                 # and the slowdown of execution under a copy (what the scheduler counts as contention).
                 result["link_profile"] = {k: v for k, v in (st.get("extra") or {}).items()

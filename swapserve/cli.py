@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "run it, when that finishes first (default: on; needs two lanes)")
     s.add_argument("--peer-copies", action=argparse.BooleanOptionalAction, default=None,
                    help="a model another device holds may be copied from there (NVLink) instead of from host "
-                        "memory, when that finishes first (default: off; needs two or more devices; PATCH "
-                        "/api/v1/scheduling changes it on a running node)")
+                        "memory, when that finishes first (default: on for a node of two or more GPUs, off for CPU "
+                        "workers; PATCH /api/v1/scheduling changes it on a running node)")
     s.add_argument("--place-ahead", action=argparse.BooleanOptionalAction, default=None,
                    help="a run queued behind another in a device's first lane has its pages placed (evictions, "
                         "remaps) and its copies started while the run before it executes (default: on; PATCH "

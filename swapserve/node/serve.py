@@ -117,7 +117,7 @@ async def _main(config: ServeConfig) -> int:
                            workspace_bytes=config.workspace_bytes, lanes=config.lanes,
                            swap_piece_ms=config.swap_piece_ms, queue_ahead=config.queue_ahead,
                            queue_ahead_within_ms=config.queue_ahead_within_ms, side_fetch=config.side_fetch,
-                           peer_copies=config.peer_copies, place_ahead=config.place_ahead,
+                           peer_copies=config.resolved_peer_copies(devices), place_ahead=config.place_ahead,
                            gateway_margin=config.gateway_margin, slo_values=config.slo_values,
                            host_store_bytes=host_store_bytes,
                            mode=config.mode, policy=config.policy, prepare_on_deploy=config.prepare,

@@ -44,7 +44,7 @@ def test_serve_flags_become_the_config(tmp_path: Path) -> None:
     assert (defaults.sandbox_isolation, defaults.sandbox_idle_s, defaults.spin_ms) == ("best_effort", 300.0, None)
     assert defaults.fronts == 0  # the controller serves HTTP itself unless asked
     assert defaults.queue_ahead_within_ms is None  # queue ahead whenever, unless asked
-    assert not defaults.peer_copies  # off until a sweep on several GPUs shows it helps
+    assert defaults.peer_copies is None  # the node decides by its devices (resolved_peer_copies)
     assert not defaults.slo_values  # off until a trace on a GPU shows it helps
     with pytest.raises(UsageError, match="queue_ahead_within_ms must be in"):
         serve_config(build_parser().parse_args(["serve", "--home", str(tmp_path), "--queue-ahead-within-ms", "-1"]))
@@ -143,6 +143,16 @@ def test_every_visible_gpu_is_a_device_by_default(tmp_path: Path, monkeypatch: p
     want = tuple(f"cuda:{i}" for i in range(gpus)) or ("cpu",)
     assert ServeConfig(home=tmp_path, token=None).resolved_devices() == want
     assert ServeConfig(home=tmp_path, token=None, devices=("cuda:1",)).resolved_devices() == ("cuda:1",)  # asked
+
+
+@pytest.mark.parametrize("devices, peer_copies", [
+    (("cuda:0",), False), (("cuda:0", "cuda:1"), True), (("cuda:0", "cuda:1", "cuda:2", "cuda:3"), True),
+    (("cpu",), False), (("cpu:0", "cpu:1"), False)])
+def test_peer_copies_by_default_on_nodes_of_several_gpus(tmp_path: Path, devices: tuple[str, ...],
+                                                         peer_copies: bool) -> None:
+    assert ServeConfig(home=tmp_path, token=None).resolved_peer_copies(devices) is peer_copies
+    for asked in (False, True):
+        assert ServeConfig(home=tmp_path, token=None, peer_copies=asked).resolved_peer_copies(devices) is asked
 
 
 @pytest.mark.parametrize("text, devices", [("", ()), ("all", ()), ("cpu", ("cpu",)), ("0,1", ("cuda:0", "cuda:1")),
