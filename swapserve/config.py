@@ -36,6 +36,9 @@ def parse_bytes(text: str | int) -> int:
         raise ValueError(f"not a byte size: {text!r} (use e.g. 512MiB, 16GiB or a number of bytes)") from None
 
 
+MAX_BODY_BYTES = 64 * MiB
+"""The largest request body a node takes by default (``serve --max-body``): 413 beyond it."""
+
 MAX_LANES = 4
 """Most lanes a device may have: each holds a workspace, and in graph mode each side lane a graph of every
 model it may run."""

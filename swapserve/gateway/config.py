@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-MiB = 1 << 20
+from swapserve.config import MAX_BODY_BYTES
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,7 @@ class GatewayConfig:
     """Management token, sent as ``Authorization: Bearer <token>``. It guards the management API
     (``/api/v1/...``) and OIP repository load/unload. None disables those routes (403): a node started
     without a token can serve, but nobody can change what it serves over HTTP."""
-    max_body_bytes: int = 64 * MiB
+    max_body_bytes: int = MAX_BODY_BYTES
     """Largest request body (infer requests included); larger ones get 413 before they are read."""
     request_timeout_s: float = 60.0
     """Wall-clock limit of one request (reading the body, queueing, running); past it: 504."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from swapserve.config import MAX_LANES, GiB, MiB, env
+from swapserve.config import MAX_BODY_BYTES, MAX_LANES, GiB, MiB, env
 from swapserve.hostcpu import usable_cores
 from swapserve.scheduler.core import SWAP_PIECE_MS
 
@@ -113,7 +113,7 @@ class ServeConfig:
     """Where the host store's shared-memory buffers live (``SWAPSERVE_SHM_DIR``, default /dev/shm)."""
     token: str | None = field(default_factory=lambda: env().token)
     """Bearer token the management API requires (``SWAPSERVE_TOKEN``). None: no token (local use only)."""
-    max_body_bytes: int = 64 * MiB
+    max_body_bytes: int = MAX_BODY_BYTES
     """Largest request body (an infer request's, or any other but a deploy's): larger ones are answered 413
     before they are read."""
     max_upload_bytes: int = 8 * GiB

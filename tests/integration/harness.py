@@ -342,6 +342,11 @@ class Server:
         self.not_ready = []
         return self
 
+    def worker_pids(self) -> set[int]:
+        """The node's worker processes among the descendants seen so far (multiprocessing's spawned children,
+        less its resource tracker)."""
+        return {p for p in self.children if "spawn_main" in (c := cmdline(p)) and "resource_tracker" not in c}
+
     def log(self, tail: int = 6000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-tail:]

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from .harness import assert_stopped_cleanly, deploy
+from .harness import assert_stopped_cleanly, cmdline, deploy
 
 pytestmark = [pytest.mark.integration, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -22,14 +22,6 @@ def _gpu_pids() -> set[int]:
     return {int(line) for line in out.split() if line.strip().isdigit()}
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def test_the_worker_holds_the_only_context_and_the_link_is_measured(server_factory, functions, tmp_path):
     s = server_factory(devices="cuda:0").start()
     s.wait_ready()
@@ -38,9 +30,9 @@ def test_the_worker_holds_the_only_context_and_the_link_is_measured(server_facto
     torch.testing.assert_close(s.client().infer("heavy", {"x": x})["y"], functions.heavy.expected(x)[0])
 
     node = {s.pid, *s.children}
-    workers = {p for p in s.children if "spawn_main" in _cmdline(p) and "resource_tracker" not in _cmdline(p)}
-    assert len(workers) == 1, {p: _cmdline(p) for p in node}
-    assert _gpu_pids() & node == workers, (_gpu_pids(), {p: _cmdline(p) for p in node})
+    workers = s.worker_pids()
+    assert len(workers) == 1, {p: cmdline(p) for p in node}
+    assert _gpu_pids() & node == workers, (_gpu_pids(), {p: cmdline(p) for p in node})
 
     extra = s.client().status()["extra"]
     assert extra["h2d_GBps"] > 5 and extra["h2d_GBps_all_copying"] > 5, extra  # PCIe 4/5 or NVLink-C2C

@@ -30,8 +30,7 @@ def test_one_worker_per_device_and_work_spreads(server_factory, functions, tmp_p
     assert answered and set(answered) == {200}, (answered, s.log())
     assert "collector failed" not in s.log(), s.log()  # the status it reads failed (the metrics hide it)
     s.wait_ready()
-    workers = [pid for pid in s.children if "spawn_main" in _cmdline(pid) and "resource_tracker" not in _cmdline(pid)]
-    assert len(workers) == 4, (s.children, s.log())
+    assert len(s.worker_pids()) == 4, (s.children, s.log())
     status = s.client().status()
     assert [d["device"] for d in status["devices"]] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
     assert status["extra"]["d2d_GBps"] > 0  # every worker mapped the others' pages at start (peer copies)
@@ -50,10 +49,3 @@ def test_one_worker_per_device_and_work_spreads(server_factory, functions, tmp_p
     assert len(used) >= 2, busy  # more than one worker ran requests
     assert_stopped_cleanly(s, s.stop())
 
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
